@@ -1,0 +1,1 @@
+"""emseg's command-line interface (click). Installed as the subpackage ``emseg.cli``."""

@@ -1,0 +1,146 @@
+"""Shared rendering helpers of the command-line layer: progress bars, JSON, tables, errors."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+@dataclass
+class AppState:
+    verbose: bool = False
+    quiet: bool = False
+    json: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+    @property
+    def console(self) -> Console:
+        return Console(stderr=True)
+
+    @property
+    def show_progress(self) -> bool:
+        return not (self.quiet or self.json) and sys.stderr.isatty()
+
+
+def state(ctx: click.Context | None = None) -> AppState:
+    ctx = ctx or click.get_current_context()
+    obj = ctx.find_object(AppState)
+    return obj if obj is not None else AppState()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, unit: str = "", enabled: bool | None = None) -> Iterator[Callable]:
+    """Yields ``update(done, total, **fields)``; a transient rich bar on stderr when enabled."""
+    app = state()
+    if enabled is None:
+        enabled = app.show_progress
+    if not enabled:
+        yield lambda *a, **k: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=app.console, transient=True) as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(done: int, total: int, info: str = "") -> None:
+            bar.update(task, completed=done, total=total, info=info)
+
+        yield update
+
+
+def emit(payload: dict[str, Any], render: Callable[[Console], None]) -> None:
+    """Print exactly one JSON document on stdout with ``--json``, otherwise the human rendering."""
+    app = state()
+    if app.json:
+        click.echo(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
+    elif not app.quiet:
+        render(Console())
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):
+        return _jsonable(obj.item())
+    return obj
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def scores_table(scores: dict[str, Any], title: str, class_names: list[str] | None = None) -> Table:
+    """Per-class Jaccard/Dice/precision/recall table from ``SegmentationScores.to_dict()``."""
+    table = Table(title=title)
+    for col in ("class", "jaccard", "dice", "precision", "recall", "support"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    k = len(scores["jaccard"])
+    for c in range(k):
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        table.add_row(name, *(fmt(scores[m][c]) for m in ("jaccard", "dice", "precision", "recall")),
+                      str(scores["support"][c]))
+    table.add_row("mean", *(fmt(scores[f"mean_{m}"]) for m in ("jaccard", "dice", "precision", "recall")), "",
+                  style="bold")
+    return table
+
+
+def parse_shape(text: str | None, name: str = "--patch") -> tuple[int, ...] | None:
+    """``"1,256,256"`` -> (1, 256, 256); a usage error otherwise."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+    if not shape or any(s < 1 for s in shape):
+        raise click.BadParameter(f"sides must be positive integers, got {text!r}", param_hint=name)
+    return shape
+
+
+def _setter(field: str):
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        if value is not None and value is not False:
+            setattr(state(ctx), field, value)
+        return value
+
+    return callback
+
+
+def common_options(func):
+    """The global options, also accepted after the subcommand (``emseg evaluate A B --json``)."""
+    options = [
+        click.option("-v", "--verbose", is_flag=True, default=None, expose_value=False, callback=_setter("verbose"),
+                     help="Show tracebacks on errors."),
+        click.option("-q", "--quiet", is_flag=True, default=None, expose_value=False, callback=_setter("quiet"),
+                     help="No progress bars and no human-readable summary."),
+        click.option("--json", "json_", is_flag=True, default=None, expose_value=False, callback=_setter("json"),
+                     help="Print exactly one JSON document on stdout."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def device_seed_options(func):
+    """``--device`` and ``--seed`` on commands that compute."""
+    func = click.option("--seed", type=int, default=None, expose_value=False, callback=_setter("seed"),
+                        help="Seeds python, numpy and torch [default: 0].")(func)
+    func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                        expose_value=False, callback=_setter("device"),
+                        help="Where to compute [default: auto].")(func)
+    return func

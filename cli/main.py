@@ -1,0 +1,78 @@
+"""The ``emseg`` command group: global options and error handling."""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from emseg import __version__
+from emseg.errors import EmsegError, InputError, TrainingDiverged
+from emseg.cli._ui import AppState
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
+
+
+class EmsegGroup(click.Group):
+    """Maps emseg's errors to one-line messages and exit codes (2 bad input, 1 unexpected)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except (InputError, TrainingDiverged, FileNotFoundError) as exc:
+            self._fail(ctx, exc, 2 if not isinstance(exc, TrainingDiverged) else 1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # unexpected failure
+            self._fail(ctx, exc, 1, prefix="unexpected error: ")
+
+    @staticmethod
+    def _fail(ctx: click.Context, exc: BaseException, code: int, prefix: str = "") -> None:
+        app = ctx.find_object(AppState)
+        if app is not None and app.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, EmsegError) and not prefix:
+            message = f"{type(exc).__name__}: {message}"
+        click.echo(f"error: {prefix}{message}", err=True)
+        ctx.exit(code)
+
+
+@click.group(cls=EmsegGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="emseg")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no human-readable summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to compute: auto picks CUDA when available.")
+@click.option("--seed", default=0, type=int, help="Seeds python, numpy and torch.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int) -> None:
+    """Label-efficient segmentation of electron-microscopy volumes.
+
+    \b
+    Volumes are addressed as FILE.h5:DATASET or FILE.zarr[/ARRAY].
+    Start with `emseg demo`, then see `emseg COMMAND --help`.
+    """
+    ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed)
+
+
+def _register() -> None:
+    from emseg.cli import demo, evaluate, lcs, noise, predict, query, train
+
+    for module in (train, predict, evaluate, query, noise, lcs, demo):
+        cli.add_command(module.command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="emseg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""``emseg predict``: sliding-window inference over a volume."""
+from __future__ import annotations
+
+import click
+
+from emseg.cli._ui import common_options, device_seed_options, emit, parse_shape, progress_bar, state
+from emseg.predict import PredictConfig, predict_file
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("input_spec", metavar="INPUT")
+@click.argument("output_spec", metavar="OUTPUT")
+@click.option("--patch", default=None, help="Window shape z,y,x or y,x [default: the training patch].")
+@click.option("--overlap", type=float, default=0.25, help="Fraction of a window shared with its neighbours.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian",
+              help="How overlapping windows are weighted.")
+@click.option("--batch-size", type=int, default=4, help="Windows per forward pass.")
+@click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default="probabilities",
+              help="Write class probabilities (C,*S) float32 or argmax labels uint8.")
+@click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
+@common_options
+@device_seed_options
+def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, block):
+    """Predict INPUT with the checkpoint MODEL and write OUTPUT, block by block.
+
+    Memory is bounded by the block, not the volume. OUTPUT is written under a temporary name and
+    renamed when complete.
+
+    \b
+    Example:
+      emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --output-type probabilities
+    """
+    app = state()
+    cfg = PredictConfig(model=model, input=input_spec, output=output_spec, patch_shape=parse_shape(patch),
+                        overlap=overlap, blend=blend, batch_size=batch_size, output_type=output_type,
+                        block_shape=parse_shape(block, "--block"), device=app.device)
+    with progress_bar("predict") as update:
+        result = predict_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
+    emit(result.to_dict(), lambda c: c.print(
+        f"wrote {result.output} {tuple(result.shape)} ({result.stats.voxels_per_s:,.0f} voxels/s, "
+        f"{result.stats.blocks} blocks)"))

@@ -1,0 +1,56 @@
+"""``emseg train``: U-Net training with lazy labels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.config import load_config
+from emseg.training import train
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: last.pt, best.pt and metrics.csv go here.")
+@click.option("--steps", type=int, default=None, help="Training steps (overrides the config's `steps`).")
+@click.option("--batch-size", type=int, default=None, help="Patches per step (overrides `batch_size`).")
+@click.option("--lr", type=float, default=None, help="Learning rate (overrides `optim.lr`).")
+@click.option("--patch", default=None, help="Patch shape z,y,x or y,x (overrides `patch_shape`).")
+@click.option("--valid-every", type=int, default=None, help="Validate every N steps (overrides `valid_every`).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@common_options
+@device_seed_options
+def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume):
+    """Train a U-Net on the cubes listed in CONFIG (TOML), with lazy labels.
+
+    Labels -1 are ignored; an `info` dataset beside a label dataset sets the lazy-label masks
+    mask_class_labeled / mask_class_not_present. Ctrl-C saves last.pt and stops; --resume continues.
+
+    \b
+    Example:
+      emseg train train.toml --out runs/mito --steps 2000
+    """
+    app = state()
+    cfg = load_config(config, overrides={"steps": steps, "batch_size": batch_size, "optim.lr": lr,
+                                         "patch_shape": parse_shape(patch), "valid_every": valid_every})
+    with progress_bar("train") as update:
+        def progress(info):
+            update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
+
+        result = train(cfg, out_dir, device=app.device, seed=app.seed, resume=resume, progress=progress)
+
+    def render(console):
+        state_word = "interrupted" if result.interrupted else "finished"
+        console.print(f"training {state_word} at step {result.final_step}/{cfg.steps} "
+                      f"({result.patches_per_s:.1f} patches/s); checkpoints in {Path(out_dir)}")
+        if result.losses:
+            console.print(f"last loss {result.losses[-1]:.4f}")
+        if result.last_valid:
+            jac = [fmt(v) for k, v in result.last_valid.items() if k.startswith("valid_jaccard_")]
+            console.print(f"validation Jaccard per class: {', '.join(jac)}  (best score {fmt(result.best_metric)})")
+
+    emit(result.to_dict(), render)
+    if result.interrupted:
+        raise SystemExit(130)

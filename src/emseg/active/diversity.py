@@ -1,0 +1,507 @@
+"""Batch selection rules: top-k, random, k-means, core-set (k-center greedy) and hybrid.
+
+All selectors return a 1-D ``torch.int64`` tensor of distinct indices. Embedding-based
+selectors take an ``(N, D)`` tensor (e.g. pooled U-Net bottleneck features) and compute on its
+device; non-floating embeddings are converted to float32, and squared Euclidean distances are
+evaluated as ``|x|^2 - 2 x.c + |c|^2`` (clamped at 0), so no ``(N, N)`` matrix and no
+``x - c`` difference array is ever built by the fast paths.
+
+Randomness comes from ``rng`` (a :class:`numpy.random.Generator`, an int seed or ``None``),
+normalised with :func:`numpy.random.default_rng`; a given seed gives the same selection on
+every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "hybrid_select",
+    "kcenter_greedy",
+    "kcenter_greedy_naive",
+    "kmeans_select",
+    "random_select",
+    "select_top",
+]
+
+#: Default ratio ``top_m / n`` of :func:`hybrid_select`.
+HYBRID_TOP_M_FACTOR = 4
+
+# Largest number of distance entries computed at once when reducing against a block of
+# centres (keeps memory at ~64 MiB in float32 whatever N and the labelled set size).
+_BLOCK_ELEMS = 1 << 24
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_count(n: object, *, name: str = "n") -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer; got {n!r}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0; got {n}")
+    return int(n)
+
+
+def _as_embeddings(embeddings: object) -> torch.Tensor:
+    if not isinstance(embeddings, torch.Tensor):
+        embeddings = torch.as_tensor(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must have shape (N, D); got {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings must have at least one feature (D >= 1)")
+    if not embeddings.is_floating_point():
+        embeddings = embeddings.to(torch.float32)
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings must be finite (found NaN or inf)")
+    return embeddings.detach()
+
+
+def _as_index(idx: object, n_total: int, device: torch.device, *, name: str) -> torch.Tensor:
+    """Validate an index set into ``range(n_total)``; returns unique sorted int64 indices."""
+    if idx is None:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    t = torch.as_tensor(np.asarray(idx) if not isinstance(idx, torch.Tensor) else idx)
+    if t.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    if t.dtype == torch.bool:
+        if t.shape != (n_total,):
+            raise ValueError(f"boolean {name} must have shape ({n_total},); got {tuple(t.shape)}")
+        return torch.nonzero(t.to(device)).flatten()
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must hold integer indices; got dtype {t.dtype}")
+    t = t.reshape(-1).to(device=device, dtype=torch.int64)
+    if int(t.min()) < 0 or int(t.max()) >= n_total:
+        raise ValueError(
+            f"{name} must lie in [0, {n_total}); got values in [{int(t.min())}, {int(t.max())}]"
+        )
+    return torch.unique(t)
+
+
+def _sq_dists_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``(N, K)`` from rows of ``x`` to rows of ``c`` (expansion form)."""
+    c_sq = (c * c).sum(dim=1)
+    d = x_sq[:, None] - 2.0 * (x @ c.T) + c_sq[None, :]
+    return d.clamp_min_(0)
+
+
+def _min_sq_dist_to_set(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``min_j |x_i - c_j|^2`` for every row of ``x``, processing ``centres`` in blocks."""
+    n = x.shape[0]
+    out = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+    block = max(1, _BLOCK_ELEMS // max(n, 1))
+    for start in range(0, centres.shape[0], block):
+        d = _sq_dists_to(x, x_sq, centres[start : start + block])
+        out = torch.minimum(out, d.amin(dim=1))
+    return out
+
+
+# ----------------------------------------------------------------------------- simple rules
+def select_top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` highest scores, in descending order; ties go to the lower index.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        1-D scores (higher = more informative). NaN is rejected.
+    n : int
+        Number of indices to return, ``0 <= n <= len(scores)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` int64 indices on the device of ``scores``.
+
+    Examples
+    --------
+    >>> select_top(torch.tensor([0.1, 0.9, 0.5, 0.9]), 3)
+    tensor([1, 3, 2])
+    """
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D; got shape {tuple(scores.shape)}")
+    n = _check_count(n)
+    if n > scores.shape[0]:
+        raise ValueError(f"cannot select n={n} from {scores.shape[0]} scores")
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores must not contain NaN")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:n]
+
+
+def random_select(
+    n_total: int, n: int, rng: np.random.Generator | int | None = None
+) -> torch.Tensor:
+    """``n`` distinct indices drawn uniformly from ``range(n_total)`` (the random baseline).
+
+    Parameters
+    ----------
+    n_total : int
+        Size of the pool.
+    n : int
+        Number of indices, ``0 <= n <= n_total``.
+    rng : numpy.random.Generator or int or None
+        Random source or seed.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` int64 indices (CPU), in draw order.
+
+    Examples
+    --------
+    >>> random_select(10, 3, rng=0).shape
+    torch.Size([3])
+    """
+    n_total = _check_count(n_total, name="n_total")
+    n = _check_count(n)
+    if n > n_total:
+        raise ValueError(f"cannot select n={n} from a pool of {n_total}")
+    gen = np.random.default_rng(rng)
+    return torch.as_tensor(gen.choice(n_total, size=n, replace=False), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- k-means
+def _kmeanspp_init(
+    x: torch.Tensor, x_sq: torch.Tensor, n: int, gen: np.random.Generator
+) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007); returns the seed indices ``(n,)``."""
+    n_total = x.shape[0]
+    chosen = [int(gen.integers(n_total))]
+    min_d = _sq_dists_to(x, x_sq, x[chosen[0]][None])[:, 0]
+    taken = torch.zeros(n_total, dtype=torch.bool, device=x.device)
+    taken[chosen[0]] = True
+    for _ in range(1, n):
+        w = min_d.to(torch.float64).masked_fill(taken, 0.0)
+        total = float(w.sum())
+        if total > 0:
+            # D^2 sampling through the cumulative sum: one uniform draw per centre.
+            cum = torch.cumsum(w, dim=0)
+            u = torch.tensor([gen.random() * total], dtype=torch.float64, device=x.device)
+            i = int(torch.searchsorted(cum, u, right=True).clamp_max(n_total - 1))
+            while taken[i]:  # guards the zero-weight boundary case of round-off
+                i = int(torch.argmax(w))
+        else:  # all remaining points coincide with a centre: pick uniformly among the rest
+            free = torch.nonzero(~taken).flatten()
+            i = int(free[int(gen.integers(free.numel()))])
+        chosen.append(i)
+        taken[i] = True
+        min_d = torch.minimum(min_d, _sq_dists_to(x, x_sq, x[i][None])[:, 0])
+    return torch.as_tensor(chosen, dtype=torch.int64, device=x.device)
+
+
+def kmeans_select(
+    embeddings: torch.Tensor,
+    n: int,
+    rng: np.random.Generator | int | None = None,
+    n_iter: int = 50,
+) -> torch.Tensor:
+    """k-means sampling: one sample per cluster, the member nearest each of ``n`` centroids.
+
+    Runs k-means++ seeding followed by at most ``n_iter`` Lloyd iterations (stopping early
+    once assignments no longer change). A cluster that becomes empty is re-seeded at the
+    sample farthest from its assigned centroid. The selection holds, for each cluster, the
+    member nearest to the centroid (ties: lowest index); if a cluster is still empty at the
+    end (only possible with duplicated embeddings), the nearest sample not selected yet is
+    used, so indices are always distinct.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        ``(N, D)`` sample embeddings.
+    n : int
+        Number of clusters = number of selected samples, ``0 <= n <= N``.
+    rng : numpy.random.Generator or int or None
+        Random source or seed for the seeding; equal seeds give equal selections.
+    n_iter : int
+        Maximum number of Lloyd iterations (>= 0); default 50.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` int64 indices on the embeddings' device, one per cluster in seeding order.
+
+    Examples
+    --------
+    >>> x = torch.cat([torch.randn(20, 2), torch.randn(20, 2) + 50])
+    >>> sel = kmeans_select(x, 2, rng=0)
+    >>> sorted(int(i) // 20 for i in sel)  # one per blob
+    [0, 1]
+    """
+    x = _as_embeddings(embeddings)
+    n = _check_count(n)
+    n_iter = _check_count(n_iter, name="n_iter")
+    n_total = x.shape[0]
+    if n > n_total:
+        raise ValueError(f"cannot select n={n} from {n_total} embeddings")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    gen = np.random.default_rng(rng)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x_sq = (x * x).sum(dim=1)
+    centroids = x[_kmeanspp_init(x, x_sq, n, gen)].clone()
+    arange_k = torch.arange(n, device=x.device)
+
+    assign = _sq_dists_to(x, x_sq, centroids).argmin(dim=1)
+    for _ in range(n_iter):
+        counts = torch.bincount(assign, minlength=n)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        nonempty = counts > 0
+        centroids = torch.where(
+            nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids
+        )
+        for j in torch.nonzero(~nonempty).flatten().tolist():
+            # Re-seed an empty cluster at the point worst served by the current assignment.
+            own = centroids[assign]
+            d_own = x_sq - 2.0 * (x * own).sum(1) + (own * own).sum(1)
+            far = int(torch.argmax(d_own))
+            centroids[j] = x[far]
+            assign[far] = j
+        new_assign = _sq_dists_to(x, x_sq, centroids).argmin(dim=1)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+
+    d = _sq_dists_to(x, x_sq, centroids)
+    member = assign[:, None] == arange_k[None, :]
+    picks = d.masked_fill(~member, float("inf")).argmin(dim=0)
+    empty = ~member.any(dim=0)
+    if bool(empty.any()):
+        taken = torch.zeros(n_total, dtype=torch.bool, device=x.device)
+        taken[picks[~empty]] = True
+        for j in torch.nonzero(empty).flatten().tolist():
+            i = int(d[:, j].masked_fill(taken, float("inf")).argmin())
+            picks[j] = i
+            taken[i] = True
+    return picks
+
+
+# ----------------------------------------------------------------------------- k-center greedy
+def _kcenter_start(
+    x: torch.Tensor, first: int | None, rng: np.random.Generator | int | None
+) -> int:
+    n_total = x.shape[0]
+    if first is not None:
+        first = _check_count(first, name="first")
+        if first >= n_total:
+            raise ValueError(f"first must lie in [0, {n_total}); got {first}")
+        return first
+    if rng is not None:
+        return int(np.random.default_rng(rng).integers(n_total))
+    # Deterministic default: the sample farthest from the mean embedding (lowest index on ties).
+    return int(torch.argmax(((x - x.mean(dim=0)) ** 2).sum(dim=1)))
+
+
+def _kcenter_prepare(
+    embeddings: object, n: int, labeled_idx: object
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    x = _as_embeddings(embeddings)
+    n = _check_count(n)
+    lab = _as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
+    if n + lab.numel() > x.shape[0]:
+        raise ValueError(
+            f"cannot select n={n} from {x.shape[0]} embeddings with {lab.numel()} already labelled"
+        )
+    return x, n, lab
+
+
+def kcenter_greedy(
+    embeddings: torch.Tensor,
+    n: int,
+    *,
+    labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    first: int | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> torch.Tensor:
+    """Core-set selection by greedy k-center (Sener & Savarese 2018).
+
+    Repeatedly picks the sample whose distance to the nearest already-chosen or labelled
+    sample is largest (ties: lowest index), which greedily minimises the covering radius of
+    the selection. A single running minimum-distance vector is kept and updated with one
+    matrix-vector product per pick (``|x|^2 - 2 x.c + |c|^2`` with ``|x|^2`` precomputed);
+    neither an ``(N, N)`` matrix nor ``x - c`` is built. Labelled and chosen samples are never
+    picked, even when other samples duplicate them.
+
+    Parameters
+    ----------
+    embeddings : torch.Tensor
+        ``(N, D)`` embeddings of all samples (labelled ones included).
+    n : int
+        Number of samples to pick; ``n + len(labeled_idx) <= N``.
+    labeled_idx : array-like of int or bool mask, optional
+        Samples already labelled; they act as existing centres and are never returned.
+    first : int, optional
+        Index of the first pick. When ``None``: with a labelled set the first pick is greedy
+        like the others; without one it is a uniform draw from ``rng`` if ``rng`` is given,
+        otherwise (default) the sample farthest from the mean embedding.
+    rng : numpy.random.Generator or int or None
+        Only used to draw the first pick when there is no labelled set and no ``first``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` int64 indices on the embeddings' device, in pick order.
+
+    Notes
+    -----
+    The expansion is computed in the embeddings' dtype; in float32, near-ties can resolve
+    differently from exact arithmetic. Pass float64 embeddings for exact reproducibility
+    against a brute-force reference.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[0.0], [1.0], [10.0], [4.0]])
+    >>> kcenter_greedy(x, 2, labeled_idx=[0])
+    tensor([2, 3])
+    """
+    x, n, lab = _kcenter_prepare(embeddings, n, labeled_idx)
+    picks = torch.empty(n, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return picks
+    x_sq = (x * x).sum(dim=1)
+    if lab.numel() > 0:
+        min_d = _min_sq_dist_to_set(x, x_sq, x[lab])
+        min_d[lab] = -1.0
+    else:
+        min_d = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+    start = 0
+    if first is not None or lab.numel() == 0:
+        i = _kcenter_start(x, first, rng)
+        if lab.numel() > 0 and bool((lab == i).any()):
+            raise ValueError(f"first={i} is already labelled")
+        picks[0] = i
+        start = 1
+        min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ x[i]) + x_sq[i]).clamp_min_(0))
+        min_d[i] = -1.0
+    for k in range(start, n):
+        i = torch.argmax(min_d)  # first maximum: ties go to the lowest index
+        picks[k] = i
+        c = x[i]
+        min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ c) + x_sq[i]).clamp_min_(0))
+        min_d[i] = -1.0
+    return picks
+
+
+def kcenter_greedy_naive(
+    embeddings: torch.Tensor,
+    n: int,
+    *,
+    labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    first: int | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> torch.Tensor:
+    """Reference greedy k-center that materialises ``x - c`` for every centre.
+
+    Same rule, arguments and result as :func:`kcenter_greedy`, but distances are computed as
+    ``((x - c) ** 2).sum(1)``, one ``(N, D)`` difference array per centre (labelled centres
+    included). Slower and more memory-hungry; kept for benchmarks and tests.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[0.0], [1.0], [10.0], [4.0]])
+    >>> kcenter_greedy_naive(x, 2, labeled_idx=[0])
+    tensor([2, 3])
+    """
+    x, n, lab = _kcenter_prepare(embeddings, n, labeled_idx)
+    picks = torch.empty(n, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return picks
+    chosen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    min_d = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+    for j in lab.tolist():
+        diff = x - x[j]
+        min_d = torch.minimum(min_d, (diff * diff).sum(dim=1))
+        chosen[j] = True
+    for k in range(n):
+        if k == 0 and (first is not None or lab.numel() == 0):
+            i = _kcenter_start(x, first, rng)
+            if bool(chosen[i]):
+                raise ValueError(f"first={i} is already labelled")
+        else:
+            i = int(torch.argmax(min_d.masked_fill(chosen, -1.0)))
+        picks[k] = i
+        chosen[i] = True
+        diff = x - x[i]
+        min_d = torch.minimum(min_d, (diff * diff).sum(dim=1))
+    return picks
+
+
+# ----------------------------------------------------------------------------- hybrid
+def hybrid_select(
+    scores: torch.Tensor,
+    embeddings: torch.Tensor,
+    n: int,
+    *,
+    top_m: int | None = None,
+    labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Uncertainty then diversity: k-center greedy among the ``top_m`` most uncertain samples.
+
+    The ``top_m`` unlabelled samples with the highest ``scores`` (ties: lowest index) form the
+    candidate set; :func:`kcenter_greedy` then picks ``n`` of them, treating labelled samples
+    as already-chosen centres. Without a labelled set the first pick is the most uncertain
+    candidate. This is the exploration/uncertainty hybrid suggested as future work by
+    Roels & Saeys.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``(N,)`` uncertainty scores (higher = more uncertain), e.g. from :func:`entropy`.
+    embeddings : torch.Tensor
+        ``(N, D)`` embeddings of the same samples.
+    n : int
+        Number of samples to select.
+    top_m : int, optional
+        Candidate-set size, ``top_m >= n``. Default ``4 * n``: large enough for the diversity
+        step to skip near-duplicates (overlapping or adjacent EM patches tend to share high
+        scores), small enough that every pick stays among the clearly uncertain samples.
+        Capped at the number of unlabelled samples.
+    labeled_idx : array-like of int or bool mask, optional
+        Labelled samples: never candidates, but used as existing k-center centres.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` int64 indices into the full set (embeddings' device), in pick order.
+
+    Examples
+    --------
+    >>> s = torch.tensor([0.9, 0.8, 0.85, 0.1])
+    >>> x = torch.tensor([[0.0], [5.0], [0.1], [9.0]])
+    >>> hybrid_select(s, x, 2, top_m=3)  # 3 is never a candidate; 2 duplicates 0
+    tensor([0, 1])
+    """
+    x = _as_embeddings(embeddings)
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    if scores.ndim != 1 or scores.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"scores must have shape ({x.shape[0]},) to match embeddings; got {tuple(scores.shape)}"
+        )
+    n = _check_count(n)
+    lab = _as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
+    n_free = x.shape[0] - lab.numel()
+    if n > n_free:
+        raise ValueError(f"cannot select n={n} from {n_free} unlabelled samples")
+    if top_m is None:
+        top_m = HYBRID_TOP_M_FACTOR * n
+    else:
+        top_m = _check_count(top_m, name="top_m")
+        if top_m < n:
+            raise ValueError(f"top_m must be >= n={n}; got {top_m}")
+    top_m = min(top_m, n_free)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+
+    free_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    free_mask[lab] = False
+    free = torch.nonzero(free_mask).flatten()
+    cand = free[select_top(scores.to(x.device)[free], top_m)]  # descending uncertainty
+    pool = torch.cat([cand, lab])
+    local_lab = torch.arange(top_m, pool.numel(), device=x.device)
+    local = kcenter_greedy(
+        x[pool], n, labeled_idx=local_lab, first=0 if lab.numel() == 0 else None
+    )
+    return cand[local]

@@ -1,0 +1,211 @@
+"""Training configuration: a TOML file mapped onto frozen dataclasses.
+
+Every key is documented in ``docs/formats.md``. Relative volume paths are resolved against the
+config file's folder. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from emseg.errors import InputError
+from emseg.io import parse_spec
+
+
+@dataclass(frozen=True)
+class CubeConfig:
+    raw: str
+    label: str | None = None
+    prio: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ndim: int | None = None  # inferred from patch_shape when unset
+    depth: int = 4
+    base_width: int = 32
+    norm: str = "batch"
+    dropout: float = 0.0
+    anisotropic_levels: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    rotate90: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    elastic: bool = False
+    elastic_alpha: float = 4.0
+    elastic_sigma: float = 8.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine | step
+    warmup_steps: int = 0
+    step_size: int = 1000
+    gamma: float = 0.5
+    min_lr_ratio: float = 0.01
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train: tuple[CubeConfig, ...]
+    n_classes: int
+    patch_shape: tuple[int, ...]
+    valid: tuple[CubeConfig, ...] = ()
+    batch_size: int = 8
+    class_weights: tuple[float, ...] | None = None
+    example_ignore_threshold: float = 0.9
+    steps: int = 1000
+    valid_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 100
+    amp: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    #: Extra tables a subcommand accepts (e.g. ``lcs``), kept as plain dicts.
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_ndim(self) -> int:
+        if self.model.ndim is not None:
+            return self.model.ndim
+        return 2 if len(self.patch_shape) == 2 or self.patch_shape[0] == 1 else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists, numbers, strings) for checkpoints and JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(obj):
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in [{where}] (known: {', '.join(sorted(names))})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InputError(f"[{where}]: {exc}") from None
+
+
+def _cube(entry: Any, base: Path, where: str) -> CubeConfig:
+    if not isinstance(entry, Mapping):
+        raise InputError(f"each [[{where}]] entry must be a table with raw/label/prio")
+    cube = _build(CubeConfig, entry, where)
+
+    def resolve(spec: str | None) -> str | None:
+        if spec is None:
+            return None
+        parsed = parse_spec(spec)
+        path = parsed.path if parsed.path.is_absolute() else base / parsed.path
+        return str(dataclasses.replace(parsed, path=path))
+
+    return CubeConfig(resolve(cube.raw), resolve(cube.label), cube.prio)
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    *,
+    base_dir: str | Path = ".",
+    sections: tuple[str, ...] = (),
+    source: str = "config",
+) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a parsed TOML mapping, checking every key."""
+    base = Path(base_dir)
+    data = dict(data)
+    try:
+        train = tuple(_cube(e, base, "train") for e in data.pop("train", []))
+        valid = tuple(_cube(e, base, "valid") for e in data.pop("valid", []))
+        model = _build(ModelConfig, data.pop("model", {}), "model")
+        augment = _build(AugmentConfig, data.pop("augment", {}), "augment")
+        optim = _build(OptimConfig, data.pop("optim", {}), "optim")
+        extra = {name: dict(data.pop(name)) for name in sections if name in data}
+        if "patch_shape" in data:
+            data["patch_shape"] = tuple(int(p) for p in data["patch_shape"])
+        if data.get("class_weights") is not None:
+            data["class_weights"] = tuple(float(w) for w in data["class_weights"])
+        for key in ("n_classes", "patch_shape"):
+            if key not in data:
+                raise InputError(f"missing required key '{key}'")
+        config = _build(TrainConfig, dict(data, train=train, valid=valid, model=model, augment=augment,
+                                          optim=optim, sections=extra), "top level")
+        check_config(config)
+    except InputError as exc:
+        raise InputError(str(exc), source=source) from None
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Consistency checks that need several keys at once."""
+    if not config.train:
+        raise InputError("no [[train]] cubes")
+    if config.n_classes < 1:
+        raise InputError(f"n_classes must be >= 1, got {config.n_classes}")
+    if len(config.patch_shape) not in (2, 3) or any(p < 1 for p in config.patch_shape):
+        raise InputError(f"patch_shape must be 2 or 3 positive ints, got {list(config.patch_shape)}")
+    if config.class_weights is not None and len(config.class_weights) != config.n_classes:
+        raise InputError(f"class_weights has {len(config.class_weights)} entries, n_classes is {config.n_classes}")
+    if config.batch_size < 1 or config.steps < 0:
+        raise InputError("batch_size must be >= 1 and steps >= 0")
+    if not 0 <= config.example_ignore_threshold <= 1:
+        raise InputError("example_ignore_threshold must be in [0, 1]")
+    if config.optim.schedule not in ("constant", "cosine", "step"):
+        raise InputError(f"optim.schedule must be constant, cosine or step, got {config.optim.schedule!r}")
+    if config.model_ndim == 3 and len(config.patch_shape) != 3:
+        raise InputError("a 3D model needs a 3D patch_shape")
+
+
+def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
+                sections: tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML training config; ``overrides`` replace top-level keys (``None`` values ignored).
+
+    Dotted override keys reach into tables, e.g. ``{"optim.lr": 1e-4}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such config file", source=str(path))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table, _, name = key.rpartition(".")
+        target = data.setdefault(table, {}) if table else data
+        target[name] = value
+    return config_from_dict(data, base_dir=path.parent, sections=sections, source=str(path))
+
+
+def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then constant, cosine or step decay."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "cosine":
+        span = max(1, total_steps - optim.warmup_steps)
+        t = min(1.0, (step - optim.warmup_steps) / span)
+        low = optim.lr * optim.min_lr_ratio
+        return low + 0.5 * (optim.lr - low) * (1 + math.cos(math.pi * t))
+    if optim.schedule == "step":
+        return optim.lr * optim.gamma ** (step // max(1, optim.step_size))
+    return optim.lr

@@ -1,0 +1,7 @@
+"""Training data: cubes of raw + labels, patch sampling weighted by ``prio``, augmentation."""
+from __future__ import annotations
+
+from emseg.data.augment import Augmenter
+from emseg.data.sampling import Cube, PatchSampler, open_cubes, to_float
+
+__all__ = ["Augmenter", "Cube", "PatchSampler", "open_cubes", "to_float"]

@@ -1,0 +1,68 @@
+"""Streaming evaluation of a predicted volume against ground truth (``emseg evaluate``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from emseg.errors import InputError
+from emseg.io import Volume
+from emseg.metrics import ConfusionAccumulator, SegmentationScores
+
+_SLAB_VOXELS = 1 << 24
+
+
+def _labels_of(pred: Volume, gt_shape: tuple[int, ...], sl: tuple[slice, ...]) -> np.ndarray:
+    if pred.shape == gt_shape:
+        block = pred[sl]
+        if np.issubdtype(block.dtype, np.floating):
+            raise InputError("prediction has the ground truth's shape but float values: give labels, "
+                             "or probabilities with a leading channel axis", source=str(pred.spec))
+        return block.astype(np.int64)
+    probs = pred[(slice(None),) + sl]
+    return (probs[0] > 0.5).astype(np.int64) if probs.shape[0] == 1 else np.argmax(probs, axis=0)
+
+
+def evaluate_volumes(
+    prediction: Volume,
+    ground_truth: Volume,
+    *,
+    n_classes: int | None = None,
+    ignore_label: int = -1,
+    progress: Callable[[int, int], None] | None = None,
+) -> SegmentationScores:
+    """Per-class Jaccard, Dice, precision and recall, read slab by slab.
+
+    ``prediction`` is a label volume of the ground truth's shape or probabilities (C, *S), turned
+    into labels by argmax (a single channel is thresholded at 0.5).
+    """
+    gt_shape = ground_truth.shape
+    if not np.issubdtype(ground_truth.dtype, np.integer):
+        raise InputError(f"ground truth must be integer labels, found {ground_truth.dtype}", source=str(ground_truth.spec))
+    if prediction.shape != gt_shape and prediction.shape[1:] != gt_shape:
+        raise InputError(f"prediction shape {prediction.shape} matches neither ground truth shape {gt_shape} "
+                         f"nor (C, {', '.join(map(str, gt_shape))})", source=str(prediction.spec))
+    if n_classes is None:
+        if prediction.shape != gt_shape:
+            n_classes = max(2, prediction.shape[0])
+        else:
+            n_classes = int(prediction.attrs.get("n_classes", 0))
+    plane = int(np.prod(gt_shape[1:])) if len(gt_shape) > 1 else 1
+    step = max(1, _SLAB_VOXELS // max(plane, 1))
+    slabs = [(slice(a, min(a + step, gt_shape[0])),) for a in range(0, gt_shape[0], step)]
+    if not n_classes:
+        top = 0
+        for sl in slabs:
+            top = max(top, int(_labels_of(prediction, gt_shape, sl).max()), int(ground_truth[sl].max()))
+        n_classes = top + 1
+    acc = ConfusionAccumulator(n_classes, ignore_label=ignore_label)
+    for i, sl in enumerate(slabs):
+        gt = ground_truth[sl].astype(np.int64)
+        pred = _labels_of(prediction, gt_shape, sl)
+        bad = (gt != ignore_label) & ((gt < 0) | (gt >= n_classes))
+        if bad.any():
+            raise InputError(f"label {int(gt[bad].flat[0])} outside 0..{n_classes - 1}", source=str(ground_truth.spec))
+        acc.update(pred, gt)
+        if progress is not None:
+            progress(i + 1, len(slabs))
+    return acc.scores()

@@ -1,0 +1,257 @@
+"""Sliding-window inference, block by block, over volumes of any size.
+
+A volume is cut into *blocks* (aligned with the output chunks); each block is read with a *halo*
+of context, predicted by a sliding window of *patches* blended with Gaussian or constant weights,
+and its inner part written out. Memory is bounded by the block, not the volume. The per-block
+function :func:`predict_block` is what in-process loops and cluster tasks both call.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from emseg.data.sampling import to_float
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of blockwise work: ``inner`` is written, ``outer`` (inner plus halo) is read."""
+
+    index: int
+    inner: tuple[slice, ...]
+    outer: tuple[slice, ...]
+
+    @property
+    def inner_in_outer(self) -> tuple[slice, ...]:
+        return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(self.inner, self.outer))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod([s.stop - s.start for s in self.inner]))
+
+
+def plan_blocks(shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]) -> list[Block]:
+    """Tile ``shape`` with blocks of ``block_shape`` (the last ones cut at the border) plus ``halo``."""
+    shape, block_shape, halo = tuple(shape), tuple(block_shape), tuple(halo)
+    ranges = [range(0, s, b) for s, b in zip(shape, block_shape)]
+    blocks = []
+    for index, starts in enumerate(itertools.product(*ranges)):
+        inner = tuple(slice(a, min(a + b, s)) for a, b, s in zip(starts, block_shape, shape))
+        outer = tuple(slice(max(0, i.start - h), min(s, i.stop + h)) for i, h, s in zip(inner, halo, shape))
+        blocks.append(Block(index, inner, outer))
+    return blocks
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start positions of windows of ``window`` covering [0, size), the last one flush with the end."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window + 1, max(1, stride)))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def blend_weights(shape: Sequence[int], blend: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Per-voxel weights of one window: constant ones, or a Gaussian centred on the window
+    with sigma = ``sigma_scale`` x side, floored at 1e-3 so no voxel has zero weight."""
+    if blend == "constant":
+        return np.ones(shape, dtype=np.float32)
+    if blend != "gaussian":
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    weight = np.ones((), dtype=np.float64)
+    for side in shape:
+        x = np.arange(side) - (side - 1) / 2
+        sigma = max(side * sigma_scale, 1e-6)
+        weight = np.multiply.outer(weight, np.exp(-0.5 * (x / sigma) ** 2))
+    weight = weight / weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def softmax_forward(model: torch.nn.Module) -> Forward:
+    """Probabilities of a multi-class network: softmax over channels (sigmoid for one channel)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+    return forward
+
+
+class SlidingWindow:
+    """Predicts a region (already in memory) with overlapping windows and blending.
+
+    Parameters
+    ----------
+    forward : callable
+        Maps a float tensor (B, 1, *P) on ``device`` to probabilities (B, C, *P).
+    patch_shape : sequence of int
+        Window shape in volume axes; a leading 1 on a 3D volume feeds a 2D network.
+    divisor : sequence of int
+        Per-axis multiple the network needs (windows smaller than the patch are rounded up to it).
+    overlap : float
+        Fraction of the window shared by neighbours, in [0, 1).
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        patch_shape: Sequence[int],
+        *,
+        divisor: Sequence[int] | None = None,
+        overlap: float = 0.25,
+        blend: str = "gaussian",
+        batch_size: int = 4,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ):
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.forward = forward
+        self.patch_shape = tuple(int(p) for p in patch_shape)
+        self.overlap = overlap
+        self.blend = blend
+        blend_weights((2,), blend)  # validates the name
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.amp = amp and self.device.type == "cuda"
+        div = tuple(divisor) if divisor is not None else (1,) * len(self.patch_shape)
+        self.squeeze = len(div) == len(self.patch_shape) - 1
+        if self.squeeze:
+            if self.patch_shape[0] != 1:
+                raise ValueError(f"a 2D network on a 3D volume needs patch z = 1, got {self.patch_shape}")
+            div = (1,) + div
+        self.divisor = div
+
+    def _window(self, region_shape: Sequence[int]) -> tuple[int, ...]:
+        window = []
+        for side, patch, div in zip(region_shape, self.patch_shape, self.divisor):
+            w = min(patch, side)
+            window.append(int(math.ceil(w / div) * div))
+        return tuple(window)
+
+    @torch.no_grad()
+    def __call__(self, region: np.ndarray) -> np.ndarray:
+        """Probabilities (C, *R) for a float32 region (*R)."""
+        region = np.asarray(region, dtype=np.float32)
+        window = self._window(region.shape)
+        pad = [(0, max(0, w - s)) for w, s in zip(window, region.shape)]
+        if any(p[1] for p in pad):
+            region = np.pad(region, pad, mode="reflect" if all(s > 1 for s in region.shape) else "edge")
+        shape = region.shape
+        stride = [max(1, int(round(w * (1 - self.overlap)))) for w in window]
+        starts = list(itertools.product(*[window_starts(s, w, st) for s, w, st in zip(shape, window, stride)]))
+        weight = torch.from_numpy(blend_weights(window, self.blend)).to(self.device)
+        acc = None
+        norm = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        source = torch.from_numpy(region).to(self.device)
+        for i in range(0, len(starts), self.batch_size):
+            chunk = starts[i: i + self.batch_size]
+            slices = [tuple(slice(a, a + w) for a, w in zip(st, window)) for st in chunk]
+            x = torch.stack([source[sl] for sl in slices])[:, None]
+            if self.squeeze:
+                x = x[:, :, 0]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                probs = self.forward(x)
+            probs = probs.float()
+            if self.squeeze:
+                probs = probs[:, :, None]
+            if acc is None:
+                acc = torch.zeros((probs.shape[1],) + tuple(shape), dtype=torch.float32, device=self.device)
+            for p, sl in zip(probs, slices):
+                acc[(slice(None),) + sl] += p * weight
+                norm[sl] += weight
+        out = (acc / norm).cpu().numpy()
+        crop = tuple(slice(0, s - p[1]) for s, p in zip(shape, pad))
+        return out[(slice(None),) + crop]
+
+
+def predict_block(predictor: SlidingWindow, source: Any, block: Block, *, raw_dtype=None) -> np.ndarray:
+    """Read ``block.outer`` from ``source``, predict it, return probabilities of ``block.inner``."""
+    raw = to_float(np.asarray(source[block.outer]), raw_dtype if raw_dtype is not None else source.dtype)
+    probs = predictor(raw)
+    return probs[(slice(None),) + block.inner_in_outer]
+
+
+def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
+    """Convert block probabilities to what is written: float32 maps or argmax labels."""
+    if output_type == "probabilities":
+        return probs.astype(np.float32, copy=False)
+    if output_type == "labels":
+        if probs.shape[0] == 1:
+            return (probs[0] > 0.5).astype(np.uint8)
+        return np.argmax(probs, axis=0).astype(np.uint8)
+    raise ValueError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
+
+
+def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:
+    """Shape of the written volume: (C, *S) for probabilities, (*S) for labels."""
+    return ((n_channels,) if output_type == "probabilities" else ()) + tuple(volume_shape)
+
+
+def default_block_shape(volume_shape: Sequence[int], patch_shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    """Blocks of about 16 x 512 x 512 voxels, at least one patch, and a multiple of the chunks."""
+    target = (16, 512, 512)[-len(volume_shape):]
+    block = []
+    for size, patch, chunk, t in zip(volume_shape, patch_shape, chunks, target):
+        b = max(patch, t, chunk)
+        b = int(math.ceil(b / chunk) * chunk)
+        block.append(min(b, int(math.ceil(size / chunk) * chunk)))
+    return tuple(block)
+
+
+@dataclass(frozen=True)
+class PredictStats:
+    voxels: int
+    blocks: int
+    seconds: float
+
+    @property
+    def voxels_per_s(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else float("nan")
+
+
+def predict_volume(
+    predictor: SlidingWindow,
+    source: Any,
+    dest: Any,
+    *,
+    blocks: Sequence[Block],
+    output_type: str = "probabilities",
+    raw_dtype=None,
+    skip: Callable[[Block], bool] | None = None,
+    on_block_done: Callable[[Block], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictStats:
+    """Predict ``source`` block by block into ``dest`` (channel-first for probabilities).
+
+    ``skip(block)`` lets a caller resume (blocks already done are not recomputed);
+    ``on_block_done(block)`` is called after each block is written.
+    """
+    total = sum(b.size for b in blocks)
+    done = 0
+    start = time.perf_counter()
+    computed = 0
+    for block in blocks:
+        if skip is None or not skip(block):
+            probs = predict_block(predictor, source, block, raw_dtype=raw_dtype)
+            data = to_output(probs, output_type)
+            index = block.inner if output_type == "labels" else (slice(None),) + block.inner
+            dest[index] = data
+            computed += block.size
+            if on_block_done is not None:
+                on_block_done(block)
+        done += block.size
+        if progress is not None:
+            progress(done, total)
+    return PredictStats(computed, len(blocks), time.perf_counter() - start)

@@ -1,0 +1,35 @@
+"""Volume input/output: lazy reading of HDF5/zarr volumes, atomic writing, lazy-label info.
+
+A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH.zarr[/ARRAY]``.
+"""
+from __future__ import annotations
+
+from emseg.io._volume import (
+    Volume,
+    VolumeSpec,
+    auto_chunks,
+    create_volume,
+    open_volume,
+    parse_spec,
+    replace_output,
+)
+from emseg.io._validate import (
+    check_patch_fits,
+    check_raw,
+    read_info,
+    validate_labels,
+)
+
+__all__ = [
+    "Volume",
+    "VolumeSpec",
+    "auto_chunks",
+    "check_patch_fits",
+    "check_raw",
+    "create_volume",
+    "open_volume",
+    "parse_spec",
+    "read_info",
+    "replace_output",
+    "validate_labels",
+]

@@ -1,0 +1,335 @@
+"""Lazy volume access and atomic output for HDF5 and zarr."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import zarr
+
+from emseg.errors import InputError
+
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+ZARR_SUFFIX = ".zarr"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """Where a volume lives: a container file/directory and a key inside it.
+
+    ``fmt`` is ``"h5"`` or ``"zarr"``; ``key`` is the dataset path (``""`` for a zarr root array).
+    """
+
+    path: Path
+    key: str
+    fmt: str
+
+    def __str__(self) -> str:
+        if self.fmt == "h5":
+            return f"{self.path}:{self.key}"
+        return f"{self.path}/{self.key}" if self.key else str(self.path)
+
+    def sibling(self, name: str) -> "VolumeSpec":
+        """The spec of a dataset called ``name`` in the same file and group."""
+        parent = self.key.rsplit("/", 1)[0] if "/" in self.key else ""
+        key = f"{parent}/{name}" if parent else name
+        return VolumeSpec(self.path, key, self.fmt)
+
+
+def parse_spec(spec: str | VolumeSpec) -> VolumeSpec:
+    """Parse ``PATH.h5:DATASET`` or ``PATH.zarr[/ARRAY]`` into a :class:`VolumeSpec`.
+
+    Examples
+    --------
+    >>> parse_spec("data.h5:raw").key
+    'raw'
+    >>> parse_spec("out.zarr/pred/probs").key
+    'pred/probs'
+    """
+    if isinstance(spec, VolumeSpec):
+        return spec
+    text = str(spec)
+    for suffix in H5_SUFFIXES:
+        marker = suffix + ":"
+        idx = text.lower().rfind(marker)
+        if idx >= 0:
+            path, key = text[: idx + len(suffix)], text[idx + len(marker):].strip("/")
+            if not key:
+                raise InputError("no dataset given (write FILE.h5:DATASET)", source=text)
+            return VolumeSpec(Path(path), key, "h5")
+        if text.lower().endswith(suffix):
+            raise InputError("no dataset given (write FILE.h5:DATASET)", source=text)
+    idx = text.lower().find(ZARR_SUFFIX)
+    while idx >= 0:
+        end = idx + len(ZARR_SUFFIX)
+        if end == len(text) or text[end] == "/":
+            return VolumeSpec(Path(text[:end]), text[end:].strip("/"), "zarr")
+        idx = text.lower().find(ZARR_SUFFIX, end)
+    raise InputError(
+        "unknown volume format: use FILE.h5:DATASET (.hdf5/.hdf too) or FILE.zarr[/ARRAY]",
+        source=text,
+    )
+
+
+class Volume:
+    """A lazily read volume: slicing reads only the requested region from disk.
+
+    Use as a context manager or call :meth:`close`. ``array`` is the underlying h5py dataset or
+    zarr array.
+    """
+
+    def __init__(self, spec: VolumeSpec, array: Any, handle: Any = None):
+        self.spec = spec
+        self.array = array
+        self._handle = handle
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        chunks = getattr(self.array, "chunks", None)
+        return tuple(chunks) if chunks else None
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.array.attrs)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.array[index])
+
+    def __array__(self, dtype=None, copy=None):
+        data = np.asarray(self.array[...])
+        return data.astype(dtype) if dtype is not None else data
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Volume({str(self.spec)!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _h5_keys(group: h5py.Group) -> list[str]:
+    names: list[str] = []
+    group.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
+def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> Volume | None:
+    """Open a volume lazily for reading.
+
+    Raises :class:`~emseg.errors.InputError` naming the file and dataset when either is missing.
+    With ``allow_missing_key`` a missing dataset returns ``None`` instead (the file must exist).
+
+    Examples
+    --------
+    >>> with open_volume("data.h5:raw") as vol:  # doctest: +SKIP
+    ...     block = vol[0:1, :256, :256]
+    """
+    spec = parse_spec(spec)
+    if not spec.path.exists():
+        raise InputError("no such file", source=str(spec.path))
+    if spec.fmt == "h5":
+        try:
+            handle = h5py.File(spec.path, "r")
+        except OSError as exc:
+            raise InputError(f"not a readable HDF5 file ({exc})", source=str(spec.path)) from None
+        obj = handle.get(spec.key)
+        if not isinstance(obj, h5py.Dataset):
+            names = _h5_keys(handle)
+            handle.close()
+            if allow_missing_key:
+                return None
+            listing = ", ".join(names[:10]) or "none"
+            raise InputError(f"no dataset '{spec.key}' (datasets: {listing})", source=str(spec.path))
+        return Volume(spec, obj, handle)
+    try:
+        array = zarr.open_array(store=str(spec.path), path=spec.key or None, mode="r")
+    except Exception as exc:  # zarr raises several types for a missing node
+        if allow_missing_key:
+            return None
+        where = f"no zarr array '{spec.key}'" if spec.key else "no zarr array at the root"
+        raise InputError(f"{where} ({type(exc).__name__})", source=str(spec.path)) from None
+    return Volume(spec, array)
+
+
+def auto_chunks(shape: Iterable[int], itemsize: int, target_bytes: int = 1 << 20) -> tuple[int, ...]:
+    """Chunk shape of about ``target_bytes``: whole trailing (in-plane) axes first, then sections.
+
+    Leading axes (channels, z) get chunk 1 until the trailing axes fill the budget.
+    """
+    shape = tuple(int(s) for s in shape)
+    budget = max(1, target_bytes // max(1, itemsize))
+    chunks = [1] * len(shape)
+    # Fill from the last axis backwards, keeping in-plane chunks square-ish.
+    if len(shape) >= 2:
+        side = int(math.sqrt(budget))
+        chunks[-1] = min(shape[-1], side)
+        chunks[-2] = min(shape[-2], max(1, budget // chunks[-1]))
+        remaining = budget // (chunks[-1] * chunks[-2])
+        for ax in range(len(shape) - 3, -1, -1):
+            chunks[ax] = max(1, min(shape[ax], remaining))
+            remaining = max(1, remaining // chunks[ax])
+    else:
+        chunks[0] = min(shape[0], budget)
+    return tuple(max(1, c) for c in chunks)
+
+
+def replace_output(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` (file or directory) onto ``final``, replacing what was there.
+
+    A file is replaced atomically. A directory is swapped with two renames, so a reader sees either
+    the old or the new tree, never a half-written one.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if tmp.is_dir() and final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, final)
+
+
+class OutputVolume:
+    """A volume being written under a temporary name; renamed into place by :meth:`commit`.
+
+    Use as a context manager: leaving the block normally commits, an exception discards the
+    temporary data and leaves any previous output untouched.
+    """
+
+    def __init__(self, spec: VolumeSpec, array: Any, tmp: Path, final: Path, handle: Any = None):
+        self.spec = spec
+        self.array = array
+        self._tmp = tmp
+        self._final = final
+        self._handle = handle
+        self.committed = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def attrs(self):
+        return self.array.attrs
+
+    def __setitem__(self, index, value) -> None:
+        self.array[index] = value
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.array[index])
+
+    def commit(self) -> None:
+        if self.committed:
+            return
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        replace_output(self._tmp, self._final)
+        self.committed = True
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._tmp.is_dir():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputVolume":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _zarr_compressors(dtype: np.dtype):
+    shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
+
+
+def create_volume(
+    spec: str | VolumeSpec,
+    shape: Iterable[int],
+    dtype,
+    *,
+    chunks: Iterable[int] | None = None,
+    attrs: dict | None = None,
+    fill_value=0,
+) -> OutputVolume:
+    """Create a chunked, compressed output volume under a temporary name.
+
+    The data become visible at ``spec`` only on :meth:`OutputVolume.commit` (or on leaving the
+    ``with`` block without an exception). For HDF5 the other datasets of an existing file are kept.
+    """
+    spec = parse_spec(spec)
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    chunks = tuple(chunks) if chunks is not None else auto_chunks(shape, dtype.itemsize)
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if not spec.path.parent.exists():
+        raise InputError("output folder does not exist", source=str(spec.path.parent))
+    if spec.fmt == "h5":
+        final = spec.path
+        tmp = final.with_name(f".{final.name}.{tag}")
+        if final.exists():
+            shutil.copyfile(final, tmp)
+        handle = h5py.File(tmp, "a")
+        if spec.key in handle:
+            del handle[spec.key]
+        array = handle.create_dataset(
+            spec.key, shape=shape, dtype=dtype, chunks=chunks, compression="gzip",
+            compression_opts=4, shuffle=dtype.itemsize > 1, fillvalue=fill_value,
+        )
+        for k, v in (attrs or {}).items():
+            array.attrs[k] = v
+        return OutputVolume(spec, array, tmp, final, handle)
+    if spec.key:
+        root = zarr.open_group(store=str(spec.path), mode="a")
+        parent_key, _, name = spec.key.rpartition("/")
+        if parent_key:
+            root.require_group(parent_key)
+        final = spec.path / spec.key
+        tmp_key = f"{parent_key}/.{name}.{tag}" if parent_key else f".{name}.{tag}"
+        array = zarr.create_array(
+            store=str(spec.path), name=tmp_key, shape=shape, dtype=dtype, chunks=chunks,
+            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+        )
+        tmp = spec.path / tmp_key
+    else:
+        final = spec.path
+        tmp = final.with_name(f".{final.name}.{tag}")
+        array = zarr.create_array(
+            store=str(tmp), shape=shape, dtype=dtype, chunks=chunks,
+            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+        )
+    return OutputVolume(spec, array, tmp, final)

@@ -1,0 +1,203 @@
+"""A configurable 2D/3D U-Net.
+
+The network keeps the spatial shape (``same`` padding), so input sides must be multiples of
+:attr:`UNet.divisor`. It can return the bottleneck embedding (for diversity-based active learning),
+carries dropout for Monte-Carlo sampling, and accepts an optional conditioning tensor that is
+max-pooled to the bottleneck resolution and concatenated there (label-conditioned segmentation).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+NORMS = ("batch", "group", "instance", "none")
+
+
+def _norm(kind: str, ndim: int, channels: int) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d)(channels)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if ndim == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """Two convolutions, each followed by normalisation and ReLU; optional dropout at the end."""
+
+    def __init__(self, ndim: int, cin: int, cout: int, kernel, norm: str, dropout: float):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        padding = tuple(k // 2 for k in kernel)
+        self.body = nn.Sequential(
+            conv(cin, cout, kernel, padding=padding, bias=norm == "none"),
+            _norm(norm, ndim, cout),
+            nn.ReLU(inplace=True),
+            conv(cout, cout, kernel, padding=padding, bias=norm == "none"),
+            _norm(norm, ndim, cout),
+            nn.ReLU(inplace=True),
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.body(x))
+
+
+class UNet(nn.Module):
+    """U-Net for 2D (N,C,Y,X) or 3D (N,C,Z,Y,X) segmentation.
+
+    Parameters
+    ----------
+    ndim : 2 or 3
+    in_channels, out_channels : int
+        Input channels and output channels (classes; 1 for a sigmoid head).
+    depth : int
+        Number of down-sampling steps; the bottleneck is at ``2**depth`` times lower resolution.
+    base_width : int
+        Feature maps at the first level, doubled at every level.
+    norm : {"batch", "group", "instance", "none"}
+    dropout : float
+        Dropout probability in the bottleneck and decoder blocks (used for MC dropout).
+    anisotropic_levels : int
+        3D only: the first this-many levels pool and convolve in-plane only (kernel (1,3,3)),
+        for ssTEM volumes with thick sections.
+    cond_channels : int
+        Channels of an optional conditioning input, max-pooled to the bottleneck resolution and
+        concatenated to the bottleneck features, then mixed by a conv block.
+
+    Examples
+    --------
+    >>> net = UNet(ndim=2, out_channels=3, depth=2, base_width=4)
+    >>> net(torch.zeros(1, 1, 16, 16)).shape
+    torch.Size([1, 3, 16, 16])
+    """
+
+    def __init__(
+        self,
+        *,
+        ndim: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        depth: int = 4,
+        base_width: int = 32,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        anisotropic_levels: int = 0,
+        cond_channels: int = 0,
+    ):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if ndim == 2 and anisotropic_levels:
+            raise ValueError("anisotropic_levels applies to 3D networks only")
+        self.config: dict[str, Any] = dict(
+            ndim=ndim, in_channels=in_channels, out_channels=out_channels, depth=depth,
+            base_width=base_width, norm=norm, dropout=dropout,
+            anisotropic_levels=anisotropic_levels, cond_channels=cond_channels,
+        )
+        self.ndim = ndim
+        self.depth = depth
+        self.cond_channels = cond_channels
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        kernels, pools = [], []
+        for level in range(depth + 1):
+            flat = ndim == 3 and level < anisotropic_levels
+            kernels.append((1, 3, 3) if flat else (3,) * ndim)
+            pools.append((1, 2, 2) if flat else (2,) * ndim)
+        pools = pools[:depth]
+        self._pools = pools
+        pool = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
+        upconv = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+
+        self.encoders = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        cin = in_channels
+        for level in range(depth):
+            self.encoders.append(ConvBlock(ndim, cin, widths[level], kernels[level], norm, 0.0))
+            self.pools.append(pool(pools[level], pools[level]))
+            cin = widths[level]
+        self.bottleneck = ConvBlock(ndim, cin, widths[depth], kernels[depth], norm, dropout)
+        self.cond_block = (
+            ConvBlock(ndim, widths[depth] + cond_channels, widths[depth], kernels[depth], norm, dropout)
+            if cond_channels else None
+        )
+        self.upconvs = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth)):
+            self.upconvs.append(upconv(widths[level + 1], widths[level], pools[level], pools[level]))
+            self.decoders.append(ConvBlock(ndim, 2 * widths[level], widths[level], kernels[level], norm, dropout))
+        self.head = conv(widths[0], out_channels, 1)
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        """Per-axis factor that input sides must be multiples of."""
+        div = [1] * self.ndim
+        for p in self._pools:
+            div = [d * q for d, q in zip(div, p)]
+        return tuple(div)
+
+    @property
+    def embedding_channels(self) -> int:
+        return self.config["base_width"] * 2 ** self.depth
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        *,
+        return_embedding: bool = False,
+    ):
+        """Logits (N, out_channels, *S); with ``return_embedding`` also the bottleneck features."""
+        if x.dim() != self.ndim + 2:
+            raise ValueError(f"expected a {self.ndim + 2}D tensor (N,C,*S), got shape {tuple(x.shape)}")
+        bad = [s for s, d in zip(x.shape[2:], self.divisor) if s % d]
+        if bad:
+            raise ValueError(f"input sides {tuple(x.shape[2:])} must be multiples of {self.divisor}")
+        skips = []
+        for enc, pool in zip(self.encoders, self.pools):
+            x = enc(x)
+            skips.append(x)
+            x = pool(x)
+        x = self.bottleneck(x)
+        embedding = x
+        if self.cond_block is not None:
+            if cond is None:
+                raise ValueError("this network is conditioned: pass cond (N, cond_channels, *S)")
+            factor = self.divisor
+            pooled = F.max_pool2d(cond, factor, factor) if self.ndim == 2 else F.max_pool3d(cond, factor, factor)
+            x = self.cond_block(torch.cat([x, pooled.to(x.dtype)], dim=1))
+        elif cond is not None:
+            raise ValueError("this network takes no conditioning input")
+        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        logits = self.head(x)
+        return (logits, embedding) if return_embedding else logits
+
+
+def build_model(config: dict[str, Any]) -> UNet:
+    """Rebuild a :class:`UNet` from its ``config`` dict (as stored in checkpoints)."""
+    return UNet(**config)
+
+
+def set_mc_dropout(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Put ``model`` in eval mode with only its dropout layers sampling (Monte-Carlo dropout).
+
+    Normalisation layers stay in eval mode, so their running statistics are used and not updated.
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.train(enabled)
+    return model

@@ -1,0 +1,109 @@
+"""Predict a volume on disk with a trained checkpoint (the core of ``emseg predict``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from emseg.checkpoint import load_model
+from emseg.device import resolve_device
+from emseg.errors import InputError
+from emseg.inference import (
+    PredictStats,
+    SlidingWindow,
+    default_block_shape,
+    output_shape,
+    plan_blocks,
+    predict_volume,
+    softmax_forward,
+)
+from emseg.io import auto_chunks, check_raw, create_volume, open_volume, parse_spec
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str
+    input: str
+    output: str
+    patch_shape: tuple[int, ...] | None = None  # default: the training patch
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+    output_type: str = "probabilities"
+    block_shape: tuple[int, ...] | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    output: str
+    shape: tuple[int, ...]
+    n_classes: int
+    patch_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    stats: PredictStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "shape": list(self.shape), "n_classes": self.n_classes,
+            "patch_shape": list(self.patch_shape), "block_shape": list(self.block_shape),
+            "voxels": self.stats.voxels, "blocks": self.stats.blocks,
+            "seconds": round(self.stats.seconds, 3), "voxels_per_s": round(self.stats.voxels_per_s, 1),
+        }
+
+
+def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
+                  model_ndim: int) -> tuple[int, ...]:
+    """The window shape in volume axes: given, or the training patch adapted to the volume's axes."""
+    patch = tuple(patch) if patch else tuple(trained or (256,) * model_ndim)
+    if len(patch) == len(volume_shape) + 1 and patch[0] == 1:
+        patch = patch[1:]
+    if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
+        patch = (1,) + patch
+    if len(patch) != len(volume_shape):
+        raise InputError(f"patch {patch} does not fit a {len(volume_shape)}D volume")
+    if model_ndim == 3 and len(volume_shape) != 3:
+        raise InputError("a 3D network needs a 3D volume")
+    return patch
+
+
+def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
+                   device: torch.device) -> SlidingWindow:
+    return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
+                         blend=config.blend, batch_size=config.batch_size, device=device,
+                         amp=device.type == "cuda")
+
+
+def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None) -> PredictResult:
+    """Sliding-window prediction of ``config.input`` into ``config.output``, block by block.
+
+    The output is written under a temporary name and renamed when complete. Probabilities are
+    stored channel-first (C, *S) as float32; labels as uint8 argmax.
+    """
+    device = resolve_device(config.device)
+    model, state = load_model(config.model, device)
+    if state["model_config"].get("cond_channels"):
+        raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
+    trained_patch = (state.get("config") or {}).get("patch_shape")
+    out_spec = parse_spec(config.output)
+    with open_volume(config.input) as source:
+        check_raw(source)
+        patch = resolve_patch(config.patch_shape, trained_patch, source.shape, model.ndim)
+        n_classes = state["model_config"]["out_channels"]
+        shape = output_shape(source.shape, n_classes, config.output_type)
+        dtype = "float32" if config.output_type == "probabilities" else "uint8"
+        chunks = auto_chunks(shape, 4 if dtype == "float32" else 1)
+        spatial_chunks = chunks[1:] if config.output_type == "probabilities" else chunks
+        block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(
+            source.shape, patch, spatial_chunks)
+        blocks = plan_blocks(source.shape, block_shape, [p // 2 for p in patch])
+        predictor = make_predictor(model, patch, config, device)
+        attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
+                 "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
+                 "blend": config.blend}
+        with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs) as dest:
+            stats = predict_volume(predictor, source, dest, blocks=blocks, output_type=config.output_type,
+                                   progress=progress)
+    return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats)

@@ -1,0 +1,375 @@
+"""The training loop shared by ``emseg train`` and the other subcommands that train networks.
+
+A *task* supplies the network configuration, batches, the loss and validation; :func:`run_training`
+does the rest: Adam with a learning-rate schedule, bf16 autocast on CUDA, ``metrics.csv``,
+``last.pt``/``best.pt`` written atomically, exact resume, a clean stop on SIGINT and a stop with
+the last good checkpoint kept when the loss becomes NaN or infinite.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from emseg.checkpoint import load_checkpoint, save_checkpoint
+from emseg.config import TrainConfig, learning_rate
+from emseg.data import Augmenter, PatchSampler, open_cubes
+from emseg.device import resolve_device, seed_everything
+from emseg.errors import InputError, TrainingDiverged
+from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.losses import lazy_nll
+from emseg.metrics import ConfusionAccumulator
+from emseg.models import build_model
+
+BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
+
+
+class Task(Protocol):
+    """What a kind of training supplies to :func:`run_training`."""
+
+    name: str
+    metric_columns: Sequence[str]
+
+    def model_config(self) -> dict[str, Any]: ...
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``losses`` holds one value per step run in this call."""
+
+    out_dir: Path
+    start_step: int
+    final_step: int
+    losses: list[float] = field(default_factory=list)
+    best_metric: float | None = None
+    last_valid: dict[str, float] | None = None
+    interrupted: bool = False
+    seconds: float = 0.0
+    patches: int = 0
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "start_step": self.start_step, "final_step": self.final_step,
+            "final_loss": self.losses[-1] if self.losses else None, "best_metric": self.best_metric,
+            "last_valid": self.last_valid, "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
+        }
+
+
+def check_divisible(patch_shape: Sequence[int], divisor: Sequence[int], source: str = "patch_shape") -> None:
+    """Network inputs must be multiples of the U-Net's down-sampling factor."""
+    spatial = tuple(patch_shape)[-len(divisor):]
+    if any(p % d for p, d in zip(spatial, divisor)):
+        raise InputError(f"patch {tuple(patch_shape)} must be a multiple of {tuple(divisor)} for this network depth",
+                         source=source)
+
+
+class SegmentationTask:
+    """Multi-class U-Net trained with the lazy-label NLL (``emseg train``)."""
+
+    name = "segmentation"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.ndim = config.model_ndim
+        squeeze = self.ndim == 2 and len(config.patch_shape) == 3
+        self.cubes = open_cubes(config.train, config.n_classes, config.patch_shape)
+        self.valid_cubes = open_cubes(config.valid, config.n_classes, config.patch_shape)
+        for cube in self.valid_cubes:
+            if cube.label is None:
+                raise InputError("validation cubes need labels", source=cube.name)
+        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
+                                    example_ignore_threshold=config.example_ignore_threshold)
+        a = config.augment
+        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
+                                   a.elastic_alpha, a.elastic_sigma)
+        self.class_weights = (torch.tensor(config.class_weights, dtype=torch.float32)
+                              if config.class_weights else None)
+        k = config.n_classes
+        self.metric_columns = ("valid_score",) + tuple(f"valid_jaccard_{c}" for c in range(k))
+
+    def model_config(self) -> dict[str, Any]:
+        m = self.config.model
+        return dict(ndim=self.ndim, in_channels=1, out_channels=self.config.n_classes, depth=m.depth,
+                    base_width=m.base_width, norm=m.norm, dropout=m.dropout,
+                    anisotropic_levels=m.anisotropic_levels)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        data = self.sampler.batch(self.config.batch_size, rng, self.augmenter)
+        return {k: torch.from_numpy(v) for k, v in data.items() if k != "cube"}
+
+    def loss(self, model, batch):
+        logits = model(batch["raw"])
+        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        return lazy_nll(logits.float(), batch["target"], batch["labeled"], batch["not_present"], weights)
+
+    def validate(self, model, device):
+        if not self.valid_cubes:
+            return None
+        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device)
+
+    def close(self) -> None:
+        for cube in self.cubes + self.valid_cubes:
+            for vol in (cube.raw, cube.label):
+                if hasattr(vol, "close"):
+                    vol.close()
+
+
+def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *, amp=False) -> dict[str, float]:
+    """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
+
+    ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
+    K = 1), ignoring classes absent from both prediction and labels.
+    """
+    model.eval()
+    predictor = SlidingWindow(softmax_forward(model), patch_shape, divisor=model.divisor, overlap=0.25,
+                              device=device, amp=amp)
+    acc = ConfusionAccumulator(n_classes)
+    for cube in cubes:
+        shape = cube.shape
+        blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
+                             [p // 2 for p in patch_shape])
+        for block in blocks:
+            probs = predict_block(predictor, cube.raw, block, raw_dtype=cube.raw_dtype)
+            acc.update(np.argmax(probs, axis=0), np.asarray(cube.label[block.inner]).astype(np.int64))
+    scores = acc.scores()
+    jac = np.asarray(scores.jaccard, dtype=float)
+    fg = jac[1:] if n_classes > 1 else jac
+    score = float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan")
+    out = {"valid_score": score}
+    out.update({f"valid_jaccard_{c}": float(j) for c, j in enumerate(jac)})
+    return out
+
+
+class MetricsLog:
+    """``metrics.csv`` with fixed columns; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, columns: Sequence[str], *, resume_step: int | None):
+        self.path = path
+        self.columns = list(columns)
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(
+                {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
+
+
+class _StopFlag:
+    """Turns SIGINT into a flag checked between steps (only from the main thread)."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    state = {"numpy": rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state["numpy"]
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_training(
+    task: Task,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Train ``task`` for ``config.steps`` steps, writing into ``out_dir``.
+
+    ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
+    check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    rng = seed_everything(seed)
+    model_config = task.model_config()
+    model = build_model(model_config)
+    check_divisible(config.patch_shape, model.divisor)
+    model.to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    step, best, elapsed0 = 0, None, 0.0
+    if resume:
+        if not last_path.exists():
+            raise InputError("nothing to resume: no last.pt", source=str(out))
+        state = load_checkpoint(last_path)
+        if state["model_config"] != model_config:
+            raise InputError("checkpoint was trained with a different network configuration", source=str(last_path))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
+        _restore_rng(rng, state["rng"])
+    elif last_path.exists():
+        raise InputError("already holds a training run (last.pt): pass --resume to continue it or choose "
+                         "another --out", source=str(out))
+    log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
+                     resume_step=step if resume else None)
+    amp = config.amp and dev.type == "cuda"
+    total = config.steps
+    result = TrainResult(out, start_step=step, final_step=step, best_metric=best)
+    plain_config = config.to_dict()
+
+    def checkpoint(path: Path) -> None:
+        state = {
+            "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
+            "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
+            "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
+        }
+        if extra_state is not None:
+            state.update(extra_state())
+        save_checkpoint(path, state)
+
+    t0 = time.perf_counter()
+    window_losses: list[float] = []
+    window_t = t0
+    window_patches = 0
+    with _StopFlag() as flag:
+        while step < total:
+            if flag.stop or (stop_after is not None and step - result.start_step >= stop_after):
+                result.interrupted = True
+                break
+            lr = learning_rate(config.optim, step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(dev, non_blocking=True) for k, v in task.batch(rng).items()}
+            model.train()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss = task.loss(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(step + 1, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n = int(next(iter(batch.values())).shape[0])
+            result.losses.append(value)
+            result.patches += n
+            window_losses.append(value)
+            window_patches += n
+            valid = None
+            if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
+                valid = task.validate(model, dev)
+                if valid is not None:
+                    result.last_valid = valid
+                    score = valid.get("valid_score")
+                    if score is not None and math.isfinite(score) and (best is None or score > best):
+                        best = score
+                        result.best_metric = best
+                        checkpoint(best_path)
+            if step % config.log_every == 0 or step == total or valid is not None:
+                now = time.perf_counter()
+                rate = window_patches / max(now - window_t, 1e-9)
+                row = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr, "patches_per_s": rate,
+                       "elapsed_s": elapsed0 + now - t0}
+                row.update(valid or {})
+                log.write(row)
+                window_losses, window_patches, window_t = [], 0, now
+            if step % config.checkpoint_every == 0 or step == total:
+                checkpoint(last_path)
+            if progress is not None:
+                progress({"step": step, "total": total, "loss": value, "lr": lr,
+                          "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
+                          "valid": valid})
+    if result.interrupted or (step == total and not last_path.exists()):
+        checkpoint(last_path)
+    if not best_path.exists() and not task_has_validation(task):
+        # Without validation the newest weights are the best we know of.
+        import shutil
+        shutil.copyfile(last_path, best_path)
+    result.final_step = step
+    result.best_metric = best
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def task_has_validation(task: Task) -> bool:
+    return bool(getattr(task, "valid_cubes", None)) or bool(getattr(task, "has_validation", False))
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a segmentation U-Net with lazy labels (the core of ``emseg train``).
+
+    Examples
+    --------
+    >>> from emseg.config import load_config
+    >>> result = train(load_config("train.toml"), "runs/mito", steps=500)  # doctest: +SKIP
+    """
+    task = SegmentationTask(config)
+    try:
+        return run_training(task, config, out_dir, device=device, seed=seed, resume=resume,
+                            progress=progress, stop_after=stop_after)
+    finally:
+        task.close()
