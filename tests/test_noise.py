@@ -70,6 +70,26 @@ def test_flip_exact_counts_and_never_keeps_class(multi3d, p):
         assert noisy[here].min() >= 0 and noisy[here].max() <= 3
 
 
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_flip_and_sample_choose_every_voxel_equally_often(p):
+    # exact-count selection must still be uniform over the voxels of a class
+    clean = np.zeros((4, 6), dtype=np.int64)
+    clean[:, :3] = 1
+    clean[0, 0] = -1
+    gen = np.random.default_rng(0)
+    flipped = np.zeros(clean.shape)
+    dropped = np.zeros(clean.shape)
+    reps = 1500
+    for _ in range(reps):
+        flipped += flip(clean, p, rng=gen) != clean
+        dropped += sample(clean, p, rng=gen) == -1
+    assert flipped[0, 0] == 0 and dropped[0, 0] == reps  # ignore untouched
+    for k in (0, 1):
+        here = clean == k
+        assert stats.chisquare(flipped[here]).pvalue > 1e-3
+        assert stats.chisquare(dropped[here]).pvalue > 1e-3
+
+
 def test_flip_binary_separate_fractions(binary2d):
     noisy = flip(binary2d, p_fg=0.3, p_bg=0.05, rng=0)
     n_fg, n_bg = int((binary2d == 1).sum()), int((binary2d == 0).sum())
@@ -179,13 +199,15 @@ def test_transition_matrix_matches_brute_force():
     clean = rng.integers(-1, 3, size=(7, 9))
     noisy = rng.integers(-1, 3, size=(7, 9))
     counts = np.zeros((3, 3))
-    for c, n in zip(clean.ravel().tolist(), noisy.ravel().tolist()):
+    for c, n in zip(clean.ravel().tolist(), noisy.ravel().tolist(), strict=True):
         if c >= 0 and n >= 0:
             counts[c, n] += 1
     tm = transition_matrix(clean, noisy)
     np.testing.assert_array_equal(tm.counts, counts)
     np.testing.assert_allclose(tm.matrix, counts / counts.sum(axis=1, keepdims=True))
     assert tm.rank == np.linalg.matrix_rank(counts)
+    assert not tm.matrix.flags.writeable
+    assert json.loads(json.dumps(tm.to_dict()))["counts"] == counts.astype(int).tolist()
 
 
 def test_population_rank_rl_one_rcl_full():
@@ -244,7 +266,7 @@ def test_random_labels_multiclass_distribution():
 # --------------------------------------------------------------------------- #
 def reference_footprint(ndim, radius):
     if radius == 1:
-        return morphology.footprint_rectangle((3,) * ndim)
+        return np.ones((3,) * ndim, dtype=bool)
     return morphology.disk(radius) if ndim == 2 else morphology.ball(radius)
 
 
@@ -279,7 +301,7 @@ def shifted_views(lab, offsets, pad_value):
     r = max(max(abs(c) for c in o) for o in offsets)
     padded = np.pad(lab, r, constant_values=pad_value)
     for o in offsets:
-        yield padded[tuple(slice(r + c, r + c + n) for c, n in zip(o, lab.shape))]
+        yield padded[tuple(slice(r + c, r + c + n) for c, n in zip(o, lab.shape, strict=True))]
 
 
 @pytest.mark.parametrize("radius", [1, 2])
@@ -306,6 +328,23 @@ def test_erode_multiclass_brute_force(multi3d, radius):
     np.testing.assert_array_equal(erode(multi3d, radius), expected)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint32, bool])
+def test_dtypes_give_same_labels(dtype):
+    lab = blobs((24, 24), sigma=2.0, seed=5)
+    cast = lab.astype(dtype)
+    for fn in (
+        lambda x: dilate(x, 2),
+        lambda x: erode(x, 2),
+        lambda x: skeleton(x),
+        lambda x: shift(x, 1, rng=0),
+        lambda x: flip(x, 0.3, rng=0),
+        lambda x: sample(x, 0.3, rng=0),
+    ):
+        out = fn(cast)
+        assert out.shape == lab.shape
+        np.testing.assert_array_equal(out.astype(np.int64), fn(lab))
+
+
 def test_radius_zero_is_copy(multi3d):
     for fn in (dilate, erode):
         out = fn(multi3d, 0)
@@ -324,7 +363,8 @@ def test_blockwise_dilate_erode_exact_with_halo(multi3d):
         for y0, x0 in itertools.product(range(0, 40, bs), repeat=2):
             ys, xs = max(y0 - h, 0), max(x0 - h, 0)
             block = fn(multi3d[:, ys : y0 + bs + h, xs : x0 + bs + h], radius)
-            out[:, y0 : y0 + bs, x0 : x0 + bs] = block[:, y0 - ys : y0 - ys + bs, x0 - xs : x0 - xs + bs]
+            core = (slice(None), slice(y0 - ys, y0 - ys + bs), slice(x0 - xs, x0 - xs + bs))
+            out[:, y0 : y0 + bs, x0 : x0 + bs] = block[core]
         np.testing.assert_array_equal(out, full)
 
 

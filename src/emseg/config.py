@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     amp: bool = True
+    #: Stop after this many seconds of training (a fixed compute budget); None = no limit.
+    max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -61,6 +61,7 @@ class TrainResult:
     best_metric: float | None = None
     last_valid: dict[str, float] | None = None
     interrupted: bool = False
+    budget_exhausted: bool = False
     seconds: float = 0.0
     patches: int = 0
 
@@ -73,6 +74,7 @@ class TrainResult:
             "out_dir": str(self.out_dir), "start_step": self.start_step, "final_step": self.final_step,
             "final_loss": self.losses[-1] if self.losses else None, "best_metric": self.best_metric,
             "last_valid": self.last_valid, "interrupted": self.interrupted,
+            "budget_exhausted": self.budget_exhausted,
             "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
         }
 
@@ -291,6 +293,9 @@ def run_training(
             if flag.stop or (stop_after is not None and step - result.start_step >= stop_after):
                 result.interrupted = True
                 break
+            if config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds:
+                result.budget_exhausted = True
+                break
             lr = learning_rate(config.optim, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -334,7 +339,7 @@ def run_training(
                 progress({"step": step, "total": total, "loss": value, "lr": lr,
                           "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
                           "valid": valid})
-    if result.interrupted or (step == total and not last_path.exists()):
+    if result.interrupted or result.budget_exhausted or (step == total and not last_path.exists()):
         checkpoint(last_path)
     if not best_path.exists() and not task_has_validation(task):
         # Without validation the newest weights are the best we know of.

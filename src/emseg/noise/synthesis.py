@@ -142,24 +142,58 @@ def _fit_dtype(dtype: np.dtype, lo: int, hi: int) -> np.dtype:
     return out if out.kind in "iu" else np.dtype(np.int64)
 
 
-def _class_counts(flat: np.ndarray) -> np.ndarray:
-    """Counts of labels 0..max over the labelled (>= 0) voxels of a flat array."""
+def _present_classes(flat: np.ndarray, top: int) -> list[int]:
+    """Labels ``0..top`` that may occur in ``flat``: all of them for few classes,
+    else those that do occur."""
+    if top < 64:
+        return list(range(top + 1))
     valid = flat[flat >= 0] if flat.dtype.kind == "i" else flat
-    return np.bincount(valid.astype(np.intp, copy=False), minlength=1)
+    if top > 1 << 20:
+        return np.unique(valid).tolist()
+    return np.flatnonzero(np.bincount(valid.astype(np.intp, copy=False))).tolist()
 
 
-def _pick(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
-    """Boolean mask of length ``n`` with exactly ``m`` uniformly chosen True entries.
+def _exact_selection(
+    gen: np.random.Generator, flat: np.ndarray, fractions: Sequence[float], classes: Sequence[int]
+) -> np.ndarray:
+    """Boolean mask choosing exactly ``round(fractions[k] * n_k)`` voxels of each class.
 
-    Draws whichever of the chosen set or its complement is smaller.
+    For each class the chosen set is uniform over all subsets of that size: a
+    Bernoulli draft (one float32 uniform per voxel against the class fraction) is
+    uniform given its size, and uniformly dropping surplus members, or adding
+    missing ones from the rest of the class, keeps it uniform. ``classes`` must
+    list every class present; ignore voxels are never chosen.
     """
-    mask = np.zeros(n, dtype=bool)
-    if m <= n - m:
-        mask[rng.choice(n, m, replace=False, shuffle=False)] = True
+    if flat.dtype.kind == "b":
+        flat = flat.view(np.uint8)
+    u = gen.random(flat.shape, dtype=np.float32)
+    rates = {k: np.float32(fractions[k]) for k in classes}
+    uniform = len(set(rates.values())) <= 1
+    if uniform and rates:
+        sel = u < next(iter(rates.values()))
+        if flat.dtype.kind == "i":
+            sel &= flat >= 0
     else:
-        mask[:] = True
-        mask[rng.choice(n, n - m, replace=False, shuffle=False)] = False
-    return mask
+        sel = np.zeros(flat.shape, dtype=bool)
+    for k in classes:
+        in_class = flat == k
+        n_k = int(np.count_nonzero(in_class))
+        if n_k == 0:
+            continue
+        m = _round_count(fractions[k], n_k)
+        drafted = (sel if uniform else u < rates[k]) & in_class
+        c = int(np.count_nonzero(drafted))
+        # corrections go straight into ``sel`` when it already holds the draft
+        target = sel if uniform else drafted
+        if c > m:
+            idx = np.flatnonzero(drafted)
+            target[idx[gen.choice(c, c - m, replace=False, shuffle=False)]] = False
+        elif c < m:
+            idx = np.flatnonzero(in_class & ~drafted)
+            target[idx[gen.choice(idx.size, m - c, replace=False, shuffle=False)]] = True
+        if not uniform:
+            sel |= drafted
+    return sel
 
 
 def _round_count(p: float, n: int) -> int:
@@ -210,9 +244,12 @@ def flip(
     Notes
     -----
     The number flipped is ``round(p * n_k)`` with Python's rounding (halves to
-    even). Random draws are made class by class in increasing class order, so a
-    seed fully determines the result. For the population transition matrix of
-    this process see :func:`emseg.noise.flip_matrix`.
+    even). The chosen set is drawn as a Bernoulli draft (one uniform per voxel)
+    corrected to the exact count by uniformly dropping or adding voxels, which
+    keeps every subset of that size equally likely; the cost is close to that of
+    ``rng.random(labels.shape) < p``. A seed fully determines the result. For
+    the population transition matrix of this process see
+    :func:`emseg.noise.flip_matrix`.
 
     Examples
     --------
@@ -240,17 +277,16 @@ def flip(
     gen = np.random.default_rng(rng)
 
     out = arr.astype(_fit_dtype(arr.dtype, 0, k_total - 1), copy=True)
-    flat_in = arr.reshape(-1)
     flat_out = out.reshape(-1)
-    counts = _class_counts(flat_in)
-    for k in np.flatnonzero(counts):
-        m = _round_count(fractions[k], int(counts[k]))
-        if m == 0:
-            continue
-        idx = np.flatnonzero(flat_in == k)
-        chosen = idx[_pick(gen, idx.size, m)]
-        targets = (k + gen.integers(1, k_total, size=m)) % k_total
-        flat_out[chosen] = targets
+    flat_in = arr.reshape(-1)
+    classes = _present_classes(flat_in, _max_label(arr))
+    chosen = _exact_selection(gen, flat_in, fractions, classes)
+    if k_total == 2:  # the only other class: 0 <-> 1
+        flat_out ^= chosen.view(np.uint8).astype(flat_out.dtype, copy=False)
+        return out
+    where = np.flatnonzero(chosen)
+    offsets = gen.integers(1, k_total, size=where.size, dtype=np.int64)
+    flat_out[where] = (flat_out[where].astype(np.int64) + offsets) % k_total
     return out
 
 
@@ -299,19 +335,14 @@ def sample(
         raise ValueError(f"unsampled must be -1 (ignore) or 0 (background), got {unsampled!r}")
     gen = np.random.default_rng(rng)
 
-    out = arr.astype(_fit_dtype(arr.dtype, int(unsampled), 0), copy=True)
     flat_in = arr.reshape(-1)
-    flat_out = out.reshape(-1)
-    counts = _class_counts(flat_in)
-    for k in np.flatnonzero(counts):
-        n = int(counts[k])
-        m = _round_count(frac, n)
-        if m == n:
-            continue
-        idx = np.flatnonzero(flat_in == k)
-        dropped = idx[_pick(gen, n, n - m)]
-        flat_out[dropped] = unsampled
-    return out
+    classes = _present_classes(flat_in, _max_label(arr))
+    keep = _exact_selection(gen, flat_in, [frac] * (max(classes, default=0) + 1), classes)
+    if arr.dtype.kind == "i":
+        keep |= flat_in < 0
+    out_dtype = _fit_dtype(arr.dtype, int(unsampled), 0)
+    out = np.where(keep, flat_in, np.array(unsampled, dtype=out_dtype))
+    return out.astype(out_dtype, copy=False).reshape(arr.shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -324,8 +355,8 @@ def _footprint(ndim: int, radius: int, per_section: bool) -> np.ndarray:
     coordinate moved towards 0 stays inside), so edge-replicating borders
     (``mode="nearest"``) never bring in a value the footprint does not already
     see inside the volume: max/min filters then ignore the border exactly. (The
-    ``mode="ignore"`` of scikit-image morphology pads with the dtype's extreme
-    value, which scipy mishandles for int64 with non-box footprints.)
+    ``mode="ignore"`` of scikit-image 0.26 morphology pads with the dtype's
+    extreme value, which comes out wrong for int64 with non-box footprints.)
     """
     from skimage.morphology import ball, disk
 
@@ -348,8 +379,9 @@ def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.n
     """Perturbed clean labels by dilation (PCL).
 
     Every foreground class ``k >= 1`` is dilated as a binary mask with a footprint
-    of the given radius (full 3x3 / 3x3x3 box at radius 1, disk / ball of that
-    radius beyond).
+    of the given radius (full 3x3 / 3x3x3 box at radius 1,
+    :func:`skimage.morphology.disk` / :func:`~skimage.morphology.ball` of that
+    radius beyond), computed for all classes at once as a grey-value dilation.
 
     Parameters
     ----------
@@ -382,14 +414,14 @@ def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.n
     >>> int(dilate(lab, 1).sum())
     9
     """
-    from skimage.morphology import dilation
+    from scipy import ndimage as ndi
 
     arr = _as_labels(labels)
     r = _check_radius(radius)
     section = _check_per_section(per_section)
     if r == 0:
         return arr.copy()
-    grown = dilation(arr, _footprint(arr.ndim, r, section), mode="nearest")
+    grown = ndi.grey_dilation(arr, footprint=_footprint(arr.ndim, r, section), mode="nearest")
     return np.where(arr == 0, grown, arr)
 
 
@@ -427,7 +459,7 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     >>> int(erode(lab, 1).sum())
     1
     """
-    from skimage.morphology import dilation, erosion
+    from scipy import ndimage as ndi
 
     arr = _as_labels(labels)
     r = _check_radius(radius)
@@ -435,8 +467,8 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     if r == 0:
         return arr.copy()
     fp = _footprint(arr.ndim, r, section)
-    lo = erosion(arr, fp, mode="nearest")
-    hi = dilation(arr, fp, mode="nearest")
+    lo = ndi.grey_erosion(arr, footprint=fp, mode="nearest")
+    hi = ndi.grey_dilation(arr, footprint=fp, mode="nearest")
     removed = (arr > 0) & ((lo != arr) | (hi != arr))
     return np.where(removed, np.zeros((), dtype=arr.dtype), arr)
 
@@ -481,15 +513,17 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
 
     arr = _as_labels(labels)
     section = _check_per_section(per_section) and arr.ndim == 3
-    out = np.where(arr < 0, arr, np.zeros((), dtype=arr.dtype)) if arr.dtype.kind == "i" \
-        else np.zeros_like(arr)
+    out = np.zeros_like(arr)
+    if arr.dtype.kind == "i":
+        out[arr < 0] = -1
     fg = np.where(arr > 0, arr, 0).astype(np.intp, copy=False)
     for k, box in enumerate(ndi.find_objects(fg), start=1):
         if box is None:
             continue
         # one voxel of margin so thinning sees the object's true surroundings
         box = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, arr.shape)
+            slice(max(s.start - 1, 0), min(s.stop + 1, n))
+            for s, n in zip(box, arr.shape, strict=True)
         )
         mask = arr[box] == k
         if section:

@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmark scripts (not part of the package or of `make test`)."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def data_dir() -> Path | None:
+    """The drosophila VNC folder: $EMSEG_DATA, else ../shared/data/drosophila_vnc beside the repo."""
+    env = os.environ.get("EMSEG_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "drosophila_vnc")
+    for path in candidates:
+        if (path / "vnc_stack1.h5").exists():
+            return path
+    return None
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -1,0 +1,150 @@
+"""Train on the drosophila VNC stack and score held-out sections.
+
+Sections 0-14 train, 15-19 test. Runs, each with the same CPU time budget:
+  mito      binary mitochondria (label == 1), dense labels
+  5class    all five classes, dense labels
+  dense     mitochondria from a small dense set only (a few 256x256 crops)
+  lazy      the same small dense set plus lazy cubes: background-only regions carrying only
+            the flag "no mitochondria" (labels -1, info not_present[1] = 1)
+and reports per-class test Jaccard, training patches/s, inference voxels/s, and for dense/lazy the
+false-positive mitochondria voxels inside held-out regions that contain no mitochondria.
+
+    python benchmarks/train_vnc.py --seconds 120 --base-width 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import data_dir, machine  # noqa: E402
+
+from emseg.config import config_from_dict  # noqa: E402
+from emseg.evaluation import evaluate_volumes  # noqa: E402
+from emseg.io import open_volume  # noqa: E402
+from emseg.predict import PredictConfig, predict_file  # noqa: E402
+from emseg.training import train  # noqa: E402
+
+
+def write(path: Path, **arrays) -> Path:
+    with h5py.File(path, "w") as fh:
+        for name, data in arrays.items():
+            fh.create_dataset(name, data=data, chunks=(1,) + data.shape[1:] if data.ndim == 3 else None)
+    return path
+
+
+def background_windows(label: np.ndarray, size: int, count: int, rng) -> list[tuple[int, int, int]]:
+    """(z, y, x) corners of size x size windows without mitochondria."""
+    found = []
+    for _ in range(20000):
+        z = int(rng.integers(label.shape[0]))
+        y, x = (int(rng.integers(s - size + 1)) for s in label.shape[1:])
+        if not (label[z, y:y + size, x:x + size] == 1).any():
+            found.append((z, y, x))
+            if len(found) == count:
+                break
+    return found
+
+
+def run(name, cubes, n_classes, args, tmp: Path, test_raw: str, test_label: str) -> dict:
+    cfg = config_from_dict({
+        "n_classes": n_classes, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
+        "steps": 10**6, "max_seconds": args.seconds, "log_every": 20, "checkpoint_every": 10**6,
+        "valid_every": 10**6, "train": cubes,
+        "model": {"depth": 4, "base_width": args.base_width, "norm": "batch"},
+        "optim": {"lr": 1e-3},
+    }, source=name)
+    out = tmp / name
+    result = train(cfg, out, seed=args.seed, device=args.device)
+    pred = tmp / f"{name}_pred.zarr"
+    p = predict_file(PredictConfig(model=str(out / "last.pt"), input=test_raw, output=str(pred),
+                                   output_type="labels", batch_size=8, device=args.device))
+    with open_volume(str(pred)) as pv, open_volume(test_label) as gv:
+        scores = evaluate_volumes(pv, gv, n_classes=n_classes)
+    row = {"run": name, "steps": result.final_step, "train_s": round(result.seconds, 1),
+           "patches_per_s": round(result.patches_per_s, 2), "infer_voxels_per_s": round(p.stats.voxels_per_s),
+           "jaccard": [None if np.isnan(j) else round(float(j), 4) for j in scores.jaccard]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=120, help="training budget per run")
+    ap.add_argument("--base-width", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--runs", default="mito,5class,dense,lazy")
+    ap.add_argument("--lazy-cubes", type=int, default=24)
+    args = ap.parse_args()
+    root = data_dir()
+    if root is None:
+        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
+        return 0
+    print("machine:", machine())
+    with h5py.File(root / "vnc_stack1.h5", "r") as fh:
+        raw, label = fh["raw"][:], fh["label"][:].astype(np.int16)
+    mito = (label == 1).astype(np.int16)
+    runs = args.runs.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        write(tmp / "test.h5", raw=raw[15:], label=label[15:], mito=mito[15:])
+        write(tmp / "train.h5", raw=raw[:15], label=label[:15], mito=mito[:15])
+        test_raw = f"{tmp / 'test.h5'}:raw"
+        if "mito" in runs:
+            rows.append(run("mito", [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:mito"}], 2,
+                            args, tmp, test_raw, f"{tmp/'test.h5'}:mito"))
+        if "5class" in runs:
+            rows.append(run("5class", [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:label"}], 5,
+                            args, tmp, test_raw, f"{tmp/'test.h5'}:label"))
+        if "dense" in runs or "lazy" in runs:
+            rng = np.random.default_rng(args.seed)
+            # Small dense set: three 256x256 crops from sections 0, 7 and 14.
+            dense = []
+            for i, (z, y, x) in enumerate([(0, 100, 100), (7, 600, 300), (14, 300, 650)]):
+                path = write(tmp / f"dense{i}.h5", raw=raw[z:z + 1, y:y + 256, x:x + 256],
+                             label=mito[z:z + 1, y:y + 256, x:x + 256])
+                dense.append({"raw": f"{path}:raw", "label": f"{path}:label", "prio": 1.0})
+            # Held-out background regions: test windows of 128x128 without mitochondria.
+            bg = background_windows(mito[15:], 128, 40, np.random.default_rng(1000 + args.seed))
+            lazy = []
+            for i, (z, y, x) in enumerate(background_windows(mito[:15], args.patch, args.lazy_cubes, rng)):
+                path = tmp / f"lazy{i}.h5"
+                with h5py.File(path, "w") as fh:
+                    fh["raw"] = raw[z:z + 1, y:y + args.patch, x:x + args.patch]
+                    fh["label"] = np.full((1, args.patch, args.patch), -1, np.int16)
+                    fh["info"] = np.array([[0, 0], [0, 1]], np.uint8)
+                lazy.append({"raw": f"{path}:raw", "label": f"{path}:label", "prio": 0.5})
+            for name, cubes in (("dense", dense), ("lazy", dense + lazy)):
+                if name not in runs:
+                    continue
+                row = run(name, cubes, 2, args, tmp, test_raw, f"{tmp/'test.h5'}:mito")
+                with open_volume(str(tmp / f"{name}_pred.zarr")) as pv:
+                    fp = sum(int((pv[z, y:y + 128, x:x + 128] == 1).sum()) for z, y, x in bg)
+                row["bg_regions"] = len(bg)
+                row["bg_false_positive_voxels"] = fp
+                row["bg_false_positive_rate"] = round(fp / (len(bg) * 128 * 128), 5)
+                print(json.dumps({"run": name, "bg_false_positive_voxels": fp,
+                                  "bg_false_positive_rate": row["bg_false_positive_rate"]}), flush=True)
+                rows.append(row)
+    print("\nrun      steps  patches/s  infer vox/s  test Jaccard per class          bg FP rate")
+    for r in rows:
+        print(f"{r['run']:<8} {r['steps']:>5}  {r['patches_per_s']:>9}  {r['infer_voxels_per_s']:>11}  "
+              f"{str(r['jaccard']):<32} {r.get('bg_false_positive_rate', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    raise SystemExit(main())
