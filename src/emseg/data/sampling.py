@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io import check_patch_fits, check_raw, open_volume, read_info, validate_labels
+from emseg.io import check_not_present, check_patch_fits, check_raw, open_volume, read_info, validate_labels
 
 
 def to_float(block: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
@@ -64,8 +64,9 @@ def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int
         label = info = None
         if entry.label:
             label = open_volume(entry.label)
+            counts = validate_labels(label, n_classes, raw=raw)  # shape, dtype, values first
             info = read_info(entry.label, n_classes)
-            validate_labels(label, n_classes, raw=raw, info=info)
+            check_not_present(info, counts, str(label.spec))
         else:
             info = np.zeros((2, n_classes), dtype=np.uint8)
         check_patch_fits(patch_shape, raw.shape, str(raw.spec))

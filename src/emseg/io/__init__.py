@@ -14,6 +14,7 @@ from emseg.io._volume import (
     replace_output,
 )
 from emseg.io._validate import (
+    check_not_present,
     check_patch_fits,
     check_raw,
     read_info,
@@ -24,6 +25,7 @@ __all__ = [
     "Volume",
     "VolumeSpec",
     "auto_chunks",
+    "check_not_present",
     "check_patch_fits",
     "check_raw",
     "create_volume",

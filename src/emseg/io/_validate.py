@@ -93,14 +93,19 @@ def validate_labels(
             )
         counts += np.bincount(block[block >= 0].ravel(), minlength=n_classes)[:n_classes]
     if info is not None:
-        clash = np.flatnonzero((info[1] == 1) & (counts > 0))
-        if clash.size:
-            k = int(clash[0])
-            raise InputError(
-                f"class {k} is marked not present in info but occurs in the labels ({counts[k]} voxels)",
-                source=src,
-            )
+        check_not_present(info, counts, src)
     return counts
+
+
+def check_not_present(info: np.ndarray, counts: np.ndarray, source: str) -> None:
+    """A class flagged not present in ``info`` must have no voxels (``counts`` per class)."""
+    clash = np.flatnonzero((info[1] == 1) & (counts > 0))
+    if clash.size:
+        k = int(clash[0])
+        raise InputError(
+            f"class {k} is marked not present in info but occurs in the labels ({counts[k]} voxels)",
+            source=source,
+        )
 
 
 def check_patch_fits(patch_shape: Sequence[int], volume_shape: Sequence[int], source: str) -> None:
