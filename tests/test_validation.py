@@ -209,8 +209,9 @@ def test_label_extremes_are_accepted(tmp_path):
 
 def test_not_present_class_absent_from_labels_is_fine(tmp_path):
     raw, label = _good()
+    label = label.astype(np.int8)
     label[label == 1] = -1
-    write_h5(tmp_path / "c.h5", raw=raw, label=label.astype(np.int8),
+    write_h5(tmp_path / "c.h5", raw=raw, label=label,
              info=np.array([[1, 0, 1], [0, 1, 0]], np.uint8))
     cubes = open_cubes([CubeConfig(f"{tmp_path}/c.h5:raw", f"{tmp_path}/c.h5:label")], N_CLASSES, PATCH)
     np.testing.assert_array_equal(cubes[0].info, [[1, 0, 1], [0, 1, 0]])

@@ -21,6 +21,8 @@ class CubeConfig:
     raw: str
     label: str | None = None
     prio: float | None = None
+    #: Optional box [[start, stop], ...] per leading axis (e.g. [[0, 15]] = sections 0-14).
+    region: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,13 @@ def _cube(entry: Any, base: Path, where: str) -> CubeConfig:
         path = parsed.path if parsed.path.is_absolute() else base / parsed.path
         return str(dataclasses.replace(parsed, path=path))
 
-    return CubeConfig(resolve(cube.raw), resolve(cube.label), cube.prio)
+    region = None
+    if cube.region is not None:
+        try:
+            region = tuple((int(a), int(b)) for a, b in cube.region)
+        except (TypeError, ValueError):
+            raise InputError(f"[{where}] region must be a list of [start, stop] pairs, got {cube.region!r}") from None
+    return CubeConfig(resolve(cube.raw), resolve(cube.label), cube.prio, region)
 
 
 def config_from_dict(

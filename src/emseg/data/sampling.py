@@ -7,7 +7,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io import check_not_present, check_patch_fits, check_raw, open_volume, read_info, validate_labels
+from emseg.io import (
+    VolumeRegion,
+    check_not_present,
+    check_patch_fits,
+    check_raw,
+    open_volume,
+    read_info,
+    validate_labels,
+)
 
 
 def to_float(block: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
@@ -50,6 +58,10 @@ class Cube:
         return bool(np.any(self.info[1]))
 
 
+def _view(volume, region):
+    return volume if region is None else VolumeRegion(volume, region, str(volume.spec))
+
+
 def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int]) -> list[Cube]:
     """Open and validate the cubes of a config (objects with ``raw``, ``label`` and ``prio``).
 
@@ -59,11 +71,11 @@ def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int
     """
     cubes = []
     for entry in entries:
-        raw = open_volume(entry.raw)
+        raw = _view(open_volume(entry.raw), getattr(entry, "region", None))
         check_raw(raw)
         label = info = None
         if entry.label:
-            label = open_volume(entry.label)
+            label = _view(open_volume(entry.label), getattr(entry, "region", None))
             counts = validate_labels(label, n_classes, raw=raw)  # shape, dtype, values first
             info = read_info(entry.label, n_classes)
             check_not_present(info, counts, str(label.spec))

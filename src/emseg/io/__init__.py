@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from emseg.io._volume import (
     Volume,
+    VolumeRegion,
     VolumeSpec,
     auto_chunks,
     create_volume,
@@ -23,6 +24,7 @@ from emseg.io._validate import (
 
 __all__ = [
     "Volume",
+    "VolumeRegion",
     "VolumeSpec",
     "auto_chunks",
     "check_not_present",

@@ -132,6 +132,63 @@ class Volume:
         return f"Volume({str(self.spec)!r}, shape={self.shape}, dtype={self.dtype})"
 
 
+class VolumeRegion:
+    """A box inside a volume, sliced like a volume of the box's shape (reads stay lazy).
+
+    ``region`` gives (start, stop) per leading axis; missing axes are taken whole.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> view = VolumeRegion(np.arange(20).reshape(4, 5), [(1, 3)])
+    >>> view.shape, view[0, :2].tolist()
+    ((2, 5), [5, 6])
+    """
+
+    def __init__(self, volume: Any, region: Iterable[Iterable[int]], source: str = ""):
+        full = tuple(int(s) for s in volume.shape)
+        box = [tuple(int(v) for v in r) for r in region]
+        if len(box) > len(full):
+            raise InputError(f"region has {len(box)} axes, the volume {len(full)}", source=source)
+        box += [(0, s) for s in full[len(box):]]
+        for (a, b), s in zip(box, full):
+            if not 0 <= a < b <= s:
+                raise InputError(f"region {box} does not fit the volume shape {full}", source=source)
+        self.volume = volume
+        self.box = tuple(box)
+        self.spec = getattr(volume, "spec", source)
+        self.dtype = np.dtype(volume.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.box)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.box)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (len(self.box) - len(index) + 1) + index[at + 1:]
+        index = index + (slice(None),) * (len(self.box) - len(index))
+        mapped = []
+        for i, (a, b) in zip(index, self.box):
+            if isinstance(i, slice):
+                start, stop, step = i.indices(b - a)
+                mapped.append(slice(a + start, a + stop, step))
+            else:
+                i = int(i)
+                mapped.append(a + (i if i >= 0 else (b - a) + i))
+        return np.asarray(self.volume[tuple(mapped)])
+
+    def close(self) -> None:
+        if hasattr(self.volume, "close"):
+            self.volume.close()
+
+
 def _h5_keys(group: h5py.Group) -> list[str]:
     names: list[str] = []
     group.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)

@@ -1,0 +1,434 @@
+"""Training of label-conditioned models (and of the multi-channel baseline) with the shared loop.
+
+:class:`LCSTask` plugs into :func:`emseg.training.run_training`. Each patch of a batch gets one
+class drawn uniformly from ``[lcs] classes`` (among the classes annotated in its cube); with
+probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
+that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair.
+The loss (soft Dice, plus optional BCE) is computed on that one conditioned channel only.
+
+With ``baseline`` the same backbone gets K+1 output channels (background + the classes, in the
+order of ``classes``), no conditioning, and the lazy-label NLL (plus optional soft Dice).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emseg.checkpoint import load_checkpoint
+from emseg.config import TrainConfig, load_config
+from emseg.data import Augmenter, PatchSampler, open_cubes
+from emseg.errors import InputError
+from emseg.inference import default_block_shape, plan_blocks, predict_block
+from emseg.io import parse_spec
+from emseg.lcs.atlas import Atlas, load_atlas
+from emseg.lcs.predict import DiceAccumulator, LabelPredictor
+from emseg.losses import lazy_nll, soft_dice_loss
+from emseg.training import TrainResult, run_training
+
+DICE_MODES = ("batch", "sample")
+
+
+@dataclass(frozen=True)
+class LCSConfig:
+    """The ``[lcs]`` table of a training config.
+
+    Attributes
+    ----------
+    classes : tuple of int
+        Classes the model learns (values 1..n_classes-1); default all foreground classes.
+    atlas_raw, atlas_label : str or None
+        Atlas image and label volumes (required unless ``baseline``); relative paths are resolved
+        against the config file's folder.
+    atlas_offset : tuple of int or None
+        Corner of the patch-sized atlas crop in the atlas volume (volume axes); default: the
+        window on a half-patch grid that contains the most classes, then the most voxels of the
+        rarest one, nearest to the centre.
+    merge_prob : float
+        Probability that a second class is merged into a sample's target and atlas mask.
+    bce_weight : float
+        Weight of a binary cross-entropy term added to the soft Dice loss.
+    dice : {"batch", "sample"}
+        Soft Dice pooled over the whole batch (default: patches without the class still push
+        their false positives down) or averaged per patch.
+    baseline : bool
+        Train the multi-channel baseline instead (``emseg lcs train --baseline``).
+    baseline_dice_weight : float
+        Baseline only: weight of the mean soft Dice of the foreground channels added to the NLL.
+    """
+
+    classes: tuple[int, ...] = ()
+    atlas_raw: str | None = None
+    atlas_label: str | None = None
+    atlas_offset: tuple[int, ...] | None = None
+    merge_prob: float = 0.5
+    bce_weight: float = 0.0
+    dice: str = "batch"
+    baseline: bool = False
+    baseline_dice_weight: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["classes"] = [int(c) for c in self.classes]
+        out["atlas_offset"] = None if self.atlas_offset is None else [int(o) for o in self.atlas_offset]
+        return out
+
+
+def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: str | Path = ".",
+                         baseline: bool | None = None, source: str = "[lcs]") -> LCSConfig:
+    """Build and check an :class:`LCSConfig` from the ``[lcs]`` table (a mapping).
+
+    Examples
+    --------
+    >>> lcs_config_from_dict({"classes": [1, 2], "atlas_raw": "a.h5:raw", "atlas_label": "a.h5:label"},
+    ...                      n_classes=3).classes
+    (1, 2)
+    """
+    data = dict(data)
+    names = {f.name for f in dataclasses.fields(LCSConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in [lcs] (known: {', '.join(sorted(names))})",
+                         source=source)
+    if baseline is not None:
+        data["baseline"] = bool(baseline)
+    base = Path(base_dir)
+    for key in ("atlas_raw", "atlas_label"):
+        if data.get(key) is not None:
+            spec = parse_spec(str(data[key]))
+            path = spec.path if spec.path.is_absolute() else base / spec.path
+            data[key] = str(dataclasses.replace(spec, path=path))
+    try:
+        classes = data.get("classes")
+        data["classes"] = (tuple(range(1, n_classes)) if classes is None
+                           else tuple(_as_int(c, "classes") for c in classes))
+        if data.get("atlas_offset") is not None:
+            data["atlas_offset"] = tuple(_as_int(o, "atlas_offset") for o in data["atlas_offset"])
+        for key in ("merge_prob", "bce_weight", "baseline_dice_weight"):
+            if key in data:
+                data[key] = float(data[key])
+        config = LCSConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"[lcs]: {exc}".splitlines()[0], source=source) from None
+    check_lcs_config(config, n_classes, source=source)
+    return config
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{key} must hold integers, got {value!r}")
+    return int(value)
+
+
+def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]") -> None:
+    """Consistency checks of an :class:`LCSConfig` against ``n_classes``."""
+    if not config.classes:
+        raise InputError("[lcs] classes is empty (need at least one class)", source=source)
+    bad = [c for c in config.classes if not 1 <= c < n_classes]
+    if bad:
+        raise InputError(f"[lcs] classes must lie in 1..{n_classes - 1} (n_classes={n_classes}), got {bad[0]}",
+                         source=source)
+    if len(set(config.classes)) != len(config.classes):
+        raise InputError(f"[lcs] classes has duplicates: {list(config.classes)}", source=source)
+    if not 0 <= config.merge_prob <= 1:
+        raise InputError(f"[lcs] merge_prob must be in [0, 1], got {config.merge_prob}", source=source)
+    if config.bce_weight < 0 or config.baseline_dice_weight < 0:
+        raise InputError("[lcs] bce_weight and baseline_dice_weight must be >= 0", source=source)
+    if config.dice not in DICE_MODES:
+        raise InputError(f"[lcs] dice must be 'batch' or 'sample', got {config.dice!r}", source=source)
+    if not config.baseline and (not config.atlas_raw or not config.atlas_label):
+        raise InputError("[lcs] needs atlas_raw and atlas_label (e.g. atlas_raw = \"f.h5:raw\")", source=source)
+
+
+def load_lcs_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
+                    baseline: bool | None = None) -> tuple[TrainConfig, LCSConfig]:
+    """Read a training config with an ``[lcs]`` table: ``(TrainConfig, LCSConfig)``.
+
+    Examples
+    --------
+    >>> config, lcs = load_lcs_config("lcs.toml", overrides={"steps": 100})  # doctest: +SKIP
+    """
+    config = load_config(path, overrides=overrides, sections=("lcs",))
+    table = config.sections.get("lcs", {})
+    return config, lcs_config_from_dict(table, n_classes=config.n_classes, base_dir=Path(path).parent,
+                                        baseline=baseline, source=str(path))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def draw_class_set(classes: Sequence[int], rng: np.random.Generator, merge_prob: float) -> tuple[int, ...]:
+    """One class drawn uniformly from ``classes``; with probability ``merge_prob`` a second, different one.
+
+    Examples
+    --------
+    >>> draw_class_set([1, 2, 3], np.random.default_rng(0), 0.0) in [(1,), (2,), (3,)]
+    True
+    """
+    if not len(classes):
+        return ()
+    first = int(classes[int(rng.integers(len(classes)))])
+    merge = rng.random() < merge_prob
+    if merge and len(classes) > 1:
+        others = [int(c) for c in classes if c != first]
+        return (first, others[int(rng.integers(len(others)))])
+    return (first,)
+
+
+def binary_target(label: np.ndarray, class_set: Sequence[int], *, known_absent: bool = False) -> np.ndarray:
+    """int64 target: 1 where ``label`` is in ``class_set``, 0 elsewhere, -1 where ``label`` is -1.
+
+    With ``known_absent`` (every class of the set is flagged not present in the cube) ignored voxels
+    become 0; an empty ``class_set`` (no annotated class to learn) gives all -1.
+
+    Examples
+    --------
+    >>> binary_target(np.array([0, 1, 2, -1]), (1, 2)).tolist()
+    [0, 1, 1, -1]
+    """
+    label = np.asarray(label)
+    if not len(class_set):
+        return np.full(label.shape, -1, dtype=np.int64)
+    target = np.isin(label, np.asarray(class_set, dtype=np.int64)).astype(np.int64)
+    if not known_absent:
+        target[label < 0] = -1
+    return target
+
+
+def channel_lut(classes: Sequence[int], n_classes: int) -> np.ndarray:
+    """Lookup ``lut[label + 1]`` -> baseline channel: -1 stays -1, ``classes[j]`` -> j + 1, others -> 0."""
+    lut = np.zeros(n_classes + 1, dtype=np.int64)
+    lut[0] = -1
+    for j, c in enumerate(classes):
+        lut[c + 1] = j + 1
+    return lut
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class LCSTask:
+    """A label-conditioned U-Net (or the multi-channel baseline) for :func:`run_training`.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    lcs : LCSConfig
+    atlas : Atlas, optional
+        Use this atlas instead of loading the one named in ``lcs`` (tests, benchmarks).
+    """
+
+    def __init__(self, config: TrainConfig, lcs: LCSConfig, *, atlas: Atlas | None = None):
+        self.config = config
+        self.lcs = lcs
+        self.baseline = lcs.baseline
+        self.name = "lcs_baseline" if lcs.baseline else "lcs"
+        self.classes = tuple(int(c) for c in lcs.classes)
+        self.ndim = config.model_ndim
+        self.squeeze = self.ndim == 2 and len(config.patch_shape) == 3
+        check_lcs_config(lcs, config.n_classes)
+        self.cubes = open_cubes(config.train, config.n_classes, config.patch_shape)
+        self.valid_cubes = open_cubes(config.valid, config.n_classes, config.patch_shape)
+        for cube in self.valid_cubes:
+            if cube.label is None:
+                raise InputError("validation cubes need labels", source=cube.name)
+        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=self.squeeze,
+                                    example_ignore_threshold=config.example_ignore_threshold)
+        a = config.augment
+        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
+                                   a.elastic_alpha, a.elastic_sigma)
+        if self.baseline:
+            self.atlas = None
+        elif atlas is not None:
+            missing = [c for c in self.classes if c not in atlas.present]
+            if missing:
+                raise InputError(f"class(es) {missing} do not occur in the atlas patch")
+            self.atlas = atlas
+        else:
+            self.atlas = load_atlas(lcs.atlas_raw, lcs.atlas_label, config.patch_shape, offset=lcs.atlas_offset,
+                                    classes=self.classes, squeeze=self.squeeze)
+        if self.atlas is not None and self.atlas.patch_shape != tuple(config.patch_shape):
+            raise InputError(f"atlas patch {self.atlas.patch_shape} differs from patch_shape "
+                             f"{tuple(config.patch_shape)}")
+        self.lut = channel_lut(self.classes, config.n_classes)
+        self.metric_columns = ("valid_score",) + tuple(f"valid_dice_{c}" for c in self.classes)
+
+    # -- what run_training asks for
+    def model_config(self) -> dict[str, Any]:
+        m = self.config.model
+        return dict(ndim=self.ndim, in_channels=1, out_channels=len(self.classes) + 1 if self.baseline else 1,
+                    depth=m.depth, base_width=m.base_width, norm=m.norm, dropout=m.dropout,
+                    anisotropic_levels=m.anisotropic_levels, cond_channels=0 if self.baseline else 2)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        data = self.sampler.batch(self.config.batch_size, rng, self.augmenter)
+        if self.baseline:
+            return self._baseline_batch(data)
+        out = self.conditioned_batch(data, rng)
+        return {k: torch.from_numpy(out[k]) for k in ("raw", "target", "cond")}
+
+    def conditioned_batch(self, data: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Turn a sampler batch into (raw, binary target, condition) with one class set per patch."""
+        targets, sets = [], []
+        for b in range(data["raw"].shape[0]):
+            allowed = [c for c in self.classes if data["labeled"][b, c] > 0]
+            chosen = draw_class_set(allowed, rng, self.lcs.merge_prob)
+            absent = bool(chosen) and all(data["not_present"][b, c] > 0 for c in chosen)
+            targets.append(binary_target(data["target"][b], chosen, known_absent=absent))
+            sets.append(chosen)
+        return {"raw": data["raw"], "target": np.stack(targets), "cond": self.atlas.condition(sets),
+                "classes": np.array([[s[0], s[1] if len(s) > 1 else 0] if s else [0, 0] for s in sets])}
+
+    def _baseline_batch(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        target = self.lut[data["target"] + 1]
+        k = len(self.classes)
+        labeled = np.zeros((target.shape[0], k + 1), dtype=np.float32)
+        absent = np.zeros_like(labeled)
+        rest = [c for c in range(self.config.n_classes) if c not in self.classes]
+        labeled[:, 0] = np.all(data["labeled"][:, rest] > 0, axis=1)
+        absent[:, 0] = np.all(data["not_present"][:, rest] > 0, axis=1)
+        for j, c in enumerate(self.classes):
+            labeled[:, j + 1] = data["labeled"][:, c]
+            absent[:, j + 1] = data["not_present"][:, c]
+        return {"raw": torch.from_numpy(data["raw"]), "target": torch.from_numpy(target),
+                "labeled": torch.from_numpy(labeled), "not_present": torch.from_numpy(absent)}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.baseline:
+            logits = model(batch["raw"]).float()
+            loss = lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"])
+            if self.lcs.baseline_dice_weight:
+                probs = torch.softmax(logits, dim=1)
+                dice = [soft_dice_loss(probs[:, j], _channel_target(batch["target"], j),
+                                       per_sample=self.lcs.dice == "sample")
+                        for j in range(1, probs.shape[1])]
+                loss = loss + self.lcs.baseline_dice_weight * torch.stack(dice).mean()
+            return loss
+        logits = model(batch["raw"], batch["cond"]).float()
+        return conditioned_loss(logits, batch["target"], bce_weight=self.lcs.bce_weight,
+                                per_sample=self.lcs.dice == "sample")
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None:
+        if not self.valid_cubes:
+            return None
+        return evaluate_lcs(model, self.valid_cubes, self.config.patch_shape, self.classes, device,
+                            atlas=self.atlas)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpoint entries beyond the network: the ``[lcs]`` settings and the atlas."""
+        state: dict[str, Any] = {"lcs": dict(self.lcs.to_dict(), classes=list(self.classes),
+                                             patch_shape=[int(p) for p in self.config.patch_shape],
+                                             n_classes=int(self.config.n_classes))}
+        if self.atlas is not None:
+            state.update(self.atlas.to_state())
+        return state
+
+    def close(self) -> None:
+        for cube in self.cubes + self.valid_cubes:
+            for vol in (cube.raw, cube.label):
+                if hasattr(vol, "close"):
+                    vol.close()
+
+
+def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
+    out = (target == channel).long()
+    return torch.where(target < 0, torch.full_like(out, -1), out)
+
+
+def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 0.0,
+                     per_sample: bool = False) -> torch.Tensor:
+    """Soft Dice of ``sigmoid(logits)`` (B, 1, *P) against a {-1, 0, 1} target, plus weighted BCE.
+
+    Examples
+    --------
+    >>> t = torch.tensor([[[1, 0], [0, -1]]])
+    >>> float(conditioned_loss(torch.full((1, 1, 2, 2), 9.0), t)) > 0.3
+    True
+    """
+    probs = torch.sigmoid(logits)
+    loss = soft_dice_loss(probs, target, per_sample=per_sample)
+    if bce_weight:
+        t = target.to(logits.dtype)
+        mask = (target >= 0).to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0], t.clamp(min=0), weight=mask, reduction="sum")
+        loss = loss + bce_weight * bce / mask.sum().clamp(min=1.0)
+    return loss
+
+
+def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | None = None,
+                 overlap: float = 0.25) -> dict[str, float]:
+    """Per-class Dice of the merged label map on labelled cubes (sliding window, all classes at once).
+
+    ``valid_score`` is the mean Dice over the classes (NaN ones skipped).
+    """
+    model.eval()
+    predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, overlap=overlap, device=device)
+    acc = DiceAccumulator(classes)
+    for cube in cubes:
+        shape = cube.shape
+        blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
+                             [p // 2 for p in patch_shape])
+        for block in blocks:
+            probs = predict_block(predictor.window, cube.raw, block, raw_dtype=cube.raw_dtype)
+            acc.update(predictor.merge(probs), np.asarray(cube.label[block.inner]))
+    dice = acc.dice()
+    finite = [d for d in dice.values() if math.isfinite(d)]
+    out = {"valid_score": float(np.mean(finite)) if finite else float("nan")}
+    out.update({f"valid_dice_{c}": d for c, d in dice.items()})
+    return out
+
+
+def train_lcs(
+    config: TrainConfig,
+    lcs: LCSConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    atlas: Atlas | None = None,
+) -> TrainResult:
+    """Train a label-conditioned U-Net, or the baseline with ``lcs.baseline`` (``emseg lcs train``).
+
+    Checkpoints hold, besides what ``emseg train`` stores, ``lcs`` (the settings and classes) and,
+    for conditioned models, ``atlas_image``/``atlas_label`` tensors with ``atlas`` metadata.
+
+    Examples
+    --------
+    >>> config, lcs = load_lcs_config("lcs.toml")  # doctest: +SKIP
+    >>> result = train_lcs(config, lcs, "runs/lcs")  # doctest: +SKIP
+    """
+    task = LCSTask(config, lcs, atlas=atlas)
+    try:
+        if resume:
+            _check_resume(task, Path(out_dir) / "last.pt")
+        return run_training(task, config, out_dir, device=device, seed=seed, resume=resume, progress=progress,
+                            stop_after=stop_after, extra_state=task.extra_state)
+    finally:
+        task.close()
+
+
+def _check_resume(task: LCSTask, last: Path) -> None:
+    if not last.exists():
+        return  # run_training reports it
+    state = load_checkpoint(last)
+    old = state.get("lcs")
+    new = task.extra_state()
+    if old is None or state.get("task") != task.name:
+        raise InputError(f"last.pt was not written by this kind of training ({task.name})", source=str(last))
+    if list(old["classes"]) != list(task.classes):
+        raise InputError(f"last.pt was trained on classes {old['classes']}, config has {list(task.classes)}",
+                         source=str(last))
+    if task.atlas is not None:
+        meta = state.get("atlas") or {}
+        if (meta.get("image_sha256"), meta.get("label_sha256")) != (
+                new["atlas"]["image_sha256"], new["atlas"]["label_sha256"]):
+            raise InputError("last.pt was trained with another atlas", source=str(last))
