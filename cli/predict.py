@@ -19,24 +19,38 @@ from emseg.predict import PredictConfig, predict_file
 @click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default="probabilities",
               help="Write class probabilities (C,*S) float32 or argmax labels uint8.")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
+@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+              help="Run the blocks on dask.distributed: 'local' starts --workers processes here, an address "
+                   "uses a running scheduler. Needs a zarr OUTPUT; implies --resume.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
+@click.option("--resume", is_flag=True,
+              help="Write OUTPUT.partial (zarr) and, on a rerun, compute only the blocks not yet done.")
+@click.option("--retries", type=click.IntRange(min=0), default=2,
+              help="Extra attempts of a failing block before giving up.")
 @common_options
 @device_seed_options
-def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, block):
+def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, block, scheduler,
+            workers, resume, retries):
     """Predict INPUT with the checkpoint MODEL and write OUTPUT, block by block.
 
     Memory is bounded by the block, not the volume. OUTPUT is written under a temporary name and
-    renamed when complete.
+    renamed when complete. With --scheduler or --resume, a crashed run rerun with the same command
+    computes only the missing blocks (see docs/scaling.md).
 
     \b
     Example:
       emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --output-type probabilities
+      emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --scheduler local --workers 4
     """
     app = state()
     cfg = PredictConfig(model=model, input=input_spec, output=output_spec, patch_shape=parse_shape(patch),
                         overlap=overlap, blend=blend, batch_size=batch_size, output_type=output_type,
-                        block_shape=parse_shape(block, "--block"), device=app.device)
+                        block_shape=parse_shape(block, "--block"), device=app.device, scheduler=scheduler,
+                        workers=workers, resume=resume, retries=retries)
     with progress_bar("predict") as update:
         result = predict_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(
         f"wrote {result.output} {tuple(result.shape)} ({result.stats.voxels_per_s:,.0f} voxels/s, "
-        f"{result.stats.blocks} blocks)"))
+        f"{result.stats.blocks} blocks" + (f", {result.blocks_skipped} already done"
+                                           if result.blocks_skipped else "") + ")"))

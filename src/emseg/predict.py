@@ -34,6 +34,13 @@ class PredictConfig:
     output_type: str = "probabilities"
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
+    #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
+    #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.distributed`).
+    scheduler: str | None = None
+    workers: int | None = None
+    #: Write into a fixed ``.partial`` zarr and skip the blocks already done (always on with a scheduler).
+    resume: bool = False
+    retries: int = 2
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,20 @@ class PredictResult:
     patch_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     stats: PredictStats
+    #: Blocks computed in this call and blocks found already done (resumable runs only).
+    blocks_computed: int | None = None
+    blocks_skipped: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "output": self.output, "shape": list(self.shape), "n_classes": self.n_classes,
             "patch_shape": list(self.patch_shape), "block_shape": list(self.block_shape),
             "voxels": self.stats.voxels, "blocks": self.stats.blocks,
             "seconds": round(self.stats.seconds, 3), "voxels_per_s": round(self.stats.voxels_per_s, 1),
         }
+        if self.blocks_computed is not None:
+            out.update(blocks_computed=self.blocks_computed, blocks_skipped=self.blocks_skipped)
+        return out
 
 
 def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
@@ -76,12 +89,22 @@ def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Predict
                          amp=device.type == "cuda")
 
 
-def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None) -> PredictResult:
+def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
+                 client: Any = None) -> PredictResult:
     """Sliding-window prediction of ``config.input`` into ``config.output``, block by block.
 
     The output is written under a temporary name and renamed when complete. Probabilities are
-    stored channel-first (C, *S) as float32; labels as uint8 argmax.
+    stored channel-first (C, *S) as float32; labels as uint8 argmax. With ``config.scheduler``
+    (or ``client``, an open dask.distributed client) the blocks run on a dask cluster, and with
+    ``config.resume`` (implied by a cluster) finished blocks survive a crash: see
+    :func:`emseg.distributed.predict_resumable`.
     """
+    if config.workers is not None and config.scheduler != "local" and client is None:
+        raise InputError("--workers applies to --scheduler local only")
+    if config.scheduler is not None or config.resume or client is not None:
+        from emseg.distributed import predict_resumable
+
+        return predict_resumable(config, progress=progress, client=client)
     device = resolve_device(config.device)
     model, state = load_model(config.model, device)
     if state["model_config"].get("cond_channels"):

@@ -26,6 +26,7 @@ from emseg.checkpoint import load_checkpoint, save_checkpoint
 from emseg.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, PatchSampler, open_cubes
 from emseg.device import resolve_device, seed_everything
+from emseg.distributed import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
 from emseg.losses import lazy_nll
@@ -242,15 +243,25 @@ def run_training(
 
     ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
     check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
+
+    Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each process trains a
+    DistributedDataParallel replica on its own batches (``config.batch_size`` each, drawn with
+    seed ``seed + RANK``); losses are averaged over processes, rank 0 validates and writes
+    ``metrics.csv`` and checkpoints, which hold every rank's random state (``rng_ranks``) so a
+    resume with the same N continues exactly. A task may set ``find_unused_parameters = True``.
     """
+    pg = ProcessGroup.from_env()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    rng = seed_everything(seed)
+    dev = pg.place(resolve_device(device))
+    if not pg.is_main:
+        progress = None
+    rng = seed_everything(seed + pg.rank)
     model_config = task.model_config()
     model = build_model(model_config)
     check_divisible(config.patch_shape, model.divisor)
     model.to(dev)
+    net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     last_path, best_path = out / "last.pt", out / "best.pt"
     step, best, elapsed0 = 0, None, 0.0
@@ -263,23 +274,28 @@ def run_training(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
-        _restore_rng(rng, state["rng"])
+        _restore_rng(rng, pg.rng_state(state, str(last_path)))
     elif last_path.exists():
         raise InputError("already holds a training run (last.pt): pass --resume to continue it or choose "
                          "another --out", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
-                     resume_step=step if resume else None)
+                     resume_step=step if resume else None) if pg.is_main else None
     amp = config.amp and dev.type == "cuda"
     total = config.steps
     result = TrainResult(out, start_step=step, final_step=step, best_metric=best)
     plain_config = config.to_dict()
 
     def checkpoint(path: Path) -> None:
+        rng_ranks = pg.gather(_rng_state(rng)) if pg.active else None
+        if not pg.is_main:
+            return
         state = {
             "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
             "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
             "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
         }
+        if pg.active:
+            state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
         if extra_state is not None:
             state.update(extra_state())
         save_checkpoint(path, state)
@@ -290,10 +306,10 @@ def run_training(
     window_patches = 0
     with _StopFlag() as flag:
         while step < total:
-            if flag.stop or (stop_after is not None and step - result.start_step >= stop_after):
+            if pg.any(flag.stop or (stop_after is not None and step - result.start_step >= stop_after)):
                 result.interrupted = True
                 break
-            if config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds:
+            if pg.any(config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds):
                 result.budget_exhausted = True
                 break
             lr = learning_rate(config.optim, step, total)
@@ -302,22 +318,22 @@ def run_training(
             batch = {k: v.to(dev, non_blocking=True) for k, v in task.batch(rng).items()}
             model.train()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = task.loss(model, batch)
-            value = float(loss.detach())
+                loss = task.loss(net, batch)
+            value = pg.mean(float(loss.detach()))
             if not math.isfinite(value):
                 raise TrainingDiverged(step + 1, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            n = int(next(iter(batch.values())).shape[0])
+            n = int(next(iter(batch.values())).shape[0]) * pg.world_size
             result.losses.append(value)
             result.patches += n
             window_losses.append(value)
             window_patches += n
             valid = None
             if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
-                valid = task.validate(model, dev)
+                valid = pg.broadcast(task.validate(model, dev) if pg.is_main else None)
                 if valid is not None:
                     result.last_valid = valid
                     score = valid.get("valid_score")
@@ -331,7 +347,8 @@ def run_training(
                 row = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr, "patches_per_s": rate,
                        "elapsed_s": elapsed0 + now - t0}
                 row.update(valid or {})
-                log.write(row)
+                if log is not None:
+                    log.write(row)
                 window_losses, window_patches, window_t = [], 0, now
             if step % config.checkpoint_every == 0 or step == total:
                 checkpoint(last_path)
@@ -339,15 +356,16 @@ def run_training(
                 progress({"step": step, "total": total, "loss": value, "lr": lr,
                           "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
                           "valid": valid})
-    if result.interrupted or result.budget_exhausted or (step == total and not last_path.exists()):
+    if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
         checkpoint(last_path)
-    if not best_path.exists() and not task_has_validation(task):
+    if pg.is_main and not best_path.exists() and not task_has_validation(task):
         # Without validation the newest weights are the best we know of.
         import shutil
         shutil.copyfile(last_path, best_path)
     result.final_step = step
     result.best_metric = best
     result.seconds = time.perf_counter() - t0
+    pg.barrier()  # rank 0's checkpoints are complete when any rank returns
     return result
 
 

@@ -368,7 +368,8 @@ def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | N
     ``valid_score`` is the mean Dice over the classes (NaN ones skipped).
     """
     model.eval()
-    predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, overlap=overlap, device=device)
+    predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, classes=classes, overlap=overlap,
+                               device=device)
     acc = DiceAccumulator(classes)
     for cube in cubes:
         shape = cube.shape

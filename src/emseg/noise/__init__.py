@@ -20,16 +20,20 @@ from emseg.noise.synthesis import (
     skeleton,
 )
 from emseg.noise.transition import (
+    TransitionCounter,
     TransitionMatrix,
     flip_matrix,
     noise_report,
     random_label_matrix,
+    report_from_counts,
+    transition_from_counts,
     transition_matrix,
 )
 
 __all__ = [
     "HALO_MODES",
     "SKELETON_HALO_MARGIN",
+    "TransitionCounter",
     "TransitionMatrix",
     "block_rng",
     "dilate",
@@ -39,9 +43,12 @@ __all__ = [
     "noise_report",
     "random_label_matrix",
     "random_labels",
+    "report_from_counts",
     "required_halo",
     "sample",
     "shift",
     "skeleton",
+    "transition_from_counts",
     "transition_matrix",
 ]
+from emseg.noise.igtt import IGTTConfig, igtt  # noqa: E402

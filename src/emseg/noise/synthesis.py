@@ -516,7 +516,11 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     out = np.zeros_like(arr)
     if arr.dtype.kind == "i":
         out[arr < 0] = -1
-    fg = np.where(arr > 0, arr, 0).astype(np.intp, copy=False)
+    # foreground ids in the input's own integer type (no int64 copy of the volume)
+    if arr.dtype.kind == "b":
+        fg = arr.view(np.uint8)
+    else:
+        fg = np.maximum(arr, 0) if arr.dtype.kind == "i" else arr
     for k, box in enumerate(ndi.find_objects(fg), start=1):
         if box is None:
             continue

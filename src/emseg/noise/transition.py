@@ -7,7 +7,9 @@ clean labels (RCL) keep a full-rank ``Q``, while random labels (RL) have identic
 rows and rank 1.
 
 :func:`transition_matrix` estimates ``Q`` from a clean / noisy pair;
-:func:`flip_matrix` and :func:`random_label_matrix` give the population matrices
+:func:`transition_from_counts` and :func:`report_from_counts` build the same results from
+joint voxel counts, which :class:`TransitionCounter` accumulates block by block for
+volumes that do not fit in memory; :func:`flip_matrix` and :func:`random_label_matrix` give the population matrices
 of the synthesis processes in :mod:`emseg.noise.synthesis`.
 """
 
@@ -23,10 +25,13 @@ from numpy.typing import ArrayLike
 from emseg.noise.synthesis import _as_labels, _check_fraction, _check_int
 
 __all__ = [
+    "TransitionCounter",
     "TransitionMatrix",
     "flip_matrix",
     "noise_report",
     "random_label_matrix",
+    "report_from_counts",
+    "transition_from_counts",
     "transition_matrix",
 ]
 
@@ -127,16 +132,55 @@ def transition_matrix(
     [[0.5, 0.5], [0.0, 1.0]]
     """
     c, n, k = _pair(clean, noisy, n_classes)
+    _check_tol(tol)
+    return transition_from_counts(_joint_counts(c, n, k), tol=tol)
+
+
+def _check_tol(tol: Any) -> None:
     if tol is not None and (
         isinstance(tol, (bool, np.bool_)) or not isinstance(tol, Real) or not 0 <= tol < np.inf
     ):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    counts = _joint_counts(c, n, k)
-    matrix = _row_normalise(counts)
+
+
+def _check_counts(counts: ArrayLike, name: str = "counts") -> np.ndarray:
+    arr = np.asarray(counts)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 2:
+        raise ValueError(f"{name} must be a square (K, K) array with K >= 2, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" or (arr.size and int(arr.min()) < 0):
+        raise ValueError(f"{name} must hold non-negative integer voxel counts")
+    return arr.astype(np.int64)
+
+
+def transition_from_counts(counts: ArrayLike, *, tol: float | None = None) -> TransitionMatrix:
+    """Transition matrix from joint voxel counts ``counts[clean, noisy]``.
+
+    The result equals :func:`transition_matrix` on the voxels behind ``counts``,
+    which lets a volume be scanned block by block (see :class:`TransitionCounter`).
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (K, K)
+        ``counts[i, j]`` = voxels with clean label ``i`` and noisy label ``j``.
+    tol : float, optional
+        Singular-value threshold for the rank, as in :func:`transition_matrix`.
+
+    Returns
+    -------
+    TransitionMatrix
+
+    Examples
+    --------
+    >>> transition_from_counts([[3, 1], [0, 2]]).matrix.tolist()
+    [[0.75, 0.25], [0.0, 1.0]]
+    """
+    joint = _check_counts(counts)
+    _check_tol(tol)
+    matrix = _row_normalise(joint)
     rank = int(np.linalg.matrix_rank(matrix, tol=tol))
-    counts.setflags(write=False)
+    joint.setflags(write=False)
     matrix.setflags(write=False)
-    return TransitionMatrix(matrix=matrix, counts=counts, rank=rank)
+    return TransitionMatrix(matrix=matrix, counts=joint, rank=rank)
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -178,9 +222,42 @@ def noise_report(
     """
     c, n, k = _pair(clean, noisy, n_classes)
     counts = _joint_counts(c, n, k)
-    matrix = _row_normalise(counts)
     clean_counts = np.bincount(c[c >= 0].astype(np.int64), minlength=k)
+    return report_from_counts(counts, clean_counts)
+
+
+def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike) -> dict[str, Any]:
+    """:func:`noise_report` from accumulated counts.
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (K, K)
+        Joint counts ``counts[clean, noisy]`` over voxels labelled in both.
+    clean_counts : array_like of int, shape (K,)
+        Labelled voxels of each clean class, including those the noisy labels
+        ignore (so ``clean_counts >= counts.sum(axis=1)``).
+
+    Returns
+    -------
+    dict
+        The same keys and values as :func:`noise_report` on the voxels counted.
+
+    Examples
+    --------
+    >>> r = report_from_counts([[1, 1], [0, 1]], [2, 2])
+    >>> r["kept_fraction"], r["labelled_fraction"], r["agreement"]
+    ([0.5, 0.5], [1.0, 0.5], 0.6666666666666666)
+    """
+    counts = _check_counts(counts)
+    k = counts.shape[0]
+    clean_counts = np.asarray(clean_counts)
+    if clean_counts.shape != (k,) or clean_counts.dtype.kind not in "iu":
+        raise ValueError(f"clean_counts must be {k} integer counts, got shape {clean_counts.shape}")
+    clean_counts = clean_counts.astype(np.int64)
     labelled = counts.sum(axis=1)
+    if np.any(labelled > clean_counts):
+        raise ValueError("clean_counts must be >= the row sums of counts")
+    matrix = _row_normalise(counts)
     kept = np.diag(counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         kept_fraction = kept / clean_counts
@@ -274,3 +351,67 @@ def random_label_matrix(p: float, n_classes: int = 2) -> np.ndarray:
     row = np.full(k, frac / (k - 1))
     row[0] = 1.0 - frac
     return np.repeat(row[None, :], k, axis=0)
+
+
+class TransitionCounter:
+    """Accumulates clean / noisy voxel counts block by block.
+
+    ``update`` may be called with blocks of any shape; the number of classes grows
+    to the largest label seen (at least ``n_classes``). ``transition()`` and
+    ``report()`` then equal :func:`transition_matrix` and :func:`noise_report` on
+    all voxels passed, with memory independent of the volume size.
+
+    Parameters
+    ----------
+    n_classes : int >= 2, optional
+        Minimum number of classes (default 2).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> counter = TransitionCounter()
+    >>> counter.update(np.array([0, 0]), np.array([0, 1]))
+    >>> counter.update(np.array([1, 1]), np.array([1, -1]))
+    >>> counter.report()["kept_fraction"]
+    [0.5, 0.5]
+    """
+
+    def __init__(self, n_classes: int | None = None) -> None:
+        k = 2 if n_classes is None else _check_int(n_classes, "n_classes", minimum=2)
+        self.counts = np.zeros((k, k), dtype=np.int64)
+        self.clean_counts = np.zeros(k, dtype=np.int64)
+
+    @property
+    def n_classes(self) -> int:
+        """Current number of classes ``K``."""
+        return int(self.counts.shape[0])
+
+    def _grow(self, k: int) -> None:
+        if k <= self.n_classes:
+            return
+        counts = np.zeros((k, k), dtype=np.int64)
+        counts[: self.n_classes, : self.n_classes] = self.counts
+        clean_counts = np.zeros(k, dtype=np.int64)
+        clean_counts[: self.n_classes] = self.clean_counts
+        self.counts, self.clean_counts = counts, clean_counts
+
+    def update(self, clean: ArrayLike, noisy: ArrayLike) -> None:
+        """Add the voxels of one block (same shape; -1 = ignore)."""
+        c = _as_labels(clean, "clean", spatial=False)
+        n = _as_labels(noisy, "noisy", spatial=False)
+        if c.shape != n.shape:
+            raise ValueError(f"clean and noisy shapes differ: {c.shape} vs {n.shape}")
+        c, n = c.reshape(-1), n.reshape(-1)
+        top = max(int(c.max()) if c.size else 0, int(n.max()) if n.size else 0)
+        self._grow(top + 1)
+        k = self.n_classes
+        self.counts += _joint_counts(c, n, k)
+        self.clean_counts += np.bincount(c[c >= 0].astype(np.int64), minlength=k)
+
+    def transition(self, *, tol: float | None = None) -> TransitionMatrix:
+        """The :class:`TransitionMatrix` of the voxels seen so far."""
+        return transition_from_counts(self.counts, tol=tol)
+
+    def report(self) -> dict[str, Any]:
+        """The :func:`noise_report` dict of the voxels seen so far."""
+        return report_from_counts(self.counts, self.clean_counts)

@@ -1,0 +1,198 @@
+"""LCS vs the multi-channel baseline on the Drosophila VNC stack, and coarse-to-fine labels.
+
+Data: ``vnc_stack1.h5`` (20 x 1024 x 1024, classes 0 background, 1 mitochondria, 2 membrane,
+3 synapse, 4 glia). Sections 0-14 train, 15-19 test (a central crop of ``--test-crop`` pixels per
+side, the full sections with ``--test-crop 1024``). Everything derived is written under
+``--workdir`` (default a fresh folder in /tmp), nothing into the repository.
+
+1. LCS (classes 1-4) and the baseline (5 softmax outputs, lazy-label NLL) are trained with the
+   same backbone, patch, batch, steps and learning rate (equal budget), through ``train_lcs`` (the
+   core of ``emseg lcs train``); both are run through ``infer_file`` (``emseg lcs infer``) on the
+   test sections. Reported: per-class Dice of the merged label map (and of each label's own
+   binary map, p > 0.5).
+2. Coarse-to-fine: a second LCS model is trained with membrane (2) and glia (4) merged into one
+   class 2 (training labels and atlas labels both coarse). At inference it is conditioned on the
+   fine atlas labels (``--atlas-labels``: the original labels of the same atlas patch) to segment
+   membrane and glia separately. "Naive" Dice uses the coarse prediction (conditioned on the
+   coarse class 2) as the prediction of each fine class; "fine" Dice the prediction conditioned on
+   the fine atlas label. Binary maps at p > 0.5 throughout.
+
+The atlas is one 2D patch of the training sections chosen by ``emseg.lcs.choose_offset`` on the
+fine labels (most classes present, then the largest count of the rarest), shared by all models.
+
+Usage::
+
+    python benchmarks/lcs_vnc.py                                   # defaults: a few minutes on 2 cores
+    python benchmarks/lcs_vnc.py --steps 2000 --test-crop 1024     # a longer run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from emseg.config import config_from_dict
+from emseg.io import open_volume
+from emseg.lcs import InferConfig, choose_offset, infer_file, lcs_config_from_dict, train_lcs
+
+CLASSES = {1: "mitochondria", 2: "membrane", 3: "synapse", 4: "glia"}
+
+
+def data_dir() -> Path:
+    env = os.environ.get("EMSEG_DATA")
+    if env:
+        return Path(env) / "drosophila_vnc" if (Path(env) / "drosophila_vnc").exists() else Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared/data/drosophila_vnc"
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    denom = np.count_nonzero(pred) + np.count_nonzero(target)
+    return float(2 * np.count_nonzero(pred & target) / denom) if denom else float("nan")
+
+
+def prepare(src: Path, work: Path, test_crop: int) -> tuple[Path, Path]:
+    with h5py.File(src, "r") as fh:
+        raw, label = fh["raw"][...], fh["label"][...]
+    coarse = label.copy()
+    coarse[coarse == 4] = 2
+    train = work / "train.h5"
+    with h5py.File(train, "w") as fh:
+        fh["raw"], fh["label"], fh["label_coarse"] = raw[:15], label[:15], coarse[:15]
+    side = label.shape[-1]
+    a = (side - test_crop) // 2
+    test = work / "test.h5"
+    with h5py.File(test, "w") as fh:
+        fh["raw"] = raw[15:, a:a + test_crop, a:a + test_crop]
+        fh["label"] = label[15:, a:a + test_crop, a:a + test_crop]
+    return train, test
+
+
+def train_model(name: str, work: Path, train: Path, args, offset, *, classes, label_ds="label", baseline=False):
+    data = {
+        "n_classes": 5, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch, "steps": args.steps,
+        "log_every": 50, "checkpoint_every": args.steps, "valid_every": 10**9, "amp": False,
+        "train": [{"raw": f"{train}:raw", "label": f"{train}:{label_ds}"}],
+        "model": {"depth": args.depth, "base_width": args.width, "norm": "batch"},
+        "optim": {"lr": args.lr},
+        "augment": {"flip": True, "rotate90": True, "brightness": 0.1, "contrast": 0.1},
+    }
+    config = config_from_dict(data)
+    lcs = lcs_config_from_dict({"classes": classes, "atlas_raw": f"{train}:raw",
+                                "atlas_label": f"{train}:{label_ds}", "atlas_offset": list(offset),
+                                "merge_prob": args.merge_prob, "bce_weight": args.bce_weight},
+                               n_classes=5, baseline=baseline)
+    t0 = time.perf_counter()
+    result = train_lcs(config, lcs, work / name, device="cpu", seed=args.seed)
+    seconds = time.perf_counter() - t0
+    losses = result.losses
+    print(f"  {name:9s} {args.steps} steps in {seconds:6.1f} s, loss {np.mean(losses[:20]):.3f} -> "
+          f"{np.mean(losses[-20:]):.3f}", flush=True)
+    return work / name / "last.pt", seconds
+
+
+def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None) -> tuple[dict, np.ndarray, float]:
+    t0 = time.perf_counter()
+    result = infer_file(InferConfig(str(model), f"{test}:raw", str(out), labels=tuple(labels),
+                                    atlas_labels=atlas_labels, device="cpu", batch_size=4))
+    probs = {}
+    for l in labels:
+        with open_volume(result.arrays[f"prob_{l}"]) as vol:
+            probs[l] = vol[...]
+    with open_volume(result.arrays["labels"]) as vol:
+        merged = vol[...]
+    return probs, merged, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="Training steps per model (equal budget).")
+    parser.add_argument("--batch", type=int, default=4, help="Patches per step.")
+    parser.add_argument("--patch", type=int, default=128, help="2D patch side (also the atlas side).")
+    parser.add_argument("--depth", type=int, default=4, help="U-Net depth.")
+    parser.add_argument("--width", type=int, default=8, help="U-Net base width.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
+    parser.add_argument("--merge-prob", type=float, default=0.5, help="LCS merged-label probability.")
+    parser.add_argument("--bce-weight", type=float, default=0.0, help="LCS BCE weight added to soft Dice.")
+    parser.add_argument("--test-crop", type=int, default=512, help="Side of the central crop of test sections.")
+    parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="Folder for derived data and runs [default: new in /tmp].")
+    parser.add_argument("--json-out", default=None, help="Also write the figures as JSON here.")
+    args = parser.parse_args(argv)
+    src = data_dir() / "vnc_stack1.h5"
+    if not src.exists():
+        print(f"VNC data not found at {src} (set EMSEG_DATA)")
+        return 1
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lcs_vnc_"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    train, test = prepare(src, work, args.test_crop)
+    with h5py.File(train, "r") as fh:
+        offset = choose_offset(fh["label"][...], (1, args.patch, args.patch), list(CLASSES))
+        atlas_counts = np.bincount(fh["label"][offset[0], offset[1]:offset[1] + args.patch,
+                                               offset[2]:offset[2] + args.patch].ravel(), minlength=5)
+    with h5py.File(test, "r") as fh:
+        gt = fh["label"][...]
+    print(f"VNC: train sections 0-14, test sections 15-19 (central {args.test_crop}^2 crop, {gt.size} voxels); "
+          f"2D U-Net depth {args.depth} width {args.width}, patch {args.patch}^2, batch {args.batch}, "
+          f"{args.steps} steps, lr {args.lr}, {args.threads} threads")
+    print(f"atlas: section {offset[0]}, y {offset[1]}, x {offset[2]}; class voxel counts {atlas_counts.tolist()}")
+    report: dict = {"args": vars(args), "atlas_offset": list(offset), "atlas_counts": atlas_counts.tolist()}
+
+    print("training (equal budget):")
+    lcs_ckpt, t_lcs = train_model("lcs", work, train, args, offset, classes=list(CLASSES))
+    base_ckpt, t_base = train_model("baseline", work, train, args, offset, classes=list(CLASSES), baseline=True)
+    labels = list(CLASSES)
+    p_lcs, m_lcs, i_lcs = infer(lcs_ckpt, test, work / "pred_lcs.zarr", labels)
+    p_base, m_base, i_base = infer(base_ckpt, test, work / "pred_baseline.zarr", labels)
+    print(f"inference: LCS {i_lcs:.1f} s (4 conditioned passes per window), baseline {i_base:.1f} s")
+    rows = {}
+    print(f"{'class':14s} {'LCS merged':>11s} {'base merged':>12s} {'LCS p>0.5':>10s} {'base p>0.5':>11s}")
+    for c, name in CLASSES.items():
+        t = gt == c
+        row = {"lcs_merged": dice(m_lcs == c, t), "baseline_merged": dice(m_base == c, t),
+               "lcs_binary": dice(p_lcs[c] > 0.5, t), "baseline_binary": dice(p_base[c] > 0.5, t)}
+        rows[name] = row
+        print(f"{c} {name:12s} {row['lcs_merged']:11.3f} {row['baseline_merged']:12.3f} "
+              f"{row['lcs_binary']:10.3f} {row['baseline_binary']:11.3f}")
+    mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
+    print(f"{'mean':14s} {mean['lcs_merged']:11.3f} {mean['baseline_merged']:12.3f} "
+          f"{mean['lcs_binary']:10.3f} {mean['baseline_binary']:11.3f}")
+    report.update(per_class=rows, mean=mean, train_seconds={"lcs": t_lcs, "baseline": t_base},
+                  infer_seconds={"lcs": i_lcs, "baseline": i_base})
+
+    if not args.skip_coarse:
+        print("coarse-to-fine: trained with membrane (2) + glia (4) merged into class 2")
+        coarse_ckpt, t_coarse = train_model("coarse", work, train, args, offset, classes=[1, 2, 3],
+                                            label_ds="label_coarse")
+        p_coarse, _, _ = infer(coarse_ckpt, test, work / "pred_coarse.zarr", [1, 2, 3])
+        p_fine, _, _ = infer(coarse_ckpt, test, work / "pred_fine.zarr", [2, 4], atlas_labels=f"{train}:label")
+        coarse_pred = p_coarse[2] > 0.5
+        coarse_dice = dice(coarse_pred, (gt == 2) | (gt == 4))
+        fine = {}
+        print(f"  coarse class (membrane+glia) Dice {coarse_dice:.3f}")
+        print(f"  {'fine class':14s} {'naive Dice':>10s} {'fine Dice':>10s}")
+        for c in (2, 4):
+            t = gt == c
+            fine[CLASSES[c]] = {"naive": dice(coarse_pred, t), "fine": dice(p_fine[c] > 0.5, t)}
+            print(f"  {c} {CLASSES[c]:12s} {fine[CLASSES[c]]['naive']:10.3f} {fine[CLASSES[c]]['fine']:10.3f}")
+        report.update(coarse_dice=coarse_dice, coarse_to_fine=fine, train_seconds_coarse=t_coarse)
+    total = time.perf_counter() - t_all
+    print(f"total wall time {total:.0f} s; runs and predictions in {work}")
+    report["wall_seconds"] = total
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,731 @@
+"""Simulated active learning with the ground truth as oracle (``emseg query simulate``).
+
+The experiment of Roels & Saeys: a network is trained on ``initial`` random patches of a pool
+region, then, for each strategy, ``iterations`` times: score the unlabelled pool with the current
+network, take ``per_iteration`` new patches, reveal their ground truth, fine-tune from the
+previous weights, and measure Jaccard on a held-out test region. Every strategy starts from the
+same initial set and the same initial network (per seed).
+
+Training goes through :func:`emseg.training.run_training` with :class:`BoxTask`, a
+:class:`~emseg.training.SegmentationTask` whose cubes are the labelled boxes held in memory.
+Fine-tuning starts from a checkpoint holding the previous weights at step 0 (fresh optimiser),
+resumed by ``run_training``.
+
+Output folder layout::
+
+    DIR/config.json                       the configuration (checked when resuming)
+    DIR/curves.csv                        one row per (strategy, seed, iteration)
+    DIR/curves.png                        mean test Jaccard vs labelled patches (matplotlib)
+    DIR/runs/seed_S/initial/last.pt       initial network of seed S
+    DIR/runs/seed_S/initial.json          initial boxes and test scores
+    DIR/runs/seed_S/STRATEGY/state.json   boxes chosen per iteration and their rows
+    DIR/runs/seed_S/STRATEGY/iter_K/      fine-tuning run of iteration K (the newest is kept)
+
+Every state file is written atomically after each step, so an interrupted run continues where
+it stopped and completed rows are never recomputed.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import random
+import shutil
+import time
+import tomllib
+import uuid
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emseg.active.diversity import random_select
+from emseg.active.pool import CandidatePool, build_pool, score_pool, select
+from emseg.active.registry import get_strategy
+from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from emseg.config import TrainConfig, config_from_dict
+from emseg.data import Augmenter, Cube, PatchSampler
+from emseg.device import resolve_device
+from emseg.errors import InputError
+from emseg.io import open_volume, parse_spec
+from emseg.models import build_model
+from emseg.training import SegmentationTask, evaluate_cubes, run_training
+
+__all__ = [
+    "BoxTask",
+    "RegionSpec",
+    "SimulateConfig",
+    "SimulationResult",
+    "load_simulate_config",
+    "plot_curves",
+    "run_simulation",
+    "simulate_config_from_dict",
+    "summarise",
+]
+
+#: Keys of the simulate config besides the [pool], [test], [model], [optim] and [augment] tables.
+TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
+            "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
+            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold")
+#: Keys that only add or remove rows; they may change between runs into the same folder.
+GROWABLE = ("seeds", "strategies", "iterations")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class RegionSpec:
+    """A raw volume, its dense ground truth and the region used (half-open ``[start, stop)``
+    per leading axis; axes not listed are taken whole)."""
+
+    raw: str
+    label: str
+    region: tuple[tuple[int, int], ...] = ()
+
+    def slices(self, shape: Sequence[int]) -> tuple[slice, ...]:
+        if len(self.region) > len(shape):
+            raise InputError(f"region has {len(self.region)} axes, the volume {tuple(shape)} has {len(shape)}",
+                             source=self.raw)
+        out = []
+        for axis, size in enumerate(shape):
+            lo, hi = self.region[axis] if axis < len(self.region) else (0, size)
+            if not 0 <= lo < hi <= size:
+                raise InputError(f"region [{lo}, {hi}) is outside axis {axis} of size {size}", source=self.raw)
+            out.append(slice(lo, hi))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Configuration of a simulated active-learning experiment (see ``docs/query.md``).
+
+    ``train`` is a :class:`~emseg.config.TrainConfig` template carrying the model, optimiser,
+    augmentation, batch size and patch shape; its ``train`` cubes are empty (the labelled boxes
+    are the training data) and its ``steps``/``optim.lr`` are replaced per phase.
+    """
+
+    pool: RegionSpec
+    test: RegionSpec
+    n_classes: int
+    patch: tuple[int, ...]
+    train: TrainConfig
+    initial: int = 20
+    per_iteration: int = 20
+    iterations: int = 5
+    seeds: tuple[int, ...] = (0,)
+    strategies: tuple[str, ...] = ("random", "entropy")
+    steps_initial: int = 500
+    steps_finetune: int = 200
+    lr_finetune: float | None = None
+    mc_samples: int = 10
+    reduction: str = "mean"
+    candidates: int | None = None
+    score_batch_size: int = 8
+    label_map: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for ``config.json``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["pool"] = dataclasses.asdict(self.pool)
+        d["test"] = dataclasses.asdict(self.test)
+        d["train"] = self.train.to_dict()
+        return json.loads(json.dumps(d))
+
+    def replace(self, **changes: Any) -> SimulateConfig:
+        new = dataclasses.replace(self, **changes)
+        check_simulate_config(new)
+        return new
+
+
+def _region(entry: Any, base: Path, where: str) -> RegionSpec:
+    if not isinstance(entry, Mapping):
+        raise InputError(f"[{where}] must be a table with raw, label and optional region")
+    unknown = sorted(set(entry) - {"raw", "label", "region"})
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in [{where}] (known: label, raw, region)")
+    for key in ("raw", "label"):
+        if not isinstance(entry.get(key), str):
+            raise InputError(f"[{where}] needs '{key}' (a FILE.h5:DATASET or FILE.zarr/ARRAY spec)")
+
+    def resolve(spec: str) -> str:
+        parsed = parse_spec(spec)
+        path = parsed.path if parsed.path.is_absolute() else base / parsed.path
+        return str(dataclasses.replace(parsed, path=path))
+
+    region = []
+    for pair in entry.get("region", []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
+            raise InputError(f"[{where}] region must be a list of [start, stop] integer pairs, got {pair!r}")
+        region.append((int(pair[0]), int(pair[1])))
+    return RegionSpec(resolve(entry["raw"]), resolve(entry["label"]), tuple(region))
+
+
+def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path = ".",
+                              source: str = "config") -> SimulateConfig:
+    """Build and check a :class:`SimulateConfig` from a parsed TOML mapping.
+
+    Examples
+    --------
+    >>> cfg = simulate_config_from_dict({  # doctest: +SKIP
+    ...     "n_classes": 2, "patch": [1, 128, 128],
+    ...     "pool": {"raw": "a.h5:raw", "label": "a.h5:label", "region": [[0, 15]]},
+    ...     "test": {"raw": "a.h5:raw", "label": "a.h5:label", "region": [[15, 20]]}})
+    """
+    base = Path(base_dir)
+    data = dict(data)
+    try:
+        unknown = sorted(set(data) - set(TOP_KEYS) - {"pool", "test", "model", "optim", "augment"})
+        if unknown:
+            raise InputError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))}, "
+                             "[pool], [test], [model], [optim], [augment])")
+        for key in ("pool", "test", "n_classes", "patch"):
+            if key not in data:
+                raise InputError(f"missing required key '{key}'")
+        pool = _region(data.pop("pool"), base, "pool")
+        test = _region(data.pop("test"), base, "test")
+        patch = tuple(int(p) for p in data.pop("patch"))
+        train_dict: dict[str, Any] = {
+            "train": [{"raw": "unused.h5:raw"}], "n_classes": data["n_classes"], "patch_shape": list(patch),
+            "steps": data.get("steps_initial", 500), "valid_every": 1 << 30, "log_every": 50,
+            "checkpoint_every": 100,
+        }
+        for key in ("batch_size", "class_weights", "example_ignore_threshold"):
+            if key in data:
+                train_dict[key] = data.pop(key)
+        for key in ("model", "optim", "augment"):
+            if key in data:
+                train_dict[key] = data.pop(key)
+        template = config_from_dict(train_dict, base_dir=base, source=source).replace(train=())
+        kwargs: dict[str, Any] = {}
+        for key in ("initial", "per_iteration", "iterations", "steps_initial", "steps_finetune", "mc_samples",
+                    "score_batch_size", "n_classes"):
+            if key in data:
+                value = data[key]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise InputError(f"'{key}' must be an integer, got {value!r}")
+                kwargs[key] = value
+        if "candidates" in data:
+            value = data["candidates"]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(f"'candidates' must be an integer (0 = the whole grid), got {value!r}")
+            kwargs["candidates"] = value or None
+        if "lr_finetune" in data:
+            kwargs["lr_finetune"] = float(data["lr_finetune"])
+        if "reduction" in data:
+            kwargs["reduction"] = str(data["reduction"])
+        if "seeds" in data:
+            seeds = data["seeds"]
+            if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+                raise InputError(f"'seeds' must be a list of integers, got {seeds!r}")
+            kwargs["seeds"] = tuple(seeds)
+        if "strategies" in data:
+            names = data["strategies"]
+            if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+                raise InputError(f"'strategies' must be a list of names, got {names!r}")
+            kwargs["strategies"] = tuple(names)
+        if "label_map" in data:
+            lm = data["label_map"]
+            if not isinstance(lm, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in lm):
+                raise InputError(f"'label_map' must be a list of class ids, got {lm!r}")
+            kwargs["label_map"] = tuple(lm)
+        config = SimulateConfig(pool=pool, test=test, patch=patch, train=template, **kwargs)
+        check_simulate_config(config)
+    except InputError as exc:
+        raise InputError(str(exc), source=source) from None
+    return config
+
+
+def check_simulate_config(config: SimulateConfig) -> None:
+    """Consistency checks; raises :class:`~emseg.errors.InputError` with a one-line message."""
+    for key in ("initial", "per_iteration", "score_batch_size", "mc_samples"):
+        if getattr(config, key) < 1:
+            raise InputError(f"'{key}' must be >= 1, got {getattr(config, key)}")
+    for key in ("iterations", "steps_initial", "steps_finetune"):
+        if getattr(config, key) < 0:
+            raise InputError(f"'{key}' must be >= 0, got {getattr(config, key)}")
+    if config.candidates is not None and config.candidates < 1:
+        raise InputError(f"'candidates' must be >= 1 (or 0 for the whole grid), got {config.candidates}")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise InputError(f"'seeds' must be a non-empty list of distinct integers, got {list(config.seeds)}")
+    if not config.strategies:
+        raise InputError("'strategies' is empty")
+    names = [get_strategy(s).name for s in config.strategies]
+    if len(set(names)) != len(names):
+        raise InputError(f"'strategies' lists a strategy twice: {list(config.strategies)}")
+    if config.reduction not in ("mean", "sum"):
+        raise InputError(f"'reduction' must be 'mean' or 'sum', got {config.reduction!r}")
+    if config.n_classes < 2:
+        raise InputError(f"n_classes must be >= 2, got {config.n_classes}")
+    if config.label_map is not None and any(not 0 <= v < config.n_classes for v in config.label_map):
+        raise InputError(f"label_map values must lie in [0, {config.n_classes}), got {list(config.label_map)}")
+    if any(get_strategy(s).needs_mc_dropout for s in names) and not config.train.model.dropout > 0:
+        raise InputError("strategy 'bald' samples dropout: set model.dropout > 0")
+    if config.lr_finetune is not None and not config.lr_finetune > 0:
+        raise InputError(f"'lr_finetune' must be > 0, got {config.lr_finetune}")
+    needed = config.initial + config.per_iteration * config.iterations
+    if config.candidates is not None and config.candidates < needed:
+        raise InputError(f"'candidates' = {config.candidates} is below initial + per_iteration x iterations "
+                         f"= {needed}")
+
+
+def load_simulate_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> SimulateConfig:
+    """Read a simulate TOML file; ``overrides`` replace top-level keys (``None`` values ignored).
+
+    Examples
+    --------
+    >>> cfg = load_simulate_config("active.toml", overrides={"iterations": 2})  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such config file", source=str(path))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = list(value) if isinstance(value, tuple) else value
+    return simulate_config_from_dict(data, base_dir=path.parent, source=str(path))
+
+
+# ----------------------------------------------------------------------------- training task
+class BoxTask(SegmentationTask):
+    """:class:`~emseg.training.SegmentationTask` over in-memory cubes (the labelled boxes).
+
+    Everything but data loading (network configuration, batches, lazy-label loss) is inherited.
+
+    Examples
+    --------
+    >>> task = BoxTask(config.train, [Cube(raw=r, label=l, info=info, prio=1.0)])  # doctest: +SKIP
+    """
+
+    name = "active"
+
+    def __init__(self, config: TrainConfig, cubes: Sequence[Cube]):
+        self.config = config
+        self.ndim = config.model_ndim
+        self.cubes = list(cubes)
+        self.valid_cubes: list[Cube] = []
+        self.has_validation = False
+        squeeze = self.ndim == 2 and len(config.patch_shape) == 3
+        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
+                                    example_ignore_threshold=config.example_ignore_threshold)
+        a = config.augment
+        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
+                                   a.elastic_alpha, a.elastic_sigma)
+        self.class_weights = (torch.tensor(config.class_weights, dtype=torch.float32)
+                              if config.class_weights else None)
+        self.metric_columns = ()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    _atomic_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable state file ({type(exc).__name__})", source=str(path)) from None
+
+
+def _load_region(spec: RegionSpec, n_classes: int, label_map: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    with open_volume(spec.raw) as raw_vol, open_volume(spec.label) as lab_vol:
+        if raw_vol.shape != lab_vol.shape:
+            raise InputError(f"label shape {lab_vol.shape} differs from raw shape {raw_vol.shape}",
+                             source=spec.label)
+        if raw_vol.ndim not in (2, 3):
+            raise InputError(f"raw must be 2D or 3D, found {raw_vol.shape}", source=spec.raw)
+        sl = spec.slices(raw_vol.shape)
+        raw = raw_vol[sl]
+        label = lab_vol[sl]
+    if not np.issubdtype(label.dtype, np.integer):
+        raise InputError(f"labels must be integers, found {label.dtype}", source=spec.label)
+    label = label.astype(np.int64)
+    top = len(label_map) if label_map is not None else n_classes
+    bad = (label < -1) | (label >= top)
+    if bad.any():
+        what = "label_map has" if label_map is not None else "n_classes is"
+        raise InputError(f"label value {int(label[bad].flat[0])} outside {{-1, 0..{top - 1}}} ({what} {top})",
+                         source=spec.label)
+    if label_map is not None:
+        lut = np.asarray(label_map, dtype=np.int64)
+        label = np.where(label >= 0, lut[np.clip(label, 0, None)], -1)
+    return raw, label.astype(np.int16)
+
+
+def _info(n_classes: int) -> np.ndarray:
+    info = np.zeros((2, n_classes), dtype=np.uint8)
+    info[0] = 1
+    return info
+
+
+def _stable_id(*parts: Any) -> int:
+    return zlib.crc32("/".join(str(p) for p in parts).encode())
+
+
+def _rng(*parts: Any) -> np.random.Generator:
+    return np.random.default_rng([_stable_id(*parts)])
+
+
+def _subset(pool: CandidatePool, idx: np.ndarray) -> CandidatePool:
+    idx = np.sort(np.asarray(idx, dtype=np.int64))
+    return CandidatePool(list(pool.volume_shapes), pool.patch_shape, pool.volume_index[idx],
+                         pool.offsets[idx], pool.labelled[idx], list(pool.names), pool.may_overlap)
+
+
+def _train_config(config: SimulateConfig, steps: int, lr: float) -> TrainConfig:
+    t = config.train
+    return t.replace(steps=steps, optim=dataclasses.replace(t.optim, lr=lr),
+                     checkpoint_every=max(1, min(t.checkpoint_every, steps or 1)))
+
+
+def _seed_checkpoint(run_dir: Path, init_from: Path, cfg: TrainConfig, seed: int, task_name: str) -> None:
+    """A ``last.pt`` at step 0 holding the weights of ``init_from`` and a fresh optimiser."""
+    prev = load_checkpoint(init_from)
+    model = build_model(prev["model_config"])
+    model.load_state_dict(prev["model"])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    state = {
+        "model": prev["model"], "model_config": prev["model_config"], "optimizer": opt.state_dict(),
+        "step": 0, "best_metric": None, "config": cfg.to_dict(), "task": task_name, "elapsed_s": 0.0,
+        "rng": {"numpy": np.random.default_rng(seed).bit_generator.state,
+                "python": random.Random(seed).getstate(),
+                "torch": torch.Generator().manual_seed(seed).get_state()},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run_dir / "last.pt", state)
+
+
+def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: int, lr: float, seed: int,
+           device: str, init_from: Path | None) -> None:
+    """Train (or fine-tune from ``init_from``) on ``cubes`` into ``run_dir``; resumes a partial run."""
+    cfg = _train_config(config, steps, lr)
+    task = BoxTask(cfg, cubes)
+    last = run_dir / "last.pt"
+    if last.exists() and int(load_checkpoint(last).get("step", -1)) >= steps:
+        return
+    if not last.exists() and init_from is not None:
+        _seed_checkpoint(run_dir, init_from, cfg, seed, task.name)
+    result = run_training(task, cfg, run_dir, device=device, seed=seed, resume=last.exists())
+    if result.interrupted:
+        raise KeyboardInterrupt
+    (run_dir / "best.pt").unlink(missing_ok=True)  # a copy of last.pt without validation
+
+
+def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: torch.device) -> dict[str, float]:
+    model, _ = load_model(weights, device)
+    res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device)
+    row = {f"jaccard_{c}": float(res[f"valid_jaccard_{c}"]) for c in range(config.n_classes)}
+    row["mean_fg_jaccard"] = float(res["valid_score"])
+    return row
+
+
+def curve_columns(n_classes: int) -> list[str]:
+    """Columns of ``curves.csv``."""
+    return (["strategy", "seed", "iteration", "n_labelled"] + [f"jaccard_{c}" for c in range(n_classes)]
+            + ["mean_fg_jaccard"])
+
+
+def _write_curves(path: Path, rows: list[dict[str, Any]], n_classes: int) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, curve_columns(n_classes), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _atomic_text(path, buf.getvalue())
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Mean and standard deviation over seeds of ``mean_fg_jaccard`` per strategy and iteration.
+
+    Examples
+    --------
+    >>> summarise([{"strategy": "random", "seed": 0, "iteration": 0, "n_labelled": 20,
+    ...             "mean_fg_jaccard": 0.5}])["random"][0]["mean"]
+    0.5
+    """
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((str(row["strategy"]), int(row["iteration"])), []).append(row)
+    out: dict[str, list[dict[str, float]]] = {}
+    for (strategy, iteration), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        values = np.array([float(r["mean_fg_jaccard"]) for r in members], dtype=float)
+        finite = values[np.isfinite(values)]
+        out.setdefault(strategy, []).append({
+            "iteration": iteration, "n_labelled": int(members[0]["n_labelled"]),
+            "mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std()) if finite.size else float("nan"), "n": int(len(members)),
+        })
+    return out
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | None:
+    """Plot mean test Jaccard (over seeds, +- one std) against labelled patches per strategy.
+
+    Returns ``None`` on success, or a one-line note when matplotlib is not installed.
+
+    Examples
+    --------
+    >>> plot_curves(rows, "curves.png")  # doctest: +SKIP
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'emseg[plot]'): curves.png was not drawn"
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy, points in summarise(rows).items():
+        x = np.array([p["n_labelled"] for p in points])
+        y = np.array([p["mean"] for p in points])
+        s = np.array([p["std"] for p in points])
+        (line,) = ax.plot(x, y, marker="o", ms=3, label=strategy)
+        if any(p["n"] > 1 for p in points):
+            ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("labelled patches")
+    ax.set_ylabel("test Jaccard (mean over foreground classes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+# ----------------------------------------------------------------------------- the experiment
+@dataclass
+class SimulationResult:
+    """Rows of ``curves.csv`` (all of the configured ones that exist) and what this call did."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    computed: int
+    total: int
+    curves_csv: Path
+    curves_png: Path | None
+    plot_note: str | None
+    seconds: float
+    summary: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "computed": self.computed, "total": self.total,
+                "curves_csv": str(self.curves_csv),
+                "curves_png": str(self.curves_png) if self.curves_png else None,
+                "plot_note": self.plot_note, "seconds": round(self.seconds, 3), "summary": self.summary,
+                "rows": self.rows}
+
+
+def _check_folder(out: Path, config: SimulateConfig) -> None:
+    path = out / "config.json"
+    current = config.to_dict()
+    if path.exists():
+        stored = _read_json(path)
+        a = {k: v for k, v in stored.items() if k not in GROWABLE}
+        b = {k: v for k, v in current.items() if k not in GROWABLE}
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise InputError(f"holds a simulation with a different configuration (differs in: {', '.join(diff)}); "
+                             "choose another --out", source=str(out))
+    _atomic_json(path, current)
+
+
+def run_simulation(
+    config: SimulateConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    plot: bool = True,
+) -> SimulationResult:
+    """Run (or continue) the simulated active-learning experiment into ``out_dir``.
+
+    Parameters
+    ----------
+    config : SimulateConfig
+    out_dir : str or Path
+        Output folder; an existing one with the same configuration is continued (``seeds``,
+        ``strategies`` and ``iterations`` may grow between runs).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    progress : callable, optional
+        Called with a dict: ``{"event": "phase", "phase": ..., "strategy", "seed", "iteration"}``
+        before each training/scoring/evaluation and ``{"event": "row", "row": ..., "done",
+        "total", "computed": bool}`` after each row.
+    plot : bool
+        Draw ``curves.png`` (needs matplotlib; skipped with a note otherwise).
+
+    Returns
+    -------
+    SimulationResult
+
+    Examples
+    --------
+    >>> result = run_simulation(load_simulate_config("active.toml"), "runs/al")  # doctest: +SKIP
+    >>> result.summary["entropy"][-1]["mean"]  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_folder(out, config)
+    dev = resolve_device(device)
+    strategies = [get_strategy(s).name for s in config.strategies]
+    k = config.n_classes
+    pool_raw, pool_label = _load_region(config.pool, k, config.label_map)
+    test_raw, test_label = _load_region(config.test, k, config.label_map)
+    if len(config.patch) != pool_raw.ndim:
+        raise InputError(f"patch {config.patch} has {len(config.patch)} axes, the pool region has {pool_raw.ndim}")
+    test_cube = Cube(raw=test_raw, label=test_label, info=_info(k), prio=1.0, name="test")
+    total = len(config.seeds) * len(strategies) * (config.iterations + 1)
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    computed = 0
+    lr_ft = config.lr_finetune if config.lr_finetune is not None else config.train.optim.lr
+    csv_path = out / "curves.csv"
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[(s, seed, it)] for s in strategies for seed in config.seeds
+                for it in range(config.iterations + 1) if (s, seed, it) in rows]
+
+    def emit_row(row: dict[str, Any], fresh: bool) -> None:
+        nonlocal computed
+        rows[(row["strategy"], row["seed"], row["iteration"])] = row
+        computed += int(fresh)
+        if fresh:
+            _write_curves(csv_path, ordered(), k)
+        if progress is not None:
+            progress({"event": "row", "row": row, "done": len(rows), "total": total, "computed": fresh})
+
+    def phase(name: str, strategy: str | None, seed: int, iteration: int) -> None:
+        if progress is not None:
+            progress({"event": "phase", "phase": name, "strategy": strategy, "seed": seed, "iteration": iteration})
+
+    def cubes_for(pool: CandidatePool, indices: Sequence[int]) -> list[Cube]:
+        cubes = []
+        for i in indices:
+            sl = pool.box(int(i)).slices()
+            cubes.append(Cube(raw=pool_raw[sl], label=pool_label[sl], info=_info(k), prio=1.0, name=f"box{i}"))
+        return cubes
+
+    for seed in config.seeds:
+        seed_dir = out / "runs" / f"seed_{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        pool = build_pool([pool_raw.shape], config.patch, names=["pool"])
+        if config.candidates is not None and config.candidates < len(pool):
+            pool = _subset(pool, _rng("candidates", seed).choice(len(pool), config.candidates, replace=False))
+        needed = config.initial + config.per_iteration * config.iterations
+        if needed > len(pool):
+            raise InputError(f"the pool holds {len(pool)} patches, fewer than initial + per_iteration x "
+                             f"iterations = {needed}")
+        offsets = pool.offsets.tolist()
+
+        # ---- initial network, shared by all strategies of this seed
+        init_json = seed_dir / "initial.json"
+        init_dir = seed_dir / "initial"
+        if init_json.exists():
+            init_state = _read_json(init_json)
+            init_idx = [int(i) for i in init_state["indices"]]
+            if [offsets[i] for i in init_idx] != init_state["offsets"]:
+                raise InputError("stored initial boxes do not match the pool; choose another --out",
+                                 source=str(init_json))
+        else:
+            init_idx = random_select(len(pool), config.initial, _rng("initial", seed)).tolist()
+            init_state = {"indices": init_idx, "offsets": [offsets[i] for i in init_idx], "row": None}
+            _atomic_json(init_json, init_state)
+        if init_state.get("row") is None:
+            phase("train", None, seed, 0)
+            _train(config, cubes_for(pool, init_idx), init_dir, steps=config.steps_initial,
+                   lr=config.train.optim.lr, seed=seed, device=str(dev), init_from=None)
+            phase("evaluate", None, seed, 0)
+            init_state["row"] = _evaluate(init_dir / "last.pt", test_cube, config, dev)
+            _atomic_json(init_json, init_state)
+            fresh_initial = True
+        else:
+            fresh_initial = False
+
+        for strategy in strategies:
+            s_dir = seed_dir / strategy
+            s_dir.mkdir(exist_ok=True)
+            state_path = s_dir / "state.json"
+            state = _read_json(state_path) if state_path.exists() else {
+                "initial_row": False, "selections": [], "offsets": [], "rows": []}
+            if not state.get("initial_row"):
+                state["initial_row"] = True
+                _atomic_json(state_path, state)
+                fresh = True
+            else:
+                fresh = False
+            emit_row({"strategy": strategy, "seed": seed, "iteration": 0, "n_labelled": len(init_idx),
+                      **init_state["row"]}, fresh or fresh_initial)
+            labelled = list(init_idx)
+            for sel in state["selections"]:
+                labelled += sel
+            stored_offsets = [offsets[i] for sel in state["selections"] for i in sel]
+            if stored_offsets != [o for sel in state["offsets"] for o in sel]:
+                raise InputError("stored boxes do not match the pool; choose another --out", source=str(state_path))
+            for row in state["rows"][: config.iterations]:
+                emit_row(row, False)
+            prev_weights = init_dir / "last.pt"
+            if state["rows"]:
+                prev_weights = s_dir / f"iter_{len(state['rows']):03d}" / "last.pt"
+            for it in range(len(state["rows"]) + 1, config.iterations + 1):
+                run_dir = s_dir / f"iter_{it:03d}"
+                if len(state["selections"]) < it:
+                    phase("score", strategy, seed, it)
+                    model, _ = load_model(prev_weights, dev)
+                    current = pool.with_labelled(labelled)
+                    torch.manual_seed(_stable_id("score", seed, strategy, it) % 2**31)
+                    scores = None
+                    strat = get_strategy(strategy)
+                    if strat.needs_scores or strat.needs_embeddings:
+                        scores = score_pool(model, current, [pool_raw], strat, mc_samples=config.mc_samples,
+                                            reduction=config.reduction, batch_size=config.score_batch_size,
+                                            device=dev)
+                    picks = select(current, strat, config.per_iteration, scores=scores,
+                                   rng=_rng("select", seed, strategy, it)).tolist()
+                    del model
+                    state["selections"].append(picks)
+                    state["offsets"].append([offsets[i] for i in picks])
+                    _atomic_json(state_path, state)
+                labelled += state["selections"][it - 1]
+                phase("train", strategy, seed, it)
+                _train(config, cubes_for(pool, labelled), run_dir, steps=config.steps_finetune, lr=lr_ft,
+                       seed=_stable_id("finetune", seed, it) % 2**31, device=str(dev), init_from=prev_weights)
+                phase("evaluate", strategy, seed, it)
+                row = {"strategy": strategy, "seed": seed, "iteration": it, "n_labelled": len(labelled),
+                       **_evaluate(run_dir / "last.pt", test_cube, config, dev)}
+                state["rows"].append(row)
+                _atomic_json(state_path, state)
+                if it > 1:  # only the newest fine-tuned weights are needed to continue
+                    shutil.rmtree(s_dir / f"iter_{it - 1:03d}", ignore_errors=True)
+                prev_weights = run_dir / "last.pt"
+                emit_row(row, True)
+
+    final_rows = ordered()
+    _write_curves(csv_path, final_rows, k)
+    png, note = None, None
+    if plot:
+        note = plot_curves(final_rows, out / "curves.png")
+        png = None if note else out / "curves.png"
+    return SimulationResult(out, final_rows, computed, total, csv_path, png, note,
+                            time.perf_counter() - t0, summarise(final_rows))

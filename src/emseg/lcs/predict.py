@@ -1,0 +1,507 @@
+"""Inference with label-conditioned models (and their multi-channel baseline).
+
+One conditioned pass per requested label, batched across labels: every window of the sliding
+window is repeated K times along the batch axis, each copy with the atlas mask of one label, so
+the shared block machinery of :mod:`emseg.inference` sees an ordinary network returning
+(B, K, *P) probabilities.
+
+Merged label map (``labels``): for a conditioned model each label's sigmoid output p_k is an
+independent "is this voxel label k" probability. Normalised over the requested labels plus
+background, with background probability prod_k (1 - p_k), the argmax is taken; a voxel where no
+p_k exceeds 0.5 is background. (Since prod_k (1 - p_k) <= 1 - max_k p_k, this is simply: the label
+with the largest p_k if that exceeds 0.5, else 0.) For the baseline, the softmax background is
+1 - sum of the requested labels' probabilities (the classes not requested count as background)
+and the label map is the plain argmax.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+import zarr
+
+from emseg.checkpoint import load_model
+from emseg.device import resolve_device
+from emseg.errors import InputError
+from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block
+from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, replace_output
+from emseg.lcs.atlas import Atlas
+
+RULES = ("sigmoid", "softmax")
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def normalised_probabilities(probs: np.ndarray, rule: str = "sigmoid") -> np.ndarray:
+    """(K+1, *S) probabilities of background and the K labels, summing to 1 per voxel.
+
+    ``rule="sigmoid"`` (conditioned outputs): background = prod_k (1 - p_k), then all K+1 divided by
+    their sum. ``rule="softmax"`` (baseline): background = 1 - sum_k p_k (clipped at 0), no rescaling
+    otherwise needed.
+
+    Examples
+    --------
+    >>> normalised_probabilities(np.array([[0.5], [0.5]])).round(3)[:, 0].tolist()
+    [0.2, 0.4, 0.4]
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if rule == "sigmoid":
+        background = np.prod(1.0 - p, axis=0, keepdims=True)
+    elif rule == "softmax":
+        background = np.clip(1.0 - p.sum(axis=0, keepdims=True), 0.0, None)
+    else:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    allp = np.concatenate([background, p], axis=0)
+    return (allp / np.maximum(allp.sum(axis=0, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def merge_labels(probs: np.ndarray, labels: Sequence[int], rule: str = "sigmoid") -> np.ndarray:
+    """Merged label map (values from ``labels``, 0 = background) from (K, *S) per-label probabilities.
+
+    Argmax of :func:`normalised_probabilities`; with ``rule="sigmoid"`` voxels where no label's
+    probability exceeds 0.5 are background.
+
+    Examples
+    --------
+    >>> merge_labels(np.array([[0.9, 0.2, 0.4], [0.6, 0.1, 0.45]]), [3, 7]).tolist()
+    [3, 0, 0]
+    """
+    p = np.asarray(probs)
+    if p.shape[0] != len(labels):
+        raise ValueError(f"{p.shape[0]} probability maps for {len(labels)} labels")
+    values = np.concatenate([[0], np.asarray(labels, dtype=np.int64)])
+    index = np.argmax(normalised_probabilities(p, rule), axis=0)
+    if rule == "sigmoid":
+        index[p.max(axis=0) <= 0.5] = 0
+    return values[index]
+
+
+def label_dtype(labels: Sequence[int]) -> np.dtype:
+    """Smallest unsigned type holding every label."""
+    top = max([0, *labels])
+    return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32)
+
+
+class DiceAccumulator:
+    """Per-class Dice of label maps accumulated over blocks; target voxels -1 are ignored.
+
+    Examples
+    --------
+    >>> acc = DiceAccumulator([1, 2])
+    >>> acc.update(np.array([1, 1, 0, 2]), np.array([1, 0, 0, -1]))
+    >>> acc.dice()[1], np.isnan(acc.dice()[2])
+    (0.6666666666666666, True)
+    """
+
+    def __init__(self, classes: Sequence[int]):
+        self.classes = [int(c) for c in classes]
+        self.tp = np.zeros(len(self.classes), dtype=np.int64)
+        self.fp = np.zeros_like(self.tp)
+        self.fn = np.zeros_like(self.tp)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        pred, target = np.asarray(pred), np.asarray(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+        keep = target >= 0
+        for i, c in enumerate(self.classes):
+            p, t = (pred == c) & keep, target == c
+            self.tp[i] += np.count_nonzero(p & t)
+            self.fp[i] += np.count_nonzero(p & ~t)
+            self.fn[i] += np.count_nonzero(~p & t)
+
+    def dice(self) -> dict[int, float]:
+        """Dice per class: 2 TP / (2 TP + FP + FN), NaN where the class is in neither map."""
+        denom = 2 * self.tp + self.fp + self.fn
+        return {c: (float(2 * self.tp[i] / denom[i]) if denom[i] else float("nan"))
+                for i, c in enumerate(self.classes)}
+
+
+def _centre_crop(cond: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Crop the spatial axes of (K, 2, *P) to ``shape`` (<= P), centred."""
+    full = cond.shape[2:]
+    if tuple(full) == tuple(shape):
+        return cond
+    if any(s > f for s, f in zip(shape, full)):
+        raise ValueError(f"window {tuple(shape)} is larger than the atlas patch {tuple(full)}")
+    index = tuple(slice((f - s) // 2, (f - s) // 2 + s) for f, s in zip(full, shape))
+    return cond[(slice(None), slice(None)) + index]
+
+
+class LabelPredictor:
+    """Per-label probabilities of a conditioned model (or a baseline) over any region.
+
+    Parameters
+    ----------
+    model : UNet
+        A conditioned network (``cond_channels == 2``, one output) or a baseline (K+1 outputs,
+        channel j + 1 = ``classes[j]``), in eval mode.
+    labels : sequence of int
+        Labels to predict, in output order.
+    patch_shape : sequence of int
+        Window shape in volume axes (the training patch: the atlas has this shape).
+    atlas : Atlas, optional
+        Required for a conditioned model; its label map defines each label's mask.
+    classes : sequence of int, optional
+        Baseline only: the trained classes (channel order).
+    label_batch : int
+        At most this many conditioned passes per forward call (bounds memory for many labels).
+
+    Attributes
+    ----------
+    window : SlidingWindow
+        Maps a float32 region (*R) to (K, *R) probabilities.
+
+    Examples
+    --------
+    >>> predictor = LabelPredictor(model, [1, 3], (1, 128, 128), atlas=atlas)  # doctest: +SKIP
+    >>> probs = predictor.window(image)                                      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        labels: Sequence[int],
+        patch_shape: Sequence[int],
+        *,
+        atlas: Atlas | None = None,
+        classes: Sequence[int] | None = None,
+        overlap: float = 0.25,
+        blend: str = "gaussian",
+        batch_size: int = 4,
+        label_batch: int = 64,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ):
+        self.model = model
+        self.labels = [int(l) for l in labels]
+        if not self.labels:
+            raise ValueError("no labels to predict")
+        if label_batch < 1:
+            raise ValueError(f"label_batch must be >= 1, got {label_batch}")
+        self.device = torch.device(device)
+        self.label_batch = label_batch
+        self.conditioned = bool(getattr(model, "cond_channels", 0))
+        if self.conditioned:
+            if atlas is None:
+                raise ValueError("a conditioned model needs its atlas")
+            self.rule = "sigmoid"
+            cond = atlas.condition([(l,) for l in self.labels])
+            self.cond = torch.from_numpy(cond).to(self.device)
+            forward = self._conditioned_forward
+        else:
+            if classes is None:
+                raise ValueError("a baseline model needs its class list")
+            classes = [int(c) for c in classes]
+            missing = [l for l in self.labels if l not in classes]
+            if missing:
+                raise ValueError(f"label {missing[0]} is not one of the trained classes {classes}")
+            self.rule = "softmax"
+            self.channels = torch.tensor([classes.index(l) + 1 for l in self.labels], device=self.device)
+            forward = self._baseline_forward
+        self.window = SlidingWindow(forward, patch_shape, divisor=model.divisor, overlap=overlap, blend=blend,
+                                    batch_size=batch_size, device=self.device, amp=amp)
+
+    def _conditioned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape[0], len(self.labels)
+        cond = _centre_crop(self.cond, x.shape[2:]).to(x.dtype)
+        xs = x.repeat_interleave(k, dim=0)  # sample-major: index = b * K + k
+        cs = cond.repeat((b, 1) + (1,) * (cond.dim() - 2))
+        outs = [torch.sigmoid(self.model(xs[i:i + self.label_batch], cs[i:i + self.label_batch]).float())
+                for i in range(0, xs.shape[0], self.label_batch)]
+        return torch.cat(outs).reshape((b, k) + tuple(x.shape[2:]))
+
+    def _baseline_forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.model(x).float(), dim=1)
+        return probs.index_select(1, self.channels)
+
+    def merge(self, probs: np.ndarray) -> np.ndarray:
+        """Merged label map of (K, *S) probabilities (see :func:`merge_labels`)."""
+        return merge_labels(probs, self.labels, self.rule)
+
+
+@dataclass
+class LCSModel:
+    """A network from ``emseg lcs train`` with what inference needs."""
+
+    model: torch.nn.Module
+    classes: tuple[int, ...]
+    patch_shape: tuple[int, ...]
+    atlas: Atlas | None
+    baseline: bool
+    state: dict[str, Any]
+
+    def resolve_labels(self, labels: Sequence[int] | None) -> list[int]:
+        """Check requested labels: known to a baseline, or present in the atlas of a conditioned model."""
+        if labels is None:
+            return list(self.classes)
+        labels = [int(l) for l in labels]
+        if not labels:
+            raise InputError("no labels requested")
+        dup = sorted({l for l in labels if labels.count(l) > 1})
+        if dup:
+            raise InputError(f"label {dup[0]} requested twice")
+        for l in labels:
+            if l <= 0:
+                raise InputError(f"label {l} cannot be requested (0 is background, -1 ignore)")
+            if self.baseline and l not in self.classes:
+                raise InputError(f"unknown label {l}: this baseline was trained on classes "
+                                 f"{', '.join(map(str, self.classes))}")
+            if not self.baseline and l not in self.atlas.present:
+                raise InputError(f"unknown label {l}: it does not occur in the atlas labels (present: "
+                                 f"{', '.join(map(str, self.atlas.present))}); --atlas-labels can add labels")
+        return labels
+
+
+def load_lcs_model(path: str | Path, device: str | torch.device = "cpu", *,
+                   atlas_labels: str | None = None) -> LCSModel:
+    """Load a checkpoint of ``emseg lcs train``; ``atlas_labels`` replaces the atlas label map.
+
+    ``atlas_labels`` (``FILE:DS``) holds integer labels on the atlas, either the atlas patch or the
+    whole atlas volume (cropped at the stored offset): finer labels than the training ones can be
+    requested this way.
+
+    Examples
+    --------
+    >>> lcs = load_lcs_model("runs/lcs/best.pt", atlas_labels="atlas.h5:fine")  # doctest: +SKIP
+    """
+    model, state = load_model(path, device)
+    meta = state.get("lcs")
+    if not isinstance(meta, dict):
+        raise InputError("not a checkpoint of `emseg lcs train` (no lcs settings)", source=str(path))
+    baseline = bool(meta.get("baseline"))
+    atlas = None
+    if not baseline:
+        atlas = Atlas.from_state(state, source=str(path))
+    if atlas_labels is not None:
+        if baseline:
+            raise InputError("--atlas-labels needs a label-conditioned checkpoint, this one is the baseline",
+                             source=str(path))
+        with open_volume(atlas_labels) as vol:
+            atlas = atlas.with_labels(vol[...], spec=str(vol.spec))
+    return LCSModel(model, tuple(int(c) for c in meta["classes"]), tuple(int(p) for p in meta["patch_shape"]),
+                    atlas, baseline, state)
+
+
+# --------------------------------------------------------------------------- output container
+
+
+def parse_output(text: str) -> tuple[Path, str, str]:
+    """``out.zarr[/GROUP]`` or ``out.h5[:GROUP]`` -> (path, group, fmt).
+
+    Examples
+    --------
+    >>> parse_output("pred.h5:lcs")
+    (PosixPath('pred.h5'), 'lcs', 'h5')
+    >>> parse_output("pred.zarr")
+    (PosixPath('pred.zarr'), '', 'zarr')
+    """
+    low = text.lower()
+    for suffix in H5_SUFFIXES:
+        i = low.rfind(suffix + ":")
+        if i >= 0:
+            return Path(text[:i + len(suffix)]), text[i + len(suffix) + 1:].strip("/"), "h5"
+        if low.endswith(suffix):
+            return Path(text), "", "h5"
+    i = low.find(".zarr")
+    while i >= 0:
+        end = i + len(".zarr")
+        if end == len(text) or text[end] == "/":
+            return Path(text[:end]), text[end:].strip("/"), "zarr"
+        i = low.find(".zarr", end)
+    raise InputError("OUTPUT must be FILE.zarr[/GROUP] or FILE.h5[:GROUP]", source=text)
+
+
+class OutputGroup:
+    """Several arrays written together and published at once.
+
+    zarr: the group is built in a hidden sibling folder (arrays made with
+    :func:`emseg.io.create_volume`) and renamed into place; ``out.zarr`` without a group is replaced
+    whole. HDF5: the file is copied to a hidden temporary file, the datasets are (re)created there
+    (gzip, chunked like :func:`emseg.io.create_volume`) and the file renamed into place; other
+    datasets of the file are kept.
+    """
+
+    def __init__(self, output: str):
+        self.path, self.group, self.fmt = parse_output(output)
+        if not self.path.parent.exists():
+            raise InputError("output folder does not exist", source=str(self.path.parent))
+        tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.arrays: dict[str, Any] = {}
+        self._volumes: list[Any] = []
+        if self.fmt == "zarr":
+            if self.group:
+                try:
+                    root = zarr.open_group(store=str(self.path), mode="a")
+                    parent, _, name = self.group.rpartition("/")
+                    if parent:
+                        root.require_group(parent)
+                except Exception as exc:
+                    raise InputError(f"cannot open as a zarr group ({type(exc).__name__})",
+                                     source=str(self.path)) from None
+                self.final = self.path / self.group
+            else:
+                self.final = self.path
+            self.tmp = self.final.with_name(f".{self.final.name}.{tag}")
+            zarr.open_group(store=str(self.tmp), mode="w")
+        else:
+            self.final = self.path
+            self.tmp = self.path.with_name(f".{self.path.name}.{tag}")
+            if self.path.exists():
+                shutil.copyfile(self.path, self.tmp)
+            try:
+                self._h5 = h5py.File(self.tmp, "a")
+            except OSError as exc:
+                self.tmp.unlink(missing_ok=True)
+                raise InputError(f"not a writable HDF5 file ({exc})", source=str(self.path)) from None
+            self._root = self._h5.require_group(self.group) if self.group else self._h5
+
+    def create(self, name: str, shape: Sequence[int], dtype, attrs: dict[str, Any] | None = None):
+        """Create array ``name`` in the group; returns something sliceable for writing."""
+        dtype = np.dtype(dtype)
+        chunks = auto_chunks(shape, dtype.itemsize)
+        if self.fmt == "zarr":
+            vol = create_volume(VolumeSpec(self.tmp, name, "zarr"), shape, dtype, chunks=chunks, attrs=attrs)
+            self._volumes.append(vol)
+            self.arrays[name] = vol
+            return vol
+        if name in self._root:
+            del self._root[name]
+        ds = self._root.create_dataset(name, shape=tuple(shape), dtype=dtype, chunks=chunks, compression="gzip",
+                                       compression_opts=4, shuffle=dtype.itemsize > 1)
+        for k, v in (attrs or {}).items():
+            ds.attrs[k] = v
+        self.arrays[name] = ds
+        return ds
+
+    def spec(self, name: str) -> str:
+        """Where array ``name`` will be readable after commit."""
+        if self.fmt == "zarr":
+            return f"{self.path}/{self.group}/{name}" if self.group else f"{self.path}/{name}"
+        return f"{self.path}:{self.group}/{name}" if self.group else f"{self.path}:{name}"
+
+    def commit(self) -> None:
+        if self.fmt == "zarr":
+            for vol in self._volumes:
+                vol.commit()
+        else:
+            self._h5.close()
+        replace_output(self.tmp, self.final)
+
+    def discard(self) -> None:
+        if self.fmt == "zarr":
+            for vol in self._volumes:
+                vol.discard()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            try:
+                self._h5.close()
+            finally:
+                self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputGroup":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+# --------------------------------------------------------------------------- the infer core
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Options of ``emseg lcs infer``."""
+
+    model: str
+    input: str
+    output: str
+    labels: tuple[int, ...] | None = None
+    atlas_labels: str | None = None
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+    label_batch: int = 64
+    block_shape: tuple[int, ...] | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class InferResult:
+    output: str
+    arrays: dict[str, str]
+    shape: tuple[int, ...]
+    labels: tuple[int, ...]
+    baseline: bool
+    voxels: int
+    blocks: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "arrays": dict(self.arrays), "shape": list(self.shape),
+                "labels": list(self.labels), "baseline": self.baseline, "voxels": self.voxels,
+                "blocks": self.blocks, "seconds": round(self.seconds, 3),
+                "voxels_per_s": round(self.voxels / self.seconds, 1) if self.seconds > 0 else None}
+
+
+def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | None = None) -> InferResult:
+    """Predict the requested labels of ``config.input`` into the container ``config.output``.
+
+    Writes float32 ``prob_<label>`` (the model's probability of each label, before merging) and
+    ``labels`` (the merged label map, see :func:`merge_labels`), block by block; everything appears
+    at once when complete.
+
+    Examples
+    --------
+    >>> infer_file(InferConfig("runs/lcs/best.pt", "stack.h5:raw", "pred.zarr", labels=(1, 3)))  # doctest: +SKIP
+    """
+    from emseg.predict import resolve_patch
+
+    if not 0 <= config.overlap < 1:
+        raise InputError(f"overlap must be in [0, 1), got {config.overlap}")
+    if config.batch_size < 1 or config.label_batch < 1:
+        raise InputError("batch sizes must be >= 1")
+    device = resolve_device(config.device)
+    lcs = load_lcs_model(config.model, device, atlas_labels=config.atlas_labels)
+    labels = lcs.resolve_labels(config.labels)
+    start = time.perf_counter()
+    with open_volume(config.input) as source:
+        check_raw(source)
+        patch = resolve_patch(None, lcs.patch_shape, source.shape, lcs.model.ndim)
+        predictor = LabelPredictor(lcs.model, labels, patch, atlas=lcs.atlas, classes=lcs.classes,
+                                   overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
+                                   label_batch=config.label_batch, device=device, amp=device.type == "cuda")
+        shape = source.shape
+        chunks = auto_chunks(shape, 4)
+        block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(shape, patch, chunks)
+        if len(block_shape) != len(shape):
+            raise InputError(f"block {block_shape} does not fit a {len(shape)}D volume")
+        blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
+        attrs = {"model": str(config.model), "source": str(config.input), "labels": labels,
+                 "merge_rule": predictor.rule, "baseline": lcs.baseline}
+        total = int(np.prod(shape))
+        done = 0
+        with OutputGroup(config.output) as out:
+            probs_out = {l: out.create(f"prob_{l}", shape, np.float32, dict(attrs, label=l)) for l in labels}
+            merged = out.create("labels", shape, label_dtype(labels), attrs)
+            for block in blocks:
+                probs = predict_block(predictor.window, source, block)
+                for k, l in enumerate(labels):
+                    probs_out[l][block.inner] = probs[k]
+                merged[block.inner] = predictor.merge(probs).astype(label_dtype(labels))
+                done += block.size
+                if progress is not None:
+                    progress(done, total)
+            arrays = {name: out.spec(name) for name in out.arrays}
+    return InferResult(str(config.output), arrays, tuple(shape), tuple(labels), lcs.baseline, total, len(blocks),
+                       time.perf_counter() - start)

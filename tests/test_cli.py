@@ -1,0 +1,194 @@
+"""The command line end to end with click's CliRunner: help texts, train -> predict -> evaluate on
+tiny synthetic volumes, ``--json`` output, exit codes and one-line errors.
+
+The installed ``emseg`` script as a real process is exercised in test_packaging.py."""
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_train_config, to_toml, write_h5
+from emseg.cli.main import cli
+from emseg.io import open_volume
+from emseg.training import SegmentationTask
+
+COMMANDS = ("train", "predict", "evaluate", "query", "noise", "lcs")
+
+
+def _command_paths(group: click.Group, prefix=()) -> list[tuple[str, ...]]:
+    """Every command and subcommand below ``group`` as an argument path."""
+    ctx = click.Context(group)
+    paths = []
+    for name in group.list_commands(ctx):
+        sub = group.get_command(ctx, name)
+        if sub is None:  # an optional subcommand that is not installed
+            continue
+        paths.append(prefix + (name,))
+        if isinstance(sub, click.Group):
+            paths += _command_paths(sub, prefix + (name,))
+    return paths
+
+
+def _one_json(result) -> dict:
+    """stdout must hold exactly one JSON document (json.loads rejects anything after it)."""
+    return json.loads(result.stdout)
+
+
+def _error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_help_lists_commands(runner):
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    listed = result.stdout.split("Commands:")[1]
+    for name in COMMANDS:
+        assert f"  {name} " in listed or f"  {name}\n" in listed, name
+
+
+def test_every_command_help_works(runner):
+    paths = _command_paths(cli)
+    assert {p[0] for p in paths} >= set(COMMANDS)
+    for path in paths:
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert result.stdout.startswith("Usage:"), path
+        assert "-h, --help" in result.stdout or "--help" in result.stdout
+
+
+def test_version(runner):
+    import emseg
+
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and emseg.__version__ in result.stdout
+
+
+def test_train_predict_evaluate(tmp_path, synthetic_h5, synthetic_valid_h5, runner):
+    config = tiny_train_config(synthetic_h5, steps=4, valid_every=2,
+                               valid=[{"raw": f"{synthetic_valid_h5}:raw", "label": f"{synthetic_valid_h5}:label"}])
+    (tmp_path / "train.toml").write_text(to_toml(config))
+    run = tmp_path / "run"
+
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(run), "--device", "cpu",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    trained = _one_json(result)
+    assert trained["final_step"] == 4 and not trained["interrupted"]
+    assert set(trained["last_valid"]) >= {"valid_score", "valid_jaccard_0", "valid_jaccard_1", "valid_jaccard_2"}
+    assert (run / "best.pt").exists() and (run / "last.pt").exists() and (run / "metrics.csv").exists()
+
+    # Training into the same folder again needs --resume; --resume with more steps continues.
+    again = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(run), "--device", "cpu"])
+    assert again.exit_code == 2
+    assert "--resume" in _error_line(again)
+    resumed = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(run), "--steps", "5",
+                                  "--resume", "--device", "cpu", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _one_json(resumed)["start_step"] == 4 and _one_json(resumed)["final_step"] == 5
+
+    pred = f"{tmp_path}/pred.zarr/probs"
+    result = runner.invoke(cli, ["predict", str(run / "best.pt"), f"{synthetic_valid_h5}:raw", pred, "--json",
+                                 "--device", "cpu", "--overlap", "0.5"])
+    assert result.exit_code == 0, result.output
+    predicted = _one_json(result)
+    assert predicted["shape"] == [3, 2, 64, 64] and predicted["n_classes"] == 3
+    assert predicted["patch_shape"] == [1, 32, 32]
+
+    result = runner.invoke(cli, ["evaluate", pred, f"{synthetic_valid_h5}:label", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = _one_json(result)
+    with open_volume(pred) as p, open_volume(f"{synthetic_valid_h5}:label") as g:
+        labels, gt = np.argmax(p[...], axis=0), g[...]
+    for k in range(3):
+        union = np.sum((labels == k) | (gt == k))
+        expected = np.sum((labels == k) & (gt == k)) / union if union else None
+        if expected is None:
+            assert scores["jaccard"][k] is None
+        else:
+            assert scores["jaccard"][k] == pytest.approx(expected, rel=1e-6)
+
+    # Human-readable output goes to stdout without --json, nothing with -q.
+    human = runner.invoke(cli, ["evaluate", pred, f"{synthetic_valid_h5}:label"])
+    assert human.exit_code == 0 and "jaccard" in human.stdout
+    quiet = runner.invoke(cli, ["-q", "evaluate", pred, f"{synthetic_valid_h5}:label"])
+    assert quiet.exit_code == 0 and quiet.stdout == ""
+
+
+def test_predict_labels_then_evaluate(tmp_path, synthetic_h5, runner):
+    (tmp_path / "train.toml").write_text(to_toml(tiny_train_config(synthetic_h5, steps=1)))
+    run = tmp_path / "run"
+    assert runner.invoke(cli, ["-q", "train", str(tmp_path / "train.toml"), "--out", str(run)]).exit_code == 0
+    out = f"{tmp_path}/pred.h5:labels"
+    result = runner.invoke(cli, ["--json", "predict", str(run / "last.pt"), f"{synthetic_h5}:raw", out,
+                                 "--output-type", "labels", "--patch", "1,16,16", "--block", "1,32,32"])
+    assert result.exit_code == 0, result.output
+    assert _one_json(result)["shape"] == [4, 64, 64] and _one_json(result)["blocks"] == 4 * 2 * 2
+    with open_volume(out) as vol:
+        assert vol.dtype == np.uint8 and vol.shape == (4, 64, 64) and vol.attrs["n_classes"] == 3
+    result = runner.invoke(cli, ["evaluate", out, f"{synthetic_h5}:label", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(_one_json(result)["jaccard"]) == 3
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "{tmp}/absent.toml", "--out", "{tmp}/run"], "no such config file"),
+    (["predict", "{tmp}/absent.pt", "{tmp}/in.h5:raw", "{tmp}/o.h5:p"], "no such checkpoint"),
+    (["evaluate", "{tmp}/in.h5:raw", "{tmp}/in.h5:nothing"], "no dataset 'nothing'"),
+    (["evaluate", "{tmp}/in.h5", "{tmp}/in.h5:raw"], "no dataset given"),
+    (["evaluate", "{tmp}/in.tif", "{tmp}/in.h5:raw"], "unknown volume format"),
+])
+def test_input_errors_exit_2_with_one_line(tmp_path, runner, args, words):
+    write_h5(tmp_path / "in.h5", raw=np.zeros((2, 8, 8), np.uint8))
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = runner.invoke(cli, args + ["--json"])
+    assert result.exit_code == 2, result.output
+    assert words in _error_line(result)
+    assert result.stdout == ""  # no JSON document on failure
+    verbose = runner.invoke(cli, ["-v"] + args)
+    assert verbose.exit_code == 2 and "Traceback" in verbose.stderr
+
+
+def test_usage_errors_exit_2(tmp_path, runner):
+    result = runner.invoke(cli, ["predict", "m.pt", "a.h5:raw", "b.h5:p", "--patch", "1,x,16"])
+    assert result.exit_code == 2 and "--patch" in result.stderr
+    assert runner.invoke(cli, ["predict", "m.pt"]).exit_code == 2
+    assert runner.invoke(cli, ["no-such-command"]).exit_code == 2
+
+
+def test_bad_config_key_is_input_error(tmp_path, synthetic_h5, runner):
+    config = tiny_train_config(synthetic_h5, stesp=3)
+    (tmp_path / "train.toml").write_text(to_toml(config))
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert "stesp" in line and str(tmp_path / "train.toml") in line
+
+
+def test_diverged_training_is_reported_in_one_line(tmp_path, synthetic_h5, runner, monkeypatch):
+    monkeypatch.setattr(SegmentationTask, "loss", lambda self, model, batch: model(batch["raw"]).sum() * np.nan)
+    (tmp_path / "train.toml").write_text(to_toml(tiny_train_config(synthetic_h5, steps=2)))
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code not in (0, 2)
+    assert "step 1" in _error_line(result)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_gpu_is_input_error(tmp_path, synthetic_h5, runner):
+    (tmp_path / "train.toml").write_text(to_toml(tiny_train_config(synthetic_h5, steps=1)))
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(tmp_path / "run"),
+                                 "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "cuda" in _error_line(result).lower()

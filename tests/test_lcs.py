@@ -1,0 +1,337 @@
+"""Label-conditioned segmentation: model shape, conditioning, merged-label augmentation, batched
+inference, checkpoints with the atlas, the ``emseg lcs`` command line and its errors."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import to_toml, write_h5
+from emseg.cli.main import cli
+from emseg.config import config_from_dict
+from emseg.errors import InputError
+from emseg.io import open_volume
+from emseg.lcs import (
+    Atlas,
+    LabelPredictor,
+    LCSTask,
+    draw_class_set,
+    lcs_config_from_dict,
+    load_lcs_model,
+    merge_labels,
+    normalised_probabilities,
+    train_lcs,
+)
+from emseg.models import build_model
+
+GREY, BRIGHT, DARK = 128, 230, 25
+
+
+def cells(shape, seed, cell=4, n_classes=3):
+    """Aligned cell x cell squares: 0 grey background, 1 bright, 2 dark (more classes: more levels)."""
+    rng = np.random.default_rng(seed)
+    z, h, w = shape
+    label = rng.integers(0, n_classes, size=(z, h // cell, w // cell)).repeat(cell, 1).repeat(cell, 2)
+    levels = np.array([GREY, BRIGHT, DARK]) if n_classes == 3 else np.linspace(20, 235, n_classes)
+    raw = levels[label] + rng.normal(0, 8, label.shape)
+    return np.clip(raw, 0, 255).astype(np.uint8), label.astype(np.uint8)
+
+
+def atlas_arrays():
+    """A 16 x 16 atlas: class 1 over most of it, class 2 in one corner.
+
+    The condition reaches the network max-pooled at the bottleneck, where each position sees only
+    its neighbourhood: masks that differ in extent make the class readable everywhere."""
+    label = np.ones((16, 16), dtype=np.uint8)
+    label[:, 12:] = 0
+    label[8:, 12:] = 2
+    raw = np.choose(label, [GREY, BRIGHT, DARK]).astype(np.uint8)
+    return raw[None], label[None]
+
+
+@pytest.fixture
+def data_h5(tmp_path):
+    raw, label = cells((4, 32, 32), 0)
+    araw, alabel = atlas_arrays()
+    return write_h5(tmp_path / "data.h5", raw=raw, label=label, atlas_raw=araw, atlas_label=alabel)
+
+
+def config_dict(h5, **over):
+    config = {
+        "n_classes": 3, "patch_shape": [1, 16, 16], "batch_size": 8, "steps": 4, "log_every": 1,
+        "checkpoint_every": 100, "valid_every": 1000, "amp": False,
+        "train": [{"raw": f"{h5}:raw", "label": f"{h5}:label"}],
+        "model": {"depth": 2, "base_width": 8, "norm": "batch"},
+        "optim": {"lr": 3e-3},
+        "augment": {"flip": True, "rotate90": True, "brightness": 0.0, "contrast": 0.0},
+        "lcs": {"atlas_raw": f"{h5}:atlas_raw", "atlas_label": f"{h5}:atlas_label", "classes": [1, 2],
+                "merge_prob": 0.0},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def build(h5, **over):
+    data = config_dict(h5, **over)
+    config = config_from_dict(data, sections=("lcs",))
+    return config, lcs_config_from_dict(data["lcs"], n_classes=config.n_classes)
+
+
+def dice(pred, target):
+    return 2 * np.count_nonzero(pred & target) / max(1, np.count_nonzero(pred) + np.count_nonzero(target))
+
+
+# --------------------------------------------------------------------------- model and sampling
+
+
+@pytest.mark.parametrize("n_classes", [3, 12])
+def test_one_output_channel_whatever_the_class_count(tmp_path, n_classes):
+    raw, label = cells((2, 32, 32), 1, n_classes=n_classes)
+    araw, alabel = raw[:1, :16, :16], label[:1, :16, :16]
+    h5 = write_h5(tmp_path / "many.h5", raw=raw, label=label, atlas_raw=araw, atlas_label=alabel)
+    present = sorted(int(c) for c in np.unique(alabel) if c > 0)
+    config, lcs = build(h5, n_classes=n_classes, lcs={"classes": present})
+    task = LCSTask(config, lcs)
+    model = build_model(task.model_config())
+    batch = task.batch(np.random.default_rng(0))
+    assert model(batch["raw"], batch["cond"]).shape == (8, 1, 16, 16)
+    assert batch["cond"].shape == (8, 2, 16, 16)
+    base = LCSTask(config, lcs_config_from_dict(dict(classes=present), n_classes=n_classes, baseline=True))
+    assert base.model_config()["out_channels"] == len(present) + 1
+    task.close(), base.close()
+
+
+def test_merged_classes_give_the_union_in_target_and_atlas_mask(data_h5):
+    config, lcs = build(data_h5, lcs={"merge_prob": 1.0})
+    task = LCSTask(config, lcs)
+    rng = np.random.default_rng(3)
+    data = task.sampler.batch(8, rng, None)
+    data["target"][0, :2, :2] = -1  # ignored voxels must stay ignored
+    out = task.conditioned_batch(data, rng)
+    alabel = task.atlas.label
+    for b in range(8):
+        a, c = out["classes"][b]
+        assert {int(a), int(c)} == {1, 2}
+        label = data["target"][b]
+        expected = ((label == 1) | (label == 2)).astype(np.int64)
+        expected[label == -1] = -1
+        np.testing.assert_array_equal(out["target"][b], expected)
+        np.testing.assert_array_equal(out["cond"][b, 1], ((alabel == 1) | (alabel == 2)).astype(np.float32))
+        np.testing.assert_array_equal(out["cond"][b, 0], task.atlas.image)
+    assert out["target"][0, 0, 0] == -1
+    task.close()
+
+
+def test_merge_probability_and_distinct_classes():
+    rng = np.random.default_rng(0)
+    sets = [draw_class_set([1, 2, 3, 4], rng, 0.3) for _ in range(4000)]
+    merged = np.mean([len(s) == 2 for s in sets])
+    # binomial(4000, 0.3): 5 standard deviations is about 0.036
+    assert abs(merged - 0.3) < 0.036
+    assert all(len(set(s)) == len(s) for s in sets)
+    firsts = np.bincount([s[0] for s in sets], minlength=5)[1:] / len(sets)
+    assert np.all(np.abs(firsts - 0.25) < 0.035)
+    assert draw_class_set([1, 2, 3], rng, 0.0) in [(1,), (2,), (3,)]
+    assert draw_class_set([], rng, 1.0) == ()
+
+
+def test_conditioning_selects_the_class(tmp_path, data_h5):
+    """After a short training, the class-1 condition finds bright squares, class 2 the dark ones."""
+    config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2})
+    result = train_lcs(config, lcs, tmp_path / "run", device="cpu", seed=0)
+    assert result.losses[-1] < result.losses[0]
+    lcs_model = load_lcs_model(tmp_path / "run" / "last.pt")
+    raw, label = cells((1, 32, 32), 7)
+    predictor = LabelPredictor(lcs_model.model, [1, 2], (1, 16, 16), atlas=lcs_model.atlas)
+    probs = predictor.window(raw.astype(np.float32) / 255)
+    one, two = probs[0, 0] > 0.5, probs[1, 0] > 0.5
+    gt1, gt2 = label[0] == 1, label[0] == 2
+    assert np.mean(one != two) > 0.2  # the two conditions give different segmentations
+    assert dice(one, gt1) > dice(one, gt2) + 0.2
+    assert dice(two, gt2) > dice(two, gt1) + 0.2
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _random_model_and_atlas(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(dict(ndim=2, out_channels=1, depth=2, base_width=4, norm="batch", cond_channels=2))
+    with torch.no_grad():  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 4, size=(16, 16))
+    atlas = Atlas(rng.random((16, 16)).astype(np.float32), label, (1, 16, 16), (0, 0, 0), (1, 16, 16))
+    return model, atlas
+
+
+def test_k_labels_at_once_equal_k_single_label_passes():
+    model, atlas = _random_model_and_atlas()
+    image = np.random.default_rng(1).random((2, 40, 36)).astype(np.float32)
+    together = LabelPredictor(model, [3, 1, 2], (1, 16, 16), atlas=atlas, batch_size=3, label_batch=4)
+    probs = together.window(image)
+    assert probs.shape == (3, 2, 40, 36)
+    for k, label in enumerate([3, 1, 2]):
+        alone = LabelPredictor(model, [label], (1, 16, 16), atlas=atlas, batch_size=1).window(image)
+        np.testing.assert_allclose(probs[k], alone[0], atol=1e-5)
+        # and one direct network call on a single window, with the atlas mask built independently
+        cond = np.stack([atlas.image, (atlas.label == label).astype(np.float32)])[None]
+        with torch.no_grad():
+            direct = torch.sigmoid(model(torch.from_numpy(image[0, :16, :16])[None, None], torch.from_numpy(cond)))
+        single = LabelPredictor(model, [label], (1, 16, 16), atlas=atlas, overlap=0.0).window(image[:1, :16, :16])
+        np.testing.assert_allclose(single[0, 0], direct[0, 0].numpy(), atol=1e-5)
+
+
+def test_merged_label_map_rule():
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 50)).astype(np.float32)
+    labels = [2, 5, 9]
+    merged = merge_labels(probs, labels)
+    for v in range(50):
+        p = probs[:, v]
+        expected = labels[int(np.argmax(p))] if p.max() > 0.5 else 0
+        assert merged[v] == expected
+    norm = normalised_probabilities(probs)
+    np.testing.assert_allclose(norm.sum(0), 1, atol=1e-5)
+    np.testing.assert_allclose(norm[0] / norm[1], np.prod(1 - probs, 0) / probs[0], rtol=1e-4)
+    # baseline: softmax channels, background = 1 - sum
+    soft = rng.dirichlet(np.ones(4), size=50).T.astype(np.float32)
+    base = merge_labels(soft[1:], labels, rule="softmax")
+    np.testing.assert_array_equal(base, np.array([0] + labels)[np.argmax(soft, 0)])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_with_atlas(tmp_path, data_h5):
+    config, lcs = build(data_h5, steps=2, lcs={"atlas_offset": [0, 0, 0]})
+    train_lcs(config, lcs, tmp_path / "run", device="cpu")
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["task"] == "lcs" and state["lcs"]["classes"] == [1, 2]
+    with h5py.File(data_h5) as fh:
+        araw, alabel = fh["atlas_raw"][0], fh["atlas_label"][0]
+    np.testing.assert_array_equal(state["atlas_label"].numpy(), alabel)
+    np.testing.assert_allclose(state["atlas_image"].numpy(), araw / 255.0, atol=1e-6)
+    loaded = load_lcs_model(tmp_path / "run" / "best.pt")
+    assert loaded.atlas.present == [1, 2] and loaded.classes == (1, 2)
+    assert loaded.model.config["cond_channels"] == 2 and loaded.model.config["out_channels"] == 1
+    # a tampered atlas is refused
+    state["atlas_label"] = state["atlas_label"].clone()
+    state["atlas_label"][0, 0] = 2
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="sha256"):
+        load_lcs_model(tmp_path / "bad.pt")
+
+
+def test_resume_continues_exactly(tmp_path, data_h5):
+    config, lcs = build(data_h5, steps=4, lcs={"merge_prob": 0.5})
+    full = train_lcs(config, lcs, tmp_path / "a", device="cpu", seed=3)
+    part = train_lcs(config, lcs, tmp_path / "b", device="cpu", seed=3, stop_after=2)
+    rest = train_lcs(config, lcs, tmp_path / "b", device="cpu", seed=3, resume=True)
+    np.testing.assert_allclose(part.losses + rest.losses, full.losses, rtol=1e-5)
+    other, lcs2 = build(data_h5, steps=6, lcs={"classes": [1]})
+    with pytest.raises(InputError, match="classes"):
+        train_lcs(other, lcs2, tmp_path / "b", device="cpu", resume=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _write_config(tmp_path, h5, **over):
+    path = tmp_path / "lcs.toml"
+    path.write_text(to_toml(config_dict(h5, **over)))
+    return path
+
+
+def test_cli_train_infer_end_to_end(tmp_path, data_h5):
+    runner = CliRunner()
+    cfg = _write_config(tmp_path, data_h5, steps=2, valid=[{"raw": f"{data_h5}:raw", "label": f"{data_h5}:label"}],
+                        valid_every=2)
+    result = runner.invoke(cli, ["lcs", "train", str(cfg), "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["final_step"] == 2 and set(info["last_valid"]) >= {"valid_score", "valid_dice_1", "valid_dice_2"}
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "valid_dice_1" in header and "valid_dice_2" in header
+
+    for out in (str(tmp_path / "pred.zarr"), f"{tmp_path / 'pred.h5'}:lcs"):
+        result = runner.invoke(cli, ["lcs", "infer", str(tmp_path / "run" / "best.pt"), f"{data_h5}:raw", out,
+                                     "--labels", "2,1", "--json"])
+        assert result.exit_code == 0, result.output
+        arrays = json.loads(result.stdout)["arrays"]
+        assert set(arrays) == {"prob_1", "prob_2", "labels"}
+        with open_volume(arrays["prob_1"]) as p1, open_volume(arrays["prob_2"]) as p2, \
+                open_volume(arrays["labels"]) as lab:
+            assert p1.shape == p2.shape == lab.shape == (4, 32, 32)
+            assert p1.dtype == np.float32 and lab.dtype == np.uint8
+            a, b, m = p1[...], p2[...], lab[...]
+        assert np.all((a >= 0) & (a <= 1))
+        expected = np.where(np.maximum(a, b) > 0.5, np.where(b >= a, 2, 1), 0)
+        tie = np.isclose(a, b)
+        np.testing.assert_array_equal(m[~tie], expected[~tie])
+
+    # the baseline through the same commands writes the same outputs
+    result = runner.invoke(cli, ["lcs", "train", str(cfg), "--out", str(tmp_path / "base"), "--baseline", "-q"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["lcs", "infer", str(tmp_path / "base" / "best.pt"), f"{data_h5}:raw",
+                                 str(tmp_path / "base.zarr"), "--json"])
+    assert result.exit_code == 0, result.output
+    arrays = json.loads(result.stdout)["arrays"]
+    with open_volume(arrays["prob_1"]) as p1, open_volume(arrays["prob_2"]) as p2, \
+            open_volume(arrays["labels"]) as lab:
+        a, b, m = p1[...], p2[...], lab[...]
+    assert np.all(a + b <= 1 + 1e-5)
+    expected = np.array([0, 1, 2])[np.argmax(np.stack([1 - a - b, a, b]), 0)]
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_cli_novel_labels_and_bad_inputs(tmp_path, data_h5):
+    runner = CliRunner()
+    cfg = _write_config(tmp_path, data_h5, steps=1)
+    assert runner.invoke(cli, ["lcs", "train", str(cfg), "--out", str(tmp_path / "run"), "-q"]).exit_code == 0
+    model = str(tmp_path / "run" / "best.pt")
+
+    def infer(*extra):
+        return runner.invoke(cli, ["lcs", "infer", model, f"{data_h5}:raw", str(tmp_path / "o.zarr"), *extra])
+
+    result = infer("--labels", "1,3")
+    assert result.exit_code == 2 and "unknown label 3" in _error_line(result)
+    assert not (tmp_path / "o.zarr").exists()
+    # finer labels on the atlas: class 1 split into 1 and 3, never seen in training
+    with h5py.File(data_h5) as fh:
+        fine = fh["atlas_label"][...].astype(np.int64)
+    fine[0, 8:, :12][fine[0, 8:, :12] == 1] = 3
+    write_h5(tmp_path / "fine.h5", label=fine, wrong=fine[:, :8])
+    result = infer("--labels", "1,3", "--atlas-labels", f"{tmp_path / 'fine.h5'}:label", "-q")
+    assert result.exit_code == 0, result.output
+    with open_volume(f"{tmp_path / 'o.zarr'}/prob_3") as vol:
+        assert vol.shape == (4, 32, 32)
+    result = infer("--labels", "1", "--atlas-labels", f"{tmp_path / 'fine.h5'}:wrong")
+    assert result.exit_code == 2 and "matches neither the atlas patch" in _error_line(result)
+    # atlas image and labels of different shapes in the config
+    write_h5(data_h5, short_label=np.ones((1, 16, 8), np.uint8))
+    bad = _write_config(tmp_path, data_h5, lcs={"atlas_label": f"{data_h5}:short_label"})
+    result = runner.invoke(cli, ["lcs", "train", str(bad), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "differs from atlas image" in _error_line(result)
+    bad = _write_config(tmp_path, data_h5, lcs={"classes": [1, 5]})
+    result = runner.invoke(cli, ["lcs", "train", str(bad), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "classes must lie in 1..2" in _error_line(result)

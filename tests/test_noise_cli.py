@@ -1,0 +1,377 @@
+"""``emseg noise``: blockwise synthesis of noisy labels on disk, provenance, streamed report."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import click
+import h5py
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from scipy import ndimage as ndi
+
+from conftest import synthetic, tiny_train_config, to_toml, write_h5
+from emseg import __version__
+from emseg.cli.main import cli
+from emseg.noise import (
+    TransitionCounter,
+    dilate,
+    erode,
+    flip,
+    noise_report,
+    random_labels,
+    sample,
+    shift,
+    skeleton,
+    transition_matrix,
+)
+from emseg.noise.blockwise import (
+    check_params,
+    estimate_max_width,
+    max_object_width,
+    noise_file,
+    plan_noise_blocks,
+    process_block,
+    resolve_params,
+)
+
+
+# --------------------------------------------------------------------------- helpers
+def blobs(shape, n_classes=2, sigma=3.0, seed=0, ignore_frac=0.0, dtype=np.int16):
+    """Smooth random labels: thresholded Gaussian-filtered noise (+ optional ignore voxels)."""
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.standard_normal(shape), sigma)
+    edges = np.quantile(field, np.linspace(0, 1, n_classes + 1)[1:-1])
+    lab = np.digitize(field, edges).astype(dtype)
+    if ignore_frac:
+        lab[rng.random(shape) < ignore_frac] = -1
+    return lab
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def read(spec):
+    """Array and attrs of FILE.h5:DS or DIR.zarr/ARRAY, read directly with h5py / zarr."""
+    if ".h5:" in spec:
+        path, key = spec.split(":")
+        with h5py.File(path, "r") as fh:
+            return fh[key][...], dict(fh[key].attrs)
+    path, key = spec.split(".zarr/")
+    arr = zarr.open_array(store=path + ".zarr", path=key, mode="r")
+    return arr[...], dict(arr.attrs)
+
+
+def per_block_reference(lab, fn, block_shape, halo, seed):
+    """Tile ``lab`` in C order; call ``fn(outer_region, rng, inner_in_outer)`` on each block with
+    the generator ``SeedSequence(seed, spawn_key=(flat index,))``; stitch the block cores."""
+    out = None
+    starts = [range(0, n, b) for n, b in zip(lab.shape, block_shape)]
+    grid = np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, lab.ndim)
+    for index, corner in enumerate(grid):
+        inner = [slice(int(a), min(int(a) + b, n)) for a, b, n in zip(corner, block_shape, lab.shape)]
+        outer = [slice(max(i.start - h, 0), min(i.stop + h, n)) for i, h, n in zip(inner, halo, lab.shape)]
+        core = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+        res = fn(lab[tuple(outer)], rng, core)
+        if out is None:
+            out = np.zeros(lab.shape, dtype=res.dtype)
+        out[tuple(inner)] = res[core]
+    return out
+
+
+@pytest.fixture
+def multi(tmp_path):
+    """(4, 40, 44) labels with classes 0..3 and 5 % ignore voxels, int16, in an h5 file."""
+    lab = blobs((4, 40, 44), n_classes=4, sigma=2.0, seed=1, ignore_frac=0.05)
+    write_h5(tmp_path / "in.h5", label=lab)
+    return lab, f"{tmp_path}/in.h5:label"
+
+
+# --------------------------------------------------------------------------- blockwise == whole
+@pytest.mark.parametrize("mode,fn", [("dilate", dilate), ("erode", erode)])
+@pytest.mark.parametrize("radius,per_section", [(1, False), (2, False), (2, True)])
+def test_morphology_blockwise_equals_whole(tmp_path, multi, mode, fn, radius, per_section):
+    lab, spec = multi
+    result = noise_file(spec, f"{tmp_path}/out.h5:x", mode, {"radius": radius, "per_section": per_section},
+                        block_shape=(3, 16, 16))
+    assert result.blocks == 2 * 3 * 3
+    assert result.halo == ((0 if per_section else radius), radius, radius)
+    out, _ = read(f"{tmp_path}/out.h5:x")
+    np.testing.assert_array_equal(out, fn(lab, radius, per_section=per_section))
+
+
+@pytest.mark.parametrize("per_section", [True, False])
+def test_skeleton_blockwise_equals_whole_with_measured_halo(tmp_path, per_section):
+    lab = blobs((4, 72, 72), n_classes=3, sigma=3.0, seed=5)
+    write_h5(tmp_path / "in.h5", label=lab)
+    result = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton",
+                        {"per_section": per_section}, block_shape=(2, 24, 24))
+    # the halo is the widest object, measured independently with scipy on the whole array
+    if per_section:
+        widest = max(ndi.distance_transform_edt(s == k).max() for s in lab for k in (1, 2))
+    else:
+        widest = max(ndi.distance_transform_edt(lab == k).max() for k in (1, 2))
+    width = int(np.ceil(2 * widest))
+    assert result.params["halo"] == width + 4
+    assert result.halo == ((0 if per_section else width + 4), width + 4, width + 4)
+    out, _ = read(f"{tmp_path}/out.h5:sk")
+    np.testing.assert_array_equal(out, skeleton(lab, per_section=per_section))
+
+
+def test_zero_halo_skeleton_differs_so_the_halo_matters(tmp_path):
+    lab = blobs((1, 72, 72), n_classes=2, sigma=3.0, seed=5)
+    write_h5(tmp_path / "in.h5", label=lab)
+    noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton", {"halo": 0},
+               block_shape=(1, 24, 24))
+    out, _ = read(f"{tmp_path}/out.h5:sk")
+    assert (out != skeleton(lab)).sum() > 20
+
+
+def test_width_scan_matches_whole_array_and_refuses_too_wide():
+    lab = blobs((3, 60, 60), n_classes=3, sigma=2.5, seed=2)
+    for per_section in (True, False):
+        if per_section:
+            expected = max(ndi.distance_transform_edt(s == k).max() for s in lab for k in (1, 2))
+        else:
+            expected = max(ndi.distance_transform_edt(lab == k).max() for k in (1, 2))
+        expected = int(np.ceil(2 * expected))
+        assert max_object_width(lab, per_section=per_section) == expected
+        assert estimate_max_width(lab, per_section=per_section, block_shape=(2, 16, 16), margin=30) == expected
+    square = np.zeros((50, 50), np.int16)
+    square[5:45, 5:45] = 1  # width 40 (EDT 20) > 2 * margin 8
+    with pytest.raises(ValueError, match="wider than 16 voxels"):
+        estimate_max_width(square, block_shape=(20, 20), margin=8)
+
+
+# --------------------------------------------------------------------------- random modes: per-block semantics
+def test_random_modes_equal_per_block_core_calls(tmp_path, multi):
+    lab, spec = multi
+    block, seed = (2, 16, 16), 11
+    cases = {
+        "flip": ({"p": 0.45}, (0, 0, 0), lambda r, g, c: flip(r, 0.45, n_classes=4, rng=g)),
+        "sample": ({"p": 0.1}, (0, 0, 0), lambda r, g, c: sample(r, 0.1, rng=g, unsampled=-1)),
+        "shift": ({"radius": 2}, (2, 2, 2), lambda r, g, c: shift(r, 2, rng=g)),
+        "random": ({"p": 0.3}, (0, 0, 0),
+                   lambda r, g, c: np.where(r < 0, -1, random_labels(r.shape, 0.3, n_classes=4, rng=g,
+                                                                     dtype=np.int16)).astype(np.int16)),
+    }
+    for mode, (params, halo, fn) in cases.items():
+        result = noise_file(spec, f"{tmp_path}/out.h5:{mode}", mode, params, seed=seed, block_shape=block)
+        assert result.halo == halo
+        out, _ = read(f"{tmp_path}/out.h5:{mode}")
+        expected = per_block_reference(lab, fn, block, halo, seed)
+        np.testing.assert_array_equal(out, expected, err_msg=mode)
+        assert out.dtype == expected.dtype
+        np.testing.assert_array_equal(out[lab == -1], -1)
+
+
+def test_process_block_is_order_independent():
+    lab = blobs((3, 30, 30), n_classes=3, seed=3)
+    params = resolve_params(lab, "flip", {"p": 0.3})
+    blocks = plan_noise_blocks(lab.shape, "flip", params, (2, 10, 10))
+    forward = [process_block(lab, b, "flip", params, 5) for b in blocks]
+    backward = [process_block(lab, b, "flip", params, 5) for b in reversed(blocks)][::-1]
+    for a, b in zip(forward, backward):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_flip_counts_exact_per_block_and_n_classes_global(tmp_path):
+    # class 2 occurs in one corner only: blocks without it must still flip into class 2
+    lab = np.zeros((2, 32, 32), np.uint8)
+    lab[:, 8:24, 8:24] = 1
+    lab[:, :4, :4] = 2
+    write_h5(tmp_path / "in.h5", label=lab)
+    res = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:f", "flip", {"p": 0.3}, block_shape=(2, 16, 16))
+    assert res.params["n_classes"] == 3
+    out, _ = read(f"{tmp_path}/o.h5:f")
+    far = out[:, 16:, 16:]  # a block where the input holds classes 0 and 1 only
+    assert (far == 2).any()
+    for b in plan_noise_blocks(lab.shape, "flip", res.params, (2, 16, 16)):
+        clean, noisy = lab[b.inner], out[b.inner]
+        for k in range(3):
+            n_k = int((clean == k).sum())
+            assert int(((clean == k) & (noisy != k)).sum()) == round(0.3 * n_k)
+
+
+# --------------------------------------------------------------------------- CLI: determinism, provenance, formats
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+@pytest.mark.parametrize("mode_args", [["--flip", "0.45"], ["--sample", "0.2"], ["--random", "0.1"],
+                                       ["--shift", "1"]])
+def test_cli_same_seed_same_output(tmp_path, multi, fmt, mode_args):
+    _, spec = multi
+    outs = [f"{tmp_path}/a.h5:n", f"{tmp_path}/b.h5:n"] if fmt == "h5" else \
+        [f"{tmp_path}/a.zarr/n", f"{tmp_path}/b.zarr/n"]
+    for out in outs:
+        result = run("noise", spec, out, *mode_args, "--seed", 3, "--block", "2,20,20", "-q")
+        assert result.exit_code == 0, result.output
+    other = outs[0].replace("a.", "c.")
+    assert run("noise", spec, other, *mode_args, "--seed", 4, "--block", "2,20,20", "-q").exit_code == 0
+    a, b, c = read(outs[0])[0], read(outs[1])[0], read(other)[0]
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_provenance_attributes(tmp_path, multi, fmt):
+    _, spec = multi
+    out = f"{tmp_path}/o.h5:noisy" if fmt == "h5" else f"{tmp_path}/o.zarr/noisy"
+    result = run("noise", spec, out, "--dilate", "2", "--per-section", "--seed", 9, "--block", "2,16,16", "-q")
+    assert result.exit_code == 0, result.output
+    data, attrs = read(out)
+    assert attrs["noise_mode"] == "dilate"
+    assert json.loads(attrs["noise_params"]) == {"radius": 2, "per_section": True}
+    assert int(attrs["noise_seed"]) == 9
+    assert attrs["noise_source"].endswith("in.h5:label") and attrs["noise_source"].startswith("/")
+    assert attrs["emseg_version"] == __version__
+    assert list(attrs["noise_block_shape"]) == [2, 16, 16]
+    assert list(attrs["noise_halo"]) == [0, 2, 2]
+    assert data.dtype == np.int16 and data.shape == (4, 40, 44)
+
+
+def test_global_seed_option_is_used(tmp_path, multi):
+    _, spec = multi
+    assert run("--seed", 5, "noise", spec, f"{tmp_path}/a.h5:x", "--flip", ".3", "-q").exit_code == 0
+    assert run("noise", spec, f"{tmp_path}/b.h5:x", "--flip", ".3", "--seed", 5, "-q").exit_code == 0
+    a, attrs = read(f"{tmp_path}/a.h5:x")
+    np.testing.assert_array_equal(a, read(f"{tmp_path}/b.h5:x")[0])
+    assert int(attrs["noise_seed"]) == 5
+
+
+# --------------------------------------------------------------------------- report
+def test_report_json_flip_diagonal(tmp_path, multi):
+    lab, spec = multi
+    result = run("noise", spec, f"{tmp_path}/o.h5:f", "--flip", "0.45", "--report", "--json",
+                 "--block", "2,20,22")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    rep = payload["report"]
+    assert rep["n_classes"] == 4 and rep["rank"] == 4
+    n_blocks = payload["blocks"]
+    clean_counts = np.array(rep["clean_counts"])
+    np.testing.assert_array_equal(clean_counts, [(lab == k).sum() for k in range(4)])
+    # per-block rounding: at most half a voxel per block and class away from 1 - p
+    diag = np.diag(np.array(rep["matrix"]))
+    assert np.all(np.abs(diag - 0.55) <= 0.5 * n_blocks / clean_counts + 1e-12)
+    # the streamed report equals the report of the whole arrays
+    out, _ = read(f"{tmp_path}/o.h5:f")
+    whole = noise_report(lab, out, 4)
+    assert rep["counts"] == whole["counts"] and rep["kept_fraction"] == whole["kept_fraction"]
+
+
+def test_report_random_labels_rows_alike(tmp_path):
+    lab = blobs((4, 64, 64), n_classes=2, seed=8)
+    write_h5(tmp_path / "in.h5", label=lab)
+    result = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r", "--random", "0.1", "--report",
+                 "--json", "--seed", 1)
+    rep = json.loads(result.stdout)["report"]
+    m = np.array(rep["matrix"])
+    # every row is Bernoulli(0.1) on ~8000 voxels: within 5 standard errors of (0.9, 0.1)
+    se = np.sqrt(0.09 / np.array(rep["clean_counts"]))
+    assert np.all(np.abs(m[:, 1] - 0.1) < 5 * se)
+
+
+def test_report_human_table(tmp_path, multi):
+    _, spec = multi
+    result = run("noise", spec, f"{tmp_path}/o.h5:f", "--sample", "0.5", "--report")
+    assert result.exit_code == 0, result.output
+    assert "rank 4 of 4" in result.stdout and "labelled" in result.stdout
+
+
+def test_transition_counter_equals_whole_array():
+    rng = np.random.default_rng(0)
+    clean = rng.integers(-1, 3, (30, 40))
+    noisy = rng.integers(-1, 5, (30, 40))
+    counter = TransitionCounter()
+    for part in np.array_split(np.arange(30), 4):  # classes 3, 4 appear late: the counter grows
+        counter.update(clean[part], noisy[part])
+    np.testing.assert_array_equal(counter.transition().counts, transition_matrix(clean, noisy).counts)
+    assert counter.report() == noise_report(clean, noisy)
+
+
+# --------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("args,needle", [
+    (["--flip", "1.5"], "p must be in [0, 1]"),
+    (["--flip-fg", "-0.1"], "p_fg must be in [0, 1]"),
+    (["--sample", "2"], "p must be in [0, 1]"),
+    (["--random", "-0.5"], "p must be in [0, 1]"),
+    (["--dilate", "-1"], "radius must be an integer >= 0"),
+    (["--shift", "-2"], "radius must be an integer >= 0"),
+    (["--flip", "0.4", "--erode", "1"], "--flip and --erode given"),
+    (["--skeleton", "--sample", "0.1"], "--sample and --skeleton given"),
+    ([], "no mode given"),
+    (["--dilate", "1", "--unsampled", "0"], "--unsampled applies to --sample only"),
+    (["--erode", "1", "--halo", "3"], "--halo applies to --skeleton only"),
+    (["--flip-fg", "0.2"], "binary labels only"),
+    (["--flip", "0.2", "--n-classes", "1"], "n_classes must be an integer >= 2"),
+    (["--flip", "0.2", "--seed", "-1"], "seed must be an integer >= 0"),
+    (["--dilate", "1", "--block", "4,4"], "block shape"),
+])
+def test_bad_arguments_one_line_exit_2_no_output(tmp_path, multi, args, needle):
+    _, spec = multi
+    result = run("noise", spec, f"{tmp_path}/out.h5:x", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0]
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.h5"]
+
+
+def test_bad_input_exit_2(tmp_path, multi):
+    lab, spec = multi
+    write_h5(tmp_path / "in.h5", floats=lab.astype(np.float32))
+    for args, needle in [
+        ([spec, spec, "--flip", ".2"], "OUTPUT must differ from INPUT"),
+        ([f"{tmp_path}/in.h5:floats", f"{tmp_path}/o.h5:x", "--flip", ".2"], "labels must be integers"),
+        ([f"{tmp_path}/missing.h5:x", f"{tmp_path}/o.h5:x", "--flip", ".2"], "no such file"),
+        ([spec, f"{tmp_path}/o.h5:x", "--flip", ".2", "--n-classes", "3"], "n_classes=3"),
+    ]:
+        result = run("noise", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr, result.stderr
+    assert not (tmp_path / "o.h5").exists()
+
+
+# --------------------------------------------------------------------------- downstream use and dispatch
+def test_sampled_labels_train(tmp_path):
+    vol = synthetic((4, 64, 64), 0)
+    write_h5(tmp_path / "train.h5", raw=vol.raw, label=vol.label)
+    result = run("noise", f"{tmp_path}/train.h5:label", f"{tmp_path}/train.h5:sampled", "--sample", "0.1",
+                 "--unsampled", "-1", "-q")
+    assert result.exit_code == 0, result.output
+    sampled, _ = read(f"{tmp_path}/train.h5:sampled")
+    assert (sampled == -1).mean() == pytest.approx(0.9, abs=0.01)
+    config = tiny_train_config(tmp_path / "train.h5", steps=2)
+    config["train"] = [{"raw": f"{tmp_path}/train.h5:raw", "label": f"{tmp_path}/train.h5:sampled"}]
+    (tmp_path / "t.toml").write_text(to_toml(config))
+    result = run("train", tmp_path / "t.toml", "--out", tmp_path / "run", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_igtt_subcommand_dispatches(monkeypatch):
+    @click.command("igtt")
+    @click.argument("raw")
+    @click.option("--out")
+    def fake(raw, out):
+        click.echo(f"igtt got {raw} {out}")
+
+    monkeypatch.setitem(sys.modules, "emseg.cli.igtt", types.SimpleNamespace(command=fake))
+    result = run("noise", "igtt", "r.h5:raw", "--out", "d")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "igtt got r.h5:raw d"
+
+
+def test_check_params_defaults_and_unknown():
+    assert check_params("skeleton") == {"per_section": True, "halo": None}
+    assert check_params("flip", {"p_fg": 0.2}) == {"p": None, "p_fg": 0.2, "p_bg": None, "n_classes": None}
+    with pytest.raises(ValueError, match="unknown parameter"):
+        check_params("dilate", {"radius": 1, "p": 0.3})
+    with pytest.raises(ValueError, match="not resolved"):
+        process_block(np.zeros((4, 4), int), plan_noise_blocks((4, 4), "flip", {"p": 0.1})[0], "flip",
+                      check_params("flip", {"p": 0.1}), 0)
