@@ -58,14 +58,14 @@ def load(path: Path, sections: list[int], crop: int, target: str) -> tuple[np.nd
     return raw, np.isin(label, TARGETS[target]).astype(np.int64)
 
 
-def run_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
+def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
     cfg = IGTTConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                      patch_shape=(args.patch, args.patch), depth=args.depth, base_width=args.base_width,
                      n_thresholds=args.thresholds, shift_radius=args.shift_radius,
                      sample_fraction=args.sample_fraction, ems=use_ems, predict_window=args.predict_window,
                      baselines=False)
     t0 = time.perf_counter()
-    res = igtt(raw, cfg, tmp / f"igtt_{'ems' if use_ems else 'noems'}_{seed}", label=truth, foreground=[1],
+    res = run_igtt(raw, cfg, tmp / f"igtt_{'ems' if use_ems else 'noems'}_{seed}", label=truth, foreground=[1],
                device=args.device, seed=seed)
     row = dict(res.scores, seconds=time.perf_counter() - t0, fg_fraction=res.fg_fraction,
                epochs=[{k: r[k] for k in ("epoch", "fg_fraction", "inverted", "dice", "auc")} for r in res.rows])
@@ -154,7 +154,7 @@ def main() -> int:
             for name, use_ems in (("igtt", True), ("igtt-noems", False)):
                 if name in skip:
                     continue
-                row = run_igtt(eval_raw, truth, args, tmp, seed, use_ems)
+                row = bench_igtt(eval_raw, truth, args, tmp, seed, use_ems)
                 results.setdefault(name, []).append(row)
                 print(json.dumps({"run": name, "seed": seed, **{k: (round(v, 4) if isinstance(v, float) else v)
                                                                  for k, v in row.items() if k != "epochs"}}),

@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 
 from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
-from emseg.noise.igtt import IGTTConfig, igtt
+from emseg.noise.igtt import IGTTConfig, run_igtt
 
 _D = IGTTConfig()
 
@@ -91,7 +91,7 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
             if info["phase"] == "train":
                 update(info["step"], info["total"], f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}")
 
-        result = igtt(raw, cfg, out_dir, label=label, foreground=_parse_ints(foreground, "--foreground"),
+        result = run_igtt(raw, cfg, out_dir, label=label, foreground=_parse_ints(foreground, "--foreground"),
                       device=app.device, seed=app.seed, progress=progress, resume=resume)
 
     def render(console):

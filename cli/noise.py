@@ -87,7 +87,15 @@ def _load(name: str) -> click.Command:
     return unavailable
 
 
-@click.command(DEFAULT_COMMAND, hidden=True, help=HELP)
+class _DefaultCommand(click.Command):
+    """The synthesis command; its usage line omits its own name, which is never typed."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        path = ctx.parent.command_path if ctx.parent is not None else ctx.command_path
+        formatter.write_usage(path, "INPUT OUTPUT (--flip P | --sample P | ...) [OPTIONS]")
+
+
+@click.command(DEFAULT_COMMAND, cls=_DefaultCommand, hidden=True, help=HELP)
 @click.argument("input_spec", metavar="INPUT")
 @click.argument("output_spec", metavar="OUTPUT")
 @click.option("--flip", "flip_p", type=float, default=None, metavar="P",
@@ -115,7 +123,8 @@ def _load(name: str) -> click.Command:
                    "[default: per section for --skeleton, 3D for --dilate/--erode/--shift].")
 @click.option("--halo", type=int, default=None,
               help="With --skeleton: halo in voxels [default: widest object + 4, measured].")
-@click.option("--block", default=None, help="Block shape z,y,x (or y,x) [default: 16,512,512].")
+@click.option("--block", default=None,
+              help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
 @click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,

@@ -94,9 +94,14 @@ def open_client(scheduler: str, *, workers: int | None = None, processes: bool =
         raise InputError(f"--workers must be >= 1, got {workers}")
     if scheduler == "local":
         distributed = require_distributed()
-        cluster = distributed.LocalCluster(
-            n_workers=workers or default_workers(), threads_per_worker=1, processes=processes,
-            dashboard_address=None, silence_logs=logging.CRITICAL)  # failures are reported by run_blocks
+        import dask
+
+        # dask sets MALLOC_TRIM_THRESHOLD_ in new workers, which also freezes glibc's mmap threshold:
+        # every large tensor is then mapped and unmapped anew, and torch inference runs ~2x slower.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = distributed.LocalCluster(
+                n_workers=workers or default_workers(), threads_per_worker=1, processes=processes,
+                dashboard_address=None, silence_logs=logging.CRITICAL)  # failures are reported by run_blocks
         client = distributed.Client(cluster)
         try:
             yield client

@@ -51,4 +51,4 @@ __all__ = [
     "transition_from_counts",
     "transition_matrix",
 ]
-from emseg.noise.igtt import IGTTConfig, igtt  # noqa: E402
+from emseg.noise.igtt import IGTTConfig, run_igtt  # noqa: E402

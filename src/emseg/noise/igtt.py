@@ -735,7 +735,7 @@ def _ems_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(epoch), 7)))
 
 
-def igtt(
+def run_igtt(
     raw: Any,
     config: IGTTConfig | None,
     out_dir: str | Path,
@@ -793,7 +793,7 @@ def igtt(
     >>> import numpy as np
     >>> img = np.random.default_rng(0).integers(0, 60, (64, 64)).astype(np.uint8)
     >>> img[20:30, 20:30] = 220
-    >>> res = igtt(img, IGTTConfig(epochs=2, steps_per_epoch=5, patch_shape=(32, 32), depth=2,
+    >>> res = run_igtt(img, IGTTConfig(epochs=2, steps_per_epoch=5, patch_shape=(32, 32), depth=2,
     ...                            base_width=4), "runs/igtt")  # doctest: +SKIP
     >>> res.final_epoch  # doctest: +SKIP
     2
