@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bce-weight", type=float, default=0.0, help="LCS BCE weight added to soft Dice.")
     parser.add_argument("--test-crop", type=int, default=512, help="Side of the central crop of test sections.")
     parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a few shared cores).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="Folder for derived data and runs [default: new in /tmp].")
     parser.add_argument("--json-out", default=None, help="Also write the figures as JSON here.")

@@ -74,7 +74,7 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
     train_h5, test_h5 = tmp / "train.h5", tmp / "test.h5"
     cfg = config_from_dict({
         "n_classes": 2, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
-        "steps": 10**6, "max_seconds": args.seconds, "log_every": 50, "checkpoint_every": 10**6,
+        "steps": args.steps or 10**6, "max_seconds": args.seconds, "log_every": 50, "checkpoint_every": 10**6,
         "valid_every": 10**6, "example_ignore_threshold": 1.0,
         "train": [{"raw": f"{train_h5}:raw", "label": f"{train_h5}:{label_key}"}],
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch"},
@@ -96,6 +96,9 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60, help="training budget per run (config max_seconds)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fixed number of training steps per run (--seconds then only caps it); "
+                         "the same steps for every run compare labels fairly on a machine whose load varies")
     ap.add_argument("--base-width", type=int, default=8, help="U-Net base width")
     ap.add_argument("--depth", type=int, default=3, help="U-Net depth")
     ap.add_argument("--patch", type=int, default=64, help="square training patch side (voxels)")
@@ -125,7 +128,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
     print("machine:", machine())
-    print(f"budget: {args.seconds:g} s training per run, base width {args.base_width}, patch {args.patch}, "
+    steps = f"{args.steps} steps (capped at {args.seconds:g} s)" if args.steps else f"{args.seconds:g} s"
+    print(f"budget: {steps} training per run, base width {args.base_width}, patch {args.patch}, "
           f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {args.threads} torch thread(s), "
           f"test overlap {args.overlap}, dilation radius {args.dilate_radius}, depth {args.depth}, "
           f"downsample {args.downsample}")

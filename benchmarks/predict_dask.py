@@ -5,20 +5,21 @@
    base width 12, 5 classes; throughput does not depend on the weights), patch 1 x 128 x 128,
    blocks 2 x 256 x 256, probabilities into zarr:
 
-   * in-process (:func:`emseg.predict.predict_file` without a scheduler), torch with its default
-     thread count and with one thread;
+   * in-process (:func:`emseg.predict.predict_file` without a scheduler), torch with one thread
+     (the reference of the ratios: workers use one thread each) and with its default thread count
+     (run once, warm);
    * a LocalCluster of 1 and of 2 worker processes (one thread each), through
      :func:`emseg.distributed.predict_resumable` with an already started client.
 
-   Each configuration runs twice; the second (warm: model loaded, kernels initialised) is the
-   throughput figure, the first is reported as "cold". Cluster start-up time is reported apart.
+   Each configuration runs once cold, then ``--repeats`` times warm (model loaded, kernels
+   initialised; the default-thread one only once): the median warm time is the throughput figure. Cluster start-up time is reported apart.
    The cluster outputs are checked to equal the one-thread in-process output exactly.
 2. Scheduling overhead per block: :func:`emseg.distributed.run_blocks` over 400 no-op blocks on
    the 2-worker cluster, with and without done markers, and in-process for comparison.
 
 Usage::
 
-    python benchmarks/predict_dask.py [--shape 4,512,512] [--json-out /tmp/predict_dask.json]
+    python benchmarks/predict_dask.py [--shape 4,512,512] [--repeats 3] [--json-out /tmp/predict_dask.json]
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4,512,512")
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs per configuration (median)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -96,15 +98,17 @@ def main() -> None:
 
         def run(name: str, **kw) -> tuple[float, float]:
             cold = timed(lambda: predict_file(config(name + "-cold"), **kw))
-            warm = timed(lambda: predict_file(config(name), **kw))
-            return cold, warm
+            warm = [timed(lambda: predict_file(config(name), **kw)) for _ in range(args.repeats)]
+            return cold, float(np.median(warm))
 
         rows = {}
         default_threads = torch.get_num_threads()
-        rows[f"in-process, {default_threads} torch threads"] = run("inproc")
         torch.set_num_threads(1)
         rows["in-process, 1 torch thread"] = run("inproc1")
         torch.set_num_threads(default_threads)
+        if default_threads != 1:  # kernels are warm now: one run is enough
+            rows[f"in-process, {default_threads} torch threads"] = (
+                float("nan"), timed(lambda: predict_file(config("inproc"))))
         reference = zarr.open_array(store=str(work / "inproc1.zarr"), mode="r")[...]
         startup = {}
         equal = {}
@@ -130,16 +134,16 @@ def main() -> None:
             blocks = plan_blocks((400, 1, 1), (1, 1, 1), (0, 0, 0))
         overhead["in-process"] = run_blocks(noop, blocks).seconds / len(blocks)
 
-    base = rows[f"in-process, {default_threads} torch threads"][1]
+    base = rows["in-process, 1 torch thread"][1]
     print(f"machine: {results['machine']}")
     print(f"volume: {results['source']}, {voxels:,} voxels, {results['blocks']} blocks of {BLOCK}, patch {PATCH}, "
           f"U-Net depth {MODEL['depth']} width {MODEL['base_width']}, {MODEL['out_channels']} classes")
-    print(f"{'configuration':42s} {'cold s':>8s} {'warm s':>8s} {'voxels/s':>10s} {'vs in-process':>14s}")
+    print(f"{'configuration':42s} {'cold s':>8s} {'warm s':>8s} {'voxels/s':>10s} {'vs in-process 1 thread':>23s}")
     out_rows = []
     for name, (cold, warm) in rows.items():
-        print(f"{name:42s} {cold:8.2f} {warm:8.2f} {voxels / warm:10,.0f} {base / warm:13.2f}x")
+        print(f"{name:42s} {cold:8.2f} {warm:8.2f} {voxels / warm:10,.0f} {base / warm:22.2f}x")
         out_rows.append({"config": name, "cold_s": cold, "warm_s": warm, "voxels_per_s": voxels / warm,
-                         "ratio_vs_in_process": base / warm})
+                         "ratio_vs_in_process_1_thread": base / warm})
     for workers, seconds in startup.items():
         print(f"LocalCluster start-up, {workers} worker(s): {seconds:.2f} s; output equal to 1-thread in-process: "
               f"{equal[workers]}")

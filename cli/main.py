@@ -7,7 +7,7 @@ import traceback
 import click
 
 from emseg import __version__
-from emseg.errors import EmsegError, InputError, TrainingDiverged
+from emseg.errors import InputError, TrainingDiverged
 from emseg.cli._ui import AppState
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
@@ -21,8 +21,11 @@ class EmsegGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except (InputError, TrainingDiverged, FileNotFoundError) as exc:
-            self._fail(ctx, exc, 2 if not isinstance(exc, TrainingDiverged) else 1)
+        except TrainingDiverged as exc:
+            self._fail(ctx, exc, 1)
+        except (InputError, ValueError, FileNotFoundError) as exc:
+            # Cores raise ValueError (InputError is one) for bad arguments: a usage problem, exit 2.
+            self._fail(ctx, exc, 2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
@@ -35,7 +38,7 @@ class EmsegGroup(click.Group):
         if app is not None and app.verbose:
             traceback.print_exception(exc, file=sys.stderr)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, EmsegError) and not prefix:
+        if prefix:
             message = f"{type(exc).__name__}: {message}"
         click.echo(f"error: {prefix}{message}", err=True)
         ctx.exit(code)

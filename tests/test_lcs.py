@@ -17,6 +17,7 @@ from emseg.errors import InputError
 from emseg.io import open_volume
 from emseg.lcs import (
     Atlas,
+    choose_offset,
     LabelPredictor,
     LCSTask,
     draw_class_set,
@@ -159,6 +160,26 @@ def test_conditioning_selects_the_class(tmp_path, data_h5):
     assert dice(two, gt2) > dice(two, gt1) + 0.2
 
 
+def test_atlas_offset_search_matches_brute_force():
+    rng = np.random.default_rng(5)
+    for trial in range(3):
+        label = rng.choice(5, size=(3, 20, 17), p=[0.85, 0.06, 0.05, 0.03, 0.01])
+        patch, classes = (2, 8, 6), [1, 2, 3, 4]
+        found = choose_offset(label, patch, classes)
+        starts = [sorted(set(list(range(0, s - p + 1, max(1, p // 2))) + [s - p])) for s, p in zip(label.shape, patch)]
+        best_key, best = None, None
+        for z in starts[0]:
+            for y in starts[1]:
+                for x in starts[2]:
+                    window = label[z:z + patch[0], y:y + patch[1], x:x + patch[2]]
+                    counts = [int((window == c).sum()) for c in classes]
+                    dist = sum(abs(a - (s - p) / 2) for a, s, p in zip((z, y, x), label.shape, patch))
+                    key = (sum(c > 0 for c in counts), min(counts), -dist)
+                    if best_key is None or key > best_key:
+                        best_key, best = key, (z, y, x)
+        assert found == best
+
+
 # --------------------------------------------------------------------------- inference
 
 
@@ -205,6 +226,9 @@ def test_merged_label_map_rule():
         assert merged[v] == expected
     norm = normalised_probabilities(probs)
     np.testing.assert_allclose(norm.sum(0), 1, atol=1e-5)
+    literal = np.array([0] + labels)[np.argmax(norm, 0)]  # the rule as stated: argmax, then 0.5
+    literal[probs.max(0) <= 0.5] = 0
+    np.testing.assert_array_equal(merged, literal)
     np.testing.assert_allclose(norm[0] / norm[1], np.prod(1 - probs, 0) / probs[0], rtol=1e-4)
     # baseline: softmax channels, background = 1 - sum
     soft = rng.dirichlet(np.ones(4), size=50).T.astype(np.float32)

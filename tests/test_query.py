@@ -412,8 +412,17 @@ def test_simulate_rows_resume_and_cli(trained, tmp_path):
         run_simulation(config, tmp_path / "b", device="cpu", progress=stop_after_three, plot=False)
     with open(tmp_path / "b" / "curves.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+    # interrupted again between a selection (already stored) and its fine-tuning
+    def stop_before_training(event):
+        if event["event"] == "phase" and event["phase"] == "train" and event["iteration"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_simulation(config, tmp_path / "b", device="cpu", progress=stop_before_training, plot=False)
     resumed = run_simulation(config, tmp_path / "b", device="cpu", plot=False)
-    assert resumed.computed == 3
+    assert resumed.computed == 1
+    assert [r["n_labelled"] for r in resumed.rows] == [r["n_labelled"] for r in full.rows]
     cols = ["jaccard_0", "jaccard_1", "jaccard_2", "mean_fg_jaccard"]
     assert [[r[c] for c in cols] for r in resumed.rows] == [
         pytest.approx([r[c] for c in cols], nan_ok=True) for r in full.rows]
@@ -437,7 +446,9 @@ def test_simulate_config_errors(trained, tmp_path):
         load_simulate_config(_sim_config(tmp_path, data, strategies=["bald"]))
     with pytest.raises(InputError, match="unknown key"):
         load_simulate_config(_sim_config(tmp_path, data, typo=1))
-    with pytest.raises(ValueError, match="unknown strategy"):
+    with pytest.raises(InputError, match="unknown strategy"):
         load_simulate_config(_sim_config(tmp_path, data, strategies=["nope"]))
+    bad = CliRunner().invoke(cli, ["query", "simulate", str(tmp_path / "sim.toml"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown strategy" in bad.output
     with pytest.raises(InputError, match="candidates"):
         load_simulate_config(_sim_config(tmp_path, data, candidates=3))

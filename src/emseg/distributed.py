@@ -483,6 +483,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
 
     Examples
     --------
+    >>> from emseg.predict import PredictConfig
     >>> cfg = PredictConfig("best.pt", "stack.h5:raw", "pred.zarr/probs", scheduler="local", workers=4)
     >>> predict_resumable(cfg).blocks_computed  # doctest: +SKIP
     48
@@ -558,7 +559,10 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         zarr.create_array(store=str(store), name=key or None, shape=shape, dtype=dtype, chunks=chunks,
                           compressors=_zarr_compressors(dtype), fill_value=0,
                           attributes=dict(attrs, **{RESUME_ATTR: params}))
-    fail = tuple(int(i) for i in os.environ.get(FAIL_BLOCKS_ENV, "").replace(" ", "").split(",") if i)
+    try:
+        fail = tuple(int(i) for i in os.environ.get(FAIL_BLOCKS_ENV, "").replace(" ", "").split(",") if i)
+    except ValueError:
+        raise InputError(f"{FAIL_BLOCKS_ENV} must list block indices, e.g. 3,7") from None
     job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                      input=str(in_spec), store=str(store), key=key, patch_shape=tuple(patch),
                      overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
@@ -580,10 +584,14 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
     run = run_blocks(functools.partial(predict_block_task, job=job), blocks, scheduler=config.scheduler,
                      workers=config.workers, client=client, retries=config.retries, done=markers,
                      on_done=on_done, failure_source=str(config.output), failure_hint=hint)
-    array = zarr.open_array(store=str(store), path=key or None, mode="r+")
-    del array.attrs[RESUME_ATTR]
-    markers.clear()
+    if client is None and config.scheduler is None:
+        _MODELS.clear()  # the in-process run is over: do not keep its network in memory
+    # The data are complete: rename first, then drop the bookkeeping (a crash in between leaves a
+    # complete output with a stale attribute, never a partial without its parameters).
     replace_output(partial, final)
+    array = zarr.open_array(store=str(out_spec.path), path=out_spec.key or None, mode="r+")
+    del array.attrs[RESUME_ATTR]
+    DoneMarkers(final / DONE_DIR).clear()
     stats = PredictStats(progress_state["computed"], len(blocks), run.seconds)
     return PredictResult(str(parse_spec(config.output)), shape, n_classes, patch, block_shape, stats,
                          blocks_computed=len(run.computed), blocks_skipped=len(run.skipped))

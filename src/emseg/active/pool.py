@@ -25,6 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from emseg.active.export import (
+    QUERY_FORMAT,
+    QUERY_FORMAT_VERSION,
+    export_crops,
+    napari_note,
+    query_paths,
+    write_queries,
+)
 from emseg.active.registry import Strategy, get_strategy
 from emseg.active.scores import REDUCTIONS
 from emseg.data.sampling import to_float
@@ -783,8 +791,6 @@ class QueryResult:
         return "zyx"[-len(self.patch_shape):]
 
     def to_dict(self) -> dict[str, Any]:
-        from emseg.active.export import QUERY_FORMAT, QUERY_FORMAT_VERSION, napari_note
-
         return {
             "format": QUERY_FORMAT, "version": QUERY_FORMAT_VERSION, "axes": self.axes,
             "convention": napari_note(self.axes),
@@ -827,7 +833,6 @@ def query_files(config: QueryConfig, *,
     """
     from contextlib import ExitStack
 
-    from emseg.active.export import export_crops, query_paths, write_queries
     from emseg.checkpoint import load_model
     from emseg.device import resolve_device
     from emseg.io import check_raw, open_volume

@@ -254,7 +254,10 @@ def check_simulate_config(config: SimulateConfig) -> None:
         raise InputError(f"'seeds' must be a non-empty list of distinct integers, got {list(config.seeds)}")
     if not config.strategies:
         raise InputError("'strategies' is empty")
-    names = [get_strategy(s).name for s in config.strategies]
+    try:
+        names = [get_strategy(s).name for s in config.strategies]
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if len(set(names)) != len(names):
         raise InputError(f"'strategies' lists a strategy twice: {list(config.strategies)}")
     if config.reduction not in ("mean", "sum"):
@@ -677,13 +680,14 @@ def run_simulation(
                 fresh = False
             emit_row({"strategy": strategy, "seed": seed, "iteration": 0, "n_labelled": len(init_idx),
                       **init_state["row"]}, fresh or fresh_initial)
+            done_rows = min(len(state["rows"]), config.iterations)
             labelled = list(init_idx)
-            for sel in state["selections"]:
+            for sel in state["selections"][:len(state["rows"])]:
                 labelled += sel
             stored_offsets = [offsets[i] for sel in state["selections"] for i in sel]
             if stored_offsets != [o for sel in state["offsets"] for o in sel]:
                 raise InputError("stored boxes do not match the pool; choose another --out", source=str(state_path))
-            for row in state["rows"][: config.iterations]:
+            for row in state["rows"][:done_rows]:
                 emit_row(row, False)
             prev_weights = init_dir / "last.pt"
             if state["rows"]:

@@ -20,9 +20,9 @@ from emseg.errors import InputError
 from emseg.io import check_raw, open_volume
 
 #: Largest atlas label volume (voxels) searched for a default offset.
-MAX_SEARCH_VOXELS = 1 << 27
+MAX_SEARCH_VOXELS = 1 << 26
 #: Largest number of candidate offsets tried by the search (the stride grows beyond it).
-MAX_CANDIDATES = 20000
+MAX_CANDIDATES = 1 << 16
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -149,12 +149,44 @@ def _region(offset: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(int(o), int(o) + int(p)) for o, p in zip(offset, patch))
 
 
+def _window_starts(size: int, patch: int, stride: int) -> np.ndarray:
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def window_counts(label: np.ndarray, patch_shape: Sequence[int], value: int,
+                  starts: Sequence[np.ndarray]) -> np.ndarray:
+    """Voxels equal to ``value`` in every window of ``patch_shape`` starting at the grid ``starts``.
+
+    Uses an integral image (summed-area table), so the cost does not depend on the window size.
+    Returns an int64 array of shape ``tuple(len(s) for s in starts)``.
+
+    Examples
+    --------
+    >>> window_counts(np.eye(4, dtype=int), (2, 2), 1, [np.array([0, 2]), np.array([0, 1, 2])]).tolist()
+    [[2, 1, 0], [0, 1, 2]]
+    """
+    table = (np.asarray(label) == value).astype(np.int32)
+    for axis in range(table.ndim):
+        table = np.cumsum(table, axis=axis, dtype=np.int64 if table.size >= 2**31 else np.int32)
+    table = np.pad(table, [(1, 0)] * table.ndim)
+    total = np.zeros(tuple(len(s) for s in starts), dtype=np.int64)
+    for corner in itertools.product((0, 1), repeat=table.ndim):
+        index = np.ix_(*[s + c * int(p) for s, c, p in zip(starts, corner, patch_shape)])
+        sign = -1 if (table.ndim - sum(corner)) % 2 else 1
+        total += sign * table[index].astype(np.int64)
+    return total
+
+
 def choose_offset(label: np.ndarray, patch_shape: Sequence[int], classes: Sequence[int]) -> tuple[int, ...]:
     """Offset of the patch-sized window of ``label`` that best shows ``classes``.
 
-    Windows on a grid of half-patch strides (the last one flush with the border) are scored by
-    the number of ``classes`` present, then by the voxel count of the rarest one; ties go to the
-    window nearest the centre.
+    Windows on a grid of half-patch strides (the last one flush with the border; coarser when
+    there would be more than ``MAX_CANDIDATES``) are scored by the number of ``classes`` present,
+    then by the voxel count of the rarest one; ties go to the window nearest the centre (L1), then
+    to the first in C order.
 
     Examples
     --------
@@ -162,31 +194,31 @@ def choose_offset(label: np.ndarray, patch_shape: Sequence[int], classes: Sequen
     >>> choose_offset(lab, (4, 4), [1, 2])
     (4, 4)
     """
+    label = np.asarray(label)
     shape = tuple(label.shape)
     patch = tuple(int(p) for p in patch_shape)
-    classes = np.asarray(sorted(set(int(c) for c in classes)), dtype=np.int64)
+    classes = sorted(set(int(c) for c in classes))
     strides = [max(1, p // 2) for p in patch]
     while True:
-        axes = []
-        for s, p, st in zip(shape, patch, strides):
-            starts = list(range(0, s - p + 1, st))
-            if starts[-1] != s - p:
-                starts.append(s - p)
-            axes.append(starts)
-        if int(np.prod([len(a) for a in axes])) <= MAX_CANDIDATES:
+        starts = [_window_starts(s, p, st) for s, p, st in zip(shape, patch, strides)]
+        if int(np.prod([len(a) for a in starts])) <= MAX_CANDIDATES:
             break
         strides = [st * 2 for st in strides]
-    centre = np.array([(s - p) / 2 for s, p in zip(shape, patch)])
-    best_key, best = None, None
-    for start in itertools.product(*axes):
-        window = label[_region(start, patch)]
-        counts = np.array([np.count_nonzero(window == c) for c in classes])
-        present = int(np.count_nonzero(counts))
-        rarest = int(counts.min()) if counts.size else 0
-        key = (present, rarest, -float(np.abs(np.array(start) - centre).sum()))
-        if best_key is None or key > best_key:
-            best_key, best = key, tuple(int(s) for s in start)
-    return best
+    grid = tuple(len(a) for a in starts)
+    if classes:
+        counts = np.stack([window_counts(label, patch, c, starts) for c in classes])
+        present = np.count_nonzero(counts, axis=0)
+        rarest = counts.min(axis=0)
+    else:
+        present = rarest = np.zeros(grid, dtype=np.int64)
+    centre = [(s - p) / 2 for s, p in zip(shape, patch)]
+    dist = np.zeros(grid)
+    for axis, (a, c) in enumerate(zip(starts, centre)):
+        dist = dist + np.abs(a - c).reshape([-1 if i == axis else 1 for i in range(len(grid))])
+    # lexsort: last key is primary; among equal keys the earliest flat (C-order) index wins
+    order = np.lexsort((np.arange(dist.size), dist.ravel(), -rarest.ravel(), -present.ravel()))
+    best = np.unravel_index(order[0], grid)
+    return tuple(int(a[i]) for a, i in zip(starts, best))
 
 
 def load_atlas(

@@ -140,6 +140,8 @@ def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]"
         raise InputError(f"[lcs] merge_prob must be in [0, 1], got {config.merge_prob}", source=source)
     if config.bce_weight < 0 or config.baseline_dice_weight < 0:
         raise InputError("[lcs] bce_weight and baseline_dice_weight must be >= 0", source=source)
+    if not isinstance(config.baseline, bool):
+        raise InputError(f"[lcs] baseline must be true or false, got {config.baseline!r}", source=source)
     if config.dice not in DICE_MODES:
         raise InputError(f"[lcs] dice must be 'batch' or 'sample', got {config.dice!r}", source=source)
     if not config.baseline and (not config.atlas_raw or not config.atlas_label):
