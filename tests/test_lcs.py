@@ -118,6 +118,8 @@ def test_merged_classes_give_the_union_in_target_and_atlas_mask(data_h5):
     data["target"][0, :2, :2] = -1  # ignored voxels must stay ignored
     out = task.conditioned_batch(data, rng)
     alabel = task.atlas.label
+    keys = [tuple(sorted(k)) for k in out["classes"]]
+    np.testing.assert_array_equal(out["group"], [keys.index(k) for k in keys])
     for b in range(8):
         a, c = out["classes"][b]
         assert {int(a), int(c)} == {1, 2}
@@ -142,6 +144,26 @@ def test_merge_probability_and_distinct_classes():
     assert np.all(np.abs(firsts - 0.25) < 0.035)
     assert draw_class_set([1, 2, 3], rng, 0.0) in [(1,), (2,), (3,)]
     assert draw_class_set([], rng, 1.0) == ()
+
+
+def test_class_grouped_dice_loss():
+    from emseg.lcs import conditioned_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1, 6, 6, generator=gen)
+    target = torch.randint(-1, 2, (5, 6, 6), generator=gen)
+    groups = torch.tensor([0, 1, 0, 3, 1])
+    p, t = torch.sigmoid(logits[:, 0]).numpy(), target.numpy()
+
+    def pooled(idx):
+        keep = t[idx] >= 0
+        inter = (p[idx] * (t[idx] == 1) * keep).sum()
+        return 1 - (2 * inter + 1e-6) / ((p[idx] * keep).sum() + ((t[idx] == 1) * keep).sum() + 1e-6)
+
+    expected = np.mean([pooled([0, 2]), pooled([1, 4]), pooled([3])])
+    got = conditioned_loss(logits, target, dice="class", groups=groups)
+    assert abs(float(got) - expected) < 1e-5
+    assert abs(float(conditioned_loss(logits, target, dice="batch")) - pooled([0, 1, 2, 3, 4])) < 1e-5
 
 
 def test_conditioning_selects_the_class(tmp_path, data_h5):

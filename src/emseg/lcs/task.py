@@ -32,7 +32,7 @@ from emseg.lcs.predict import DiceAccumulator, LabelPredictor
 from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.training import TrainResult, run_training
 
-DICE_MODES = ("batch", "sample")
+DICE_MODES = ("class", "batch", "sample")
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,12 @@ class LCSConfig:
         Probability that a second class is merged into a sample's target and atlas mask.
     bce_weight : float
         Weight of a binary cross-entropy term added to the soft Dice loss.
-    dice : {"batch", "sample"}
-        Soft Dice pooled over the whole batch (default: patches without the class still push
-        their false positives down) or averaged per patch.
+    dice : {"class", "batch", "sample"}
+        How the soft Dice of a batch is formed. ``class`` (default): pooled over the patches
+        conditioned on the same class set, then averaged over the sets in the batch (every class
+        weighs the same; a patch without the class still counts through its false positives).
+        ``batch``: pooled over the whole batch (large classes dominate). ``sample``: mean of
+        per-patch Dice (a patch without the class gives almost no gradient).
     baseline : bool
         Train the multi-channel baseline instead (``emseg lcs train --baseline``).
     baseline_dice_weight : float
@@ -69,7 +72,7 @@ class LCSConfig:
     atlas_offset: tuple[int, ...] | None = None
     merge_prob: float = 0.5
     bce_weight: float = 0.0
-    dice: str = "batch"
+    dice: str = "class"
     baseline: bool = False
     baseline_dice_weight: float = 0.0
 
@@ -143,7 +146,7 @@ def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]"
     if not isinstance(config.baseline, bool):
         raise InputError(f"[lcs] baseline must be true or false, got {config.baseline!r}", source=source)
     if config.dice not in DICE_MODES:
-        raise InputError(f"[lcs] dice must be 'batch' or 'sample', got {config.dice!r}", source=source)
+        raise InputError(f"[lcs] dice must be one of {', '.join(DICE_MODES)}, got {config.dice!r}", source=source)
     if not config.baseline and (not config.atlas_raw or not config.atlas_label):
         raise InputError("[lcs] needs atlas_raw and atlas_label (e.g. atlas_raw = \"f.h5:raw\")", source=source)
 
@@ -273,7 +276,7 @@ class LCSTask:
         if self.baseline:
             return self._baseline_batch(data)
         out = self.conditioned_batch(data, rng)
-        return {k: torch.from_numpy(out[k]) for k in ("raw", "target", "cond")}
+        return {k: torch.from_numpy(out[k]) for k in ("raw", "target", "cond", "group")}
 
     def conditioned_batch(self, data: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Turn a sampler batch into (raw, binary target, condition) with one class set per patch."""
@@ -284,7 +287,9 @@ class LCSTask:
             absent = bool(chosen) and all(data["not_present"][b, c] > 0 for c in chosen)
             targets.append(binary_target(data["target"][b], chosen, known_absent=absent))
             sets.append(chosen)
+        keys = [tuple(sorted(s)) for s in sets]
         return {"raw": data["raw"], "target": np.stack(targets), "cond": self.atlas.condition(sets),
+                "group": np.array([keys.index(k) for k in keys], dtype=np.int64),
                 "classes": np.array([[s[0], s[1] if len(s) > 1 else 0] if s else [0, 0] for s in sets])}
 
     def _baseline_batch(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -308,13 +313,13 @@ class LCSTask:
             if self.lcs.baseline_dice_weight:
                 probs = torch.softmax(logits, dim=1)
                 dice = [soft_dice_loss(probs[:, j], _channel_target(batch["target"], j),
-                                       per_sample=self.lcs.dice == "sample")
+                                       per_sample=self.lcs.dice == "sample")  # "class" pools like "batch"
                         for j in range(1, probs.shape[1])]
                 loss = loss + self.lcs.baseline_dice_weight * torch.stack(dice).mean()
             return loss
         logits = model(batch["raw"], batch["cond"]).float()
-        return conditioned_loss(logits, batch["target"], bce_weight=self.lcs.bce_weight,
-                                per_sample=self.lcs.dice == "sample")
+        return conditioned_loss(logits, batch["target"], bce_weight=self.lcs.bce_weight, dice=self.lcs.dice,
+                                groups=batch.get("group"))
 
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None:
         if not self.valid_cubes:
@@ -344,8 +349,12 @@ def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
 
 
 def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 0.0,
-                     per_sample: bool = False) -> torch.Tensor:
+                     dice: str = "class", groups: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice of ``sigmoid(logits)`` (B, 1, *P) against a {-1, 0, 1} target, plus weighted BCE.
+
+    ``dice="class"`` pools the Dice over the patches that share a ``groups`` id (the same class set)
+    and averages over the groups; ``"batch"`` pools over the whole batch; ``"sample"`` averages
+    per-patch Dice. The BCE is averaged over the voxels that are not ignored.
 
     Examples
     --------
@@ -353,8 +362,15 @@ def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: 
     >>> float(conditioned_loss(torch.full((1, 1, 2, 2), 9.0), t)) > 0.3
     True
     """
+    if dice not in DICE_MODES:
+        raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
     probs = torch.sigmoid(logits)
-    loss = soft_dice_loss(probs, target, per_sample=per_sample)
+    if dice == "class" and groups is not None:
+        losses = [soft_dice_loss(probs[groups == g], target[groups == g], per_sample=False)
+                  for g in torch.unique(groups)]
+        loss = torch.stack(losses).mean()
+    else:
+        loss = soft_dice_loss(probs, target, per_sample=dice == "sample")
     if bce_weight:
         t = target.to(logits.dtype)
         mask = (target >= 0).to(logits.dtype)
