@@ -12,6 +12,7 @@ import io
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -321,6 +322,10 @@ def run_training(
                 loss = task.loss(net, batch)
             value = pg.mean(float(loss.detach()))
             if not math.isfinite(value):
+                # The weights before this step are the last good state: keep them unless they
+                # are themselves broken (then the previous last.pt stays).
+                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    checkpoint(last_path)
                 raise TrainingDiverged(step + 1, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -358,10 +363,11 @@ def run_training(
                           "valid": valid})
     if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
         checkpoint(last_path)
-    if pg.is_main and not best_path.exists() and not task_has_validation(task):
+    if pg.is_main and not task_has_validation(task):
         # Without validation the newest weights are the best we know of.
-        import shutil
-        shutil.copyfile(last_path, best_path)
+        tmp = best_path.with_name(f".{best_path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(last_path, tmp)
+        os.replace(tmp, best_path)
     result.final_step = step
     result.best_metric = best
     result.seconds = time.perf_counter() - t0
