@@ -278,12 +278,14 @@ class OutputVolume:
     temporary data and leaves any previous output untouched.
     """
 
-    def __init__(self, spec: VolumeSpec, array: Any, tmp: Path, final: Path, handle: Any = None):
+    def __init__(self, spec: VolumeSpec, array: Any, tmp: Path, final: Path, handle: Any = None,
+                 created_root: Path | None = None):
         self.spec = spec
         self.array = array
         self._tmp = tmp
         self._final = final
         self._handle = handle
+        self._created_root = created_root  # a zarr store made for this output, removed on discard
         self.committed = False
 
     @property
@@ -317,6 +319,8 @@ class OutputVolume:
             shutil.rmtree(self._tmp, ignore_errors=True)
         else:
             self._tmp.unlink(missing_ok=True)
+        if self._created_root is not None:
+            shutil.rmtree(self._created_root, ignore_errors=True)
 
     def __enter__(self) -> "OutputVolume":
         return self
@@ -371,6 +375,7 @@ def create_volume(
             array.attrs[k] = v
         return OutputVolume(spec, array, tmp, final, handle)
     if spec.key:
+        created_root = None if spec.path.exists() else spec.path
         root = zarr.open_group(store=str(spec.path), mode="a")
         parent_key, _, name = spec.key.rpartition("/")
         if parent_key:
@@ -382,6 +387,7 @@ def create_volume(
             compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
         )
         tmp = spec.path / tmp_key
+        return OutputVolume(spec, array, tmp, final, created_root=created_root)
     else:
         final = spec.path
         tmp = final.with_name(f".{final.name}.{tag}")
