@@ -1,9 +1,9 @@
 """LCS vs the multi-channel baseline on the Drosophila VNC stack, and coarse-to-fine labels.
 
 Data: ``vnc_stack1.h5`` (20 x 1024 x 1024, classes 0 background, 1 mitochondria, 2 membrane,
-3 synapse, 4 glia). Sections 0-14 train, 15-19 test (a central crop of ``--test-crop`` pixels per
-side, the full sections with ``--test-crop 1024``). Everything derived is written under
-``--workdir`` (default a fresh folder in /tmp), nothing into the repository.
+3 synapse, 4 glia). Sections 0-14 train, 15-19 test (the full sections by default; ``--test-crop N``
+keeps a central N x N crop, but the central 512 x 512 crop holds no synapse). Everything derived
+is written under ``--workdir`` (default a fresh folder in /tmp), nothing into the repository.
 
 1. LCS (classes 1-4) and the baseline (5 softmax outputs, lazy-label NLL) are trained with the
    same backbone, patch, batch, steps and learning rate (equal budget), through ``train_lcs`` (the
@@ -22,8 +22,9 @@ fine labels (most classes present, then the largest count of the rarest), shared
 
 Usage::
 
-    python benchmarks/lcs_vnc.py                                   # defaults: a few minutes on 2 cores
-    python benchmarks/lcs_vnc.py --steps 2000 --test-crop 1024     # a longer run
+    python benchmarks/lcs_vnc.py                 # 1200 steps per model: about 10 minutes on 2 shared cores
+    python benchmarks/lcs_vnc.py --steps 2000    # a longer run
+    python benchmarks/lcs_vnc.py --steps 100 --test-crop 256 --skip-coarse   # a quick check
 """
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def data_dir() -> Path:
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
     denom = np.count_nonzero(pred) + np.count_nonzero(target)
     return float(2 * np.count_nonzero(pred & target) / denom) if denom else float("nan")
+
+
+def conditioning_gap(probs: dict) -> float:
+    """Mean absolute difference between the probability maps of every pair of labels (0: the
+    network ignores its condition)."""
+    keys = sorted(probs)
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    return float(np.mean([np.mean(np.abs(probs[a] - probs[b])) for a, b in pairs]))
 
 
 def prepare(src: Path, work: Path, test_crop: int) -> tuple[Path, Path]:
@@ -112,7 +121,7 @@ def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None) -> tupl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="Training steps per model (equal budget).")
+    parser.add_argument("--steps", type=int, default=1200, help="Training steps per model (equal budget).")
     parser.add_argument("--batch", type=int, default=4, help="Patches per step.")
     parser.add_argument("--patch", type=int, default=128, help="2D patch side (also the atlas side).")
     parser.add_argument("--depth", type=int, default=4, help="U-Net depth.")
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
     parser.add_argument("--merge-prob", type=float, default=0.5, help="LCS merged-label probability.")
     parser.add_argument("--bce-weight", type=float, default=0.0, help="LCS BCE weight added to soft Dice.")
-    parser.add_argument("--test-crop", type=int, default=512, help="Side of the central crop of test sections.")
+    parser.add_argument("--test-crop", type=int, default=1024, help="Side of the central crop of test sections.")
     parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a few shared cores).")
@@ -168,8 +177,10 @@ def main(argv=None) -> int:
     mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
     print(f"{'mean':14s} {mean['lcs_merged']:11.3f} {mean['baseline_merged']:12.3f} "
           f"{mean['lcs_binary']:10.3f} {mean['baseline_binary']:11.3f}")
+    gap = conditioning_gap(p_lcs)
+    print(f"LCS conditioning gap (mean |p_a - p_b| over class pairs and test voxels): {gap:.4f}")
     report.update(per_class=rows, mean=mean, train_seconds={"lcs": t_lcs, "baseline": t_base},
-                  infer_seconds={"lcs": i_lcs, "baseline": i_base})
+                  infer_seconds={"lcs": i_lcs, "baseline": i_base}, lcs_conditioning_gap=gap)
 
     if not args.skip_coarse:
         print("coarse-to-fine: trained with membrane (2) + glia (4) merged into class 2")
@@ -186,7 +197,11 @@ def main(argv=None) -> int:
             t = gt == c
             fine[CLASSES[c]] = {"naive": dice(coarse_pred, t), "fine": dice(p_fine[c] > 0.5, t)}
             print(f"  {c} {CLASSES[c]:12s} {fine[CLASSES[c]]['naive']:10.3f} {fine[CLASSES[c]]['fine']:10.3f}")
-        report.update(coarse_dice=coarse_dice, coarse_to_fine=fine, train_seconds_coarse=t_coarse)
+        fine_gap = {CLASSES[c]: float(np.mean(np.abs(p_fine[c] - p_coarse[2]))) for c in (2, 4)}
+        print("  mean |p(fine class) - p(coarse class)|: "
+              + ", ".join(f"{name} {v:.4f}" for name, v in fine_gap.items()))
+        report.update(coarse_dice=coarse_dice, coarse_to_fine=fine, train_seconds_coarse=t_coarse,
+                      coarse_to_fine_gap=fine_gap)
     total = time.perf_counter() - t_all
     print(f"total wall time {total:.0f} s; runs and predictions in {work}")
     report["wall_seconds"] = total

@@ -86,7 +86,11 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default="mito,5class,dense,lazy")
     ap.add_argument("--lazy-cubes", type=int, default=24)
+    ap.add_argument("--lazy-share", type=float, default=0.25, help="fraction of patches drawn from lazy cubes")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = data_dir()
     if root is None:
         print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
@@ -125,7 +129,10 @@ def main() -> int:
                     fh["raw"] = raw[z:z + 1, y:y + args.patch, x:x + args.patch]
                     fh["label"] = np.full((1, args.patch, args.patch), -1, np.int16)
                     fh["info"] = np.array([[0, 0], [0, 1]], np.uint8)
-                lazy.append({"raw": f"{path}:raw", "label": f"{path}:label", "prio": 0.5})
+                lazy.append({"raw": f"{path}:raw", "label": f"{path}:label"})
+            # The lazy cubes together get --lazy-share of the draws (each dense crop has prio 1).
+            for cube in lazy:
+                cube["prio"] = args.lazy_share / (1 - args.lazy_share) * len(dense) / max(1, len(lazy))
             for name, cubes in (("dense", dense), ("lazy", dense + lazy)):
                 if name not in runs:
                     continue
@@ -146,5 +153,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     raise SystemExit(main())

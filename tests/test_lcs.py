@@ -133,6 +133,22 @@ def test_merged_classes_give_the_union_in_target_and_atlas_mask(data_h5):
     task.close()
 
 
+def test_classes_absent_from_the_patch_are_still_sampled(tmp_path):
+    raw, label = cells((2, 32, 32), 4)
+    label = np.where(label == 2, 0, label).astype(np.uint8)  # no class 2 anywhere in training
+    araw, alabel = atlas_arrays()
+    h5 = write_h5(tmp_path / "no2.h5", raw=raw, label=label, atlas_raw=araw, atlas_label=alabel)
+    config, lcs = build(h5, batch_size=50)
+    task = LCSTask(config, lcs)
+    rng = np.random.default_rng(0)
+    out = task.conditioned_batch(task.sampler.batch(50, rng, None), rng)
+    chosen2 = out["classes"][:, 0] == 2
+    assert 10 <= chosen2.sum() <= 40  # binomial(50, 1/2): mean 25, standard deviation 3.5
+    assert np.all(out["target"][chosen2] == 0)  # the network is asked to output nothing
+    np.testing.assert_array_equal(out["cond"][chosen2, 1], np.broadcast_to(alabel[0] == 2, (chosen2.sum(), 16, 16)))
+    task.close()
+
+
 def test_merge_probability_and_distinct_classes():
     rng = np.random.default_rng(0)
     sets = [draw_class_set([1, 2, 3, 4], rng, 0.3) for _ in range(4000)]
