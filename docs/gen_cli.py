@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from emseg.cli.main import cli
+from emseg.cli.main import CONTEXT, cli
 
 
 def walk(command: click.Command, path: list[str]):
@@ -18,7 +18,8 @@ def walk(command: click.Command, path: list[str]):
 def render() -> str:
     parts = ["# CLI reference\n", "Generated from `--help` by `python docs/gen_cli.py`; do not edit by hand.\n"]
     for path, command in walk(cli, ["emseg"]):
-        with click.Context(command, info_name=" ".join(path), terminal_width=100) as ctx:
+        settings = dict(CONTEXT, **(command.context_settings or {}))
+        with click.Context(command, info_name=" ".join(path), terminal_width=100, **settings) as ctx:
             text = command.get_help(ctx)
         parts.append(f"## `{' '.join(path)}`\n\n```text\n{text}\n```\n")
     return "\n".join(parts)

@@ -25,10 +25,11 @@ import torch
 
 from emseg.checkpoint import load_checkpoint, save_checkpoint
 from emseg.config import TrainConfig, learning_rate
-from emseg.data import Augmenter, PatchSampler, open_cubes
+from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.device import resolve_device, seed_everything
 from emseg.distributed import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
+from emseg.io import atomic_write_text
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
@@ -90,24 +91,30 @@ def check_divisible(patch_shape: Sequence[int], divisor: Sequence[int], source: 
 
 
 class SegmentationTask:
-    """Multi-class U-Net trained with the lazy-label NLL (``emseg train``)."""
+    """Multi-class U-Net trained with the lazy-label NLL (``emseg train``).
+
+    The cubes are opened from ``config.train``/``config.valid`` unless given (e.g. in-memory
+    :class:`~emseg.data.Cube` objects holding numpy arrays).
+    """
 
     name = "segmentation"
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, *, cubes: Sequence[Cube] | None = None,
+                 valid_cubes: Sequence[Cube] | None = None):
         self.config = config
         self.ndim = config.model_ndim
         squeeze = self.ndim == 2 and len(config.patch_shape) == 3
-        self.cubes = open_cubes(config.train, config.n_classes, config.patch_shape)
-        self.valid_cubes = open_cubes(config.valid, config.n_classes, config.patch_shape)
+        self.cubes = list(cubes) if cubes is not None else open_cubes(
+            config.train, config.n_classes, config.patch_shape)
+        self.valid_cubes = list(valid_cubes) if valid_cubes is not None else open_cubes(
+            config.valid, config.n_classes, config.patch_shape)
         for cube in self.valid_cubes:
             if cube.label is None:
                 raise InputError("validation cubes need labels", source=cube.name)
         self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
                                     example_ignore_threshold=config.example_ignore_threshold)
         a = config.augment
-        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
-                                   a.elastic_alpha, a.elastic_sigma)
+        self.augmenter = Augmenter.from_config(a)
         self.class_weights = (torch.tensor(config.class_weights, dtype=torch.float32)
                               if config.class_weights else None)
         k = config.n_classes
@@ -180,9 +187,7 @@ class MetricsLog:
         writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write_text(path, buf.getvalue())
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as fh:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ import h5py
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io import replace_output
+from emseg.io import atomic_write_text, json_safe, replace_output
 
 __all__ = [
     "QUERY_FORMAT",
@@ -69,27 +68,6 @@ def query_paths(out: str | Path) -> tuple[Path, Path]:
     return path, path.with_suffix(".csv")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    if not path.parent.exists():
-        raise InputError("output folder does not exist", source=str(path.parent))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_queries(result: Any, out: str | Path) -> tuple[Path, Path]:
     """Write a :class:`~emseg.active.pool.QueryResult` as JSON and CSV (atomically).
 
@@ -110,7 +88,7 @@ def write_queries(result: Any, out: str | Path) -> tuple[Path, Path]:
     (PosixPath('queries.json'), PosixPath('queries.csv'))
     """
     json_path, csv_path = query_paths(out)
-    doc = _finite(result.to_dict())
+    doc = json_safe(result.to_dict())
     axes = doc["axes"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -119,8 +97,8 @@ def write_queries(result: Any, out: str | Path) -> tuple[Path, Path]:
     for q in doc["queries"]:
         writer.writerow([q["rank"], q["volume"], q["volume_index"], *q["offset"], *q["shape"],
                          "" if q["score"] is None else repr(q["score"]), q["strategy"]])
-    _atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
 

@@ -35,7 +35,6 @@ import random
 import shutil
 import time
 import tomllib
-import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,10 +49,10 @@ from emseg.active.pool import CandidatePool, build_pool, score_pool, select
 from emseg.active.registry import get_strategy
 from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
 from emseg.config import TrainConfig, config_from_dict
-from emseg.data import Augmenter, Cube, PatchSampler
+from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
-from emseg.io import open_volume, parse_spec
+from emseg.io import atomic_write_text, open_volume, parse_spec
 from emseg.models import build_model
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
@@ -310,34 +309,13 @@ class BoxTask(SegmentationTask):
     name = "active"
 
     def __init__(self, config: TrainConfig, cubes: Sequence[Cube]):
-        self.config = config
-        self.ndim = config.model_ndim
-        self.cubes = list(cubes)
-        self.valid_cubes: list[Cube] = []
-        self.has_validation = False
-        squeeze = self.ndim == 2 and len(config.patch_shape) == 3
-        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
-                                    example_ignore_threshold=config.example_ignore_threshold)
-        a = config.augment
-        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
-                                   a.elastic_alpha, a.elastic_sigma)
-        self.class_weights = (torch.tensor(config.class_weights, dtype=torch.float32)
-                              if config.class_weights else None)
+        super().__init__(config, cubes=cubes, valid_cubes=[])
         self.metric_columns = ()
 
 
 # ----------------------------------------------------------------------------- helpers
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_json(path: Path, data: Any) -> None:
-    _atomic_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -451,7 +429,7 @@ def _write_curves(path: Path, rows: list[dict[str, Any]], n_classes: int) -> Non
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, float]]]:

@@ -1,6 +1,7 @@
 """Patch augmentation: flips, in-plane 90 degree rotations, brightness/contrast, elastic."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,11 @@ class Augmenter:
     elastic: bool = False
     elastic_alpha: float = 4.0
     elastic_sigma: float = 8.0
+
+    @classmethod
+    def from_config(cls, config) -> "Augmenter":
+        """Build from an :class:`~emseg.config.AugmentConfig` (or any object with the same fields)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def __call__(self, raw: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         if self.flip:

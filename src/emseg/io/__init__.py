@@ -14,6 +14,7 @@ from emseg.io._volume import (
     parse_spec,
     replace_output,
 )
+from emseg.io._files import atomic_write_json, atomic_write_text, json_safe
 from emseg.io._validate import (
     check_not_present,
     check_patch_fits,
@@ -26,12 +27,15 @@ __all__ = [
     "Volume",
     "VolumeRegion",
     "VolumeSpec",
+    "atomic_write_json",
+    "atomic_write_text",
     "auto_chunks",
     "check_not_present",
     "check_patch_fits",
     "check_raw",
     "create_volume",
     "open_volume",
+    "json_safe",
     "parse_spec",
     "read_info",
     "replace_output",

@@ -246,8 +246,7 @@ class LCSTask:
         self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=self.squeeze,
                                     example_ignore_threshold=config.example_ignore_threshold)
         a = config.augment
-        self.augmenter = Augmenter(a.flip, a.rotate90, a.brightness, a.contrast, a.elastic,
-                                   a.elastic_alpha, a.elastic_sigma)
+        self.augmenter = Augmenter.from_config(a)
         if self.baseline:
             self.atlas = None
         elif atlas is not None:

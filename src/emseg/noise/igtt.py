@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import shutil
@@ -43,7 +42,7 @@ from emseg.data import Augmenter, Cube, PatchSampler
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
-from emseg.io import check_raw, create_volume, open_volume
+from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
 from emseg.metrics import binary_scores, roc_auc
 from emseg.models import build_model
@@ -60,7 +59,7 @@ __all__ = [
     "candidate_thresholds",
     "dmi_per_threshold",
     "ems",
-    "igtt",
+    "run_igtt",
     "invert_if_large",
     "select_mask",
     "threshold_baselines",
@@ -691,9 +690,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _csv_value(v: Any) -> Any:
@@ -706,19 +703,6 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    def clean(o):
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        return o
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean(payload), indent=2))
-    os.replace(tmp, path)
 
 
 def _resume_key(config: IGTTConfig) -> dict[str, Any]:
@@ -970,5 +954,5 @@ def run_igtt(
             result.outputs["pseudo_labels.h5"] = str(out / "pseudo_labels.h5")
     result.seconds = time.perf_counter() - t_start
     if result.complete:
-        _write_json(out / "report.json", result.to_dict())
+        atomic_write_json(out / "report.json", result.to_dict())
     return result

@@ -1,0 +1,42 @@
+"""Small files written atomically (JSON, CSV, text) and JSON-safe conversion."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from emseg.errors import InputError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into place."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError("output folder does not exist", source=str(path.parent))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON data: NaN/inf become None, numpy/torch scalars become Python numbers, tuples lists."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path: str | Path, data: Any, *, indent: int = 2) -> None:
+    """Write ``json_safe(data)`` atomically (strict JSON: no NaN)."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
