@@ -3,7 +3,7 @@
 Sections 0-14 train, 15-19 test. Runs, each with the same CPU time budget:
   mito      binary mitochondria (label == 1), dense labels
   5class    all five classes, dense labels
-  dense     mitochondria from a small dense set only (a few 256x256 crops)
+  dense     mitochondria from a small dense set only (sections 0, 7 and 14)
   lazy      the same small dense set plus lazy cubes: background-only regions carrying only
             the flag "no mitochondria" (labels -1, info not_present[1] = 1)
 and reports per-class test Jaccard, training patches/s, inference voxels/s, and for dense/lazy the
@@ -40,11 +40,12 @@ def write(path: Path, **arrays) -> Path:
     return path
 
 
-def background_windows(label: np.ndarray, size: int, count: int, rng) -> list[tuple[int, int, int]]:
-    """(z, y, x) corners of size x size windows without mitochondria."""
+def background_windows(label: np.ndarray, size: int, count: int, rng, sections=None) -> list[tuple[int, int, int]]:
+    """(z, y, x) corners of size x size windows without mitochondria (in ``sections`` if given)."""
     found = []
+    sections = list(range(label.shape[0])) if sections is None else list(sections)
     for _ in range(20000):
-        z = int(rng.integers(label.shape[0]))
+        z = int(rng.choice(sections))
         y, x = (int(rng.integers(s - size + 1)) for s in label.shape[1:])
         if not (label[z, y:y + size, x:x + size] == 1).any():
             found.append((z, y, x))
@@ -54,12 +55,14 @@ def background_windows(label: np.ndarray, size: int, count: int, rng) -> list[tu
 
 
 def run(name, cubes, n_classes, args, tmp: Path, test_raw: str, test_label: str) -> dict:
+    weights = args.class_weights if n_classes == 2 else None
     cfg = config_from_dict({
         "n_classes": n_classes, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
         "steps": 10**6, "max_seconds": args.seconds, "log_every": 20, "checkpoint_every": 10**6,
         "valid_every": 10**6, "train": cubes,
         "model": {"depth": 4, "base_width": args.base_width, "norm": "batch"},
         "optim": {"lr": 1e-3},
+        "class_weights": [float(w) for w in weights.split(",")] if weights else None,
     }, source=name)
     out = tmp / name
     result = train(cfg, out, seed=args.seed, device=args.device)
@@ -86,6 +89,7 @@ def main() -> int:
     ap.add_argument("--runs", default="mito,5class,dense,lazy")
     ap.add_argument("--lazy-cubes", type=int, default=24)
     ap.add_argument("--lazy-share", type=float, default=0.25, help="fraction of patches drawn from lazy cubes")
+    ap.add_argument("--class-weights", default=None, help="e.g. 1,3 (binary runs only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -113,16 +117,14 @@ def main() -> int:
                             args, tmp, test_raw, f"{tmp/'test.h5'}:label"))
         if "dense" in runs or "lazy" in runs:
             rng = np.random.default_rng(args.seed)
-            # Small dense set: three 256x256 crops from sections 0, 7 and 14.
-            dense = []
-            for i, (z, y, x) in enumerate([(0, 100, 100), (7, 600, 300), (14, 300, 650)]):
-                path = write(tmp / f"dense{i}.h5", raw=raw[z:z + 1, y:y + 256, x:x + 256],
-                             label=mito[z:z + 1, y:y + 256, x:x + 256])
-                dense.append({"raw": f"{path}:raw", "label": f"{path}:label", "prio": 1.0})
+            # Small dense set: sections 0, 7 and 14 only, read through cube regions.
+            dense = [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:mito", "prio": 1.0,
+                      "region": [[z, z + 1]]} for z in (0, 7, 14)]
             # Held-out background regions: test windows of 128x128 without mitochondria.
             bg = background_windows(mito[15:], 128, 40, np.random.default_rng(1000 + args.seed))
             lazy = []
-            for i, (z, y, x) in enumerate(background_windows(mito[:15], args.patch, args.lazy_cubes, rng)):
+            for i, (z, y, x) in enumerate(background_windows(mito[:15], args.patch, args.lazy_cubes, rng,
+                                                                 [z for z in range(15) if z not in (0, 7, 14)])):
                 path = tmp / f"lazy{i}.h5"
                 with h5py.File(path, "w") as fh:
                     fh["raw"] = raw[z:z + 1, y:y + args.patch, x:x + args.patch]

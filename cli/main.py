@@ -16,9 +16,17 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "sho
 class EmsegGroup(click.Group):
     """Maps emseg's errors to one-line messages and exit codes (2 bad input, 1 unexpected)."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            self._usage_error(exc)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            self._usage_error(exc)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except TrainingDiverged as exc:
@@ -31,6 +39,15 @@ class EmsegGroup(click.Group):
             ctx.exit(130)
         except Exception as exc:  # unexpected failure
             self._fail(ctx, exc, 1, prefix="unexpected error: ")
+
+    @staticmethod
+    def _usage_error(exc: click.UsageError) -> None:
+        """One line ``error: ...`` (with a pointer to --help) instead of click's usage block."""
+        if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+            raise exc
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        raise click.exceptions.Exit(exc.exit_code)
 
     @staticmethod
     def _fail(ctx: click.Context, exc: BaseException, code: int, prefix: str = "") -> None:

@@ -35,6 +35,7 @@ output. OUTPUT is written atomically and records mode, parameters, seed and sour
 Examples:
   emseg noise stack.h5:label noisy.h5:flip45 --flip 0.45 --report
   emseg noise stack.h5:label noisy.zarr/skel --skeleton
+  emseg noise stack.h5:label noisy.zarr/flip45 --flip 0.45 --scheduler local --workers 4
   emseg noise igtt RAW --out DIR          (see `emseg noise igtt --help`)
 """
 
@@ -126,9 +127,17 @@ class _DefaultCommand(click.Command):
 @click.option("--block", default=None,
               help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
 @click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
+@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+              help="Run the blocks on dask.distributed: 'local' starts --workers processes here, an address "
+                   "uses a running scheduler. Needs a zarr OUTPUT; a rerun computes only missing blocks.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
+@click.option("--retries", type=click.IntRange(min=0), default=2,
+              help="With --scheduler: extra attempts of a failing block before giving up.")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
-          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report):
+          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, scheduler, workers,
+          retries):
     from emseg.noise.blockwise import noise_file
 
     app = state()
@@ -156,7 +165,8 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
         result = noise_file(input_spec, output_spec, mode, params,
                             seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
                             n_classes=n_classes, report=report,
-                            progress=lambda done, total: update(done, total, "blocks"))
+                            progress=lambda done, total: update(done, total, "blocks"),
+                            scheduler=scheduler, workers=workers, retries=retries)
 
     def render(console):
         shown = ", ".join(f"{k}={v}" for k, v in result.params.items() if v is not None)

@@ -107,10 +107,15 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
 @click.option("--batch-size", type=int, default=8, help="Patches per forward pass.")
 @click.option("--export", default=None, type=click.Path(dir_okay=False),
               help="HDF5 file for the chosen crops (crop_000/raw, label filled with -1, info).")
+@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+              help="Score the pool on dask.distributed, 256 candidates per task: 'local' starts --workers "
+                   "processes here, an address uses a running scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,
-                   exclude_boxes, batch_size, export):
+                   exclude_boxes, batch_size, export, scheduler, workers):
     """Rank candidate patches of the POOL volumes by STRATEGY with the checkpoint MODEL.
 
     Writes the top --n patches (volume, offset z,y,x, shape, score, rank) to --out as JSON and
@@ -133,7 +138,7 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
     cfg = QueryConfig(model=model, pool=tuple(pool), strategy=strategy, n=n, patch_shape=parse_shape(patch),
                       candidates=candidates, mc_samples=mc_samples, reduction=reduction, batch_size=batch_size,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
-                      export=export, seed=app.seed, device=app.device)
+                      export=export, seed=app.seed, device=app.device, scheduler=scheduler, workers=workers)
     with progress_bar(f"query {strategy}") as update:
         result = query_files(cfg, progress=lambda done, total: update(done, total, "patches"))
 

@@ -177,6 +177,13 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"class_weights has {len(config.class_weights)} entries, n_classes is {config.n_classes}")
     if config.batch_size < 1 or config.steps < 0:
         raise InputError("batch_size must be >= 1 and steps >= 0")
+    for key in ("valid_every", "log_every", "checkpoint_every"):
+        if getattr(config, key) < 1:
+            raise InputError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if not (math.isfinite(config.optim.lr) and config.optim.lr > 0):
+        raise InputError(f"optim.lr must be a positive number, got {config.optim.lr}")
+    if config.optim.weight_decay < 0:
+        raise InputError(f"optim.weight_decay must be >= 0, got {config.optim.weight_decay}")
     if not 0 <= config.example_ignore_threshold <= 1:
         raise InputError("example_ignore_threshold must be in [0, 1]")
     if config.optim.schedule not in ("constant", "cosine", "step"):

@@ -402,6 +402,20 @@ def predict_block_task(block, job: PredictJob) -> int:
     return block.index
 
 
+def injected_failures() -> tuple[int, ...]:
+    """Block indices listed in :data:`FAIL_BLOCKS_ENV`, whose tasks fail on purpose (a rehearsal).
+
+    Examples
+    --------
+    >>> injected_failures()  # with EMSEG_FAIL_BLOCKS unset
+    ()
+    """
+    try:
+        return tuple(int(i) for i in os.environ.get(FAIL_BLOCKS_ENV, "").replace(" ", "").split(",") if i)
+    except ValueError:
+        raise InputError(f"{FAIL_BLOCKS_ENV} must list block indices, e.g. 3,7") from None
+
+
 def fit_chunks(block_shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
     """Chunks that tile ``block_shape`` exactly (so no two blocks share a chunk).
 
@@ -559,10 +573,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         zarr.create_array(store=str(store), name=key or None, shape=shape, dtype=dtype, chunks=chunks,
                           compressors=_zarr_compressors(dtype), fill_value=0,
                           attributes=dict(attrs, **{RESUME_ATTR: params}))
-    try:
-        fail = tuple(int(i) for i in os.environ.get(FAIL_BLOCKS_ENV, "").replace(" ", "").split(",") if i)
-    except ValueError:
-        raise InputError(f"{FAIL_BLOCKS_ENV} must list block indices, e.g. 3,7") from None
+    fail = injected_failures()
     job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                      input=str(in_spec), store=str(store), key=key, patch_shape=tuple(patch),
                      overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,

@@ -36,6 +36,8 @@ def evaluate_volumes(
     ``prediction`` is a label volume of the ground truth's shape or probabilities (C, *S), turned
     into labels by argmax (a single channel is thresholded at 0.5).
     """
+    if n_classes is not None and n_classes < 1:
+        raise InputError(f"n_classes must be >= 1, got {n_classes}")
     gt_shape = ground_truth.shape
     if not np.issubdtype(ground_truth.dtype, np.integer):
         raise InputError(f"ground truth must be integer labels, found {ground_truth.dtype}", source=str(ground_truth.spec))
@@ -62,7 +64,10 @@ def evaluate_volumes(
         bad = (gt != ignore_label) & ((gt < 0) | (gt >= n_classes))
         if bad.any():
             raise InputError(f"label {int(gt[bad].flat[0])} outside 0..{n_classes - 1}", source=str(ground_truth.spec))
-        acc.update(pred, gt)
+        try:
+            acc.update(pred, gt)
+        except ValueError as exc:
+            raise InputError(str(exc), source=str(prediction.spec)) from None
         if progress is not None:
             progress(i + 1, len(slabs))
     return acc.scores()

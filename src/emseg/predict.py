@@ -19,7 +19,7 @@ from emseg.inference import (
     predict_volume,
     softmax_forward,
 )
-from emseg.io import auto_chunks, check_raw, create_volume, open_volume, parse_spec
+from emseg.io import auto_chunks, check_distinct, check_raw, create_volume, open_volume, parse_spec
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     """
     if config.workers is not None and config.scheduler != "local" and client is None:
         raise InputError("--workers applies to --scheduler local only")
+    check_distinct(config.input, config.output)
     if config.scheduler is not None or config.resume or client is not None:
         from emseg.distributed import predict_resumable
 

@@ -14,9 +14,12 @@ corner (``offset``) and ``shape``; a box covers ``offset[i] <= v[i] < offset[i] 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import itertools
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -474,11 +477,116 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def _read_batch(pool: CandidatePool, sources: Sequence[Any], dtypes: Sequence[np.dtype],
-                idx: np.ndarray, squeeze: bool) -> torch.Tensor:
+#: Candidates per scoring chunk (one cluster task each with ``--scheduler``).
+DEFAULT_CHUNK = 256
+
+
+def score_chunks(todo: np.ndarray, chunk_size: int = DEFAULT_CHUNK) -> list[np.ndarray]:
+    """``todo`` cut into consecutive chunks of ``chunk_size`` candidate indices.
+
+    Examples
+    --------
+    >>> [c.tolist() for c in score_chunks(np.arange(5), 2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    return [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The torch seed of scoring chunk ``index`` of a run seeded ``seed`` (independent streams).
+
+    Examples
+    --------
+    >>> chunk_seed(0, 1) == chunk_seed(0, 1) != chunk_seed(0, 2)
+    True
+    """
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def score_boxes(
+    model: torch.nn.Module,
+    boxes: Sequence[Box],
+    sources: Sequence[Any],
+    dtypes: Sequence[np.dtype],
+    strategy: Strategy,
+    *,
+    mc_samples: int,
+    reduction: str,
+    batch_size: int,
+    device: torch.device,
+    squeeze: bool,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> PoolScores:
+    """Scores (``(len(boxes),)``) and/or pooled embeddings of the patches ``boxes``, batch by batch.
+
+    The per-chunk worker of :func:`score_pool` (arguments already checked there). With ``seed``
+    the MC-dropout passes draw from torch seeded with it (the global generator is forked, so the
+    caller's state is left as it was). The module modes of ``model`` are restored afterwards.
+
+    Examples
+    --------
+    >>> part = score_boxes(net, [pool.box(0)], [vol], [vol.dtype], get_strategy("entropy"),
+    ...                    mc_samples=1, reduction="mean", batch_size=8, device=torch.device("cpu"),
+    ...                    squeeze=True)  # doctest: +SKIP
+    """
+    strat = strategy
+    m_total = len(boxes)
+    result = PoolScores(strat.name, None, None, reduction, int(mc_samples) if strat.needs_mc_dropout else None)
+    scores = np.full(m_total, np.nan, dtype=np.float64) if strat.needs_scores else None
+    embeddings = None
+    modes = {m: m.training for m in model.modules()}
+    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
+        else contextlib.nullcontext()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), fork:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for b0 in range(0, m_total, batch_size):
+                sel = slice(b0, min(b0 + batch_size, m_total))
+                x = _read_boxes(boxes[sel], sources, dtypes, squeeze).to(device)
+                result.max_batch = max(result.max_batch, len(x))
+                deterministic = strat.needs_embeddings or not strat.needs_mc_dropout
+                if deterministic:
+                    model.eval()
+                    out = model(x, return_embedding=True) if strat.needs_embeddings else model(x)
+                    result.forward_passes += 1
+                    logits, emb = out if strat.needs_embeddings else (out, None)
+                    if emb is not None:
+                        pooled = emb.float().mean(dim=tuple(range(2, emb.ndim))).cpu().numpy()
+                        if embeddings is None:
+                            embeddings = np.zeros((m_total, pooled.shape[1]), dtype=np.float32)
+                        embeddings[sel] = pooled
+                    if strat.needs_scores and not strat.needs_mc_dropout:
+                        s = strat.score_fn(_probabilities(logits), reduction)
+                        scores[sel] = s.double().cpu().numpy()
+                    del out, logits, emb
+                if strat.needs_scores and strat.needs_mc_dropout:
+                    set_mc_dropout(model, True)
+
+                    def passes(x=x) -> Iterator[torch.Tensor]:
+                        for _ in range(int(mc_samples)):
+                            result.forward_passes += 1
+                            yield _probabilities(model(x))
+
+                    s = strat.score_fn(passes(), reduction)
+                    scores[sel] = s.double().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(sel.stop)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    result.scores = scores
+    result.embeddings = embeddings
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _read_boxes(boxes: Sequence[Box], sources: Sequence[Any], dtypes: Sequence[np.dtype],
+                squeeze: bool) -> torch.Tensor:
     patches = []
-    for i in idx:
-        box = pool.box(int(i))
+    for box in boxes:
         block = to_float(np.asarray(sources[box.volume][box.slices()]), dtypes[box.volume])
         patches.append(block[0] if squeeze else block)
     return torch.from_numpy(np.stack(patches)[:, None])
@@ -496,6 +604,8 @@ def score_pool(
     device: str | torch.device = "cpu",
     raw_dtypes: Sequence[Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    seed: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> PoolScores:
     """Score the pool with ``model``, streaming batch by batch.
 
@@ -529,6 +639,14 @@ def score_pool(
         Dtype used to scale each source (default ``source.dtype``).
     progress : callable, optional
         ``progress(done, total)`` after each batch.
+    seed : int, optional
+        MC-dropout strategies: the candidates are scored in chunks of ``chunk_size`` (batches
+        within a chunk), and chunk ``k`` seeds torch with :func:`chunk_seed` ``(seed, k)``, so the
+        scores do not depend on what ran before, nor on where a chunk runs
+        (:func:`score_pool_on_cluster` gives the same result). ``None`` draws from torch's
+        current global state.
+    chunk_size : int
+        Candidates per chunk (a multiple of ``batch_size`` keeps the batches of an unchunked run).
 
     Returns
     -------
@@ -548,6 +666,8 @@ def score_pool(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if len(sources) != len(pool.volume_shapes):
         raise ValueError(f"{len(sources)} sources for a pool over {len(pool.volume_shapes)} volumes")
     for i, (src, shape) in enumerate(zip(sources, pool.volume_shapes)):
@@ -571,46 +691,197 @@ def score_pool(
     todo = np.arange(n) if strat.needs_embeddings else pool.free_indices()
     scores = np.full(n, np.nan, dtype=np.float64) if strat.needs_scores else None
     embeddings = None
-    modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for b0 in range(0, len(todo), batch_size):
-                idx = todo[b0:b0 + batch_size]
-                x = _read_batch(pool, sources, dtypes, idx, squeeze).to(device)
-                result.max_batch = max(result.max_batch, len(idx))
-                deterministic = strat.needs_embeddings or not strat.needs_mc_dropout
-                if deterministic:
-                    model.eval()
-                    out = model(x, return_embedding=True) if strat.needs_embeddings else model(x)
-                    result.forward_passes += 1
-                    logits, emb = out if strat.needs_embeddings else (out, None)
-                    if emb is not None:
-                        pooled = emb.float().mean(dim=tuple(range(2, emb.ndim))).cpu().numpy()
-                        if embeddings is None:
-                            embeddings = np.zeros((n, pooled.shape[1]), dtype=np.float32)
-                        embeddings[idx] = pooled
-                    if strat.needs_scores and not strat.needs_mc_dropout:
-                        s = strat.score_fn(_probabilities(logits), reduction)
-                        scores[idx] = s.double().cpu().numpy()
-                    del out, logits, emb
-                if strat.needs_scores and strat.needs_mc_dropout:
-                    set_mc_dropout(model, True)
+    done = 0
+    for k, idx in enumerate(score_chunks(todo, chunk_size)):
+        boxes = [pool.box(int(i)) for i in idx]
 
-                    def passes(x=x) -> Iterator[torch.Tensor]:
-                        for _ in range(int(mc_samples)):
-                            result.forward_passes += 1
-                            yield _probabilities(model(x))
+        def on_batch(m: int, done: int = done) -> None:
+            if progress is not None:
+                progress(done + m, len(todo))
 
-                    s = strat.score_fn(passes(), reduction)
-                    scores[idx] = s.double().cpu().numpy()
-                if progress is not None:
-                    progress(min(b0 + batch_size, len(todo)), len(todo))
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+        part = score_boxes(model, boxes, sources, dtypes, strat, mc_samples=mc_samples, reduction=reduction,
+                           batch_size=batch_size, device=device, squeeze=squeeze,
+                           seed=None if seed is None else chunk_seed(seed, k), on_batch=on_batch)
+        if part.scores is not None:
+            scores[idx] = part.scores
+        if part.embeddings is not None:
+            if embeddings is None:
+                embeddings = np.zeros((n, part.embeddings.shape[1]), dtype=np.float32)
+            embeddings[idx] = part.embeddings
+        result.forward_passes += part.forward_passes
+        result.max_batch = max(result.max_batch, part.max_batch)
+        done += len(idx)
     result.scores = scores
     result.embeddings = embeddings
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What a worker needs to score chunks of candidates (paths, no open handles)."""
+
+    model: str
+    model_mtime_ns: int
+    model_size: int
+    sources: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    strategy: str
+    mc_samples: int
+    reduction: str
+    batch_size: int
+    squeeze: bool
+    seed: int | None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """Chunk ``index``: the boxes of candidates ``indices``."""
+
+    index: int
+    indices: np.ndarray
+    boxes: tuple[Box, ...]
+
+
+#: One scoring task at a time per process: threads of one worker share the cached network (whose
+#: modes are switched while scoring) and torch's global random generator (MC dropout).
+_SCORE_LOCK = threading.Lock()
+
+
+def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
+    """Worker side of :func:`score_pool_on_cluster`: score one chunk with the network cached per process.
+
+    Examples
+    --------
+    >>> part = score_task(tasks[0], job)  # doctest: +SKIP
+    """
+    from emseg.distributed import cached_model
+    from emseg.io import open_volume
+
+    model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_volume(spec)) for spec in job.sources]
+        with _SCORE_LOCK:
+            return score_boxes(model, task.boxes, sources, [np.dtype(d) for d in job.dtypes],
+                               get_strategy(job.strategy), mc_samples=job.mc_samples, reduction=job.reduction,
+                               batch_size=job.batch_size, device=device, squeeze=job.squeeze,
+                               seed=None if job.seed is None else chunk_seed(job.seed, task.index))
+
+
+def score_pool_on_cluster(
+    model_path: str,
+    pool: CandidatePool,
+    sources: Sequence[str],
+    strategy: str,
+    *,
+    mc_samples: int = 10,
+    reduction: str = "mean",
+    batch_size: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+    retries: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> PoolScores:
+    """:func:`score_pool` as tasks of a dask.distributed cluster, one per chunk of candidates.
+
+    Each task loads the network once per worker (:func:`emseg.distributed.cached_model`), reads
+    its patches from the volume specs ``sources`` and returns its scores and pooled embeddings,
+    gathered here. Chunks, batches and MC-dropout seeds (:func:`chunk_seed`) are those of
+    ``score_pool(..., seed=seed, chunk_size=chunk_size)``, so both give the same result (on the
+    same hardware and thread count).
+
+    Parameters
+    ----------
+    model_path : str
+        Checkpoint, on a path every worker sees.
+    pool : CandidatePool
+    sources : sequence of str
+        Volume specs (``FILE.h5:DATASET``, ``FILE.zarr/ARRAY``) of the pool volumes.
+    strategy : str
+        A strategy name (:data:`~emseg.active.registry.STRATEGIES`).
+    mc_samples, reduction, batch_size, seed, chunk_size
+        As in :func:`score_pool`.
+    device : str
+        Resolved on each worker.
+    scheduler, workers, client, retries
+        As in :func:`emseg.distributed.run_blocks`.
+    progress : callable, optional
+        ``progress(done, total)`` candidates after each chunk.
+
+    Returns
+    -------
+    PoolScores
+
+    Examples
+    --------
+    >>> scores = score_pool_on_cluster("best.pt", pool, ["stack.h5:raw"], "entropy",
+    ...                                scheduler="local", workers=4)  # doctest: +SKIP
+    """
+    import os
+    from pathlib import Path
+
+    from emseg.distributed import run_blocks
+    from emseg.io import open_volume, parse_spec
+
+    strat = get_strategy(strategy)
+    if reduction not in REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("mc_samples", mc_samples)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if len(sources) != len(pool.volume_shapes):
+        raise ValueError(f"{len(sources)} sources for a pool over {len(pool.volume_shapes)} volumes")
+    specs, dtypes = [], []
+    for i, (spec, shape) in enumerate(zip(sources, pool.volume_shapes)):
+        s = parse_spec(spec)
+        s = type(s)(Path(s.path).resolve(), s.key, s.fmt)
+        with open_volume(s) as vol:
+            if tuple(vol.shape) != tuple(shape):
+                raise ValueError(f"source {i} has shape {tuple(vol.shape)}, the pool expects {tuple(shape)}")
+            dtypes.append(str(vol.dtype))
+        specs.append(str(s))
+    n = len(pool)
+    result = PoolScores(strat.name, None, None, reduction, int(mc_samples) if strat.needs_mc_dropout else None)
+    if not (strat.needs_scores or strat.needs_embeddings) or n == 0:
+        return result
+    from emseg.checkpoint import load_checkpoint
+
+    path = Path(model_path).resolve()
+    st = os.stat(path)
+    model_ndim = int(load_checkpoint(path)["model_config"].get("ndim", len(pool.patch_shape)))
+    job = ScoreJob(str(path), st.st_mtime_ns, st.st_size, tuple(specs), tuple(dtypes), strat.name, int(mc_samples),
+                   reduction, int(batch_size), _network_patch(pool.patch_shape, model_ndim), int(seed), device)
+    todo = np.arange(n) if strat.needs_embeddings else pool.free_indices()
+    tasks = [ScoreTask(k, idx, tuple(pool.box(int(i)) for i in idx))
+             for k, idx in enumerate(score_chunks(todo, chunk_size))]
+    scores = np.full(n, np.nan, dtype=np.float64) if strat.needs_scores else None
+    state: dict[str, Any] = {"embeddings": None, "done": 0}
+    start = time.perf_counter()
+
+    def on_done(task: ScoreTask, part: PoolScores) -> None:
+        if part.scores is not None:
+            scores[task.indices] = part.scores
+        if part.embeddings is not None:
+            if state["embeddings"] is None:
+                state["embeddings"] = np.zeros((n, part.embeddings.shape[1]), dtype=np.float32)
+            state["embeddings"][task.indices] = part.embeddings
+        result.forward_passes += part.forward_passes
+        result.max_batch = max(result.max_batch, part.max_batch)
+        state["done"] += len(task.indices)
+        if progress is not None:
+            progress(state["done"], len(todo))
+
+    run_blocks(functools.partial(score_task, job=job), tasks, scheduler=scheduler, workers=workers,
+               client=client, retries=retries, on_done=on_done, fail_fast=True,
+               failure_hint="no output was written; rerun to score again")
+    result.scores = scores
+    result.embeddings = state["embeddings"]
     result.seconds = time.perf_counter() - start
     return result
 
@@ -745,7 +1016,8 @@ class QueryConfig:
     ``exclude_labels`` maps a pool volume index to label volume specs; ``exclude_boxes`` holds
     boxes (dicts with ``volume`` spec or ``volume_index``, ``offset``, ``shape``) from earlier
     queries. ``out`` is the JSON path (the CSV goes beside it with the same stem); ``export``
-    an optional HDF5 file for the crops.
+    an optional HDF5 file for the crops. ``scheduler`` (``"local"`` or ``"tcp://HOST:PORT"``)
+    scores the pool as cluster tasks (:func:`score_pool_on_cluster`), ``workers`` sizes a local one.
     """
 
     model: str
@@ -763,6 +1035,8 @@ class QueryConfig:
     export: str | None = None
     seed: int = 0
     device: str = "auto"
+    scheduler: str | None = None
+    workers: int | None = None
 
 
 @dataclass
@@ -832,6 +1106,7 @@ def query_files(config: QueryConfig, *,
     >>> result = query_files(cfg)  # doctest: +SKIP
     """
     from contextlib import ExitStack
+    from pathlib import Path
 
     from emseg.checkpoint import load_model
     from emseg.device import resolve_device
@@ -845,6 +1120,20 @@ def query_files(config: QueryConfig, *,
         raise InputError(f"--n must be >= 1, got {config.n}")
     if not config.pool:
         raise InputError("no pool volume given")
+    if config.workers is not None and config.scheduler != "local":
+        raise InputError("--workers applies to --scheduler local only")
+    if config.export:
+        from emseg.io import parse_spec
+
+        inputs = [parse_spec(s).path for s in config.pool]
+        inputs += [parse_spec(s).path for specs in (config.exclude_labels or {}).values() for s in specs]
+        export = Path(config.export).resolve()
+        if any(export == p.resolve() for p in [*inputs, Path(config.model)]):
+            raise InputError("--export would replace an input file; choose a new file", source=str(config.export))
+    for target in (config.out, config.export):
+        # Fail before any output is written, so a bad --out leaves no --export file behind.
+        if target and not Path(target).resolve().parent.exists():
+            raise InputError("output folder does not exist", source=str(Path(target).parent))
     device = resolve_device(config.device)
     model, state = load_model(config.model, device)
     if state["model_config"].get("cond_channels"):
@@ -876,10 +1165,18 @@ def query_files(config: QueryConfig, *,
         if len(pool.free_indices()) == 0:
             raise InputError("no candidate patch left after exclusions")
         n = min(int(config.n), len(pool.free_indices()))
-        torch.manual_seed(config.seed)
-        scores = score_pool(model, pool, sources, strat, mc_samples=config.mc_samples,
-                            reduction=config.reduction, batch_size=config.batch_size, device=device,
-                            progress=progress)
+        if strat.needs_mc_dropout and not _has_dropout(model):
+            raise InputError(f"strategy {strat.name!r} samples dropout, but this network has no dropout "
+                             "(train it with model.dropout > 0)")
+        if config.scheduler is not None:
+            scores = score_pool_on_cluster(config.model, pool, [str(v.spec) for v in sources], strat.name,
+                                           mc_samples=config.mc_samples, reduction=config.reduction,
+                                           batch_size=config.batch_size, device=config.device, seed=config.seed,
+                                           scheduler=config.scheduler, workers=config.workers, progress=progress)
+        else:
+            scores = score_pool(model, pool, sources, strat, mc_samples=config.mc_samples,
+                                reduction=config.reduction, batch_size=config.batch_size, device=device,
+                                progress=progress, seed=config.seed)
         picks = select(pool, strat, n, scores=scores, rng=config.seed)
         queries = rank_queries(pool, picks, strat.name, scores)
         result = QueryResult(

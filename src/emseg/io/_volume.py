@@ -77,6 +77,27 @@ def parse_spec(spec: str | VolumeSpec) -> VolumeSpec:
     )
 
 
+def check_distinct(input_spec: str | VolumeSpec, output_spec: str | VolumeSpec) -> None:
+    """Raise :class:`InputError` when writing ``output_spec`` would replace ``input_spec``.
+
+    That is the case when both name the same container and the output key equals the input key
+    or is a group (or zarr root) holding it.
+
+    Examples
+    --------
+    >>> check_distinct("a.h5:raw", "a.h5:pred")
+    >>> check_distinct("a.zarr/raw", "a.zarr")
+    Traceback (most recent call last):
+    ...
+    emseg.errors.InputError: a.zarr: the output would overwrite the input a.zarr/raw
+    """
+    src, dst = parse_spec(input_spec), parse_spec(output_spec)
+    if src.fmt != dst.fmt or src.path.resolve() != dst.path.resolve():
+        return
+    if not dst.key or src.key == dst.key or src.key.startswith(dst.key + "/"):
+        raise InputError(f"the output would overwrite the input {src}", source=str(dst))
+
+
 class Volume:
     """A lazily read volume: slicing reads only the requested region from disk.
 

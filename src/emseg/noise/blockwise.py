@@ -754,6 +754,10 @@ def noise_file(
     n_classes: int | None = None,
     report: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 2,
+    client: Any = None,
 ) -> NoiseResult:
     """Write a noisy copy of the label volume ``input_spec`` to ``output_spec``.
 
@@ -775,6 +779,16 @@ def noise_file(
         :func:`~emseg.noise.noise_report` of the whole volume.
     progress : callable, optional
         ``progress(done_blocks, total_blocks)``.
+    scheduler : str, optional
+        ``"local"`` or ``"tcp://HOST:PORT"``: compute the blocks as tasks of a dask.distributed
+        cluster (see :func:`emseg.distributed.run_blocks`), written in place into a resumable
+        ``.partial`` zarr array; a rerun computes only the blocks not yet done. Zarr output only.
+    workers : int, optional
+        Worker processes of ``scheduler="local"``.
+    retries : int
+        Extra attempts of a failing block on a cluster.
+    client : distributed.Client, optional
+        An open client to use instead of ``scheduler``.
 
     Returns
     -------
@@ -814,6 +828,12 @@ def noise_file(
     in_spec, out_spec = parse_spec(input_spec), parse_spec(output_spec)
     if _same_volume(in_spec, out_spec):
         raise InputError("OUTPUT must differ from INPUT (the clean labels are kept)", source=str(out_spec))
+    on_cluster = scheduler is not None or client is not None
+    if on_cluster and out_spec.fmt != "zarr":
+        raise InputError("--scheduler needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
+                         "by independent tasks, which HDF5 files do not allow", source=str(out_spec))
+    if workers is not None and scheduler != "local":
+        raise InputError("--workers applies to --scheduler local only")
     if not out_spec.path.parent.exists():
         raise InputError("output folder does not exist", source=str(out_spec.path.parent))
     with open_volume(in_spec) as source:
@@ -836,6 +856,17 @@ def noise_file(
         attrs = provenance(mode, resolved, seed, abs_source, blocks_shape, halo)
         k_min = n_classes if n_classes is not None else resolved.get("n_classes")
         counter = TransitionCounter(k_min) if report else None
+        if on_cluster:
+            job = NoiseJob(input=abs_source, mode=mode, params=dict(resolved), seed=seed, n_classes=n_classes)
+            shape, dtype, seconds = _noise_resumable(
+                job, out_spec, source.shape, dtype, block_chunks(blocks_shape, dtype.itemsize), attrs, blocks,
+                scheduler=scheduler, workers=workers, retries=retries, client=client, progress=progress)
+            if counter is not None:
+                _count_transitions(source, str(out_spec), blocks, counter)
+            return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
+                               params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
+                               blocks=len(blocks), seconds=seconds,
+                               report=counter.report() if counter is not None else None, attrs=attrs)
         start = time.perf_counter()
         dest = create_volume(out_spec, source.shape, dtype, chunks=block_chunks(blocks_shape, dtype.itemsize),
                              attrs=attrs)
@@ -855,3 +886,128 @@ def noise_file(
     return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
                        params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
                        blocks=len(blocks), seconds=seconds, report=summary, attrs=attrs)
+
+
+# --------------------------------------------------------------------------- #
+# on a dask.distributed cluster, resumable
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class NoiseJob:
+    """What a worker needs to make one block noisy (paths, no open handles)."""
+
+    input: str
+    mode: str
+    params: dict[str, Any]
+    seed: int
+    n_classes: int | None = None
+    store: str = ""
+    key: str = ""
+    fail_blocks: tuple[int, ...] = ()
+
+
+def noise_block_task(block: Any, job: NoiseJob) -> int:
+    """Worker side of ``emseg noise --scheduler``: one block from the input into its own output chunks.
+
+    Opens ``job.input`` lazily, runs :func:`process_block` and writes ``block.inner`` of the zarr
+    array ``job.store``/``job.key``; returns the block index.
+
+    Examples
+    --------
+    >>> noise_block_task(blocks[0], job)  # doctest: +SKIP
+    0
+    """
+    import zarr
+
+    from emseg.distributed import FAIL_BLOCKS_ENV
+    from emseg.io import open_volume
+
+    if block.index in job.fail_blocks:
+        raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
+    with open_volume(job.input) as source:
+        data = np.asarray(source[block.outer])
+    if job.n_classes is not None and data.size and int(data.max()) >= job.n_classes:
+        raise ValueError(f"labels contain class {int(data.max())} but n_classes={job.n_classes}")
+    noisy = _apply(data, block, job.mode, job.params, job.seed)
+    dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
+    dest[block.inner] = noisy
+    return int(block.index)
+
+
+def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype: np.dtype,
+                     chunks: Sequence[int], attrs: dict[str, Any], blocks: Sequence[Any], *,
+                     scheduler: str | None, workers: int | None, retries: int, client: Any,
+                     progress: Callable[[int, int], None] | None) -> tuple[tuple[int, ...], np.dtype, float]:
+    """Write the blocks as cluster tasks into a ``.partial`` zarr array, renamed when complete."""
+    import functools
+
+    import zarr
+
+    from emseg.distributed import (
+        DONE_DIR,
+        RESUME_ATTR,
+        DoneMarkers,
+        _check_params,
+        _jsonable,
+        fit_chunks,
+        injected_failures,
+        partial_location,
+        require_distributed,
+        run_blocks,
+    )
+    from emseg.io import replace_output
+    from emseg.io._volume import _zarr_compressors
+
+    if client is None:
+        require_distributed()
+    out_spec = type(out_spec)(Path(out_spec.path).resolve(), out_spec.key, out_spec.fmt)
+    store, key, partial, final = partial_location(out_spec)
+    if not final.parent.exists() and not out_spec.key:
+        raise InputError("output folder does not exist", source=str(final.parent))
+    block_shape = tuple(int(b) for b in attrs["noise_block_shape"])
+    chunks = fit_chunks(block_shape, tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
+    params = _jsonable(dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks)))
+    if partial.exists():
+        try:
+            stored = zarr.open_array(store=str(store), path=key or None, mode="r+").attrs.get(RESUME_ATTR)
+        except Exception:  # noqa: BLE001 - unreadable partial: reported as "no parameters recorded"
+            stored = None
+        _check_params(stored, params, partial)
+    else:
+        if key:
+            parent = key.rpartition("/")[0]
+            root = zarr.open_group(store=str(store), mode="a")
+            if parent:
+                root.require_group(parent)
+        zarr.create_array(store=str(store), name=key or None, shape=shape, dtype=dtype, chunks=chunks,
+                          compressors=_zarr_compressors(np.dtype(dtype)), fill_value=0,
+                          attributes=dict(attrs, **{RESUME_ATTR: params}))
+    job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, str(store), key,
+                   injected_failures())
+    markers = DoneMarkers(partial / DONE_DIR)
+    state = {"done": len(markers.done() & {b.index for b in blocks})}
+    if progress is not None:
+        progress(state["done"], len(blocks))
+
+    def on_done(_block: Any, _result: Any) -> None:
+        state["done"] += 1
+        if progress is not None:
+            progress(state["done"], len(blocks))
+
+    hint = f"finished blocks are kept in {partial}: rerun the same command to compute only the missing ones"
+    run = run_blocks(functools.partial(noise_block_task, job=job), blocks, scheduler=scheduler, workers=workers,
+                     client=client, retries=retries, done=markers, on_done=on_done,
+                     failure_source=str(out_spec), failure_hint=hint)
+    replace_output(partial, final)
+    array = zarr.open_array(store=str(out_spec.path), path=out_spec.key or None, mode="r+")
+    del array.attrs[RESUME_ATTR]
+    DoneMarkers(final / DONE_DIR).clear()
+    return tuple(shape), np.dtype(dtype), run.seconds
+
+
+def _count_transitions(source: Any, output: str, blocks: Sequence[Any], counter: TransitionCounter) -> None:
+    """Update ``counter`` with (clean, noisy) of every block, reading both volumes back."""
+    from emseg.io import open_volume
+
+    with open_volume(output) as noisy:
+        for block in blocks:
+            counter.update(np.asarray(source[block.inner]), np.asarray(noisy[block.inner]))
