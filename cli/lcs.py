@@ -22,11 +22,17 @@ def _parse_labels(text: str | None) -> tuple[int, ...] | None:
 
 
 @click.group("lcs")
+@common_options
 def command():
     """Label-conditioned segmentation: one single-output network for any number of classes.
 
     The network is conditioned on an atlas image and the atlas mask of the class to segment;
     inference runs one conditioned pass per requested label. See docs/lcs.md.
+
+    \b
+    Examples:
+      emseg lcs train lcs.toml --out runs/lcs --steps 2000
+      emseg lcs infer runs/lcs/best.pt stack2.h5:raw pred.zarr --labels 1,3
     """
 
 

@@ -43,8 +43,17 @@ Examples:
 class NoiseGroup(click.Group):
     """A group whose default command runs when the first argument names no subcommand."""
 
+    #: Flags without a value that may come before the subcommand name (``noise --json igtt``).
+    leading_flags = ("--json", "-q", "--quiet", "-v", "--verbose")
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in SUBCOMMANDS and args[0] != DEFAULT_COMMAND \
+        args = list(args)
+        i = 0
+        while i < len(args) and args[i] in self.leading_flags:
+            i += 1
+        if i < len(args) and args[i] in SUBCOMMANDS:
+            args = [args[i], *args[:i], *args[i + 1:]]
+        elif args and args[0] not in SUBCOMMANDS and args[0] != DEFAULT_COMMAND \
                 and args[0] not in ctx.help_option_names:
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)

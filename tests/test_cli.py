@@ -163,9 +163,45 @@ def test_input_errors_exit_2_with_one_line(tmp_path, runner, args, words):
 
 def test_usage_errors_exit_2(tmp_path, runner):
     result = runner.invoke(cli, ["predict", "m.pt", "a.h5:raw", "b.h5:p", "--patch", "1,x,16"])
-    assert result.exit_code == 2 and "--patch" in result.stderr
-    assert runner.invoke(cli, ["predict", "m.pt"]).exit_code == 2
-    assert runner.invoke(cli, ["no-such-command"]).exit_code == 2
+    assert result.exit_code == 2 and "--patch" in _error_line(result)
+    for args in (["predict", "m.pt"], ["no-such-command"], ["--device", "gpu", "demo"],
+                 ["lcs", "infer", "m.pt"], ["noise", "a.h5:l", "b.h5:n", "--flip", "x"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, args
+        _error_line(result)
+
+
+@pytest.mark.parametrize("option", [["--valid-every", "0"], ["--lr", "-1"]])
+def test_bad_training_numbers_are_input_errors(tmp_path, synthetic_h5, runner, option):
+    (tmp_path / "train.toml").write_text(to_toml(tiny_train_config(synthetic_h5, steps=1)))
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.toml"), "--out", str(tmp_path / "run"), *option])
+    assert result.exit_code == 2
+    assert option[0].lstrip("-").replace("-", "_") in _error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "m.pt", "{tmp}/d.h5:raw", "{tmp}/d.h5:raw"],
+    ["predict", "m.pt", "{tmp}/d.zarr/raw", "{tmp}/d.zarr"],
+    ["noise", "{tmp}/d.zarr/label", "{tmp}/d.zarr", "--flip", "0.1"],
+    ["lcs", "infer", "m.pt", "{tmp}/d.zarr/raw", "{tmp}/d.zarr"],
+    ["lcs", "infer", "m.pt", "{tmp}/d.h5:raw", "{tmp}/d.h5:raw"],
+    ["query", "m.pt", "{tmp}/d.h5:raw", "--export", "{tmp}/d.h5"],
+])
+def test_outputs_never_replace_their_input(tmp_path, runner, args):
+    import zarr
+
+    raw, label = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8), np.zeros((2, 8, 8), np.int16)
+    write_h5(tmp_path / "d.h5", raw=raw, label=label)
+    root = zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
+    root.create_array("raw", data=raw)
+    root.create_array("label", data=label)
+    result = runner.invoke(cli, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2
+    assert "input" in _error_line(result)
+    for spec in ("d.h5:raw", "d.zarr/raw", "d.zarr/label"):
+        with open_volume(str(tmp_path / spec)) as vol:
+            np.testing.assert_array_equal(vol[:], raw if spec.endswith("raw") else label)
 
 
 def test_bad_config_key_is_input_error(tmp_path, synthetic_h5, runner):

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import h5py
 
 from emseg.config import config_from_dict
+from emseg.errors import InputError
 from emseg.evaluation import evaluate_volumes
 from emseg.io import open_volume
 from emseg.metrics import SegmentationScores
@@ -70,6 +71,8 @@ def run_demo(
 
     An existing demo run in ``out_dir`` is replaced.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("last.pt", "best.pt", "metrics.csv"):

@@ -235,6 +235,8 @@ def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path =
         config = SimulateConfig(pool=pool, test=test, patch=patch, train=template, **kwargs)
         check_simulate_config(config)
     except InputError as exc:
+        if exc.source is not None:  # already names its file
+            raise
         raise InputError(str(exc), source=source) from None
     return config
 
@@ -568,8 +570,6 @@ def run_simulation(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_folder(out, config)
     dev = resolve_device(device)
     strategies = [get_strategy(s).name for s in config.strategies]
     k = config.n_classes
@@ -577,6 +577,16 @@ def run_simulation(
     test_raw, test_label = _load_region(config.test, k, config.label_map)
     if len(config.patch) != pool_raw.ndim:
         raise InputError(f"patch {config.patch} has {len(config.patch)} axes, the pool region has {pool_raw.ndim}")
+    # Checked before anything is written into out_dir (the per-seed check below stays for subsets).
+    n_pool = len(build_pool([pool_raw.shape], config.patch, names=["pool"]))
+    if config.candidates is not None:
+        n_pool = min(n_pool, config.candidates)
+    needed = config.initial + config.per_iteration * config.iterations
+    if needed > n_pool:
+        raise InputError(f"the pool holds {n_pool} patches, fewer than initial + per_iteration x "
+                         f"iterations = {needed}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_folder(out, config)
     test_cube = Cube(raw=test_raw, label=test_label, info=_info(k), prio=1.0, name="test")
     total = len(config.seeds) * len(strategies) * (config.iterations + 1)
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}

@@ -32,7 +32,7 @@ from emseg.checkpoint import load_model
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block
-from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, replace_output
+from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, parse_spec, replace_output
 from emseg.lcs.atlas import Atlas
 from emseg.predict import resolve_patch
 
@@ -370,7 +370,12 @@ class OutputGroup:
             except OSError as exc:
                 self.tmp.unlink(missing_ok=True)
                 raise InputError(f"not a writable HDF5 file ({exc})", source=str(self.path)) from None
-            self._root = self._h5.require_group(self.group) if self.group else self._h5
+            try:
+                self._root = self._h5.require_group(self.group) if self.group else self._h5
+            except TypeError:  # a dataset of that name is in the way
+                self._h5.close()
+                self.tmp.unlink(missing_ok=True)
+                raise InputError(f"'{self.group}' exists and is not a group", source=str(self.path)) from None
 
     def create(self, name: str, shape: Sequence[int], dtype, attrs: dict[str, Any] | None = None):
         """Create array ``name`` in the group; returns something sliceable for writing."""
@@ -463,6 +468,20 @@ class InferResult:
                 "voxels_per_s": round(self.voxels / self.seconds, 1) if self.seconds > 0 else None}
 
 
+def _check_output_spares_input(input_spec: str, output: str) -> None:
+    """Raise :class:`InputError` when writing the OUTPUT container would replace or clash with INPUT."""
+    src, (path, group, fmt) = parse_spec(input_spec), parse_output(output)
+    if src.fmt != fmt or src.path.resolve() != path.resolve():
+        return
+    parent, _, name = src.key.rpartition("/")
+    if fmt == "zarr":  # the group (or the whole store) is replaced
+        clash = not group or src.key == group or src.key.startswith(group + "/")
+    else:  # datasets GROUP/prob_<l> and GROUP/labels are (re)created
+        clash = src.key == group or (parent == group and (name == "labels" or name.startswith("prob_")))
+    if clash:
+        raise InputError(f"the output would overwrite the input {src}", source=output)
+
+
 def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | None = None) -> InferResult:
     """Predict the requested labels of ``config.input`` into the container ``config.output``.
 
@@ -478,6 +497,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
         raise InputError(f"overlap must be in [0, 1), got {config.overlap}")
     if config.batch_size < 1 or config.label_batch < 1:
         raise InputError("batch sizes must be >= 1")
+    _check_output_spares_input(config.input, config.output)
     device = resolve_device(config.device)
     lcs = load_lcs_model(config.model, device, atlas_labels=config.atlas_labels)
     labels = lcs.resolve_labels(config.labels)

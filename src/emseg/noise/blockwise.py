@@ -810,7 +810,7 @@ def noise_file(
     --------
     >>> noise_file("stack.h5:label", "noisy.h5:label", "flip", {"p": 0.45}, seed=1)  # doctest: +SKIP
     """
-    from emseg.io import create_volume, open_volume, parse_spec
+    from emseg.io import check_distinct, create_volume, open_volume, parse_spec
 
     try:
         checked = check_params(mode, params)
@@ -828,6 +828,7 @@ def noise_file(
     in_spec, out_spec = parse_spec(input_spec), parse_spec(output_spec)
     if _same_volume(in_spec, out_spec):
         raise InputError("OUTPUT must differ from INPUT (the clean labels are kept)", source=str(out_spec))
+    check_distinct(in_spec, out_spec)  # an OUTPUT group or zarr root holding INPUT
     on_cluster = scheduler is not None or client is not None
     if on_cluster and out_spec.fmt != "zarr":
         raise InputError("--scheduler needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
