@@ -99,6 +99,42 @@ def scores_table(scores: dict[str, Any], title: str, class_names: list[str] | No
     return table
 
 
+def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
+    """``"1,3,4"`` -> (1, 3, 4); ``None`` stays None; a usage error for bad or empty lists."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+    if not values:
+        raise click.BadParameter("expected at least one integer", param_hint=name)
+    return values
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs ``default_command`` when the first argument names no subcommand.
+
+    Flags without a value (``--json``, ``-q``, ``-v``) may come before the subcommand name, as in
+    ``emseg query --json simulate ...``.
+    """
+
+    default_command = "select"
+    leading_flags = ("--json", "-q", "--quiet", "-v", "--verbose")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        names = set(self.list_commands(ctx)) | {self.default_command}
+        i = 0
+        while i < len(args) and args[i] in self.leading_flags:
+            i += 1
+        if i < len(args) and args[i] in names:
+            args = [args[i], *args[:i], *args[i + 1:]]
+        elif args and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
 def parse_shape(text: str | None, name: str = "--patch") -> tuple[int, ...] | None:
     """``"1,256,256"`` -> (1, 256, 256); a usage error otherwise."""
     if text is None:

@@ -4,22 +4,10 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_ints, parse_shape, progress_bar, state
 from emseg.noise.igtt import IGTTConfig, run_igtt
 
 _D = IGTTConfig()
-
-
-def _parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
-    if not values:
-        raise click.BadParameter("expected at least one label value", param_hint=name)
-    return values
 
 
 def _cell(key: str, value) -> str:
@@ -91,7 +79,7 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
             if info["phase"] == "train":
                 update(info["step"], info["total"], f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}")
 
-        result = run_igtt(raw, cfg, out_dir, label=label, foreground=_parse_ints(foreground, "--foreground"),
+        result = run_igtt(raw, cfg, out_dir, label=label, foreground=parse_ints(foreground, "--foreground"),
                       device=app.device, seed=app.seed, progress=progress, resume=resume)
 
     def render(console):

@@ -5,20 +5,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_ints, parse_shape, progress_bar, state
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
-
-
-def _parse_labels(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        labels = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--labels") from None
-    if not labels:
-        raise click.BadParameter("no labels given", param_hint="--labels")
-    return labels
 
 
 @click.group("lcs")
@@ -121,7 +109,7 @@ def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap,
       emseg lcs infer runs/lcs/best.pt stack2.h5:raw pred.h5:fine --atlas-labels atlas.h5:fine --labels 2,5
     """
     app = state()
-    cfg = InferConfig(model=model, input=input_spec, output=output_spec, labels=_parse_labels(labels),
+    cfg = InferConfig(model=model, input=input_spec, output=output_spec, labels=parse_ints(labels, "--labels"),
                       atlas_labels=atlas_labels, overlap=overlap, blend=blend, batch_size=batch_size,
                       label_batch=label_batch, block_shape=parse_shape(block, "--block"), device=app.device)
     with progress_bar("lcs infer") as update:

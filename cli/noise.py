@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli._ui import common_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import DefaultCommandGroup, common_options, emit, fmt, parse_shape, progress_bar, state
 from emseg.errors import InputError
 
 #: Mode options, in the order they are listed in messages.
@@ -40,23 +40,10 @@ Examples:
 """
 
 
-class NoiseGroup(click.Group):
-    """A group whose default command runs when the first argument names no subcommand."""
+class NoiseGroup(DefaultCommandGroup):
+    """Runs the synthesis command unless the first argument names a subcommand (``igtt``)."""
 
-    #: Flags without a value that may come before the subcommand name (``noise --json igtt``).
-    leading_flags = ("--json", "-q", "--quiet", "-v", "--verbose")
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        args = list(args)
-        i = 0
-        while i < len(args) and args[i] in self.leading_flags:
-            i += 1
-        if i < len(args) and args[i] in SUBCOMMANDS:
-            args = [args[i], *args[:i], *args[i + 1:]]
-        elif args and args[0] not in SUBCOMMANDS and args[0] != DEFAULT_COMMAND \
-                and args[0] not in ctx.help_option_names:
-            args = [DEFAULT_COMMAND, *args]
-        return super().parse_args(ctx, args)
+    default_command = DEFAULT_COMMAND
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)

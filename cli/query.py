@@ -15,27 +15,20 @@ from emseg.active import STRATEGIES, get_strategy
 from emseg.active.export import crop_name, read_query_boxes
 from emseg.active.pool import QueryConfig, query_files
 from emseg.active.simulate import load_simulate_config, run_simulation
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import (
+    DefaultCommandGroup,
+    common_options,
+    device_seed_options,
+    emit,
+    fmt,
+    parse_ints,
+    parse_shape,
+    progress_bar,
+    state,
+)
 from emseg.io import parse_spec
 
 
-class DefaultCommandGroup(click.Group):
-    """A group that runs ``default_command`` when the first argument names no subcommand."""
-
-    default_command = "select"
-    #: Flags without a value that may come before the subcommand name (``query --json simulate``).
-    leading_flags = ("--json", "-q", "--quiet", "-v", "--verbose")
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        args = list(args)
-        i = 0
-        while i < len(args) and args[i] in self.leading_flags:
-            i += 1
-        if i < len(args) and args[i] in self.commands:
-            args = [args[i], *args[:i], *args[i + 1:]]
-        elif args and args[0] not in ctx.help_option_names:
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
 
 
 @click.group("query", cls=DefaultCommandGroup)
@@ -161,18 +154,6 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
     emit(result.to_dict(), render)
 
 
-def _int_list(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
-    if not values:
-        raise click.BadParameter("empty list", param_hint=name)
-    return values
-
-
 @command.command("simulate")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -200,7 +181,7 @@ def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initi
     app = state()
     overrides = {
         "strategies": tuple(s.strip() for s in strategies.split(",") if s.strip()) if strategies else None,
-        "seeds": _int_list(seeds, "--seeds"), "iterations": iterations,
+        "seeds": parse_ints(seeds, "--seeds"), "iterations": iterations,
         "steps_initial": steps_initial, "steps_finetune": steps_finetune,
     }
     cfg = load_simulate_config(config, overrides=overrides)

@@ -192,6 +192,17 @@ def check_config(config: TrainConfig) -> None:
         raise InputError("a 3D model needs a 3D patch_shape")
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such config file", source=str(path))
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+
+
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
                 sections: tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML training config; ``overrides`` replace top-level keys (``None`` values ignored).
@@ -199,12 +210,7 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
     Dotted override keys reach into tables, e.g. ``{"optim.lr": 1e-4}``.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError("no such config file", source=str(path))
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+    data = read_toml(path)
     for key, value in (overrides or {}).items():
         if value is None:
             continue

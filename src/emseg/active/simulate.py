@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import time
-import tomllib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from emseg.active.diversity import random_select
 from emseg.active.pool import CandidatePool, build_pool, score_pool, select
 from emseg.active.registry import get_strategy
 from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
-from emseg.config import TrainConfig, config_from_dict
+from emseg.config import TrainConfig, config_from_dict, read_toml
 from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
@@ -285,12 +284,7 @@ def load_simulate_config(path: str | Path, *, overrides: Mapping[str, Any] | Non
     >>> cfg = load_simulate_config("active.toml", overrides={"iterations": 2})  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError("no such config file", source=str(path))
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+    data = read_toml(path)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = list(value) if isinstance(value, tuple) else value
