@@ -172,6 +172,23 @@ def common_options(func):
     return func
 
 
+def scheduler_options(scheduler_help: str, *, retries: bool = True):
+    """``--scheduler``, ``--workers`` (and ``--retries``) of commands that can run on dask.distributed."""
+
+    def decorate(func):
+        if retries:
+            func = click.option("--retries", type=click.IntRange(min=0), default=2,
+                                help="With --scheduler: extra attempts of a failing block before giving up.")(func)
+        func = click.option("--workers", type=click.IntRange(min=1), default=None,
+                            help="Worker processes of --scheduler local, one thread each "
+                                 "[default: CPU cores, at most 8].")(func)
+        return click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+                            help="Run on dask.distributed: 'local' starts --workers processes here, an address "
+                                 f"uses a running scheduler. {scheduler_help}")(func)
+
+    return decorate
+
+
 def device_seed_options(func):
     """``--device`` and ``--seed`` on commands that compute."""
     func = click.option("--seed", type=int, default=None, expose_value=False, callback=_setter("seed"),

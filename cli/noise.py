@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli._ui import DefaultCommandGroup, common_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import (
+    DefaultCommandGroup,
+    common_options,
+    emit,
+    fmt,
+    parse_shape,
+    progress_bar,
+    scheduler_options,
+    state,
+)
 from emseg.errors import InputError
 
 #: Mode options, in the order they are listed in messages.
@@ -123,13 +132,7 @@ class _DefaultCommand(click.Command):
 @click.option("--block", default=None,
               help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
 @click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
-@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
-              help="Run the blocks on dask.distributed: 'local' starts --workers processes here, an address "
-                   "uses a running scheduler. Needs a zarr OUTPUT; a rerun computes only missing blocks.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
-@click.option("--retries", type=click.IntRange(min=0), default=2,
-              help="With --scheduler: extra attempts of a failing block before giving up.")
+@scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
           skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, scheduler, workers,

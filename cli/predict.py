@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, parse_shape, progress_bar, state
+from emseg.cli._ui import common_options, device_seed_options, emit, parse_shape, progress_bar, scheduler_options, state
 from emseg.predict import PredictConfig, predict_file
 
 
@@ -19,15 +19,9 @@ from emseg.predict import PredictConfig, predict_file
 @click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default="probabilities",
               help="Write class probabilities (C,*S) float32 or argmax labels uint8.")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
-@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
-              help="Run the blocks on dask.distributed: 'local' starts --workers processes here, an address "
-                   "uses a running scheduler. Needs a zarr OUTPUT; implies --resume.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
+@scheduler_options("One task per block; needs a zarr OUTPUT; implies --resume.")
 @click.option("--resume", is_flag=True,
               help="Write OUTPUT.partial (zarr) and, on a rerun, compute only the blocks not yet done.")
-@click.option("--retries", type=click.IntRange(min=0), default=2,
-              help="Extra attempts of a failing block before giving up.")
 @common_options
 @device_seed_options
 def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, block, scheduler,

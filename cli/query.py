@@ -24,6 +24,7 @@ from emseg.cli._ui import (
     parse_ints,
     parse_shape,
     progress_bar,
+    scheduler_options,
     state,
 )
 from emseg.io import parse_spec
@@ -100,11 +101,7 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
 @click.option("--batch-size", type=int, default=8, help="Patches per forward pass.")
 @click.option("--export", default=None, type=click.Path(dir_okay=False),
               help="HDF5 file for the chosen crops (crop_000/raw, label filled with -1, info).")
-@click.option("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
-              help="Score the pool on dask.distributed, 256 candidates per task: 'local' starts --workers "
-                   "processes here, an address uses a running scheduler.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes of --scheduler local, one thread each [default: CPU cores, at most 8].")
+@scheduler_options("Scores the pool in tasks of 256 candidates.", retries=False)
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,
