@@ -37,6 +37,7 @@ from emseg.noise.synthesis import (
     _as_labels,
     _check_fraction,
     _check_int,
+    class_boxes,
     _check_per_section,
     _check_radius,
     _fit_dtype,
@@ -372,21 +373,10 @@ def _widest_radius(region: np.ndarray, inner: tuple[slice, ...] | None, per_sect
 
     if inner is None:
         inner = tuple(slice(0, s) for s in region.shape)
-    # foreground ids in the input's own integer type (no int64 copy of the volume)
-    if region.dtype.kind == "b":
-        fg = region.view(np.uint8)
-    else:
-        fg = np.maximum(region, 0) if region.dtype.kind == "i" else region
     best = 0.0
-    for k, box in enumerate(ndi.find_objects(fg), start=1):
-        if box is None:
-            continue
-        # bounding box + 1: the nearest non-k voxel of any voxel inside the box
-        # lies in the box or on its one-voxel ring (or nowhere in the region)
-        box = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n))
-            for s, n in zip(box, region.shape, strict=True)
-        )
+    # bounding box + 1: the nearest non-k voxel of any voxel inside the box
+    # lies in the box or on its one-voxel ring (or nowhere in the region)
+    for k, box in class_boxes(region):
         core = tuple(
             slice(max(i.start - b.start, 0), max(min(i.stop, b.stop) - b.start, 0))
             for i, b in zip(inner, box, strict=True)

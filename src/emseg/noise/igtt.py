@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emseg.checkpoint import load_checkpoint, save_checkpoint
+from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
 from emseg.config import AugmentConfig, CubeConfig, ModelConfig, OptimConfig, TrainConfig
 from emseg.data import Augmenter, Cube, PatchSampler
 from emseg.device import resolve_device
@@ -45,7 +45,6 @@ from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, pre
 from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
 from emseg.metrics import binary_scores, roc_auc
-from emseg.models import build_model
 from emseg.noise.synthesis import sample, shift, skeleton
 
 __all__ = [
@@ -877,10 +876,7 @@ def run_igtt(
         if tres.interrupted:
             result.interrupted = True
             break
-        train_state = load_checkpoint(train_dir / "last.pt")
-        model = build_model(train_state["model_config"])
-        model.load_state_dict(train_state["model"])
-        model.to(dev)
+        model, train_state = load_model(train_dir / "last.pt", dev)
 
         prob = _predict(model, vol3, cfg.predict_window, dev)
         sel = select_mask(prob, cfg.n_thresholds, invert_large=cfg.invert_large)
@@ -929,10 +925,7 @@ def run_igtt(
 
     if result.final_epoch >= cfg.epochs and not result.interrupted:
         if last_prob is None:  # resumed a finished run: predict again with the saved model
-            saved = load_checkpoint(out / "model.pt")
-            model = build_model(saved["model_config"])
-            model.load_state_dict(saved["model"])
-            model.to(dev)
+            model, _ = load_model(out / "model.pt", dev)
             last_prob = _predict(model, vol3, cfg.predict_window, dev)
             last_sel = select_mask(last_prob, cfg.n_thresholds, invert_large=cfg.invert_large)
         assert last_sel is not None

@@ -473,6 +473,22 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     return np.where(removed, np.zeros((), dtype=arr.dtype), arr)
 
 
+def class_boxes(arr: np.ndarray):
+    """Yield ``(k, box)`` for every class k >= 1 present in ``arr``: its bounding box grown by
+    one voxel on each side (clipped to the array). The class ids are read in the array's own
+    integer type, so no int64 copy of the volume is made."""
+    from scipy import ndimage as ndi
+
+    if arr.dtype.kind == "b":
+        fg = arr.view(np.uint8)
+    else:
+        fg = np.maximum(arr, 0) if arr.dtype.kind == "i" else arr
+    for k, box in enumerate(ndi.find_objects(fg), start=1):
+        if box is None:
+            continue
+        yield k, tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, arr.shape, strict=True))
+
+
 def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     """Perturbed clean labels by skeletonisation (PCL).
 
@@ -508,7 +524,6 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     >>> bool(np.all(lab[sk == 1] == 1)), int(sk.sum()) < int(lab.sum())
     (True, True)
     """
-    from scipy import ndimage as ndi
     from skimage.morphology import skeletonize
 
     arr = _as_labels(labels)
@@ -516,19 +531,8 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     out = np.zeros_like(arr)
     if arr.dtype.kind == "i":
         out[arr < 0] = -1
-    # foreground ids in the input's own integer type (no int64 copy of the volume)
-    if arr.dtype.kind == "b":
-        fg = arr.view(np.uint8)
-    else:
-        fg = np.maximum(arr, 0) if arr.dtype.kind == "i" else arr
-    for k, box in enumerate(ndi.find_objects(fg), start=1):
-        if box is None:
-            continue
-        # one voxel of margin so thinning sees the object's true surroundings
-        box = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n))
-            for s, n in zip(box, arr.shape, strict=True)
-        )
+    # one voxel of margin so thinning sees the object's true surroundings
+    for k, box in class_boxes(arr):
         mask = arr[box] == k
         if section:
             thin = np.stack([skeletonize(m) for m in mask])
