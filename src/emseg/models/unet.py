@@ -152,6 +152,37 @@ class UNet(nn.Module):
     def embedding_channels(self) -> int:
         return self.config["base_width"] * 2 ** self.depth
 
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The deterministic part of the network: encoder levels and the bottleneck convolutions.
+
+        Returns the skip connections and the bottleneck features before its dropout, so that
+        Monte-Carlo dropout can run :meth:`decode` T times on one encoding (no dropout happens
+        before this point, so the results equal T full forward passes).
+        """
+        skips = []
+        for enc, pool in zip(self.encoders, self.pools):
+            x = enc(x)
+            skips.append(x)
+            x = pool(x)
+        return skips, self.bottleneck.body(x)
+
+    def decode(self, skips: list[torch.Tensor], features: torch.Tensor,
+               cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits from :meth:`encode`'s output; also returns the bottleneck embedding."""
+        x = self.bottleneck.dropout(features)
+        embedding = x
+        if self.cond_block is not None:
+            if cond is None:
+                raise ValueError("this network is conditioned: pass cond (N, cond_channels, *S)")
+            factor = self.divisor
+            pooled = F.max_pool2d(cond, factor, factor) if self.ndim == 2 else F.max_pool3d(cond, factor, factor)
+            x = self.cond_block(torch.cat([x, pooled.to(x.dtype)], dim=1))
+        elif cond is not None:
+            raise ValueError("this network takes no conditioning input")
+        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x), embedding
+
     def forward(
         self,
         x: torch.Tensor,
@@ -165,24 +196,8 @@ class UNet(nn.Module):
         bad = [s for s, d in zip(x.shape[2:], self.divisor) if s % d]
         if bad:
             raise ValueError(f"input sides {tuple(x.shape[2:])} must be multiples of {self.divisor}")
-        skips = []
-        for enc, pool in zip(self.encoders, self.pools):
-            x = enc(x)
-            skips.append(x)
-            x = pool(x)
-        x = self.bottleneck(x)
-        embedding = x
-        if self.cond_block is not None:
-            if cond is None:
-                raise ValueError("this network is conditioned: pass cond (N, cond_channels, *S)")
-            factor = self.divisor
-            pooled = F.max_pool2d(cond, factor, factor) if self.ndim == 2 else F.max_pool3d(cond, factor, factor)
-            x = self.cond_block(torch.cat([x, pooled.to(x.dtype)], dim=1))
-        elif cond is not None:
-            raise ValueError("this network takes no conditioning input")
-        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
-            x = dec(torch.cat([up(x), skip], dim=1))
-        logits = self.head(x)
+        skips, x = self.encode(x)
+        logits, embedding = self.decode(skips, x, cond)
         return (logits, embedding) if return_embedding else logits
 
 

@@ -1,0 +1,148 @@
+"""Numerical precision of network computations: ``auto | fp32 | bf16`` resolved in one place.
+
+``bf16`` runs convolutions under :func:`torch.autocast` with ``torch.bfloat16`` and the
+channels-last memory format; weights, optimiser state, checkpoints, losses and metrics stay
+float32 (callers cast logits up before a loss). ``auto`` is ``bf16`` where the hardware
+computes bfloat16 natively and ``fp32`` everywhere else:
+
+* CUDA: compute capability >= 8.0 (Ampere and newer);
+* CPU: AVX512-BF16 or AMX tiles, as reported by torch's own CPU capability probe (the same
+  one its oneDNN kernels dispatch on), with ``/proc/cpuinfo`` flags as a fallback.
+
+Channels-last (``channels_last`` for 2D, ``channels_last_3d`` for 3D networks) is used where it
+was measured faster on this project's U-Nets (``benchmarks/speed.py``): 2D networks in both
+precisions, 3D networks in bf16 only.
+
+Examples
+--------
+>>> p = resolve_precision("fp32", "cpu", ndim=2)
+>>> p.name, p.channels_last
+('fp32', True)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from emseg.errors import InputError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively, and the name of the feature found (or missing)."""
+    probe = getattr(torch, "cpu", None)
+    try:
+        amx = bool(probe._is_amx_tile_supported())
+        avx = bool(probe._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        flags = _cpu_flags()
+        amx, avx = "amx_bf16" in flags, "avx512_bf16" in flags
+    if amx:
+        return True, "AMX-BF16"
+    if avx:
+        return True, "AVX512-BF16"
+    return False, "a CPU without AVX512-BF16 or AMX"
+
+
+def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
+    """Whether a CUDA device has native bf16 tensor cores (compute capability >= 8.0)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    return major >= 8, f"{name} (compute capability {major}.{minor})"
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """``(supported, hardware description)`` for native bfloat16 on ``device``."""
+    if device.type == "cuda":
+        return cuda_bf16_support(device)
+    if device.type == "cpu":
+        return cpu_bf16_support()
+    return False, f"device type {device.type!r}"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision for one device: how to run the network and lay out its tensors."""
+
+    name: str  # "fp32" or "bf16"
+    device_type: str
+    channels_last: bool
+    hardware: str = ""
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of this precision (a no-op for fp32)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def memory_format(self, ndim: int) -> torch.memory_format:
+        if not self.channels_last:
+            return torch.contiguous_format
+        return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Put the model's weights in this precision's memory format (values unchanged, fp32)."""
+        ndim = getattr(model, "ndim", 2)
+        if self.channels_last:
+            model.to(memory_format=self.memory_format(ndim))
+        return model
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Lay out an input batch (N, C, *S) in this precision's memory format."""
+        if self.channels_last and x.dim() in (4, 5):
+            return x.contiguous(memory_format=self.memory_format(x.dim() - 2))
+        return x
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[None]:
+        with self.autocast():
+            yield
+
+    def to_dict(self) -> dict[str, object]:
+        return {"precision": self.name, "channels_last": self.channels_last, "hardware": self.hardware}
+
+
+def _channels_last(name: str, ndim: int) -> bool:
+    # Measured in benchmarks/speed.py: 2D gains in both precisions; 3D only under bf16.
+    return ndim == 2 or name == "bf16"
+
+
+def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim: int = 2) -> Precision:
+    """Turn ``auto | fp32 | bf16`` into a :class:`Precision` for ``device`` and a ``ndim``-D network.
+
+    ``bf16`` on hardware without native bfloat16 is an :class:`~emseg.errors.InputError` naming
+    the hardware (emulated bf16 is slower than fp32 and less accurate).
+    """
+    if isinstance(name, Precision):
+        return name
+    if name not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    device = torch.device(device)
+    ok, hardware = bf16_support(device) if name != "fp32" else (False, "")
+    if name == "bf16" and not ok:
+        raise InputError(f"precision bf16 needs native bfloat16 hardware; this is {hardware} (use fp32 or auto)")
+    chosen = "bf16" if name == "bf16" or (name == "auto" and ok) else "fp32"
+    return Precision(chosen, device.type, _channels_last(chosen, ndim), hardware)
