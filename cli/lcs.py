@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_ints, parse_shape, progress_bar, state
+from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_ints, parse_shape,
+                           precision_overrides, progress_bar, state)
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
 
 
@@ -54,7 +55,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     app = state()
     cfg, lcs = load_lcs_config(config, overrides={
         "steps": steps, "batch_size": batch_size, "optim.lr": lr, "patch_shape": parse_shape(patch),
-        "valid_every": valid_every}, baseline=baseline or None)
+        "valid_every": valid_every, **precision_overrides(app)}, baseline=baseline or None)
     with progress_bar("lcs train" if not lcs.baseline else "baseline train") as update:
         def progress(info):
             update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")

@@ -7,6 +7,7 @@ import traceback
 import click
 
 from emseg import __version__
+from emseg.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
 from emseg.cli._ui import AppState
 
@@ -69,15 +70,20 @@ class EmsegGroup(click.Group):
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute: auto picks CUDA when available.")
 @click.option("--seed", default=0, type=int, help="Seeds python, numpy and torch.")
+@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Network arithmetic: auto = bf16 where the hardware computes it natively, else fp32 "
+                   "[default: the config's, else auto].")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int) -> None:
+def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int,
+        precision: str | None) -> None:
     """Label-efficient segmentation of electron-microscopy volumes.
 
     \b
     Volumes are addressed as FILE.h5:DATASET or FILE.zarr[/ARRAY].
     Start with `emseg demo`, then see `emseg COMMAND --help`.
     """
-    ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed)
+    configure_threads()
+    ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed, precision=precision)
 
 
 def _register() -> None:

@@ -70,7 +70,13 @@ class TrainConfig:
     valid_every: int = 200
     log_every: int = 10
     checkpoint_every: int = 100
+    #: ``auto | fp32 | bf16``: bf16 autocast + channels-last where the hardware computes bf16
+    #: natively (see :mod:`emseg.precision`); weights, checkpoints and losses stay float32.
+    precision: str = "auto"
+    #: Older spelling: ``amp = false`` means ``precision = "fp32"``.
     amp: bool = True
+    #: Prepare the next batch in a background thread while the current step runs.
+    prefetch: bool = True
     #: Stop after this many seconds of training (a fixed compute budget); None = no limit.
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -78,6 +84,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: Extra tables a subcommand accepts (e.g. ``lcs``), kept as plain dicts.
     sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_precision(self) -> str:
+        """``precision``, with the older ``amp = false`` read as ``fp32``."""
+        return "fp32" if not self.amp else self.precision
 
     @property
     def model_ndim(self) -> int:
@@ -188,6 +199,10 @@ def check_config(config: TrainConfig) -> None:
         raise InputError("example_ignore_threshold must be in [0, 1]")
     if config.optim.schedule not in ("constant", "cosine", "step"):
         raise InputError(f"optim.schedule must be constant, cosine or step, got {config.optim.schedule!r}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
+    if not config.amp and config.precision == "bf16":
+        raise InputError("amp = false contradicts precision = \"bf16\" (drop amp; it is the older spelling)")
     if config.model_ndim == 3 and len(config.patch_shape) != 3:
         raise InputError("a 3D model needs a 3D patch_shape")
 

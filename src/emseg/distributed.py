@@ -347,6 +347,7 @@ class PredictJob:
     batch_size: int
     output_type: str
     device: str = "auto"
+    precision: str = "auto"
     fail_blocks: tuple[int, ...] = ()
 
 
@@ -556,6 +557,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         "input": str(in_spec), "input_shape": list(vol_shape), "input_dtype": vol_dtype,
         "patch_shape": list(patch), "overlap": config.overlap, "blend": config.blend,
         "batch_size": config.batch_size, "output_type": config.output_type, "block_shape": list(block_shape),
+        "precision": config.precision,
         "shape": list(shape), "chunks": list(chunks)})
     if partial.exists():
         try:
@@ -577,7 +579,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
     job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                      input=str(in_spec), store=str(store), key=key, patch_shape=tuple(patch),
                      overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                     output_type=config.output_type, device=config.device, fail_blocks=fail)
+                     output_type=config.output_type, device=config.device, precision=config.precision, fail_blocks=fail)
     markers = DoneMarkers(partial / DONE_DIR)
     total = sum(b.size for b in blocks)
     finished = markers.done()

@@ -19,6 +19,7 @@ from emseg.inference import (
     predict_volume,
     softmax_forward,
 )
+from emseg.precision import resolve_precision
 from emseg.io import auto_chunks, check_distinct, check_raw, create_volume, open_volume, parse_spec
 
 
@@ -34,6 +35,8 @@ class PredictConfig:
     output_type: str = "probabilities"
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
+    #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
+    precision: str = "auto"
     #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
     #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.distributed`).
     scheduler: str | None = None
@@ -51,6 +54,7 @@ class PredictResult:
     patch_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     stats: PredictStats
+    precision: str = "fp32"
     #: Blocks computed in this call and blocks found already done (resumable runs only).
     blocks_computed: int | None = None
     blocks_skipped: int | None = None
@@ -59,6 +63,7 @@ class PredictResult:
         out = {
             "output": self.output, "shape": list(self.shape), "n_classes": self.n_classes,
             "patch_shape": list(self.patch_shape), "block_shape": list(self.block_shape),
+            "precision": self.precision,
             "voxels": self.stats.voxels, "blocks": self.stats.blocks,
             "seconds": round(self.stats.seconds, 3), "voxels_per_s": round(self.stats.voxels_per_s, 1),
         }
@@ -84,9 +89,12 @@ def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, vo
 
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
                    device: torch.device) -> SlidingWindow:
+    """The sliding window of ``config`` (its precision resolved for ``device``; the model is laid
+    out in the matching memory format)."""
+    precision = resolve_precision(config.precision, device, ndim=model.ndim)
+    precision.prepare_model(model)
     return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
-                         blend=config.blend, batch_size=config.batch_size, device=device,
-                         amp=device.type == "cuda")
+                         blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
 
 
 def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
@@ -126,8 +134,9 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         predictor = make_predictor(model, patch, config, device)
         attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
                  "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
-                 "blend": config.blend}
+                 "blend": config.blend, "precision": predictor.precision.name}
         with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs) as dest:
             stats = predict_volume(predictor, source, dest, blocks=blocks, output_type=config.output_type,
                                    progress=progress)
-    return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats)
+    return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats,
+                         precision=predictor.precision.name)

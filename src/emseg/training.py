@@ -1,7 +1,9 @@
 """The training loop shared by ``emseg train`` and the other subcommands that train networks.
 
 A *task* supplies the network configuration, batches, the loss and validation; :func:`run_training`
-does the rest: Adam with a learning-rate schedule, bf16 autocast on CUDA, ``metrics.csv``,
+does the rest: Adam with a learning-rate schedule, the ``precision`` setting (bf16 autocast and
+channels-last where the hardware has native bf16; losses in float32), the next batch prepared
+in a background thread while the current step runs, ``metrics.csv``,
 ``last.pt``/``best.pt`` written atomically, exact resume, a clean stop on SIGINT and a stop with
 the last good checkpoint kept when the loss becomes NaN or infinite.
 """
@@ -26,6 +28,7 @@ import torch
 from emseg.checkpoint import load_checkpoint, save_checkpoint
 from emseg.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
+from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.device import resolve_device, seed_everything
 from emseg.distributed import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
@@ -34,6 +37,7 @@ from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, pre
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
+from emseg.precision import Precision, resolve_precision
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
 
@@ -67,6 +71,7 @@ class TrainResult:
     budget_exhausted: bool = False
     seconds: float = 0.0
     patches: int = 0
+    precision: str = "fp32"
 
     @property
     def patches_per_s(self) -> float:
@@ -79,6 +84,7 @@ class TrainResult:
             "last_valid": self.last_valid, "interrupted": self.interrupted,
             "budget_exhausted": self.budget_exhausted,
             "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
+            "precision": self.precision,
         }
 
 
@@ -135,10 +141,11 @@ class SegmentationTask:
         weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
         return lazy_nll(logits.float(), batch["target"], batch["labeled"], batch["not_present"], weights)
 
-    def validate(self, model, device):
+    def validate(self, model, device, precision: str | Precision = "fp32"):
         if not self.valid_cubes:
             return None
-        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device)
+        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
+                              precision=precision)
 
     def close(self) -> None:
         for cube in self.cubes + self.valid_cubes:
@@ -147,7 +154,8 @@ class SegmentationTask:
                     vol.close()
 
 
-def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *, amp=False) -> dict[str, float]:
+def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
+                   precision: str | Precision = "fp32") -> dict[str, float]:
     """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
 
     ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
@@ -155,7 +163,7 @@ def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *, amp=False) -
     """
     model.eval()
     predictor = SlidingWindow(softmax_forward(model), patch_shape, divisor=model.divisor, overlap=0.25,
-                              device=device, amp=amp)
+                              device=device, precision=precision)
     acc = ConfusionAccumulator(n_classes)
     for cube in cubes:
         shape = cube.shape
@@ -267,6 +275,9 @@ def run_training(
     model = build_model(model_config)
     check_divisible(config.patch_shape, model.divisor)
     model.to(dev)
+    precision = resolve_precision(config.effective_precision, dev, ndim=model.ndim,
+                                  channels_last=False if pg.active else None)
+    precision.prepare_model(model)
     net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -286,9 +297,9 @@ def run_training(
                          "another --out", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
                      resume_step=step if resume else None) if pg.is_main else None
-    amp = config.amp and dev.type == "cuda"
     total = config.steps
-    result = TrainResult(out, start_step=step, final_step=step, best_metric=best)
+    result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
+    forward = precision.wrap(net)
     plain_config = config.to_dict()
 
     def checkpoint(path: Path) -> None:
@@ -299,6 +310,7 @@ def run_training(
             "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
             "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
             "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
+            "precision": precision.name,
         }
         if pg.active:
             state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
@@ -310,7 +322,13 @@ def run_training(
     window_losses: list[float] = []
     window_t = t0
     window_patches = 0
-    with _StopFlag() as flag:
+
+    def make_batch(i: int) -> dict[str, torch.Tensor]:
+        # Each batch depends on its step only, so prefetching and resuming change nothing.
+        return task.batch(step_rng(seed, i, pg.rank))
+
+    prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
+    with _StopFlag() as flag, prefetch:
         while step < total:
             if pg.any(flag.stop or (stop_after is not None and step - result.start_step >= stop_after)):
                 result.interrupted = True
@@ -321,10 +339,9 @@ def run_training(
             lr = learning_rate(config.optim, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {k: v.to(dev, non_blocking=True) for k, v in task.batch(rng).items()}
+            batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}
             model.train()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = task.loss(net, batch)
+            loss = task.loss(forward, batch)
             value = pg.mean(float(loss.detach()))
             if not math.isfinite(value):
                 # The weights before this step are the last good state: keep them unless they
@@ -343,7 +360,7 @@ def run_training(
             window_patches += n
             valid = None
             if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
-                valid = pg.broadcast(task.validate(model, dev) if pg.is_main else None)
+                valid = pg.broadcast(_validate(task, model, dev, precision) if pg.is_main else None)
                 if valid is not None:
                     result.last_valid = valid
                     score = valid.get("valid_score")
@@ -378,6 +395,15 @@ def run_training(
     result.seconds = time.perf_counter() - t0
     pg.barrier()  # rank 0's checkpoints are complete when any rank returns
     return result
+
+
+def _validate(task: Task, model: torch.nn.Module, device: torch.device, precision: Precision):
+    """``task.validate`` at the run's precision when the task accepts one."""
+    import inspect
+
+    if "precision" in inspect.signature(task.validate).parameters:
+        return task.validate(model, device, precision=precision)
+    return task.validate(model, device)
 
 
 def task_has_validation(task: Task) -> bool:

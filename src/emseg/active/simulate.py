@@ -70,7 +70,8 @@ __all__ = [
 #: Keys of the simulate config besides the [pool], [test], [model], [optim] and [augment] tables.
 TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
             "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
-            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold")
+            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold",
+            "precision")
 #: Keys that only add or remove rows; they may change between runs into the same folder.
 GROWABLE = ("seeds", "strategies", "iterations")
 
@@ -192,7 +193,7 @@ def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path =
             "steps": data.get("steps_initial", 500), "valid_every": 1 << 30, "log_every": 50,
             "checkpoint_every": 100,
         }
-        for key in ("batch_size", "class_weights", "example_ignore_threshold"):
+        for key in ("batch_size", "class_weights", "example_ignore_threshold", "precision"):
             if key in data:
                 train_dict[key] = data.pop(key)
         for key in ("model", "optim", "augment"):
@@ -407,7 +408,8 @@ def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: i
 
 def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: torch.device) -> dict[str, float]:
     model, _ = load_model(weights, device)
-    res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device)
+    res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device,
+                         precision=config.train.effective_precision)
     row = {f"jaccard_{c}": float(res[f"valid_jaccard_{c}"]) for c in range(config.n_classes)}
     row["mean_fg_jaccard"] = float(res["valid_score"])
     return row
@@ -686,7 +688,7 @@ def run_simulation(
                     if strat.needs_scores or strat.needs_embeddings:
                         scores = score_pool(model, current, [pool_raw], strat, mc_samples=config.mc_samples,
                                             reduction=config.reduction, batch_size=config.score_batch_size,
-                                            device=dev)
+                                            device=dev, precision=config.train.effective_precision)
                     picks = select(current, strat, config.per_iteration, scores=scores,
                                    rng=_rng("select", seed, strategy, it)).tolist()
                     del model
