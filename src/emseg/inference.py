@@ -179,8 +179,22 @@ class SlidingWindow:
 def predict_block(predictor: SlidingWindow, source: Any, block: Block, *, raw_dtype=None) -> np.ndarray:
     """Read ``block.outer`` from ``source``, predict it, return probabilities of ``block.inner``."""
     raw = to_float(np.asarray(source[block.outer]), raw_dtype if raw_dtype is not None else source.dtype)
-    probs = predictor(raw)
-    return probs[(slice(None),) + block.inner_in_outer]
+    probs = predictor(raw)[(slice(None),) + block.inner_in_outer]
+    check_finite_output(probs, block, source)
+    return probs
+
+
+def check_finite_output(probs: np.ndarray, block: Block, source: Any = None) -> None:
+    """Stop (:class:`~emseg.errors.InputError`) when the network's output has NaN or infinity."""
+    if np.isfinite(probs).all():
+        return
+    from emseg.distributed import describe_block
+    from emseg.errors import InputError
+
+    where = getattr(source, "spec", None)
+    raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
+                     f"input values are unusable (nothing was written for this block)",
+                     source=str(where) if where is not None else None)
 
 
 def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:

@@ -138,7 +138,7 @@ class WriterLock:
         return self._fd is not None
 
     def __enter__(self) -> "WriterLock":
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
