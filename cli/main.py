@@ -19,6 +19,7 @@ class EmsegGroup(click.Group):
     """Maps emseg's errors to one-line messages and exit codes (2 bad input, 1 unexpected)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["emseg.json"] = "--json" in args  # known before any option is parsed
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
@@ -67,10 +68,13 @@ class EmsegGroup(click.Group):
         """One line ``error: ...`` (with a pointer to --help) instead of click's usage block."""
         if isinstance(exc, click.exceptions.NoArgsIsHelpError):
             raise exc
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        where = exc.ctx
+        while where is not None and where.command.hidden and where.parent is not None:
+            where = where.parent  # a hidden default command: point at the command typed
+        hint = f" (see '{where.command_path} --help')" if where is not None else ""
         message = f"{exc.format_message()}{hint}"
         app = ctx.find_object(AppState) if ctx is not None else None
-        if as_json or (app is not None and app.json):
+        if as_json or (app is not None and app.json) or (ctx is not None and ctx.meta.get("emseg.json")):
             click.echo(json.dumps({"error": message, "exit_code": exc.exit_code}))
         click.echo(f"error: {message}", err=True)
         raise click.exceptions.Exit(exc.exit_code)
