@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from emseg.data.sampling import to_float
+from emseg.errors import InputError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,7 +67,7 @@ def blend_weights(shape: Sequence[int], blend: str = "gaussian", sigma_scale: fl
     if blend == "constant":
         return np.ones(shape, dtype=np.float32)
     if blend != "gaussian":
-        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+        raise InputError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     weight = np.ones((), dtype=np.float64)
     for side in shape:
         x = np.arange(side) - (side - 1) / 2
@@ -114,9 +115,9 @@ class SlidingWindow:
         amp: bool = False,
     ):
         if not 0 <= overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+            raise InputError(f"overlap must be in [0, 1), got {overlap}")
         if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
         self.forward = forward
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.overlap = overlap
@@ -129,7 +130,7 @@ class SlidingWindow:
         self.squeeze = len(div) == len(self.patch_shape) - 1
         if self.squeeze:
             if self.patch_shape[0] != 1:
-                raise ValueError(f"a 2D network on a 3D volume needs patch z = 1, got {self.patch_shape}")
+                raise InputError(f"a 2D network on a 3D volume needs patch z = 1, got {self.patch_shape}")
             div = (1,) + div
         self.divisor = div
 
@@ -189,7 +190,6 @@ def check_finite_output(probs: np.ndarray, block: Block, source: Any = None) -> 
     if np.isfinite(probs).all():
         return
     from emseg.distributed import describe_block
-    from emseg.errors import InputError
 
     where = getattr(source, "spec", None)
     raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
@@ -205,7 +205,7 @@ def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
         if probs.shape[0] == 1:
             return (probs[0] > 0.5).astype(np.uint8)
         return np.argmax(probs, axis=0).astype(np.uint8)
-    raise ValueError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
+    raise InputError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
 
 
 def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:
