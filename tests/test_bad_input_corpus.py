@@ -55,6 +55,8 @@ def work(tmp_path_factory) -> Path:
     nan_raw[1, 3, 3] = np.nan
     write_h5(d / "data.h5", raw=vol.raw, label=vol.label, empty=np.zeros((0, 32, 32), np.uint8),
              nanraw=nan_raw, flabel=vol.label.astype(np.float32), small=vol.raw[:, :16, :16])
+    with h5py.File(d / "data.h5", "a") as fh:  # a huge plane that is never written: a few KB on disk
+        fh.create_dataset("huge", shape=(1, 1 << 17, 1 << 17), dtype=np.uint8, chunks=(1, 256, 256))
     (d / "trunc.h5").write_bytes((d / "data.h5").read_bytes()[:2000])
     (d / "notes.txt").write_text("a file, not a folder\n")
     _toml(d / "good.toml", d / "data.h5")
@@ -140,8 +142,10 @@ CASES = [
     ("predict-missing-dataset", [P, "{d}/good.pt", "{d}/data.h5:nothing", "o.h5:p"], ["data.h5", "nothing"]),
     ("predict-patch-z", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--patch", "2,16,16"], ["--patch"]),
     ("predict-patch-axes", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--patch", "16"], ["--patch"]),
-    ("predict-patch-huge", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--patch", "1,200000,200000"],
-     ["good.pt", "--patch"]),
+    ("predict-patch-huge", [P, "{d}/good.pt", "{d}/data.h5:huge", "o.zarr", "--patch", "1,131072,131072"],
+     ["good.pt", "--patch", "activation"]),
+    ("predict-resume-patch-huge", [P, "{d}/good.pt", "{d}/data.h5:huge", "o.zarr", "--patch", "1,131072,131072",
+                                   "--resume"], ["good.pt", "--patch", "activation"]),
     ("predict-overlap", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--overlap", "1.5"], ["--overlap"]),
     ("predict-batch-size", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--batch-size", "0"], ["--batch-size"]),
     ("predict-block-axes", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.h5:p", "--block", "2,16"], ["--block"]),

@@ -535,7 +535,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
     model_ndim = state["model_config"].get("ndim", 2)
     patch = resolve_patch(config.patch_shape, (state.get("config") or {}).get("patch_shape"), vol_shape, model_ndim)
     check_model_config(state["model_config"], source=str(config.model),
-                       patch=network_patch(patch, state["model_config"]))
+                       patch=network_patch(tuple(min(p, s) for p, s in zip(patch, vol_shape)), state["model_config"]))
     n_classes = state["model_config"]["out_channels"]
     shape = output_shape(vol_shape, n_classes, config.output_type)
     dtype = np.dtype("float32" if config.output_type == "probabilities" else "uint8")

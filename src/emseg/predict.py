@@ -143,7 +143,8 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     with open_volume(config.input) as source:
         check_raw(source)
         patch = resolve_patch(config.patch_shape, trained_patch, source.shape, int(model_config.get("ndim", 2)))
-        model = model_from_state(state, source=str(config.model), device=device, patch=patch)
+        window = tuple(min(p, s) for p, s in zip(patch, source.shape))  # what the network sees at most
+        model = model_from_state(state, source=str(config.model), device=device, patch=window)
         n_classes = state["model_config"]["out_channels"]
         shape = output_shape(source.shape, n_classes, config.output_type)
         dtype = "float32" if config.output_type == "probabilities" else "uint8"
