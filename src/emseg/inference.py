@@ -20,6 +20,7 @@ import torch
 
 from emseg.data.sampling import to_float
 from emseg.precision import Precision, resolve_precision
+from emseg.errors import InputError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,7 +70,7 @@ def blend_weights(shape: Sequence[int], blend: str = "gaussian", sigma_scale: fl
     if blend == "constant":
         return np.ones(shape, dtype=np.float32)
     if blend != "gaussian":
-        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+        raise InputError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     weight = np.ones((), dtype=np.float64)
     for side in shape:
         x = np.arange(side) - (side - 1) / 2
@@ -122,9 +123,9 @@ class SlidingWindow:
         amp: bool = False,
     ):
         if not 0 <= overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+            raise InputError(f"overlap must be in [0, 1), got {overlap}")
         if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
         self.forward = forward
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.overlap = overlap
@@ -139,7 +140,7 @@ class SlidingWindow:
         self.squeeze = len(div) == len(self.patch_shape) - 1
         if self.squeeze:
             if self.patch_shape[0] != 1:
-                raise ValueError(f"a 2D network on a 3D volume needs patch z = 1, got {self.patch_shape}")
+                raise InputError(f"a 2D network on a 3D volume needs patch z = 1, got {self.patch_shape}")
             div = (1,) + div
         self.divisor = div
 
@@ -197,8 +198,21 @@ def predict_block(predictor: SlidingWindow, source: Any, block: Block, *, raw_dt
     probabilities of ``block.inner``."""
     if raw is None:
         raw = read_block(source, block, raw_dtype)
-    probs = predictor(raw)
-    return probs[(slice(None),) + block.inner_in_outer]
+    probs = predictor(raw)[(slice(None),) + block.inner_in_outer]
+    check_finite_output(probs, block, source)
+    return probs
+
+
+def check_finite_output(probs: np.ndarray, block: Block, source: Any = None) -> None:
+    """Stop (:class:`~emseg.errors.InputError`) when the network's output has NaN or infinity."""
+    if np.isfinite(probs).all():
+        return
+    from emseg.distributed import describe_block
+
+    where = getattr(source, "spec", None)
+    raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
+                     f"input values are unusable (nothing was written for this block)",
+                     source=str(where) if where is not None else None)
 
 
 def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
@@ -209,7 +223,7 @@ def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
         if probs.shape[0] == 1:
             return (probs[0] > 0.5).astype(np.uint8)
         return np.argmax(probs, axis=0).astype(np.uint8)
-    raise ValueError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
+    raise InputError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
 
 
 def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:

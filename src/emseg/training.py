@@ -34,10 +34,12 @@ from emseg.distributed import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.locks import temp_name
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
 from emseg.precision import Precision, resolve_precision
+from emseg.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
 
@@ -241,6 +243,7 @@ def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@in_run_folder
 def run_training(
     task: Task,
     config: TrainConfig,
@@ -263,10 +266,13 @@ def run_training(
     seed ``seed + RANK``); losses are averaged over processes, rank 0 validates and writes
     ``metrics.csv`` and checkpoints, which hold every rank's random state (``rng_ranks``) so a
     resume with the same N continues exactly. A task may set ``find_unused_parameters = True``.
+
+    ``out_dir`` is locked to this run (see :mod:`emseg.runfolder`). Checkpoints hold only finite
+    weights and buffers, and the logging window, so ``metrics.csv`` rows after a resume equal
+    those of an uninterrupted run.
     """
     pg = ProcessGroup.from_env()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = pg.place(resolve_device(device))
     if not pg.is_main:
         progress = None
@@ -282,6 +288,7 @@ def run_training(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     last_path, best_path = out / "last.pt", out / "best.pt"
     step, best, elapsed0 = 0, None, 0.0
+    window0: dict[str, Any] = {}
     if resume:
         if not last_path.exists():
             raise InputError("nothing to resume: no last.pt", source=str(out))
@@ -292,6 +299,7 @@ def run_training(
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
         _restore_rng(rng, pg.rng_state(state, str(last_path)))
+        window0 = state.get("log_window") or {}
     elif last_path.exists():
         raise InputError("already holds a training run (last.pt): pass --resume to continue it or choose "
                          "another --out", source=str(out))
@@ -303,6 +311,9 @@ def run_training(
     plain_config = config.to_dict()
 
     def checkpoint(path: Path) -> None:
+        bad = non_finite_state(model)
+        if bad is not None:  # never write a broken checkpoint: the previous file stays
+            raise TrainingDiverged(step, float("nan"), tensor=bad)
         rng_ranks = pg.gather(_rng_state(rng)) if pg.active else None
         if not pg.is_main:
             return
@@ -311,6 +322,8 @@ def run_training(
             "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
             "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
             "precision": precision.name,
+            "log_window": {"losses": list(window_losses), "patches": window_patches,
+                           "seconds": time.perf_counter() - window_t},
         }
         if pg.active:
             state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
@@ -319,9 +332,9 @@ def run_training(
         save_checkpoint(path, state)
 
     t0 = time.perf_counter()
-    window_losses: list[float] = []
-    window_t = t0
-    window_patches = 0
+    window_losses: list[float] = [float(v) for v in window0.get("losses", [])]
+    window_t = t0 - float(window0.get("seconds", 0.0))
+    window_patches = int(window0.get("patches", 0))
 
     def make_batch(i: int) -> dict[str, torch.Tensor]:
         # Each batch depends on its step only, so prefetching and resuming change nothing.
@@ -341,12 +354,14 @@ def run_training(
                 group["lr"] = lr
             batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}
             model.train()
+            buffers = snapshot_buffers(model)  # the forward pass updates normalisation statistics
             loss = task.loss(forward, batch)
             value = pg.mean(float(loss.detach()))
             if not math.isfinite(value):
-                # The weights before this step are the last good state: keep them unless they
-                # are themselves broken (then the previous last.pt stays).
-                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                # The state before this step is the last good one: undo the failed forward pass's
+                # buffer updates and keep it, unless it is itself broken (then last.pt stays).
+                restore_buffers(model, buffers)
+                if non_finite_state(model) is None:
                     checkpoint(last_path)
                 raise TrainingDiverged(step + 1, value)
             optimizer.zero_grad(set_to_none=True)
@@ -387,7 +402,7 @@ def run_training(
         checkpoint(last_path)
     if pg.is_main and not task_has_validation(task):
         # Without validation the newest weights are the best we know of.
-        tmp = best_path.with_name(f".{best_path.name}.tmp-{os.getpid()}")
+        tmp = temp_name(best_path)
         shutil.copyfile(last_path, tmp)
         os.replace(tmp, best_path)
     result.final_step = step

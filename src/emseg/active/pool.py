@@ -1137,7 +1137,7 @@ def query_files(config: QueryConfig, *,
 
     from emseg.checkpoint import load_model
     from emseg.device import resolve_device
-    from emseg.io import check_raw, open_volume
+    from emseg.io import check_output_location, check_raw, open_volume
     from emseg.predict import resolve_patch
     from emseg.training import check_divisible
 
@@ -1159,8 +1159,8 @@ def query_files(config: QueryConfig, *,
             raise InputError("--export would replace an input file; choose a new file", source=str(config.export))
     for target in (config.out, config.export):
         # Fail before any output is written, so a bad --out leaves no --export file behind.
-        if target and not Path(target).resolve().parent.exists():
-            raise InputError("output folder does not exist", source=str(Path(target).parent))
+        if target:
+            check_output_location(Path(target))
     device = resolve_device(config.device)
     model, state = load_model(config.model, device)
     if state["model_config"].get("cond_channels"):

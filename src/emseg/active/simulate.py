@@ -46,13 +46,12 @@ import torch
 from emseg.active.diversity import random_select
 from emseg.active.pool import CandidatePool, build_pool, score_pool, select
 from emseg.active.registry import get_strategy
-from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from emseg.checkpoint import load_checkpoint, load_model, model_from_state, save_checkpoint
 from emseg.config import TrainConfig, config_from_dict, read_toml
 from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, open_volume, parse_spec
-from emseg.models import build_model
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
 __all__ = [
@@ -376,8 +375,7 @@ def _train_config(config: SimulateConfig, steps: int, lr: float) -> TrainConfig:
 def _seed_checkpoint(run_dir: Path, init_from: Path, cfg: TrainConfig, seed: int, task_name: str) -> None:
     """A ``last.pt`` at step 0 holding the weights of ``init_from`` and a fresh optimiser."""
     prev = load_checkpoint(init_from)
-    model = build_model(prev["model_config"])
-    model.load_state_dict(prev["model"])
+    model = model_from_state(prev, source=str(init_from))  # checked like any loaded checkpoint
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state = {
         "model": prev["model"], "model_config": prev["model_config"], "optimizer": opt.state_dict(),

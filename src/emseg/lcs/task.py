@@ -125,7 +125,7 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{key} must hold integers, got {value!r}")
+        raise InputError(f"{key} must hold integers, got {value!r}")
     return int(value)
 
 
@@ -362,7 +362,7 @@ def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: 
     True
     """
     if dice not in DICE_MODES:
-        raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
+        raise InputError(f"dice must be one of {DICE_MODES}, got {dice!r}")
     probs = torch.sigmoid(logits)
     if dice == "class" and groups is not None:
         losses = [soft_dice_loss(probs[groups == g], target[groups == g], per_sample=False)
