@@ -264,7 +264,7 @@ def _bald_case(case: str, n: int, t: int) -> dict:
         from emseg.active.pool import build_pool, score_pool
 
         pool = build_pool([vol.shape], (1, 128, 128))
-        scores = score_pool(net, pool, [vol], "bald", mc_samples=t, batch_size=8, seed=0,
+        scores = score_pool(net, pool, [vol], "bald", mc_samples=t, batch_size=8, seed=0, fold=True,
                             precision=case.split("-")[1]).scores
     else:
         from baal.active.heuristics import BALD

@@ -205,3 +205,41 @@ def test_bald_runs_the_encoder_once_per_batch(monkeypatch):
     pool = build_pool([vol.shape], (1, 32, 32), candidates=8, rng=0)
     score_pool(net, pool, [vol], "bald", mc_samples=5, batch_size=4, seed=1, precision="fp32")
     assert calls == {"encode": 2, "decode": 10}
+
+
+# --------------------------------------------------------------------------- batch-norm folding
+@pytest.mark.parametrize("ndim, aniso", [(2, 0), (3, 1)])
+def test_folding_batchnorm_keeps_the_output_and_leaves_the_model_alone(ndim, aniso):
+    from emseg.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = UNet(ndim=ndim, out_channels=3, depth=2, base_width=4, anisotropic_levels=aniso)
+    net.train()
+    shape = (3, 1) + ((16, 16) if ndim == 2 else (4, 16, 16))
+    for _ in range(3):  # non-trivial running statistics
+        net(torch.rand(shape) * 3 + 1)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    x = torch.rand(shape)
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert fold_batchnorm(net.train()) is net  # training mode: nothing to fold
+
+
+def test_scoring_with_folded_batchnorm_ranks_like_the_network():
+    torch.manual_seed(0)
+    net = UNet(ndim=2, out_channels=3, depth=2, base_width=4, dropout=0.2)
+    net.train()
+    vol = synthetic((4, 64, 64), 0).raw
+    for _ in range(3):
+        net(torch.rand(4, 1, 32, 32) * 2)
+    net.eval()
+    pool = build_pool([vol.shape], (1, 16, 16), candidates=30, rng=0)
+    for strategy in ("entropy", "bald"):
+        plain = score_pool(net, pool, [vol], strategy, mc_samples=4, seed=3, precision="fp32")
+        folded = score_pool(net, pool, [vol], strategy, mc_samples=4, seed=3, precision="fp32", fold=True)
+        np.testing.assert_allclose(folded.scores, plain.scores, rtol=1e-3, atol=1e-6)
+    assert not net.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())

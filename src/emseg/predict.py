@@ -19,6 +19,7 @@ from emseg.inference import (
     predict_volume,
     softmax_forward,
 )
+from emseg.models import fold_batchnorm
 from emseg.precision import resolve_precision
 from emseg.io import (
     auto_chunks,
@@ -114,10 +115,10 @@ def check_options(config: PredictConfig) -> None:
 
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
                    device: torch.device) -> SlidingWindow:
-    """The sliding window of ``config`` (its precision resolved for ``device``; the model is laid
-    out in the matching memory format)."""
+    """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
+    the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format."""
     precision = resolve_precision(config.precision, device, ndim=model.ndim)
-    precision.prepare_model(model)
+    model = precision.prepare_model(fold_batchnorm(model.eval()))
     return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
                          blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
 

@@ -37,7 +37,7 @@ from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, pre
 from emseg.locks import temp_name
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
-from emseg.models import build_model
+from emseg.models import build_model, fold_batchnorm
 from emseg.precision import Precision, resolve_precision
 from emseg.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 
@@ -164,8 +164,10 @@ def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
     K = 1), ignoring classes absent from both prediction and labels.
     """
     model.eval()
-    predictor = SlidingWindow(softmax_forward(model), patch_shape, divisor=model.divisor, overlap=0.25,
-                              device=device, precision=precision)
+    prec = resolve_precision(precision, device, ndim=model.ndim)
+    net = prec.prepare_model(fold_batchnorm(model))
+    predictor = SlidingWindow(softmax_forward(net), patch_shape, divisor=model.divisor, overlap=0.25,
+                              device=device, precision=prec)
     acc = ConfusionAccumulator(n_classes)
     for cube in cubes:
         shape = cube.shape

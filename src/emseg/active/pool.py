@@ -40,7 +40,7 @@ from emseg.active.registry import Strategy, get_strategy
 from emseg.active.scores import REDUCTIONS
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
-from emseg.models import set_mc_dropout
+from emseg.models import fold_batchnorm, set_mc_dropout
 from emseg.precision import Precision, resolve_precision
 
 __all__ = [
@@ -519,6 +519,7 @@ def score_boxes(
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     precision: str | Precision = "fp32",
+    fold: bool = False,
 ) -> PoolScores:
     """Scores (``(len(boxes),)``) and/or pooled embeddings of the patches ``boxes``, batch by batch.
 
@@ -545,6 +546,8 @@ def score_boxes(
     modes = {m: m.training for m in model.modules()}
     prec = resolve_precision(precision, device, ndim=int(getattr(model, "ndim", 2)))
     split = hasattr(model, "encode") and hasattr(model, "decode")
+    if fold:  # a copy with batch norm folded into the convolutions: faster, equal up to rounding
+        model = fold_batchnorm(model.eval())
     prec.prepare_model(model)
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
         else contextlib.nullcontext()
@@ -624,6 +627,7 @@ def score_pool(
     seed: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     precision: str | Precision = "fp32",
+    fold: bool = False,
 ) -> PoolScores:
     """Score the pool with ``model``, streaming batch by batch.
 
@@ -667,6 +671,9 @@ def score_pool(
         Candidates per chunk (a multiple of ``batch_size`` keeps the batches of an unchunked run).
     precision : {"fp32", "bf16", "auto"} or Precision
         Network arithmetic (:mod:`emseg.precision`); scores are computed in float32 either way.
+    fold : bool
+        Score with a copy of ``model`` whose batch norm is folded into the convolutions
+        (:func:`~emseg.models.fold_batchnorm`): 2-3x faster on CPU, equal up to rounding.
 
     Returns
     -------
@@ -723,7 +730,7 @@ def score_pool(
         part = score_boxes(model, boxes, sources, dtypes, strat, mc_samples=mc_samples, reduction=reduction,
                            batch_size=batch_size, device=device, squeeze=squeeze,
                            seed=None if seed is None else chunk_seed(seed, k), on_batch=on_batch,
-                           precision=precision)
+                           precision=precision, fold=fold)
         if part.scores is not None:
             scores[idx] = part.scores
         if part.embeddings is not None:
@@ -756,6 +763,7 @@ class ScoreJob:
     seed: int | None
     device: str = "auto"
     precision: str = "fp32"
+    fold: bool = False
 
 
 @dataclass(frozen=True)
@@ -790,7 +798,7 @@ def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
                                get_strategy(job.strategy), mc_samples=job.mc_samples, reduction=job.reduction,
                                batch_size=job.batch_size, device=device, squeeze=job.squeeze,
                                seed=None if job.seed is None else chunk_seed(job.seed, task.index),
-                               precision=job.precision)
+                               precision=job.precision, fold=job.fold)
 
 
 def score_pool_on_cluster(
@@ -806,6 +814,7 @@ def score_pool_on_cluster(
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     precision: str = "fp32",
+    fold: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
@@ -881,7 +890,7 @@ def score_pool_on_cluster(
     model_ndim = int(load_checkpoint(path)["model_config"].get("ndim", len(pool.patch_shape)))
     job = ScoreJob(str(path), st.st_mtime_ns, st.st_size, tuple(specs), tuple(dtypes), strat.name, int(mc_samples),
                    reduction, int(batch_size), _network_patch(pool.patch_shape, model_ndim), int(seed), device,
-                   str(precision))
+                   str(precision), bool(fold))
     todo = np.arange(n) if strat.needs_embeddings else pool.free_indices()
     tasks = [ScoreTask(k, idx, tuple(pool.box(int(i)) for i in idx))
              for k, idx in enumerate(score_chunks(todo, chunk_size))]
@@ -1199,11 +1208,11 @@ def query_files(config: QueryConfig, *,
             scores = score_pool_on_cluster(config.model, pool, [str(v.spec) for v in sources], strat.name,
                                            mc_samples=config.mc_samples, reduction=config.reduction,
                                            batch_size=config.batch_size, device=config.device, seed=config.seed,
-                                           precision=config.precision, scheduler=config.scheduler, workers=config.workers, progress=progress)
+                                           precision=config.precision, fold=True, scheduler=config.scheduler, workers=config.workers, progress=progress)
         else:
             scores = score_pool(model, pool, sources, strat, mc_samples=config.mc_samples,
                                 reduction=config.reduction, batch_size=config.batch_size, device=device,
-                                progress=progress, seed=config.seed, precision=config.precision)
+                                progress=progress, seed=config.seed, precision=config.precision, fold=True)
         picks = select(pool, strat, n, scores=scores, rng=config.seed)
         queries = rank_queries(pool, picks, strat.name, scores)
         result = QueryResult(

@@ -686,7 +686,7 @@ def run_simulation(
                     if strat.needs_scores or strat.needs_embeddings:
                         scores = score_pool(model, current, [pool_raw], strat, mc_samples=config.mc_samples,
                                             reduction=config.reduction, batch_size=config.score_batch_size,
-                                            device=dev, precision=config.train.effective_precision)
+                                            device=dev, precision=config.train.effective_precision, fold=True)
                     picks = select(current, strat, config.per_iteration, scores=scores,
                                    rng=_rng("select", seed, strategy, it)).tolist()
                     del model

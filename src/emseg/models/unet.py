@@ -7,6 +7,7 @@ max-pooled to the bottleneck resolution and concatenated there (label-conditione
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -199,6 +200,39 @@ class UNet(nn.Module):
         skips, x = self.encode(x)
         logits, embedding = self.decode(skips, x, cond)
         return (logits, embedding) if return_embedding else logits
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference, each convolution followed by batch norm merged into one.
+
+    In eval mode batch norm is an affine map per channel, so it folds into the preceding
+    convolution's weights and bias (``y = gamma (W x + b - mu) / sqrt(var + eps) + beta``). The
+    output is unchanged up to rounding, and on CPU, where bf16 batch norm on channels-last
+    tensors runs at memory speed, inference gets about twice as fast. ``model`` itself is not
+    modified; a model without batch norm (or in training mode) is returned as it is.
+
+    Examples
+    --------
+    >>> net = UNet(ndim=2, out_channels=2, depth=1, base_width=4).eval()
+    >>> x = torch.rand(1, 1, 8, 8)
+    >>> bool(torch.allclose(fold_batchnorm(net)(x), net(x), atol=1e-5))
+    True
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    folded = copy.deepcopy(model)
+    for module in folded.modules():
+        if not isinstance(module, ConvBlock):
+            continue
+        layers = list(module.body)
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], nn.modules.conv._ConvNd) and isinstance(layers[i + 1], nn.modules.batchnorm._BatchNorm):
+                layers[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
+                layers[i + 1] = nn.Identity()
+        module.body = nn.Sequential(*layers)
+    return folded.eval()
 
 
 def build_model(config: dict[str, Any]) -> UNet:

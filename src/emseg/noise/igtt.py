@@ -45,6 +45,8 @@ from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, pre
 from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
 from emseg.metrics import binary_scores, roc_auc
+from emseg.models import fold_batchnorm
+from emseg.precision import resolve_precision
 from emseg.noise.synthesis import sample, shift, skeleton
 
 __all__ = [
@@ -620,8 +622,10 @@ def _predict(model: torch.nn.Module, volume: np.ndarray, window: int, device: to
     """Foreground probabilities of a (z, y, x) in-memory volume with a 2D network."""
     model.eval()
     patch = (1, min(window, volume.shape[1]), min(window, volume.shape[2]))
-    predictor = SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=0.25,
-                              batch_size=4, device=device, precision=precision)
+    prec = resolve_precision(precision, device, ndim=model.ndim)
+    net = prec.prepare_model(fold_batchnorm(model))
+    predictor = SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=0.25,
+                              batch_size=4, device=device, precision=prec)
     out = np.empty(volume.shape, dtype=np.float32)
     blocks = plan_blocks(volume.shape, default_block_shape(volume.shape, patch, (1, 1, 1)),
                          (0, patch[1] // 2, patch[2] // 2))
