@@ -239,10 +239,11 @@ def dmi_per_threshold(prob: Any, thresholds: Any, *, eps: float = _DEFAULT_EPS) 
     the value for one threshold is
 
     .. math:: L = -\log\left(\left|\det\left(\tfrac{1}{N}\mathcal P \mathcal S^\top\right)\right|
-              + \epsilon\right),
+              + \frac{\epsilon}{N^2}\right),
 
-    exactly what :func:`emseg.losses.dmi_loss` returns for ``(P, S_k)``. The ``1/N`` scaling and
-    ``eps`` do not change which threshold minimises it. All thresholds are evaluated from one sort
+    exactly what :func:`emseg.losses.dmi_loss` returns for ``(P, S_k)`` (``eps`` belongs to the
+    unnormalised matrix, as in Xu et al.). The ``1/N`` scaling does not change which threshold
+    minimises it. All thresholds are evaluated from one sort
     of ``P`` (``O(N log N + K)``) instead of ``K`` passes.
 
     Parameters
@@ -282,7 +283,7 @@ def dmi_per_threshold(prob: Any, thresholds: Any, *, eps: float = _DEFAULT_EPS) 
     u00 = (n - n1 - (total - a)) / n  # (1 - p) * (1 - s)
     det = u11 * u00 - u10 * u01
     with np.errstate(divide="ignore"):  # eps = 0 and det = 0 give +inf
-        return -np.log(np.abs(det) + eps)
+        return -np.log(np.abs(det) + eps / max(n, 1) ** 2)
 
 
 def invert_if_large(mask: Any, *, enabled: bool = True) -> tuple[np.ndarray, bool]:
