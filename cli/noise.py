@@ -35,10 +35,12 @@ Exactly one mode:
   --erode R      PCL: shrink every class by radius R
   --skeleton     PCL: one-voxel-wide skeleton of every class
   --random P     RL: labels independent of INPUT, foreground with probability P
-  --shift R      move every foreground voxel by a random offset in [-R, R] per axis
+  --shift R      move every foreground voxel by a random offset within radius R
+                 (disc, or ball in 3D); voxels leaving the volume are dropped
 Voxels labelled -1 (ignore) stay -1. Blocks are read with the halo their mode needs;
-random modes draw per block from (--seed, block index), so a seed and --block fix the
-output. OUTPUT is written atomically and records mode, parameters, seed and source.
+random modes draw each voxel's numbers from (--seed, voxel coordinate), so the seed
+alone fixes the output, whatever --block. OUTPUT is written atomically and records
+mode, parameters, seed and source.
 
 \b
 Examples:
@@ -120,7 +122,7 @@ class _DefaultCommand(click.Command):
 @click.option("--random", "random_p", type=float, default=None, metavar="P",
               help="RL: random labels, foreground with probability P.")
 @click.option("--shift", "shift_r", type=int, default=None, metavar="R",
-              help="Displace every foreground voxel by up to R per axis.")
+              help="Displace every foreground voxel within radius R (voxels leaving the volume are dropped).")
 @click.option("--seed", type=int, default=None, help="Seed of the random modes [default: the global --seed, 0].")
 @click.option("--n-classes", type=int, default=None,
               help="Classes of --flip/--random and of the report [default: largest INPUT label + 1].")

@@ -423,39 +423,77 @@ def sparse_points(shape, spacing, seed=0):
     return lab
 
 
-def test_shift_offsets_bounded_and_uniform():
-    r = 2
-    lab = sparse_points((200, 200), spacing=2 * r + 2)
-    out = shift(lab, r, rng=0)
-    src = np.argwhere(lab > 0)
-    dst = np.argwhere(out > 0)
-    assert len(dst) == len(src)  # spacing > 2r: no collisions, nothing clipped
-    # match each source to the unique destination within its (2r+1) window
+def disc_points(r, dims=2):
+    """Integer offsets within Euclidean radius r, enumerated independently of the code."""
+    import itertools
+
+    return [d for d in itertools.product(range(-r, r + 1), repeat=dims) if sum(v * v for v in d) <= r * r]
+
+
+def matched_offsets(lab, out, r):
+    """Offset of every source voxel to its unique destination in a (2r+1) window."""
     offsets = []
-    for y, x in src:
-        win = out[y - r : y + r + 1, x - r : x + r + 1]
+    for y, x in np.argwhere(lab > 0):
+        win = out[max(y - r, 0) : y + r + 1, max(x - r, 0) : x + r + 1]
         hits = np.argwhere(win > 0)
-        assert len(hits) == 1
-        dy, dx = hits[0]
-        assert win[dy, dx] == lab[y, x]
-        offsets.append((dy - r, dx - r))
-    offsets = np.array(offsets)
-    for axis in range(2):
-        observed = np.bincount(offsets[:, axis] + r, minlength=2 * r + 1)
-        assert stats.chisquare(observed).pvalue > 1e-3
+        assert len(hits) <= 1
+        if len(hits):
+            dy, dx = hits[0]
+            assert win[dy, dx] == lab[y, x]
+            offsets.append((dy + max(y - r, 0) - y, dx + max(x - r, 0) - x))
+    return offsets
 
 
-def test_shift_per_section_and_clipping():
-    lab = np.zeros((4, 10, 10), dtype=np.int64)
-    lab[:, 0, 0] = 1
-    lab[:, 9, 9] = 2
-    out = shift(lab, 3, per_section=True, rng=1)
-    for z in range(4):
-        # z preserved; corners only move inwards (clipped to the volume)
-        ys, xs = np.nonzero(out[z] == 1)
-        assert len(ys) == 1 and ys[0] <= 3 and xs[0] <= 3
-        ys, xs = np.nonzero(out[z] == 2)
-        assert len(ys) == 1 and ys[0] >= 6 and xs[0] >= 6
+@pytest.mark.parametrize("r", [2, 3])
+def test_shift_offsets_within_the_disc_and_uniform_over_its_points(r):
+    lab = sparse_points((240, 240), spacing=2 * r + 2)
+    out = shift(lab, r, rng=0)
+    offsets = matched_offsets(lab, out, r)
+    assert len(offsets) == int((lab > 0).sum())  # spacing > 2r and sources >= r from the border
+    points = disc_points(r)
+    assert all(o in points for o in offsets)  # inside the disc, not the (2r+1)^2 square
+    observed = np.array([offsets.count(p) for p in points])
+    assert observed.min() > 0
+    assert stats.chisquare(observed).pvalue > 1e-3
+
+
+def test_shift_3d_ball_and_per_section_disc():
+    r = 2
+    lab = np.zeros((60, 60, 60), np.int64)
+    lab[3:-3:6, 3:-3:6, 3:-3:6] = 1
+    out = shift(lab, r, rng=4)
+    ball = np.array(disc_points(r, 3))
+    src, dst = np.argwhere(lab > 0), np.argwhere(out > 0)
+    assert len(dst) == len(src)
+    # sources are 6 apart: each destination lies within r of exactly one source
+    d = dst[:, None, :] - src[None, :, :]
+    near = (d ** 2).sum(-1) <= r * r
+    assert np.all(near.sum(1) == 1)
+    moved = d[near]
+    assert {tuple(v) for v in moved} <= {tuple(v) for v in ball}
+    assert np.abs(moved[:, 0]).max() == r  # z moves in 3D
+    sec = shift(lab, r, per_section=True, rng=4)
+    for z in range(lab.shape[0]):
+        assert (sec[z] > 0).sum() == (lab[z] > 0).sum()  # z kept, nothing dropped
+
+
+def test_shift_drops_voxels_that_leave_the_image():
+    r = 2
+    lab = np.zeros((8, 3000), np.int64)
+    lab[0, 3::6] = 1  # sources on the border row, 6 apart
+    n = int(lab.sum())
+    out = shift(lab, r, rng=5)
+    points = disc_points(r)
+    p_stay_row = sum(1 for dy, _ in points if dy == 0) / len(points)  # 5/13
+    p_drop = sum(1 for dy, _ in points if dy < 0) / len(points)  # 4/13
+    on_border = int(out[0].sum())
+    kept = int(out.sum())
+    sd = np.sqrt(n * p_drop * (1 - p_drop))
+    assert abs((n - kept) - n * p_drop) < 4 * sd
+    sd = np.sqrt(n * p_stay_row * (1 - p_stay_row))
+    assert abs(on_border - n * p_stay_row) < 4 * sd
+    # clipping would have put every upward move on the border row: 9/13 of the sources
+    assert on_border < n * (p_stay_row + p_drop) - 4 * sd
 
 
 def test_shift_collisions_and_ignore():

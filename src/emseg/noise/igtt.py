@@ -96,7 +96,7 @@ class IGTTConfig:
     ems : bool
         Pass the chosen mask through the EMS module; ``False`` trains on the mask itself.
     shift_radius : int
-        EMS: maximum displacement (voxels, per in-plane axis) of each skeleton voxel.
+        EMS: radius (voxels) of the in-plane disc each skeleton voxel is moved within.
     sample_fraction : float
         EMS: fraction of each class (skeleton foreground and background) kept; the rest is -1
         (ignored by the loss).
@@ -391,8 +391,8 @@ def ems(mask: Any, *, radius: int, fraction: float, per_section: bool = True, rn
     """Extraction of meta-structures: skeleton, random shift within ``radius``, random sampling.
 
     The skeleton of the mask (:func:`emseg.noise.skeleton`) keeps the topology of the objects;
-    every skeleton voxel is then moved by an independent offset in ``[-radius, radius]`` per axis
-    (:func:`emseg.noise.shift`), and exactly ``round(fraction * n_k)`` voxels of each class
+    every skeleton voxel is then moved by an independent offset drawn from the integer points of
+    the disc of ``radius`` (:func:`emseg.noise.shift`; voxels leaving the image are dropped), and exactly ``round(fraction * n_k)`` voxels of each class
     (shifted skeleton and background) are kept, the rest becoming ``-1``
     (:func:`emseg.noise.sample`), so that voxels the shift moved off the structure weigh less.
 
