@@ -134,11 +134,14 @@ class _DefaultCommand(click.Command):
 @click.option("--block", default=None,
               help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
 @click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
+@click.option("--rank-tol", type=float, default=None, metavar="TOL",
+              help="With --report: singular values <= TOL count as zero in the rank "
+                   "[default: 3 sampling errors, from the counts].")
 @scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
-          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, scheduler, workers,
-          retries):
+          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, rank_tol, scheduler,
+          workers, retries):
     from emseg.noise.blockwise import noise_file
 
     app = state()
@@ -151,6 +154,8 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     mode = chosen[0][2:]
     if unsampled is not None and mode != "sample":
         raise InputError("--unsampled applies to --sample only")
+    if rank_tol is not None and not report:
+        raise InputError("--rank-tol applies to --report only")
     if halo is not None and mode != "skeleton":
         raise InputError("--halo applies to --skeleton only (other modes need an exact, fixed halo)")
     params = {
@@ -165,7 +170,7 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     with progress_bar(f"noise --{mode}") as update:
         result = noise_file(input_spec, output_spec, mode, params,
                             seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
-                            n_classes=n_classes, report=report,
+                            n_classes=n_classes, report=report, rank_tol=rank_tol,
                             progress=lambda done, total: update(done, total, "blocks"),
                             scheduler=scheduler, workers=workers, retries=retries)
 
@@ -186,8 +191,12 @@ def report_table(report: dict):
 
     k = report["n_classes"]
     agreement = fmt(report["agreement"])
-    table = Table(title=f"transition clean -> noisy: rank {report['rank']} of {k}, agreement {agreement}",
-                  caption="rows: clean class; columns: P(noisy | clean) over voxels labelled in both")
+    svals = ", ".join(fmt(v) for v in report.get("singular_values", []))
+    table = Table(title=f"transition clean -> noisy: rank {report['rank']} of {len(report.get('rank_classes', []))} "
+                        f"present classes, agreement {agreement}",
+                  caption=f"rows: clean class; columns: P(noisy | clean) over voxels labelled in both\n"
+                          f"singular values {svals}; zero at or below {fmt(report.get('rank_tol'))} "
+                          f"(sampling error {fmt(report.get('rank_sampling_error'))})")
     table.add_column("clean", justify="right")
     for j in range(k):
         table.add_column(f"-> {j}", justify="right")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -204,8 +206,15 @@ def test_transition_matrix_matches_brute_force():
             counts[c, n] += 1
     tm = transition_matrix(clean, noisy)
     np.testing.assert_array_equal(tm.counts, counts)
-    np.testing.assert_allclose(tm.matrix, counts / counts.sum(axis=1, keepdims=True))
-    assert tm.rank == np.linalg.matrix_rank(counts)
+    q = counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(tm.matrix, q)
+    assert transition_matrix(clean, noisy, tol=0).rank == np.linalg.matrix_rank(counts)
+    # default tolerance: 3 x the multinomial standard error of the singular values
+    se = np.sqrt(sum((1 - (q[i] ** 2).sum()) / counts[i].sum() for i in range(3)))
+    assert tm.sampling_error == pytest.approx(se, rel=1e-12)
+    assert tm.tol == pytest.approx(3 * se, rel=1e-12)
+    np.testing.assert_allclose(tm.singular_values, np.linalg.svd(q, compute_uv=False))
+    assert tm.rank == max(1, int((np.linalg.svd(q, compute_uv=False) > 3 * se).sum()))
     assert not tm.matrix.flags.writeable
     assert json.loads(json.dumps(tm.to_dict()))["counts"] == counts.astype(int).tolist()
 
@@ -222,21 +231,57 @@ def test_population_rank_rl_one_rcl_full():
     assert np.linalg.matrix_rank(flip_matrix(p_fg=0.7, p_bg=0.3)) == 1
 
 
-def test_empirical_rank_rl_vs_rcl(binary2d):
-    p = 0.1
-    rl = random_labels(binary2d.shape, p, rng=9)
-    rcl = flip(binary2d, 0.45, rng=9)
-    n_min = min(int((binary2d == k).sum()) for k in (0, 1))
-    tol = 5 / np.sqrt(n_min)  # a few binomial standard errors
-    t_rl = transition_matrix(binary2d, rl, tol=tol)
-    t_rcl = transition_matrix(binary2d, rcl, tol=tol)
-    # RL rows equal the label distribution up to sampling noise: rank 1
-    assert np.abs(t_rl.matrix[0] - t_rl.matrix[1]).max() < tol
-    np.testing.assert_allclose(t_rl.matrix[:, 1], p, atol=tol)
-    assert t_rl.rank == 1
-    assert t_rcl.rank == 2
-    # the exact rank of an empirical matrix is generically full
-    assert transition_matrix(binary2d, rl).rank == 2
+@pytest.mark.parametrize("k_total", [2, 3, 5])
+def test_statistical_rank_rl_one_flip_full_uninformative_flip_one(k_total):
+    clean = blobs((4, 48, 48), n_classes=k_total, sigma=2.0, seed=k_total)
+    assert set(np.unique(clean).tolist()) == set(range(k_total))
+    uniform = (k_total - 1) / k_total
+    for seed in range(5):
+        for p in (0.1, uniform):
+            rl = random_labels(clean.shape, p, n_classes=k_total, rng=seed)
+            assert transition_matrix(clean, rl, k_total).rank == 1, (p, seed)
+        for p in (0.3, uniform - 0.15):  # below (K-1)/K: every class survives
+            tm = transition_matrix(clean, flip(clean, p, rng=seed), k_total)
+            assert tm.rank == k_total, (p, seed, tm.singular_values, tm.tol)
+        tm = transition_matrix(clean, flip(clean, uniform, rng=seed), k_total)
+        assert tm.rank == 1, (seed, tm.singular_values, tm.tol)
+        # the exact (numerical) rank of the empirical matrices is full: the tolerance matters
+        assert transition_matrix(clean, random_labels(clean.shape, 0.1, n_classes=k_total, rng=seed),
+                                 k_total, tol=0).rank == k_total
+
+
+def test_rank_skips_classes_absent_from_the_clean_labels():
+    clean = blobs((4, 48, 48), n_classes=4, sigma=2.0, seed=1)
+    clean[clean == 2] = 3  # class 2 absent from the clean labels
+    noisy = flip(clean, 0.3, n_classes=4, rng=2)  # but present in the noisy ones
+    tm = transition_matrix(clean, noisy, 4)
+    assert tm.classes == (0, 1, 3)
+    assert len(tm.singular_values) == 3 and tm.rank == 3
+    rep = noise_report(clean, noisy, 4)
+    assert rep["rank"] == 3 and rep["rank_classes"] == [0, 1, 3]
+    assert rep["kept_fraction"][2] is None
+    # a tolerance given explicitly is used as is
+    assert noise_report(clean, noisy, 4, tol=2.0)["rank"] == 1
+    assert noise_report(clean, noisy, 4, tol=2.0)["rank_tol"] == 2.0
+
+
+VNC = Path(__file__).resolve().parents[2] / "shared/data/drosophila_vnc/vnc_stack1.h5"
+
+
+@pytest.mark.skipif(not VNC.exists(), reason="drosophila VNC data not available")
+def test_statistical_rank_on_the_vnc_labels():
+    import h5py
+
+    with h5py.File(VNC, "r") as fh:
+        clean = fh["label"][:4].astype(np.int16)
+    present = sorted(int(v) for v in np.unique(clean) if v >= 0)
+    k_total = max(present) + 1
+    assert k_total == 5
+    uniform = (k_total - 1) / k_total
+    rl = random_labels(clean.shape, 0.3, n_classes=k_total, rng=0)
+    assert transition_matrix(clean, rl, k_total).rank == 1
+    assert transition_matrix(clean, flip(clean, 0.45, n_classes=k_total, rng=0), k_total).rank == len(present)
+    assert transition_matrix(clean, flip(clean, uniform, n_classes=k_total, rng=0), k_total).rank == 1
 
 
 def test_empirical_matches_flip_matrix(multi3d):

@@ -327,6 +327,32 @@ def test_report_random_labels_rows_alike(tmp_path):
     # every row is Bernoulli(0.1) on ~8000 voxels: within 5 standard errors of (0.9, 0.1)
     se = np.sqrt(0.09 / np.array(rep["clean_counts"]))
     assert np.all(np.abs(m[:, 1] - 0.1) < 5 * se)
+    # Lemma 2: random labels keep one class; the smallest singular value is within the noise
+    assert rep["rank"] == 1 and rep["rank_classes"] == [0, 1]
+    svals = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(rep["singular_values"], svals, rtol=1e-12)
+    assert svals[1] <= rep["rank_tol"] == pytest.approx(3 * rep["rank_sampling_error"])
+    # a tolerance passed on the command line is used as is: 0 gives the numerical rank
+    result = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r0", "--random", "0.1", "--report",
+                 "--rank-tol", "0", "--json", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    rep0 = json.loads(result.stdout)["report"]
+    assert rep0["rank"] == 2 and rep0["rank_tol"] == 0.0
+    bad = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r1", "--random", "0.1", "--rank-tol", "0.1")
+    assert bad.exit_code == 2 and "--rank-tol applies to --report" in bad.output
+    bad = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r1", "--random", "0.1", "--report",
+              "--rank-tol", "-1")
+    assert bad.exit_code == 2 and "rank tolerance" in bad.output
+
+
+def test_report_binary_flip_at_one_half_has_rank_one(tmp_path):
+    lab = blobs((4, 64, 64), n_classes=2, seed=8)
+    write_h5(tmp_path / "in.h5", label=lab)
+    for p, rank in (("0.5", 1), ("0.4", 2)):
+        result = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:f{p}", "--flip", p, "--report",
+                     "--json", "--block", "2,32,32")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["report"]["rank"] == rank
 
 
 def test_report_human_table(tmp_path, multi):
@@ -334,6 +360,7 @@ def test_report_human_table(tmp_path, multi):
     result = run("noise", spec, f"{tmp_path}/o.h5:f", "--sample", "0.5", "--report")
     assert result.exit_code == 0, result.output
     assert "rank 4 of 4" in result.stdout and "labelled" in result.stdout
+    assert "singular values" in result.stdout
 
 
 def test_transition_counter_equals_whole_array():

@@ -827,6 +827,7 @@ def noise_file(
     block_shape: Sequence[int] | None = None,
     n_classes: int | None = None,
     report: bool = False,
+    rank_tol: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -851,6 +852,9 @@ def noise_file(
     report : bool
         Accumulate the clean -> noisy transition counts while writing and return
         :func:`~emseg.noise.noise_report` of the whole volume.
+    rank_tol : float, optional
+        Absolute singular-value tolerance of the report's ``rank`` (default: three sampling
+        errors derived from the counts, :func:`~emseg.noise.rank_statistics`).
     progress : callable, optional
         ``progress(done_blocks, total_blocks)``.
     scheduler : str, optional
@@ -897,6 +901,8 @@ def noise_file(
                     )
                 checked = check_params(mode, {**checked, "n_classes": n_classes})
         seed = _check_int(seed, "seed", minimum=0)
+        if rank_tol is not None and not (isinstance(rank_tol, (int, float)) and 0 <= rank_tol < float("inf")):
+            raise ValueError(f"rank tolerance must be a finite number >= 0, got {rank_tol!r}")
     except ValueError as exc:
         raise InputError(str(exc)) from None
     in_spec, out_spec = parse_spec(input_spec), parse_spec(output_spec)
@@ -943,7 +949,8 @@ def noise_file(
             return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
                                params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
                                blocks=len(blocks), seconds=seconds,
-                               report=counter.report() if counter is not None else None, attrs=attrs)
+                               report=counter.report(tol=rank_tol) if counter is not None else None,
+                               attrs=attrs)
         start = time.perf_counter()
         dest = create_volume(out_spec, source.shape, dtype, chunks=block_chunks(blocks_shape, dtype.itemsize),
                              attrs=attrs)
@@ -959,7 +966,7 @@ def noise_file(
         shape = source.shape
     dest.commit()
     seconds = time.perf_counter() - start
-    summary = counter.report() if counter is not None else None
+    summary = counter.report(tol=rank_tol) if counter is not None else None
     return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
                        params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
                        blocks=len(blocks), seconds=seconds, report=summary, attrs=attrs)
