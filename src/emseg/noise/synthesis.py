@@ -291,12 +291,26 @@ class Selection:
     thresholds: np.ndarray  # uint64
     chosen: np.ndarray  # bool: m_k > 0
 
-    def apply(self, flat: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """Boolean mask of the chosen voxels among ``flat`` (labels) at ``index`` (global)."""
+    def apply(self, flat: np.ndarray, index: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask of the chosen voxels among ``flat`` (labels) at ``index`` (global);
+        ``h`` may pass the selection hashes of ``index`` when already computed."""
         sel = np.zeros(flat.shape, dtype=bool)
         if self.classes.size == 0 or flat.size == 0:
             return sel
-        h = _voxel_hash(self.key, _STREAM_SELECT, index)
+        if h is None:
+            h = _voxel_hash(self.key, _STREAM_SELECT, index)
+        top = int(self.classes[-1])
+        if top < 1 << 16:  # few class ids: direct lookup tables
+            thr = np.zeros(top + 2, dtype=np.uint64)
+            use = np.zeros(top + 2, dtype=bool)
+            thr[self.classes] = self.thresholds
+            use[self.classes] = self.chosen
+            pos = flat.astype(np.intp, copy=False)
+            if flat.dtype.kind == "i":
+                pos = np.where((pos < 0) | (pos > top), top + 1, pos)
+            else:
+                pos = np.minimum(pos, top + 1)
+            return use[pos] & (h <= thr[pos])
         vals = flat.astype(np.int64, copy=False)
         pos = np.searchsorted(self.classes, vals)
         pos = np.minimum(pos, self.classes.size - 1)
@@ -309,12 +323,13 @@ def _round_counts(fractions: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.array([_round_count(float(f), int(n)) for f, n in zip(fractions, counts)], dtype=np.int64)
 
 
-def _selection_in_memory(key: int, flat: np.ndarray, index: np.ndarray, fractions: Sequence[float]) -> Selection:
+def _selection_in_memory(key: int, flat: np.ndarray, index: np.ndarray, fractions: Sequence[float], *,
+                         h: np.ndarray | None = None) -> Selection:
     """:class:`Selection` of one in-memory array (exact ``m_k``-th smallest hash per class)."""
     classes, counts = _class_counts(flat)
     m = _round_counts(_fraction_table(fractions, classes), counts)
     thresholds = np.zeros(classes.size, dtype=np.uint64)
-    h = _voxel_hash(key, _STREAM_SELECT, index)
+    h = _voxel_hash(key, _STREAM_SELECT, index) if h is None else h
     todo = np.flatnonzero(m > 0)
     if todo.size and todo.size <= 64:
         for i in todo:
@@ -497,9 +512,10 @@ def _flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int
     flat_out = out.reshape(-1)
     flat_in = arr.reshape(-1)
     index = _linear_index(arr.shape, origin, volume_shape).reshape(-1)
+    h = _voxel_hash(key, _STREAM_SELECT, index)
     if selection is None:
-        selection = _selection_in_memory(key, flat_in, index, fractions)
-    chosen = selection.apply(flat_in, index)
+        selection = _selection_in_memory(key, flat_in, index, fractions, h=h)
+    chosen = selection.apply(flat_in, index, h)
     if k_total == 2:  # the only other class: 0 <-> 1
         flat_out ^= chosen.view(np.uint8).astype(flat_out.dtype, copy=False)
         return out
@@ -564,9 +580,10 @@ def _sample_at(arr: np.ndarray, frac: float, unsampled: int, key: int, *,
     volume_shape = arr.shape if volume_shape is None else volume_shape
     flat_in = arr.reshape(-1)
     index = _linear_index(arr.shape, origin, volume_shape).reshape(-1)
+    h = _voxel_hash(key, _STREAM_SELECT, index)
     if selection is None:
-        selection = _selection_in_memory(key, flat_in, index, frac)
-    keep = selection.apply(flat_in, index)
+        selection = _selection_in_memory(key, flat_in, index, frac, h=h)
+    keep = selection.apply(flat_in, index, h)
     if arr.dtype.kind == "i":
         keep |= flat_in < 0
     out_dtype = _fit_dtype(arr.dtype, int(unsampled), 0)
