@@ -35,10 +35,12 @@ Exactly one mode:
   --erode R      PCL: shrink every class by radius R
   --skeleton     PCL: one-voxel-wide skeleton of every class
   --random P     RL: labels independent of INPUT, foreground with probability P
-  --shift R      move every foreground voxel by a random offset in [-R, R] per axis
+  --shift R      move every foreground voxel by a random offset within radius R
+                 (disc, or ball in 3D); voxels leaving the volume are dropped
 Voxels labelled -1 (ignore) stay -1. Blocks are read with the halo their mode needs;
-random modes draw per block from (--seed, block index), so a seed and --block fix the
-output. OUTPUT is written atomically and records mode, parameters, seed and source.
+random modes draw each voxel's numbers from (--seed, voxel coordinate), so the seed
+alone fixes the output, whatever --block. OUTPUT is written atomically and records
+mode, parameters, seed and source.
 
 \b
 Examples:
@@ -120,7 +122,7 @@ class _DefaultCommand(click.Command):
 @click.option("--random", "random_p", type=float, default=None, metavar="P",
               help="RL: random labels, foreground with probability P.")
 @click.option("--shift", "shift_r", type=int, default=None, metavar="R",
-              help="Displace every foreground voxel by up to R per axis.")
+              help="Displace every foreground voxel within radius R (voxels leaving the volume are dropped).")
 @click.option("--seed", type=int, default=None, help="Seed of the random modes [default: the global --seed, 0].")
 @click.option("--n-classes", type=int, default=None,
               help="Classes of --flip/--random and of the report [default: largest INPUT label + 1].")
@@ -132,11 +134,14 @@ class _DefaultCommand(click.Command):
 @click.option("--block", default=None,
               help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
 @click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
+@click.option("--rank-tol", type=float, default=None, metavar="TOL",
+              help="With --report: singular values <= TOL count as zero in the rank "
+                   "[default: 3 sampling errors, from the counts].")
 @scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
-          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, scheduler, workers,
-          retries):
+          skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, rank_tol, scheduler,
+          workers, retries):
     from emseg.noise.blockwise import noise_file
 
     app = state()
@@ -149,6 +154,8 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     mode = chosen[0][2:]
     if unsampled is not None and mode != "sample":
         raise InputError("--unsampled applies to --sample only")
+    if rank_tol is not None and not report:
+        raise InputError("--rank-tol applies to --report only")
     if halo is not None and mode != "skeleton":
         raise InputError("--halo applies to --skeleton only (other modes need an exact, fixed halo)")
     params = {
@@ -163,7 +170,7 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     with progress_bar(f"noise --{mode}") as update:
         result = noise_file(input_spec, output_spec, mode, params,
                             seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
-                            n_classes=n_classes, report=report,
+                            n_classes=n_classes, report=report, rank_tol=rank_tol,
                             progress=lambda done, total: update(done, total, "blocks"),
                             scheduler=scheduler, workers=workers, retries=retries)
 
@@ -184,8 +191,12 @@ def report_table(report: dict):
 
     k = report["n_classes"]
     agreement = fmt(report["agreement"])
-    table = Table(title=f"transition clean -> noisy: rank {report['rank']} of {k}, agreement {agreement}",
-                  caption="rows: clean class; columns: P(noisy | clean) over voxels labelled in both")
+    svals = ", ".join(fmt(v) for v in report.get("singular_values", []))
+    table = Table(title=f"transition clean -> noisy: rank {report['rank']} of {len(report.get('rank_classes', []))} "
+                        f"present classes, agreement {agreement}",
+                  caption=f"rows: clean class; columns: P(noisy | clean) over voxels labelled in both\n"
+                          f"singular values {svals}; zero at or below {fmt(report.get('rank_tol'))} "
+                          f"(sampling error {fmt(report.get('rank_sampling_error'))})")
     table.add_column("clean", justify="right")
     for j in range(k):
         table.add_column(f"-> {j}", justify="right")

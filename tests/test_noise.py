@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -204,8 +206,15 @@ def test_transition_matrix_matches_brute_force():
             counts[c, n] += 1
     tm = transition_matrix(clean, noisy)
     np.testing.assert_array_equal(tm.counts, counts)
-    np.testing.assert_allclose(tm.matrix, counts / counts.sum(axis=1, keepdims=True))
-    assert tm.rank == np.linalg.matrix_rank(counts)
+    q = counts / counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(tm.matrix, q)
+    assert transition_matrix(clean, noisy, tol=0).rank == np.linalg.matrix_rank(counts)
+    # default tolerance: 3 x the multinomial standard error of the singular values
+    se = np.sqrt(sum((1 - (q[i] ** 2).sum()) / counts[i].sum() for i in range(3)))
+    assert tm.sampling_error == pytest.approx(se, rel=1e-12)
+    assert tm.tol == pytest.approx(3 * se, rel=1e-12)
+    np.testing.assert_allclose(tm.singular_values, np.linalg.svd(q, compute_uv=False))
+    assert tm.rank == max(1, int((np.linalg.svd(q, compute_uv=False) > 3 * se).sum()))
     assert not tm.matrix.flags.writeable
     assert json.loads(json.dumps(tm.to_dict()))["counts"] == counts.astype(int).tolist()
 
@@ -222,21 +231,57 @@ def test_population_rank_rl_one_rcl_full():
     assert np.linalg.matrix_rank(flip_matrix(p_fg=0.7, p_bg=0.3)) == 1
 
 
-def test_empirical_rank_rl_vs_rcl(binary2d):
-    p = 0.1
-    rl = random_labels(binary2d.shape, p, rng=9)
-    rcl = flip(binary2d, 0.45, rng=9)
-    n_min = min(int((binary2d == k).sum()) for k in (0, 1))
-    tol = 5 / np.sqrt(n_min)  # a few binomial standard errors
-    t_rl = transition_matrix(binary2d, rl, tol=tol)
-    t_rcl = transition_matrix(binary2d, rcl, tol=tol)
-    # RL rows equal the label distribution up to sampling noise: rank 1
-    assert np.abs(t_rl.matrix[0] - t_rl.matrix[1]).max() < tol
-    np.testing.assert_allclose(t_rl.matrix[:, 1], p, atol=tol)
-    assert t_rl.rank == 1
-    assert t_rcl.rank == 2
-    # the exact rank of an empirical matrix is generically full
-    assert transition_matrix(binary2d, rl).rank == 2
+@pytest.mark.parametrize("k_total", [2, 3, 5])
+def test_statistical_rank_rl_one_flip_full_uninformative_flip_one(k_total):
+    clean = blobs((4, 48, 48), n_classes=k_total, sigma=2.0, seed=k_total)
+    assert set(np.unique(clean).tolist()) == set(range(k_total))
+    uniform = (k_total - 1) / k_total
+    for seed in range(5):
+        for p in (0.1, uniform):
+            rl = random_labels(clean.shape, p, n_classes=k_total, rng=seed)
+            assert transition_matrix(clean, rl, k_total).rank == 1, (p, seed)
+        for p in (0.3, uniform - 0.15):  # below (K-1)/K: every class survives
+            tm = transition_matrix(clean, flip(clean, p, rng=seed), k_total)
+            assert tm.rank == k_total, (p, seed, tm.singular_values, tm.tol)
+        tm = transition_matrix(clean, flip(clean, uniform, rng=seed), k_total)
+        assert tm.rank == 1, (seed, tm.singular_values, tm.tol)
+        # the exact (numerical) rank of the empirical matrices is full: the tolerance matters
+        assert transition_matrix(clean, random_labels(clean.shape, 0.1, n_classes=k_total, rng=seed),
+                                 k_total, tol=0).rank == k_total
+
+
+def test_rank_skips_classes_absent_from_the_clean_labels():
+    clean = blobs((4, 48, 48), n_classes=4, sigma=2.0, seed=1)
+    clean[clean == 2] = 3  # class 2 absent from the clean labels
+    noisy = flip(clean, 0.3, n_classes=4, rng=2)  # but present in the noisy ones
+    tm = transition_matrix(clean, noisy, 4)
+    assert tm.classes == (0, 1, 3)
+    assert len(tm.singular_values) == 3 and tm.rank == 3
+    rep = noise_report(clean, noisy, 4)
+    assert rep["rank"] == 3 and rep["rank_classes"] == [0, 1, 3]
+    assert rep["kept_fraction"][2] is None
+    # a tolerance given explicitly is used as is
+    assert noise_report(clean, noisy, 4, tol=2.0)["rank"] == 1
+    assert noise_report(clean, noisy, 4, tol=2.0)["rank_tol"] == 2.0
+
+
+VNC = Path(__file__).resolve().parents[2] / "shared/data/drosophila_vnc/vnc_stack1.h5"
+
+
+@pytest.mark.skipif(not VNC.exists(), reason="drosophila VNC data not available")
+def test_statistical_rank_on_the_vnc_labels():
+    import h5py
+
+    with h5py.File(VNC, "r") as fh:
+        clean = fh["label"][:4].astype(np.int16)
+    present = sorted(int(v) for v in np.unique(clean) if v >= 0)
+    k_total = max(present) + 1
+    assert k_total == 5
+    uniform = (k_total - 1) / k_total
+    rl = random_labels(clean.shape, 0.3, n_classes=k_total, rng=0)
+    assert transition_matrix(clean, rl, k_total).rank == 1
+    assert transition_matrix(clean, flip(clean, 0.45, n_classes=k_total, rng=0), k_total).rank == len(present)
+    assert transition_matrix(clean, flip(clean, uniform, n_classes=k_total, rng=0), k_total).rank == 1
 
 
 def test_empirical_matches_flip_matrix(multi3d):
@@ -423,39 +468,77 @@ def sparse_points(shape, spacing, seed=0):
     return lab
 
 
-def test_shift_offsets_bounded_and_uniform():
-    r = 2
-    lab = sparse_points((200, 200), spacing=2 * r + 2)
-    out = shift(lab, r, rng=0)
-    src = np.argwhere(lab > 0)
-    dst = np.argwhere(out > 0)
-    assert len(dst) == len(src)  # spacing > 2r: no collisions, nothing clipped
-    # match each source to the unique destination within its (2r+1) window
+def disc_points(r, dims=2):
+    """Integer offsets within Euclidean radius r, enumerated independently of the code."""
+    import itertools
+
+    return [d for d in itertools.product(range(-r, r + 1), repeat=dims) if sum(v * v for v in d) <= r * r]
+
+
+def matched_offsets(lab, out, r):
+    """Offset of every source voxel to its unique destination in a (2r+1) window."""
     offsets = []
-    for y, x in src:
-        win = out[y - r : y + r + 1, x - r : x + r + 1]
+    for y, x in np.argwhere(lab > 0):
+        win = out[max(y - r, 0) : y + r + 1, max(x - r, 0) : x + r + 1]
         hits = np.argwhere(win > 0)
-        assert len(hits) == 1
-        dy, dx = hits[0]
-        assert win[dy, dx] == lab[y, x]
-        offsets.append((dy - r, dx - r))
-    offsets = np.array(offsets)
-    for axis in range(2):
-        observed = np.bincount(offsets[:, axis] + r, minlength=2 * r + 1)
-        assert stats.chisquare(observed).pvalue > 1e-3
+        assert len(hits) <= 1
+        if len(hits):
+            dy, dx = hits[0]
+            assert win[dy, dx] == lab[y, x]
+            offsets.append((dy + max(y - r, 0) - y, dx + max(x - r, 0) - x))
+    return offsets
 
 
-def test_shift_per_section_and_clipping():
-    lab = np.zeros((4, 10, 10), dtype=np.int64)
-    lab[:, 0, 0] = 1
-    lab[:, 9, 9] = 2
-    out = shift(lab, 3, per_section=True, rng=1)
-    for z in range(4):
-        # z preserved; corners only move inwards (clipped to the volume)
-        ys, xs = np.nonzero(out[z] == 1)
-        assert len(ys) == 1 and ys[0] <= 3 and xs[0] <= 3
-        ys, xs = np.nonzero(out[z] == 2)
-        assert len(ys) == 1 and ys[0] >= 6 and xs[0] >= 6
+@pytest.mark.parametrize("r", [2, 3])
+def test_shift_offsets_within_the_disc_and_uniform_over_its_points(r):
+    lab = sparse_points((240, 240), spacing=2 * r + 2)
+    out = shift(lab, r, rng=0)
+    offsets = matched_offsets(lab, out, r)
+    assert len(offsets) == int((lab > 0).sum())  # spacing > 2r and sources >= r from the border
+    points = disc_points(r)
+    assert all(o in points for o in offsets)  # inside the disc, not the (2r+1)^2 square
+    observed = np.array([offsets.count(p) for p in points])
+    assert observed.min() > 0
+    assert stats.chisquare(observed).pvalue > 1e-3
+
+
+def test_shift_3d_ball_and_per_section_disc():
+    r = 2
+    lab = np.zeros((60, 60, 60), np.int64)
+    lab[3:-3:6, 3:-3:6, 3:-3:6] = 1
+    out = shift(lab, r, rng=4)
+    ball = np.array(disc_points(r, 3))
+    src, dst = np.argwhere(lab > 0), np.argwhere(out > 0)
+    assert len(dst) == len(src)
+    # sources are 6 apart: each destination lies within r of exactly one source
+    d = dst[:, None, :] - src[None, :, :]
+    near = (d ** 2).sum(-1) <= r * r
+    assert np.all(near.sum(1) == 1)
+    moved = d[near]
+    assert {tuple(v) for v in moved} <= {tuple(v) for v in ball}
+    assert np.abs(moved[:, 0]).max() == r  # z moves in 3D
+    sec = shift(lab, r, per_section=True, rng=4)
+    for z in range(lab.shape[0]):
+        assert (sec[z] > 0).sum() == (lab[z] > 0).sum()  # z kept, nothing dropped
+
+
+def test_shift_drops_voxels_that_leave_the_image():
+    r = 2
+    lab = np.zeros((8, 3000), np.int64)
+    lab[0, 3::6] = 1  # sources on the border row, 6 apart
+    n = int(lab.sum())
+    out = shift(lab, r, rng=5)
+    points = disc_points(r)
+    p_stay_row = sum(1 for dy, _ in points if dy == 0) / len(points)  # 5/13
+    p_drop = sum(1 for dy, _ in points if dy < 0) / len(points)  # 4/13
+    on_border = int(out[0].sum())
+    kept = int(out.sum())
+    sd = np.sqrt(n * p_drop * (1 - p_drop))
+    assert abs((n - kept) - n * p_drop) < 4 * sd
+    sd = np.sqrt(n * p_stay_row * (1 - p_stay_row))
+    assert abs(on_border - n * p_stay_row) < 4 * sd
+    # clipping would have put every upward move on the border row: 9/13 of the sources
+    assert on_border < n * (p_stay_row + p_drop) - 4 * sd
 
 
 def test_shift_collisions_and_ignore():

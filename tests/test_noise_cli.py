@@ -10,6 +10,8 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
@@ -29,10 +31,12 @@ from emseg.noise import (
     transition_matrix,
 )
 from emseg.noise.blockwise import (
+    apply_noise,
     check_params,
     estimate_max_width,
     max_object_width,
     noise_file,
+    output_dtype,
     plan_noise_blocks,
     process_block,
     resolve_params,
@@ -65,24 +69,6 @@ def read(spec):
     path, key = spec.split(".zarr/")
     arr = zarr.open_array(store=path + ".zarr", path=key, mode="r")
     return arr[...], dict(arr.attrs)
-
-
-def per_block_reference(lab, fn, block_shape, halo, seed):
-    """Tile ``lab`` in C order; call ``fn(outer_region, rng, inner_in_outer)`` on each block with
-    the generator ``SeedSequence(seed, spawn_key=(flat index,))``; stitch the block cores."""
-    out = None
-    starts = [range(0, n, b) for n, b in zip(lab.shape, block_shape)]
-    grid = np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, lab.ndim)
-    for index, corner in enumerate(grid):
-        inner = [slice(int(a), min(int(a) + b, n)) for a, b, n in zip(corner, block_shape, lab.shape)]
-        outer = [slice(max(i.start - h, 0), min(i.stop + h, n)) for i, h, n in zip(inner, halo, lab.shape)]
-        core = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
-        res = fn(lab[tuple(outer)], rng, core)
-        if out is None:
-            out = np.zeros(lab.shape, dtype=res.dtype)
-        out[tuple(inner)] = res[core]
-    return out
 
 
 @pytest.fixture
@@ -149,26 +135,91 @@ def test_width_scan_matches_whole_array_and_refuses_too_wide():
         estimate_max_width(square, block_shape=(20, 20), margin=8)
 
 
-# --------------------------------------------------------------------------- random modes: per-block semantics
-def test_random_modes_equal_per_block_core_calls(tmp_path, multi):
+# --------------------------------------------------------------------------- random modes: grid-independent
+WHOLE = {
+    "flip": ({"p": 0.45}, lambda lab, seed: flip(lab, 0.45, n_classes=4, rng=seed)),
+    "sample": ({"p": 0.1}, lambda lab, seed: sample(lab, 0.1, rng=seed, unsampled=-1)),
+    "shift": ({"radius": 2}, lambda lab, seed: shift(lab, 2, rng=seed)),
+    "shift-section": ({"radius": 3, "per_section": True}, lambda lab, seed: shift(lab, 3, per_section=True,
+                                                                                   rng=seed)),
+    "random": ({"p": 0.3}, lambda lab, seed: np.where(lab < 0, -1, random_labels(
+        lab.shape, 0.3, n_classes=4, rng=seed, dtype=np.int16)).astype(np.int16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WHOLE))
+def test_random_modes_blockwise_equal_whole_array_for_every_grid(tmp_path, multi, case):
     lab, spec = multi
-    block, seed = (2, 16, 16), 11
-    cases = {
-        "flip": ({"p": 0.45}, (0, 0, 0), lambda r, g, c: flip(r, 0.45, n_classes=4, rng=g)),
-        "sample": ({"p": 0.1}, (0, 0, 0), lambda r, g, c: sample(r, 0.1, rng=g, unsampled=-1)),
-        "shift": ({"radius": 2}, (2, 2, 2), lambda r, g, c: shift(r, 2, rng=g)),
-        "random": ({"p": 0.3}, (0, 0, 0),
-                   lambda r, g, c: np.where(r < 0, -1, random_labels(r.shape, 0.3, n_classes=4, rng=g,
-                                                                     dtype=np.int16)).astype(np.int16)),
-    }
-    for mode, (params, halo, fn) in cases.items():
-        result = noise_file(spec, f"{tmp_path}/out.h5:{mode}", mode, params, seed=seed, block_shape=block)
-        assert result.halo == halo
-        out, _ = read(f"{tmp_path}/out.h5:{mode}")
-        expected = per_block_reference(lab, fn, block, halo, seed)
-        np.testing.assert_array_equal(out, expected, err_msg=mode)
+    mode = case.split("-")[0]
+    params, whole = WHOLE[case]
+    seed = 11
+    expected = whole(lab, seed)
+    for block in [(2, 16, 16), (3, 7, 40), (4, 40, 44)]:
+        result = noise_file(spec, f"{tmp_path}/out.h5:{case}{block[1]}", mode, params, seed=seed,
+                            block_shape=block)
+        out, _ = read(f"{tmp_path}/out.h5:{case}{block[1]}")
+        np.testing.assert_array_equal(out, expected, err_msg=f"{case} {block}")
         assert out.dtype == expected.dtype
         np.testing.assert_array_equal(out[lab == -1], -1)
+        assert result.blocks == int(np.prod([-(-n // b) for n, b in zip(lab.shape, block)]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(mode=st.sampled_from(["flip", "sample", "random", "shift"]),
+       block=st.tuples(st.integers(1, 5), st.integers(1, 23), st.integers(1, 23)),
+       seed=st.integers(0, 2**32))
+def test_property_any_block_grid_gives_the_whole_array_result(mode, block, seed):
+    lab = blobs((5, 23, 21), n_classes=3, sigma=1.5, seed=4, ignore_frac=0.1)
+    params = resolve_params(lab, mode, {"p": 0.3} if mode != "shift" else {"radius": 2})
+    expected = {
+        "flip": lambda: flip(lab, 0.3, n_classes=params.get("n_classes"), rng=seed),
+        "sample": lambda: sample(lab, 0.3, rng=seed),
+        "random": lambda: np.where(lab < 0, -1, random_labels(lab.shape, 0.3, n_classes=params.get("n_classes"),
+                                                              rng=seed, dtype=lab.dtype)),
+        "shift": lambda: shift(lab, 2, rng=seed),
+    }[mode]()
+    blocks = plan_noise_blocks(lab.shape, mode, params, block)
+    out = np.zeros(lab.shape, dtype=output_dtype(mode, params, lab.dtype))
+    apply_noise(lab, out, mode, params, seed, blocks=blocks)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_sample_many_classes_exact_counts_and_grid_independent():
+    lab = np.random.default_rng(2).integers(-1, 200, size=(4, 20, 21)).astype(np.int32)
+    whole = sample(lab, 0.3, rng=8)
+    params = resolve_params(lab, "sample", {"p": 0.3})
+    out = np.zeros(lab.shape, dtype=output_dtype("sample", params, lab.dtype))
+    apply_noise(lab, out, "sample", params, 8, blocks=plan_noise_blocks(lab.shape, "sample", params, (3, 6, 5)))
+    np.testing.assert_array_equal(out, whole)
+    for k in range(200):
+        assert int((whole == k).sum()) == round(0.3 * int((lab == k).sum()))
+
+
+@pytest.mark.parametrize("sigmas", [0.0, 8.0])
+def test_selection_from_blocks_equals_in_memory_selection(sigmas):
+    from emseg.noise.synthesis import _linear_index, _selection_from_chunks, _selection_in_memory, stream_key
+
+    lab = blobs((6, 30, 31), n_classes=5, sigma=1.5, seed=7, ignore_frac=0.05)
+    key, shape = stream_key(3), lab.shape
+    fractions = [0.0, 0.2, 0.5, 1.0, 0.37]
+    ref = _selection_in_memory(key, lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1),
+                               fractions)
+
+    def chunks():
+        for b in plan_noise_blocks(shape, "flip", {"p": 0.1}, (4, 8, 9)):
+            origin = tuple(s.start for s in b.inner)
+            yield lab[b.inner].reshape(-1), _linear_index(lab[b.inner].shape, origin, shape).reshape(-1)
+
+    # sigmas = 0 leaves windows of 4 / n_k around the quantile: most miss and are widened
+    got = _selection_from_chunks(key, chunks, fractions, sigmas=sigmas)
+    np.testing.assert_array_equal(got.classes, ref.classes)
+    np.testing.assert_array_equal(got.chosen, ref.chosen)
+    np.testing.assert_array_equal(got.thresholds[got.chosen], ref.thresholds[ref.chosen])
+    # the thresholds choose exactly round(f_k * n_k) voxels of each class
+    chosen = ref.apply(lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1))
+    for k, f in enumerate(fractions):
+        n_k = int((lab == k).sum())
+        assert int(chosen[lab.reshape(-1) == k].sum()) == round(f * n_k)
 
 
 def test_process_block_is_order_independent():
@@ -181,7 +232,7 @@ def test_process_block_is_order_independent():
         np.testing.assert_array_equal(a, b)
 
 
-def test_flip_counts_exact_per_block_and_n_classes_global(tmp_path):
+def test_flip_counts_exact_over_the_volume_and_n_classes_global(tmp_path):
     # class 2 occurs in one corner only: blocks without it must still flip into class 2
     lab = np.zeros((2, 32, 32), np.uint8)
     lab[:, 8:24, 8:24] = 1
@@ -192,11 +243,12 @@ def test_flip_counts_exact_per_block_and_n_classes_global(tmp_path):
     out, _ = read(f"{tmp_path}/o.h5:f")
     far = out[:, 16:, 16:]  # a block where the input holds classes 0 and 1 only
     assert (far == 2).any()
-    for b in plan_noise_blocks(lab.shape, "flip", res.params, (2, 16, 16)):
-        clean, noisy = lab[b.inner], out[b.inner]
-        for k in range(3):
-            n_k = int((clean == k).sum())
-            assert int(((clean == k) & (noisy != k)).sum()) == round(0.3 * n_k)
+    for k in range(3):
+        n_k = int((lab == k).sum())
+        assert int(((lab == k) & (out != k)).sum()) == round(0.3 * n_k)
+    # a grid whose blocks each hold an odd number of voxels per class gives the same labels
+    res = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:g", "flip", {"p": 0.3}, block_shape=(1, 5, 7))
+    np.testing.assert_array_equal(read(f"{tmp_path}/o.h5:g")[0], out)
 
 
 # --------------------------------------------------------------------------- CLI: determinism, provenance, formats
@@ -255,9 +307,10 @@ def test_report_json_flip_diagonal(tmp_path, multi):
     n_blocks = payload["blocks"]
     clean_counts = np.array(rep["clean_counts"])
     np.testing.assert_array_equal(clean_counts, [(lab == k).sum() for k in range(4)])
-    # per-block rounding: at most half a voxel per block and class away from 1 - p
+    # exact counts over the whole volume: at most half a voxel per class away from 1 - p
+    assert n_blocks > 1
     diag = np.diag(np.array(rep["matrix"]))
-    assert np.all(np.abs(diag - 0.55) <= 0.5 * n_blocks / clean_counts + 1e-12)
+    assert np.all(np.abs(diag - 0.55) <= 0.5 / clean_counts + 1e-12)
     # the streamed report equals the report of the whole arrays
     out, _ = read(f"{tmp_path}/o.h5:f")
     whole = noise_report(lab, out, 4)
@@ -274,6 +327,32 @@ def test_report_random_labels_rows_alike(tmp_path):
     # every row is Bernoulli(0.1) on ~8000 voxels: within 5 standard errors of (0.9, 0.1)
     se = np.sqrt(0.09 / np.array(rep["clean_counts"]))
     assert np.all(np.abs(m[:, 1] - 0.1) < 5 * se)
+    # Lemma 2: random labels keep one class; the smallest singular value is within the noise
+    assert rep["rank"] == 1 and rep["rank_classes"] == [0, 1]
+    svals = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(rep["singular_values"], svals, rtol=1e-12)
+    assert svals[1] <= rep["rank_tol"] == pytest.approx(3 * rep["rank_sampling_error"])
+    # a tolerance passed on the command line is used as is: 0 gives the numerical rank
+    result = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r0", "--random", "0.1", "--report",
+                 "--rank-tol", "0", "--json", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    rep0 = json.loads(result.stdout)["report"]
+    assert rep0["rank"] == 2 and rep0["rank_tol"] == 0.0
+    bad = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r1", "--random", "0.1", "--rank-tol", "0.1")
+    assert bad.exit_code == 2 and "--rank-tol applies to --report" in bad.output
+    bad = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:r1", "--random", "0.1", "--report",
+              "--rank-tol", "-1")
+    assert bad.exit_code == 2 and "rank tolerance" in bad.output
+
+
+def test_report_binary_flip_at_one_half_has_rank_one(tmp_path):
+    lab = blobs((4, 64, 64), n_classes=2, seed=8)
+    write_h5(tmp_path / "in.h5", label=lab)
+    for p, rank in (("0.5", 1), ("0.4", 2)):
+        result = run("noise", f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:f{p}", "--flip", p, "--report",
+                     "--json", "--block", "2,32,32")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["report"]["rank"] == rank
 
 
 def test_report_human_table(tmp_path, multi):
@@ -281,6 +360,7 @@ def test_report_human_table(tmp_path, multi):
     result = run("noise", spec, f"{tmp_path}/o.h5:f", "--sample", "0.5", "--report")
     assert result.exit_code == 0, result.output
     assert "rank 4 of 4" in result.stdout and "labelled" in result.stdout
+    assert "singular values" in result.stdout
 
 
 def test_transition_counter_equals_whole_array():

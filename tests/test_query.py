@@ -126,18 +126,22 @@ def test_build_pool_exclusions_match_brute_force():
                       labelled_boxes=old[:1])
     # brute force over the same random draw, without exclusions
     raw_pool = build_pool(shapes, patch, candidates=400, rng=0)
-    keep = []
+    keep, trained = [], []
     for i in range(len(raw_pool)):
         b = raw_pool.box(i)
-        hit = b.volume == 0 and (label0[b.slices()] >= 0).any()
-        hit = hit or any(b.volume == o.volume and _boxes_intersect(b.offset, b.shape, o.offset, o.shape) for o in old)
-        if not hit:
+        on_labels = b.volume == 0 and (label0[b.slices()] >= 0).any()
+        on_box = any(b.volume == o.volume and _boxes_intersect(b.offset, b.shape, o.offset, o.shape) for o in old)
+        if not (on_labels or on_box):
             keep.append((b.volume, b.offset))
+        elif on_labels and not on_box:
+            trained.append((b.volume, b.offset))
     free = [(pool.box(i).volume, pool.box(i).offset) for i in pool.free_indices()]
     assert free == keep
     assert pool.n_excluded == len(raw_pool) - len(keep) > 0
-    # the exact-shape labelled box joins the pool as a labelled member (a core-set centre)
-    assert [(pool.box(i).volume, pool.box(i).offset) for i in pool.labelled_indices()] == [(1, (0, 5, 5))]
+    # candidates on training labels stay as labelled members (core-set centres), and so does the
+    # exact-shape labelled box
+    assert trained
+    assert [(pool.box(i).volume, pool.box(i).offset) for i in pool.labelled_indices()] == trained + [(1, (0, 5, 5))]
 
 
 def test_build_pool_rejects_bad_inputs():
@@ -265,6 +269,95 @@ def test_select_skips_overlapping_random_candidates():
         boxes = [pool.box(int(i)) for i in picks]
         assert len(boxes) >= 1
         assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+
+
+@pytest.mark.parametrize("name", ["kmeans", "coreset", "hybrid"])
+def test_embedding_strategies_skip_overlapping_random_candidates(name):
+    pool = build_pool([(1, 48, 48)], (1, 16, 16), candidates=400, rng=2)
+    assert pool.may_overlap
+    rng = np.random.default_rng(3)
+    n = len(pool)
+    # embeddings that follow the position: neighbouring (overlapping) boxes are similar, so an
+    # unfiltered selection takes several boxes from one corner region
+    emb = np.concatenate([pool.offsets[:, 1:] / 48.0, rng.normal(scale=2.0, size=(n, 6))], axis=1)
+    scores = pool_mod.PoolScores("entropy", rng.random(n), emb.astype(np.float32), "mean", None)
+    strat = pool_mod.get_strategy(name)
+    args = (torch.from_numpy(scores.scores), torch.from_numpy(scores.embeddings)) if name == "hybrid" else \
+        (torch.from_numpy(scores.embeddings),)
+    unfiltered = strat.select_fn(*args, 6, **({"rng": 0} if name == "kmeans" else {})).numpy()
+    boxes = [pool.box(int(i)) for i in unfiltered]
+    assert any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))  # the filter is needed
+    picks = select(pool, name, 6, scores=scores, rng=0)
+    boxes = [pool.box(int(i)) for i in picks]
+    assert 1 <= len(boxes) <= 6 and len(set(picks.tolist())) == len(boxes)
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    # a 48 x 48 volume holds 9 disjoint 16 x 16 boxes: 4 non-overlapping picks always fit
+    assert len(select(pool, name, 4, scores=scores, rng=0)) >= 1
+
+
+def test_training_labels_act_as_coreset_and_hybrid_centres():
+    shape, patch = (1, 64, 64), (1, 16, 16)
+    label = np.full(shape, -1, np.int8)
+    label[0, 2:10, 3:12] = 1  # training data inside grid candidate 0 only
+    plain = build_pool([shape], patch)
+    pool = build_pool([shape], patch, exclude_labels={0: [label]})
+    assert pool.labelled_indices().tolist() == [0] and len(pool) == len(plain) == 16
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(16, 4)).astype(np.float32)
+    emb[0] = emb[7] = 40.0  # candidate 7 looks exactly like the training patch
+    s = rng.random(16) * 0.5
+    s[7] = 1.0  # and is the most uncertain
+    scores = pool_mod.PoolScores("entropy", s, emb, "mean", None)
+    # without the training data as a centre, 0 or 7 (the outlying pair) is chosen at once
+    # (after a random first pick)
+    assert set(select(plain, "coreset", 2, scores=scores, rng=0).tolist()) & {0, 7}
+    assert select(plain, "hybrid", 1, scores=scores)[0] == 7
+    # with it, 7 is at distance 0 from a centre: never first; the first pick is the free
+    # candidate farthest from the training patch (brute force)
+    far = max(range(1, 16), key=lambda i: np.linalg.norm(emb[i].astype(np.float64) - emb[0]))
+    for name in ("coreset", "hybrid"):
+        picks = select(pool, name, 3, scores=scores)
+        assert picks[0] != 7 and 0 not in picks.tolist()
+    assert select(pool, "coreset", 1, scores=scores)[0] == far
+
+
+def brute_kcenter(x, n):
+    """k-center greedy in float64 with explicit differences; first pick farthest from the mean."""
+    x = np.asarray(x, np.float64)
+    first = int(np.argmax(((x - x.mean(0)) ** 2).sum(1)))
+    picks = [first]
+    d = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, n):
+        d_m = d.copy()
+        d_m[picks] = -1
+        i = int(np.argmax(d_m))
+        picks.append(i)
+        d = np.minimum(d, ((x - x[i]) ** 2).sum(1))
+    return picks
+
+
+def test_kcenter_float32_with_large_common_offset_matches_float64_brute_force():
+    from emseg.active.diversity import kcenter_greedy, kmeans_select
+
+    mismatched = 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        x = (rng.normal(size=(150, 8)) + 1e4).astype(np.float32)  # |x|^2 ~ 8e8: float32 eps ~ 50
+        lab = [3, 17]
+        got = kcenter_greedy(torch.from_numpy(x), 10).tolist()
+        mismatched += got != brute_kcenter(x, 10)
+        # with labelled centres too
+        xd = x.astype(np.float64)
+        d = np.min([((xd - xd[j]) ** 2).sum(1) for j in lab], axis=0)
+        d[lab] = -1
+        assert kcenter_greedy(torch.from_numpy(x), 1, labeled_idx=lab).tolist() == [int(np.argmax(d))]
+    assert mismatched == 0
+    # k-means is translation invariant too: the offset changes nothing
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 3)), rng.normal(size=(30, 3)) + 8]).astype(np.float32)
+    a = kmeans_select(torch.from_numpy(x), 2, rng=0).tolist()
+    b = kmeans_select(torch.from_numpy(x + np.float32(1e4)), 2, rng=0).tolist()
+    assert sorted(i // 30 for i in b) == [0, 1] and a == b
 
 
 # ----------------------------------------------------------------------------- CLI end to end

@@ -4,7 +4,16 @@ All selectors return a 1-D ``torch.int64`` tensor of distinct indices. Embedding
 selectors take an ``(N, D)`` tensor (e.g. pooled U-Net bottleneck features) and compute on its
 device; non-floating embeddings are converted to float32, and squared Euclidean distances are
 evaluated as ``|x|^2 - 2 x.c + |c|^2`` (clamped at 0), so no ``(N, N)`` matrix and no
-``x - c`` difference array is ever built by the fast paths.
+``x - c`` difference array is ever built by the fast paths. The expansion cancels
+catastrophically when the embeddings share a large common offset (``|x|^2`` then dwarfs the
+distances), so k-means and k-center greedy first subtract the mean embedding (computed in
+float64); distances are translation invariant, and the centred float32 values carry only the
+spread.
+
+Selectors that may return overlapping patches accept ``conflicts``: a callable mapping a
+picked index to the indices it rules out (e.g. the candidates overlapping the picked box);
+those are never picked afterwards, and fewer than ``n`` indices come back when every
+remaining sample is ruled out.
 
 Randomness comes from ``rng`` (a :class:`numpy.random.Generator`, an int seed or ``None``),
 normalised with :func:`numpy.random.default_rng`; a given seed gives the same selection on
@@ -13,7 +22,7 @@ every call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,6 +86,24 @@ def _as_index(idx: object, n_total: int, device: torch.device, *, name: str) -> 
             f"{name} must lie in [0, {n_total}); got values in [{int(t.min())}, {int(t.max())}]"
         )
     return torch.unique(t)
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    """``x`` minus its mean row (mean and difference in float64), in at least float32."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x64 = x.to(torch.float64)
+    return (x64 - x64.mean(dim=0)).to(dtype)
+
+
+Conflicts = Callable[[int], object]
+
+
+def _conflict_index(conflicts: Conflicts | None, i: int, device: torch.device) -> torch.Tensor | None:
+    if conflicts is None:
+        return None
+    ruled = conflicts(int(i))
+    t = torch.as_tensor(np.asarray(ruled, dtype=np.int64).reshape(-1), device=device)
+    return t
 
 
 def _sq_dists_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -197,6 +224,8 @@ def kmeans_select(
     n: int,
     rng: np.random.Generator | int | None = None,
     n_iter: int = 50,
+    *,
+    conflicts: Conflicts | None = None,
 ) -> torch.Tensor:
     """k-means sampling: one sample per cluster, the member nearest each of ``n`` centroids.
 
@@ -217,11 +246,16 @@ def kmeans_select(
         Random source or seed for the seeding; equal seeds give equal selections.
     n_iter : int
         Maximum number of Lloyd iterations (>= 0); default 50.
+    conflicts : callable, optional
+        ``conflicts(i)`` -> indices ruled out once ``i`` is picked. Clusters are then served in
+        seeding order, each by its nearest member not ruled out (or, when all are, the nearest
+        sample not ruled out); clusters are skipped once nothing is left.
 
     Returns
     -------
     torch.Tensor
-        ``(n,)`` int64 indices on the embeddings' device, one per cluster in seeding order.
+        ``(n,)`` int64 indices on the embeddings' device, one per cluster in seeding order
+        (fewer with ``conflicts``, when every remaining sample is ruled out).
 
     Examples
     --------
@@ -239,7 +273,7 @@ def kmeans_select(
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
     gen = np.random.default_rng(rng)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x = _centred(x)
     x_sq = (x * x).sum(dim=1)
     centroids = x[_kmeanspp_init(x, x_sq, n, gen)].clone()
     arange_k = torch.arange(n, device=x.device)
@@ -266,6 +300,8 @@ def kmeans_select(
 
     d = _sq_dists_to(x, x_sq, centroids)
     member = assign[:, None] == arange_k[None, :]
+    if conflicts is not None:
+        return _serve_clusters(d, member, conflicts)
     picks = d.masked_fill(~member, float("inf")).argmin(dim=0)
     empty = ~member.any(dim=0)
     if bool(empty.any()):
@@ -276,6 +312,25 @@ def kmeans_select(
             picks[j] = i
             taken[i] = True
     return picks
+
+
+def _serve_clusters(d: torch.Tensor, member: torch.Tensor, conflicts: Conflicts) -> torch.Tensor:
+    """One pick per cluster in order, skipping samples ruled out by earlier picks."""
+    n_total, n = d.shape
+    out_of_play = torch.zeros(n_total, dtype=torch.bool, device=d.device)
+    picks: list[int] = []
+    for j in range(n):
+        if bool(out_of_play.all()):
+            break
+        cand = d[:, j].masked_fill(out_of_play, float("inf"))
+        inside = member[:, j] & ~out_of_play
+        i = int(cand.masked_fill(~member[:, j], float("inf")).argmin()) if bool(inside.any()) else int(cand.argmin())
+        picks.append(i)
+        out_of_play[i] = True
+        ruled = _conflict_index(conflicts, i, d.device)
+        if ruled is not None and ruled.numel():
+            out_of_play[ruled] = True
+    return torch.as_tensor(picks, dtype=torch.int64, device=d.device)
 
 
 # ----------------------------------------------------------------------------- k-center greedy
@@ -314,6 +369,7 @@ def kcenter_greedy(
     labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
     first: int | None = None,
     rng: np.random.Generator | int | None = None,
+    conflicts: Conflicts | None = None,
 ) -> torch.Tensor:
     """Core-set selection by greedy k-center (Sener & Savarese 2018).
 
@@ -338,17 +394,22 @@ def kcenter_greedy(
         otherwise (default) the sample farthest from the mean embedding.
     rng : numpy.random.Generator or int or None
         Only used to draw the first pick when there is no labelled set and no ``first``.
+    conflicts : callable, optional
+        ``conflicts(i)`` -> indices that can no longer be picked once ``i`` is (they do not
+        become centres). Picking stops early when every remaining sample is ruled out.
 
     Returns
     -------
     torch.Tensor
-        ``(n,)`` int64 indices on the embeddings' device, in pick order.
+        ``(n,)`` int64 indices on the embeddings' device, in pick order (fewer with
+        ``conflicts``, see above).
 
     Notes
     -----
-    The expansion is computed in the embeddings' dtype; in float32, near-ties can resolve
-    differently from exact arithmetic. Pass float64 embeddings for exact reproducibility
-    against a brute-force reference.
+    The embeddings are centred (mean subtracted in float64) before the expansion, so a large
+    common offset does not cancel the distances away; the expansion itself runs in the
+    embeddings' dtype (at least float32), so exact near-ties can still resolve differently
+    from float64 arithmetic.
 
     Examples
     --------
@@ -360,6 +421,7 @@ def kcenter_greedy(
     picks = torch.empty(n, dtype=torch.int64, device=x.device)
     if n == 0:
         return picks
+    x = _centred(x)
     x_sq = (x * x).sum(dim=1)
     if lab.numel() > 0:
         min_d = _min_sq_dist_to_set(x, x_sq, x[lab])
@@ -375,12 +437,20 @@ def kcenter_greedy(
         start = 1
         min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ x[i]) + x_sq[i]).clamp_min_(0))
         min_d[i] = -1.0
+        ruled = _conflict_index(conflicts, i, x.device)
+        if ruled is not None and ruled.numel():
+            min_d[ruled] = -1.0
     for k in range(start, n):
         i = torch.argmax(min_d)  # first maximum: ties go to the lowest index
+        if conflicts is not None and float(min_d[i]) < 0:  # everything left is ruled out
+            return picks[:k]
         picks[k] = i
         c = x[i]
         min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ c) + x_sq[i]).clamp_min_(0))
         min_d[i] = -1.0
+        ruled = _conflict_index(conflicts, int(i), x.device)
+        if ruled is not None and ruled.numel():
+            min_d[ruled] = -1.0
     return picks
 
 
@@ -436,6 +506,7 @@ def hybrid_select(
     *,
     top_m: int | None = None,
     labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+    conflicts: Conflicts | None = None,
 ) -> torch.Tensor:
     """Uncertainty then diversity: k-center greedy among the ``top_m`` most uncertain samples.
 
@@ -460,11 +531,15 @@ def hybrid_select(
         Capped at the number of unlabelled samples.
     labeled_idx : array-like of int or bool mask, optional
         Labelled samples: never candidates, but used as existing k-center centres.
+    conflicts : callable, optional
+        ``conflicts(i)`` (indices into the full set) -> samples ruled out once ``i`` is picked,
+        as in :func:`kcenter_greedy`.
 
     Returns
     -------
     torch.Tensor
-        ``(n,)`` int64 indices into the full set (embeddings' device), in pick order.
+        ``(n,)`` int64 indices into the full set (embeddings' device), in pick order (fewer
+        with ``conflicts`` when every candidate is ruled out).
 
     Examples
     --------
@@ -501,7 +576,16 @@ def hybrid_select(
     cand = free[select_top(scores.to(x.device)[free], top_m)]  # descending uncertainty
     pool = torch.cat([cand, lab])
     local_lab = torch.arange(top_m, pool.numel(), device=x.device)
+    local_conflicts = None
+    if conflicts is not None:
+        to_local = np.full(x.shape[0], -1, dtype=np.int64)
+        to_local[cand.cpu().numpy()] = np.arange(top_m)
+
+        def local_conflicts(i: int) -> np.ndarray:
+            ruled = to_local[np.asarray(conflicts(int(cand[i])), dtype=np.int64).reshape(-1)]
+            return ruled[ruled >= 0]
+
     local = kcenter_greedy(
-        x[pool], n, labeled_idx=local_lab, first=0 if lab.numel() == 0 else None
+        x[pool], n, labeled_idx=local_lab, first=0 if lab.numel() == 0 else None, conflicts=local_conflicts
     )
     return cand[local]

@@ -358,8 +358,10 @@ def build_pool(
     rng : numpy.random.Generator or int or None
         Random source for random positions.
     exclude_labels : mapping volume index -> list of label arrays, optional
-        Label volumes of the same shape as the volume; a candidate containing any voxel >= 0
-        is removed.
+        Label volumes (training data) of the same shape as the volume; a candidate containing
+        any voxel >= 0 is never selected: it stays in the pool as a labelled member, so that
+        core-set and hybrid selection treat the training data as existing centres (Sener &
+        Savarese), unless it also overlaps an excluded or labelled box.
     exclude_boxes : sequence of Box or dict, optional
         Boxes (e.g. earlier queries); candidates overlapping them are removed.
     labelled_boxes : sequence of Box or dict, optional
@@ -401,6 +403,7 @@ def build_pool(
     volume_index = np.concatenate([np.full(len(o), i, dtype=np.int64) for i, o in enumerate(per_volume)])
     offsets = np.concatenate(per_volume, axis=0).astype(np.int64).reshape(-1, len(patch))
     keep = np.ones(len(offsets), dtype=bool)
+    trained = np.zeros(len(offsets), dtype=bool)  # touches training labels: a labelled centre
 
     for vol, labels in (exclude_labels or {}).items():
         if not 0 <= int(vol) < len(shapes):
@@ -411,7 +414,9 @@ def build_pool(
                 raise InputError(f"label shape {tuple(label.shape)} differs from the pool volume shape "
                                  f"{shapes[vol]}", source=where)
             sel = np.flatnonzero(keep & (volume_index == vol))
-            keep[sel[labelled_in_boxes(label, offsets[sel], patch)]] = False
+            hit = sel[labelled_in_boxes(label, offsets[sel], patch)]
+            keep[hit] = False
+            trained[hit] = True
 
     exact: list[Box] = []
     blocking = _as_boxes(exclude_boxes)
@@ -420,11 +425,14 @@ def build_pool(
     for b in blocking + exact:
         if not 0 <= b.volume < len(shapes) or len(b.offset) != len(patch):
             raise ValueError(f"box {b} does not fit the pool volumes")
-        keep &= ~((volume_index == b.volume) & boxes_overlap(offsets, patch, np.array([b.offset]),
-                                                            np.array([b.shape])))
+        hit = (volume_index == b.volume) & boxes_overlap(offsets, patch, np.array([b.offset]),
+                                                         np.array([b.shape]))
+        keep &= ~hit
+        trained &= ~hit
     n_excluded = int((~keep).sum())
-    volume_index, offsets = volume_index[keep], offsets[keep]
-    labelled = np.zeros(len(offsets), dtype=bool)
+    members = keep | trained
+    volume_index, offsets = volume_index[members], offsets[members]
+    labelled = trained[members]
     if exact:
         volume_index = np.concatenate([volume_index, [b.volume for b in exact]]).astype(np.int64)
         offsets = np.concatenate([offsets, np.array([b.offset for b in exact], dtype=np.int64)])
@@ -952,9 +960,12 @@ def select(
 
     Uncertainty strategies take the highest scores (ties: lower index); random takes a uniform
     random order; k-means clusters the free candidates' embeddings; core-set (k-center greedy)
-    and hybrid treat the labelled candidates as existing centres. When candidates can overlap
-    (random positions), uncertainty and random selection skip a candidate that overlaps an
-    earlier pick, so fewer than ``n`` may come back from a crowded pool.
+    and hybrid treat the labelled candidates (earlier queries and the candidates touching
+    training labels) as existing centres. When candidates can overlap (random positions, or a
+    stride below the patch), every strategy skips a candidate that overlaps an earlier pick
+    (core-set and hybrid rule the overlapping candidates out as they go; k-means serves each
+    cluster by its nearest member that does not overlap an earlier pick), so fewer than ``n``
+    may come back from a crowded pool.
 
     Parameters
     ----------
@@ -1000,16 +1011,37 @@ def select(
         return _take_non_overlapping(pool, order, n)
     lab = pool.labelled_indices()
     emb = torch.from_numpy(scores.embeddings)
+    params = inspect.signature(strat.select_fn).parameters
+    conflicts = _overlap_conflicts(pool) if pool.may_overlap and "conflicts" in params else None
     if strat.kind == "hybrid":
         s = torch.from_numpy(np.nan_to_num(scores.scores, nan=-np.inf))
-        picks = strat.select_fn(s, emb, n, labeled_idx=lab)
+        picks = strat.select_fn(s, emb, n, labeled_idx=lab, **({"conflicts": conflicts} if conflicts else {}))
         return picks.cpu().numpy().astype(np.int64)
-    params = inspect.signature(strat.select_fn).parameters
     if "labeled_idx" in params:  # core-set: labelled candidates are existing centres
-        picks = strat.select_fn(emb, n, labeled_idx=lab, rng=gen if len(lab) == 0 else None)
+        picks = strat.select_fn(emb, n, labeled_idx=lab, rng=gen if len(lab) == 0 else None,
+                                **({"conflicts": conflicts} if conflicts else {}))
         return picks.cpu().numpy().astype(np.int64)
-    picks = strat.select_fn(emb[torch.from_numpy(free)], n, rng=gen)  # k-means over free ones
+    local = None
+    if conflicts is not None:  # k-means runs over the free candidates: map their indices
+        to_local = np.full(len(pool), -1, dtype=np.int64)
+        to_local[free] = np.arange(len(free))
+
+        def local(i: int) -> np.ndarray:
+            ruled = to_local[conflicts(int(free[i]))]
+            return ruled[ruled >= 0]
+
+    picks = strat.select_fn(emb[torch.from_numpy(free)], n, rng=gen,
+                            **({"conflicts": local} if local is not None else {}))  # k-means over free ones
     return free[picks.cpu().numpy()]
+
+
+def _overlap_conflicts(pool: CandidatePool) -> Callable[[int], np.ndarray]:
+    """``conflicts(i)``: the candidates of ``pool`` sharing a voxel with candidate ``i``."""
+
+    def conflicts(i: int) -> np.ndarray:
+        return np.flatnonzero(pool.overlapping(pool.box(int(i))))
+
+    return conflicts
 
 
 # ----------------------------------------------------------------------------- queries

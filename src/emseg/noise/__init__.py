@@ -9,6 +9,7 @@ from __future__ import annotations
 from emseg.noise.synthesis import (
     HALO_MODES,
     SKELETON_HALO_MARGIN,
+    Selection,
     block_rng,
     dilate,
     erode,
@@ -18,6 +19,7 @@ from emseg.noise.synthesis import (
     sample,
     shift,
     skeleton,
+    stream_key,
 )
 from emseg.noise.transition import (
     TransitionCounter,
@@ -25,6 +27,7 @@ from emseg.noise.transition import (
     flip_matrix,
     noise_report,
     random_label_matrix,
+    rank_statistics,
     report_from_counts,
     transition_from_counts,
     transition_matrix,
@@ -33,6 +36,7 @@ from emseg.noise.transition import (
 __all__ = [
     "HALO_MODES",
     "SKELETON_HALO_MARGIN",
+    "Selection",
     "TransitionCounter",
     "TransitionMatrix",
     "block_rng",
@@ -43,11 +47,13 @@ __all__ = [
     "noise_report",
     "random_label_matrix",
     "random_labels",
+    "rank_statistics",
     "report_from_counts",
     "required_halo",
     "sample",
     "shift",
     "skeleton",
+    "stream_key",
     "transition_from_counts",
     "transition_matrix",
 ]

@@ -14,10 +14,14 @@ disk needs: parameter checks, data-dependent parameters (number of classes,
 skeleton halo), an atomically written, chunked and compressed output carrying
 provenance attributes, and an optional streamed transition report.
 
-Random modes (``flip``, ``sample``, ``random``, ``shift``) draw from
-:func:`~emseg.noise.synthesis.block_rng` ``(seed, block.index)``: the output is
-fixed by the seed *and* the block grid (recorded in the output attributes), and
-the exact per-class counts of ``flip``/``sample`` hold per block.
+Random modes (``flip``, ``sample``, ``random``, ``shift``) draw each voxel's
+random numbers from a counter-based stream keyed by the seed and the voxel's
+coordinate in the whole volume (see :mod:`emseg.noise.synthesis`), so the output
+is fixed by the seed alone: every block grid, and the whole-array functions of
+:mod:`emseg.noise.synthesis` called with ``rng=seed``, give the same labels. The
+exact per-class counts of ``flip``/``sample`` hold for the whole volume: their
+per-class thresholds (:class:`~emseg.noise.synthesis.Selection`) come from a
+counting scan of the input (:func:`selection_for`) before the blocks run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from emseg import __version__
 from emseg.errors import InputError
 from emseg.noise.synthesis import (
+    Selection,
     _as_labels,
     _check_fraction,
     _check_int,
@@ -41,15 +46,17 @@ from emseg.noise.synthesis import (
     _check_per_section,
     _check_radius,
     _fit_dtype,
-    block_rng,
+    _flip_at,
+    _linear_index,
+    _random_at,
+    _sample_at,
+    _selection_from_chunks,
+    _shift_at,
     dilate,
     erode,
-    flip,
-    random_labels,
     required_halo,
-    sample,
-    shift,
     skeleton,
+    stream_key,
 )
 from emseg.noise.transition import TransitionCounter, flip_matrix
 
@@ -69,13 +76,17 @@ __all__ = [
     "process_block",
     "provenance",
     "resolve_params",
+    "selection_for",
 ]
 
 #: The perturbations :func:`process_block` applies.
 MODES = ("flip", "sample", "dilate", "erode", "skeleton", "random", "shift")
 
-#: Modes drawing random numbers (from ``block_rng(seed, block.index)``).
+#: Modes drawing random numbers (counter-based streams keyed by the seed and the voxel).
 RANDOM_MODES = ("flip", "sample", "random", "shift")
+
+#: Modes choosing an exact number of voxels per class (they need :func:`selection_for`).
+SELECTION_MODES = ("flip", "sample")
 
 # Parameters of each mode and their defaults (None: required or data-dependent).
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -503,21 +514,80 @@ def estimate_max_width(
 # --------------------------------------------------------------------------- #
 # per block
 # --------------------------------------------------------------------------- #
-def _apply(data: np.ndarray, block: Any, mode: str, params: Mapping[str, Any], seed: int) -> np.ndarray:
+def _flip_fractions(params: Mapping[str, Any]) -> list[float]:
+    """Per-class flip fractions, as :func:`~emseg.noise.synthesis.flip` derives them."""
+    k = int(params["n_classes"])
+    fractions = [0.0 if params.get("p") is None else float(params["p"])] * k
+    if params.get("p_bg") is not None:
+        fractions[0] = float(params["p_bg"])
+    if params.get("p_fg") is not None:
+        fractions[1] = float(params["p_fg"])
+    return fractions
+
+
+def _mode_fractions(mode: str, params: Mapping[str, Any]) -> float | list[float]:
+    return _flip_fractions(params) if mode == "flip" else float(params["p"])
+
+
+def selection_for(
+    source: Any,
+    mode: str,
+    params: Mapping[str, Any],
+    seed: int,
+    *,
+    block_shape: Sequence[int] | None = None,
+) -> Selection | None:
+    """Per-class thresholds of ``flip``/``sample`` over the whole of ``source`` (None otherwise).
+
+    Voxel ``v`` of class ``k`` is flipped (``flip``) or kept (``sample``) iff its selection hash
+    is among the ``m_k = round(p_k n_k)`` smallest of class ``k`` in the whole volume; this
+    function finds those thresholds with two or three scans of ``source`` (class counts, then
+    the hashes near each expected quantile; see :class:`~emseg.noise.synthesis.Selection`).
+    The result does not depend on ``block_shape``, which only bounds the memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lab = np.zeros((6, 6), dtype=np.int64); lab[:3] = 1
+    >>> sel = selection_for(lab, "flip", {"p": 0.5, "n_classes": 2}, seed=0, block_shape=(2, 2))
+    >>> sel.classes.tolist(), sel.chosen.tolist()
+    ([0, 1], [True, True])
+    """
+    from emseg.inference import plan_blocks
+
+    if mode not in SELECTION_MODES:
+        return None
+    shape = tuple(int(v) for v in source.shape)
+    blocks = plan_blocks(shape, _check_block_shape(block_shape, shape), [0] * len(shape))
+
+    def chunks():
+        for block in blocks:
+            data = np.asarray(source[block.inner])
+            origin = tuple(sl.start for sl in block.inner)
+            yield data.reshape(-1), _linear_index(data.shape, origin, shape).reshape(-1)
+
+    return _selection_from_chunks(stream_key(seed), chunks, _mode_fractions(mode, params))
+
+
+def _apply(data: np.ndarray, block: Any, mode: str, params: Mapping[str, Any], seed: int, *,
+           volume_shape: Sequence[int], selection: Selection | None = None) -> np.ndarray:
     """Noisy labels of ``block.inner`` from ``data`` = the source at ``block.outer``."""
     arr = _as_labels(data)
     core = block.inner_in_outer
-    gen = block_rng(seed, block.index) if mode in RANDOM_MODES else None
+    key = stream_key(seed) if mode in RANDOM_MODES else 0
+    where = {"origin": tuple(sl.start for sl in block.outer), "volume_shape": tuple(volume_shape)}
+    if mode in SELECTION_MODES and selection is None:
+        raise ValueError(f"{mode}: the volume's selection thresholds are missing (see selection_for)")
     if mode == "flip":
-        out = flip(arr, params["p"], n_classes=params["n_classes"], p_fg=params["p_fg"],
-                   p_bg=params["p_bg"], rng=gen)
+        out = _flip_at(arr, _flip_fractions(params), int(params["n_classes"]), key, selection=selection,
+                       **where)
     elif mode == "sample":
-        out = sample(arr, params["p"], rng=gen, unsampled=params["unsampled"])
+        out = _sample_at(arr, float(params["p"]), int(params["unsampled"]), key, selection=selection, **where)
     elif mode == "random":
         inner = arr[core]
         dtype = output_dtype(mode, params, arr.dtype)
-        out = random_labels(inner.shape, params["p"], n_classes=params["n_classes"], rng=gen,
-                            dtype=dtype)
+        out = _random_at(inner.shape, params["p"], int(params["n_classes"]), key, dtype,
+                         origin=tuple(sl.start for sl in block.inner), volume_shape=tuple(volume_shape))
         if inner.dtype.kind == "i":
             out = np.where(inner < 0, np.array(-1, dtype=dtype), out)
         return out
@@ -528,16 +598,19 @@ def _apply(data: np.ndarray, block: Any, mode: str, params: Mapping[str, Any], s
     elif mode == "skeleton":
         out = skeleton(arr, per_section=params["per_section"])
     else:
-        out = shift(arr, params["radius"], per_section=params["per_section"], rng=gen)
+        section = params["per_section"] and arr.ndim == 3
+        out = _shift_at(arr, params["radius"], section, key, **where)
     return np.ascontiguousarray(out[core]).astype(output_dtype(mode, params, arr.dtype), copy=False)
 
 
-def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any], seed: int) -> np.ndarray:
+def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any], seed: int, *,
+                  selection: Selection | None = None) -> np.ndarray:
     """Noisy labels of one block: a pure function of its arguments.
 
     Reads ``source[block.outer]``, applies ``mode`` and returns the part at
-    ``block.inner``. Random modes draw from ``block_rng(seed, block.index)``, so a
-    block's result does not depend on which other blocks ran, or in which order.
+    ``block.inner``. Random modes draw from streams keyed by ``seed`` and the global voxel
+    coordinate, so a block's result depends neither on the other blocks nor on the grid:
+    the blocks of any grid assemble the same volume.
 
     Parameters
     ----------
@@ -552,6 +625,9 @@ def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any],
         Complete parameters from :func:`resolve_params`.
     seed : int >= 0
         Run seed.
+    selection : Selection, optional
+        ``flip``/``sample``: :func:`selection_for` of the whole ``source`` (computed here when
+        omitted, a scan of the whole volume: pass it when processing many blocks).
 
     Returns
     -------
@@ -572,7 +648,10 @@ def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any],
     """
     mode = _check_mode(mode)
     _require_resolved(mode, params)
-    return _apply(np.asarray(source[block.outer]), block, mode, params, seed)
+    if selection is None:
+        selection = selection_for(source, mode, params, seed)
+    return _apply(np.asarray(source[block.outer]), block, mode, params, seed, volume_shape=source.shape,
+                  selection=selection)
 
 
 def apply_noise(
@@ -586,6 +665,7 @@ def apply_noise(
     counter: TransitionCounter | None = None,
     n_classes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    selection: Selection | None = None,
 ) -> int:
     """Run :func:`process_block` over ``blocks``, writing ``dest[block.inner]``.
 
@@ -603,6 +683,8 @@ def apply_noise(
         If given, clean labels must be below it.
     progress : callable, optional
         ``progress(done_blocks, total_blocks)`` after each block.
+    selection : Selection, optional
+        ``flip``/``sample``: :func:`selection_for` of ``source`` (computed once when omitted).
 
     Returns
     -------
@@ -622,12 +704,14 @@ def apply_noise(
     """
     mode = _check_mode(mode)
     _require_resolved(mode, params)
+    if selection is None:
+        selection = selection_for(source, mode, params, seed)
     done = 0
     for i, block in enumerate(blocks):
         data = np.asarray(source[block.outer])
         if n_classes is not None and data.size and int(data.max()) >= n_classes:
             raise ValueError(f"labels contain class {int(data.max())} but n_classes={n_classes}")
-        noisy = _apply(data, block, mode, params, seed)
+        noisy = _apply(data, block, mode, params, seed, volume_shape=source.shape, selection=selection)
         dest[block.inner] = noisy
         if counter is not None:
             counter.update(data[block.inner_in_outer], noisy)
@@ -672,7 +756,7 @@ def provenance(
 
     ``emseg_version``, ``noise_mode``, ``noise_params`` (JSON object string),
     ``noise_seed``, ``noise_source`` (the input volume), ``noise_block_shape``
-    and ``noise_halo`` (the block grid, on which the random modes depend), and
+    and ``noise_halo`` (the block grid; the output does not depend on it), and
     ``n_classes`` when the mode fixes it. Flat scalars and lists, so HDF5 and
     zarr store them alike.
 
@@ -743,6 +827,7 @@ def noise_file(
     block_shape: Sequence[int] | None = None,
     n_classes: int | None = None,
     report: bool = False,
+    rank_tol: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -767,6 +852,9 @@ def noise_file(
     report : bool
         Accumulate the clean -> noisy transition counts while writing and return
         :func:`~emseg.noise.noise_report` of the whole volume.
+    rank_tol : float, optional
+        Absolute singular-value tolerance of the report's ``rank`` (default: three sampling
+        errors derived from the counts, :func:`~emseg.noise.rank_statistics`).
     progress : callable, optional
         ``progress(done_blocks, total_blocks)``.
     scheduler : str, optional
@@ -821,6 +909,8 @@ def noise_file(
                     )
                 checked = check_params(mode, {**checked, "n_classes": n_classes})
         seed = _check_int(seed, "seed", minimum=0)
+        if rank_tol is not None and not (isinstance(rank_tol, (int, float)) and 0 <= rank_tol < float("inf")):
+            raise ValueError(f"rank tolerance must be a finite number >= 0, got {rank_tol!r}")
     except ValueError as exc:
         raise InputError(str(exc)) from None
     in_spec, out_spec = parse_spec(input_spec), parse_spec(output_spec)
@@ -848,6 +938,7 @@ def noise_file(
         try:
             blocks_shape = _check_block_shape(block_shape, source.shape)
             resolved = resolve_params(source, mode, checked, block_shape=blocks_shape)
+            selection = selection_for(source, mode, resolved, seed, block_shape=blocks_shape)
         except ValueError as exc:
             raise InputError(str(exc), source=src) from None
         halo = halo_shape(mode, resolved, source.ndim)
@@ -859,7 +950,8 @@ def noise_file(
         k_min = n_classes if n_classes is not None else resolved.get("n_classes")
         counter = TransitionCounter(k_min) if report else None
         if on_cluster:
-            job = NoiseJob(input=abs_source, mode=mode, params=dict(resolved), seed=seed, n_classes=n_classes)
+            job = NoiseJob(input=abs_source, mode=mode, params=dict(resolved), seed=seed, n_classes=n_classes,
+                           selection=selection)
             shape, dtype, seconds = _noise_resumable(
                 job, out_spec, source.shape, dtype, block_chunks(blocks_shape, dtype.itemsize), attrs, blocks,
                 scheduler=scheduler, workers=workers, retries=retries, client=client, progress=progress)
@@ -868,13 +960,14 @@ def noise_file(
             return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
                                params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
                                blocks=len(blocks), seconds=seconds,
-                               report=counter.report() if counter is not None else None, attrs=attrs)
+                               report=counter.report(tol=rank_tol) if counter is not None else None,
+                               attrs=attrs)
         start = time.perf_counter()
         dest = create_volume(out_spec, source.shape, dtype, chunks=block_chunks(blocks_shape, dtype.itemsize),
                              attrs=attrs)
         try:
             apply_noise(source, dest, mode, resolved, seed, blocks=blocks, counter=counter,
-                        n_classes=n_classes, progress=progress)
+                        n_classes=n_classes, progress=progress, selection=selection)
         except ValueError as exc:
             dest.discard()
             raise InputError(str(exc), source=src) from None
@@ -884,7 +977,7 @@ def noise_file(
         shape = source.shape
     dest.commit()
     seconds = time.perf_counter() - start
-    summary = counter.report() if counter is not None else None
+    summary = counter.report(tol=rank_tol) if counter is not None else None
     return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
                        params=resolved, seed=seed, block_shape=blocks_shape, halo=halo,
                        blocks=len(blocks), seconds=seconds, report=summary, attrs=attrs)
@@ -905,6 +998,7 @@ class NoiseJob:
     store: str = ""
     key: str = ""
     fail_blocks: tuple[int, ...] = ()
+    selection: Selection | None = None
 
 
 def noise_block_task(block: Any, job: NoiseJob) -> int:
@@ -927,9 +1021,10 @@ def noise_block_task(block: Any, job: NoiseJob) -> int:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
     with open_volume(job.input) as source:
         data = np.asarray(source[block.outer])
+        shape = tuple(source.shape)
     if job.n_classes is not None and data.size and int(data.max()) >= job.n_classes:
         raise ValueError(f"labels contain class {int(data.max())} but n_classes={job.n_classes}")
-    noisy = _apply(data, block, job.mode, job.params, job.seed)
+    noisy = _apply(data, block, job.mode, job.params, job.seed, volume_shape=shape, selection=job.selection)
     dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
     dest[block.inner] = noisy
     return int(block.index)
@@ -995,7 +1090,7 @@ def _noise_partial(job, out_spec, shape, dtype, chunks, attrs, blocks, store, ke
                           compressors=_zarr_compressors(np.dtype(dtype)), fill_value=0,
                           attributes=dict(attrs, **{RESUME_ATTR: params}))
     job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, str(store), key,
-                   injected_failures())
+                   injected_failures(), job.selection)
     markers = DoneMarkers(partial / DONE_DIR)
     state = {"done": len(markers.done() & {b.index for b in blocks})}
     if progress is not None:

@@ -98,7 +98,7 @@ class IGTTConfig:
     ems : bool
         Pass the chosen mask through the EMS module; ``False`` trains on the mask itself.
     shift_radius : int
-        EMS: maximum displacement (voxels, per in-plane axis) of each skeleton voxel.
+        EMS: radius (voxels) of the in-plane disc each skeleton voxel is moved within.
     sample_fraction : float
         EMS: fraction of each class (skeleton foreground and background) kept; the rest is -1
         (ignored by the loss).
@@ -246,10 +246,11 @@ def dmi_per_threshold(prob: Any, thresholds: Any, *, eps: float = _DEFAULT_EPS) 
     the value for one threshold is
 
     .. math:: L = -\log\left(\left|\det\left(\tfrac{1}{N}\mathcal P \mathcal S^\top\right)\right|
-              + \epsilon\right),
+              + \frac{\epsilon}{N^2}\right),
 
-    exactly what :func:`emseg.losses.dmi_loss` returns for ``(P, S_k)``. The ``1/N`` scaling and
-    ``eps`` do not change which threshold minimises it. All thresholds are evaluated from one sort
+    exactly what :func:`emseg.losses.dmi_loss` returns for ``(P, S_k)`` (``eps`` belongs to the
+    unnormalised matrix, as in Xu et al.). The ``1/N`` scaling does not change which threshold
+    minimises it. All thresholds are evaluated from one sort
     of ``P`` (``O(N log N + K)``) instead of ``K`` passes.
 
     Parameters
@@ -289,7 +290,7 @@ def dmi_per_threshold(prob: Any, thresholds: Any, *, eps: float = _DEFAULT_EPS) 
     u00 = (n - n1 - (total - a)) / n  # (1 - p) * (1 - s)
     det = u11 * u00 - u10 * u01
     with np.errstate(divide="ignore"):  # eps = 0 and det = 0 give +inf
-        return -np.log(np.abs(det) + eps)
+        return -np.log(np.abs(det) + eps / max(n, 1) ** 2)
 
 
 def invert_if_large(mask: Any, *, enabled: bool = True) -> tuple[np.ndarray, bool]:
@@ -397,8 +398,8 @@ def ems(mask: Any, *, radius: int, fraction: float, per_section: bool = True, rn
     """Extraction of meta-structures: skeleton, random shift within ``radius``, random sampling.
 
     The skeleton of the mask (:func:`emseg.noise.skeleton`) keeps the topology of the objects;
-    every skeleton voxel is then moved by an independent offset in ``[-radius, radius]`` per axis
-    (:func:`emseg.noise.shift`), and exactly ``round(fraction * n_k)`` voxels of each class
+    every skeleton voxel is then moved by an independent offset drawn from the integer points of
+    the disc of ``radius`` (:func:`emseg.noise.shift`; voxels leaving the image are dropped), and exactly ``round(fraction * n_k)`` voxels of each class
     (shifted skeleton and background) are kept, the rest becoming ``-1``
     (:func:`emseg.noise.sample`), so that voxels the shift moved off the structure weigh less.
 

@@ -33,18 +33,24 @@ processed, and cropped back to its core.
   With ``per_section=True`` no halo is needed along z.
 * ``skeleton`` is a global thinning and is not exactly blockwise-safe; see
   :func:`required_halo` for the recommended halo.
-* The random modes (``flip``, ``sample``, ``random``, ``shift``) are made
-  reproducible by deriving one random stream per block from ``(seed, block
-  index)`` with :func:`block_rng`. The result then depends on the seed *and* the
-  block grid: exact per-class counts of ``flip``/``sample`` hold per block (the
-  whole-volume count may differ from ``round(p * n_k)`` by the per-block rounding),
-  and ``shift`` (halo ``radius``) moves the halo voxels with the block's own stream.
+* The random modes (``flip``, ``sample``, ``random``, ``shift``) draw every
+  voxel's random numbers from a counter-based stream: a 64-bit hash of the key
+  (:func:`stream_key` of ``rng``), a stream id and the voxel's linear index in the
+  *whole* volume (two splitmix64 rounds, a bijection of the index). A voxel's
+  numbers therefore do not depend on the block it is processed in, and a block
+  processed with the same key (``shift``: with a halo of ``radius``) gives exactly
+  the whole-volume result, for every block grid. The exact per-class counts of
+  ``flip``/``sample`` are kept for the whole volume: the ``m_k = round(p * n_k)``
+  voxels of class ``k`` with the smallest hashes are chosen, and the threshold
+  (the ``m_k``-th smallest hash, :class:`Selection`) is found by one counting scan
+  of the volume before the blocks are processed (:mod:`emseg.noise.blockwise`).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
@@ -54,6 +60,7 @@ from numpy.typing import ArrayLike, DTypeLike
 __all__ = [
     "HALO_MODES",
     "SKELETON_HALO_MARGIN",
+    "Selection",
     "block_rng",
     "dilate",
     "erode",
@@ -63,6 +70,7 @@ __all__ = [
     "sample",
     "shift",
     "skeleton",
+    "stream_key",
 ]
 
 #: Modes understood by :func:`required_halo`.
@@ -153,52 +161,268 @@ def _present_classes(flat: np.ndarray, top: int) -> list[int]:
     return np.flatnonzero(np.bincount(valid.astype(np.intp, copy=False))).tolist()
 
 
-def _exact_selection(
-    gen: np.random.Generator, flat: np.ndarray, fractions: Sequence[float], classes: Sequence[int]
-) -> np.ndarray:
-    """Boolean mask choosing exactly ``round(fractions[k] * n_k)`` voxels of each class.
-
-    For each class the chosen set is uniform over all subsets of that size: a
-    Bernoulli draft (one float32 uniform per voxel against the class fraction) is
-    uniform given its size, and uniformly dropping surplus members, or adding
-    missing ones from the rest of the class, keeps it uniform. ``classes`` must
-    list every class present; ignore voxels are never chosen.
-    """
-    if flat.dtype.kind == "b":
-        flat = flat.view(np.uint8)
-    u = gen.random(flat.shape, dtype=np.float32)
-    rates = {k: np.float32(fractions[k]) for k in classes}
-    uniform = len(set(rates.values())) <= 1
-    if uniform and rates:
-        sel = u < next(iter(rates.values()))
-        if flat.dtype.kind == "i":
-            sel &= flat >= 0
-    else:
-        sel = np.zeros(flat.shape, dtype=bool)
-    for k in classes:
-        in_class = flat == k
-        n_k = int(np.count_nonzero(in_class))
-        if n_k == 0:
-            continue
-        m = _round_count(fractions[k], n_k)
-        drafted = (sel if uniform else u < rates[k]) & in_class
-        c = int(np.count_nonzero(drafted))
-        # corrections go straight into ``sel`` when it already holds the draft
-        target = sel if uniform else drafted
-        if c > m:
-            idx = np.flatnonzero(drafted)
-            target[idx[gen.choice(c, c - m, replace=False, shuffle=False)]] = False
-        elif c < m:
-            idx = np.flatnonzero(in_class & ~drafted)
-            target[idx[gen.choice(idx.size, m - c, replace=False, shuffle=False)]] = True
-        if not uniform:
-            sel |= drafted
-    return sel
-
-
 def _round_count(p: float, n: int) -> int:
     """``round(p * n)`` (halves to even, as Python's :func:`round`)."""
     return int(round(p * n))
+
+
+# --------------------------------------------------------------------------- #
+# counter-based random streams keyed by the global voxel coordinate
+# --------------------------------------------------------------------------- #
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64 increment (odd)
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+# Stream ids: the numbers a voxel draws for different purposes are independent.
+_STREAM_SELECT = 1  # flip / sample: which voxels are chosen
+_STREAM_CLASS = 2  # flip with K > 2: the new class
+_STREAM_RANDOM = 3  # random labels
+_STREAM_SHIFT = 4  # shift: the offset of a foreground voxel
+
+
+def _mix64_int(z: int) -> int:
+    """splitmix64 finaliser on a Python int (a bijection of ``[0, 2**64)``)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array, in place (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MIX2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def stream_key(rng: Any = None) -> int:
+    """The 64-bit key of the counter-based streams of :func:`flip`, :func:`sample`,
+    :func:`random_labels` and :func:`shift`.
+
+    The key is one 64-bit draw of ``numpy.random.default_rng(rng)``: a
+    :class:`numpy.random.Generator` is advanced by that draw, an int seed ``s`` gives the key
+    of ``default_rng(s)`` (so ``rng=s`` and ``rng=default_rng(s)`` agree), and ``None`` a
+    fresh key from the operating system's entropy.
+
+    Examples
+    --------
+    >>> stream_key(7) == stream_key(np.random.default_rng(7)), stream_key(7) == stream_key(8)
+    (True, False)
+    """
+    if not isinstance(rng, (np.random.Generator, np.random.SeedSequence, type(None))):
+        _check_int(rng, "rng seed", minimum=0)
+    return int(np.random.default_rng(rng).integers(0, 1 << 64, dtype=np.uint64))
+
+
+def _linear_index(shape: Sequence[int], origin: Sequence[int], volume_shape: Sequence[int]) -> np.ndarray:
+    """uint64 C-order index in ``volume_shape`` of every voxel of the box ``origin + shape``."""
+    out = np.zeros((), dtype=np.uint64)
+    stride = 1
+    parts = []
+    for n, o, total in zip(reversed(tuple(shape)), reversed(tuple(origin)), reversed(tuple(volume_shape))):
+        parts.append((np.arange(int(o), int(o) + int(n), dtype=np.uint64) * np.uint64(stride)))
+        stride *= int(total)
+    for axis, part in enumerate(reversed(parts)):
+        view = [1] * len(parts)
+        view[axis] = part.size
+        out = out + part.reshape(view)
+    return np.broadcast_to(out, tuple(int(n) for n in shape)).copy()
+
+
+def _voxel_hash(key: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """64-bit hash of voxel indices under ``(key, stream)``: for fixed key and stream it is a
+    bijection of the index (two splitmix64 rounds), so distinct voxels never tie."""
+    k1 = _mix64_int(key ^ ((stream * _GAMMA) & _MASK64))
+    k2 = _mix64_int(k1 + _GAMMA)
+    z = np.asarray(index, dtype=np.uint64) ^ np.uint64(k1)
+    z = _mix64(z)
+    z += np.uint64(k2)
+    return _mix64(z)
+
+
+def _unit(h: np.ndarray) -> np.ndarray:
+    """Uniform float64 in [0, 1) from 64-bit hashes (their top 53 bits)."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _fraction_table(fractions: float | Sequence[float], classes: np.ndarray) -> np.ndarray:
+    """Fraction of each class: one number for all, or a sequence indexed by class (0 beyond)."""
+    if isinstance(fractions, Real):
+        return np.full(classes.shape, float(fractions))
+    fr = np.asarray(fractions, dtype=np.float64)
+    out = np.zeros(classes.shape)
+    inside = classes < fr.size
+    out[inside] = fr[classes[inside]]
+    return out
+
+
+def _class_counts(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted classes >= 0 present in ``flat`` and their voxel counts."""
+    valid = flat[flat >= 0] if flat.dtype.kind == "i" else flat
+    if valid.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    top = int(valid.max())
+    if top < 1 << 20:
+        counts = np.bincount(valid.astype(np.intp, copy=False), minlength=top + 1)
+        classes = np.flatnonzero(counts)
+        return classes.astype(np.int64), counts[classes].astype(np.int64)
+    classes, counts = np.unique(valid, return_counts=True)
+    return classes.astype(np.int64), counts.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Per-class thresholds of an exact-count random selection (``flip``, ``sample``).
+
+    Voxel ``v`` of class ``k`` is chosen iff ``hash(v) <= threshold[k]``, where the hash is the
+    selection stream keyed by the global coordinate of ``v``; ``threshold[k]`` is the
+    ``m_k``-th smallest hash of class ``k`` with ``m_k = round(fraction_k * n_k)`` over the
+    whole volume (``chosen[k]`` is False when ``m_k = 0``). Because the hash is a bijection of
+    the voxel index, exactly ``m_k`` voxels are chosen, every subset of that size being
+    equally likely, and any block can apply the rule on its own.
+    """
+
+    key: int
+    classes: np.ndarray  # sorted int64
+    thresholds: np.ndarray  # uint64
+    chosen: np.ndarray  # bool: m_k > 0
+
+    def apply(self, flat: np.ndarray, index: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask of the chosen voxels among ``flat`` (labels) at ``index`` (global);
+        ``h`` may pass the selection hashes of ``index`` when already computed."""
+        sel = np.zeros(flat.shape, dtype=bool)
+        if self.classes.size == 0 or flat.size == 0:
+            return sel
+        if h is None:
+            h = _voxel_hash(self.key, _STREAM_SELECT, index)
+        top = int(self.classes[-1])
+        if top < 1 << 16:  # few class ids: direct lookup tables
+            thr = np.zeros(top + 2, dtype=np.uint64)
+            use = np.zeros(top + 2, dtype=bool)
+            thr[self.classes] = self.thresholds
+            use[self.classes] = self.chosen
+            pos = flat.astype(np.intp, copy=False)
+            if flat.dtype.kind == "i":
+                pos = np.where((pos < 0) | (pos > top), top + 1, pos)
+            else:
+                pos = np.minimum(pos, top + 1)
+            return use[pos] & (h <= thr[pos])
+        vals = flat.astype(np.int64, copy=False)
+        pos = np.searchsorted(self.classes, vals)
+        pos = np.minimum(pos, self.classes.size - 1)
+        known = (self.classes[pos] == vals) & self.chosen[pos]
+        sel[known] = h[known] <= self.thresholds[pos[known]]
+        return sel
+
+
+def _round_counts(fractions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.array([_round_count(float(f), int(n)) for f, n in zip(fractions, counts)], dtype=np.int64)
+
+
+def _selection_in_memory(key: int, flat: np.ndarray, index: np.ndarray, fractions: Sequence[float], *,
+                         h: np.ndarray | None = None) -> Selection:
+    """:class:`Selection` of one in-memory array (exact ``m_k``-th smallest hash per class)."""
+    classes, counts = _class_counts(flat)
+    m = _round_counts(_fraction_table(fractions, classes), counts)
+    thresholds = np.zeros(classes.size, dtype=np.uint64)
+    h = _voxel_hash(key, _STREAM_SELECT, index) if h is None else h
+    todo = np.flatnonzero(m > 0)
+    if todo.size and todo.size <= 64:
+        for i in todo:
+            hk = h[flat == classes[i]]
+            thresholds[i] = np.partition(hk, m[i] - 1)[m[i] - 1]
+    elif todo.size:
+        valid = flat >= 0 if flat.dtype.kind == "i" else np.ones(flat.shape, bool)
+        lab, hv = flat[valid].astype(np.int64), h[valid]
+        order = np.lexsort((hv, lab))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        thresholds[todo] = hv[order[starts[todo] + m[todo] - 1]]
+    thresholds[(m == counts) & (m > 0)] = np.uint64(_MASK64)  # the whole class: same as from chunks
+    return Selection(key, classes, thresholds, m > 0)
+
+
+def _selection_from_chunks(key: int, chunks: Any, fractions: Sequence[float], *, sigmas: float = 8.0) -> Selection:
+    """:class:`Selection` of a volume read in chunks, equal to :func:`_selection_in_memory` of the
+    whole volume.
+
+    ``chunks()`` yields ``(flat labels, flat global index)`` pairs covering every voxel once.
+    Pass 1 counts each class; pass 2 counts, per class, the hashes below a window around the
+    expected quantile ``m_k / n_k`` (``sigmas`` binomial standard deviations wide) and keeps
+    those inside it, so the ``m_k``-th smallest is found by sorting a few ``sqrt(n_k)``
+    values. A window that misses (probability far below ``1e-9`` at 8 sigma) is widened and
+    the pass repeated for its classes.
+    """
+    classes = np.zeros(0, np.int64)
+    counts = np.zeros(0, np.int64)
+    for flat, _ in chunks():
+        c, n = _class_counts(flat)
+        merged = np.union1d(classes, c)
+        total = np.zeros(merged.size, np.int64)
+        total[np.searchsorted(merged, classes)] += counts
+        total[np.searchsorted(merged, c)] += n
+        classes, counts = merged, total
+    m = _round_counts(_fraction_table(fractions, classes), counts)
+    thresholds = np.zeros(classes.size, dtype=np.uint64)
+    full = (m == counts) & (m > 0)
+    thresholds[full] = np.uint64(_MASK64)
+    todo = np.flatnonzero((m > 0) & ~full)
+    width = sigmas
+    while todo.size:
+        q = m[todo] / counts[todo]
+        half = width * np.sqrt(q * (1 - q) / counts[todo]) + 4.0 / counts[todo]
+        lo_f, hi_f = q - half, q + half
+        lo64 = np.array([min(int(max(v, 0.0) * 2.0**64), _MASK64) for v in lo_f], dtype=np.uint64)
+        hi64 = np.array([min(int(min(v, 1.0) * 2.0**64), _MASK64) for v in hi_f], dtype=np.uint64)
+        hi_open = hi_f >= 1.0
+        below = np.zeros(todo.size, np.int64)
+        inside: list[list[np.ndarray]] = [[] for _ in todo]
+        cls = classes[todo]
+        for flat, index in chunks():
+            vals = flat.astype(np.int64, copy=False)
+            pos = np.minimum(np.searchsorted(cls, vals), cls.size - 1)
+            hit = cls[pos] == vals
+            if not hit.any():
+                continue
+            pos = pos[hit]
+            h = _voxel_hash(key, _STREAM_SELECT, index[hit])
+            is_below = h < lo64[pos]
+            below += np.bincount(pos[is_below], minlength=todo.size)
+            win = ~is_below & ((h < hi64[pos]) | hi_open[pos])
+            if win.any():
+                wp, wh = pos[win], h[win]
+                order = np.argsort(wp, kind="stable")
+                wp, wh = wp[order], wh[order]
+                cuts = np.flatnonzero(np.diff(wp)) + 1
+                for part_p, part_h in zip(np.split(wp, cuts), np.split(wh, cuts)):
+                    inside[int(part_p[0])].append(part_h)
+        missed = []
+        for j, i in enumerate(todo):
+            rank = int(m[i] - below[j])
+            values = np.sort(np.concatenate(inside[j])) if inside[j] else np.zeros(0, np.uint64)
+            if 1 <= rank <= values.size:
+                thresholds[i] = values[rank - 1]
+            else:
+                missed.append(i)
+        if missed and width > 1e9:  # the window covers [0, 1]: cannot miss
+            raise RuntimeError("selection thresholds not found: the chunks changed between passes")
+        todo = np.asarray(missed, dtype=np.int64)
+        width = max(4 * width, 4.0)
+    return Selection(key, classes, thresholds, m > 0)
+
+
+def _disc_offsets(radius: int, ndim: int, in_plane: bool) -> np.ndarray:
+    """Integer offsets ``d`` with ``|d| <= radius``: a disc (2D or in-plane) or a ball (3D), as
+    ``(M, ndim)`` int64 in C order of the offsets."""
+    dims = 2 if (in_plane or ndim == 2) else 3
+    grid = np.stack(np.meshgrid(*([np.arange(-radius, radius + 1)] * dims), indexing="ij"), -1).reshape(-1, dims)
+    disc = grid[(grid ** 2).sum(1) <= radius * radius]
+    if dims < ndim:
+        disc = np.concatenate([np.zeros((len(disc), ndim - dims), np.int64), disc], axis=1)
+    return disc.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- #
@@ -274,18 +498,30 @@ def flip(
             fractions[0] = _check_fraction(p_bg, "p_bg")
         if p_fg is not None:
             fractions[1] = _check_fraction(p_fg, "p_fg")
-    gen = np.random.default_rng(rng)
+    return _flip_at(arr, fractions, k_total, stream_key(rng))
 
+
+def _flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int, *,
+             origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None,
+             selection: Selection | None = None) -> np.ndarray:
+    """:func:`flip` of the box ``arr`` at ``origin`` of a volume of ``volume_shape`` (default: the
+    whole array), with the volume's ``selection`` (default: computed from ``arr``)."""
+    origin = (0,) * arr.ndim if origin is None else origin
+    volume_shape = arr.shape if volume_shape is None else volume_shape
     out = arr.astype(_fit_dtype(arr.dtype, 0, k_total - 1), copy=True)
     flat_out = out.reshape(-1)
     flat_in = arr.reshape(-1)
-    classes = _present_classes(flat_in, _max_label(arr))
-    chosen = _exact_selection(gen, flat_in, fractions, classes)
+    index = _linear_index(arr.shape, origin, volume_shape).reshape(-1)
+    h = _voxel_hash(key, _STREAM_SELECT, index)
+    if selection is None:
+        selection = _selection_in_memory(key, flat_in, index, fractions, h=h)
+    chosen = selection.apply(flat_in, index, h)
     if k_total == 2:  # the only other class: 0 <-> 1
         flat_out ^= chosen.view(np.uint8).astype(flat_out.dtype, copy=False)
         return out
     where = np.flatnonzero(chosen)
-    offsets = gen.integers(1, k_total, size=where.size, dtype=np.int64)
+    u = _unit(_voxel_hash(key, _STREAM_CLASS, index[where]))
+    offsets = np.minimum(1 + np.floor(u * (k_total - 1)).astype(np.int64), k_total - 1)
     flat_out[where] = (flat_out[where].astype(np.int64) + offsets) % k_total
     return out
 
@@ -333,11 +569,21 @@ def sample(
     frac = _check_fraction(p, "p")
     if isinstance(unsampled, (bool, np.bool_)) or unsampled not in (-1, 0):
         raise ValueError(f"unsampled must be -1 (ignore) or 0 (background), got {unsampled!r}")
-    gen = np.random.default_rng(rng)
+    return _sample_at(arr, frac, int(unsampled), stream_key(rng))
 
+
+def _sample_at(arr: np.ndarray, frac: float, unsampled: int, key: int, *,
+               origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None,
+               selection: Selection | None = None) -> np.ndarray:
+    """:func:`sample` of the box ``arr`` at ``origin`` of a volume (as :func:`_flip_at`)."""
+    origin = (0,) * arr.ndim if origin is None else origin
+    volume_shape = arr.shape if volume_shape is None else volume_shape
     flat_in = arr.reshape(-1)
-    classes = _present_classes(flat_in, _max_label(arr))
-    keep = _exact_selection(gen, flat_in, [frac] * (max(classes, default=0) + 1), classes)
+    index = _linear_index(arr.shape, origin, volume_shape).reshape(-1)
+    h = _voxel_hash(key, _STREAM_SELECT, index)
+    if selection is None:
+        selection = _selection_in_memory(key, flat_in, index, frac, h=h)
+    keep = selection.apply(flat_in, index, h)
     if arr.dtype.kind == "i":
         keep |= flat_in < 0
     out_dtype = _fit_dtype(arr.dtype, int(unsampled), 0)
@@ -597,8 +843,16 @@ def random_labels(
     out_dtype = np.dtype(dtype)
     if out_dtype.kind not in "iu" or np.iinfo(out_dtype).max < k_total - 1:
         raise ValueError(f"dtype {out_dtype} cannot hold labels 0..{k_total - 1}")
-    gen = np.random.default_rng(rng)
-    u = gen.random(dims)
+    return _random_at(dims, frac, k_total, stream_key(rng), out_dtype)
+
+
+def _random_at(dims: Sequence[int], frac: float, k_total: int, key: int, out_dtype: np.dtype, *,
+               origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None) -> np.ndarray:
+    """:func:`random_labels` of the box ``dims`` at ``origin`` of a volume of ``volume_shape``."""
+    dims = tuple(int(d) for d in dims)
+    origin = (0,) * len(dims) if origin is None else origin
+    volume_shape = dims if volume_shape is None else volume_shape
+    u = _unit(_voxel_hash(key, _STREAM_RANDOM, _linear_index(dims, origin, volume_shape)))
     if k_total == 2 or frac == 0.0:
         return (u < frac).astype(out_dtype)
     # given u < p, u / p is uniform on [0, 1): reuse it to pick the class
@@ -616,22 +870,23 @@ def shift(
     per_section: bool = False,
     rng: Any = None,
 ) -> np.ndarray:
-    """Randomly displace every foreground voxel (the EMS shift of iGTT).
+    """Randomly displace every foreground voxel within a radius (the EMS shift of iGTT).
 
-    Each foreground voxel (label >= 1) moves by an independent offset drawn
-    uniformly from the integers ``[-radius, radius]`` along each axis, clipped to
-    the volume; the result is background except where voxels land.
+    Each foreground voxel (label >= 1) moves by an independent offset drawn uniformly from
+    the integer points ``d`` of the disc (2D, or in-plane for ``per_section``) or ball (3D)
+    ``|d| <= radius``; a voxel moved out of the image is dropped (not clipped to the border,
+    which would pile voxels up there). The result is background except where voxels land.
 
     Parameters
     ----------
     labels : array_like of int, 2D or 3D
         Labels, typically a skeleton (0 background, -1 ignore).
     radius : int >= 0
-        Maximum displacement per axis; 0 returns a copy.
+        Shift radius (Euclidean, voxels); 0 returns a copy.
     per_section : bool
         For 3D input, shift in-plane only (z offset 0). No effect on 2D.
     rng : numpy.random.Generator or int, optional
-        Random source.
+        Random source (see :func:`stream_key`).
 
     Returns
     -------
@@ -640,36 +895,50 @@ def shift(
 
     Notes
     -----
-    Ignore voxels (-1) stay -1; a voxel landing on one is dropped. Where several
-    voxels land on the same place the highest class wins. Offsets are drawn per
-    axis in (z, y, x) order for the foreground voxels in C order.
+    Ignore voxels (-1) stay -1; a voxel landing on one is dropped. Where several voxels land
+    on the same place the highest class wins. The offset of a voxel is a function of the key
+    and of the voxel's coordinate only (a counter-based stream), so a block of a larger volume
+    shifted with the same key and a halo of ``radius`` gives exactly the whole-volume result.
 
     Examples
     --------
     >>> import numpy as np
     >>> lab = np.zeros((9, 9), dtype=np.int64); lab[4, 4] = 1
     >>> ys, xs = np.nonzero(shift(lab, 2, rng=0))
-    >>> bool(abs(ys[0] - 4) <= 2 and abs(xs[0] - 4) <= 2)
+    >>> bool((ys[0] - 4) ** 2 + (xs[0] - 4) ** 2 <= 4)
     True
     """
     arr = _as_labels(labels)
     r = _check_radius(radius)
     section = _check_per_section(per_section) and arr.ndim == 3
-    gen = np.random.default_rng(rng)
+    key = stream_key(rng)
     if r == 0:
         return arr.copy()
+    return _shift_at(arr, r, section, key)
+
+
+def _shift_at(arr: np.ndarray, r: int, section: bool, key: int, *,
+              origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None) -> np.ndarray:
+    """:func:`shift` of the box ``arr`` at ``origin`` of a volume of ``volume_shape``; voxels that
+    leave ``arr`` are dropped (exact inside a block read with a halo of ``r``)."""
+    if r == 0:
+        return arr.copy()
+    origin = (0,) * arr.ndim if origin is None else origin
+    volume_shape = arr.shape if volume_shape is None else volume_shape
     flat_in = arr.reshape(-1)
     ignore = flat_in < 0 if arr.dtype.kind == "i" else np.zeros(flat_in.shape, bool)
     out = np.where(ignore, flat_in, np.zeros((), dtype=arr.dtype))
     src = np.flatnonzero(flat_in > 0)
-    coords = list(np.unravel_index(src, arr.shape))
-    for axis, n in enumerate(arr.shape):
-        if section and axis == 0:
-            continue
-        moved = coords[axis] + gen.integers(-r, r + 1, size=src.size)
-        coords[axis] = np.clip(moved, 0, n - 1)
-    dst = np.ravel_multi_index(tuple(coords), arr.shape)
-    values = flat_in[src]
+    if src.size == 0:
+        return out.reshape(arr.shape)
+    index = _linear_index(arr.shape, origin, volume_shape).reshape(-1)[src]
+    table = _disc_offsets(r, arr.ndim, section)
+    pick = np.minimum((_unit(_voxel_hash(key, _STREAM_SHIFT, index)) * len(table)).astype(np.int64),
+                      len(table) - 1)
+    coords = np.stack(np.unravel_index(src, arr.shape), axis=1) + table[pick]
+    inside = np.all((coords >= 0) & (coords < np.asarray(arr.shape)), axis=1)
+    dst = np.ravel_multi_index(tuple(coords[inside].T), arr.shape)
+    values = flat_in[src[inside]]
     keep = ~ignore[dst]
     dst, values = dst[keep], values[keep]
     if values.size and values.min() == values.max():

@@ -6,6 +6,10 @@ of semantic classes that survive in noisy labels equals ``rank(Q)``: randomised
 clean labels (RCL) keep a full-rank ``Q``, while random labels (RL) have identical
 rows and rank 1.
 
+An empirical ``Q`` is almost never exactly rank-deficient, so the rank is taken with a
+statistical tolerance (:func:`rank_statistics`): a singular value below a few times its
+sampling error counts as zero.
+
 :func:`transition_matrix` estimates ``Q`` from a clean / noisy pair;
 :func:`transition_from_counts` and :func:`report_from_counts` build the same results from
 joint voxel counts, which :class:`TransitionCounter` accumulates block by block for
@@ -15,7 +19,7 @@ of the synthesis processes in :mod:`emseg.noise.synthesis`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
@@ -30,6 +34,7 @@ __all__ = [
     "flip_matrix",
     "noise_report",
     "random_label_matrix",
+    "rank_statistics",
     "report_from_counts",
     "transition_from_counts",
     "transition_matrix",
@@ -49,12 +54,25 @@ class TransitionMatrix:
     counts : numpy.ndarray, shape (K, K), int64
         Voxel counts behind ``matrix`` (voxels ignored in either array excluded).
     rank : int
-        ``numpy.linalg.matrix_rank(matrix, tol)``.
+        Singular values of the rows of present classes above ``tol`` (:func:`rank_statistics`).
+    singular_values : numpy.ndarray
+        Singular values of ``matrix`` restricted to the rows of classes present in ``clean``,
+        descending.
+    tol : float
+        The tolerance used: the one given, or ``RANK_SIGMAS * sampling_error``.
+    sampling_error : float
+        Standard error of the singular values (see :func:`rank_statistics`).
+    classes : tuple of int
+        The clean classes whose rows enter the rank.
     """
 
     matrix: np.ndarray
     counts: np.ndarray
     rank: int
+    singular_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tol: float = 0.0
+    sampling_error: float = 0.0
+    classes: tuple[int, ...] = ()
 
     @property
     def n_classes(self) -> int:
@@ -62,13 +80,89 @@ class TransitionMatrix:
         return int(self.matrix.shape[0])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form: ``{"n_classes", "matrix", "counts", "rank"}``."""
+        """JSON-able form: ``n_classes``, ``matrix``, ``counts``, ``rank``, ``singular_values``,
+        ``rank_tol``, ``rank_sampling_error``, ``rank_classes``."""
         return {
             "n_classes": self.n_classes,
             "matrix": self.matrix.tolist(),
             "counts": self.counts.tolist(),
             "rank": int(self.rank),
+            "singular_values": [float(v) for v in self.singular_values],
+            "rank_tol": float(self.tol),
+            "rank_sampling_error": float(self.sampling_error),
+            "rank_classes": [int(c) for c in self.classes],
         }
+
+
+#: Default rank tolerance in sampling errors (see :func:`rank_statistics`).
+RANK_SIGMAS = 3.0
+
+
+def rank_statistics(counts: ArrayLike, *, tol: float | None = None, sigmas: float = RANK_SIGMAS) -> dict[str, Any]:
+    r"""Rank of the transition matrix with a tolerance derived from the counts.
+
+    Rows of clean classes with no voxel labelled in both arrays carry no estimate and are
+    skipped (an absent class would otherwise lower the rank for reasons unrelated to noise).
+    For the remaining rows, ``Q̂[i] = C[i] / n_i`` is the mean of ``n_i`` one-hot vectors, a
+    multinomial proportion with :math:`\operatorname{Var} \hat Q_{ij} = Q_{ij}(1 - Q_{ij}) / n_i`.
+    The perturbation :math:`E = \hat Q - Q` therefore has
+
+    .. math:: \mathbb E \|E\|_F^2 = \sum_i \frac{1 - \sum_j Q_{ij}^2}{n_i} =: s^2,
+
+    and by Weyl's inequality every singular value moves by at most
+    :math:`\|E\|_2 \le \|E\|_F`: a singular value of :math:`\hat Q` below a few times ``s``
+    is compatible with a zero singular value of ``Q``. ``s`` is evaluated with ``Q̂`` for
+    ``Q`` (``sampling_error``), and singular values at or below ``tol = sigmas * s`` count as
+    zero (the first is never: rows summing to 1 give :math:`\sigma_1 \ge 1/\sqrt K`, so
+    the rank is at least 1 when any row is present). With the default 3 sigmas a rank-deficient ``Q`` is reported full with probability
+    well below 1 % (``||E||_F^2`` is a weighted sum of chi-squares with mean ``s^2``), while a
+    singular value of ``Q`` above ``3 s`` plus the noise, i.e. of order ``1/sqrt(n)``, is kept.
+    The exact-count selections of :func:`~emseg.noise.flip` vary less than multinomial
+    draws, so ``s`` is conservative there.
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (K, K)
+        Joint counts ``counts[clean, noisy]``.
+    tol : float, optional
+        Absolute singular-value threshold instead of ``sigmas * s``.
+    sigmas : float
+        Multiple of the sampling error used when ``tol`` is not given.
+
+    Returns
+    -------
+    dict
+        ``rank``, ``singular_values`` (descending, present rows only), ``tol``,
+        ``sampling_error`` and ``classes`` (the rows used).
+
+    Examples
+    --------
+    >>> r = rank_statistics([[900, 100], [905, 95]])   # rows equal up to noise: random labels
+    >>> r["rank"], round(r["sampling_error"], 4)
+    (1, 0.0188)
+    >>> rank_statistics([[900, 100], [100, 900]])["rank"]
+    2
+    >>> rank_statistics([[900, 100], [0, 0]])["rank"]     # class 1 absent: one row, rank 1
+    1
+    """
+    joint = _check_counts(counts)
+    _check_tol(tol)
+    rows = joint.sum(axis=1)
+    present = np.flatnonzero(rows > 0)
+    q = joint[present] / rows[present, None]
+    if present.size:
+        svals = np.linalg.svd(q, compute_uv=False)
+        error = float(np.sqrt(np.sum((1.0 - (q * q).sum(axis=1)) / rows[present])))
+    else:
+        svals, error = np.zeros(0), 0.0
+    threshold = float(sigmas) * error if tol is None else float(tol)
+    # a singular value at float round-off of zero is zero even when the counts carry no noise
+    floor = (svals[0] if svals.size else 0.0) * max(q.shape, default=1) * np.finfo(np.float64).eps
+    rank = int(np.sum(svals > max(threshold, floor)))
+    if present.size:  # rows sum to 1, so sigma_1 >= 1/sqrt(K) > 0: never noise
+        rank = max(rank, 1)
+    return {"rank": rank, "singular_values": svals, "tol": threshold, "sampling_error": error,
+            "classes": tuple(int(c) for c in present)}
 
 
 def _pair(clean: ArrayLike, noisy: ArrayLike, n_classes: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -114,11 +208,9 @@ def transition_matrix(
         Number of classes ``K``; defaults to the largest label in either array + 1
         (at least 2).
     tol : float, optional
-        Singular-value threshold for the rank, passed to
-        :func:`numpy.linalg.matrix_rank`. The default (numerical precision) gives
-        the exact rank of the empirical matrix, which sampling noise makes full
-        for almost any labels; pass a statistical tolerance (e.g. a few times
-        ``1 / sqrt(min class count)``) to test whether rows are equal up to noise.
+        Absolute singular-value threshold for the rank. By default it is derived from the
+        counts: three sampling errors of the singular values (:func:`rank_statistics`), so
+        rows equal up to sampling noise count once.
 
     Returns
     -------
@@ -175,12 +267,14 @@ def transition_from_counts(counts: ArrayLike, *, tol: float | None = None) -> Tr
     [[0.75, 0.25], [0.0, 1.0]]
     """
     joint = _check_counts(counts)
-    _check_tol(tol)
+    stats = rank_statistics(joint, tol=tol)
     matrix = _row_normalise(joint)
-    rank = int(np.linalg.matrix_rank(matrix, tol=tol))
     joint.setflags(write=False)
     matrix.setflags(write=False)
-    return TransitionMatrix(matrix=matrix, counts=joint, rank=rank)
+    svals = stats["singular_values"]
+    svals.setflags(write=False)
+    return TransitionMatrix(matrix=matrix, counts=joint, rank=stats["rank"], singular_values=svals,
+                            tol=stats["tol"], sampling_error=stats["sampling_error"], classes=stats["classes"])
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -191,6 +285,8 @@ def noise_report(
     clean: ArrayLike,
     noisy: ArrayLike,
     n_classes: int | None = None,
+    *,
+    tol: float | None = None,
 ) -> dict[str, Any]:
     """Summary of how ``noisy`` relates to ``clean``, as a JSON-able dict.
 
@@ -200,6 +296,8 @@ def noise_report(
         Clean and noisy labels (-1 = ignore).
     n_classes : int >= 2, optional
         Number of classes (default: largest label + 1, at least 2).
+    tol : float, optional
+        Absolute rank tolerance (default: from the counts, :func:`rank_statistics`).
 
     Returns
     -------
@@ -209,24 +307,25 @@ def noise_report(
         ``k`` in ``noisy`` (voxels made ignore count as not kept);
         ``labelled_fraction[k]``: fraction of clean class-``k`` voxels labelled
         (not -1) in ``noisy``; ``agreement``: fraction of voxels labelled in
-        both that agree; ``matrix``, ``counts``, ``rank`` as in
-        :func:`transition_matrix`. Classes absent from ``clean`` give ``None``.
+        both that agree; ``matrix``, ``counts``, ``rank``, ``singular_values``, ``rank_tol``,
+        ``rank_sampling_error``, ``rank_classes`` as in :meth:`TransitionMatrix.to_dict`.
+        Classes absent from ``clean`` give ``None``.
 
     Examples
     --------
     >>> import numpy as np
     >>> clean = np.array([[0, 0, 1, 1]]); noisy = np.array([[0, 1, 1, -1]])
     >>> r = noise_report(clean, noisy)
-    >>> r["kept_fraction"], r["labelled_fraction"], r["rank"]
-    ([0.5, 0.5], [1.0, 0.5], 2)
+    >>> r["kept_fraction"], r["labelled_fraction"], r["rank"]   # 3 voxels: rank 1 within the noise
+    ([0.5, 0.5], [1.0, 0.5], 1)
     """
     c, n, k = _pair(clean, noisy, n_classes)
     counts = _joint_counts(c, n, k)
     clean_counts = np.bincount(c[c >= 0].astype(np.int64), minlength=k)
-    return report_from_counts(counts, clean_counts)
+    return report_from_counts(counts, clean_counts, tol=tol)
 
 
-def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike) -> dict[str, Any]:
+def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike, *, tol: float | None = None) -> dict[str, Any]:
     """:func:`noise_report` from accumulated counts.
 
     Parameters
@@ -236,6 +335,8 @@ def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike) -> dict[str, 
     clean_counts : array_like of int, shape (K,)
         Labelled voxels of each clean class, including those the noisy labels
         ignore (so ``clean_counts >= counts.sum(axis=1)``).
+    tol : float, optional
+        Absolute rank tolerance (default: from the counts, :func:`rank_statistics`).
 
     Returns
     -------
@@ -263,6 +364,7 @@ def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike) -> dict[str, 
         kept_fraction = kept / clean_counts
         labelled_fraction = labelled / clean_counts
     compared = int(counts.sum())
+    stats = rank_statistics(counts, tol=tol)
     return {
         "n_classes": k,
         "clean_counts": clean_counts.tolist(),
@@ -271,7 +373,11 @@ def report_from_counts(counts: ArrayLike, clean_counts: ArrayLike) -> dict[str, 
         "agreement": float(kept.sum() / compared) if compared else None,
         "matrix": matrix.tolist(),
         "counts": counts.tolist(),
-        "rank": int(np.linalg.matrix_rank(matrix)),
+        "rank": stats["rank"],
+        "singular_values": [float(v) for v in stats["singular_values"]],
+        "rank_tol": float(stats["tol"]),
+        "rank_sampling_error": float(stats["sampling_error"]),
+        "rank_classes": list(stats["classes"]),
     }
 
 
@@ -412,6 +518,6 @@ class TransitionCounter:
         """The :class:`TransitionMatrix` of the voxels seen so far."""
         return transition_from_counts(self.counts, tol=tol)
 
-    def report(self) -> dict[str, Any]:
+    def report(self, *, tol: float | None = None) -> dict[str, Any]:
         """The :func:`noise_report` dict of the voxels seen so far."""
-        return report_from_counts(self.counts, self.clean_counts)
+        return report_from_counts(self.counts, self.clean_counts, tol=tol)
