@@ -133,20 +133,41 @@ def test_merged_classes_give_the_union_in_target_and_atlas_mask(data_h5):
     task.close()
 
 
-def test_classes_absent_from_the_patch_are_still_sampled(tmp_path):
+@pytest.mark.parametrize("negative_prob", [0.3, 0.8])
+def test_explicit_negatives_are_sampled_at_the_set_rate(tmp_path, negative_prob):
     raw, label = cells((2, 32, 32), 4)
     label = np.where(label == 2, 0, label).astype(np.uint8)  # no class 2 anywhere in training
     araw, alabel = atlas_arrays()
     h5 = write_h5(tmp_path / "no2.h5", raw=raw, label=label, atlas_raw=araw, atlas_label=alabel)
-    config, lcs = build(h5, batch_size=50)
+    config, lcs = build(h5, batch_size=400, lcs={"negative_prob": negative_prob})
     task = LCSTask(config, lcs)
     rng = np.random.default_rng(0)
-    out = task.conditioned_batch(task.sampler.batch(50, rng, None), rng)
+    data = task.sampler.batch(400, rng, None)
+    has1 = np.array([np.any(t == 1) for t in data["target"]])
+    out = task.conditioned_batch(data, rng)
     chosen2 = out["classes"][:, 0] == 2
-    assert 10 <= chosen2.sum() <= 40  # binomial(50, 1/2): mean 25, standard deviation 3.5
+    # patches holding class 1 get the absent class 2 with probability negative_prob
+    n = int(has1.sum())
+    assert n > 300
+    assert abs(chosen2[has1].mean() - negative_prob) < 5 * np.sqrt(negative_prob * (1 - negative_prob) / n)
+    assert np.all(chosen2[~has1])  # no class present: the negative is the only choice
     assert np.all(out["target"][chosen2] == 0)  # the network is asked to output nothing
     np.testing.assert_array_equal(out["cond"][chosen2, 1], np.broadcast_to(alabel[0] == 2, (chosen2.sum(), 16, 16)))
     task.close()
+
+
+def test_draw_class_set_with_present_classes():
+    rng = np.random.default_rng(2)
+    sets = [draw_class_set([1, 2, 3, 4], rng, 0.0, present=[0, 2, 4], negative_prob=0.25) for _ in range(4000)]
+    first = np.array([s[0] for s in sets])
+    negative = np.isin(first, [1, 3]).mean()
+    assert abs(negative - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 4000)
+    # uniform within each group
+    assert abs(np.mean(first[np.isin(first, [1, 3])] == 1) - 0.5) < 0.06
+    assert abs(np.mean(first[np.isin(first, [2, 4])] == 2) - 0.5) < 0.04
+    # every class present (no negative possible) or none present
+    assert all(draw_class_set([1, 2], rng, 0.0, present=[1, 2], negative_prob=1.0)[0] in (1, 2) for _ in range(20))
+    assert {draw_class_set([1, 2], rng, 0.0, present=[0], negative_prob=0.0)[0] for _ in range(40)} == {1, 2}
 
 
 def test_merge_probability_and_distinct_classes():
@@ -177,14 +198,47 @@ def test_class_grouped_dice_loss():
         return 1 - (2 * inter + 1e-6) / ((p[idx] * keep).sum() + ((t[idx] == 1) * keep).sum() + 1e-6)
 
     expected = np.mean([pooled([0, 2]), pooled([1, 4]), pooled([3])])
-    got = conditioned_loss(logits, target, dice="class", groups=groups)
+    got = conditioned_loss(logits, target, dice="class", groups=groups, bce_weight=0.0)
     assert abs(float(got) - expected) < 1e-5
-    assert abs(float(conditioned_loss(logits, target, dice="batch")) - pooled([0, 1, 2, 3, 4])) < 1e-5
+    assert abs(float(conditioned_loss(logits, target, dice="batch", bce_weight=0.0)) - pooled([0, 1, 2, 3, 4])) < 1e-5
+    # BCE: mean over each patch's kept voxels, then over the patches
+    x = logits[:, 0].double().numpy()
+    bce = np.maximum(x, 0) - x * (t == 1) + np.log1p(np.exp(-np.abs(x)))
+    per_patch = [bce[b][t[b] >= 0].mean() for b in range(5)]
+    got = conditioned_loss(logits, target, dice="batch", bce_weight=0.5)
+    assert abs(float(got) - pooled([0, 1, 2, 3, 4]) - 0.5 * np.mean(per_patch)) < 1e-5
+    # a group with an empty target scores its mean probability (not a constant Dice)
+    empty = torch.where(groups[:, None, None] == 3, torch.zeros_like(target), target)
+    empty[3, 0, 0] = -1
+    got = conditioned_loss(logits, empty, dice="class", groups=groups, bce_weight=0.0)
+    expected = np.mean([pooled([0, 2]), pooled([1, 4]), p[3][empty[3].numpy() >= 0].mean()])
+    assert abs(float(got) - expected) < 1e-5
 
 
-def test_conditioning_selects_the_class(tmp_path, data_h5):
+@pytest.mark.parametrize("dice_mode", ["class", "batch", "sample"])
+@pytest.mark.parametrize("bce_weight", [0.0, 1.0])
+def test_loss_has_a_gradient_on_a_patch_without_the_class(dice_mode, bce_weight):
+    """The target is all 0 (the class is absent): the gradient is the analytic one, not ~0."""
+    from emseg.lcs import conditioned_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 1, 8, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    target = torch.zeros(1, 8, 8, dtype=torch.int64)
+    loss = conditioned_loss(logits.to(torch.bfloat16), target, dice=dice_mode, bce_weight=bce_weight,
+                            groups=torch.tensor([0]))
+    loss.backward()
+    p = torch.sigmoid(logits.detach().to(torch.bfloat16).float()).double()
+    n = target.numel()
+    # d mean(p) / dl = p (1 - p) / n; d mean BCE(l, 0) / dl = p / n
+    expected = p * (1 - p) / n + bce_weight * p / n
+    torch.testing.assert_close(logits.grad, expected, rtol=2e-2, atol=1e-6)
+    assert float(logits.grad.abs().min()) > 1e-4
+
+
+@pytest.mark.parametrize("conditioning", ["prototype", "atlas"])
+def test_conditioning_selects_the_class(tmp_path, data_h5, conditioning):
     """After a short training, the class-1 condition finds bright squares, class 2 the dark ones."""
-    config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2})
+    config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2}, lcs={"conditioning": conditioning})
     result = train_lcs(config, lcs, tmp_path / "run", device="cpu", seed=0)
     assert result.losses[-1] < result.losses[0]
     lcs_model = load_lcs_model(tmp_path / "run" / "last.pt")
