@@ -360,6 +360,9 @@ def test_resume_continues_exactly(tmp_path, data_h5):
     other, lcs2 = build(data_h5, steps=6, lcs={"classes": [1]})
     with pytest.raises(InputError, match="classes"):
         train_lcs(other, lcs2, tmp_path / "b", device="cpu", resume=True)
+    other, lcs3 = build(data_h5, steps=6, lcs={"merge_prob": 0.5, "conditioning": "atlas"})
+    with pytest.raises(InputError, match="prototype conditioning, the config asks for atlas"):
+        train_lcs(other, lcs3, tmp_path / "b", device="cpu", resume=True)
 
 
 # --------------------------------------------------------------------------- command line
