@@ -21,6 +21,8 @@ class AppState:
     json: bool = False
     device: str = "auto"
     seed: int = 0
+    #: ``--precision``; ``None`` keeps what the command's config says (``auto`` when it says nothing).
+    precision: str | None = None
 
     @property
     def console(self) -> Console:
@@ -189,8 +191,17 @@ def scheduler_options(scheduler_help: str, *, retries: bool = True):
     return decorate
 
 
+def precision_overrides(app: AppState) -> dict[str, Any]:
+    """Config overrides for ``--precision`` (an explicit choice also lifts an older ``amp = false``)."""
+    return {"precision": app.precision, "amp": True} if app.precision is not None else {}
+
+
 def device_seed_options(func):
-    """``--device`` and ``--seed`` on commands that compute."""
+    """``--device``, ``--precision`` and ``--seed`` on commands that run a network."""
+    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                        expose_value=False, callback=_setter("precision"),
+                        help="Network arithmetic: bf16 autocast + channels-last where the hardware computes "
+                             "bf16 natively (auto), or fp32 [default: the config's, else auto].")(func)
     func = click.option("--seed", type=int, default=None, expose_value=False, callback=_setter("seed"),
                         help="Seeds python, numpy and torch [default: 0].")(func)
     func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,

@@ -73,7 +73,8 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
         sample_fraction=sample_fraction, invert_large=invert_large, dmi_weight=dmi_weight, iou_weight=iou_weight,
         steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_shape=parse_shape(patch), depth=depth,
         base_width=base_width, lr=lr, predict_window=predict_window, adaptive_block_size=adaptive_block,
-        adaptive_offset=adaptive_offset, baselines=baselines, save_pseudo_labels=save_pseudo_labels)
+        adaptive_offset=adaptive_offset, baselines=baselines, save_pseudo_labels=save_pseudo_labels,
+        precision=app.precision or "auto")
     with progress_bar("igtt") as update:
         def progress(info):
             if info["phase"] == "train":

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_ints, parse_shape, progress_bar, state
+from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_ints, parse_shape,
+                           precision_overrides, progress_bar, state)
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
 
 
@@ -56,7 +57,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     app = state()
     cfg, lcs = load_lcs_config(config, overrides={
         "steps": steps, "batch_size": batch_size, "optim.lr": lr, "patch_shape": parse_shape(patch),
-        "valid_every": valid_every}, baseline=baseline or None)
+        "valid_every": valid_every, **precision_overrides(app)}, baseline=baseline or None)
     with progress_bar("lcs train" if not lcs.baseline else "baseline train") as update:
         def progress(info):
             update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
@@ -92,7 +93,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
 @click.option("--overlap", type=float, default=0.25, help="Fraction of a window shared with its neighbours.")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian",
               help="How overlapping windows are weighted.")
-@click.option("--batch-size", type=int, default=4, help="Windows per forward pass (each repeated per label).")
+@click.option("--batch-size", type=int, default=4, help="Windows per forward pass (encoded once, decoded once per label of a label batch).")
 @click.option("--label-batch", type=int, default=1,
               help="Labels predicted together over a block (each holds one float32 map of the block: memory "
                    "grows with this, not with the number of labels).")

@@ -1,12 +1,15 @@
 """The ``emseg`` command group: global options and error handling."""
 from __future__ import annotations
 
+import json
 import sys
 import traceback
+import warnings
 
 import click
 
 from emseg import __version__
+from emseg.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
 from emseg.cli._ui import AppState
 
@@ -17,46 +20,78 @@ class EmsegGroup(click.Group):
     """Maps emseg's errors to one-line messages and exit codes (2 bad input, 1 unexpected)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["emseg.json"] = "--json" in args  # known before any option is parsed
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            self._usage_error(exc)
+            self._usage_error(exc, as_json="--json" in args)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            self._usage_error(exc)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except TrainingDiverged as exc:
-            self._fail(ctx, exc, 1)
-        except (InputError, ValueError, FileNotFoundError) as exc:
-            # Cores raise ValueError (InputError is one) for bad arguments: a usage problem, exit 2.
-            self._fail(ctx, exc, 2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            ctx.exit(130)
-        except Exception as exc:  # unexpected failure
-            self._fail(ctx, exc, 1, prefix="unexpected error: ")
+        # Warnings (a torch UserWarning, say) are collected: printed one line each after a
+        # success, dropped after a failure, whose one error line stays the only one (-v shows all).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                result = super().invoke(ctx)
+            except click.UsageError as exc:
+                self._usage_error(exc, ctx=ctx)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except TrainingDiverged as exc:
+                self._fail(ctx, exc, 1, caught=caught)
+            except (InputError, FileNotFoundError) as exc:
+                # Bad input (cores raise InputError for it), a usage problem: exit 2.
+                self._fail(ctx, exc, 2, caught=caught)
+            except KeyboardInterrupt:
+                self._fail(ctx, RuntimeError("interrupted"), 130, caught=caught)
+            except Exception as exc:  # unexpected failure: a bug, never dressed as bad input
+                self._fail(ctx, exc, 1, prefix="unexpected error: ", caught=caught)
+            except SystemExit:
+                self._show_warnings(ctx, caught)
+                raise
+            self._show_warnings(ctx, caught)
+            return result
 
     @staticmethod
-    def _usage_error(exc: click.UsageError) -> None:
+    def _show_warnings(ctx: click.Context, caught: list) -> None:
+        app = ctx.find_object(AppState)
+        if app is not None and (app.quiet or app.json) and not app.verbose:
+            return
+        seen = set()
+        for item in caught:
+            text = " ".join(str(item.message).split())
+            if text not in seen:
+                seen.add(text)
+                click.echo(f"warning: {text}", err=True)
+
+    @staticmethod
+    def _usage_error(exc: click.UsageError, *, ctx: click.Context | None = None, as_json: bool = False) -> None:
         """One line ``error: ...`` (with a pointer to --help) instead of click's usage block."""
         if isinstance(exc, click.exceptions.NoArgsIsHelpError):
             raise exc
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        where = exc.ctx
+        while where is not None and where.command.hidden and where.parent is not None:
+            where = where.parent  # a hidden default command: point at the command typed
+        hint = f" (see '{where.command_path} --help')" if where is not None else ""
+        message = f"{exc.format_message()}{hint}"
+        app = ctx.find_object(AppState) if ctx is not None else None
+        if as_json or (app is not None and app.json) or (ctx is not None and ctx.meta.get("emseg.json")):
+            click.echo(json.dumps({"error": message, "exit_code": exc.exit_code}))
+        click.echo(f"error: {message}", err=True)
         raise click.exceptions.Exit(exc.exit_code)
 
     @staticmethod
-    def _fail(ctx: click.Context, exc: BaseException, code: int, prefix: str = "") -> None:
+    def _fail(ctx: click.Context, exc: BaseException, code: int, prefix: str = "", caught: list | None = None) -> None:
         app = ctx.find_object(AppState)
         if app is not None and app.verbose:
+            for item in caught or ():
+                click.echo(f"warning: {item.message}", err=True)
             traceback.print_exception(exc, file=sys.stderr)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if prefix:
             message = f"{type(exc).__name__}: {message}"
+        if app is not None and app.json:
+            click.echo(json.dumps({"error": f"{prefix}{message}", "exit_code": code}))
         click.echo(f"error: {prefix}{message}", err=True)
         ctx.exit(code)
 
@@ -69,15 +104,20 @@ class EmsegGroup(click.Group):
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute: auto picks CUDA when available.")
 @click.option("--seed", default=0, type=int, help="Seeds python, numpy and torch.")
+@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Network arithmetic: auto = bf16 where the hardware computes it natively, else fp32 "
+                   "[default: the config's, else auto].")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int) -> None:
+def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int,
+        precision: str | None) -> None:
     """Label-efficient segmentation of electron-microscopy volumes.
 
     \b
     Volumes are addressed as FILE.h5:DATASET or FILE.zarr[/ARRAY].
     Start with `emseg demo`, then see `emseg COMMAND --help`.
     """
-    ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed)
+    configure_threads()
+    ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed, precision=precision)
 
 
 def _register() -> None:

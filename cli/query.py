@@ -128,7 +128,8 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
     cfg = QueryConfig(model=model, pool=tuple(pool), strategy=strategy, n=n, patch_shape=parse_shape(patch),
                       candidates=candidates, mc_samples=mc_samples, reduction=reduction, batch_size=batch_size,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
-                      export=export, seed=app.seed, device=app.device, scheduler=scheduler, workers=workers)
+                      export=export, seed=app.seed, device=app.device, precision=app.precision or "auto",
+                      scheduler=scheduler, workers=workers)
     with progress_bar(f"query {strategy}") as update:
         result = query_files(cfg, progress=lambda done, total: update(done, total, "patches"))
 
@@ -179,7 +180,7 @@ def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initi
     overrides = {
         "strategies": tuple(s.strip() for s in strategies.split(",") if s.strip()) if strategies else None,
         "seeds": parse_ints(seeds, "--seeds"), "iterations": iterations,
-        "steps_initial": steps_initial, "steps_finetune": steps_finetune,
+        "steps_initial": steps_initial, "steps_finetune": steps_finetune, "precision": app.precision,
     }
     cfg = load_simulate_config(config, overrides=overrides)
     with progress_bar("simulate") as update:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_shape, progress_bar, state
+from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_shape, precision_overrides,
+                           progress_bar, state)
 from emseg.config import load_config
 from emseg.training import train
 
@@ -34,7 +35,8 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume):
     """
     app = state()
     cfg = load_config(config, overrides={"steps": steps, "batch_size": batch_size, "optim.lr": lr,
-                                         "patch_shape": parse_shape(patch), "valid_every": valid_every})
+                                         "patch_shape": parse_shape(patch), "valid_every": valid_every,
+                                         **precision_overrides(app)})
     with progress_bar("train") as update:
         def progress(info):
             update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
@@ -44,7 +46,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume):
     def render(console):
         state_word = "interrupted" if result.interrupted else "finished"
         console.print(f"training {state_word} at step {result.final_step}/{cfg.steps} "
-                      f"({result.patches_per_s:.1f} patches/s); checkpoints in {Path(out_dir)}")
+                      f"({result.patches_per_s:.1f} patches/s, {result.precision}); checkpoints in {Path(out_dir)}")
         if result.losses:
             console.print(f"last loss {result.losses[-1]:.4f}")
         if result.last_valid:

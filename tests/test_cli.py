@@ -156,7 +156,8 @@ def test_input_errors_exit_2_with_one_line(tmp_path, runner, args, words):
     result = runner.invoke(cli, args + ["--json"])
     assert result.exit_code == 2, result.output
     assert words in _error_line(result)
-    assert result.stdout == ""  # no JSON document on failure
+    doc = json.loads(result.stdout)  # one JSON document on failure too
+    assert doc["exit_code"] == 2 and words in doc["error"] and set(doc) == {"error", "exit_code"}
     verbose = runner.invoke(cli, ["-v"] + args)
     assert verbose.exit_code == 2 and "Traceback" in verbose.stderr
 

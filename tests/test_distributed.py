@@ -223,8 +223,9 @@ HARNESS = textwrap.dedent('''
             self.batches = getattr(self, "batches", []) + [{k: v.clone() for k, v in b.items()}]
             return b
         def loss(self, model, batch):
-            self.net = model
-            if len(self.batches) == 2:  # the weights after the first update
+            self.net = getattr(model, "net", model)  # inside the precision wrapper: the DDP module
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:  # the weights after the first update
                 self.after_one = {n: p.detach().clone() for n, p in model.module.named_parameters()}
             return super().loss(model, batch)
 

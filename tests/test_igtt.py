@@ -61,7 +61,8 @@ def blob_image(size=48, seed=0):
 
 
 TINY = dict(epochs=2, steps_per_epoch=3, batch_size=2, patch_shape=(32, 32), depth=2, base_width=4,
-            n_thresholds=8, shift_radius=1, predict_window=32, adaptive_block_size=15)
+            n_thresholds=8, shift_radius=1, predict_window=32, adaptive_block_size=15,
+            precision="fp32")  # outputs are compared exactly with other fp32 predictions
 
 
 # --------------------------------------------------------------------------- threshold selection
@@ -253,7 +254,7 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
     with h5py.File(tmp_path / "img.h5", "w") as fh:
         fh["raw"] = img
     predict_file(PredictConfig(model=str(out / "model.pt"), input=f"{tmp_path / 'img.h5'}:raw",
-                               output=str(tmp_path / "p.zarr"), device="cpu"))
+                               output=str(tmp_path / "p.zarr"), device="cpu", precision="fp32"))
     p_net = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[...][0]
     pred = zarr.open_array(str(out / "prediction.zarr"), mode="r")
     seg = zarr.open_array(str(out / "segmentation.zarr"), mode="r")[...]

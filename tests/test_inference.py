@@ -238,7 +238,7 @@ def test_predict_file_end_to_end(tmp_path, out):
     raw = synthetic((4, 64, 64), 0).raw[:3, :16, :20]
     write_h5(tmp_path / "in.h5", raw=raw)
     config = PredictConfig(model=str(ckpt), input=f"{tmp_path}/in.h5:raw", output=f"{tmp_path}/{out}",
-                           device="cpu")
+                           device="cpu", precision="fp32")  # compared with the fp32 network below
     ticks = []
     result = predict_file(config, progress=lambda d, t: ticks.append((d, t)))
     assert result.shape == (3, 3, 16, 20) and result.n_classes == 3 and result.patch_shape == (1, 32, 32)

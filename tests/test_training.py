@@ -234,8 +234,8 @@ def test_not_present_flag_drives_class_probability_down(tmp_path):
     write_h5(tmp_path / "lazy.h5", raw=raw, label=np.full(raw.shape, -1, np.int8),
              info=np.array([[1, 1, 1], [0, 1, 0]], np.uint8))
     overrides = dict(model={"norm": "group"}, optim={"lr": 1e-2}, augment={"brightness": 0.0, "contrast": 0.0})
-    initial = _config(tmp_path / "lazy.h5", steps=0, **overrides)
-    trained = initial.replace(steps=16)
+    trained = _config(tmp_path / "lazy.h5", steps=16, **overrides)
+    initial = trained.replace(steps=0)  # the untrained network (a config file needs steps >= 1)
     train(initial, tmp_path / "init", device="cpu", seed=0)
     train(trained, tmp_path / "trained", device="cpu", seed=0)
 

@@ -70,7 +70,13 @@ class TrainConfig:
     valid_every: int = 200
     log_every: int = 10
     checkpoint_every: int = 100
+    #: ``auto | fp32 | bf16``: bf16 autocast + channels-last where the hardware computes bf16
+    #: natively (see :mod:`emseg.precision`); weights, checkpoints and losses stay float32.
+    precision: str = "auto"
+    #: Older spelling: ``amp = false`` means ``precision = "fp32"``.
     amp: bool = True
+    #: Prepare the next batch in a background thread while the current step runs.
+    prefetch: bool = True
     #: Stop after this many seconds of training (a fixed compute budget); None = no limit.
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -78,6 +84,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: Extra tables a subcommand accepts (e.g. ``lcs``), kept as plain dicts.
     sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_precision(self) -> str:
+        """``precision``, with the older ``amp = false`` read as ``fp32``."""
+        return "fp32" if not self.amp else self.precision
 
     @property
     def model_ndim(self) -> int:
@@ -101,11 +112,45 @@ def _plain(obj):
     return obj
 
 
+#: What each annotation accepts from TOML: (python types, wording in messages).
+_KINDS = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _key_name(where: str, name: str) -> str:
+    return name if where == "top level" else f"{where}.{name}"
+
+
+def _check_types(cls, data: Mapping[str, Any], where: str) -> None:
+    """Scalar keys must have the annotated TOML type (``steps = "2"`` is refused, naming the key)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        parts = [p.strip() for p in str(f.type).split("|")]
+        optional = "None" in parts
+        parts = [p for p in parts if p != "None"]
+        if len(parts) != 1 or parts[0] not in _KINDS:
+            continue
+        types, wording = _KINDS[parts[0]]
+        value = data[f.name]
+        if value is None and optional:
+            continue
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise InputError(f"{_key_name(where, f.name)} must be {wording}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{_key_name(where, f.name)} must be finite, got {value!r}")
+
+
 def _build(cls, data: Mapping[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)} in [{where}] (known: {', '.join(sorted(names))})")
+    _check_types(cls, data, where)
     try:
         return cls(**data)
     except TypeError as exc:
@@ -151,9 +196,9 @@ def config_from_dict(
         optim = _build(OptimConfig, data.pop("optim", {}), "optim")
         extra = {name: dict(data.pop(name)) for name in sections if name in data}
         if "patch_shape" in data:
-            data["patch_shape"] = tuple(int(p) for p in data["patch_shape"])
+            data["patch_shape"] = _numbers(data["patch_shape"], "patch_shape", int)
         if data.get("class_weights") is not None:
-            data["class_weights"] = tuple(float(w) for w in data["class_weights"])
+            data["class_weights"] = _numbers(data["class_weights"], "class_weights", float)
         for key in ("n_classes", "patch_shape"):
             if key not in data:
                 raise InputError(f"missing required key '{key}'")
@@ -165,8 +210,60 @@ def config_from_dict(
     return config
 
 
+def _numbers(value: Any, key: str, kind: type) -> tuple:
+    """A TOML list of integers (``kind=int``) or numbers, as a tuple; anything else names ``key``."""
+    wording = "integers" if kind is int else "numbers"
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{key} must be a list of {wording}, got {value!r}")
+    allowed = (int,) if kind is int else (int, float)
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, allowed) or (isinstance(v, float) and not math.isfinite(v)):
+            raise InputError(f"{key} must be a list of {wording}, got {list(value)!r}")
+    return tuple(kind(v) for v in value)
+
+
+#: Ranges of single keys: (key, low, high, low inclusive, high inclusive); None = unbounded.
+_RANGES = (
+    ("batch_size", 1, None, True, True), ("steps", 1, None, True, True),
+    ("max_seconds", 0, None, False, True),
+    ("model.depth", 1, 16, True, True), ("model.base_width", 1, 4096, True, True),
+    ("model.dropout", 0, 1, True, False), ("model.anisotropic_levels", 0, None, True, True),
+    ("augment.brightness", 0, None, True, True), ("augment.contrast", 0, None, True, True),
+    ("augment.elastic_alpha", 0, None, True, True), ("augment.elastic_sigma", 0, None, False, True),
+    ("optim.warmup_steps", 0, None, True, True), ("optim.step_size", 1, None, True, True),
+    ("optim.gamma", 0, None, False, True), ("optim.min_lr_ratio", 0, 1, True, True),
+)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for key, low, high, low_in, high_in in _RANGES:
+        obj = config
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj is None:
+            continue
+        below = obj < low if low_in else obj <= low
+        above = high is not None and (obj > high if high_in else obj >= high)
+        if below or above:
+            lo = ("[" if low_in else "(") + str(low)
+            hi = (str(high) + ("]" if high_in else ")")) if high is not None else "inf)"
+            raise InputError(f"{key} must be in {lo}, {hi}, got {obj!r}")
+    for cube in config.train + config.valid:
+        if cube.prio is not None and not (math.isfinite(cube.prio) and cube.prio > 0):
+            raise InputError(f"prio of {cube.raw} must be a positive number, got {cube.prio!r}")
+
+
+def model_divisor(config: TrainConfig) -> tuple[int, ...]:
+    """Per-axis factor the patch must be a multiple of: 2**depth, in-plane only on anisotropic levels."""
+    m = config.model
+    if config.model_ndim == 2:
+        return (2 ** m.depth,) * 2
+    z_levels = max(0, m.depth - m.anisotropic_levels)
+    return (2 ** z_levels, 2 ** m.depth, 2 ** m.depth)
+
+
 def check_config(config: TrainConfig) -> None:
-    """Consistency checks that need several keys at once."""
+    """Checks of single keys' ranges and of keys that need each other."""
     if not config.train:
         raise InputError("no [[train]] cubes")
     if config.n_classes < 1:
@@ -175,8 +272,11 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"patch_shape must be 2 or 3 positive ints, got {list(config.patch_shape)}")
     if config.class_weights is not None and len(config.class_weights) != config.n_classes:
         raise InputError(f"class_weights has {len(config.class_weights)} entries, n_classes is {config.n_classes}")
-    if config.batch_size < 1 or config.steps < 0:
-        raise InputError("batch_size must be >= 1 and steps >= 0")
+    _check_ranges(config)
+    if config.model.ndim not in (None, 2, 3):
+        raise InputError(f"model.ndim must be 2 or 3, got {config.model.ndim!r}")
+    if config.model.norm not in ("batch", "group", "instance", "none"):
+        raise InputError(f"model.norm must be batch, group, instance or none, got {config.model.norm!r}")
     for key in ("valid_every", "log_every", "checkpoint_every"):
         if getattr(config, key) < 1:
             raise InputError(f"{key} must be >= 1, got {getattr(config, key)}")
@@ -188,8 +288,24 @@ def check_config(config: TrainConfig) -> None:
         raise InputError("example_ignore_threshold must be in [0, 1]")
     if config.optim.schedule not in ("constant", "cosine", "step"):
         raise InputError(f"optim.schedule must be constant, cosine or step, got {config.optim.schedule!r}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
+    if not config.amp and config.precision == "bf16":
+        raise InputError("amp = false contradicts precision = \"bf16\" (drop amp; it is the older spelling)")
     if config.model_ndim == 3 and len(config.patch_shape) != 3:
         raise InputError("a 3D model needs a 3D patch_shape")
+    if config.model_ndim == 2 and len(config.patch_shape) == 3 and config.patch_shape[0] != 1:
+        raise InputError(f"a 2D model needs patch_shape z = 1, got {list(config.patch_shape)}")
+    if config.model_ndim == 2 and config.model.anisotropic_levels:
+        raise InputError("model.anisotropic_levels applies to 3D models only")
+    if config.model.anisotropic_levels > config.model.depth + 1:
+        raise InputError(f"model.anisotropic_levels must be <= model.depth + 1 = {config.model.depth + 1}, "
+                         f"got {config.model.anisotropic_levels}")
+    divisor = model_divisor(config)
+    spatial = config.patch_shape[-len(divisor):]
+    if any(p % d for p, d in zip(spatial, divisor)):
+        raise InputError(f"patch_shape {list(config.patch_shape)} must be a multiple of {list(divisor)} for "
+                         f"model.depth {config.model.depth}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

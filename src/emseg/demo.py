@@ -64,6 +64,7 @@ def run_demo(
     steps: int = 250,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
     train_progress: Callable[[dict], None] | None = None,
     predict_progress: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
@@ -78,10 +79,11 @@ def run_demo(
     for name in ("last.pt", "best.pt", "metrics.csv"):
         (out / "run" / name).unlink(missing_ok=True)
     train_path, test_path = write_demo_data(out, seed)
-    config = config_from_dict(demo_config(train_path, steps), source="demo")
+    config = config_from_dict(dict(demo_config(train_path, steps), precision=precision), source="demo")
     result = train(config, out / "run", device=device, seed=seed, progress=train_progress)
     pred = predict_file(PredictConfig(model=str(out / "run" / "last.pt"), input=f"{test_path}:raw",
-                                      output=str(out / "prediction.zarr"), output_type="labels", device=device),
+                                      output=str(out / "prediction.zarr"), output_type="labels", device=device,
+                                      precision=precision),
                         progress=predict_progress)
     with open_volume(str(out / "prediction.zarr")) as p, open_volume(f"{test_path}:label") as gt:
         scores = evaluate_volumes(p, gt, n_classes=3)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from emseg.errors import InputError
+from emseg.locks import lock_output
 
 #: Environment variable naming block indices whose tasks fail on purpose (comma-separated), to
 #: rehearse a crash and the resume that follows. Read by the process that plans the run.
@@ -347,6 +348,7 @@ class PredictJob:
     batch_size: int
     output_type: str
     device: str = "auto"
+    precision: str = "auto"
     fail_blocks: tuple[int, ...] = ()
 
 
@@ -504,7 +506,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
     """
     import zarr
 
-    from emseg.checkpoint import load_checkpoint
+    from emseg.checkpoint import check_model_config, load_checkpoint, network_patch
     from emseg.inference import PredictStats, default_block_shape, output_shape, plan_blocks
     from emseg.io import auto_chunks, check_raw, open_volume, parse_spec, replace_output
     from emseg.io._volume import _zarr_compressors
@@ -521,6 +523,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         require_distributed()
     model_path = Path(config.model).resolve()
     state = load_checkpoint(model_path)
+    check_model_config(state["model_config"], source=str(config.model))
     if state["model_config"].get("cond_channels"):
         raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
     st = model_path.stat()
@@ -532,6 +535,8 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         vol_shape, vol_dtype = source.shape, str(source.dtype)
     model_ndim = state["model_config"].get("ndim", 2)
     patch = resolve_patch(config.patch_shape, (state.get("config") or {}).get("patch_shape"), vol_shape, model_ndim)
+    check_model_config(state["model_config"], source=str(config.model),
+                       patch=network_patch(tuple(min(p, s) for p, s in zip(patch, vol_shape)), state["model_config"]))
     n_classes = state["model_config"]["out_channels"]
     shape = output_shape(vol_shape, n_classes, config.output_type)
     dtype = np.dtype("float32" if config.output_type == "probabilities" else "uint8")
@@ -556,7 +561,31 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
         "input": str(in_spec), "input_shape": list(vol_shape), "input_dtype": vol_dtype,
         "patch_shape": list(patch), "overlap": config.overlap, "blend": config.blend,
         "batch_size": config.batch_size, "output_type": config.output_type, "block_shape": list(block_shape),
+        "precision": config.precision,
         "shape": list(shape), "chunks": list(chunks)})
+    if key:  # the group holding the partial array (and its lock file)
+        root = zarr.open_group(store=str(store), mode="a")
+        if key.rpartition("/")[0]:
+            root.require_group(key.rpartition("/")[0])
+    lock = lock_output(partial, what=str(parse_spec(config.output)))
+    try:
+        return _predict_partial(config, params, attrs, store, key, partial, final, out_spec, shape, dtype, chunks,
+                                blocks, model_path, st, in_spec, patch, n_classes, block_shape, progress, client)
+    finally:
+        lock.release()
+
+
+def _predict_partial(config, params, attrs, store, key, partial, final, out_spec, shape, dtype, chunks, blocks,
+                     model_path, st, in_spec, patch, n_classes, block_shape, progress, client):
+    """The locked part of :func:`predict_resumable`: create or reopen the partial, run, rename."""
+    import zarr
+
+    from emseg.inference import PredictStats
+    from emseg.io import clean_output_temps, parse_spec, replace_output
+    from emseg.io._volume import _zarr_compressors
+    from emseg.predict import PredictResult
+
+    clean_output_temps(out_spec)
     if partial.exists():
         try:
             array = zarr.open_array(store=str(store), path=key or None, mode="r+")
@@ -577,7 +606,7 @@ def predict_resumable(config, *, progress: Callable[[int, int], None] | None = N
     job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                      input=str(in_spec), store=str(store), key=key, patch_shape=tuple(patch),
                      overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                     output_type=config.output_type, device=config.device, fail_blocks=fail)
+                     output_type=config.output_type, device=config.device, precision=config.precision, fail_blocks=fail)
     markers = DoneMarkers(partial / DONE_DIR)
     total = sum(b.size for b in blocks)
     finished = markers.done()

@@ -22,11 +22,11 @@ class InputError(EmsegError, ValueError):
 
 
 class TrainingDiverged(EmsegError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+    """The loss (or a weight) became NaN or infinite; the last good checkpoint was kept."""
 
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, *, tensor: str | None = None):
         self.step = step
         self.value = value
-        super().__init__(
-            f"loss became {value} at step {step}; stopped and kept the last good checkpoint"
-        )
+        self.tensor = tensor
+        what = f"weights became non-finite ({tensor})" if tensor else f"loss became {value}"
+        super().__init__(f"{what} at step {step}; stopped and kept the last good checkpoint")

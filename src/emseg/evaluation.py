@@ -39,6 +39,10 @@ def evaluate_volumes(
     if n_classes is not None and n_classes < 1:
         raise InputError(f"n_classes must be >= 1, got {n_classes}")
     gt_shape = ground_truth.shape
+    if not gt_shape or any(s < 1 for s in gt_shape):
+        raise InputError(f"ground truth is empty (shape {gt_shape})", source=str(ground_truth.spec))
+    if not prediction.shape or any(s < 1 for s in prediction.shape):
+        raise InputError(f"prediction is empty (shape {prediction.shape})", source=str(prediction.spec))
     if not np.issubdtype(ground_truth.dtype, np.integer):
         raise InputError(f"ground truth must be integer labels, found {ground_truth.dtype}", source=str(ground_truth.spec))
     if prediction.shape != gt_shape and prediction.shape[1:] != gt_shape:

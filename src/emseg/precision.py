@@ -9,9 +9,9 @@ computes bfloat16 natively and ``fp32`` everywhere else:
 * CPU: AVX512-BF16 or AMX tiles, as reported by torch's own CPU capability probe (the same
   one its oneDNN kernels dispatch on), with ``/proc/cpuinfo`` flags as a fallback.
 
-Channels-last (``channels_last`` for 2D, ``channels_last_3d`` for 3D networks) is used where it
-was measured faster on this project's U-Nets (``benchmarks/speed.py``): 2D networks in both
-precisions, 3D networks in bf16 only.
+Channels-last (``channels_last`` for 2D, ``channels_last_3d`` for 3D networks) is used in both
+precisions: on this project's U-Nets it was measured faster for 2D and for anisotropic 3D
+networks, in fp32 and in bf16 (``benchmarks/speed.py``, docs/benchmarks.md).
 
 Examples
 --------
@@ -25,7 +25,7 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -116,25 +116,60 @@ class Precision:
             return x.contiguous(memory_format=self.memory_format(x.dim() - 2))
         return x
 
-    @contextlib.contextmanager
-    def run(self) -> Iterator[None]:
-        with self.autocast():
-            yield
+    def wrap(self, net: Callable) -> "AutocastForward":
+        """``net`` called under this precision's autocast, its floating outputs cast to float32,
+        so a loss computed on them runs in float32 outside the autocast region."""
+        return AutocastForward(net, self)
 
     def to_dict(self) -> dict[str, object]:
         return {"precision": self.name, "channels_last": self.channels_last, "hardware": self.hardware}
 
 
+def _to_float(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return tuple(_to_float(o) for o in out)
+    if isinstance(out, list):
+        return [_to_float(o) for o in out]
+    return out
+
+
+class AutocastForward:
+    """A network called under autocast, returning float32 outputs (see :meth:`Precision.wrap`).
+
+    Attribute access falls through to the wrapped network (``divisor``, ``ndim``, ...).
+    """
+
+    def __init__(self, net: Callable, precision: Precision):
+        self.net = net
+        self.precision = precision
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(self.precision.prepare_input(a) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args)
+        with self.precision.autocast():
+            out = self.net(*args, **kwargs)
+        return _to_float(out)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.net, name)
+
+
 def _channels_last(name: str, ndim: int) -> bool:
-    # Measured in benchmarks/speed.py: 2D gains in both precisions; 3D only under bf16.
-    return ndim == 2 or name == "bf16"
+    # Measured in benchmarks/speed.py: faster for 2D and 3D networks, in fp32 and in bf16.
+    return ndim in (2, 3)
 
 
-def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim: int = 2) -> Precision:
+def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim: int = 2,
+                      channels_last: bool | None = None) -> Precision:
     """Turn ``auto | fp32 | bf16`` into a :class:`Precision` for ``device`` and a ``ndim``-D network.
 
     ``bf16`` on hardware without native bfloat16 is an :class:`~emseg.errors.InputError` naming
-    the hardware (emulated bf16 is slower than fp32 and less accurate).
+    the hardware (emulated bf16 is slower than fp32 and less accurate). ``channels_last``
+    overrides the measured default (data-parallel training keeps replicas contiguous: with
+    channels-last parameters, DistributedDataParallel on CPU was found to apply updates that
+    differ from Adam on the averaged gradients).
     """
     if isinstance(name, Precision):
         return name
@@ -145,4 +180,5 @@ def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim
     if name == "bf16" and not ok:
         raise InputError(f"precision bf16 needs native bfloat16 hardware; this is {hardware} (use fp32 or auto)")
     chosen = "bf16" if name == "bf16" or (name == "auto" and ok) else "fp32"
-    return Precision(chosen, device.type, _channels_last(chosen, ndim), hardware)
+    layout = _channels_last(chosen, ndim) if channels_last is None else bool(channels_last)
+    return Precision(chosen, device.type, layout, hardware)

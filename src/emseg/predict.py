@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from emseg.checkpoint import load_model
+from emseg.checkpoint import check_model_config, load_checkpoint, model_from_state
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.inference import (
@@ -19,7 +19,17 @@ from emseg.inference import (
     predict_volume,
     softmax_forward,
 )
-from emseg.io import auto_chunks, check_distinct, check_raw, create_volume, open_volume, parse_spec
+from emseg.precision import resolve_precision
+from emseg.io import (
+    auto_chunks,
+    check_distinct,
+    check_output_location,
+    check_output_volume,
+    check_raw,
+    create_volume,
+    open_volume,
+    parse_spec,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class PredictConfig:
     output_type: str = "probabilities"
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
+    #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
+    precision: str = "auto"
     #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
     #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.distributed`).
     scheduler: str | None = None
@@ -51,6 +63,7 @@ class PredictResult:
     patch_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     stats: PredictStats
+    precision: str = "fp32"
     #: Blocks computed in this call and blocks found already done (resumable runs only).
     blocks_computed: int | None = None
     blocks_skipped: int | None = None
@@ -59,6 +72,7 @@ class PredictResult:
         out = {
             "output": self.output, "shape": list(self.shape), "n_classes": self.n_classes,
             "patch_shape": list(self.patch_shape), "block_shape": list(self.block_shape),
+            "precision": self.precision,
             "voxels": self.stats.voxels, "blocks": self.stats.blocks,
             "seconds": round(self.stats.seconds, 3), "voxels_per_s": round(self.stats.voxels_per_s, 1),
         }
@@ -76,17 +90,36 @@ def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, vo
     if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
         patch = (1,) + patch
     if len(patch) != len(volume_shape):
-        raise InputError(f"patch {patch} does not fit a {len(volume_shape)}D volume")
+        raise InputError(f"--patch {patch} does not fit a {len(volume_shape)}D volume")
     if model_ndim == 3 and len(volume_shape) != 3:
         raise InputError("a 3D network needs a 3D volume")
+    if any(p < 1 for p in patch):
+        raise InputError(f"--patch sides must be positive, got {patch}")
+    if model_ndim == 2 and len(patch) == 3 and patch[0] != 1:
+        raise InputError(f"--patch {patch}: a 2D network on a 3D volume needs z = 1")
     return patch
+
+
+def check_options(config: PredictConfig) -> None:
+    """Prediction options that are user input: ranges checked with the option named."""
+    if not 0 <= config.overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {config.overlap}")
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.blend not in ("gaussian", "constant"):
+        raise InputError(f"--blend must be gaussian or constant, got {config.blend!r}")
+    if config.output_type not in ("probabilities", "labels"):
+        raise InputError(f"--output-type must be probabilities or labels, got {config.output_type!r}")
 
 
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
                    device: torch.device) -> SlidingWindow:
+    """The sliding window of ``config`` (its precision resolved for ``device``; the model is laid
+    out in the matching memory format)."""
+    precision = resolve_precision(config.precision, device, ndim=model.ndim)
+    precision.prepare_model(model)
     return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
-                         blend=config.blend, batch_size=config.batch_size, device=device,
-                         amp=device.type == "cuda")
+                         blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
 
 
 def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
@@ -102,32 +135,41 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     if config.workers is not None and config.scheduler != "local" and client is None:
         raise InputError("--workers applies to --scheduler local only")
     check_distinct(config.input, config.output)
+    check_options(config)
     if config.scheduler is not None or config.resume or client is not None:
         from emseg.distributed import predict_resumable
 
+        check_output_location(parse_spec(config.output).path)
         return predict_resumable(config, progress=progress, client=client)
+    out_spec = check_output_volume(config.output)
     device = resolve_device(config.device)
-    model, state = load_model(config.model, device)
-    if state["model_config"].get("cond_channels"):
+    state = load_checkpoint(config.model)
+    model_config = check_model_config(state["model_config"], source=str(config.model))
+    if model_config.get("cond_channels"):
         raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
     trained_patch = (state.get("config") or {}).get("patch_shape")
-    out_spec = parse_spec(config.output)
     with open_volume(config.input) as source:
         check_raw(source)
-        patch = resolve_patch(config.patch_shape, trained_patch, source.shape, model.ndim)
+        patch = resolve_patch(config.patch_shape, trained_patch, source.shape, int(model_config.get("ndim", 2)))
+        window = tuple(min(p, s) for p, s in zip(patch, source.shape))  # what the network sees at most
+        model = model_from_state(state, source=str(config.model), device=device, patch=window)
         n_classes = state["model_config"]["out_channels"]
         shape = output_shape(source.shape, n_classes, config.output_type)
         dtype = "float32" if config.output_type == "probabilities" else "uint8"
         chunks = auto_chunks(shape, 4 if dtype == "float32" else 1)
         spatial_chunks = chunks[1:] if config.output_type == "probabilities" else chunks
+        if config.block_shape and len(config.block_shape) != len(source.shape):
+            raise InputError(f"--block {tuple(config.block_shape)} does not fit a {len(source.shape)}D volume",
+                             source=str(config.input))
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(
             source.shape, patch, spatial_chunks)
         blocks = plan_blocks(source.shape, block_shape, [p // 2 for p in patch])
         predictor = make_predictor(model, patch, config, device)
         attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
                  "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
-                 "blend": config.blend}
+                 "blend": config.blend, "precision": predictor.precision.name}
         with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs) as dest:
             stats = predict_volume(predictor, source, dest, blocks=blocks, output_type=config.output_type,
                                    progress=progress)
-    return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats)
+    return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats,
+                         precision=predictor.precision.name)

@@ -1,7 +1,9 @@
 """The training loop shared by ``emseg train`` and the other subcommands that train networks.
 
 A *task* supplies the network configuration, batches, the loss and validation; :func:`run_training`
-does the rest: Adam with a learning-rate schedule, bf16 autocast on CUDA, ``metrics.csv``,
+does the rest: Adam with a learning-rate schedule, the ``precision`` setting (bf16 autocast and
+channels-last where the hardware has native bf16; losses in float32), the next batch prepared
+in a background thread while the current step runs, ``metrics.csv``,
 ``last.pt``/``best.pt`` written atomically, exact resume, a clean stop on SIGINT and a stop with
 the last good checkpoint kept when the loss becomes NaN or infinite.
 """
@@ -26,14 +28,18 @@ import torch
 from emseg.checkpoint import load_checkpoint, save_checkpoint
 from emseg.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
+from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.device import resolve_device, seed_everything
 from emseg.distributed import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
 from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.locks import temp_name
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
+from emseg.precision import Precision, resolve_precision
+from emseg.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
 
@@ -67,6 +73,7 @@ class TrainResult:
     budget_exhausted: bool = False
     seconds: float = 0.0
     patches: int = 0
+    precision: str = "fp32"
 
     @property
     def patches_per_s(self) -> float:
@@ -79,6 +86,7 @@ class TrainResult:
             "last_valid": self.last_valid, "interrupted": self.interrupted,
             "budget_exhausted": self.budget_exhausted,
             "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
+            "precision": self.precision,
         }
 
 
@@ -135,10 +143,11 @@ class SegmentationTask:
         weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
         return lazy_nll(logits.float(), batch["target"], batch["labeled"], batch["not_present"], weights)
 
-    def validate(self, model, device):
+    def validate(self, model, device, precision: str | Precision = "fp32"):
         if not self.valid_cubes:
             return None
-        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device)
+        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
+                              precision=precision)
 
     def close(self) -> None:
         for cube in self.cubes + self.valid_cubes:
@@ -147,7 +156,8 @@ class SegmentationTask:
                     vol.close()
 
 
-def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *, amp=False) -> dict[str, float]:
+def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
+                   precision: str | Precision = "fp32") -> dict[str, float]:
     """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
 
     ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
@@ -155,7 +165,7 @@ def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *, amp=False) -
     """
     model.eval()
     predictor = SlidingWindow(softmax_forward(model), patch_shape, divisor=model.divisor, overlap=0.25,
-                              device=device, amp=amp)
+                              device=device, precision=precision)
     acc = ConfusionAccumulator(n_classes)
     for cube in cubes:
         shape = cube.shape
@@ -233,6 +243,7 @@ def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@in_run_folder
 def run_training(
     task: Task,
     config: TrainConfig,
@@ -255,10 +266,13 @@ def run_training(
     seed ``seed + RANK``); losses are averaged over processes, rank 0 validates and writes
     ``metrics.csv`` and checkpoints, which hold every rank's random state (``rng_ranks``) so a
     resume with the same N continues exactly. A task may set ``find_unused_parameters = True``.
+
+    ``out_dir`` is locked to this run (see :mod:`emseg.runfolder`). Checkpoints hold only finite
+    weights and buffers, and the logging window, so ``metrics.csv`` rows after a resume equal
+    those of an uninterrupted run.
     """
     pg = ProcessGroup.from_env()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = pg.place(resolve_device(device))
     if not pg.is_main:
         progress = None
@@ -267,10 +281,14 @@ def run_training(
     model = build_model(model_config)
     check_divisible(config.patch_shape, model.divisor)
     model.to(dev)
+    precision = resolve_precision(config.effective_precision, dev, ndim=model.ndim,
+                                  channels_last=False if pg.active else None)
+    precision.prepare_model(model)
     net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     last_path, best_path = out / "last.pt", out / "best.pt"
     step, best, elapsed0 = 0, None, 0.0
+    window0: dict[str, Any] = {}
     if resume:
         if not last_path.exists():
             raise InputError("nothing to resume: no last.pt", source=str(out))
@@ -281,17 +299,21 @@ def run_training(
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
         _restore_rng(rng, pg.rng_state(state, str(last_path)))
+        window0 = state.get("log_window") or {}
     elif last_path.exists():
         raise InputError("already holds a training run (last.pt): pass --resume to continue it or choose "
                          "another --out", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
                      resume_step=step if resume else None) if pg.is_main else None
-    amp = config.amp and dev.type == "cuda"
     total = config.steps
-    result = TrainResult(out, start_step=step, final_step=step, best_metric=best)
+    result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
+    forward = precision.wrap(net)
     plain_config = config.to_dict()
 
     def checkpoint(path: Path) -> None:
+        bad = non_finite_state(model)
+        if bad is not None:  # never write a broken checkpoint: the previous file stays
+            raise TrainingDiverged(step, float("nan"), tensor=bad)
         rng_ranks = pg.gather(_rng_state(rng)) if pg.active else None
         if not pg.is_main:
             return
@@ -299,6 +321,9 @@ def run_training(
             "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
             "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
             "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
+            "precision": precision.name,
+            "log_window": {"losses": list(window_losses), "patches": window_patches,
+                           "seconds": time.perf_counter() - window_t},
         }
         if pg.active:
             state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
@@ -307,10 +332,16 @@ def run_training(
         save_checkpoint(path, state)
 
     t0 = time.perf_counter()
-    window_losses: list[float] = []
-    window_t = t0
-    window_patches = 0
-    with _StopFlag() as flag:
+    window_losses: list[float] = [float(v) for v in window0.get("losses", [])]
+    window_t = t0 - float(window0.get("seconds", 0.0))
+    window_patches = int(window0.get("patches", 0))
+
+    def make_batch(i: int) -> dict[str, torch.Tensor]:
+        # Each batch depends on its step only, so prefetching and resuming change nothing.
+        return task.batch(step_rng(seed, i, pg.rank))
+
+    prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
+    with _StopFlag() as flag, prefetch:
         while step < total:
             if pg.any(flag.stop or (stop_after is not None and step - result.start_step >= stop_after)):
                 result.interrupted = True
@@ -321,15 +352,16 @@ def run_training(
             lr = learning_rate(config.optim, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {k: v.to(dev, non_blocking=True) for k, v in task.batch(rng).items()}
+            batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}
             model.train()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = task.loss(net, batch)
+            buffers = snapshot_buffers(model)  # the forward pass updates normalisation statistics
+            loss = task.loss(forward, batch)
             value = pg.mean(float(loss.detach()))
             if not math.isfinite(value):
-                # The weights before this step are the last good state: keep them unless they
-                # are themselves broken (then the previous last.pt stays).
-                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                # The state before this step is the last good one: undo the failed forward pass's
+                # buffer updates and keep it, unless it is itself broken (then last.pt stays).
+                restore_buffers(model, buffers)
+                if non_finite_state(model) is None:
                     checkpoint(last_path)
                 raise TrainingDiverged(step + 1, value)
             optimizer.zero_grad(set_to_none=True)
@@ -343,7 +375,7 @@ def run_training(
             window_patches += n
             valid = None
             if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
-                valid = pg.broadcast(task.validate(model, dev) if pg.is_main else None)
+                valid = pg.broadcast(_validate(task, model, dev, precision) if pg.is_main else None)
                 if valid is not None:
                     result.last_valid = valid
                     score = valid.get("valid_score")
@@ -370,7 +402,7 @@ def run_training(
         checkpoint(last_path)
     if pg.is_main and not task_has_validation(task):
         # Without validation the newest weights are the best we know of.
-        tmp = best_path.with_name(f".{best_path.name}.tmp-{os.getpid()}")
+        tmp = temp_name(best_path)
         shutil.copyfile(last_path, tmp)
         os.replace(tmp, best_path)
     result.final_step = step
@@ -378,6 +410,15 @@ def run_training(
     result.seconds = time.perf_counter() - t0
     pg.barrier()  # rank 0's checkpoints are complete when any rank returns
     return result
+
+
+def _validate(task: Task, model: torch.nn.Module, device: torch.device, precision: Precision):
+    """``task.validate`` at the run's precision when the task accepts one."""
+    import inspect
+
+    if "precision" in inspect.signature(task.validate).parameters:
+        return task.validate(model, device, precision=precision)
+    return task.validate(model, device)
 
 
 def task_has_validation(task: Task) -> bool:

@@ -41,6 +41,7 @@ from emseg.active.scores import REDUCTIONS
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.models import set_mc_dropout
+from emseg.precision import Precision, resolve_precision
 
 __all__ = [
     "Box",
@@ -517,12 +518,18 @@ def score_boxes(
     squeeze: bool,
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    precision: str | Precision = "fp32",
 ) -> PoolScores:
     """Scores (``(len(boxes),)``) and/or pooled embeddings of the patches ``boxes``, batch by batch.
 
     The per-chunk worker of :func:`score_pool` (arguments already checked there). With ``seed``
     the MC-dropout passes draw from torch seeded with it (the global generator is forked, so the
     caller's state is left as it was). The module modes of ``model`` are restored afterwards.
+
+    MC-dropout strategies run the network's deterministic part (:meth:`~emseg.models.UNet.encode`:
+    the encoder and the bottleneck convolutions, where no dropout lives) once per batch and only
+    the dropout-bearing rest (:meth:`~emseg.models.UNet.decode`) ``mc_samples`` times: the same
+    dropout masks are drawn in the same order as with full passes, so the scores are the same.
 
     Examples
     --------
@@ -536,6 +543,9 @@ def score_boxes(
     scores = np.full(m_total, np.nan, dtype=np.float64) if strat.needs_scores else None
     embeddings = None
     modes = {m: m.training for m in model.modules()}
+    prec = resolve_precision(precision, device, ndim=int(getattr(model, "ndim", 2)))
+    split = hasattr(model, "encode") and hasattr(model, "decode")
+    prec.prepare_model(model)
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
         else contextlib.nullcontext()
     start = time.perf_counter()
@@ -545,12 +555,13 @@ def score_boxes(
                 torch.manual_seed(seed)
             for b0 in range(0, m_total, batch_size):
                 sel = slice(b0, min(b0 + batch_size, m_total))
-                x = _read_boxes(boxes[sel], sources, dtypes, squeeze).to(device)
+                x = prec.prepare_input(_read_boxes(boxes[sel], sources, dtypes, squeeze).to(device))
                 result.max_batch = max(result.max_batch, len(x))
                 deterministic = strat.needs_embeddings or not strat.needs_mc_dropout
                 if deterministic:
                     model.eval()
-                    out = model(x, return_embedding=True) if strat.needs_embeddings else model(x)
+                    with prec.autocast():
+                        out = model(x, return_embedding=True) if strat.needs_embeddings else model(x)
                     result.forward_passes += 1
                     logits, emb = out if strat.needs_embeddings else (out, None)
                     if emb is not None:
@@ -564,14 +575,20 @@ def score_boxes(
                     del out, logits, emb
                 if strat.needs_scores and strat.needs_mc_dropout:
                     set_mc_dropout(model, True)
+                    if split:
+                        with prec.autocast():
+                            encoded = model.encode(x)
 
                     def passes(x=x) -> Iterator[torch.Tensor]:
                         for _ in range(int(mc_samples)):
                             result.forward_passes += 1
-                            yield _probabilities(model(x))
+                            with prec.autocast():
+                                logits = model.decode(*encoded)[0] if split else model(x)
+                            yield _probabilities(logits)
 
                     s = strat.score_fn(passes(), reduction)
                     scores[sel] = s.double().cpu().numpy()
+                    encoded = None
                 if on_batch is not None:
                     on_batch(sel.stop)
     finally:
@@ -606,6 +623,7 @@ def score_pool(
     progress: Callable[[int, int], None] | None = None,
     seed: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    precision: str | Precision = "fp32",
 ) -> PoolScores:
     """Score the pool with ``model``, streaming batch by batch.
 
@@ -647,6 +665,8 @@ def score_pool(
         current global state.
     chunk_size : int
         Candidates per chunk (a multiple of ``batch_size`` keeps the batches of an unchunked run).
+    precision : {"fp32", "bf16", "auto"} or Precision
+        Network arithmetic (:mod:`emseg.precision`); scores are computed in float32 either way.
 
     Returns
     -------
@@ -702,7 +722,8 @@ def score_pool(
 
         part = score_boxes(model, boxes, sources, dtypes, strat, mc_samples=mc_samples, reduction=reduction,
                            batch_size=batch_size, device=device, squeeze=squeeze,
-                           seed=None if seed is None else chunk_seed(seed, k), on_batch=on_batch)
+                           seed=None if seed is None else chunk_seed(seed, k), on_batch=on_batch,
+                           precision=precision)
         if part.scores is not None:
             scores[idx] = part.scores
         if part.embeddings is not None:
@@ -734,6 +755,7 @@ class ScoreJob:
     squeeze: bool
     seed: int | None
     device: str = "auto"
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -767,7 +789,8 @@ def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
             return score_boxes(model, task.boxes, sources, [np.dtype(d) for d in job.dtypes],
                                get_strategy(job.strategy), mc_samples=job.mc_samples, reduction=job.reduction,
                                batch_size=job.batch_size, device=device, squeeze=job.squeeze,
-                               seed=None if job.seed is None else chunk_seed(job.seed, task.index))
+                               seed=None if job.seed is None else chunk_seed(job.seed, task.index),
+                               precision=job.precision)
 
 
 def score_pool_on_cluster(
@@ -782,6 +805,7 @@ def score_pool_on_cluster(
     device: str = "auto",
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
+    precision: str = "fp32",
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
@@ -856,7 +880,8 @@ def score_pool_on_cluster(
     st = os.stat(path)
     model_ndim = int(load_checkpoint(path)["model_config"].get("ndim", len(pool.patch_shape)))
     job = ScoreJob(str(path), st.st_mtime_ns, st.st_size, tuple(specs), tuple(dtypes), strat.name, int(mc_samples),
-                   reduction, int(batch_size), _network_patch(pool.patch_shape, model_ndim), int(seed), device)
+                   reduction, int(batch_size), _network_patch(pool.patch_shape, model_ndim), int(seed), device,
+                   str(precision))
     todo = np.arange(n) if strat.needs_embeddings else pool.free_indices()
     tasks = [ScoreTask(k, idx, tuple(pool.box(int(i)) for i in idx))
              for k, idx in enumerate(score_chunks(todo, chunk_size))]
@@ -1035,6 +1060,8 @@ class QueryConfig:
     export: str | None = None
     seed: int = 0
     device: str = "auto"
+    #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
+    precision: str = "auto"
     scheduler: str | None = None
     workers: int | None = None
 
@@ -1110,7 +1137,7 @@ def query_files(config: QueryConfig, *,
 
     from emseg.checkpoint import load_model
     from emseg.device import resolve_device
-    from emseg.io import check_raw, open_volume
+    from emseg.io import check_output_location, check_raw, open_volume
     from emseg.predict import resolve_patch
     from emseg.training import check_divisible
 
@@ -1132,8 +1159,8 @@ def query_files(config: QueryConfig, *,
             raise InputError("--export would replace an input file; choose a new file", source=str(config.export))
     for target in (config.out, config.export):
         # Fail before any output is written, so a bad --out leaves no --export file behind.
-        if target and not Path(target).resolve().parent.exists():
-            raise InputError("output folder does not exist", source=str(Path(target).parent))
+        if target:
+            check_output_location(Path(target))
     device = resolve_device(config.device)
     model, state = load_model(config.model, device)
     if state["model_config"].get("cond_channels"):
@@ -1172,11 +1199,11 @@ def query_files(config: QueryConfig, *,
             scores = score_pool_on_cluster(config.model, pool, [str(v.spec) for v in sources], strat.name,
                                            mc_samples=config.mc_samples, reduction=config.reduction,
                                            batch_size=config.batch_size, device=config.device, seed=config.seed,
-                                           scheduler=config.scheduler, workers=config.workers, progress=progress)
+                                           precision=config.precision, scheduler=config.scheduler, workers=config.workers, progress=progress)
         else:
             scores = score_pool(model, pool, sources, strat, mc_samples=config.mc_samples,
                                 reduction=config.reduction, batch_size=config.batch_size, device=device,
-                                progress=progress, seed=config.seed)
+                                progress=progress, seed=config.seed, precision=config.precision)
         picks = select(pool, strat, n, scores=scores, rng=config.seed)
         queries = rank_queries(pool, picks, strat.name, scores)
         result = QueryResult(

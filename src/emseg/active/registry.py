@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from .diversity import hybrid_select, kcenter_greedy, kmeans_select, random_select, select_top
 from .scores import bald, entropy, least_confidence
 
+from emseg.errors import InputError
+
 __all__ = ["KINDS", "STRATEGIES", "Strategy", "get_strategy"]
 
 #: Valid values of :attr:`Strategy.kind`.
@@ -122,6 +124,6 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[key]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}"
         ) from None

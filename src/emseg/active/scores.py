@@ -28,6 +28,8 @@ from collections.abc import Iterable
 
 import torch
 
+from emseg.errors import InputError
+
 __all__ = [
     "REDUCTIONS",
     "BaldAccumulator",
@@ -45,7 +47,7 @@ _RANGE_TOL = 1e-3
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+        raise InputError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
 
 
 def _as_probs(probs: object, *, name: str = "probs", min_dim: int = 2) -> torch.Tensor:

@@ -46,13 +46,12 @@ import torch
 from emseg.active.diversity import random_select
 from emseg.active.pool import CandidatePool, build_pool, score_pool, select
 from emseg.active.registry import get_strategy
-from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
+from emseg.checkpoint import load_checkpoint, load_model, model_from_state, save_checkpoint
 from emseg.config import TrainConfig, config_from_dict, read_toml
 from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, open_volume, parse_spec
-from emseg.models import build_model
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
 __all__ = [
@@ -70,7 +69,8 @@ __all__ = [
 #: Keys of the simulate config besides the [pool], [test], [model], [optim] and [augment] tables.
 TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
             "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
-            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold")
+            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold",
+            "precision")
 #: Keys that only add or remove rows; they may change between runs into the same folder.
 GROWABLE = ("seeds", "strategies", "iterations")
 
@@ -192,7 +192,7 @@ def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path =
             "steps": data.get("steps_initial", 500), "valid_every": 1 << 30, "log_every": 50,
             "checkpoint_every": 100,
         }
-        for key in ("batch_size", "class_weights", "example_ignore_threshold"):
+        for key in ("batch_size", "class_weights", "example_ignore_threshold", "precision"):
             if key in data:
                 train_dict[key] = data.pop(key)
         for key in ("model", "optim", "augment"):
@@ -375,8 +375,7 @@ def _train_config(config: SimulateConfig, steps: int, lr: float) -> TrainConfig:
 def _seed_checkpoint(run_dir: Path, init_from: Path, cfg: TrainConfig, seed: int, task_name: str) -> None:
     """A ``last.pt`` at step 0 holding the weights of ``init_from`` and a fresh optimiser."""
     prev = load_checkpoint(init_from)
-    model = build_model(prev["model_config"])
-    model.load_state_dict(prev["model"])
+    model = model_from_state(prev, source=str(init_from))  # checked like any loaded checkpoint
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state = {
         "model": prev["model"], "model_config": prev["model_config"], "optimizer": opt.state_dict(),
@@ -407,7 +406,8 @@ def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: i
 
 def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: torch.device) -> dict[str, float]:
     model, _ = load_model(weights, device)
-    res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device)
+    res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device,
+                         precision=config.train.effective_precision)
     row = {f"jaccard_{c}": float(res[f"valid_jaccard_{c}"]) for c in range(config.n_classes)}
     row["mean_fg_jaccard"] = float(res["valid_score"])
     return row
@@ -686,7 +686,7 @@ def run_simulation(
                     if strat.needs_scores or strat.needs_embeddings:
                         scores = score_pool(model, current, [pool_raw], strat, mc_samples=config.mc_samples,
                                             reduction=config.reduction, batch_size=config.score_batch_size,
-                                            device=dev)
+                                            device=dev, precision=config.train.effective_precision)
                     picks = select(current, strat, config.per_iteration, scores=scores,
                                    rng=_rng("select", seed, strategy, it)).tolist()
                     del model

@@ -10,13 +10,16 @@ from emseg.io._volume import (
     VolumeSpec,
     auto_chunks,
     check_distinct,
+    check_output_volume,
+    clean_output_temps,
     create_volume,
     open_volume,
     parse_spec,
     replace_output,
 )
-from emseg.io._files import atomic_write_json, atomic_write_text, json_safe
+from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
 from emseg.io._validate import (
+    check_not_empty,
     check_not_present,
     check_patch_fits,
     check_raw,
@@ -32,6 +35,10 @@ __all__ = [
     "atomic_write_text",
     "auto_chunks",
     "check_distinct",
+    "check_not_empty",
+    "check_output_location",
+    "check_output_volume",
+    "clean_output_temps",
     "check_not_present",
     "check_patch_fits",
     "check_raw",

@@ -40,3 +40,25 @@ def json_safe(obj: Any) -> Any:
 def atomic_write_json(path: str | Path, data: Any, *, indent: int = 2) -> None:
     """Write ``json_safe(data)`` atomically (strict JSON: no NaN)."""
     atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
+
+
+def check_output_location(path: str | Path, *, folder: bool = False, must_exist_parent: bool = True) -> None:
+    """Raise :class:`InputError` when ``path`` cannot be written, before any work starts.
+
+    The nearest existing ancestor must be a folder (``/dev/null/x`` is refused); with
+    ``must_exist_parent`` the parent itself must exist. ``folder`` means ``path`` is a folder to
+    create or reuse, so an existing file there is refused too.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise InputError("exists and is not a folder", source=str(path))
+    parent = path.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise InputError(f"cannot write here: {ancestor} is a file, not a folder", source=str(path))
+    if must_exist_parent and not parent.exists():
+        raise InputError("output folder does not exist", source=str(parent))
+    if ancestor.exists() and not os.access(ancestor, os.W_OK):
+        raise InputError(f"cannot write here: {ancestor} is not writable", source=str(path))

@@ -47,11 +47,19 @@ def read_info(label_spec: str | VolumeSpec, n_classes: int) -> np.ndarray:
     return data.astype(np.uint8)
 
 
+def check_not_empty(volume, what: str = "volume") -> None:
+    """Every side must be at least 1 (a 0-size volume has nothing to compute)."""
+    shape = tuple(int(s) for s in volume.shape)
+    if not shape or any(s < 1 for s in shape):
+        raise InputError(f"{what} is empty (shape {shape})", source=str(getattr(volume, "spec", "") or what))
+
+
 def check_raw(raw: Volume) -> None:
-    """Raw must be 2D/3D, numeric and finite."""
+    """Raw must be 2D/3D, non-empty, numeric and finite."""
     src = str(raw.spec)
     if raw.ndim not in (2, 3):
         raise InputError(f"raw must be 2D (y,x) or 3D (z,y,x), found {raw.ndim}D {raw.shape}", source=src)
+    check_not_empty(raw, "raw")
     if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
         raise InputError(f"raw must be numeric, found {raw.dtype}", source=src)
     if np.issubdtype(raw.dtype, np.floating):

@@ -358,6 +358,43 @@ def _zarr_compressors(dtype: np.dtype):
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
 
 
+def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
+    """Raise :class:`InputError` when ``spec`` cannot be written, before any work starts.
+
+    The folder must exist (and be a folder); an existing HDF5 file must be readable (a truncated
+    file is refused, not copied); an existing zarr path must be a folder.
+    """
+    from emseg.io._files import check_output_location
+
+    spec = parse_spec(spec)
+    check_output_location(spec.path)
+    if spec.path.exists():
+        if spec.fmt == "h5":
+            if spec.path.is_dir():
+                raise InputError("is a folder, not an HDF5 file", source=str(spec.path))
+            try:
+                with h5py.File(spec.path, "r"):
+                    pass
+            except OSError as exc:
+                reason = str(exc).split("(")[0].strip() or type(exc).__name__
+                raise InputError(f"exists but is not a readable HDF5 file ({reason}); delete it or choose "
+                                 f"another output", source=str(spec.path)) from None
+        elif not spec.path.is_dir():
+            raise InputError("exists and is not a zarr folder", source=str(spec.path))
+    return spec
+
+
+def clean_output_temps(spec: str | VolumeSpec) -> None:
+    """Remove temp copies of ``spec`` left by dead runs (``.NAME.tmp-PID-*`` whose PID is gone)."""
+    from emseg.locks import clean_stale_temps
+
+    spec = parse_spec(spec)
+    clean_stale_temps(spec.path.parent, [spec.path.name])
+    if spec.fmt == "zarr" and spec.key and spec.path.is_dir():
+        parent_key, _, name = spec.key.rpartition("/")
+        clean_stale_temps(spec.path / parent_key if parent_key else spec.path, [name])
+
+
 def create_volume(
     spec: str | VolumeSpec,
     shape: Iterable[int],
@@ -377,23 +414,34 @@ def create_volume(
     dtype = np.dtype(dtype)
     chunks = tuple(chunks) if chunks is not None else auto_chunks(shape, dtype.itemsize)
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    if any(s < 1 for s in shape):
+        raise InputError(f"cannot write an empty volume of shape {shape}", source=str(spec))
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    if not spec.path.parent.exists():
-        raise InputError("output folder does not exist", source=str(spec.path.parent))
+    check_output_volume(spec)
+    clean_output_temps(spec)
     if spec.fmt == "h5":
         final = spec.path
         tmp = final.with_name(f".{final.name}.{tag}")
-        if final.exists():
-            shutil.copyfile(final, tmp)
-        handle = h5py.File(tmp, "a")
-        if spec.key in handle:
-            del handle[spec.key]
-        array = handle.create_dataset(
-            spec.key, shape=shape, dtype=dtype, chunks=chunks, compression="gzip",
-            compression_opts=4, shuffle=dtype.itemsize > 1, fillvalue=fill_value,
-        )
-        for k, v in (attrs or {}).items():
-            array.attrs[k] = v
+        try:
+            if final.exists():
+                shutil.copyfile(final, tmp)
+            handle = h5py.File(tmp, "a")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"cannot write the HDF5 output ({exc})", source=str(final)) from None
+        try:
+            if spec.key in handle:
+                del handle[spec.key]
+            array = handle.create_dataset(
+                spec.key, shape=shape, dtype=dtype, chunks=chunks, compression="gzip",
+                compression_opts=4, shuffle=dtype.itemsize > 1, fillvalue=fill_value,
+            )
+            for k, v in (attrs or {}).items():
+                array.attrs[k] = v
+        except (OSError, ValueError, TypeError) as exc:
+            handle.close()
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"cannot create dataset '{spec.key}' ({exc})", source=str(final)) from None
         return OutputVolume(spec, array, tmp, final, handle)
     if spec.key:
         created_root = None if spec.path.exists() else spec.path

@@ -61,7 +61,7 @@ def normalised_probabilities(probs: np.ndarray, rule: str = "sigmoid") -> np.nda
     elif rule == "softmax":
         background = np.clip(1.0 - p.sum(axis=0, keepdims=True), 0.0, None)
     else:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        raise InputError(f"rule must be one of {RULES}, got {rule!r}")
     allp = np.concatenate([background, p], axis=0)
     return (allp / np.maximum(allp.sum(axis=0, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -81,7 +81,7 @@ def merge_labels(probs: np.ndarray, labels: Sequence[int], rule: str = "sigmoid"
     if p.shape[0] != len(labels):
         raise ValueError(f"{p.shape[0]} probability maps for {len(labels)} labels")
     if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        raise InputError(f"rule must be one of {RULES}, got {rule!r}")
     values = np.concatenate([[0], np.asarray(labels, dtype=np.int64)])
     # Same result as the argmax of normalised_probabilities, without building the (K+1) maps:
     # sigmoid: prod(1 - p) <= 1 - max p, so background wins only where max p <= 0.5 (forced);
@@ -142,7 +142,7 @@ def _centre_crop(cond: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(full) == tuple(shape):
         return cond
     if any(s > f for s, f in zip(shape, full)):
-        raise ValueError(f"window {tuple(shape)} is larger than the atlas patch {tuple(full)}")
+        raise InputError(f"window {tuple(shape)} is larger than the atlas patch {tuple(full)}")
     index = tuple(slice((f - s) // 2, (f - s) // 2 + s) for f, s in zip(full, shape))
     return cond[(slice(None), slice(None)) + index]
 
@@ -164,7 +164,7 @@ class RunningMerge:
 
     def __init__(self, labels: Sequence[int], rule: str, shape: Sequence[int]):
         if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+            raise InputError(f"rule must be one of {RULES}, got {rule!r}")
         self.values = np.concatenate([[0], np.asarray(labels, dtype=np.int64)])
         self.rule = rule
         self.best = np.full(tuple(shape), -np.inf, dtype=np.float32)
@@ -239,9 +239,9 @@ class LabelPredictor:
         self.model = model
         self.labels = [int(l) for l in labels]
         if not self.labels:
-            raise ValueError("no labels to predict")
+            raise InputError("no labels to predict")
         if label_batch < 1:
-            raise ValueError(f"label_batch must be >= 1, got {label_batch}")
+            raise InputError(f"label_batch must be >= 1, got {label_batch}")
         self.device = torch.device(device)
         self.label_batch = label_batch
         self.conditioned = bool(getattr(model, "cond_channels", 0))
@@ -260,7 +260,7 @@ class LabelPredictor:
             classes = [int(c) for c in classes]
             missing = [l for l in self.labels if l not in classes]
             if missing:
-                raise ValueError(f"label {missing[0]} is not one of the trained classes {classes}")
+                raise InputError(f"label {missing[0]} is not one of the trained classes {classes}")
             self.rule = "softmax"
             self.channels = torch.tensor([classes.index(l) + 1 for l in self.labels], device=self.device)
             forward = self._baseline_forward

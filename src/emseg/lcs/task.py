@@ -138,7 +138,7 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{key} must hold integers, got {value!r}")
+        raise InputError(f"{key} must hold integers, got {value!r}")
     return int(value)
 
 
@@ -422,7 +422,7 @@ def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: 
     True
     """
     if dice not in DICE_MODES:
-        raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
+        raise InputError(f"dice must be one of {DICE_MODES}, got {dice!r}")
     logits = logits.float()
     probs = torch.sigmoid(logits[:, 0])
     if dice == "class" and groups is not None:

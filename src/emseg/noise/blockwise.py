@@ -800,7 +800,15 @@ def noise_file(
     --------
     >>> noise_file("stack.h5:label", "noisy.h5:label", "flip", {"p": 0.45}, seed=1)  # doctest: +SKIP
     """
-    from emseg.io import check_distinct, create_volume, open_volume, parse_spec
+    from emseg.io import (
+        check_distinct,
+        check_not_empty,
+        check_output_location,
+        check_output_volume,
+        create_volume,
+        open_volume,
+        parse_spec,
+    )
 
     try:
         checked = check_params(mode, params)
@@ -825,13 +833,16 @@ def noise_file(
                          "by independent tasks, which HDF5 files do not allow", source=str(out_spec))
     if workers is not None and scheduler != "local":
         raise InputError("--workers applies to --scheduler local only")
-    if not out_spec.path.parent.exists():
-        raise InputError("output folder does not exist", source=str(out_spec.path.parent))
+    if on_cluster:
+        check_output_location(out_spec.path)
+    else:
+        check_output_volume(out_spec)
     with open_volume(in_spec) as source:
         src = str(source.spec)
         if source.ndim not in (2, 3):
             raise InputError(f"labels must be 2D (y,x) or 3D (z,y,x), found {source.ndim}D {source.shape}",
                              source=src)
+        check_not_empty(source, "labels")
         if source.dtype.kind not in "biu":
             raise InputError(f"labels must be integers, found {source.dtype}", source=src)
         try:
@@ -928,25 +939,14 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
                      chunks: Sequence[int], attrs: dict[str, Any], blocks: Sequence[Any], *,
                      scheduler: str | None, workers: int | None, retries: int, client: Any,
                      progress: Callable[[int, int], None] | None) -> tuple[tuple[int, ...], np.dtype, float]:
-    """Write the blocks as cluster tasks into a ``.partial`` zarr array, renamed when complete."""
-    import functools
+    """Write the blocks as cluster tasks into a ``.partial`` zarr array, renamed when complete.
 
+    One writer at a time: the partial is locked (:func:`emseg.locks.lock_output`) while it is written.
+    """
     import zarr
 
-    from emseg.distributed import (
-        DONE_DIR,
-        RESUME_ATTR,
-        DoneMarkers,
-        _check_params,
-        _jsonable,
-        fit_chunks,
-        injected_failures,
-        partial_location,
-        require_distributed,
-        run_blocks,
-    )
-    from emseg.io import replace_output
-    from emseg.io._volume import _zarr_compressors
+    from emseg.distributed import _jsonable, fit_chunks, partial_location, require_distributed
+    from emseg.locks import lock_output
 
     if client is None:
         require_distributed()
@@ -957,6 +957,28 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
     block_shape = tuple(int(b) for b in attrs["noise_block_shape"])
     chunks = fit_chunks(block_shape, tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
     params = _jsonable(dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks)))
+    if key:  # the group holding the partial array (and its lock file)
+        root = zarr.open_group(store=str(store), mode="a")
+        if key.rpartition("/")[0]:
+            root.require_group(key.rpartition("/")[0])
+    with lock_output(partial, what=str(out_spec)):
+        return _noise_partial(job, out_spec, shape, dtype, chunks, attrs, blocks, store, key, partial, final,
+                              params, scheduler=scheduler, workers=workers, retries=retries, client=client,
+                              progress=progress)
+
+
+def _noise_partial(job, out_spec, shape, dtype, chunks, attrs, blocks, store, key, partial, final, params, *,
+                   scheduler, workers, retries, client, progress):
+    """The locked part of :func:`_noise_resumable`: create or reopen the partial, run, rename."""
+    import functools
+
+    import zarr
+
+    from emseg.distributed import DONE_DIR, RESUME_ATTR, DoneMarkers, _check_params, injected_failures, run_blocks
+    from emseg.io import clean_output_temps, replace_output
+    from emseg.io._volume import _zarr_compressors
+
+    clean_output_temps(out_spec)
     if partial.exists():
         try:
             stored = zarr.open_array(store=str(store), path=key or None, mode="r+").attrs.get(RESUME_ATTR)

@@ -124,6 +124,8 @@ class IGTTConfig:
         Compute the Otsu and adaptive thresholding baselines.
     save_pseudo_labels : bool
         Write each epoch's new pseudo-labels to ``pseudo_labels.h5:epoch_NN``.
+    precision : {"auto", "fp32", "bf16"}
+        Network arithmetic for training and prediction (:mod:`emseg.precision`).
 
     Examples
     --------
@@ -152,6 +154,7 @@ class IGTTConfig:
     adaptive_offset: float = 0.0
     baselines: bool = True
     save_pseudo_labels: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         patch = tuple(int(p) for p in self.patch_shape)
@@ -173,6 +176,8 @@ class IGTTConfig:
              f"depth and base_width must be >= 1, got {self.depth}, {self.base_width}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.predict_window >= 1, f"predict_window must be >= 1, got {self.predict_window}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.adaptive_block_size >= 3 and self.adaptive_block_size % 2 == 1,
              f"adaptive_block_size must be an odd integer >= 3, got {self.adaptive_block_size}"),
         ]
@@ -601,7 +606,7 @@ def _train_config(config: IGTTConfig, raw_name: str, total_steps: int) -> TrainC
     return TrainConfig(
         train=(CubeConfig(raw=raw_name),), n_classes=1, patch_shape=(1,) + tuple(config.patch_shape),
         batch_size=config.batch_size, steps=total_steps, valid_every=10**9,
-        log_every=max(1, min(10, config.steps_per_epoch)), checkpoint_every=10**9, amp=True,
+        log_every=max(1, min(10, config.steps_per_epoch)), checkpoint_every=10**9, precision=config.precision,
         model=ModelConfig(ndim=2, depth=config.depth, base_width=config.base_width, norm="batch"),
         augment=AugmentConfig(flip=config.augment, rotate90=config.augment,
                               brightness=0.1 if config.augment else 0.0,
@@ -610,12 +615,13 @@ def _train_config(config: IGTTConfig, raw_name: str, total_steps: int) -> TrainC
     )
 
 
-def _predict(model: torch.nn.Module, volume: np.ndarray, window: int, device: torch.device) -> np.ndarray:
+def _predict(model: torch.nn.Module, volume: np.ndarray, window: int, device: torch.device,
+             precision: str = "fp32") -> np.ndarray:
     """Foreground probabilities of a (z, y, x) in-memory volume with a 2D network."""
     model.eval()
     patch = (1, min(window, volume.shape[1]), min(window, volume.shape[2]))
     predictor = SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=0.25,
-                              batch_size=4, device=device, amp=device.type == "cuda")
+                              batch_size=4, device=device, precision=precision)
     out = np.empty(volume.shape, dtype=np.float32)
     blocks = plan_blocks(volume.shape, default_block_shape(volume.shape, patch, (1, 1, 1)),
                          (0, patch[1] // 2, patch[2] // 2))
@@ -878,7 +884,7 @@ def run_igtt(
             break
         model, train_state = load_model(train_dir / "last.pt", dev)
 
-        prob = _predict(model, vol3, cfg.predict_window, dev)
+        prob = _predict(model, vol3, cfg.predict_window, dev, cfg.precision)
         sel = select_mask(prob, cfg.n_thresholds, invert_large=cfg.invert_large)
         if cfg.ems:
             labels = ems(sel.mask, radius=cfg.shift_radius, fraction=cfg.sample_fraction, per_section=True,
@@ -926,7 +932,7 @@ def run_igtt(
     if result.final_epoch >= cfg.epochs and not result.interrupted:
         if last_prob is None:  # resumed a finished run: predict again with the saved model
             model, _ = load_model(out / "model.pt", dev)
-            last_prob = _predict(model, vol3, cfg.predict_window, dev)
+            last_prob = _predict(model, vol3, cfg.predict_window, dev, cfg.precision)
             last_sel = select_mask(last_prob, cfg.n_thresholds, invert_large=cfg.invert_large)
         assert last_sel is not None
         fg_prob = (1.0 - last_prob) if last_sel.inverted else last_prob

@@ -1,0 +1,350 @@
+"""The fast path, measured: precision fp32 vs auto, the GEMM roofline, emseg predict vs MONAI, BALD vs baal.
+
+Printed in one run (and written as JSON with --json-out):
+
+1. GEMM rates (2048^2 matmul) in fp32 and bf16: the machine's roofline.
+2. FLOPs per voxel of the networks (torch's FlopCounterMode, forward pass; training ~3x).
+3. Network throughput on random data, for the 2D U-Net (depth 4, width 16, 5 classes, batches of
+   8 x 256^2) and an anisotropic 3D U-Net (depth 3, width 16, 2 in-plane levels, batches of 2 x
+   16 x 128 x 128): training steps and inference in fp32, fp32 + channels-last, bf16 and bf16 +
+   channels-last, with the fraction of the roofline reached.
+4. ``emseg train`` end to end on VNC sections 0-14 (patch reads, augmentation, prefetch): patches/s at
+   fp32 and at auto, prefetch on and off.
+5. ``emseg predict`` end to end (h5 in, zarr float32 probabilities out) on the VNC stack against
+   MONAI's ``sliding_window_inference`` in memory, same model, window 256, overlap 0.25: MONAI at its
+   defaults (fp32, sw_batch_size 1, constant blending) and MONAI given bf16 + channels-last
+   (sw_batch_size 4, gaussian). Each runs in its own process: voxels/s and peak RSS.
+6. BALD scoring at T = 20 on 128^2 patches with a dropout U-Net: emseg's ``score_pool`` (encoder once,
+   decoder T times, streamed) against baal's ``ModelWrapper.predict_on_batch`` (the batch replicated T
+   times) + ``BALD`` heuristic, patches/s and peak RSS.
+
+Usage::
+
+    python benchmarks/speed.py [--quick] [--json-out speed.json] [--only gemm,net,train,predict,bald]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import data_dir, machine  # noqa: E402
+
+HERE = Path(__file__).resolve()
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _timed(fn, seconds: float, warmup: int = 1) -> float:
+    """Calls per second of ``fn`` over about ``seconds`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds and n >= 2:
+            return n / dt
+
+
+# --------------------------------------------------------------------------- 1. GEMM
+def bench_gemm(seconds: float) -> dict:
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        rate = _timed(lambda: a @ b, seconds)
+        out[f"gemm_{name}_gflops"] = rate * 2 * 2048**3 / 1e9
+    return out
+
+
+# --------------------------------------------------------------------------- 2-3. networks
+NETS = {
+    "2d": dict(config=dict(ndim=2, out_channels=5, depth=4, base_width=16), batch=(8, 1, 256, 256)),
+    "3d": dict(config=dict(ndim=3, out_channels=5, depth=3, base_width=16, anisotropic_levels=2),
+               batch=(2, 1, 16, 128, 128)),
+}
+MODES = {"fp32": ("fp32", False), "fp32+cl": ("fp32", True), "bf16": ("bf16", False), "bf16+cl": ("bf16", True)}
+
+
+def flops_per_voxel(net: torch.nn.Module, shape) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros((1,) + tuple(shape[1:]))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() / x.numel()
+
+
+def bench_networks(seconds: float, gemm: dict) -> dict:
+    from emseg.models import UNet
+    from emseg.precision import Precision
+
+    out = {}
+    for key, spec in NETS.items():
+        torch.manual_seed(0)
+        net = UNet(**spec["config"])
+        fpv = flops_per_voxel(net.eval(), spec["batch"])
+        out[f"{key}_gflop_per_mvoxel"] = fpv * 1e6 / 1e9
+        x = torch.rand(spec["batch"])
+        target = torch.randint(0, 5, (spec["batch"][0],) + spec["batch"][2:])
+        vox = x.numel()
+        for mode, (name, cl) in MODES.items():
+            prec = Precision(name, "cpu", cl)
+            model = UNet(**spec["config"])
+            prec.prepare_model(model)
+            xin = prec.prepare_input(x)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            fwd = prec.wrap(model)
+
+            def train_step():
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(fwd(xin), target)
+                loss.backward()
+                opt.step()
+
+            model.train()
+            train = _timed(train_step, seconds)
+            model.eval()
+
+            def infer():
+                with torch.no_grad():
+                    fwd(xin)
+
+            inf = _timed(infer, seconds)
+            roof = gemm["gemm_bf16_gflops" if name == "bf16" else "gemm_fp32_gflops"] * 1e9
+            out[f"{key}_{mode}"] = {
+                "train_mpx_s": train * vox / 1e6, "infer_mvox_s": inf * vox / 1e6,
+                "infer_roofline_fraction": inf * vox * fpv / roof,
+                "train_roofline_fraction": train * vox * 3 * fpv / roof,
+            }
+            print(f"  {key} {mode:8s} train {train * vox / 1e6:6.2f} Mpx/s   infer {inf * vox / 1e6:6.2f} Mvox/s"
+                  f"   ({100 * inf * vox * fpv / roof:4.1f}% of the {name} GEMM rate)", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- 4. emseg train
+def bench_train(seconds: float, vnc: Path | None) -> dict:
+    from emseg.config import config_from_dict
+    from emseg.training import SegmentationTask, run_training
+
+    if vnc is None:
+        return {"skipped": "no VNC data"}
+    out = {}
+    for precision in ("fp32", "auto"):
+        for prefetch in (False, True):
+            cfg = config_from_dict({
+                "n_classes": 5, "patch_shape": [1, 256, 256], "batch_size": 8, "steps": 10**6,
+                "max_seconds": seconds, "precision": precision, "prefetch": prefetch,
+                "log_every": 10**6, "checkpoint_every": 10**6, "valid_every": 10**6,
+                "model": {"depth": 4, "base_width": 16},
+                "train": [{"raw": f"{vnc}/vnc_stack1.h5:raw", "label": f"{vnc}/vnc_stack1.h5:label",
+                           "region": [[0, 15]]}]})
+            task = SegmentationTask(cfg)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    r = run_training(task, cfg, tmp, device="cpu", seed=0)
+                finally:
+                    task.close()
+            key = f"{precision}_prefetch_{'on' if prefetch else 'off'}"
+            out[key] = {"steps": r.final_step, "seconds": r.seconds, "patches_per_s": r.patches_per_s,
+                        "mpx_s": r.patches_per_s * 256 * 256 / 1e6, "precision": r.precision}
+            print(f"  emseg train {key:22s} {r.patches_per_s:6.1f} patches/s ({r.final_step} steps, "
+                  f"{r.precision})", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- 5. predict vs MONAI
+def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
+    """Runs in a fresh process: one way of predicting the first ``sections`` VNC sections."""
+    import h5py
+
+    from emseg.checkpoint import load_model
+    from emseg.precision import Precision
+
+    with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
+        shape = (sections,) + fh["raw"].shape[1:]
+    voxels = int(np.prod(shape))
+    if case.startswith("emseg"):
+        from emseg.predict import PredictConfig, predict_file
+
+        precision = case.split("-")[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            src = f"{vnc}/vnc_stack1.h5:raw"
+            if sections < 20:
+                with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/in.h5", "w") as out:
+                    out["raw"] = fh["raw"][:sections]
+                src = f"{tmp}/in.h5:raw"
+            base = _peak_rss_mb()
+            t0 = time.perf_counter()
+            res = predict_file(PredictConfig(model=ckpt, input=src, output=f"{tmp}/p.zarr", device="cpu",
+                                             precision=precision, overlap=0.25, batch_size=4))
+            dt = time.perf_counter() - t0
+        return {"voxels_per_s": voxels / dt, "seconds": dt, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base,
+                "block_shape": list(res.block_shape), "precision": res.precision}
+    from monai.inferers import sliding_window_inference
+
+    model, _ = load_model(ckpt)
+    t0 = time.perf_counter()
+    with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
+        raw = torch.from_numpy(fh["raw"][:sections].astype(np.float32) / 255)[:, None]
+    if case == "monai-default":
+        prec, kw = Precision("fp32", "cpu", False), dict(sw_batch_size=1, mode="constant")
+    else:
+        prec, kw = Precision("bf16", "cpu", True), dict(sw_batch_size=4, mode="gaussian")
+    prec.prepare_model(model)
+
+    def predictor(x):
+        with prec.autocast():
+            return torch.softmax(model(prec.prepare_input(x)).float(), 1)
+
+    with torch.no_grad():
+        probs = sliding_window_inference(raw, (256, 256), predictor=predictor, overlap=0.25, **kw)
+    dt = time.perf_counter() - t0
+    assert probs.shape == (sections, 5) + shape[1:]
+    return {"voxels_per_s": voxels / dt, "seconds": dt, "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench_predict(vnc: Path | None, sections: int) -> dict:
+    if vnc is None:
+        return {"skipped": "no VNC data"}
+    from emseg.checkpoint import save_checkpoint
+    from emseg.models import UNet
+
+    out = {"sections": sections}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        net = UNet(**NETS["2d"]["config"])
+        ckpt = f"{tmp}/m.pt"
+        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
+                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        for case in ("emseg-fp32", "emseg-auto", "monai-default", "monai-bf16"):
+            proc = subprocess.run([sys.executable, str(HERE), "--predict-case", case, "--vnc", str(vnc),
+                                   "--ckpt", ckpt, "--sections", str(sections)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                out[case] = {"error": proc.stderr.strip().splitlines()[-1]}
+                print(f"  {case}: failed: {out[case]['error']}", flush=True)
+                continue
+            out[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {case:14s} {out[case]['voxels_per_s'] / 1e6:5.2f} Mvoxel/s  peak RSS "
+                  f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
+    for a, b in (("emseg-auto", "monai-default"), ("emseg-auto", "monai-bf16"), ("emseg-auto", "emseg-fp32")):
+        if "voxels_per_s" in out.get(a, {}) and "voxels_per_s" in out.get(b, {}):
+            out[f"speed_{a}_over_{b}"] = out[a]["voxels_per_s"] / out[b]["voxels_per_s"]
+            out[f"rss_{a}_over_{b}"] = out[a]["peak_rss_mb"] / out[b]["peak_rss_mb"]
+    return out
+
+
+# --------------------------------------------------------------------------- 6. BALD
+def _bald_case(case: str, n: int, t: int) -> dict:
+    from emseg.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet(ndim=2, out_channels=5, depth=4, base_width=16, dropout=0.5).eval()
+    vol = (np.random.default_rng(0).random((n, 128, 128)) * 255).astype(np.uint8)
+    base = _peak_rss_mb()
+    t0 = time.perf_counter()
+    if case.startswith("emseg"):
+        from emseg.active.pool import build_pool, score_pool
+
+        pool = build_pool([vol.shape], (1, 128, 128))
+        scores = score_pool(net, pool, [vol], "bald", mc_samples=t, batch_size=8, seed=0,
+                            precision=case.split("-")[1]).scores
+    else:
+        from baal.active.heuristics import BALD
+        from baal.bayesian.dropout import patch_module
+        from baal.modelwrapper import ModelWrapper, TrainingArgs
+
+        wrapper = ModelWrapper(patch_module(net), TrainingArgs(use_cuda=False, replicate_in_memory=True))
+        outs = []
+        for b0 in range(0, n, 8):
+            x = torch.from_numpy(vol[b0:b0 + 8].astype(np.float32) / 255)[:, None]
+            logits = wrapper.predict_on_batch(x, iterations=t)  # (B, C, H, W, T)
+            outs.append(torch.softmax(logits, 1).numpy())
+        scores = BALD(reduction="mean").compute_score(np.concatenate(outs))
+    dt = time.perf_counter() - t0
+    return {"patches_per_s": n / dt, "seconds": dt, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base,
+            "n": n, "finite": bool(np.isfinite(scores).all())}
+
+
+def bench_bald(n: int, t: int) -> dict:
+    out = {"n": n, "T": t}
+    for case in ("emseg-fp32", "emseg-auto", "baal"):
+        proc = subprocess.run([sys.executable, str(HERE), "--bald-case", case, "--n", str(n), "--t", str(t)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            out[case] = {"error": proc.stderr.strip().splitlines()[-1]}
+            print(f"  {case}: failed: {out[case]['error']}", flush=True)
+            continue
+        out[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  BALD {case:11s} {out[case]['patches_per_s']:6.2f} patches/s  peak RSS "
+              f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
+    for a in ("emseg-fp32", "emseg-auto"):
+        if "patches_per_s" in out.get(a, {}) and "patches_per_s" in out.get("baal", {}):
+            out[f"speed_{a}_over_baal"] = out[a]["patches_per_s"] / out["baal"]["patches_per_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Short timings and 4 sections (a smoke run).")
+    ap.add_argument("--only", default="gemm,net,train,predict,bald")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--predict-case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bald-case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--vnc", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sections", type=int, default=20, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--t", type=int, default=20, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from emseg.device import configure_threads
+
+    configure_threads()
+    if args.predict_case:
+        print(json.dumps(_predict_case(args.predict_case, args.vnc, args.ckpt, args.sections)))
+        return
+    if args.bald_case:
+        print(json.dumps(_bald_case(args.bald_case, args.n, args.t)))
+        return
+    from emseg.precision import cpu_bf16_support
+
+    only = set(args.only.split(","))
+    seconds = 2.0 if args.quick else 8.0
+    vnc = data_dir()
+    results: dict = {"machine": machine(), "cpu_bf16": cpu_bf16_support()[1], "load_average": os.getloadavg()}
+    print(f"machine: {results['machine']}; native bf16: {results['cpu_bf16']}; load {results['load_average']}")
+    gemm = bench_gemm(2.0 if args.quick else 5.0)
+    results["gemm"] = gemm
+    print(f"GEMM 2048^2: fp32 {gemm['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 {gemm['gemm_bf16_gflops']:.0f} GFLOP/s")
+    if "net" in only:
+        results["networks"] = bench_networks(seconds, gemm)
+    if "train" in only:
+        results["train"] = bench_train(20.0 if args.quick else 60.0, vnc)
+    if "predict" in only:
+        results["predict"] = bench_predict(vnc, 4 if args.quick else 20)
+    if "bald" in only:
+        results["bald"] = bench_bald(16 if args.quick else 64, 20)
+    results["load_average_end"] = os.getloadavg()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
