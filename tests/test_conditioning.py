@@ -135,3 +135,18 @@ def test_prototype_conditioning_learns_classes_that_differ_only_in_texture(tmp_p
         assert acc > 0.9, (c, acc)  # a constant map would score about 2/3
     merged = predictor.predict(image)
     assert np.mean(merged == test_label) > 0.85
+
+
+@pytest.mark.parametrize("conditioning", ["maxpool", "atlas", "prototype"])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_stored_configs_are_checked_and_sized_with_their_conditioning(conditioning, norm):
+    from emseg.checkpoint import check_model_config, count_parameters
+    from emseg.errors import InputError
+
+    for ndim, levels in ((2, 0), (3, 1)):
+        net = UNet(ndim=ndim, out_channels=1, depth=2, base_width=3, norm=norm, cond_channels=2,
+                   anisotropic_levels=levels, conditioning=conditioning)
+        assert check_model_config(net.config, source="m.pt") == net.config
+        assert count_parameters(net.config) == sum(p.numel() for p in net.parameters())
+    with pytest.raises(InputError, match="conditioning must be one of"):
+        check_model_config(dict(net.config, conditioning="film"), source="m.pt")
