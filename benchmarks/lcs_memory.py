@@ -16,10 +16,18 @@ atlas), the network and Adam, and measures one step (forward + loss + backward):
 Both use the same backbone, patch and batch for both models; only the output head (1 channel +
 2-channel conditioning for LCS, K+1 channels for the baseline) and the loss differ.
 
+``--infer`` measures inference instead: for each K a fresh process writes a checkpoint of an
+(untrained) prototype-conditioned LCS network whose atlas holds K labels, and runs ``infer_file``
+(``emseg lcs infer``) on a small random volume, once streaming the labels (``label_batch = 1``,
+the default) and once with all K labels at once (``label_batch = K``, what inference held before).
+Reported: peak RSS of the process (``ru_maxrss``) and its increase over the resident size just
+before ``infer_file``.
+
 Usage::
 
     python benchmarks/lcs_memory.py                       # K = 2, 10, 50, 95; 3D patch 16x64x64
     python benchmarks/lcs_memory.py --patch 1,128,128 --classes 2,95 --json-out /tmp/lcs_memory.json
+    python benchmarks/lcs_memory.py --infer               # inference, volume 8x256x256, patch 1x64x64
 """
 from __future__ import annotations
 
@@ -27,11 +35,14 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _rss_bytes() -> int:
@@ -100,6 +111,79 @@ def child(mode: str, k: int, patch: tuple[int, ...], width: int, depth: int, bat
             "out_channels": task.model_config()["out_channels"]}
 
 
+def infer_child(k: int, label_batch: int, volume: tuple[int, ...], patch: tuple[int, ...], width: int,
+                depth: int) -> dict:
+    import h5py
+    import numpy as np
+    import torch
+
+    from emseg.lcs import Atlas, InferConfig, infer_file
+    from emseg.models import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="lcs_infer_memory_"))
+    squeeze = len(patch) == 3 and patch[0] == 1
+    net_patch = patch[1:] if squeeze else patch
+    config = dict(ndim=len(net_patch), in_channels=1, out_channels=1, depth=depth, base_width=width, norm="batch",
+                  cond_channels=2, conditioning="prototype")
+    model = build_model(config)
+    label = (np.arange(int(np.prod(net_patch))) % k + 1).reshape(net_patch)  # every label in the atlas
+    atlas = Atlas(rng.random(net_patch).astype(np.float32), label.astype(np.int64), patch, (0,) * len(patch), patch)
+    state = {"model": model.state_dict(), "model_config": config, "task": "lcs",
+             "lcs": {"classes": list(range(1, k + 1)), "patch_shape": list(patch), "baseline": False,
+                     "n_classes": k + 1, "conditioning": "prototype"}}
+    state.update(atlas.to_state())
+    torch.save(state, tmp / "model.pt")
+    with h5py.File(tmp / "in.h5", "w") as fh:
+        fh["raw"] = rng.integers(0, 256, size=volume, dtype=np.uint8)
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    result = infer_file(InferConfig(str(tmp / "model.pt"), f"{tmp / 'in.h5'}:raw", str(tmp / "out.zarr"),
+                                    label_batch=label_batch, device="cpu"))
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"k": k, "label_batch": label_batch, "peak_rss_mb": peak / 2**20,
+            "rss_increase_mb": (peak - rss_before) / 2**20, "before_mb": rss_before / 2**20, "seconds": seconds,
+            "blocks": result.blocks, "map_mb": int(np.prod(volume)) * 4 / 2**20}
+
+
+def infer_main(args, ks: list[int]) -> int:
+    volume = tuple(int(v) for v in args.volume.split(","))
+    patch = tuple(int(p) for p in args.infer_patch.split(","))
+    print(f"emseg lcs infer (infer_file), volume {volume} (one float32 map {np.prod(volume) * 4 / 2**20:.1f} MB), "
+          f"patch {patch}, prototype U-Net depth {args.depth} width {args.width}; a fresh process per configuration")
+    rows = []
+    for mode in ("stream", "all"):
+        for k in ks:
+            lb = 1 if mode == "stream" else k
+            cmd = [sys.executable, __file__, "--infer-child", str(k), str(lb), "--volume", args.volume,
+                   "--infer-patch", args.infer_patch, "--width", str(args.width), "--depth", str(args.depth)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["mode"] = mode
+            rows.append(row)
+            print(f"label_batch={'1' if mode == 'stream' else 'K'} K={k:3d}  peak RSS {row['peak_rss_mb']:7.1f} MB  "
+                  f"increase during inference {row['rss_increase_mb']:7.1f} MB  {row['seconds']:6.1f} s", flush=True)
+    by = {(r["mode"], r["k"]): r for r in rows}
+    k0, k1 = ks[0], ks[-1]
+    summary = {}
+    for mode in ("stream", "all"):
+        ratio = by[(mode, k1)]["peak_rss_mb"] / by[(mode, k0)]["peak_rss_mb"]
+        summary[f"{mode}_peak_rss_ratio_k{k1}_over_k{k0}"] = ratio
+        print(f"label_batch={'1' if mode == 'stream' else 'K'}: peak RSS K={k1} / K={k0}: {ratio:.3f}")
+    flat = summary[f"stream_peak_rss_ratio_k{k1}_over_k{k0}"] <= 1.1
+    print(f"inference flat in K (peak RSS ratio <= 1.1): {'yes' if flat else 'NO'}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "summary": summary, "args": vars(args)}, indent=2))
+    return 0 if flat else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", default="2,10,50,95", help="Class counts K to measure.")
@@ -108,8 +192,19 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=3, help="U-Net depth.")
     parser.add_argument("--batch", type=int, default=2, help="Patches per step.")
     parser.add_argument("--json-out", default=None, help="Also write the results as JSON here.")
+    parser.add_argument("--infer", action="store_true", help="Measure inference (peak RSS) instead of training.")
+    parser.add_argument("--volume", default="8,256,256", help="--infer: volume z,y,x.")
+    parser.add_argument("--infer-patch", default="1,64,64", help="--infer: patch z,y,x (the atlas shape).")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--infer-child", nargs=2, metavar=("K", "LABEL_BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.infer_child:
+        k, lb = (int(v) for v in args.infer_child)
+        print(json.dumps(infer_child(k, lb, tuple(int(v) for v in args.volume.split(",")),
+                                     tuple(int(p) for p in args.infer_patch.split(",")), args.width, args.depth)))
+        return 0
+    if args.infer:
+        return infer_main(args, [int(k) for k in args.classes.split(",")])
     patch = tuple(int(p) for p in args.patch.split(","))
     if args.child:
         mode, k = args.child

@@ -5,12 +5,14 @@ Data: ``vnc_stack1.h5`` (20 x 1024 x 1024, classes 0 background, 1 mitochondria,
 keeps a central N x N crop, but the central 512 x 512 crop holds no synapse). Everything derived
 is written under ``--workdir`` (default a fresh folder in /tmp), nothing into the repository.
 
-1. LCS (classes 1-4) and the baseline (5 softmax outputs, lazy-label NLL) are trained with the
-   same backbone, patch, batch, steps and learning rate (equal budget), through ``train_lcs`` (the
-   core of ``emseg lcs train``); both are run through ``infer_file`` (``emseg lcs infer``) on the
-   test sections. Reported: per-class Dice of the merged label map (and of each label's own
-   binary map, p > 0.5).
-2. Coarse-to-fine: a second LCS model is trained with membrane (2) and glia (4) merged into one
+1. LCS (classes 1-4; one model per ``--conditionings`` entry: ``prototype``, ``atlas``) and the
+   baseline (5 softmax outputs, lazy-label NLL) are trained with the same backbone, patch, batch,
+   steps and learning rate (equal budget), through ``train_lcs`` (the core of ``emseg lcs train``);
+   all are run through ``infer_file`` (``emseg lcs infer``) on the test sections. Reported:
+   per-class Dice of the merged label map (and of each label's own binary map, p > 0.5), and the
+   conditioning gap (mean over class pairs of mean |p_a - p_b|) against the same gap of the true
+   masks.
+2. Coarse-to-fine (``--coarse-conditioning``): a second LCS model is trained with membrane (2) and glia (4) merged into one
    class 2 (training labels and atlas labels both coarse). At inference it is conditioned on the
    fine atlas labels (``--atlas-labels``: the original labels of the same atlas patch) to segment
    membrane and glia separately. "Naive" Dice uses the coarse prediction (conditioned on the
@@ -83,7 +85,8 @@ def prepare(src: Path, work: Path, test_crop: int) -> tuple[Path, Path]:
     return train, test
 
 
-def train_model(name: str, work: Path, train: Path, args, offset, *, classes, label_ds="label", baseline=False):
+def train_model(name: str, work: Path, train: Path, args, offset, *, classes, label_ds="label", baseline=False,
+                conditioning="prototype"):
     data = {
         "n_classes": 5, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch, "steps": args.steps,
         "log_every": 50, "checkpoint_every": args.steps, "valid_every": 10**9, "amp": False,
@@ -95,7 +98,8 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
     config = config_from_dict(data)
     lcs = lcs_config_from_dict({"classes": classes, "atlas_raw": f"{train}:raw",
                                 "atlas_label": f"{train}:{label_ds}", "atlas_offset": list(offset),
-                                "merge_prob": args.merge_prob, "bce_weight": args.bce_weight},
+                                "merge_prob": args.merge_prob, "bce_weight": args.bce_weight,
+                                "negative_prob": args.negative_prob, "conditioning": conditioning},
                                n_classes=5, baseline=baseline)
     t0 = time.perf_counter()
     result = train_lcs(config, lcs, work / name, device="cpu", seed=args.seed)
@@ -128,7 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=8, help="U-Net base width.")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
     parser.add_argument("--merge-prob", type=float, default=0.5, help="LCS merged-label probability.")
-    parser.add_argument("--bce-weight", type=float, default=0.0, help="LCS BCE weight added to soft Dice.")
+    parser.add_argument("--bce-weight", type=float, default=1.0, help="LCS BCE weight added to soft Dice.")
+    parser.add_argument("--negative-prob", type=float, default=0.3, help="LCS probability of an absent class.")
+    parser.add_argument("--conditionings", default="prototype,atlas",
+                        help="LCS conditionings to train (comma-separated: prototype, atlas).")
+    parser.add_argument("--coarse-conditioning", default="prototype", help="Conditioning of the coarse model.")
     parser.add_argument("--test-crop", type=int, default=1024, help="Side of the central crop of test sections.")
     parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
     parser.add_argument("--threads", type=int, default=1,
@@ -159,33 +167,41 @@ def main(argv=None) -> int:
     report: dict = {"args": vars(args), "atlas_offset": list(offset), "atlas_counts": atlas_counts.tolist()}
 
     print("training (equal budget):")
-    lcs_ckpt, t_lcs = train_model("lcs", work, train, args, offset, classes=list(CLASSES))
-    base_ckpt, t_base = train_model("baseline", work, train, args, offset, classes=list(CLASSES), baseline=True)
     labels = list(CLASSES)
-    p_lcs, m_lcs, i_lcs = infer(lcs_ckpt, test, work / "pred_lcs.zarr", labels)
-    p_base, m_base, i_base = infer(base_ckpt, test, work / "pred_baseline.zarr", labels)
-    print(f"inference: LCS {i_lcs:.1f} s (4 conditioned passes per window), baseline {i_base:.1f} s")
+    kinds = [c.strip() for c in args.conditionings.split(",") if c.strip()]
+    models = {}
+    for kind in kinds:
+        models[f"lcs_{kind}"] = train_model(f"lcs_{kind}", work, train, args, offset, classes=labels,
+                                            conditioning=kind)
+    models["baseline"] = train_model("baseline", work, train, args, offset, classes=labels, baseline=True)
+    preds = {name: infer(ckpt, test, work / f"pred_{name}.zarr", labels) for name, (ckpt, _) in models.items()}
+    print("inference: " + ", ".join(f"{name} {pred[2]:.1f} s" for name, pred in preds.items()))
     rows = {}
-    print(f"{'class':14s} {'LCS merged':>11s} {'base merged':>12s} {'LCS p>0.5':>10s} {'base p>0.5':>11s}")
+    names = list(models)
+    print(f"{'class':14s} " + " ".join(f"{n + ' merged':>18s} {n + ' p>0.5':>18s}" for n in names))
     for c, name in CLASSES.items():
         t = gt == c
-        row = {"lcs_merged": dice(m_lcs == c, t), "baseline_merged": dice(m_base == c, t),
-               "lcs_binary": dice(p_lcs[c] > 0.5, t), "baseline_binary": dice(p_base[c] > 0.5, t)}
+        row = {}
+        for n in names:
+            probs, merged, _ = preds[n]
+            row[f"{n}_merged"] = dice(merged == c, t)
+            row[f"{n}_binary"] = dice(probs[c] > 0.5, t)
         rows[name] = row
-        print(f"{c} {name:12s} {row['lcs_merged']:11.3f} {row['baseline_merged']:12.3f} "
-              f"{row['lcs_binary']:10.3f} {row['baseline_binary']:11.3f}")
+        print(f"{c} {name:12s} " + " ".join(f"{row[n + '_merged']:18.3f} {row[n + '_binary']:18.3f}" for n in names))
     mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
-    print(f"{'mean':14s} {mean['lcs_merged']:11.3f} {mean['baseline_merged']:12.3f} "
-          f"{mean['lcs_binary']:10.3f} {mean['baseline_binary']:11.3f}")
-    gap = conditioning_gap(p_lcs)
-    print(f"LCS conditioning gap (mean |p_a - p_b| over class pairs and test voxels): {gap:.4f}")
-    report.update(per_class=rows, mean=mean, train_seconds={"lcs": t_lcs, "baseline": t_base},
-                  infer_seconds={"lcs": i_lcs, "baseline": i_base}, lcs_conditioning_gap=gap)
+    print(f"{'mean':14s} " + " ".join(f"{mean[n + '_merged']:18.3f} {mean[n + '_binary']:18.3f}" for n in names))
+    true_gap = conditioning_gap({c: (gt == c).astype(np.float32) for c in CLASSES})
+    gaps = {n: conditioning_gap(preds[n][0]) for n in names}
+    print(f"conditioning gap (mean |p_a - p_b| over class pairs and test voxels): true masks {true_gap:.4f}; "
+          + ", ".join(f"{n} {g:.4f} ({g / true_gap:.2f}x)" for n, g in gaps.items()))
+    report.update(per_class=rows, mean=mean, train_seconds={n: m[1] for n, m in models.items()},
+                  infer_seconds={n: p[2] for n, p in preds.items()}, conditioning_gap=gaps,
+                  true_conditioning_gap=true_gap)
 
     if not args.skip_coarse:
-        print("coarse-to-fine: trained with membrane (2) + glia (4) merged into class 2")
+        print(f"coarse-to-fine ({args.coarse_conditioning}): trained with membrane (2) + glia (4) merged into class 2")
         coarse_ckpt, t_coarse = train_model("coarse", work, train, args, offset, classes=[1, 2, 3],
-                                            label_ds="label_coarse")
+                                            label_ds="label_coarse", conditioning=args.coarse_conditioning)
         p_coarse, _, _ = infer(coarse_ckpt, test, work / "pred_coarse.zarr", [1, 2, 3])
         p_fine, _, _ = infer(coarse_ckpt, test, work / "pred_fine.zarr", [2, 4], atlas_labels=f"{train}:label")
         coarse_pred = p_coarse[2] > 0.5

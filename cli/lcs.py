@@ -15,8 +15,9 @@ from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
 def command():
     """Label-conditioned segmentation: one single-output network for any number of classes.
 
-    The network is conditioned on an atlas image and the atlas mask of the class to segment;
-    inference runs one conditioned pass per requested label. See docs/lcs.md.
+    The network is conditioned on an atlas image and the atlas mask of the class to segment
+    (by default through class prototypes of the atlas, applied by FiLM); inference runs one
+    conditioned pass per requested label. See docs/lcs.md.
 
     \b
     Examples:
@@ -45,7 +46,8 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
 
     \b
     [lcs] keys: classes = [1,2,3,4], atlas_raw = "f.h5:raw", atlas_label = "f.h5:label",
-    atlas_offset = [z,y,x] (optional), merge_prob = 0.5, bce_weight = 0.0, dice = "batch".
+    atlas_offset = [z,y,x] (optional), conditioning = "prototype" | "atlas", merge_prob = 0.5,
+    negative_prob = 0.3, bce_weight = 1.0, dice = "class".
 
     \b
     Example:
@@ -91,8 +93,10 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
 @click.option("--overlap", type=float, default=0.25, help="Fraction of a window shared with its neighbours.")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian",
               help="How overlapping windows are weighted.")
-@click.option("--batch-size", type=int, default=4, help="Windows per forward pass (each repeated per label).")
-@click.option("--label-batch", type=int, default=64, help="At most this many conditioned passes per forward.")
+@click.option("--batch-size", type=int, default=4, help="Windows per forward pass (encoded once, decoded once per label of a label batch).")
+@click.option("--label-batch", type=int, default=1,
+              help="Labels predicted together over a block (each holds one float32 map of the block: memory "
+                   "grows with this, not with the number of labels).")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
 @common_options
 @device_seed_options

@@ -133,20 +133,41 @@ def test_merged_classes_give_the_union_in_target_and_atlas_mask(data_h5):
     task.close()
 
 
-def test_classes_absent_from_the_patch_are_still_sampled(tmp_path):
+@pytest.mark.parametrize("negative_prob", [0.3, 0.8])
+def test_explicit_negatives_are_sampled_at_the_set_rate(tmp_path, negative_prob):
     raw, label = cells((2, 32, 32), 4)
     label = np.where(label == 2, 0, label).astype(np.uint8)  # no class 2 anywhere in training
     araw, alabel = atlas_arrays()
     h5 = write_h5(tmp_path / "no2.h5", raw=raw, label=label, atlas_raw=araw, atlas_label=alabel)
-    config, lcs = build(h5, batch_size=50)
+    config, lcs = build(h5, batch_size=400, lcs={"negative_prob": negative_prob})
     task = LCSTask(config, lcs)
     rng = np.random.default_rng(0)
-    out = task.conditioned_batch(task.sampler.batch(50, rng, None), rng)
+    data = task.sampler.batch(400, rng, None)
+    has1 = np.array([np.any(t == 1) for t in data["target"]])
+    out = task.conditioned_batch(data, rng)
     chosen2 = out["classes"][:, 0] == 2
-    assert 10 <= chosen2.sum() <= 40  # binomial(50, 1/2): mean 25, standard deviation 3.5
+    # patches holding class 1 get the absent class 2 with probability negative_prob
+    n = int(has1.sum())
+    assert n > 300
+    assert abs(chosen2[has1].mean() - negative_prob) < 5 * np.sqrt(negative_prob * (1 - negative_prob) / n)
+    assert np.all(chosen2[~has1])  # no class present: the negative is the only choice
     assert np.all(out["target"][chosen2] == 0)  # the network is asked to output nothing
     np.testing.assert_array_equal(out["cond"][chosen2, 1], np.broadcast_to(alabel[0] == 2, (chosen2.sum(), 16, 16)))
     task.close()
+
+
+def test_draw_class_set_with_present_classes():
+    rng = np.random.default_rng(2)
+    sets = [draw_class_set([1, 2, 3, 4], rng, 0.0, present=[0, 2, 4], negative_prob=0.25) for _ in range(4000)]
+    first = np.array([s[0] for s in sets])
+    negative = np.isin(first, [1, 3]).mean()
+    assert abs(negative - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 4000)
+    # uniform within each group
+    assert abs(np.mean(first[np.isin(first, [1, 3])] == 1) - 0.5) < 0.06
+    assert abs(np.mean(first[np.isin(first, [2, 4])] == 2) - 0.5) < 0.04
+    # every class present (no negative possible) or none present
+    assert all(draw_class_set([1, 2], rng, 0.0, present=[1, 2], negative_prob=1.0)[0] in (1, 2) for _ in range(20))
+    assert {draw_class_set([1, 2], rng, 0.0, present=[0], negative_prob=0.0)[0] for _ in range(40)} == {1, 2}
 
 
 def test_merge_probability_and_distinct_classes():
@@ -177,14 +198,47 @@ def test_class_grouped_dice_loss():
         return 1 - (2 * inter + 1e-6) / ((p[idx] * keep).sum() + ((t[idx] == 1) * keep).sum() + 1e-6)
 
     expected = np.mean([pooled([0, 2]), pooled([1, 4]), pooled([3])])
-    got = conditioned_loss(logits, target, dice="class", groups=groups)
+    got = conditioned_loss(logits, target, dice="class", groups=groups, bce_weight=0.0)
     assert abs(float(got) - expected) < 1e-5
-    assert abs(float(conditioned_loss(logits, target, dice="batch")) - pooled([0, 1, 2, 3, 4])) < 1e-5
+    assert abs(float(conditioned_loss(logits, target, dice="batch", bce_weight=0.0)) - pooled([0, 1, 2, 3, 4])) < 1e-5
+    # BCE: mean over each patch's kept voxels, then over the patches
+    x = logits[:, 0].double().numpy()
+    bce = np.maximum(x, 0) - x * (t == 1) + np.log1p(np.exp(-np.abs(x)))
+    per_patch = [bce[b][t[b] >= 0].mean() for b in range(5)]
+    got = conditioned_loss(logits, target, dice="batch", bce_weight=0.5)
+    assert abs(float(got) - pooled([0, 1, 2, 3, 4]) - 0.5 * np.mean(per_patch)) < 1e-5
+    # a group with an empty target scores its mean probability (not a constant Dice)
+    empty = torch.where(groups[:, None, None] == 3, torch.zeros_like(target), target)
+    empty[3, 0, 0] = -1
+    got = conditioned_loss(logits, empty, dice="class", groups=groups, bce_weight=0.0)
+    expected = np.mean([pooled([0, 2]), pooled([1, 4]), p[3][empty[3].numpy() >= 0].mean()])
+    assert abs(float(got) - expected) < 1e-5
 
 
-def test_conditioning_selects_the_class(tmp_path, data_h5):
+@pytest.mark.parametrize("dice_mode", ["class", "batch", "sample"])
+@pytest.mark.parametrize("bce_weight", [0.0, 1.0])
+def test_loss_has_a_gradient_on_a_patch_without_the_class(dice_mode, bce_weight):
+    """The target is all 0 (the class is absent): the gradient is the analytic one, not ~0."""
+    from emseg.lcs import conditioned_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 1, 8, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    target = torch.zeros(1, 8, 8, dtype=torch.int64)
+    loss = conditioned_loss(logits.to(torch.bfloat16), target, dice=dice_mode, bce_weight=bce_weight,
+                            groups=torch.tensor([0]))
+    loss.backward()
+    p = torch.sigmoid(logits.detach().to(torch.bfloat16).float()).double()
+    n = target.numel()
+    # d mean(p) / dl = p (1 - p) / n; d mean BCE(l, 0) / dl = p / n
+    expected = p * (1 - p) / n + bce_weight * p / n
+    torch.testing.assert_close(logits.grad, expected, rtol=2e-2, atol=1e-6)
+    assert float(logits.grad.abs().min()) > 1e-4
+
+
+@pytest.mark.parametrize("conditioning", ["prototype", "atlas"])
+def test_conditioning_selects_the_class(tmp_path, data_h5, conditioning):
     """After a short training, the class-1 condition finds bright squares, class 2 the dark ones."""
-    config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2})
+    config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2}, lcs={"conditioning": conditioning})
     result = train_lcs(config, lcs, tmp_path / "run", device="cpu", seed=0)
     assert result.losses[-1] < result.losses[0]
     lcs_model = load_lcs_model(tmp_path / "run" / "last.pt")
@@ -306,6 +360,9 @@ def test_resume_continues_exactly(tmp_path, data_h5):
     other, lcs2 = build(data_h5, steps=6, lcs={"classes": [1]})
     with pytest.raises(InputError, match="classes"):
         train_lcs(other, lcs2, tmp_path / "b", device="cpu", resume=True)
+    other, lcs3 = build(data_h5, steps=6, lcs={"merge_prob": 0.5, "conditioning": "atlas"})
+    with pytest.raises(InputError, match="prototype conditioning, the config asks for atlas"):
+        train_lcs(other, lcs3, tmp_path / "b", device="cpu", resume=True)
 
 
 # --------------------------------------------------------------------------- command line
@@ -397,3 +454,102 @@ def test_cli_novel_labels_and_bad_inputs(tmp_path, data_h5):
     bad = _write_config(tmp_path, data_h5, lcs={"classes": [1, 5]})
     result = runner.invoke(cli, ["lcs", "train", str(bad), "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "classes must lie in 1..2" in _error_line(result)
+
+
+# --------------------------------------------------------------------------- streamed inference, old checkpoints
+
+
+def test_running_merge_equals_merge_labels():
+    from emseg.lcs.predict import RunningMerge
+
+    rng = np.random.default_rng(4)
+    probs = rng.random((5, 300)).astype(np.float32)
+    probs[2, :20] = probs[4, :20] = 0.9  # ties go to the earlier label
+    probs[:, 20:30] = 0.5  # exactly at the threshold: background
+    labels = [4, 9, 2, 7, 1]
+    for rule, p in (("sigmoid", probs), ("softmax", probs / probs.sum(0, keepdims=True) * 0.9)):
+        merge = RunningMerge(labels, rule, (300,))
+        for k in range(5):
+            merge.update(k, p[k])
+        np.testing.assert_array_equal(merge.result(), merge_labels(p, labels, rule))
+    assert np.all(merge.result()[:20] == merge_labels(probs, labels)[:20])
+
+
+@pytest.mark.parametrize("label_batch", [1, 2])
+def test_streamed_prediction_equals_all_labels_at_once(label_batch):
+    model, atlas = _random_model_and_atlas(2)
+    image = np.random.default_rng(3).random((2, 40, 36)).astype(np.float32)
+    labels = [3, 1, 2]
+    predictor = LabelPredictor(model, labels, (1, 16, 16), atlas=atlas, label_batch=label_batch)
+    together = predictor.window(image)
+    seen = {}
+    crop = (slice(None), slice(4, 30), slice(0, 20))
+    merged = predictor.predict(image, crop=crop, on_label=lambda l, p: seen.setdefault(l, p.copy()))
+    assert list(seen) == labels
+    for k, label in enumerate(labels):
+        np.testing.assert_allclose(seen[label], together[k][crop], atol=1e-6)
+    np.testing.assert_array_equal(merged, merge_labels(together[(slice(None),) + crop], labels))
+
+
+def test_old_maxpool_checkpoints_load_with_their_old_behaviour(tmp_path, data_h5):
+    """A checkpoint written before `conditioning` existed (max-pooled atlas, no key) still predicts
+    as the first implementation did: max pool to the bottleneck, concatenation, conv block."""
+    config, lcs = build(data_h5, steps=1)
+    train_lcs(config, lcs, tmp_path / "run", device="cpu")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    legacy_config = {k: v for k, v in state["model_config"].items() if k != "conditioning"}
+    torch.manual_seed(0)
+    old = build_model(legacy_config)
+    assert old.cond_block is not None and old.conditioner is None
+    state.update(model=old.state_dict(), model_config=legacy_config,
+                 lcs={k: v for k, v in state["lcs"].items() if k not in ("conditioning", "negative_prob")})
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_lcs_model(tmp_path / "old.pt")
+    image = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    got = LabelPredictor(loaded.model, [2], (1, 16, 16), atlas=loaded.atlas, overlap=0.0).window(image)[0, 0]
+    net = loaded.model
+    x = torch.from_numpy(image)[None]
+    cond = np.stack([loaded.atlas.image, (loaded.atlas.label == 2).astype(np.float32)])
+    pooled = cond.reshape(2, 4, 4, 4, 4).max(axis=(2, 4))  # 16 / divisor 4 = 4 cells of 4 x 4
+    with torch.no_grad():
+        skips, feats = net.encode(x)
+        h = net.cond_block(torch.cat([feats, torch.from_numpy(pooled)[None]], 1))
+        for up, dec, skip in zip(net.upconvs, net.decoders, reversed(skips)):
+            h = dec(torch.cat([up(h), skip], 1))
+        expected = torch.sigmoid(net.head(h))[0, 0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["prototype", "atlas"])
+def test_novel_labels_round_trip_through_the_checkpoint(tmp_path, data_h5, conditioning):
+    """Train, save, reload with finer atlas labels through the CLI: prob_<new label> is the network
+    conditioned on the new atlas mask, and differs from the coarse label's map."""
+    runner = CliRunner()
+    cfg = _write_config(tmp_path, data_h5, steps=3, lcs={"conditioning": conditioning})
+    assert runner.invoke(cli, ["lcs", "train", str(cfg), "--out", str(tmp_path / "run"), "-q"]).exit_code == 0
+    with h5py.File(data_h5) as fh:
+        fine = fh["atlas_label"][...].astype(np.int64)
+    fine[0, :8, :12][fine[0, :8, :12] == 1] = 3  # class 1 split into 1 (bottom) and 3 (top)
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(2, 16, 16), dtype=np.uint8)
+    write_h5(tmp_path / "fine.h5", label=fine, raw=image)
+    result = runner.invoke(cli, ["lcs", "infer", str(tmp_path / "run" / "best.pt"), f"{tmp_path / 'fine.h5'}:raw",
+                                 str(tmp_path / "o.zarr"), "--labels", "1,3", "--atlas-labels",
+                                 f"{tmp_path / 'fine.h5'}:label", "--overlap", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    with open_volume(f"{tmp_path / 'o.zarr'}/prob_3") as p3, open_volume(f"{tmp_path / 'o.zarr'}/prob_1") as p1:
+        got3, got1 = p3[...], p1[...]
+    # independent: rebuild the network from the stored state, one direct call per section
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    net = build_model(state["model_config"])
+    net.load_state_dict(state["model"])
+    net.eval()
+    atlas_image = state["atlas_image"].numpy()
+    for label, got in ((3, got3), (1, got1)):
+        cond = torch.from_numpy(np.stack([atlas_image, (fine[0] == label).astype(np.float32)]))[None]
+        for z in range(2):
+            x = torch.from_numpy(image[z].astype(np.float32) / 255)[None, None]
+            with torch.no_grad():
+                expected = torch.sigmoid(net(x, cond))[0, 0].numpy()
+            np.testing.assert_allclose(got[z], expected, atol=1e-5)
+    assert np.abs(got3 - got1).mean() > 1e-4

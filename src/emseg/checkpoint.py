@@ -23,6 +23,7 @@ from emseg import __version__
 from emseg.errors import InputError
 from emseg.locks import temp_name
 from emseg.models import build_model
+from emseg.models.conditioning import CONDITIONINGS
 from emseg.models.unet import NORMS
 
 #: The most parameters a network may have (4 GiB of float32 weights).
@@ -42,9 +43,10 @@ MODEL_SCHEMA: dict[str, tuple[tuple[type, ...], float | None, float | None]] = {
     "dropout": ((float, int), 0, None),
     "anisotropic_levels": ((int,), 0, 17),
     "cond_channels": ((int,), 0, 4096),
+    "conditioning": ((str,), None, None),
 }
 _DEFAULTS = dict(ndim=2, in_channels=1, out_channels=2, depth=4, base_width=32, norm="batch", dropout=0.0,
-                 anisotropic_levels=0, cond_channels=0)
+                 anisotropic_levels=0, cond_channels=0, conditioning="maxpool")
 
 
 def _levels(config: Mapping[str, Any]) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -78,13 +80,26 @@ def count_parameters(config: Mapping[str, Any]) -> int:
         total += block(cin, widths[level], kernels[level])
         cin = widths[level]
     total += block(cin, widths[depth], kernels[depth])
-    if cfg["cond_channels"]:
-        total += block(widths[depth] + cfg["cond_channels"], widths[depth], kernels[depth])
+    total += _conditioning_parameters(cfg, widths, kernels, block)
     for level in range(depth):
         total += widths[level + 1] * widths[level] * math.prod(pools[level]) + widths[level]  # up-convolution
         total += block(2 * widths[level], widths[level], kernels[level])
     total += widths[0] * cfg["out_channels"] + cfg["out_channels"]  # 1x1 head
     return total
+
+
+def _conditioning_parameters(cfg: Mapping[str, Any], widths, kernels, block) -> int:
+    """Parameters of the conditioning modules (:mod:`emseg.models.conditioning`)."""
+    cond, depth, kind = cfg["cond_channels"], cfg["depth"], cfg["conditioning"]
+    if not cond:
+        return 0
+    w, k = widths[depth], math.prod(kernels[depth])
+    if kind == "maxpool":
+        return block(w + cond, w, kernels[depth])
+    if kind == "atlas":  # block(w, w) split into its two convolutions, + the condition convolution + 1x1 per level
+        return block(w, w, kernels[depth]) + cond * w * k + w + sum(cond * widths[l] + widths[l] for l in range(depth))
+    dim, hidden, film = 2 * sum(widths), max(64, 2 * w), 2 * sum(widths)  # prototype: the FiLM MLP
+    return dim * hidden + hidden + hidden * film + film
 
 
 def divisor_of(config: Mapping[str, Any]) -> tuple[int, ...]:
@@ -147,6 +162,11 @@ def check_model_config(config: Any, *, source: str, patch: Sequence[int] | None 
         if (low is not None and value < low) or (high is not None and value > high):
             raise InputError(f"model_config.{key} must be in [{low}, {high if high is not None else 'inf'}], "
                              f"got {value!r}", source=source)
+    if cfg["conditioning"] not in CONDITIONINGS:
+        raise InputError(f"model_config.conditioning must be one of {', '.join(CONDITIONINGS)}, "
+                         f"got {cfg['conditioning']!r}", source=source)
+    if cfg["conditioning"] == "prototype" and cfg["cond_channels"] not in (0, 2):
+        raise InputError("model_config.conditioning prototype needs cond_channels = 2", source=source)
     if cfg["norm"] not in NORMS:
         raise InputError(f"model_config.norm must be one of {', '.join(NORMS)}, got {cfg['norm']!r}", source=source)
     if not cfg["dropout"] < 1:

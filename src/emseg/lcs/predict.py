@@ -1,9 +1,10 @@
 """Inference with label-conditioned models (and their multi-channel baseline).
 
-One conditioned pass per requested label, batched across labels: every window of the sliding
-window is repeated K times along the batch axis, each copy with the atlas mask of one label, so
-the shared block machinery of :mod:`emseg.inference` sees an ordinary network returning
-(B, K, *P) probabilities.
+Each label's condition (atlas image + atlas mask) is turned into a code once
+(:meth:`UNet.condition`). Every window is encoded once and decoded once per label. Labels are
+predicted ``label_batch`` at a time over a whole block (default one): each label's map is handed
+on (written) as soon as it is computed and folded into running merged statistics (largest
+probability so far and its label), so peak memory does not grow with the number of labels.
 
 Merged label map (``labels``): for a conditioned model each label's sigmoid output p_k is an
 independent "is this voxel label k" probability. Normalised over the requested labels plus
@@ -31,9 +32,11 @@ import zarr
 from emseg.checkpoint import load_model
 from emseg.device import resolve_device
 from emseg.errors import InputError
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block
+from emseg.data import to_float
+from emseg.inference import SlidingWindow, default_block_shape, plan_blocks
 from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, parse_spec, replace_output
 from emseg.lcs.atlas import Atlas
+from emseg.models.conditioning import ConditionCode
 from emseg.predict import resolve_patch
 
 RULES = ("sigmoid", "softmax")
@@ -144,6 +147,48 @@ def _centre_crop(cond: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return cond[(slice(None), slice(None)) + index]
 
 
+class RunningMerge:
+    """The merged label map of :func:`merge_labels`, from per-label maps given one at a time.
+
+    Holds the largest probability so far and its label (and, for ``rule="softmax"``, the running
+    sum), so memory does not depend on the number of labels. Ties go to the earlier label, as
+    with ``argmax``.
+
+    Examples
+    --------
+    >>> m = RunningMerge([3, 7], "sigmoid", (3,))
+    >>> m.update(0, np.array([0.9, 0.2, 0.4])); m.update(1, np.array([0.6, 0.1, 0.45]))
+    >>> m.result().tolist()
+    [3, 0, 0]
+    """
+
+    def __init__(self, labels: Sequence[int], rule: str, shape: Sequence[int]):
+        if rule not in RULES:
+            raise InputError(f"rule must be one of {RULES}, got {rule!r}")
+        self.values = np.concatenate([[0], np.asarray(labels, dtype=np.int64)])
+        self.rule = rule
+        self.best = np.full(tuple(shape), -np.inf, dtype=np.float32)
+        self.index = np.zeros(tuple(shape), dtype=np.int32)
+        self.total = np.zeros(tuple(shape), dtype=np.float32) if rule == "softmax" else None
+
+    def update(self, k: int, probs: np.ndarray) -> None:
+        """Fold in the map of the ``k``-th label (0-based, in ``labels`` order)."""
+        p = np.asarray(probs, dtype=np.float32)
+        better = p > self.best
+        self.best[better] = p[better]
+        self.index[better] = k + 1
+        if self.total is not None:
+            self.total += p
+
+    def result(self) -> np.ndarray:
+        index = self.index.copy()
+        if self.rule == "sigmoid":
+            index[self.best <= 0.5] = 0
+        else:
+            index[1.0 - self.total >= self.best] = 0
+        return self.values[index]
+
+
 class LabelPredictor:
     """Per-label probabilities of a conditioned model (or a baseline) over any region.
 
@@ -161,17 +206,19 @@ class LabelPredictor:
     classes : sequence of int, optional
         Baseline only: the trained classes (channel order).
     label_batch : int
-        At most this many conditioned passes per forward call (bounds memory for many labels).
+        Labels predicted together by :meth:`predict` (each holds one float32 map of the region).
 
     Attributes
     ----------
     window : SlidingWindow
-        Maps a float32 region (*R) to (K, *R) probabilities.
+        Maps a float32 region (*R) to (K, *R) probabilities of all labels at once (memory K x R;
+        :meth:`predict` streams them instead).
 
     Examples
     --------
     >>> predictor = LabelPredictor(model, [1, 3], (1, 128, 128), atlas=atlas)  # doctest: +SKIP
     >>> probs = predictor.window(image)                                      # doctest: +SKIP
+    >>> merged = predictor.predict(image, on_label=lambda label, p: None)    # doctest: +SKIP
     """
 
     def __init__(
@@ -185,7 +232,7 @@ class LabelPredictor:
         overlap: float = 0.25,
         blend: str = "gaussian",
         batch_size: int = 4,
-        label_batch: int = 64,
+        label_batch: int = 1,
         device: str | torch.device = "cpu",
         amp: bool = False,
     ):
@@ -198,13 +245,15 @@ class LabelPredictor:
         self.device = torch.device(device)
         self.label_batch = label_batch
         self.conditioned = bool(getattr(model, "cond_channels", 0))
+        self._codes: dict[tuple[int, ...], Any] = {}
         if self.conditioned:
             if atlas is None:
                 raise ValueError("a conditioned model needs its atlas")
             self.rule = "sigmoid"
-            cond = atlas.condition([(l,) for l in self.labels])
-            self.cond = torch.from_numpy(cond).to(self.device)
-            forward = self._conditioned_forward
+            self.atlas = atlas
+            # a prototype code does not depend on the window; the atlas condition is cropped to it
+            self.global_code = getattr(model, "config", {}).get("conditioning") == "prototype"
+            forward = self._forward_for(range(len(self.labels)))
         else:
             if classes is None:
                 raise ValueError("a baseline model needs its class list")
@@ -215,17 +264,35 @@ class LabelPredictor:
             self.rule = "softmax"
             self.channels = torch.tensor([classes.index(l) + 1 for l in self.labels], device=self.device)
             forward = self._baseline_forward
-        self.window = SlidingWindow(forward, patch_shape, divisor=model.divisor, overlap=overlap, blend=blend,
-                                    batch_size=batch_size, device=self.device, amp=amp)
+        self._window_args = dict(divisor=model.divisor, overlap=overlap, blend=blend, batch_size=batch_size,
+                                 device=self.device, amp=amp)
+        self.patch_shape = tuple(int(p) for p in patch_shape)
+        self.window = SlidingWindow(forward, self.patch_shape, **self._window_args)
 
-    def _conditioned_forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, k = x.shape[0], len(self.labels)
-        cond = _centre_crop(self.cond, x.shape[2:]).to(x.dtype)
-        xs = x.repeat_interleave(k, dim=0)  # sample-major: index = b * K + k
-        cs = cond.repeat((b, 1) + (1,) * (cond.dim() - 2))
-        outs = [torch.sigmoid(self.model(xs[i:i + self.label_batch], cs[i:i + self.label_batch]).float())
-                for i in range(0, xs.shape[0], self.label_batch)]
-        return torch.cat(outs).reshape((b, k) + tuple(x.shape[2:]))
+    @torch.no_grad()
+    def codes(self, shape: Sequence[int]):
+        """Condition codes of all labels for windows of spatial ``shape`` (the last shape is cached)."""
+        key = () if self.global_code else tuple(int(s) for s in shape)
+        if key not in self._codes:
+            parts = []
+            for i in range(0, len(self.labels), 16):  # bounded memory for many labels
+                cond = torch.from_numpy(self.atlas.condition([(l,) for l in self.labels[i:i + 16]]))
+                if key:
+                    cond = _centre_crop(cond, key)
+                parts.append(self.model.condition(cond.to(self.device)))
+            self._codes = {key: ConditionCode.cat(parts)}
+        return self._codes[key]
+
+    def _forward_for(self, indices) -> Callable[[torch.Tensor], torch.Tensor]:
+        indices = list(indices)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            code = self.codes(x.shape[2:])
+            skips, features = self.model.encode(x)  # once per window, whatever the number of labels
+            outs = [torch.sigmoid(self.model.decode(skips, features, code[k])[0].float()) for k in indices]
+            return torch.cat(outs, dim=1)
+
+        return forward
 
     def _baseline_forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.model(x).float(), dim=1)
@@ -234,6 +301,34 @@ class LabelPredictor:
     def merge(self, probs: np.ndarray) -> np.ndarray:
         """Merged label map of (K, *S) probabilities (see :func:`merge_labels`)."""
         return merge_labels(probs, self.labels, self.rule)
+
+    def predict(self, region: np.ndarray, *, crop: tuple[slice, ...] | None = None,
+                on_label: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """Merged label map of a float32 region (*R), streaming the labels.
+
+        Labels are predicted ``label_batch`` at a time (a baseline: all at once, it has one output
+        per class anyway); each map, cropped to ``crop`` (slices of the region), is passed to
+        ``on_label(label, probs)`` and folded into a :class:`RunningMerge`, then dropped.
+        """
+        crop = crop if crop is not None else tuple(slice(None) for _ in np.shape(region))
+        merge = None
+        step = self.label_batch if self.conditioned else len(self.labels)
+        for start in range(0, len(self.labels), step):
+            indices = range(start, min(start + step, len(self.labels)))
+            if not self.conditioned:
+                window = self.window
+            else:
+                window = SlidingWindow(self._forward_for(indices), self.patch_shape, **self._window_args)
+            probs = window(region)
+            for i, k in enumerate(indices):
+                p = probs[(i,) + crop]
+                if merge is None:
+                    merge = RunningMerge(self.labels, self.rule, p.shape)
+                if on_label is not None:
+                    on_label(self.labels[k], p)
+                merge.update(k, p)
+            del probs
+        return merge.result()
 
 
 @dataclass
@@ -445,7 +540,7 @@ class InferConfig:
     overlap: float = 0.25
     blend: str = "gaussian"
     batch_size: int = 4
-    label_batch: int = 64
+    label_batch: int = 1
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
 
@@ -522,10 +617,13 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
             probs_out = {l: out.create(f"prob_{l}", shape, np.float32, dict(attrs, label=l)) for l in labels}
             merged = out.create("labels", shape, label_dtype(labels), attrs)
             for block in blocks:
-                probs = predict_block(predictor.window, source, block)
-                for k, l in enumerate(labels):
-                    probs_out[l][block.inner] = probs[k]
-                merged[block.inner] = predictor.merge(probs).astype(label_dtype(labels))
+                raw = to_float(np.asarray(source[block.outer]), source.dtype)
+
+                def write(label: int, probs: np.ndarray, inner=block.inner) -> None:
+                    probs_out[label][inner] = probs
+
+                labels_map = predictor.predict(raw, crop=block.inner_in_outer, on_label=write)
+                merged[block.inner] = labels_map.astype(label_dtype(labels))
                 done += block.size
                 if progress is not None:
                     progress(done, total)

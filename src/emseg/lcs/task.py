@@ -1,10 +1,12 @@
 """Training of label-conditioned models (and of the multi-channel baseline) with the shared loop.
 
 :class:`LCSTask` plugs into :func:`emseg.training.run_training`. Each patch of a batch gets one
-class drawn uniformly from ``[lcs] classes`` (among the classes annotated in its cube); with
+class (among the classes annotated in its cube): with probability ``negative_prob`` one absent
+from the patch (an explicit negative: the target is empty), otherwise one present in it; with
 probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
 that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair.
-The loss (soft Dice, plus optional BCE) is computed on that one conditioned channel only.
+The loss (soft Dice with an empty-target term, plus BCE) is computed on that one conditioned
+channel only, in float32, and has a gradient on every patch, including those without the class.
 
 With ``baseline`` the same backbone gets K+1 output channels (background + the classes, in the
 order of ``classes``), no conditioning, and the lazy-label NLL (plus optional soft Dice).
@@ -23,9 +25,9 @@ import torch.nn.functional as F
 
 from emseg.checkpoint import load_checkpoint
 from emseg.config import TrainConfig, load_config
-from emseg.data import Augmenter, PatchSampler, open_cubes
+from emseg.data import Augmenter, PatchSampler, open_cubes, to_float
 from emseg.errors import InputError
-from emseg.inference import default_block_shape, plan_blocks, predict_block
+from emseg.inference import default_block_shape, plan_blocks
 from emseg.io import parse_spec
 from emseg.lcs.atlas import Atlas, load_atlas
 from emseg.lcs.predict import DiceAccumulator, LabelPredictor
@@ -33,6 +35,7 @@ from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.training import TrainResult, run_training
 
 DICE_MODES = ("class", "batch", "sample")
+LCS_CONDITIONINGS = ("prototype", "atlas")
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,22 @@ class LCSConfig:
         rarest one, nearest to the centre.
     merge_prob : float
         Probability that a second class is merged into a sample's target and atlas mask.
+    negative_prob : float
+        Probability that a sample is conditioned on a class absent from its patch (when the
+        patch lacks one of the annotated classes); otherwise on a class present in it.
     bce_weight : float
-        Weight of a binary cross-entropy term added to the soft Dice loss.
+        Weight of the binary cross-entropy term (mean over each patch's voxels, then over the
+        batch) added to the soft Dice loss.
     dice : {"class", "batch", "sample"}
         How the soft Dice of a batch is formed. ``class`` (default): pooled over the patches
         conditioned on the same class set, then averaged over the sets in the batch (every class
-        weighs the same; a patch without the class still counts through its false positives).
-        ``batch``: pooled over the whole batch (large classes dominate). ``sample``: mean of
-        per-patch Dice (a patch without the class gives almost no gradient).
+        weighs the same). ``batch``: pooled over the whole batch (large classes dominate).
+        ``sample``: mean of per-patch Dice. A pool with an empty target scores the mean predicted
+        probability instead of its Dice (which would be constant), so it still has a gradient.
+    conditioning : {"prototype", "atlas"}
+        How the network reads the condition (:mod:`emseg.models.conditioning`): ``prototype``
+        (default), class prototypes of the atlas applied by FiLM; ``atlas``, the seed's atlas
+        image and mask, area-pooled to the bottleneck.
     baseline : bool
         Train the multi-channel baseline instead (``emseg lcs train --baseline``).
     baseline_dice_weight : float
@@ -71,8 +82,10 @@ class LCSConfig:
     atlas_label: str | None = None
     atlas_offset: tuple[int, ...] | None = None
     merge_prob: float = 0.5
-    bce_weight: float = 0.0
+    negative_prob: float = 0.3
+    bce_weight: float = 1.0
     dice: str = "class"
+    conditioning: str = "prototype"
     baseline: bool = False
     baseline_dice_weight: float = 0.0
 
@@ -113,7 +126,7 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
                            else tuple(_as_int(c, "classes") for c in classes))
         if data.get("atlas_offset") is not None:
             data["atlas_offset"] = tuple(_as_int(o, "atlas_offset") for o in data["atlas_offset"])
-        for key in ("merge_prob", "bce_weight", "baseline_dice_weight"):
+        for key in ("merge_prob", "negative_prob", "bce_weight", "baseline_dice_weight"):
             if key in data:
                 data[key] = float(data[key])
         config = LCSConfig(**data)
@@ -141,6 +154,11 @@ def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]"
         raise InputError(f"[lcs] classes has duplicates: {list(config.classes)}", source=source)
     if not 0 <= config.merge_prob <= 1:
         raise InputError(f"[lcs] merge_prob must be in [0, 1], got {config.merge_prob}", source=source)
+    if not 0 <= config.negative_prob <= 1:
+        raise InputError(f"[lcs] negative_prob must be in [0, 1], got {config.negative_prob}", source=source)
+    if config.conditioning not in LCS_CONDITIONINGS:
+        raise InputError(f"[lcs] conditioning must be one of {', '.join(LCS_CONDITIONINGS)}, "
+                         f"got {config.conditioning!r}", source=source)
     if config.bce_weight < 0 or config.baseline_dice_weight < 0:
         raise InputError("[lcs] bce_weight and baseline_dice_weight must be >= 0", source=source)
     if not isinstance(config.baseline, bool):
@@ -168,17 +186,32 @@ def load_lcs_config(path: str | Path, *, overrides: Mapping[str, Any] | None = N
 # --------------------------------------------------------------------------- sampling
 
 
-def draw_class_set(classes: Sequence[int], rng: np.random.Generator, merge_prob: float) -> tuple[int, ...]:
-    """One class drawn uniformly from ``classes``; with probability ``merge_prob`` a second, different one.
+def draw_class_set(classes: Sequence[int], rng: np.random.Generator, merge_prob: float, *,
+                   present: Sequence[int] | None = None, negative_prob: float = 0.0) -> tuple[int, ...]:
+    """A class from ``classes``; with probability ``merge_prob`` a second, different one merged in.
+
+    Without ``present`` the first class is drawn uniformly. With ``present`` (the classes that
+    occur in the patch) it is drawn uniformly among the ``classes`` absent from the patch with
+    probability ``negative_prob``, else among those present; when one of the two groups is empty
+    the other is used. The second class is drawn uniformly from the other ``classes``.
 
     Examples
     --------
     >>> draw_class_set([1, 2, 3], np.random.default_rng(0), 0.0) in [(1,), (2,), (3,)]
     True
+    >>> draw_class_set([1, 2, 3], np.random.default_rng(0), 0.0, present=[2], negative_prob=0.0)
+    (2,)
     """
     if not len(classes):
         return ()
-    first = int(classes[int(rng.integers(len(classes)))])
+    pool = list(classes)
+    if present is not None:
+        here = set(int(c) for c in present)
+        pos = [c for c in classes if int(c) in here]
+        neg = [c for c in classes if int(c) not in here]
+        negative = rng.random() < negative_prob
+        pool = (neg if negative else pos) or pos or neg
+    first = int(pool[int(rng.integers(len(pool)))])
     merge = rng.random() < merge_prob
     if merge and len(classes) > 1:
         others = [int(c) for c in classes if c != first]
@@ -268,7 +301,9 @@ class LCSTask:
         m = self.config.model
         return dict(ndim=self.ndim, in_channels=1, out_channels=len(self.classes) + 1 if self.baseline else 1,
                     depth=m.depth, base_width=m.base_width, norm=m.norm, dropout=m.dropout,
-                    anisotropic_levels=m.anisotropic_levels, cond_channels=0 if self.baseline else 2)
+                    anisotropic_levels=m.anisotropic_levels,
+                    **({"cond_channels": 0} if self.baseline
+                       else {"cond_channels": 2, "conditioning": self.lcs.conditioning}))
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         data = self.sampler.batch(self.config.batch_size, rng, self.augmenter)
@@ -282,7 +317,9 @@ class LCSTask:
         targets, sets = [], []
         for b in range(data["raw"].shape[0]):
             allowed = [c for c in self.classes if data["labeled"][b, c] > 0]
-            chosen = draw_class_set(allowed, rng, self.lcs.merge_prob)
+            present = np.unique(data["target"][b])
+            chosen = draw_class_set(allowed, rng, self.lcs.merge_prob, present=present,
+                                    negative_prob=self.lcs.negative_prob)
             absent = bool(chosen) and all(data["not_present"][b, c] > 0 for c in chosen)
             targets.append(binary_target(data["target"][b], chosen, known_absent=absent))
             sets.append(chosen)
@@ -347,34 +384,63 @@ def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
     return torch.where(target < 0, torch.full_like(out, -1), out)
 
 
-def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 0.0,
+def dice_or_empty(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft Dice loss of one pool of voxels, or the mean probability where the target is empty.
+
+    ``1 - (2 sum p t + eps) / (sum p + sum t + eps)`` over the voxels with ``target >= 0``; when no
+    such voxel has ``target == 1`` the Dice would be a constant (0 or 1) with no useful gradient,
+    so the loss is the mean predicted probability there (0 for an empty output, 1 for a full one).
+
+    Examples
+    --------
+    >>> float(dice_or_empty(torch.tensor([0.25, 0.75]), torch.tensor([0, 0])))
+    0.5
+    """
+    keep = (target >= 0).to(probs.dtype)
+    t = (target == 1).to(probs.dtype)
+    p = probs * keep
+    tsum = t.sum()
+    if tsum == 0:
+        return p.sum() / keep.sum().clamp(min=1.0)
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + tsum + eps)
+
+
+def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
                      dice: str = "class", groups: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice of ``sigmoid(logits)`` (B, 1, *P) against a {-1, 0, 1} target, plus weighted BCE.
 
     ``dice="class"`` pools the Dice over the patches that share a ``groups`` id (the same class set)
     and averages over the groups; ``"batch"`` pools over the whole batch; ``"sample"`` averages
-    per-patch Dice. The BCE is averaged over the voxels that are not ignored.
+    per-patch Dice. A pool whose target is empty scores its mean probability
+    (:func:`dice_or_empty`). The BCE is the mean over each patch's voxels that are not ignored,
+    averaged over the patches with such voxels. Computed in float32 whatever the logits' dtype.
 
     Examples
     --------
     >>> t = torch.tensor([[[1, 0], [0, -1]]])
-    >>> float(conditioned_loss(torch.full((1, 1, 2, 2), 9.0), t)) > 0.3
+    >>> float(conditioned_loss(torch.full((1, 1, 2, 2), 9.0), t, bce_weight=0.0)) > 0.3
     True
     """
     if dice not in DICE_MODES:
         raise InputError(f"dice must be one of {DICE_MODES}, got {dice!r}")
-    probs = torch.sigmoid(logits)
+    logits = logits.float()
+    probs = torch.sigmoid(logits[:, 0])
     if dice == "class" and groups is not None:
-        losses = [soft_dice_loss(probs[groups == g], target[groups == g], per_sample=False)
-                  for g in torch.unique(groups)]
-        loss = torch.stack(losses).mean()
+        losses = [dice_or_empty(probs[groups == g], target[groups == g]) for g in torch.unique(groups)]
+    elif dice == "sample":
+        losses = [dice_or_empty(probs[b], target[b]) for b in range(probs.shape[0])]
     else:
-        loss = soft_dice_loss(probs, target, per_sample=dice == "sample")
+        losses = [dice_or_empty(probs, target)]
+    loss = torch.stack(losses).mean()
     if bce_weight:
-        t = target.to(logits.dtype)
         mask = (target >= 0).to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits[:, 0], t.clamp(min=0), weight=mask, reduction="sum")
-        loss = loss + bce_weight * bce / mask.sum().clamp(min=1.0)
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0], target.clamp(min=0).to(logits.dtype),
+                                                 reduction="none") * mask
+        dims = tuple(range(1, bce.dim()))
+        count = mask.sum(dims)
+        per_patch = bce.sum(dims) / count.clamp(min=1.0)
+        valid = (count > 0).to(logits.dtype)
+        loss = loss + bce_weight * (per_patch * valid).sum() / valid.sum().clamp(min=1.0)
     return loss
 
 
@@ -393,8 +459,9 @@ def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | N
         blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
                              [p // 2 for p in patch_shape])
         for block in blocks:
-            probs = predict_block(predictor.window, cube.raw, block, raw_dtype=cube.raw_dtype)
-            acc.update(predictor.merge(probs), np.asarray(cube.label[block.inner]))
+            raw = to_float(np.asarray(cube.raw[block.outer]), cube.raw_dtype)
+            merged = predictor.predict(raw, crop=block.inner_in_outer)
+            acc.update(merged, np.asarray(cube.label[block.inner]))
     dice = acc.dice()
     finite = [d for d in dice.values() if math.isfinite(d)]
     out = {"valid_score": float(np.mean(finite)) if finite else float("nan")}
@@ -442,6 +509,9 @@ def _check_resume(task: LCSTask, last: Path) -> None:
     new = task.extra_state()
     if old is None or state.get("task") != task.name:
         raise InputError(f"last.pt was not written by this kind of training ({task.name})", source=str(last))
+    if task.atlas is not None and old.get("conditioning", "maxpool") != task.lcs.conditioning:
+        raise InputError(f"last.pt uses {old.get('conditioning', 'maxpool')} conditioning, the config asks for "
+                         f"{task.lcs.conditioning}", source=str(last))
     if list(old["classes"]) != list(task.classes):
         raise InputError(f"last.pt was trained on classes {old['classes']}, config has {list(task.classes)}",
                          source=str(last))

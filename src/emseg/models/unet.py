@@ -2,8 +2,9 @@
 
 The network keeps the spatial shape (``same`` padding), so input sides must be multiples of
 :attr:`UNet.divisor`. It can return the bottleneck embedding (for diversity-based active learning),
-carries dropout for Monte-Carlo sampling, and accepts an optional conditioning tensor that is
-max-pooled to the bottleneck resolution and concatenated there (label-conditioned segmentation).
+carries dropout for Monte-Carlo sampling, and accepts an optional conditioning tensor
+(label-conditioned segmentation; how it is read is chosen by ``conditioning``, see
+:mod:`emseg.models.conditioning`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from emseg.models.conditioning import CONDITIONINGS, ConditionCode, make_conditioner
 
 NORMS = ("batch", "group", "instance", "none")
 
@@ -68,8 +71,11 @@ class UNet(nn.Module):
         3D only: the first this-many levels pool and convolve in-plane only (kernel (1,3,3)),
         for ssTEM volumes with thick sections.
     cond_channels : int
-        Channels of an optional conditioning input, max-pooled to the bottleneck resolution and
-        concatenated to the bottleneck features, then mixed by a conv block.
+        Channels of an optional conditioning input (N, cond_channels, *P).
+    conditioning : {"maxpool", "atlas", "prototype"}
+        How a conditioned network reads its condition (:mod:`emseg.models.conditioning`).
+        ``"maxpool"``, the default, is the first implementation, kept so that stored model
+        configs without this key rebuild unchanged.
 
     Examples
     --------
@@ -90,6 +96,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         anisotropic_levels: int = 0,
         cond_channels: int = 0,
+        conditioning: str = "maxpool",
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -102,11 +109,15 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if ndim == 2 and anisotropic_levels:
             raise ValueError("anisotropic_levels applies to 3D networks only")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.config: dict[str, Any] = dict(
             ndim=ndim, in_channels=in_channels, out_channels=out_channels, depth=depth,
             base_width=base_width, norm=norm, dropout=dropout,
             anisotropic_levels=anisotropic_levels, cond_channels=cond_channels,
         )
+        if cond_channels and conditioning != "maxpool":
+            self.config["conditioning"] = conditioning
         self.ndim = ndim
         self.depth = depth
         self.cond_channels = cond_channels
@@ -132,7 +143,13 @@ class UNet(nn.Module):
         self.bottleneck = ConvBlock(ndim, cin, widths[depth], kernels[depth], norm, dropout)
         self.cond_block = (
             ConvBlock(ndim, widths[depth] + cond_channels, widths[depth], kernels[depth], norm, dropout)
-            if cond_channels else None
+            if cond_channels and conditioning == "maxpool" else None
+        )
+        self.conditioner = (
+            make_conditioner(conditioning, ndim=ndim, widths=widths, kernels=kernels, pools=pools,
+                             cond_channels=cond_channels, norm=lambda c: _norm(norm, ndim, c),
+                             bias=norm == "none", dropout=dropout)
+            if cond_channels and conditioning != "maxpool" else None
         )
         self.upconvs = nn.ModuleList()
         self.decoders = nn.ModuleList()
@@ -167,21 +184,50 @@ class UNet(nn.Module):
             x = pool(x)
         return skips, self.bottleneck.body(x)
 
+    def condition(self, cond: torch.Tensor) -> ConditionCode:
+        """Turn a raw condition (N, cond_channels, *P) into the code :meth:`decode` applies.
+
+        Computing it once and passing it to :meth:`decode` for many inputs gives the same result
+        as passing the raw condition each time (a prototype code does not depend on the input's
+        shape; an ``atlas``/``maxpool`` condition must have the input's spatial shape).
+        """
+        if not self.cond_channels:
+            raise ValueError("this network takes no conditioning input")
+        if cond.dim() != self.ndim + 2 or cond.shape[1] != self.cond_channels:
+            raise ValueError(f"expected a condition (N, {self.cond_channels}, *S), got shape {tuple(cond.shape)}")
+        bad = [s for s, d in zip(cond.shape[2:], self.divisor) if s % d]
+        if bad:
+            raise ValueError(f"condition sides {tuple(cond.shape[2:])} must be multiples of {self.divisor}")
+        if self.conditioner is not None:
+            return self.conditioner.code(self, cond)
+        factor = self.divisor
+        pool = F.max_pool2d if self.ndim == 2 else F.max_pool3d
+        return ConditionCode("maxpool", pool(cond, factor, factor))
+
     def decode(self, skips: list[torch.Tensor], features: torch.Tensor,
-               cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits from :meth:`encode`'s output; also returns the bottleneck embedding."""
+               cond: torch.Tensor | ConditionCode | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits from :meth:`encode`'s output; also returns the bottleneck embedding.
+
+        ``cond`` is a raw condition or a code from :meth:`condition` (one row broadcasts to the batch).
+        """
         x = self.bottleneck.dropout(features)
         embedding = x
-        if self.cond_block is not None:
+        state = None
+        if self.cond_channels:
             if cond is None:
                 raise ValueError("this network is conditioned: pass cond (N, cond_channels, *S)")
-            factor = self.divisor
-            pooled = F.max_pool2d(cond, factor, factor) if self.ndim == 2 else F.max_pool3d(cond, factor, factor)
-            x = self.cond_block(torch.cat([x, pooled.to(x.dtype)], dim=1))
+            code = cond if isinstance(cond, ConditionCode) else self.condition(cond)
+            if self.conditioner is None:
+                x = self.cond_block(torch.cat([x, code.rows(x.shape[0], x.dtype)], dim=1))
+            else:
+                state = self.conditioner.start(code, x.shape[0], x.dtype)
+                x = self.conditioner.apply(0, x, state)
         elif cond is not None:
             raise ValueError("this network takes no conditioning input")
-        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+        for stage, (up, dec, skip) in enumerate(zip(self.upconvs, self.decoders, reversed(skips)), start=1):
             x = dec(torch.cat([up(x), skip], dim=1))
+            if state is not None:
+                x = self.conditioner.apply(stage, x, state)
         return self.head(x), embedding
 
     def forward(
