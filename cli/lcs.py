@@ -116,7 +116,8 @@ def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap,
     app = state()
     cfg = InferConfig(model=model, input=input_spec, output=output_spec, labels=parse_ints(labels, "--labels"),
                       atlas_labels=atlas_labels, overlap=overlap, blend=blend, batch_size=batch_size,
-                      label_batch=label_batch, block_shape=parse_shape(block, "--block"), device=app.device)
+                      label_batch=label_batch, block_shape=parse_shape(block, "--block"), device=app.device,
+                      precision=app.precision or "auto")
     with progress_bar("lcs infer") as update:
         result = infer_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(

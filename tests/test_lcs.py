@@ -535,7 +535,7 @@ def test_novel_labels_round_trip_through_the_checkpoint(tmp_path, data_h5, condi
     write_h5(tmp_path / "fine.h5", label=fine, raw=image)
     result = runner.invoke(cli, ["lcs", "infer", str(tmp_path / "run" / "best.pt"), f"{tmp_path / 'fine.h5'}:raw",
                                  str(tmp_path / "o.zarr"), "--labels", "1,3", "--atlas-labels",
-                                 f"{tmp_path / 'fine.h5'}:label", "--overlap", "0", "--json"])
+                                 f"{tmp_path / 'fine.h5'}:label", "--overlap", "0", "--json", "--precision", "fp32"])  # compared with fp32
     assert result.exit_code == 0, result.output
     with open_volume(f"{tmp_path / 'o.zarr'}/prob_3") as p3, open_volume(f"{tmp_path / 'o.zarr'}/prob_1") as p1:
         got3, got1 = p3[...], p1[...]

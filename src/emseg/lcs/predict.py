@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import zarr
 
+from emseg.precision import Precision, resolve_precision
 from emseg.checkpoint import load_model
 from emseg.device import resolve_device
 from emseg.errors import InputError
@@ -234,6 +235,7 @@ class LabelPredictor:
         batch_size: int = 4,
         label_batch: int = 1,
         device: str | torch.device = "cpu",
+        precision: str | Precision = "fp32",
         amp: bool = False,
     ):
         self.model = model
@@ -243,6 +245,10 @@ class LabelPredictor:
         if label_batch < 1:
             raise InputError(f"label_batch must be >= 1, got {label_batch}")
         self.device = torch.device(device)
+        if amp and precision == "fp32" and self.device.type == "cuda":
+            precision = "auto"
+        self.precision = resolve_precision(precision, self.device, ndim=int(getattr(model, "ndim", 2)))
+        self.precision.prepare_model(model)
         self.label_batch = label_batch
         self.conditioned = bool(getattr(model, "cond_channels", 0))
         self._codes: dict[tuple[int, ...], Any] = {}
@@ -265,7 +271,7 @@ class LabelPredictor:
             self.channels = torch.tensor([classes.index(l) + 1 for l in self.labels], device=self.device)
             forward = self._baseline_forward
         self._window_args = dict(divisor=model.divisor, overlap=overlap, blend=blend, batch_size=batch_size,
-                                 device=self.device, amp=amp)
+                                 device=self.device, precision=self.precision)
         self.patch_shape = tuple(int(p) for p in patch_shape)
         self.window = SlidingWindow(forward, self.patch_shape, **self._window_args)
 
@@ -543,6 +549,8 @@ class InferConfig:
     label_batch: int = 1
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
+    #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -602,7 +610,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
         patch = resolve_patch(None, lcs.patch_shape, source.shape, lcs.model.ndim)
         predictor = LabelPredictor(lcs.model, labels, patch, atlas=lcs.atlas, classes=lcs.classes,
                                    overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                                   label_batch=config.label_batch, device=device, amp=device.type == "cuda")
+                                   label_batch=config.label_batch, device=device, precision=config.precision)
         shape = source.shape
         chunks = auto_chunks(shape, 4)
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(shape, patch, chunks)
