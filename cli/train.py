@@ -21,9 +21,12 @@ from emseg.training import train
 @click.option("--patch", default=None, help="Patch shape z,y,x or y,x (overrides `patch_shape`).")
 @click.option("--valid-every", type=int, default=None, help="Validate every N steps (overrides `valid_every`).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--compile", "compile_", is_flag=True, default=None,
+              help="Run the network through torch.compile (overrides `compile`): a one-off compile of a minute or "
+                   "more on a CPU, then faster steps.")
 @common_options
 @device_seed_options
-def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume):
+def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, compile_):
     """Train a U-Net on the cubes listed in CONFIG (TOML), with lazy labels.
 
     Labels -1 are ignored; an `info` dataset beside a label dataset sets the lazy-label masks
@@ -36,6 +39,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume):
     app = state()
     cfg = load_config(config, overrides={"steps": steps, "batch_size": batch_size, "optim.lr": lr,
                                          "patch_shape": parse_shape(patch), "valid_every": valid_every,
+                                         "compile": compile_,
                                          **precision_overrides(app)})
     with progress_bar("train") as update:
         def progress(info):

@@ -243,3 +243,26 @@ def test_scoring_with_folded_batchnorm_ranks_like_the_network():
         folded = score_pool(net, pool, [vol], strategy, mc_samples=4, seed=3, precision="fp32", fold=True)
         np.testing.assert_allclose(folded.scores, plain.scores, rtol=1e-3, atol=1e-6)
     assert not net.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_compiled_prediction_equals_eager(tmp_path):
+    """--compile changes how the network runs, not what it computes (fp32, a tiny network)."""
+    pytest.importorskip("torch._inductor")
+    from emseg.checkpoint import save_checkpoint
+    from emseg.io import open_volume
+    from emseg.predict import PredictConfig, predict_file
+    from conftest import write_h5
+
+    torch.manual_seed(0)
+    net = UNet(ndim=2, out_channels=2, depth=1, base_width=4).eval()
+    save_checkpoint(tmp_path / "m.pt", {"model": net.state_dict(), "model_config": net.config,
+                                        "config": {"patch_shape": [1, 16, 16]}, "step": 0})
+    write_h5(tmp_path / "in.h5", raw=synthetic((4, 64, 64), 0).raw[:2, :32, :32])
+    outs = []
+    for compiled in (False, True):
+        out = tmp_path / f"p{int(compiled)}.zarr"
+        predict_file(PredictConfig(model=str(tmp_path / "m.pt"), input=f"{tmp_path}/in.h5:raw", output=str(out),
+                                   device="cpu", precision="fp32", compile=compiled, batch_size=4))
+        with open_volume(str(out)) as vol:
+            outs.append(vol[...])
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)

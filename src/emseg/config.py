@@ -77,6 +77,8 @@ class TrainConfig:
     amp: bool = True
     #: Prepare the next batch in a background thread while the current step runs.
     prefetch: bool = True
+    #: Run the training network through ``torch.compile`` (inductor); a one-off compile cost.
+    compile: bool = False
     #: Stop after this many seconds of training (a fixed compute budget); None = no limit.
     max_seconds: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)

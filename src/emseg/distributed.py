@@ -349,6 +349,7 @@ class PredictJob:
     output_type: str
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     fail_blocks: tuple[int, ...] = ()
 
 
@@ -606,7 +607,8 @@ def _predict_partial(config, params, attrs, store, key, partial, final, out_spec
     job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                      input=str(in_spec), store=str(store), key=key, patch_shape=tuple(patch),
                      overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                     output_type=config.output_type, device=config.device, precision=config.precision, fail_blocks=fail)
+                     output_type=config.output_type, device=config.device, precision=config.precision,
+                     compile=config.compile, fail_blocks=fail)
     markers = DoneMarkers(partial / DONE_DIR)
     total = sum(b.size for b in blocks)
     finished = markers.done()

@@ -47,6 +47,8 @@ class PredictConfig:
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
     precision: str = "auto"
+    #: Run the network through ``torch.compile`` (a one-off compile cost per process).
+    compile: bool = False
     #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
     #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.distributed`).
     scheduler: str | None = None
@@ -113,13 +115,27 @@ def check_options(config: PredictConfig) -> None:
         raise InputError(f"--output-type must be probabilities or labels, got {config.output_type!r}")
 
 
+_PREPARED: dict[tuple, tuple] = {}
+
+
+def _prepared(model: torch.nn.Module, precision, compile_: bool) -> torch.nn.Module:
+    """``model`` folded, laid out and (optionally) compiled, once per process and model: cluster
+    workers build a predictor per block, and a compiled network must not be compiled again."""
+    key = (id(model), precision, compile_)
+    if key not in _PREPARED:
+        net = precision.prepare_model(fold_batchnorm(model.eval()))
+        _PREPARED.clear()
+        _PREPARED[key] = (torch.compile(net, dynamic=False) if compile_ else net, model)
+    return _PREPARED[key][0]
+
+
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
                    device: torch.device) -> SlidingWindow:
     """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
     the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format."""
     precision = resolve_precision(config.precision, device, ndim=model.ndim)
-    model = precision.prepare_model(fold_batchnorm(model.eval()))
-    return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
+    net = _prepared(model, precision, bool(getattr(config, "compile", False)))
+    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=config.overlap,
                          blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
 
 

@@ -309,7 +309,7 @@ def run_training(
                      resume_step=step if resume else None) if pg.is_main else None
     total = config.steps
     result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
-    forward = precision.wrap(net)
+    forward = precision.wrap(compile_network(net) if config.compile else net)
     plain_config = config.to_dict()
 
     def checkpoint(path: Path) -> None:
@@ -412,6 +412,11 @@ def run_training(
     result.seconds = time.perf_counter() - t0
     pg.barrier()  # rank 0's checkpoints are complete when any rank returns
     return result
+
+
+def compile_network(net: torch.nn.Module) -> Callable:
+    """``torch.compile`` of ``net`` (inductor, static shapes); the caller keeps ``net`` for its state."""
+    return torch.compile(net, dynamic=False)
 
 
 def _validate(task: Task, model: torch.nn.Module, device: torch.device, precision: Precision):
