@@ -81,6 +81,9 @@ NETS = {
                batch=(2, 1, 16, 128, 128)),
 }
 MODES = {"fp32": ("fp32", False), "fp32+cl": ("fp32", True), "bf16": ("bf16", False), "bf16+cl": ("bf16", True)}
+#: Inference also with batch norm folded into the convolutions (what emseg predicts with) and,
+#: with --compile-too, the 2D network under torch.compile.
+FOLD_MODES = ("fp32+cl", "bf16+cl")
 
 
 def flops_per_voxel(net: torch.nn.Module, shape) -> float:
@@ -92,8 +95,8 @@ def flops_per_voxel(net: torch.nn.Module, shape) -> float:
     return counter.get_total_flops() / x.numel()
 
 
-def bench_networks(seconds: float, gemm: dict) -> dict:
-    from emseg.models import UNet
+def bench_networks(seconds: float, gemm: dict, compile_too: bool = False) -> dict:
+    from emseg.models import UNet, fold_batchnorm
     from emseg.precision import Precision
 
     out = {}
@@ -129,14 +132,35 @@ def bench_networks(seconds: float, gemm: dict) -> dict:
 
             inf = _timed(infer, seconds)
             roof = gemm["gemm_bf16_gflops" if name == "bf16" else "gemm_fp32_gflops"] * 1e9
-            out[f"{key}_{mode}"] = {
+            row = {
                 "train_mpx_s": train * vox / 1e6, "infer_mvox_s": inf * vox / 1e6,
                 "infer_roofline_fraction": inf * vox * fpv / roof,
                 "train_roofline_fraction": train * vox * 3 * fpv / roof,
             }
-            print(f"  {key} {mode:8s} train {train * vox / 1e6:6.2f} Mpx/s   infer {inf * vox / 1e6:6.2f} Mvox/s"
-                  f"   ({100 * inf * vox * fpv / roof:4.1f}% of the {name} GEMM rate)", flush=True)
+            line = (f"  {key} {mode:8s} train {train * vox / 1e6:6.2f} Mpx/s   infer {inf * vox / 1e6:6.2f} Mvox/s"
+                    f" ({100 * inf * vox * fpv / roof:4.1f}% of the {name} GEMM rate)")
+            if mode in FOLD_MODES:
+                folded = prec.prepare_model(fold_batchnorm(model.eval()))
+                fold_rate = _timed(lambda: _no_grad_call(prec, folded, xin), seconds)
+                row["infer_folded_mvox_s"] = fold_rate * vox / 1e6
+                row["infer_folded_roofline_fraction"] = fold_rate * vox * fpv / roof
+                line += f"; BN folded {fold_rate * vox / 1e6:6.2f} Mvox/s ({100 * fold_rate * vox * fpv / roof:4.1f}%)"
+                if compile_too and key == "2d":
+                    t0 = time.perf_counter()
+                    compiled = torch.compile(folded, dynamic=False)
+                    _no_grad_call(prec, compiled, xin)
+                    row["compile_s"] = time.perf_counter() - t0
+                    rate = _timed(lambda: _no_grad_call(prec, compiled, xin), seconds)
+                    row["infer_compiled_mvox_s"] = rate * vox / 1e6
+                    line += f"; compiled {rate * vox / 1e6:6.2f} Mvox/s (compile {row['compile_s']:.0f} s)"
+            out[f"{key}_{mode}"] = row
+            print(line, flush=True)
     return out
+
+
+def _no_grad_call(prec, model, x):
+    with torch.no_grad(), prec.autocast():
+        return model(x)
 
 
 # --------------------------------------------------------------------------- 4. emseg train
@@ -306,6 +330,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Short timings and 4 sections (a smoke run).")
     ap.add_argument("--only", default="gemm,net,train,predict,bald")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--compile-too", action="store_true", help="Also time torch.compile on the 2D network.")
     ap.add_argument("--predict-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bald-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--vnc", default=None, help=argparse.SUPPRESS)
@@ -334,7 +359,7 @@ def main() -> None:
     results["gemm"] = gemm
     print(f"GEMM 2048^2: fp32 {gemm['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 {gemm['gemm_bf16_gflops']:.0f} GFLOP/s")
     if "net" in only:
-        results["networks"] = bench_networks(seconds, gemm)
+        results["networks"] = bench_networks(seconds, gemm, args.compile_too)
     if "train" in only:
         results["train"] = bench_train(20.0 if args.quick else 60.0, vnc)
     if "predict" in only:
