@@ -10,6 +10,19 @@ from emseg.noise.igtt import IGTTConfig, run_igtt
 _D = IGTTConfig()
 
 
+def igtt_to_ome(out_dir: str, raw: str):
+    """prediction.zarr and segmentation.zarr of an iGTT run as one OME-Zarr store, scaled like RAW."""
+    from pathlib import Path
+
+    from emseg.io import open_volume, voxel_size_of, write_ome
+
+    out = Path(out_dir)
+    with open_volume(raw) as src, open_volume(str(out / "prediction.zarr")) as prob, \
+            open_volume(str(out / "segmentation.zarr")) as seg:
+        return write_ome(out / "prediction.ome.zarr", image=prob, channel=True, labels={"segmentation": seg},
+                         voxel_size=voxel_size_of(src), attrs=prob.attrs)
+
+
 def _cell(key: str, value) -> str:
     if key == "inverted":
         return "yes" if value else "no"
@@ -51,11 +64,13 @@ def _cell(key: str, value) -> str:
 @click.option("--baselines/--no-baselines", default=_D.baselines, help="Report Otsu and adaptive thresholding.")
 @click.option("--save-pseudo-labels", is_flag=True, help="Write each epoch's labels to pseudo_labels.h5:epoch_NN.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
+@click.option("--ome-zarr", "ome_zarr", is_flag=True,
+              help="Also write prediction.ome.zarr (OME-Zarr 0.5: the probability, labels/segmentation).")
 @common_options
 @device_seed_options
 def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_radius, sample_fraction,
             dmi_weight, iou_weight, steps_per_epoch, batch_size, patch, depth, base_width, lr, predict_window,
-            invert_large, adaptive_block, adaptive_offset, baselines, save_pseudo_labels, resume):
+            invert_large, adaptive_block, adaptive_offset, baselines, save_pseudo_labels, resume, ome_zarr):
     """Segment RAW into foreground/background without labels (iGTT, Luo et al. 2022).
 
     Starting from all-background labels, each epoch trains a sigmoid U-Net (DMI + IoU loss),
@@ -82,6 +97,9 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
 
         result = run_igtt(raw, cfg, out_dir, label=label, foreground=parse_ints(foreground, "--foreground"),
                       device=app.device, seed=app.seed, progress=progress, resume=resume)
+
+    if ome_zarr and result.complete:
+        result.outputs["prediction.ome.zarr"] = str(igtt_to_ome(out_dir, raw))
 
     def render(console):
         table = Table(title="iGTT epochs")

@@ -14,6 +14,7 @@ from emseg.cli._ui import (
     state,
 )
 from emseg.errors import InputError
+from emseg.io import is_ome_path, parse_spec
 
 #: Mode options, in the order they are listed in messages.
 MODE_OPTIONS = ("--flip", "--sample", "--dilate", "--erode", "--skeleton", "--random", "--shift")
@@ -167,6 +168,8 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
         "random": {"p": random_p},
         "shift": {"radius": shift_r, "per_section": per_section},
     }[mode]
+    if scheduler is not None and is_ome_path(parse_spec(output_spec).path):
+        raise InputError("--scheduler writes plain zarr; drop it for an OME-Zarr OUTPUT", source=output_spec)
     with progress_bar(f"noise --{mode}") as update:
         result = noise_file(input_spec, output_spec, mode, params,
                             seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),

@@ -39,6 +39,7 @@ def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, o
     Example:
       emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --output-type probabilities
       emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --scheduler local --workers 4
+      emseg predict runs/mito/best.pt stack2.h5:raw pred.ome.zarr   (OME-Zarr 0.5 with a pyramid)
     """
     app = state()
     cfg = PredictConfig(model=model, input=input_spec, output=output_spec, patch_shape=parse_shape(patch),

@@ -1,6 +1,7 @@
 """``emseg train``: U-Net training with lazy labels."""
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -8,6 +9,8 @@ import click
 from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_shape, precision_overrides,
                            progress_bar, state)
 from emseg.config import load_config
+from emseg.io import open_volume
+from emseg.monitor import TrainingMonitor
 from emseg.training import train
 
 
@@ -24,13 +27,16 @@ from emseg.training import train
 @click.option("--compile", "compile_", is_flag=True, default=None,
               help="Run the network through torch.compile (overrides `compile`): a one-off compile of a minute or "
                    "more on a CPU, then faster steps.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also log loss, lr, validation scores and a validation image to OUT/tensorboard.")
 @common_options
 @device_seed_options
-def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, compile_):
+def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, compile_, tensorboard):
     """Train a U-Net on the cubes listed in CONFIG (TOML), with lazy labels.
 
     Labels -1 are ignored; an `info` dataset beside a label dataset sets the lazy-label masks
     mask_class_labeled / mask_class_not_present. Ctrl-C saves last.pt and stops; --resume continues.
+    With matplotlib installed, curves.png (loss, lr, validation Jaccard) is redrawn at each validation.
 
     \b
     Example:
@@ -41,11 +47,18 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
                                          "patch_shape": parse_shape(patch), "valid_every": valid_every,
                                          "compile": compile_,
                                          **precision_overrides(app)})
-    with progress_bar("train") as update:
+    with progress_bar("train") as update, ExitStack() as stack:
         def progress(info):
             update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
 
-        result = train(cfg, out_dir, device=app.device, seed=app.seed, resume=resume, progress=progress)
+        valid = None
+        if tensorboard and cfg.valid:
+            cube = cfg.valid[0]
+            valid = tuple(stack.enter_context(open_volume(s)) for s in (cube.raw, cube.label))
+        monitor = TrainingMonitor(out_dir, tensorboard=tensorboard, valid=valid, patch_shape=cfg.patch_shape,
+                                  n_classes=cfg.n_classes, then=progress)
+        stack.callback(monitor.close)
+        result = train(cfg, out_dir, device=app.device, seed=app.seed, resume=resume, progress=monitor)
 
     def render(console):
         state_word = "interrupted" if result.interrupted else "finished"

@@ -28,6 +28,7 @@ from emseg.io import (
     check_output_volume,
     check_raw,
     create_volume,
+    is_ome_path,
     open_volume,
     parse_spec,
 )
@@ -156,6 +157,9 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     if config.scheduler is not None or config.resume or client is not None:
         from emseg.distributed import predict_resumable
 
+        if is_ome_path(parse_spec(config.output).path):
+            raise InputError("--scheduler/--resume write plain zarr; predict in-process for an OME-Zarr output",
+                             source=str(config.output))
         check_output_location(parse_spec(config.output).path)
         return predict_resumable(config, progress=progress, client=client)
     out_spec = check_output_volume(config.output)

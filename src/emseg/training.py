@@ -399,7 +399,7 @@ def run_training(
             if progress is not None:
                 progress({"step": step, "total": total, "loss": value, "lr": lr,
                           "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
-                          "valid": valid})
+                          "valid": valid, "model": model})
     if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
         checkpoint(last_path)
     if pg.is_main and not task_has_validation(task):

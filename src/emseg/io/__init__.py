@@ -1,6 +1,7 @@
 """Volume input/output: lazy reading of HDF5/zarr volumes, atomic writing, lazy-label info.
 
-A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH.zarr[/ARRAY]``.
+A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH.zarr[/ARRAY]``;
+``PATH.ome.zarr`` is read and written as OME-Zarr 0.5 (level ``/N``, labels ``/labels/NAME``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from emseg.io._volume import (
     replace_output,
 )
 from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
+from emseg.io.ome import OmeOutputGroup, is_ome_path, voxel_size_of, write_ome
 from emseg.io._validate import (
     check_not_empty,
     check_not_present,
@@ -28,6 +30,7 @@ from emseg.io._validate import (
 )
 
 __all__ = [
+    "OmeOutputGroup",
     "Volume",
     "VolumeRegion",
     "VolumeSpec",
@@ -44,9 +47,12 @@ __all__ = [
     "check_raw",
     "create_volume",
     "open_volume",
+    "is_ome_path",
     "json_safe",
     "parse_spec",
     "read_info",
     "replace_output",
     "validate_labels",
+    "voxel_size_of",
+    "write_ome",
 ]

@@ -247,6 +247,11 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
     try:
         array = zarr.open_array(store=str(spec.path), path=spec.key or None, mode="r")
     except Exception as exc:  # zarr raises several types for a missing node
+        from emseg.io.ome import open_ome  # an OME-Zarr image (or one of its levels)
+
+        found = open_ome(spec.path, spec.key)
+        if found is not None:
+            return Volume(VolumeSpec(spec.path, found[1], "zarr"), found[0])
         if allow_missing_key:
             return None
         where = f"no zarr array '{spec.key}'" if spec.key else "no zarr array at the root"
@@ -408,7 +413,10 @@ def create_volume(
 
     The data become visible at ``spec`` only on :meth:`OutputVolume.commit` (or on leaving the
     ``with`` block without an exception). For HDF5 the other datasets of an existing file are kept.
+    A path ending in ``.ome.zarr`` is written as OME-Zarr 0.5 with a pyramid (:mod:`emseg.io.ome`).
     """
+    from emseg.io.ome import OmeOutputVolume, is_ome_path
+
     spec = parse_spec(spec)
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
@@ -419,6 +427,8 @@ def create_volume(
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     check_output_volume(spec)
     clean_output_temps(spec)
+    if spec.fmt == "zarr" and is_ome_path(spec.path):
+        return OmeOutputVolume(spec, shape, dtype, chunks=chunks, attrs=attrs)
     if spec.fmt == "h5":
         final = spec.path
         tmp = final.with_name(f".{final.name}.{tag}")

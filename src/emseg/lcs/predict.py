@@ -531,6 +531,19 @@ class OutputGroup:
             self.discard()
 
 
+def open_output_group(output: str, source: Any = None) -> Any:
+    """:class:`OutputGroup`, or for ``OUT.ome.zarr`` an OME-Zarr image of the probabilities (channels)
+    with the label map under ``labels/`` (:class:`emseg.io.ome.OmeOutputGroup`), scaled like ``source``."""
+    from emseg.io.ome import OmeOutputGroup, is_ome_path, voxel_size_of
+
+    path, group, fmt = parse_output(output)
+    if fmt == "zarr" and is_ome_path(path):
+        if group:
+            raise InputError("an OME-Zarr output is the whole store: write OUT.ome.zarr", source=output)
+        return OmeOutputGroup(path, voxel_size=voxel_size_of(source) if source is not None else None)
+    return OutputGroup(output)
+
+
 # --------------------------------------------------------------------------- the infer core
 
 
@@ -621,7 +634,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
                  "merge_rule": predictor.rule, "baseline": lcs.baseline}
         total = int(np.prod(shape))
         done = 0
-        with OutputGroup(config.output) as out:
+        with open_output_group(config.output, source) as out:
             probs_out = {l: out.create(f"prob_{l}", shape, np.float32, dict(attrs, label=l)) for l in labels}
             merged = out.create("labels", shape, label_dtype(labels), attrs)
             for block in blocks:
