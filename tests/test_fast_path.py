@@ -12,7 +12,8 @@ from emseg import device as device_mod
 from emseg.active.pool import build_pool, score_pool
 from emseg.config import config_from_dict
 from emseg.data.prefetch import Prefetcher, step_rng
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_volume, softmax_forward
+from emseg.blocks import default_block_shape, plan_blocks
+from emseg.inference import SlidingWindow, predict_volume, softmax_forward
 from emseg.models import UNet, set_mc_dropout
 from emseg.training import SegmentationTask, run_training
 

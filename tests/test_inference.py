@@ -13,19 +13,20 @@ import emseg.inference as inference
 from conftest import synthetic, write_h5
 from emseg.checkpoint import save_checkpoint
 from emseg.errors import InputError
+from emseg.blocks import plan_blocks
 from emseg.inference import (
     SlidingWindow,
     blend_weights,
     output_shape,
-    plan_blocks,
     predict_volume,
+    resolve_patch,
     softmax_forward,
     to_output,
     window_starts,
 )
 from emseg.io import open_volume
 from emseg.models import UNet
-from emseg.predict import PredictConfig, predict_file, resolve_patch
+from emseg.predict import PredictConfig, predict_file
 
 
 class Pointwise(nn.Module):

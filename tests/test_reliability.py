@@ -276,7 +276,7 @@ def test_kill_during_resumable_predict_then_resume_is_identical(tmp_path, model_
 
 def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     pytest.importorskip("distributed")
-    from emseg.distributed import open_client
+    from emseg.cluster import open_client
     from emseg.noise.blockwise import noise_file
 
     write_h5(tmp_path / "lab.h5", label=synthetic((4, 32, 32), 3).label)
@@ -287,7 +287,7 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     child = _spawn(f"""
         import time
         import emseg.noise.blockwise as bw
-        from emseg.distributed import open_client
+        from emseg.cluster import open_client
         real, calls = bw._apply, []
         def slow(data, block, *a, **kw):
             calls.append(block.index)

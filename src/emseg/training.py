@@ -25,15 +25,16 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from emseg.blocks import default_block_shape, plan_blocks
 from emseg.checkpoint import load_checkpoint, save_checkpoint
 from emseg.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.device import resolve_device, seed_everything
-from emseg.distributed import ProcessGroup
+from emseg.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.inference import SlidingWindow, predict_block, softmax_forward
 from emseg.locks import temp_name
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator

@@ -795,7 +795,7 @@ def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
     --------
     >>> part = score_task(tasks[0], job)  # doctest: +SKIP
     """
-    from emseg.distributed import cached_model
+    from emseg.checkpoint import cached_model
     from emseg.io import open_volume
 
     model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
@@ -831,7 +831,7 @@ def score_pool_on_cluster(
 ) -> PoolScores:
     """:func:`score_pool` as tasks of a dask.distributed cluster, one per chunk of candidates.
 
-    Each task loads the network once per worker (:func:`emseg.distributed.cached_model`), reads
+    Each task loads the network once per worker (:func:`emseg.checkpoint.cached_model`), reads
     its patches from the volume specs ``sources`` and returns its scores and pooled embeddings,
     gathered here. Chunks, batches and MC-dropout seeds (:func:`chunk_seed`) are those of
     ``score_pool(..., seed=seed, chunk_size=chunk_size)``, so both give the same result (on the
@@ -851,7 +851,7 @@ def score_pool_on_cluster(
     device : str
         Resolved on each worker.
     scheduler, workers, client, retries
-        As in :func:`emseg.distributed.run_blocks`.
+        As in :func:`emseg.cluster.run_blocks`.
     progress : callable, optional
         ``progress(done, total)`` candidates after each chunk.
 
@@ -867,7 +867,7 @@ def score_pool_on_cluster(
     import os
     from pathlib import Path
 
-    from emseg.distributed import run_blocks
+    from emseg.cluster import run_blocks
     from emseg.io import open_volume, parse_spec
 
     strat = get_strategy(strategy)
@@ -1179,7 +1179,7 @@ def query_files(config: QueryConfig, *,
     from emseg.checkpoint import load_model
     from emseg.device import resolve_device
     from emseg.io import check_output_location, check_raw, open_volume
-    from emseg.predict import resolve_patch
+    from emseg.inference import resolve_patch
     from emseg.training import check_divisible
 
     t0 = time.perf_counter()

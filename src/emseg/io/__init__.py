@@ -16,6 +16,7 @@ from emseg.io._volume import (
     open_volume,
     parse_spec,
     replace_output,
+    zarr_compressors,
 )
 from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
 from emseg.io._validate import (
@@ -49,4 +50,5 @@ __all__ = [
     "read_info",
     "replace_output",
     "validate_labels",
+    "zarr_compressors",
 ]

@@ -353,7 +353,8 @@ class OutputVolume:
             self.discard()
 
 
-def _zarr_compressors(dtype: np.dtype):
+def zarr_compressors(dtype: np.dtype) -> list:
+    """The codecs of every zarr output: blosc zstd, bit-shuffled for bytes, byte-shuffled otherwise."""
     shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
 
@@ -453,7 +454,7 @@ def create_volume(
         tmp_key = f"{parent_key}/.{name}.{tag}" if parent_key else f".{name}.{tag}"
         array = zarr.create_array(
             store=str(spec.path), name=tmp_key, shape=shape, dtype=dtype, chunks=chunks,
-            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
         )
         tmp = spec.path / tmp_key
         return OutputVolume(spec, array, tmp, final, created_root=created_root)
@@ -462,6 +463,6 @@ def create_volume(
         tmp = final.with_name(f".{final.name}.{tag}")
         array = zarr.create_array(
             store=str(tmp), shape=shape, dtype=dtype, chunks=chunks,
-            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
         )
     return OutputVolume(spec, array, tmp, final)

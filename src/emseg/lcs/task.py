@@ -27,7 +27,7 @@ from emseg.checkpoint import load_checkpoint
 from emseg.config import TrainConfig, load_config
 from emseg.data import Augmenter, PatchSampler, open_cubes, to_float
 from emseg.errors import InputError
-from emseg.inference import default_block_shape, plan_blocks
+from emseg.blocks import default_block_shape, plan_blocks
 from emseg.io import parse_spec
 from emseg.lcs.atlas import Atlas, load_atlas
 from emseg.lcs.predict import DiceAccumulator, LabelPredictor

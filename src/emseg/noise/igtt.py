@@ -41,7 +41,8 @@ from emseg.config import AugmentConfig, CubeConfig, ModelConfig, OptimConfig, Tr
 from emseg.data import Augmenter, Cube, PatchSampler
 from emseg.device import resolve_device
 from emseg.errors import InputError
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.blocks import default_block_shape, plan_blocks
+from emseg.inference import SlidingWindow, predict_block, softmax_forward
 from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
 from emseg.metrics import binary_scores, roc_auc
