@@ -1,9 +1,10 @@
-"""Tests for emseg.noise.igtt: threshold selection, inversion, EMS, baselines, pipeline, CLI."""
+"""Tests for emseg.igtt: threshold selection, inversion, EMS, baselines, pipeline, CLI."""
 from __future__ import annotations
 
 import csv
 import json
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from emseg.checkpoint import load_model
 from emseg.cli._ui import AppState
 from emseg.errors import InputError
 from emseg.losses import dmi_loss
-from emseg.noise.igtt import (
+from emseg.igtt import (
     IGTTConfig,
     binary_metrics,
     candidate_thresholds,
@@ -312,3 +313,16 @@ def test_cli_end_to_end_json(tmp_path):
     assert payload["rows"][0]["label_fraction"] == 1.0  # --no-ems trains on the dense mask
     assert (out / "model.pt").exists() and (out / "prediction.zarr").exists()
     assert zarr.open_array(str(out / "prediction.zarr"), mode="r").shape == (1, 2, 48, 48)
+
+
+def test_igtt_is_a_command_and_noise_igtt_its_alias():
+    from emseg.cli.igtt import command
+    from emseg.cli.main import cli
+
+    ctx = click.Context(cli)
+    assert cli.get_command(ctx, "igtt") is command
+    noise = cli.get_command(ctx, "noise")
+    assert noise.get_command(click.Context(noise, parent=ctx), "igtt") is command
+    for argv in (["igtt", "--help"], ["noise", "igtt", "--help"]):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 0 and "--epochs" in result.output and "--dmi-weight" in result.output

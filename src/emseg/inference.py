@@ -15,12 +15,12 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from emseg.blocks import Block, describe_block
+from emseg.blocks import Block, default_block_shape, describe_block, plan_blocks
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.models import fold_batchnorm
@@ -319,3 +319,45 @@ def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Any,
     model = precision.prepare_model(fold_batchnorm(model.eval()))
     return SlidingWindow(softmax_forward(model), patch, divisor=model.divisor, overlap=config.overlap,
                          blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """How a sliding window runs, as :func:`make_predictor` reads it (defaults of validation and iGTT)."""
+
+    precision: str | Precision = "fp32"
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+
+
+def predict_array(
+    predictor: SlidingWindow | Callable[[np.ndarray, Block], Any],
+    source: Any,
+    patch_shape: Sequence[int],
+    *,
+    raw_dtype=None,
+) -> Iterator[tuple[Block, Any]]:
+    """Predict a cube held in memory (or read lazily) block by block: yield ``(block, prediction)``.
+
+    The one loop behind validation (:func:`emseg.training.evaluate_cubes`), LCS validation and
+    iGTT: blocks of :func:`~emseg.blocks.default_block_shape` (one-voxel chunks) with a halo of half a
+    patch, each read as float32 (:func:`read_block`). With a :class:`SlidingWindow` the prediction is
+    the probabilities of ``block.inner`` (checked finite); any other ``predictor`` is called as
+    ``predictor(raw, block)`` on the block's outer region and its result is yielded as is.
+
+    Examples
+    --------
+    >>> out = np.empty(volume.shape, np.float32)  # doctest: +SKIP
+    >>> for block, probs in predict_array(window, volume, (1, 128, 128)):  # doctest: +SKIP
+    ...     out[block.inner] = probs[1]
+    """
+    shape = tuple(source.shape)
+    blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
+                         [p // 2 for p in patch_shape])
+    for block in blocks:
+        raw = read_block(source, block, raw_dtype)
+        if isinstance(predictor, SlidingWindow):
+            yield block, predict_block(predictor, source, block, raw=raw)
+        else:
+            yield block, predictor(raw, block)
