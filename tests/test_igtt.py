@@ -170,8 +170,13 @@ def test_ems_on_a_stack_works_per_section():
     m = np.stack([_mask_2d(), _mask_2d()[::-1]])
     lab = ems(m, radius=2, fraction=1.0, rng=0)
     for z in range(2):
-        near = ndi.maximum_filter(skeletonize(m[z]), size=5)
-        assert near[lab[z] == 1].all()
+        sk = skeletonize(m[z])
+        near = ndi.maximum_filter(sk, size=5)
+        fg = lab[z] == 1
+        # not vacuous: each section keeps most of its own skeleton (shifted; a few voxels may land
+        # on one another or leave the image), and nothing far from it
+        assert 0.75 * sk.sum() <= fg.sum() <= sk.sum()
+        assert near[fg].all()
 
 
 # --------------------------------------------------------------------------- baselines and metrics
