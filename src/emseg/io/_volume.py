@@ -14,6 +14,8 @@ import numpy as np
 import zarr
 
 from emseg.errors import InputError
+from emseg.io._files import check_output_location
+from emseg.locks import clean_stale_temps
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIX = ".zarr"
@@ -365,8 +367,6 @@ def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
     The folder must exist (and be a folder); an existing HDF5 file must be readable (a truncated
     file is refused, not copied); an existing zarr path must be a folder.
     """
-    from emseg.io._files import check_output_location
-
     spec = parse_spec(spec)
     check_output_location(spec.path)
     if spec.path.exists():
@@ -387,8 +387,6 @@ def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
 
 def clean_output_temps(spec: str | VolumeSpec) -> None:
     """Remove temp copies of ``spec`` left by dead runs (``.NAME.tmp-PID-*`` whose PID is gone)."""
-    from emseg.locks import clean_stale_temps
-
     spec = parse_spec(spec)
     clean_stale_temps(spec.path.parent, [spec.path.name])
     if spec.fmt == "zarr" and spec.key and spec.path.is_dir():
