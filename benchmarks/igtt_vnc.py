@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, machine  # noqa: E402
 
 from emseg.config import config_from_dict  # noqa: E402
-from emseg.noise.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
+from emseg.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
 from emseg.predict import PredictConfig, predict_file  # noqa: E402
 from emseg.training import train  # noqa: E402
 

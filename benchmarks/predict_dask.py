@@ -9,12 +9,12 @@
      (the reference of the ratios: workers use one thread each) and with its default thread count
      (run once, warm);
    * a LocalCluster of 1 and of 2 worker processes (one thread each), through
-     :func:`emseg.distributed.predict_resumable` with an already started client.
+     :func:`emseg.predict.predict_resumable` with an already started client.
 
    Each configuration runs once cold, then ``--repeats`` times warm (model loaded, kernels
    initialised; the default-thread one only once): the median warm time is the throughput figure. Cluster start-up time is reported apart.
    The cluster outputs are checked to equal the one-thread in-process output exactly.
-2. Scheduling overhead per block: :func:`emseg.distributed.run_blocks` over 400 no-op blocks on
+2. Scheduling overhead per block: :func:`emseg.cluster.run_blocks` over 400 no-op blocks on
    the 2-worker cluster, with and without done markers, and in-process for comparison.
 
 Usage::
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, machine  # noqa: E402
 
 from emseg.checkpoint import save_checkpoint  # noqa: E402
-from emseg.distributed import DoneMarkers, open_client, run_blocks  # noqa: E402
-from emseg.inference import plan_blocks  # noqa: E402
+from emseg.cluster import DoneMarkers, open_client, run_blocks  # noqa: E402
+from emseg.blocks import plan_blocks  # noqa: E402
 from emseg.io import create_volume, open_volume  # noqa: E402
 from emseg.models import build_model  # noqa: E402
 from emseg.predict import PredictConfig, predict_file  # noqa: E402

@@ -285,7 +285,8 @@ def _bald_case(case: str, n: int, t: int) -> dict:
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     if case.startswith("emseg"):
-        from emseg.active.pool import build_pool, score_pool
+        from emseg.active.pool import build_pool
+        from emseg.active.scoring import score_pool
 
         pool = build_pool([vol.shape], (1, 128, 128))
         scores = score_pool(net, pool, [vol], "bald", mc_samples=t, batch_size=8, seed=0, fold=True,

@@ -1,11 +1,11 @@
-"""``emseg noise igtt``: unsupervised binary segmentation by iterative ground-truth training."""
+"""``emseg igtt`` (also ``emseg noise igtt``): unsupervised binary segmentation by iterative ground-truth training."""
 from __future__ import annotations
 
 import click
 from rich.table import Table
 
 from emseg.cli._ui import common_options, device_seed_options, emit, fmt, parse_ints, parse_shape, progress_bar, state
-from emseg.noise.igtt import IGTTConfig, run_igtt
+from emseg.igtt import IGTTConfig, run_igtt
 
 _D = IGTTConfig()
 
@@ -80,7 +80,7 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
 
     \b
     Example:
-      emseg noise igtt vnc.h5:raw --out runs/igtt --label vnc.h5:label --foreground 2,3,4 --epochs 10
+      emseg igtt vnc.h5:raw --out runs/igtt --label vnc.h5:label --foreground 2,3,4 --epochs 10
     """
     app = state()
     cfg = IGTTConfig(

@@ -121,9 +121,9 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: s
 
 
 def _register() -> None:
-    from emseg.cli import demo, evaluate, export, lcs, noise, predict, query, train
+    from emseg.cli import demo, evaluate, export, igtt, lcs, noise, predict, query, train
 
-    for module in (train, predict, evaluate, query, noise, lcs, export, demo):
+    for module in (train, predict, evaluate, query, noise, igtt, lcs, export, demo):
         cli.add_command(module.command)
 
 

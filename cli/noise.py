@@ -1,4 +1,4 @@
-"""``emseg noise``: synthesise noisy labels from clean ones (and ``emseg noise igtt``)."""
+"""``emseg noise``: synthesise noisy labels from clean ones (``emseg noise igtt`` is ``emseg igtt``)."""
 from __future__ import annotations
 
 import click
@@ -48,7 +48,7 @@ Examples:
   emseg noise stack.h5:label noisy.h5:flip45 --flip 0.45 --report
   emseg noise stack.h5:label noisy.zarr/skel --skeleton
   emseg noise stack.h5:label noisy.zarr/flip45 --flip 0.45 --scheduler local --workers 4
-  emseg noise igtt RAW --out DIR          (see `emseg noise igtt --help`)
+  emseg noise igtt RAW --out DIR          (the same as `emseg igtt`, see its --help)
 """
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from emseg.active import STRATEGIES, get_strategy
 from emseg.active.export import crop_name, read_query_boxes
-from emseg.active.pool import QueryConfig, query_files
+from emseg.active.query import QueryConfig, query_files
 from emseg.active.simulate import load_simulate_config, run_simulation
 from emseg.cli._ui import (
     DefaultCommandGroup,

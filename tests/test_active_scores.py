@@ -18,12 +18,12 @@ from emseg.active import (
     get_strategy,
     hybrid_select,
     kcenter_greedy,
-    kcenter_greedy_naive,
     kmeans_select,
     least_confidence,
     random_select,
     select_top,
 )
+from emseg.active.diversity import kcenter_greedy_naive
 
 SPATIAL = [(6, 7), (3, 4, 5)]
 

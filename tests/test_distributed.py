@@ -17,18 +17,18 @@ import zarr
 from conftest import synthetic, tiny_train_config, write_h5
 from emseg.checkpoint import save_checkpoint
 from emseg.config import config_from_dict
-from emseg.distributed import (
+from emseg.cluster import (
     FAIL_BLOCKS_ENV,
     BlockFailed,
     DoneMarkers,
-    ProcessGroup,
     fit_chunks,
     open_client,
     require_distributed,
     run_blocks,
 )
+from emseg.ddp import ProcessGroup
 from emseg.errors import InputError
-from emseg.inference import plan_blocks
+from emseg.blocks import plan_blocks
 from emseg.models import build_model
 from emseg.predict import PredictConfig, predict_file
 from emseg.training import SegmentationTask

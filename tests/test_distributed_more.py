@@ -9,9 +9,10 @@ import torch
 import zarr
 from conftest import synthetic, write_h5
 
-from emseg.active.pool import build_pool, chunk_seed, score_pool, score_pool_on_cluster
+from emseg.active.pool import build_pool
+from emseg.active.scoring import chunk_seed, score_pool, score_pool_on_cluster
 from emseg.checkpoint import save_checkpoint
-from emseg.distributed import FAIL_BLOCKS_ENV, BlockFailed, open_client
+from emseg.cluster import FAIL_BLOCKS_ENV, BlockFailed, open_client
 from emseg.errors import InputError
 from emseg.models import build_model
 from emseg.noise.blockwise import noise_file

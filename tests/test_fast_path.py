@@ -9,10 +9,12 @@ import torch
 
 from conftest import synthetic, tiny_train_config
 from emseg import device as device_mod
-from emseg.active.pool import build_pool, score_pool
+from emseg.active.pool import build_pool
+from emseg.active.scoring import score_pool
 from emseg.config import config_from_dict
 from emseg.data.prefetch import Prefetcher, step_rng
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_volume, softmax_forward
+from emseg.blocks import default_block_shape, plan_blocks
+from emseg.inference import SlidingWindow, predict_volume, softmax_forward
 from emseg.models import UNet, set_mc_dropout
 from emseg.training import SegmentationTask, run_training
 
@@ -175,7 +177,7 @@ def test_bald_encoding_once_equals_full_passes_and_baal_style_reference():
     np.testing.assert_allclose(fast.scores, slow.scores, rtol=1e-5, atol=1e-7)
     # Independent reference: the same dropout masks (torch seeded as the scorer seeds chunk 0, batches in
     # order), T full passes stacked, and BALD = H[mean_t p_t] - mean_t H[p_t] written out in float64.
-    from emseg.active.pool import chunk_seed
+    from emseg.active.scoring import chunk_seed
 
     x = torch.stack([torch.from_numpy(vol[b.slices()][0].astype(np.float32) / 255)[None]
                      for b in (pool.box(i) for i in range(len(pool)))])

@@ -1,9 +1,10 @@
-"""Tests for emseg.noise.igtt: threshold selection, inversion, EMS, baselines, pipeline, CLI."""
+"""Tests for emseg.igtt: threshold selection, inversion, EMS, baselines, pipeline, CLI."""
 from __future__ import annotations
 
 import csv
 import json
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from emseg.checkpoint import load_model
 from emseg.cli._ui import AppState
 from emseg.errors import InputError
 from emseg.losses import dmi_loss
-from emseg.noise.igtt import (
+from emseg.igtt import (
     IGTTConfig,
     binary_metrics,
     candidate_thresholds,
@@ -169,8 +170,13 @@ def test_ems_on_a_stack_works_per_section():
     m = np.stack([_mask_2d(), _mask_2d()[::-1]])
     lab = ems(m, radius=2, fraction=1.0, rng=0)
     for z in range(2):
-        near = ndi.maximum_filter(skeletonize(m[z]), size=5)
-        assert near[lab[z] == 1].all()
+        sk = skeletonize(m[z])
+        near = ndi.maximum_filter(sk, size=5)
+        fg = lab[z] == 1
+        # not vacuous: each section keeps most of its own skeleton (shifted; a few voxels may land
+        # on one another or leave the image), and nothing far from it
+        assert 0.75 * sk.sum() <= fg.sum() <= sk.sum()
+        assert near[fg].all()
 
 
 # --------------------------------------------------------------------------- baselines and metrics
@@ -312,3 +318,16 @@ def test_cli_end_to_end_json(tmp_path):
     assert payload["rows"][0]["label_fraction"] == 1.0  # --no-ems trains on the dense mask
     assert (out / "model.pt").exists() and (out / "prediction.zarr").exists()
     assert zarr.open_array(str(out / "prediction.zarr"), mode="r").shape == (1, 2, 48, 48)
+
+
+def test_igtt_is_a_command_and_noise_igtt_its_alias():
+    from emseg.cli.igtt import command
+    from emseg.cli.main import cli
+
+    ctx = click.Context(cli)
+    assert cli.get_command(ctx, "igtt") is command
+    noise = cli.get_command(ctx, "noise")
+    assert noise.get_command(click.Context(noise, parent=ctx), "igtt") is command
+    for argv in (["igtt", "--help"], ["noise", "igtt", "--help"]):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 0 and "--epochs" in result.output and "--dmi-weight" in result.output

@@ -13,19 +13,20 @@ import emseg.inference as inference
 from conftest import synthetic, write_h5
 from emseg.checkpoint import save_checkpoint
 from emseg.errors import InputError
+from emseg.blocks import plan_blocks
 from emseg.inference import (
     SlidingWindow,
     blend_weights,
     output_shape,
-    plan_blocks,
     predict_volume,
+    resolve_patch,
     softmax_forward,
     to_output,
     window_starts,
 )
 from emseg.io import open_volume
 from emseg.models import UNet
-from emseg.predict import PredictConfig, predict_file, resolve_patch
+from emseg.predict import PredictConfig, predict_file
 
 
 class Pointwise(nn.Module):
@@ -338,3 +339,40 @@ def test_resolve_patch(patch, trained, shape, ndim, expected):
 def test_resolve_patch_3d_net_on_2d_volume():
     with pytest.raises(InputError):
         resolve_patch(None, (4, 32, 32), (40, 40), 3)
+
+
+def test_predict_array_covers_the_cube_once_with_each_blocks_float_halo():
+    from emseg.data.sampling import to_float
+    from emseg.inference import predict_array
+
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 256, size=(3, 70, 45), dtype=np.uint8)
+    patch = (1, 32, 16)
+    seen = np.zeros(raw.shape, dtype=int)
+
+    def record(region, block):
+        np.testing.assert_array_equal(region, to_float(raw[block.outer], np.uint8))
+        for inner, outer, p, n in zip(block.inner, block.outer, patch, raw.shape):
+            assert outer.start == max(0, inner.start - p // 2) and outer.stop == min(n, inner.stop + p // 2)
+        return block.index
+
+    for block, result in predict_array(record, raw, patch):
+        assert result == block.index
+        seen[block.inner] += 1
+    assert (seen == 1).all()
+
+
+def test_predict_array_with_a_window_matches_predicting_each_region():
+    from emseg.inference import predict_array
+
+    torch.manual_seed(0)
+    net = UNet(ndim=2, in_channels=1, out_channels=2, depth=2, base_width=4).eval()
+    window = SlidingWindow(softmax_forward(net), (1, 16, 16), divisor=net.divisor)
+    raw = np.random.default_rng(1).random((2, 40, 24)).astype(np.float32)
+    out = np.full((2,) + raw.shape, np.nan, dtype=np.float32)
+    for block, probs in predict_array(window, raw, (1, 16, 16)):
+        expected = window(raw[block.outer])[(slice(None),) + block.inner_in_outer]
+        np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-6)
+        out[(slice(None),) + block.inner] = probs
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)

@@ -63,8 +63,10 @@ def test_parse_spec_zarr(text, path, key):
 def test_parse_spec_rejects_bad_specs(text):
     with pytest.raises(InputError) as info:
         parse_spec(text)
-    assert isinstance(info.value, ValueError)  # the CLI maps ValueError subclasses to exit 2
-    assert "\n" not in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{text}: ") if text else message.startswith("unknown volume format")
+    assert "FILE.h5:DATASET" in message  # says how to write a spec
 
 
 def test_spec_string_round_trip_and_sibling():

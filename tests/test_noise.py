@@ -654,3 +654,14 @@ LAB = np.zeros((8, 8), dtype=np.int64)
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_noise_imports_without_torch():
+    """The synthesis, the blockwise runner and the transition matrix need only numpy and scikit-image."""
+    import subprocess
+    import sys
+
+    code = ("import sys, emseg.noise, emseg.noise.blockwise, emseg.noise.transition; "
+            "print(sorted(m for m in ('torch', 'click', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -250,15 +250,15 @@ def test_kill_during_resumable_predict_then_resume_is_identical(tmp_path, model_
     out = tmp_path / "out.zarr"
     child = _spawn(f"""
         import time, torch
-        import emseg.inference
+        import emseg.predict
         from emseg.predict import PredictConfig, predict_file
-        real, calls = emseg.inference.predict_block, []
+        real, calls = emseg.predict.predict_block, []
         def slow(predictor, source, block, **kw):
             calls.append(block.index)
             if len(calls) == 6:  # 5 blocks done and marked; the 6th never finishes
                 time.sleep(600)
             return real(predictor, source, block, **kw)
-        emseg.inference.predict_block = slow
+        emseg.predict.predict_block = slow  # what each resumable task calls
         torch.set_num_threads(1)
         predict_file(PredictConfig(output={str(out)!r}, **{common!r}))
     """, tmp_path)
@@ -276,7 +276,7 @@ def test_kill_during_resumable_predict_then_resume_is_identical(tmp_path, model_
 
 def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     pytest.importorskip("distributed")
-    from emseg.distributed import open_client
+    from emseg.cluster import open_client
     from emseg.noise.blockwise import noise_file
 
     write_h5(tmp_path / "lab.h5", label=synthetic((4, 32, 32), 3).label)
@@ -287,7 +287,7 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     child = _spawn(f"""
         import time
         import emseg.noise.blockwise as bw
-        from emseg.distributed import open_client
+        from emseg.cluster import open_client
         real, calls = bw._apply, []
         def slow(data, block, *a, **kw):
             calls.append(block.index)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from emseg import __version__
+from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.locks import temp_name
 from emseg.models import build_model
@@ -281,3 +283,37 @@ def network_patch(patch: Sequence[int], config: Mapping[str, Any]) -> tuple[int,
     ndim = int(config.get("ndim", _DEFAULTS["ndim"])) if isinstance(config, Mapping) else 2
     patch = tuple(patch)
     return patch[1:] if len(patch) == ndim + 1 else patch
+
+
+_MODELS: dict[tuple, tuple[torch.nn.Module, torch.device]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(path: str, device: str = "auto", *, mtime_ns: int | None = None,
+                 size: int | None = None) -> tuple[torch.nn.Module, torch.device]:
+    """The network of checkpoint ``path`` on ``device``, loaded once per process and reused.
+
+    The cache is keyed by path, modification time and size, so a changed file is reloaded; when
+    ``mtime_ns``/``size`` are given and the file differs, the run's model was replaced: an error.
+
+    Examples
+    --------
+    >>> model, device = cached_model("runs/mito/best.pt", "cpu")  # doctest: +SKIP
+    """
+    st = os.stat(path)
+    if (mtime_ns is not None and st.st_mtime_ns != mtime_ns) or (size is not None and st.st_size != size):
+        raise InputError("the checkpoint changed since this prediction started", source=path)
+    key = (path, st.st_mtime_ns, st.st_size, device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            dev = resolve_device(device)
+            model, _ = load_model(path, dev)
+            _MODELS.clear()  # one model per process: a worker serves one run at a time
+            _MODELS[key] = (model, dev)
+        return _MODELS[key]
+
+
+def forget_cached_models() -> None:
+    """Drop the network :func:`cached_model` keeps (an in-process run is over)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()

@@ -1,9 +1,11 @@
 """Sliding-window inference, block by block, over volumes of any size.
 
-A volume is cut into *blocks* (aligned with the output chunks); each block is read with a *halo*
-of context, predicted by a sliding window of *patches* blended with Gaussian or constant weights,
-and its inner part written out. Memory is bounded by the block, not the volume. The per-block
-function :func:`predict_block` is what in-process loops and cluster tasks both call.
+A volume is cut into *blocks* (:mod:`emseg.blocks`, aligned with the output chunks); each block is
+read with a *halo* of context, predicted by a sliding window of *patches* blended with Gaussian or
+constant weights, and its inner part written out. Memory is bounded by the block, not the volume.
+The per-block function :func:`predict_block` is what in-process loops and cluster tasks both call;
+:func:`make_predictor` builds the sliding window of a checkpoint's network for given options and
+:func:`resolve_patch` adapts a window shape to a volume's axes.
 """
 from __future__ import annotations
 
@@ -13,45 +15,18 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from emseg.blocks import Block, default_block_shape, describe_block, plan_blocks
 from emseg.data.sampling import to_float
-from emseg.precision import Precision, resolve_precision
 from emseg.errors import InputError
+from emseg.models import fold_batchnorm
+from emseg.precision import Precision, resolve_precision
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Block:
-    """One unit of blockwise work: ``inner`` is written, ``outer`` (inner plus halo) is read."""
-
-    index: int
-    inner: tuple[slice, ...]
-    outer: tuple[slice, ...]
-
-    @property
-    def inner_in_outer(self) -> tuple[slice, ...]:
-        return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(self.inner, self.outer))
-
-    @property
-    def size(self) -> int:
-        return int(np.prod([s.stop - s.start for s in self.inner]))
-
-
-def plan_blocks(shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]) -> list[Block]:
-    """Tile ``shape`` with blocks of ``block_shape`` (the last ones cut at the border) plus ``halo``."""
-    shape, block_shape, halo = tuple(shape), tuple(block_shape), tuple(halo)
-    ranges = [range(0, s, b) for s, b in zip(shape, block_shape)]
-    blocks = []
-    for index, starts in enumerate(itertools.product(*ranges)):
-        inner = tuple(slice(a, min(a + b, s)) for a, b, s in zip(starts, block_shape, shape))
-        outer = tuple(slice(max(0, i.start - h), min(s, i.stop + h)) for i, h, s in zip(inner, halo, shape))
-        blocks.append(Block(index, inner, outer))
-    return blocks
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -207,8 +182,6 @@ def check_finite_output(probs: np.ndarray, block: Block, source: Any = None) -> 
     """Stop (:class:`~emseg.errors.InputError`) when the network's output has NaN or infinity."""
     if np.isfinite(probs).all():
         return
-    from emseg.distributed import describe_block
-
     where = getattr(source, "spec", None)
     raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
                      f"input values are unusable (nothing was written for this block)",
@@ -229,32 +202,6 @@ def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
 def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:
     """Shape of the written volume: (C, *S) for probabilities, (*S) for labels."""
     return ((n_channels,) if output_type == "probabilities" else ()) + tuple(volume_shape)
-
-
-def default_block_shape(volume_shape: Sequence[int], patch_shape: Sequence[int], chunks: Sequence[int],
-                        *, max_voxels: int = 4 * 1024**2) -> tuple[int, ...]:
-    """Blocks wide in-plane (the halo's recomputation falls with the block side), a multiple of the chunks.
-
-    In-plane sides aim at 1024 for 2D networks (patch z = 1 or a 2D volume) and 512 for 3D ones;
-    the leading axis of a 3D volume then takes what ``max_voxels`` leaves (at most 16 sections,
-    at least one patch). A 2D network on 1024 x 1024 sections thus predicts 4 whole sections per
-    block with no halo at all, instead of 16 x 512 x 512 blocks that recompute 56% more voxels.
-    """
-    nd = len(volume_shape)
-    flat = nd == 2 or int(patch_shape[0]) == 1
-    side = 1024 if flat else 512
-
-    def fit(size: int, want: int, chunk: int) -> int:
-        b = int(math.ceil(max(want, chunk) / chunk) * chunk)
-        return min(b, int(math.ceil(size / chunk) * chunk))
-
-    plane = [fit(size, max(int(patch), side), chunk)
-             for size, patch, chunk in zip(volume_shape[-2:], patch_shape[-2:], chunks[-2:])]
-    if nd == 2:
-        return tuple(plane)
-    lead = [fit(size, max(int(patch), min(16, max_voxels // int(np.prod(plane))) if flat else 16), chunk)
-            for size, patch, chunk in zip(volume_shape[:-2], patch_shape[:-2], chunks[:-2])]
-    return tuple(lead + plane)
 
 
 @dataclass(frozen=True)
@@ -339,3 +286,92 @@ def predict_volume(
         if pending_write is not None:
             pending_write.result()
     return PredictStats(computed, len(blocks), time.perf_counter() - start)
+
+
+def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
+                  model_ndim: int) -> tuple[int, ...]:
+    """The window shape in volume axes: given, or the training patch adapted to the volume's axes."""
+    patch = tuple(patch) if patch else tuple(trained or (256,) * model_ndim)
+    if len(patch) == len(volume_shape) + 1 and patch[0] == 1:
+        patch = patch[1:]
+    if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
+        patch = (1,) + patch
+    if len(patch) != len(volume_shape):
+        raise InputError(f"--patch {patch} does not fit a {len(volume_shape)}D volume")
+    if model_ndim == 3 and len(volume_shape) != 3:
+        raise InputError("a 3D network needs a 3D volume")
+    if any(p < 1 for p in patch):
+        raise InputError(f"--patch sides must be positive, got {patch}")
+    if model_ndim == 2 and len(patch) == 3 and patch[0] != 1:
+        raise InputError(f"--patch {patch}: a 2D network on a 3D volume needs z = 1")
+    return patch
+
+
+def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Any,
+                   device: torch.device) -> SlidingWindow:
+    """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
+    the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format.
+
+    ``config`` is any object with ``precision``, ``overlap``, ``blend`` and ``batch_size``
+    (:class:`emseg.predict.PredictConfig`, or the job a cluster worker receives).
+    """
+    precision = resolve_precision(config.precision, device, ndim=model.ndim)
+    net = _prepared(model, precision, bool(getattr(config, "compile", False)))
+    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=config.overlap,
+                         blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
+
+
+_PREPARED: dict[tuple, tuple] = {}
+
+
+def _prepared(model: torch.nn.Module, precision: Precision, compile_: bool) -> torch.nn.Module:
+    """``model`` folded, laid out and (optionally) compiled, once per process and model: cluster
+    workers build a predictor per block, and a compiled network must not be compiled again."""
+    key = (id(model), precision, compile_)
+    if key not in _PREPARED:
+        net = precision.prepare_model(fold_batchnorm(model.eval()))
+        _PREPARED.clear()
+        _PREPARED[key] = (torch.compile(net, dynamic=False) if compile_ else net, model)
+    return _PREPARED[key][0]
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """How a sliding window runs, as :func:`make_predictor` reads it (defaults of validation and iGTT)."""
+
+    precision: str | Precision = "fp32"
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+
+
+def predict_array(
+    predictor: SlidingWindow | Callable[[np.ndarray, Block], Any],
+    source: Any,
+    patch_shape: Sequence[int],
+    *,
+    raw_dtype=None,
+) -> Iterator[tuple[Block, Any]]:
+    """Predict a cube held in memory (or read lazily) block by block: yield ``(block, prediction)``.
+
+    The one loop behind validation (:func:`emseg.training.evaluate_cubes`), LCS validation and
+    iGTT: blocks of :func:`~emseg.blocks.default_block_shape` (one-voxel chunks) with a halo of half a
+    patch, each read as float32 (:func:`read_block`). With a :class:`SlidingWindow` the prediction is
+    the probabilities of ``block.inner`` (checked finite); any other ``predictor`` is called as
+    ``predictor(raw, block)`` on the block's outer region and its result is yielded as is.
+
+    Examples
+    --------
+    >>> out = np.empty(volume.shape, np.float32)  # doctest: +SKIP
+    >>> for block, probs in predict_array(window, volume, (1, 128, 128)):  # doctest: +SKIP
+    ...     out[block.inner] = probs[1]
+    """
+    shape = tuple(source.shape)
+    blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
+                         [p // 2 for p in patch_shape])
+    for block in blocks:
+        raw = read_block(source, block, raw_dtype)
+        if isinstance(predictor, SlidingWindow):
+            yield block, predict_block(predictor, source, block, raw=raw)
+        else:
+            yield block, predictor(raw, block)

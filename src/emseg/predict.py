@@ -1,26 +1,48 @@
-"""Predict a volume on disk with a trained checkpoint (the core of ``emseg predict``)."""
+"""Predict a volume on disk with a trained checkpoint (the core of ``emseg predict``).
+
+:func:`predict_file` predicts block by block in this process into an atomically renamed output;
+with a scheduler or ``resume`` it hands over to :func:`predict_resumable`, whose tasks
+(:func:`predict_block_task`, one :class:`PredictJob` each) write their own chunks of a resumable
+zarr array (:func:`emseg.cluster.resumable_zarr`) in this process or on a dask cluster.
+"""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import torch
+import numpy as np
+import zarr
 
-from emseg.checkpoint import check_model_config, load_checkpoint, model_from_state
+from emseg.blocks import Block, default_block_shape, plan_blocks
+from emseg.checkpoint import (
+    cached_model,
+    check_model_config,
+    forget_cached_models,
+    load_checkpoint,
+    model_from_state,
+    network_patch,
+)
+from emseg.cluster import (
+    FAIL_BLOCKS_ENV,
+    fit_chunks,
+    injected_failures,
+    require_distributed,
+    resumable_zarr,
+    run_blocks,
+)
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.inference import (
     PredictStats,
-    SlidingWindow,
-    default_block_shape,
+    make_predictor,
     output_shape,
-    plan_blocks,
+    predict_block,
     predict_volume,
-    softmax_forward,
+    resolve_patch,
+    to_output,
 )
-from emseg.models import fold_batchnorm
-from emseg.precision import resolve_precision
 from emseg.io import (
     auto_chunks,
     check_distinct,
@@ -51,7 +73,7 @@ class PredictConfig:
     #: Run the network through ``torch.compile`` (a one-off compile cost per process).
     compile: bool = False
     #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
-    #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.distributed`).
+    #: ``"tcp://HOST:PORT"`` a running dask scheduler (see :mod:`emseg.cluster`).
     scheduler: str | None = None
     workers: int | None = None
     #: Write into a fixed ``.partial`` zarr and skip the blocks already done (always on with a scheduler).
@@ -85,25 +107,6 @@ class PredictResult:
         return out
 
 
-def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
-                  model_ndim: int) -> tuple[int, ...]:
-    """The window shape in volume axes: given, or the training patch adapted to the volume's axes."""
-    patch = tuple(patch) if patch else tuple(trained or (256,) * model_ndim)
-    if len(patch) == len(volume_shape) + 1 and patch[0] == 1:
-        patch = patch[1:]
-    if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
-        patch = (1,) + patch
-    if len(patch) != len(volume_shape):
-        raise InputError(f"--patch {patch} does not fit a {len(volume_shape)}D volume")
-    if model_ndim == 3 and len(volume_shape) != 3:
-        raise InputError("a 3D network needs a 3D volume")
-    if any(p < 1 for p in patch):
-        raise InputError(f"--patch sides must be positive, got {patch}")
-    if model_ndim == 2 and len(patch) == 3 and patch[0] != 1:
-        raise InputError(f"--patch {patch}: a 2D network on a 3D volume needs z = 1")
-    return patch
-
-
 def check_options(config: PredictConfig) -> None:
     """Prediction options that are user input: ranges checked with the option named."""
     if not 0 <= config.overlap < 1:
@@ -116,30 +119,6 @@ def check_options(config: PredictConfig) -> None:
         raise InputError(f"--output-type must be probabilities or labels, got {config.output_type!r}")
 
 
-_PREPARED: dict[tuple, tuple] = {}
-
-
-def _prepared(model: torch.nn.Module, precision, compile_: bool) -> torch.nn.Module:
-    """``model`` folded, laid out and (optionally) compiled, once per process and model: cluster
-    workers build a predictor per block, and a compiled network must not be compiled again."""
-    key = (id(model), precision, compile_)
-    if key not in _PREPARED:
-        net = precision.prepare_model(fold_batchnorm(model.eval()))
-        _PREPARED.clear()
-        _PREPARED[key] = (torch.compile(net, dynamic=False) if compile_ else net, model)
-    return _PREPARED[key][0]
-
-
-def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: PredictConfig,
-                   device: torch.device) -> SlidingWindow:
-    """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
-    the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format."""
-    precision = resolve_precision(config.precision, device, ndim=model.ndim)
-    net = _prepared(model, precision, bool(getattr(config, "compile", False)))
-    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=config.overlap,
-                         blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
-
-
 def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
                  client: Any = None) -> PredictResult:
     """Sliding-window prediction of ``config.input`` into ``config.output``, block by block.
@@ -148,15 +127,13 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     stored channel-first (C, *S) as float32; labels as uint8 argmax. With ``config.scheduler``
     (or ``client``, an open dask.distributed client) the blocks run on a dask cluster, and with
     ``config.resume`` (implied by a cluster) finished blocks survive a crash: see
-    :func:`emseg.distributed.predict_resumable`.
+    :func:`predict_resumable`.
     """
     if config.workers is not None and config.scheduler != "local" and client is None:
         raise InputError("--workers applies to --scheduler local only")
     check_distinct(config.input, config.output)
     check_options(config)
     if config.scheduler is not None or config.resume or client is not None:
-        from emseg.distributed import predict_resumable
-
         if is_ome_path(parse_spec(config.output).path):
             raise InputError("--scheduler/--resume write plain zarr; predict in-process for an OME-Zarr output",
                              source=str(config.output))
@@ -194,3 +171,150 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
                                    progress=progress)
     return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats,
                          precision=predictor.precision.name)
+
+
+# --------------------------------------------------------------------------------------------
+# predicting on a cluster (or in-process), resumable
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Everything a worker needs to predict one block (absolute paths, no open handles)."""
+
+    model: str
+    model_mtime_ns: int
+    model_size: int
+    input: str
+    store: str
+    key: str
+    patch_shape: tuple[int, ...]
+    overlap: float
+    blend: str
+    batch_size: int
+    output_type: str
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    fail_blocks: tuple[int, ...] = ()
+
+
+def predict_block_task(block: Block, job: PredictJob) -> int:
+    """Worker side of a prediction: read ``block.outer``, predict, write ``block.inner``; return its index."""
+    if block.index in job.fail_blocks:
+        raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
+    model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
+    predictor = make_predictor(model, job.patch_shape, job, device)
+    with open_volume(job.input) as source:
+        probs = predict_block(predictor, source, block)
+    data = to_output(probs, job.output_type)
+    dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
+    index = block.inner if job.output_type == "labels" else (slice(None),) + tuple(block.inner)
+    dest[index] = data
+    return block.index
+
+
+def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
+                      client: Any = None) -> PredictResult:
+    """``emseg predict`` on a dask cluster (``config.scheduler``) or in-process with ``config.resume``.
+
+    The output (zarr only) is written in place into a fixed ``.partial`` array whose attributes
+    hold the run's parameters; each finished block gets a marker in ``.partial/.done``. A rerun
+    with the same parameters computes only the blocks without a marker (different parameters:
+    InputError). When every block is done the markers are removed and the array is renamed to the
+    final name, so that name appears only complete. A block that fails ``config.retries + 1``
+    times raises :class:`BlockFailed` after the other blocks are finished.
+
+    Parameters
+    ----------
+    config : PredictConfig
+    progress : callable, optional
+        ``progress(done_voxels, total_voxels)``; blocks found done count at once.
+    client : distributed.Client, optional
+        Use this client instead of starting one from ``config.scheduler``.
+
+    Returns
+    -------
+    PredictResult
+        ``stats.voxels`` counts the voxels computed in this call; ``blocks_computed`` the blocks.
+
+    Examples
+    --------
+    >>> cfg = PredictConfig("best.pt", "stack.h5:raw", "pred.zarr/probs", scheduler="local", workers=4)
+    >>> predict_resumable(cfg).blocks_computed  # doctest: +SKIP
+    48
+    """
+    if config.workers is not None and config.scheduler != "local" and client is None:
+        raise InputError("--workers applies to --scheduler local only")
+    out_spec = parse_spec(config.output)
+    if out_spec.fmt != "zarr":
+        what = "--scheduler" if config.scheduler else "--resume"
+        raise InputError(f"{what} needs a zarr output (e.g. pred.zarr/probs): blocks are written in place by "
+                         f"independent tasks, which HDF5 files do not allow", source=str(out_spec))
+    if client is None and config.scheduler is not None:
+        require_distributed()
+    model_path = Path(config.model).resolve()
+    state = load_checkpoint(model_path)
+    check_model_config(state["model_config"], source=str(config.model))
+    if state["model_config"].get("cond_channels"):
+        raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
+    st = model_path.stat()
+    in_spec = parse_spec(config.input)
+    in_spec = type(in_spec)(in_spec.path.resolve(), in_spec.key, in_spec.fmt)
+    out_spec = type(out_spec)(out_spec.path.resolve(), out_spec.key, out_spec.fmt)
+    with open_volume(in_spec) as source:
+        check_raw(source)
+        vol_shape, vol_dtype = source.shape, str(source.dtype)
+    model_ndim = state["model_config"].get("ndim", 2)
+    patch = resolve_patch(config.patch_shape, (state.get("config") or {}).get("patch_shape"), vol_shape, model_ndim)
+    check_model_config(state["model_config"], source=str(config.model),
+                       patch=network_patch(tuple(min(p, s) for p, s in zip(patch, vol_shape)), state["model_config"]))
+    n_classes = state["model_config"]["out_channels"]
+    shape = output_shape(vol_shape, n_classes, config.output_type)
+    dtype = np.dtype("float32" if config.output_type == "probabilities" else "uint8")
+    chunks = auto_chunks(shape, dtype.itemsize)
+    lead = chunks[:1] if config.output_type == "probabilities" else ()
+    spatial = chunks[len(lead):]
+    block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(vol_shape, patch, spatial)
+    if len(block_shape) != len(vol_shape):
+        raise InputError(f"--block {block_shape} does not fit a {len(vol_shape)}D volume")
+    spatial = fit_chunks(block_shape, tuple(min(c, s) for c, s in zip(spatial, vol_shape)))
+    chunks = lead + spatial
+    blocks = plan_blocks(vol_shape, block_shape, [p // 2 for p in patch])
+
+    attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
+             "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
+             "blend": config.blend}
+    params = {
+        "model": str(model_path), "model_mtime_ns": st.st_mtime_ns, "model_size": st.st_size,
+        "input": str(in_spec), "input_shape": list(vol_shape), "input_dtype": vol_dtype,
+        "patch_shape": list(patch), "overlap": config.overlap, "blend": config.blend,
+        "batch_size": config.batch_size, "output_type": config.output_type, "block_shape": list(block_shape),
+        "precision": config.precision,
+        "shape": list(shape), "chunks": list(chunks)}
+    with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params,
+                        what=str(parse_spec(config.output))) as part:
+        job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
+                         input=str(in_spec), store=part.store, key=part.key, patch_shape=tuple(patch),
+                         overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
+                         output_type=config.output_type, device=config.device, precision=config.precision,
+                         compile=config.compile, fail_blocks=injected_failures())
+        total = sum(b.size for b in blocks)
+        finished = part.markers.done()
+        counts = {"done": sum(b.size for b in blocks if b.index in finished), "computed": 0}
+        if progress is not None:
+            progress(counts["done"], total)
+
+        def on_done(block: Block, _result: Any) -> None:
+            counts["done"] += block.size
+            counts["computed"] += block.size
+            if progress is not None:
+                progress(counts["done"], total)
+
+        run = run_blocks(functools.partial(predict_block_task, job=job), blocks, scheduler=config.scheduler,
+                         workers=config.workers, client=client, retries=config.retries, done=part.markers,
+                         on_done=on_done, failure_source=str(config.output), failure_hint=part.hint)
+        if client is None and config.scheduler is None:
+            forget_cached_models()  # the in-process run is over: do not keep its network in memory
+    stats = PredictStats(counts["computed"], len(blocks), run.seconds)
+    return PredictResult(str(parse_spec(config.output)), shape, n_classes, patch, block_shape, stats,
+                         blocks_computed=len(run.computed), blocks_skipped=len(run.skipped))

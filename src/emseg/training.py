@@ -30,14 +30,14 @@ from emseg.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.device import resolve_device, seed_everything
-from emseg.distributed import ProcessGroup
+from emseg.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks, predict_block, softmax_forward
+from emseg.inference import WindowOptions, make_predictor, predict_array
 from emseg.locks import temp_name
 from emseg.losses import lazy_nll
 from emseg.metrics import ConfusionAccumulator
-from emseg.models import build_model, fold_batchnorm
+from emseg.models import build_model
 from emseg.precision import Precision, resolve_precision
 from emseg.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 
@@ -163,18 +163,10 @@ def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
     ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
     K = 1), ignoring classes absent from both prediction and labels.
     """
-    model.eval()
-    prec = resolve_precision(precision, device, ndim=model.ndim)
-    net = prec.prepare_model(fold_batchnorm(model))
-    predictor = SlidingWindow(softmax_forward(net), patch_shape, divisor=model.divisor, overlap=0.25,
-                              device=device, precision=prec)
+    predictor = make_predictor(model, patch_shape, WindowOptions(precision=precision), device)
     acc = ConfusionAccumulator(n_classes)
     for cube in cubes:
-        shape = cube.shape
-        blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
-                             [p // 2 for p in patch_shape])
-        for block in blocks:
-            probs = predict_block(predictor, cube.raw, block, raw_dtype=cube.raw_dtype)
+        for block, probs in predict_array(predictor, cube.raw, patch_shape, raw_dtype=cube.raw_dtype):
             acc.update(np.argmax(probs, axis=0), np.asarray(cube.label[block.inner]).astype(np.int64))
     scores = acc.scores()
     jac = np.asarray(scores.jaccard, dtype=float)

@@ -2,9 +2,10 @@
 
 Uncertainty scores reduce pixel-wise criteria to one value per sample; selectors turn scores
 and/or embeddings into indices to label; :data:`STRATEGIES` names the combinations.
-:mod:`~emseg.active.pool` builds candidate pools and scores them batch by batch,
-:mod:`~emseg.active.export` writes the queries and crops, and :mod:`~emseg.active.simulate`
-runs the simulated active-learning experiment (its names are loaded on first use).
+:mod:`~emseg.active.pool` builds candidate pools, :mod:`~emseg.active.scoring` scores them batch
+by batch (in this process or on a cluster), :mod:`~emseg.active.selection` picks a batch,
+:mod:`~emseg.active.query` is the ``emseg query`` pipeline, :mod:`~emseg.active.export` writes the
+queries and crops, and :mod:`~emseg.active.simulate` runs the simulated active-learning experiment.
 """
 
 from __future__ import annotations
@@ -13,28 +14,18 @@ from .diversity import (
     HYBRID_TOP_M_FACTOR,
     hybrid_select,
     kcenter_greedy,
-    kcenter_greedy_naive,
     kmeans_select,
     random_select,
     select_top,
 )
 from .export import export_crops, read_query_boxes, write_queries
-from .pool import (
-    Box,
-    CandidatePool,
-    PoolScores,
-    Query,
-    QueryConfig,
-    QueryResult,
-    build_pool,
-    query_files,
-    score_pool,
-    select,
-)
+from .pool import Box, CandidatePool, build_pool
+from .query import Query, QueryConfig, QueryResult, query_files
 from .registry import KINDS, STRATEGIES, Strategy, get_strategy
 from .scores import REDUCTIONS, BaldAccumulator, bald, entropy, least_confidence
-
-_SIMULATE_NAMES = ("SimulateConfig", "SimulationResult", "load_simulate_config", "run_simulation")
+from .scoring import PoolScores, score_pool
+from .selection import select
+from .simulate import SimulateConfig, SimulationResult, load_simulate_config, run_simulation
 
 __all__ = [
     "HYBRID_TOP_M_FACTOR",
@@ -48,7 +39,6 @@ __all__ = [
     "get_strategy",
     "hybrid_select",
     "kcenter_greedy",
-    "kcenter_greedy_naive",
     "kmeans_select",
     "least_confidence",
     "random_select",
@@ -66,14 +56,9 @@ __all__ = [
     "score_pool",
     "select",
     "write_queries",
-    *_SIMULATE_NAMES,
+    "SimulateConfig",
+    "SimulationResult",
+    "load_simulate_config",
+    "run_simulation",
 ]
 
-
-def __getattr__(name: str):
-    # The simulation pulls in the training loop; import it only when asked for.
-    if name in _SIMULATE_NAMES:
-        from . import simulate
-
-        return getattr(simulate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

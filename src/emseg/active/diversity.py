@@ -30,7 +30,6 @@ import torch
 __all__ = [
     "hybrid_select",
     "kcenter_greedy",
-    "kcenter_greedy_naive",
     "kmeans_select",
     "random_select",
     "select_top",

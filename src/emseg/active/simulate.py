@@ -44,7 +44,9 @@ import numpy as np
 import torch
 
 from emseg.active.diversity import random_select
-from emseg.active.pool import CandidatePool, build_pool, score_pool, select
+from emseg.active.pool import CandidatePool, build_pool
+from emseg.active.scoring import score_pool
+from emseg.active.selection import select
 from emseg.active.registry import get_strategy
 from emseg.checkpoint import load_checkpoint, load_model, model_from_state, save_checkpoint
 from emseg.config import TrainConfig, config_from_dict, read_toml

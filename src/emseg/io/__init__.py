@@ -17,6 +17,7 @@ from emseg.io._volume import (
     open_volume,
     parse_spec,
     replace_output,
+    zarr_compressors,
 )
 from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
 from emseg.io.ome import OmeOutputGroup, is_ome_path, voxel_size_of, write_ome
@@ -55,4 +56,5 @@ __all__ = [
     "validate_labels",
     "voxel_size_of",
     "write_ome",
+    "zarr_compressors",
 ]

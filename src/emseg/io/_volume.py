@@ -14,6 +14,8 @@ import numpy as np
 import zarr
 
 from emseg.errors import InputError
+from emseg.io._files import check_output_location
+from emseg.locks import clean_stale_temps
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIX = ".zarr"
@@ -358,7 +360,8 @@ class OutputVolume:
             self.discard()
 
 
-def _zarr_compressors(dtype: np.dtype):
+def zarr_compressors(dtype: np.dtype) -> list:
+    """The codecs of every zarr output: blosc zstd, bit-shuffled for bytes, byte-shuffled otherwise."""
     shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
 
@@ -369,8 +372,6 @@ def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
     The folder must exist (and be a folder); an existing HDF5 file must be readable (a truncated
     file is refused, not copied); an existing zarr path must be a folder.
     """
-    from emseg.io._files import check_output_location
-
     spec = parse_spec(spec)
     check_output_location(spec.path)
     if spec.path.exists():
@@ -391,8 +392,6 @@ def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
 
 def clean_output_temps(spec: str | VolumeSpec) -> None:
     """Remove temp copies of ``spec`` left by dead runs (``.NAME.tmp-PID-*`` whose PID is gone)."""
-    from emseg.locks import clean_stale_temps
-
     spec = parse_spec(spec)
     clean_stale_temps(spec.path.parent, [spec.path.name])
     if spec.fmt == "zarr" and spec.key and spec.path.is_dir():
@@ -463,7 +462,7 @@ def create_volume(
         tmp_key = f"{parent_key}/.{name}.{tag}" if parent_key else f".{name}.{tag}"
         array = zarr.create_array(
             store=str(spec.path), name=tmp_key, shape=shape, dtype=dtype, chunks=chunks,
-            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
         )
         tmp = spec.path / tmp_key
         return OutputVolume(spec, array, tmp, final, created_root=created_root)
@@ -472,6 +471,6 @@ def create_volume(
         tmp = final.with_name(f".{final.name}.{tag}")
         array = zarr.create_array(
             store=str(tmp), shape=shape, dtype=dtype, chunks=chunks,
-            compressors=_zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
+            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
         )
     return OutputVolume(spec, array, tmp, final)

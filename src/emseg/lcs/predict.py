@@ -34,11 +34,11 @@ from emseg.checkpoint import load_model
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.data import to_float
-from emseg.inference import SlidingWindow, default_block_shape, plan_blocks
+from emseg.blocks import default_block_shape, plan_blocks
+from emseg.inference import SlidingWindow, resolve_patch
 from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, parse_spec, replace_output
 from emseg.lcs.atlas import Atlas
 from emseg.models.conditioning import ConditionCode
-from emseg.predict import resolve_patch
 
 RULES = ("sigmoid", "softmax")
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from emseg.checkpoint import load_checkpoint
 from emseg.config import TrainConfig, load_config
-from emseg.data import Augmenter, PatchSampler, open_cubes, to_float
+from emseg.data import Augmenter, PatchSampler, open_cubes
 from emseg.errors import InputError
-from emseg.inference import default_block_shape, plan_blocks
+from emseg.blocks import Block
+from emseg.inference import predict_array
 from emseg.io import parse_spec
 from emseg.lcs.atlas import Atlas, load_atlas
 from emseg.lcs.predict import DiceAccumulator, LabelPredictor
@@ -454,13 +455,12 @@ def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | N
     predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, classes=classes, overlap=overlap,
                                device=device)
     acc = DiceAccumulator(classes)
+
+    def merged_labels(raw: np.ndarray, block: Block) -> np.ndarray:
+        return predictor.predict(raw, crop=block.inner_in_outer)
+
     for cube in cubes:
-        shape = cube.shape
-        blocks = plan_blocks(shape, default_block_shape(shape, patch_shape, (1,) * len(shape)),
-                             [p // 2 for p in patch_shape])
-        for block in blocks:
-            raw = to_float(np.asarray(cube.raw[block.outer]), cube.raw_dtype)
-            merged = predictor.predict(raw, crop=block.inner_in_outer)
+        for block, merged in predict_array(merged_labels, cube.raw, patch_shape, raw_dtype=cube.raw_dtype):
             acc.update(merged, np.asarray(cube.label[block.inner]))
     dice = acc.dice()
     finite = [d for d in dice.values() if math.isfinite(d)]

@@ -57,13 +57,3 @@ __all__ = [
     "transition_from_counts",
     "transition_matrix",
 ]
-__all__ += ["IGTTConfig", "run_igtt"]
-
-
-def __getattr__(name: str):
-    # iGTT needs torch; load it only when asked so the numpy synthesis stays light to import.
-    if name in ("IGTTConfig", "run_igtt"):
-        from emseg.noise import igtt
-
-        return getattr(igtt, name)
-    raise AttributeError(f"module 'emseg.noise' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Apply one label perturbation to a volume on disk, block by block.
 
 This is the core of ``emseg noise INPUT OUTPUT``. A volume is tiled into blocks
-(:func:`emseg.inference.plan_blocks`); each block is read with the halo its mode
+(:func:`emseg.blocks.plan_blocks`); each block is read with the halo its mode
 needs (:func:`halo_shape`), perturbed by the functions of
 :mod:`emseg.noise.synthesis`, cropped back to its core and written, so memory is
 bounded by the block, not the volume.
@@ -26,6 +26,7 @@ counting scan of the input (:func:`selection_for`) before the blocks run.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,9 +35,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from emseg import __version__
+from emseg.blocks import plan_blocks
+from emseg.cluster import (
+    FAIL_BLOCKS_ENV,
+    fit_chunks,
+    injected_failures,
+    require_distributed,
+    resumable_zarr,
+    run_blocks,
+)
 from emseg.errors import InputError
+from emseg.io import (
+    auto_chunks,
+    check_distinct,
+    check_not_empty,
+    check_output_location,
+    check_output_volume,
+    create_volume,
+    open_volume,
+    parse_spec,
+)
 from emseg.noise.synthesis import (
     Selection,
     _as_labels,
@@ -191,8 +212,6 @@ def check_params(mode: str, params: Mapping[str, Any] | None = None) -> dict[str
 
 def _scan_labels(source: Any, block_shape: Sequence[int]) -> tuple[int, int]:
     """(min, max) label of ``source``, read block by block."""
-    from emseg.inference import plan_blocks
-
     lo, hi = 0, 0
     for block in plan_blocks(source.shape, block_shape, [0] * len(source.shape)):
         data = np.asarray(source[block.inner])
@@ -342,8 +361,6 @@ def plan_noise_blocks(
     >>> len(blocks), blocks[0].outer
     (4, (slice(0, 4, None), slice(0, 6, None), slice(0, 6, None)))
     """
-    from emseg.inference import plan_blocks
-
     shape = tuple(int(s) for s in shape)
     blocks = _check_block_shape(block_shape, shape)
     return plan_blocks(shape, blocks, halo_shape(mode, params, len(shape)))
@@ -490,8 +507,6 @@ def estimate_max_width(
     >>> estimate_max_width(lab, block_shape=(16, 16), margin=8)
     10
     """
-    from emseg.inference import plan_blocks
-
     shape = tuple(int(s) for s in source.shape)
     blocks = _check_block_shape(block_shape, shape)
     m = _check_int(margin, "margin", minimum=1)
@@ -553,8 +568,6 @@ def selection_for(
     >>> sel.classes.tolist(), sel.chosen.tolist()
     ([0, 1], [True, True])
     """
-    from emseg.inference import plan_blocks
-
     if mode not in SELECTION_MODES:
         return None
     shape = tuple(int(v) for v in source.shape)
@@ -735,8 +748,6 @@ def block_chunks(block_shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
     >>> block_chunks((16, 512, 512), 1)
     (4, 512, 512)
     """
-    from emseg.io import auto_chunks
-
     out = []
     for b, a in zip(block_shape, auto_chunks(block_shape, itemsize)):
         d = max(c for c in range(1, a + 1) if b % c == 0)
@@ -859,7 +870,7 @@ def noise_file(
         ``progress(done_blocks, total_blocks)``.
     scheduler : str, optional
         ``"local"`` or ``"tcp://HOST:PORT"``: compute the blocks as tasks of a dask.distributed
-        cluster (see :func:`emseg.distributed.run_blocks`), written in place into a resumable
+        cluster (see :func:`emseg.cluster.run_blocks`), written in place into a resumable
         ``.partial`` zarr array; a rerun computes only the blocks not yet done. Zarr output only.
     workers : int, optional
         Worker processes of ``scheduler="local"``.
@@ -888,16 +899,6 @@ def noise_file(
     --------
     >>> noise_file("stack.h5:label", "noisy.h5:label", "flip", {"p": 0.45}, seed=1)  # doctest: +SKIP
     """
-    from emseg.io import (
-        check_distinct,
-        check_not_empty,
-        check_output_location,
-        check_output_volume,
-        create_volume,
-        open_volume,
-        parse_spec,
-    )
-
     try:
         checked = check_params(mode, params)
         if n_classes is not None:
@@ -1012,11 +1013,6 @@ def noise_block_task(block: Any, job: NoiseJob) -> int:
     >>> noise_block_task(blocks[0], job)  # doctest: +SKIP
     0
     """
-    import zarr
-
-    from emseg.distributed import FAIL_BLOCKS_ENV
-    from emseg.io import open_volume
-
     if block.index in job.fail_blocks:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
     with open_volume(job.input) as source:
@@ -1034,88 +1030,36 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
                      chunks: Sequence[int], attrs: dict[str, Any], blocks: Sequence[Any], *,
                      scheduler: str | None, workers: int | None, retries: int, client: Any,
                      progress: Callable[[int, int], None] | None) -> tuple[tuple[int, ...], np.dtype, float]:
-    """Write the blocks as cluster tasks into a ``.partial`` zarr array, renamed when complete.
+    """Write the blocks as cluster tasks into a resumable ``.partial`` zarr array, renamed when complete.
 
-    One writer at a time: the partial is locked (:func:`emseg.locks.lock_output`) while it is written.
+    One writer at a time: the partial is locked while it is written (:func:`emseg.cluster.resumable_zarr`).
     """
-    import zarr
-
-    from emseg.distributed import _jsonable, fit_chunks, partial_location, require_distributed
-    from emseg.locks import lock_output
-
     if client is None:
         require_distributed()
     out_spec = type(out_spec)(Path(out_spec.path).resolve(), out_spec.key, out_spec.fmt)
-    store, key, partial, final = partial_location(out_spec)
-    if not final.parent.exists() and not out_spec.key:
-        raise InputError("output folder does not exist", source=str(final.parent))
     block_shape = tuple(int(b) for b in attrs["noise_block_shape"])
     chunks = fit_chunks(block_shape, tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
-    params = _jsonable(dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks)))
-    if key:  # the group holding the partial array (and its lock file)
-        root = zarr.open_group(store=str(store), mode="a")
-        if key.rpartition("/")[0]:
-            root.require_group(key.rpartition("/")[0])
-    with lock_output(partial, what=str(out_spec)):
-        return _noise_partial(job, out_spec, shape, dtype, chunks, attrs, blocks, store, key, partial, final,
-                              params, scheduler=scheduler, workers=workers, retries=retries, client=client,
-                              progress=progress)
-
-
-def _noise_partial(job, out_spec, shape, dtype, chunks, attrs, blocks, store, key, partial, final, params, *,
-                   scheduler, workers, retries, client, progress):
-    """The locked part of :func:`_noise_resumable`: create or reopen the partial, run, rename."""
-    import functools
-
-    import zarr
-
-    from emseg.distributed import DONE_DIR, RESUME_ATTR, DoneMarkers, _check_params, injected_failures, run_blocks
-    from emseg.io import clean_output_temps, replace_output
-    from emseg.io._volume import _zarr_compressors
-
-    clean_output_temps(out_spec)
-    if partial.exists():
-        try:
-            stored = zarr.open_array(store=str(store), path=key or None, mode="r+").attrs.get(RESUME_ATTR)
-        except Exception:  # noqa: BLE001 - unreadable partial: reported as "no parameters recorded"
-            stored = None
-        _check_params(stored, params, partial)
-    else:
-        if key:
-            parent = key.rpartition("/")[0]
-            root = zarr.open_group(store=str(store), mode="a")
-            if parent:
-                root.require_group(parent)
-        zarr.create_array(store=str(store), name=key or None, shape=shape, dtype=dtype, chunks=chunks,
-                          compressors=_zarr_compressors(np.dtype(dtype)), fill_value=0,
-                          attributes=dict(attrs, **{RESUME_ATTR: params}))
-    job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, str(store), key,
-                   injected_failures(), job.selection)
-    markers = DoneMarkers(partial / DONE_DIR)
-    state = {"done": len(markers.done() & {b.index for b in blocks})}
-    if progress is not None:
-        progress(state["done"], len(blocks))
-
-    def on_done(_block: Any, _result: Any) -> None:
-        state["done"] += 1
+    params = dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks))
+    with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params) as part:
+        job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, part.store, part.key,
+                       injected_failures(), job.selection)
+        state = {"done": len(part.markers.done() & {b.index for b in blocks})}
         if progress is not None:
             progress(state["done"], len(blocks))
 
-    hint = f"finished blocks are kept in {partial}: rerun the same command to compute only the missing ones"
-    run = run_blocks(functools.partial(noise_block_task, job=job), blocks, scheduler=scheduler, workers=workers,
-                     client=client, retries=retries, done=markers, on_done=on_done,
-                     failure_source=str(out_spec), failure_hint=hint)
-    replace_output(partial, final)
-    array = zarr.open_array(store=str(out_spec.path), path=out_spec.key or None, mode="r+")
-    del array.attrs[RESUME_ATTR]
-    DoneMarkers(final / DONE_DIR).clear()
+        def on_done(_block: Any, _result: Any) -> None:
+            state["done"] += 1
+            if progress is not None:
+                progress(state["done"], len(blocks))
+
+        run = run_blocks(functools.partial(noise_block_task, job=job), blocks, scheduler=scheduler,
+                         workers=workers, client=client, retries=retries, done=part.markers, on_done=on_done,
+                         failure_source=str(out_spec), failure_hint=part.hint)
     return tuple(shape), np.dtype(dtype), run.seconds
 
 
 def _count_transitions(source: Any, output: str, blocks: Sequence[Any], counter: TransitionCounter) -> None:
     """Update ``counter`` with (clean, noisy) of every block, reading both volumes back."""
-    from emseg.io import open_volume
-
     with open_volume(output) as noisy:
         for block in blocks:
             counter.update(np.asarray(source[block.inner]), np.asarray(noisy[block.inner]))
