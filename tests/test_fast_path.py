@@ -268,3 +268,20 @@ def test_compiled_prediction_equals_eager(tmp_path):
         with open_volume(str(out)) as vol:
             outs.append(vol[...])
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def test_validation_sees_the_current_weights_not_a_stale_folded_copy():
+    """Each validation folds the network anew: weights changed between two calls change the result."""
+    from emseg.data import Cube
+    from emseg.training import evaluate_cubes
+
+    vol = synthetic((4, 64, 64), 0)
+    cube = Cube(raw=vol.raw[:1], label=vol.label[:1].astype(np.int16), info=np.ones((2, 3), np.uint8), prio=1.0)
+    torch.manual_seed(0)
+    net = UNet(ndim=2, out_channels=3, depth=1, base_width=4).eval()
+    first = evaluate_cubes(net, [cube], (1, 32, 32), 3, torch.device("cpu"))
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))  # now every voxel is class 2
+    second = evaluate_cubes(net, [cube], (1, 32, 32), 3, torch.device("cpu"))
+    frac2 = float((vol.label[:1] == 2).mean())
+    assert second["valid_jaccard_2"] == pytest.approx(frac2, rel=1e-6) != first["valid_jaccard_2"]

@@ -308,15 +308,17 @@ def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, vo
 
 
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Any,
-                   device: torch.device) -> SlidingWindow:
+                   device: torch.device, *, reuse: bool = False) -> SlidingWindow:
     """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
     the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format.
 
     ``config`` is any object with ``precision``, ``overlap``, ``blend`` and ``batch_size``
-    (:class:`emseg.predict.PredictConfig`, or the job a cluster worker receives).
+    (:class:`emseg.predict.PredictConfig`, or the job a cluster worker receives). With ``reuse``
+    the folded (and compiled) network is kept per process for the next call with the same
+    ``model`` object, whose weights must then not change (a cluster worker's cached checkpoint).
     """
     precision = resolve_precision(config.precision, device, ndim=model.ndim)
-    net = _prepared(model, precision, bool(getattr(config, "compile", False)))
+    net = _prepared(model, precision, bool(getattr(config, "compile", False)), reuse)
     return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=config.overlap,
                          blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
 
@@ -324,15 +326,19 @@ def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Any,
 _PREPARED: dict[tuple, tuple] = {}
 
 
-def _prepared(model: torch.nn.Module, precision: Precision, compile_: bool) -> torch.nn.Module:
-    """``model`` folded, laid out and (optionally) compiled, once per process and model: cluster
-    workers build a predictor per block, and a compiled network must not be compiled again."""
+def _prepared(model: torch.nn.Module, precision: Precision, compile_: bool, reuse: bool) -> torch.nn.Module:
+    """``model`` folded, laid out and (optionally) compiled; with ``reuse`` once per process and
+    model (cluster workers build a predictor per block, and a compiled network must not be
+    compiled again)."""
     key = (id(model), precision, compile_)
-    if key not in _PREPARED:
-        net = precision.prepare_model(fold_batchnorm(model.eval()))
+    if reuse and key in _PREPARED:
+        return _PREPARED[key][0]
+    net = precision.prepare_model(fold_batchnorm(model.eval()))
+    net = torch.compile(net, dynamic=False) if compile_ else net
+    if reuse:
         _PREPARED.clear()
-        _PREPARED[key] = (torch.compile(net, dynamic=False) if compile_ else net, model)
-    return _PREPARED[key][0]
+        _PREPARED[key] = (net, model)  # the model is kept so that its id is not reused
+    return net
 
 
 @dataclass(frozen=True)

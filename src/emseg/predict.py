@@ -203,7 +203,7 @@ def predict_block_task(block: Block, job: PredictJob) -> int:
     if block.index in job.fail_blocks:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
     model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
-    predictor = make_predictor(model, job.patch_shape, job, device)
+    predictor = make_predictor(model, job.patch_shape, job, device, reuse=True)
     with open_volume(job.input) as source:
         probs = predict_block(predictor, source, block)
     data = to_output(probs, job.output_type)

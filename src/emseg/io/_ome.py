@@ -243,12 +243,12 @@ def downsample_level(src: Any, dst: Any, factor: Sequence[int], *, labels: bool)
 
 
 def _create(group_path: Path, name: str, shape, dtype, chunks, dimension_names, fill_value=0):
-    from emseg.io._volume import _zarr_compressors
+    from emseg.io._volume import zarr_compressors
 
     dtype = np.dtype(dtype)
     return zarr.create_array(store=str(group_path), name=name, shape=tuple(shape), dtype=dtype,
                              chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
-                             compressors=_zarr_compressors(dtype), fill_value=fill_value,
+                             compressors=zarr_compressors(dtype), fill_value=fill_value,
                              dimension_names=list(dimension_names), zarr_format=3)
 
 
