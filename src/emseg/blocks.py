@@ -60,13 +60,15 @@ def describe_block(block: Any) -> str:
 
 
 def default_block_shape(volume_shape: Sequence[int], patch_shape: Sequence[int], chunks: Sequence[int],
-                        *, max_voxels: int = 4 * 1024**2) -> tuple[int, ...]:
+                        *, max_voxels: int = 1024**2) -> tuple[int, ...]:
     """Blocks wide in-plane (the halo's recomputation falls with the block side), a multiple of the chunks.
 
     In-plane sides aim at 1024 for 2D networks (patch z = 1 or a 2D volume) and 512 for 3D ones;
     the leading axis of a 3D volume then takes what ``max_voxels`` leaves (at most 16 sections,
-    at least one patch). A 2D network on 1024 x 1024 sections thus predicts 4 whole sections per
-    block with no halo at all, instead of 16 x 512 x 512 blocks that recompute 56% more voxels.
+    at least one patch). A 2D network on 1024 x 1024 sections thus predicts one whole section per
+    block with no halo at all, instead of 16 x 512 x 512 blocks that recompute 56% more voxels;
+    one section per block also keeps the peak memory of ``emseg predict`` near half of
+    predicting the volume in memory (benchmarks/speed.py).
     """
     nd = len(volume_shape)
     flat = nd == 2 or int(patch_shape[0]) == 1

@@ -157,7 +157,8 @@ class SlidingWindow:
             for p, sl in zip(probs, slices):
                 acc[(slice(None),) + sl] += p * weight
                 norm[sl] += weight
-        out = (acc / norm).cpu().numpy()
+        out = acc.div_(norm).cpu().numpy()  # in place: no second (C, *R) buffer
+        del norm, source
         crop = tuple(slice(0, s - p[1]) for s, p in zip(shape, pad))
         return out[(slice(None),) + crop]
 
