@@ -194,6 +194,16 @@ def bench_train(seconds: float, vnc: Path | None) -> dict:
     return out
 
 
+def _in_fresh_process(args: list[str]) -> dict:
+    """Run one case of this script in a new process (its own peak RSS); its JSON, or the error."""
+    proc = subprocess.run([sys.executable, str(HERE)] + args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"  {args[1]}: failed: {error}", flush=True)
+        return {"error": error}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # --------------------------------------------------------------------------- 5. predict vs MONAI
 def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
     """Runs in a fresh process: one way of predicting the first ``sections`` VNC sections."""
@@ -259,15 +269,11 @@ def bench_predict(vnc: Path | None, sections: int) -> dict:
         save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
                                "config": {"patch_shape": [1, 256, 256]}, "step": 0})
         for case in ("emseg-fp32", "emseg-auto", "monai-default", "monai-bf16"):
-            proc = subprocess.run([sys.executable, str(HERE), "--predict-case", case, "--vnc", str(vnc),
-                                   "--ckpt", ckpt, "--sections", str(sections)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                out[case] = {"error": proc.stderr.strip().splitlines()[-1]}
-                print(f"  {case}: failed: {out[case]['error']}", flush=True)
-                continue
-            out[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  {case:14s} {out[case]['voxels_per_s'] / 1e6:5.2f} Mvoxel/s  peak RSS "
-                  f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
+            out[case] = _in_fresh_process(["--predict-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
+                                           "--sections", str(sections)])
+            if "error" not in out[case]:
+                print(f"  {case:14s} {out[case]['voxels_per_s'] / 1e6:5.2f} Mvoxel/s  peak RSS "
+                      f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
     for a, b in (("emseg-auto", "monai-default"), ("emseg-auto", "monai-bf16"), ("emseg-auto", "emseg-fp32")):
         if "voxels_per_s" in out.get(a, {}) and "voxels_per_s" in out.get(b, {}):
             out[f"speed_{a}_over_{b}"] = out[a]["voxels_per_s"] / out[b]["voxels_per_s"]
@@ -311,15 +317,10 @@ def _bald_case(case: str, n: int, t: int) -> dict:
 def bench_bald(n: int, t: int) -> dict:
     out = {"n": n, "T": t}
     for case in ("emseg-fp32", "emseg-auto", "baal"):
-        proc = subprocess.run([sys.executable, str(HERE), "--bald-case", case, "--n", str(n), "--t", str(t)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            out[case] = {"error": proc.stderr.strip().splitlines()[-1]}
-            print(f"  {case}: failed: {out[case]['error']}", flush=True)
-            continue
-        out[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  BALD {case:11s} {out[case]['patches_per_s']:6.2f} patches/s  peak RSS "
-              f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
+        out[case] = _in_fresh_process(["--bald-case", case, "--n", str(n), "--t", str(t)])
+        if "error" not in out[case]:
+            print(f"  BALD {case:11s} {out[case]['patches_per_s']:6.2f} patches/s  peak RSS "
+                  f"{out[case]['peak_rss_mb']:6.0f} MB", flush=True)
     for a in ("emseg-fp32", "emseg-auto"):
         if "patches_per_s" in out.get(a, {}) and "patches_per_s" in out.get("baal", {}):
             out[f"speed_{a}_over_baal"] = out[a]["patches_per_s"] / out["baal"]["patches_per_s"]
