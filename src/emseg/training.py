@@ -256,8 +256,8 @@ def run_training(
     check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
 
     Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each process trains a
-    DistributedDataParallel replica on its own batches (``config.batch_size`` each, drawn with
-    seed ``seed + RANK``); losses are averaged over processes, rank 0 validates and writes
+    DistributedDataParallel replica on its own batches (``config.batch_size`` each; the batch of
+    step s on rank r is drawn from :func:`~emseg.data.prefetch.step_rng` ``(seed, s, r)``); losses are averaged over processes, rank 0 validates and writes
     ``metrics.csv`` and checkpoints, which hold every rank's random state (``rng_ranks``) so a
     resume with the same N continues exactly. A task may set ``find_unused_parameters = True``.
 
