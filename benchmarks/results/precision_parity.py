@@ -119,10 +119,13 @@ def at_time(run: dict, seconds: float) -> dict:
     return best
 
 
-def summarise(runs: list[dict], steps: int) -> dict:
+def summarise(runs: list[dict], steps: int, speedup: float = 2.0) -> dict:
+    """Paired comparisons at equal steps, at the fp32 run's measured time, and at ``speedup`` times
+    the steps (equal time on a quiet machine, where benchmarks/speed.py measured auto at 2.0x fp32's
+    steps/s for this network; the campaign's own timings are only as quiet as the machine was)."""
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["precision"], r["seed"]): r for r in runs}
-    out = {"equal_steps": {}, "equal_time": {}, "seeds": seeds}
+    out = {"equal_steps": {}, "equal_time": {}, "equal_time_quiet": {}, "seeds": seeds, "speedup": speedup}
     pairs = [(by[("fp32", s)], by[("auto", s)]) for s in seeds if ("fp32", s) in by and ("auto", s) in by]
     for c in range(1, 5):
         name = CLASSES[c]
@@ -131,6 +134,10 @@ def summarise(runs: list[dict], steps: int) -> dict:
         t = [at_time(b, a["seconds"])["jaccard"][c] for a, b in pairs]
         out["equal_steps"][name] = {"fp32": f, "auto": b, "diff": paired_interval([y - x for x, y in zip(f, b)])}
         out["equal_time"][name] = {"fp32": f, "auto": t, "diff": paired_interval([y - x for x, y in zip(f, t)])}
+        q = [(at_step(b, int(round(speedup * steps))) or [None] * 5)[c] for _, b in pairs]
+        if all(v is not None for v in q):
+            out["equal_time_quiet"][name] = {"fp32": f, "auto": q,
+                                             "diff": paired_interval([y - x for x, y in zip(f, q)])}
     out["auto_steps_at_fp32_time"] = [at_time(b, a["seconds"])["step"] for a, b in pairs]
     out["agreement"] = [b["bf16_vs_fp32_inference_agreement"] for _, b in pairs]
     return out
@@ -165,6 +172,33 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def markdown(doc: dict) -> str:
+    """The tables of docs/results.md from a finished (or partial) campaign."""
+    s = summarise(doc["runs"], doc["settings"]["steps"])
+    lines = [f"Seeds {s['seeds']}; fp32 runs {doc['settings']['steps']} steps, auto runs "
+             f"{doc['settings']['steps'] * doc['settings']['auto_factor']}.", "",
+             "| class | fp32 at N steps | auto at N steps | auto - fp32 (95% CI) | auto at fp32's time | "
+             "auto - fp32 at equal time (95% CI) | auto at 2N steps | auto - fp32 (95% CI) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ms(v):
+        v = np.asarray(v, dtype=float)
+        return f"{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else float('nan'):.3f}"
+
+    def ci(d):
+        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+    for name in CLASSES[1:]:
+        e, t = s["equal_steps"][name], s["equal_time"][name]
+        q = s["equal_time_quiet"].get(name)
+        lines.append(f"| {name} | {ms(e['fp32'])} | {ms(e['auto'])} | {ci(e['diff'])} | {ms(t['auto'])} | "
+                     f"{ci(t['diff'])} | {ms(q['auto']) if q else '-'} | {ci(q['diff']) if q else '-'} |")
+    lines += ["", f"auto steps reached in fp32's training time: {s['auto_steps_at_fp32_time']}; "
+              f"bf16 vs fp32 inference, voxels with the same label: "
+              f"{', '.join(f'{100 * a:.2f}%' for a in s['agreement'])}"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/precision_parity.json")
@@ -174,8 +208,12 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="Print the results tables of --out and stop.")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return 0
     doc = json.loads(out.read_text()) if out.exists() else {"runs": []}
     doc.update(command=" ".join(["python"] + sys.argv), machine=machine(),
                settings={k: getattr(args, k) for k in ("steps", "auto_factor", "every", "patch")})
