@@ -102,7 +102,11 @@ def write_sheet(path: str | Path, raws: Sequence[np.ndarray], maps: Sequence[np.
         raise InputError("no query to draw")
     cols = max(1, min(columns, n))
     rows = -(-n // cols)
-    vmax = max(float(np.nanmax(m)) for m in maps) or 1.0
+    # one colour scale for every map, spanning the values shown (so that differences stay visible)
+    vmin = min(float(np.nanmin(m)) for m in maps)
+    vmax = max(float(np.nanmax(m)) for m in maps)
+    if not vmax > vmin:
+        vmin, vmax = min(0.0, vmin), max(vmax, vmin + 1e-6)
     fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.2 * 2 * cols, 2.4 * rows), squeeze=False,
                              constrained_layout=True)
     image = None
@@ -112,7 +116,7 @@ def write_sheet(path: str | Path, raws: Sequence[np.ndarray], maps: Sequence[np.
         r, c = divmod(i, cols)
         axes[r, 2 * c].imshow(_section(raw), cmap="gray")
         axes[r, 2 * c].set_title(title, fontsize=8)
-        image = axes[r, 2 * c + 1].imshow(_section(m), cmap="magma", vmin=0.0, vmax=vmax)
+        image = axes[r, 2 * c + 1].imshow(_section(m), cmap="magma", vmin=vmin, vmax=vmax)
         axes[r, 2 * c + 1].set_title(map_name, fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label=map_name)
