@@ -285,3 +285,19 @@ def test_annotation_loop_in_a_headless_viewer(loop, tmp_path, display):
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(tmp_path / "re" / "metrics.csv")))
     assert rows and math.isfinite(float(rows[-1]["loss"])) and float(rows[-1]["loss"]) > 0
+
+
+def test_manifest_is_installed_and_names_real_functions():
+    npe2 = pytest.importorskip("npe2", reason="npe2 comes with napari (pip install 'emseg[napari]')")
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="napari.manifest") if e.name == "emseg"]
+    assert entry.value == "emseg.napari:napari.yaml"
+    manifest = npe2.PluginManifest.from_distribution("emseg")
+    assert manifest.name == "emseg"
+    commands = {c.id: c for c in manifest.contributions.commands}
+    assert {r.command for r in manifest.contributions.readers} <= set(commands)
+    assert [w.layer_types for w in manifest.contributions.writers] == [["labels"]]
+    for command in commands.values():  # every python_name resolves to a callable of the plugin
+        module, _, name = command.python_name.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[name]), name))
