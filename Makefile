@@ -15,6 +15,12 @@ $(BIN)/python:
 install: $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# napari (dev extra) draws with OpenGL: headless, Qt's offscreen platform takes it from Xvfb.
+	@# Installed only when missing and apt-get is there; skipped silently otherwise (the tests skip).
+	@command -v Xvfb >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends xvfb >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends xvfb >/dev/null 2>&1; } || true
 
 demo: install
 	$(BIN)/emseg demo

@@ -134,7 +134,9 @@ class _DefaultCommand(click.Command):
               help="With --skeleton: halo in voxels [default: widest object + 4, measured].")
 @click.option("--block", default=None,
               help="Block shape z,y,x (or y,x) [default: 16,512,512 in 3D, 2048,2048 in 2D].")
-@click.option("--report", is_flag=True, help="Print the clean -> noisy transition matrix and its rank.")
+@click.option("--report", is_flag=True,
+              help="Print the clean -> noisy transition matrix and its rank; with matplotlib also draw it "
+                   "beside an example section (OUTSTEM[_DATASET]_report.png next to OUTPUT).")
 @click.option("--rank-tol", type=float, default=None, metavar="TOL",
               help="With --report: singular values <= TOL count as zero in the rank "
                    "[default: 3 sampling errors, from the counts].")
@@ -176,6 +178,12 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
                             n_classes=n_classes, report=report, rank_tol=rank_tol,
                             progress=lambda done, total: update(done, total, "blocks"),
                             scheduler=scheduler, workers=workers, retries=retries)
+    doc = result.to_dict()
+    if result.report is not None:
+        from emseg.noise.figure import noise_figure
+
+        figure = noise_figure(input_spec, output_spec, result.report, title=f"--{mode}")
+        doc["report_figure"] = None if figure is None else str(figure)
 
     def render(console):
         shown = ", ".join(f"{k}={v}" for k, v in result.params.items() if v is not None)
@@ -184,8 +192,10 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
                       f"halo {tuple(result.halo)} ({result.voxels_per_s:,.0f} voxels/s)")
         if result.report is not None:
             console.print(report_table(result.report))
+        if doc.get("report_figure"):
+            console.print(f"wrote {doc['report_figure']}")
 
-    emit(result.to_dict(), render)
+    emit(doc, render)
 
 
 def report_table(report: dict):

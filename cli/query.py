@@ -14,6 +14,7 @@ from rich.table import Table
 from emseg.active import STRATEGIES, get_strategy
 from emseg.active.export import crop_name, read_query_boxes
 from emseg.active.query import QueryConfig, query_files
+from emseg.active.sheet import check_sheet_output, write_query_sheet
 from emseg.active.simulate import load_simulate_config, run_simulation
 from emseg.cli._ui import (
     DefaultCommandGroup,
@@ -101,11 +102,13 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
 @click.option("--batch-size", type=int, default=8, help="Patches per forward pass.")
 @click.option("--export", default=None, type=click.Path(dir_okay=False),
               help="HDF5 file for the chosen crops (crop_000/raw, label filled with -1, info).")
+@click.option("--sheet", default=None, type=click.Path(dir_okay=False),
+              help="PNG contact sheet of the chosen patches beside their uncertainty maps (needs matplotlib).")
 @scheduler_options("Scores the pool in tasks of 256 candidates.", retries=False)
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,
-                   exclude_boxes, batch_size, export, scheduler, workers):
+                   exclude_boxes, batch_size, export, sheet, scheduler, workers):
     """Rank candidate patches of the POOL volumes by STRATEGY with the checkpoint MODEL.
 
     Writes the top --n patches (volume, offset z,y,x, shape, score, rank) to --out as JSON and
@@ -130,8 +133,13 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
                       export=export, seed=app.seed, device=app.device, precision=app.precision or "auto",
                       scheduler=scheduler, workers=workers)
+    if sheet:
+        check_sheet_output(sheet)
     with progress_bar(f"query {strategy}") as update:
         result = query_files(cfg, progress=lambda done, total: update(done, total, "patches"))
+    if sheet:
+        result.outputs["sheet"] = str(write_query_sheet(sheet, result, mc_samples=mc_samples, device=app.device,
+                                                        seed=app.seed))
 
     def render(console):
         table = Table(title=f"{len(result.queries)} patches by {result.strategy} "
@@ -144,6 +152,8 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
         console.print(table)
         if "json" in result.outputs:
             console.print(f"wrote {result.outputs['json']} and {result.outputs['csv']}")
+        if "sheet" in result.outputs:
+            console.print(f"wrote {result.outputs['sheet']}")
         if export:
             console.print(f"wrote {len(result.queries)} crops to {export}; after labelling, list them in a "
                           f"train config, e.g.:\n[[train]]\nraw = \"{Path(export).name}:{crop_name(1)}/raw\"\n"
