@@ -197,26 +197,26 @@ def test_sample_many_classes_exact_counts_and_grid_independent():
 
 @pytest.mark.parametrize("sigmas", [0.0, 8.0])
 def test_selection_from_blocks_equals_in_memory_selection(sigmas):
-    from emseg.noise.synthesis import _linear_index, _selection_from_chunks, _selection_in_memory, stream_key
+    from emseg.noise.streams import linear_index, selection_from_chunks, selection_in_memory, stream_key
 
     lab = blobs((6, 30, 31), n_classes=5, sigma=1.5, seed=7, ignore_frac=0.05)
     key, shape = stream_key(3), lab.shape
     fractions = [0.0, 0.2, 0.5, 1.0, 0.37]
-    ref = _selection_in_memory(key, lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1),
-                               fractions)
+    ref = selection_in_memory(key, lab.reshape(-1), linear_index(shape, (0, 0, 0), shape).reshape(-1),
+                              fractions)
 
     def chunks():
         for b in plan_noise_blocks(shape, "flip", {"p": 0.1}, (4, 8, 9)):
             origin = tuple(s.start for s in b.inner)
-            yield lab[b.inner].reshape(-1), _linear_index(lab[b.inner].shape, origin, shape).reshape(-1)
+            yield lab[b.inner].reshape(-1), linear_index(lab[b.inner].shape, origin, shape).reshape(-1)
 
     # sigmas = 0 leaves windows of 4 / n_k around the quantile: most miss and are widened
-    got = _selection_from_chunks(key, chunks, fractions, sigmas=sigmas)
+    got = selection_from_chunks(key, chunks, fractions, sigmas=sigmas)
     np.testing.assert_array_equal(got.classes, ref.classes)
     np.testing.assert_array_equal(got.chosen, ref.chosen)
     np.testing.assert_array_equal(got.thresholds[got.chosen], ref.thresholds[ref.chosen])
     # the thresholds choose exactly round(f_k * n_k) voxels of each class
-    chosen = ref.apply(lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1))
+    chosen = ref.apply(lab.reshape(-1), linear_index(shape, (0, 0, 0), shape).reshape(-1))
     for k, f in enumerate(fractions):
         n_k = int((lab == k).sum())
         assert int(chosen[lab.reshape(-1) == k].sum()) == round(f * n_k)
