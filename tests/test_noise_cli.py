@@ -31,6 +31,7 @@ from emseg.noise import (
     transition_matrix,
 )
 from emseg.noise.blockwise import (
+    MODES,
     apply_noise,
     check_params,
     estimate_max_width,
@@ -455,3 +456,31 @@ def test_check_params_defaults_and_unknown():
     with pytest.raises(ValueError, match="not resolved"):
         process_block(np.zeros((4, 4), int), plan_noise_blocks((4, 4), "flip", {"p": 0.1})[0], "flip",
                       check_params("flip", {"p": 0.1}), 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    shape=st.one_of(st.tuples(st.integers(2, 20), st.integers(2, 20)),
+                    st.tuples(st.integers(1, 4), st.integers(2, 12), st.integers(2, 12))),
+    n_classes=st.integers(2, 4),
+    seed=st.integers(0, 2**31),
+)
+def test_property_every_mode_keeps_shape_and_ignore_voxels(mode, shape, n_classes, seed):
+    """Every mode, run blockwise: same shape, -1 voxels stay -1, other voxels hold a class (or, for
+    ``sample``, their own class or -1)."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(-1, n_classes, size=shape).astype(np.int16)
+    params = {"flip": {"p": 0.3}, "sample": {"p": 0.4}, "random": {"p": 0.5}, "skeleton": {},
+              "dilate": {"radius": 1}, "erode": {"radius": 1}, "shift": {"radius": 2}}[mode]
+    params = resolve_params(lab, mode, params)
+    out = np.full(lab.shape, -7, dtype=output_dtype(mode, params, lab.dtype))
+    block = tuple(max(1, s // 2) for s in shape)
+    apply_noise(lab, out, mode, params, seed, blocks=plan_noise_blocks(lab.shape, mode, params, block))
+    assert out.shape == lab.shape
+    np.testing.assert_array_equal(out[lab == -1], -1)
+    kept = out[lab >= 0]
+    if mode == "sample":
+        assert np.all((kept == lab[lab >= 0]) | (kept == -1))
+    else:
+        assert kept.min(initial=0) >= 0 and kept.max(initial=0) < max(n_classes, params.get("n_classes") or 0)
