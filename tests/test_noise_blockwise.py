@@ -475,7 +475,7 @@ def test_property_every_mode_keeps_shape_and_ignore_voxels(mode, shape, n_classe
     ``sample``, their own class or -1)."""
     rng = np.random.default_rng(seed)
     lab = rng.integers(-1, n_classes, size=shape).astype(np.int16)
-    params = {"flip": {"p": 0.3}, "sample": {"p": 0.4}, "random": {"p": 0.5}, "skeleton": {},
+    params = {"flip": {"p": 0.3}, "sample": {"p": 0.4}, "random": {"p": 0.5}, "skeleton": {"halo": max(shape)},
               "dilate": {"radius": 1}, "erode": {"radius": 1}, "shift": {"radius": 2}}[mode]
     params = resolve_params(lab, mode, params)
     out = np.full(lab.shape, -7, dtype=output_dtype(mode, params, lab.dtype))

@@ -60,6 +60,16 @@ def _check_mask_values(name: str, m: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- lazy NLL
 
 
+def _check_target_range(target: torch.Tensor, k: int, prefix: str = "") -> None:
+    """Target values must lie in ``-1 .. k-1`` (-1 = ignore)."""
+    if target.numel() > 0:
+        tmin, tmax = int(target.min()), int(target.max())
+        if tmin < _IGNORE or tmax > k - 1:
+            raise ValueError(
+                f"{prefix}target values must lie in -1..{k - 1} (-1 = ignore), found range {tmin}..{tmax}"
+            )
+
+
 def lazy_nll(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -167,12 +177,7 @@ def lazy_nll(
                 f"target shape {(B, *spatial)}"
             )
         _check_mask_values("example_weights", example_weights)
-    if target.numel() > 0:
-        tmin, tmax = int(target.min()), int(target.max())
-        if tmin < _IGNORE or tmax > K - 1:
-            raise ValueError(
-                f"target values must lie in -1..{K - 1} (-1 = ignore), found range {tmin}..{tmax}"
-            )
+    _check_target_range(target, K)
 
     # Work in at least float32 (half precision log-sum-exp is too coarse).
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -564,12 +569,7 @@ def _dmi_joint_multiclass(
                 f"{tuple(target.shape)}"
             )
         _check_mask_values("mask", mask)
-    if target.numel() > 0:
-        tmin, tmax = int(target.min()), int(target.max())
-        if tmin < _IGNORE or tmax > k - 1:
-            raise ValueError(
-                f"dmi_loss: target values must lie in -1..{k - 1} (-1 = ignore), found range {tmin}..{tmax}"
-            )
+    _check_target_range(target, k, "dmi_loss: ")
     x = probs.double().movedim(1, -1).reshape(-1, k)  # (N, K)
     t = target.to(device=probs.device).reshape(-1).long()
     w = (t != _IGNORE).double()

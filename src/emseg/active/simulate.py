@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import random
 import shutil
 import time
@@ -54,6 +53,7 @@ from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, open_volume, parse_spec
+from emseg.monitor import save_figure
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
 __all__ = [
@@ -483,13 +483,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=120)
     return None
 
 

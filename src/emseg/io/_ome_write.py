@@ -20,7 +20,7 @@ from emseg.io._ome import (
     voxel_size_of,
 )
 from emseg.io._files import check_output_location, json_safe
-from emseg.io._store import StagedOutput, auto_chunks, replace_output, staging_tag
+from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag
 from emseg.io._volume import voxel_size_from_source
 
 
@@ -151,7 +151,7 @@ def _is_channel_first(shape: Sequence[int], dtype: np.dtype, attrs: dict) -> boo
     return len(shape) == 4 or attrs.get("output_type") == "probabilities" or "n_classes" in attrs
 
 
-class OmeOutputVolume(StagedOutput):
+class OmeOutputVolume(StagedArray):
     """What :func:`emseg.io.create_volume` returns for an ``.ome.zarr`` output: one image or label
     image (root), or one label image added to an existing image (``OUT.ome.zarr/labels/NAME``)."""
 
@@ -197,22 +197,7 @@ class OmeOutputVolume(StagedOutput):
         self.array = self._store.label(parts[1], shape, dtype, root=True, chunks=chunks, attrs=attrs)
         self._label_target = (labels_dir, parts[1], factors_of(image, source=str(spec.path)))
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def attrs(self):
-        return self.array.attrs
-
-    def __setitem__(self, index, value) -> None:
-        self.array[index] = value
-
-    def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self.array[index])
-
     def commit(self) -> None:
-
         if self.committed:
             return
         store = self._store

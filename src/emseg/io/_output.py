@@ -17,13 +17,13 @@ import zarr
 from emseg.errors import InputError
 from emseg.io._ome import is_ome_path, voxel_size_of
 from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume
-from emseg.io._store import StagedOutput, auto_chunks, replace_output, staging_tag, zarr_compressors
+from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag, zarr_compressors
 from emseg.io._volume import H5_SUFFIXES, VolumeSpec, check_output_volume, clean_output_temps, parse_spec
 
 __all__ = ["OutputGroup", "OutputVolume", "create_volume", "open_output_group", "parse_group_spec"]
 
 
-class OutputVolume(StagedOutput):
+class OutputVolume(StagedArray):
     """One HDF5 or zarr array being written under a temporary name; renamed into place by :meth:`commit`.
 
     Use as a context manager: leaving the block normally commits, an exception discards the
@@ -39,20 +39,6 @@ class OutputVolume(StagedOutput):
         self._handle = handle
         self._created_root = created_root  # a zarr store made for this output, removed on discard
         self.committed = False
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def attrs(self):
-        return self.array.attrs
-
-    def __setitem__(self, index, value) -> None:
-        self.array[index] = value
-
-    def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self.array[index])
 
     def commit(self) -> None:
         if self.committed:

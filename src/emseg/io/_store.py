@@ -14,12 +14,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import zarr
 
-__all__ = ["StagedOutput", "auto_chunks", "replace_output", "staging_tag", "zarr_compressors"]
+__all__ = ["StagedArray", "StagedOutput", "auto_chunks", "replace_output", "staging_tag", "zarr_compressors"]
 
 
 class StagedOutput:
@@ -43,6 +43,26 @@ class StagedOutput:
             self.commit()
         else:
             self.discard()
+
+
+class StagedArray(StagedOutput):
+    """A staged output of one array (``self.array``): sliceable for writing and reading back."""
+
+    array: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def attrs(self):
+        return self.array.attrs
+
+    def __setitem__(self, index, value) -> None:
+        self.array[index] = value
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.array[index])
 
 
 def staging_tag() -> str:

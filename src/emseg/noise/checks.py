@@ -20,6 +20,7 @@ __all__ = [
     "check_int",
     "check_per_section",
     "check_radius",
+    "class_fractions",
     "fit_dtype",
     "max_label",
     "present_classes",
@@ -119,3 +120,17 @@ def check_per_section(per_section: Any) -> bool:
     if not isinstance(per_section, (bool, np.bool_)):
         raise ValueError(f"per_section must be True or False, got {per_section!r}")
     return bool(per_section)
+
+
+def class_fractions(p: Any, k: int, p_fg: Any = None, p_bg: Any = None) -> list[float]:
+    """Per-class fractions of ``k`` classes: ``p`` for every class, ``p_bg``/``p_fg`` (binary
+    labels only) for class 0 / 1. At least one of them must be given (the caller says so)."""
+    fractions = [0.0 if p is None else check_fraction(p, "p")] * k
+    if p_fg is not None or p_bg is not None:
+        if k != 2:
+            raise ValueError(f"p_fg/p_bg apply to binary labels only (n_classes=2), got n_classes={k}")
+        if p_bg is not None:
+            fractions[0] = check_fraction(p_bg, "p_bg")
+        if p_fg is not None:
+            fractions[1] = check_fraction(p_fg, "p_fg")
+    return fractions

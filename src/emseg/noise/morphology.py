@@ -7,12 +7,19 @@ see :func:`emseg.noise.synthesis.required_halo` for the skeleton's halo.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike
 
 from emseg.noise.checks import as_labels, check_per_section, check_radius
 
 __all__ = ["class_boxes", "dilate", "erode", "skeleton"]
+
+
+def _checked(labels: ArrayLike, radius: Any, per_section: Any) -> tuple[np.ndarray, int, bool]:
+    """The labels, radius and per-section flag of :func:`dilate` / :func:`erode`, checked."""
+    return as_labels(labels), check_radius(radius), check_per_section(per_section)
 
 
 def _footprint(ndim: int, radius: int, per_section: bool) -> np.ndarray:
@@ -78,9 +85,7 @@ def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.n
     """
     from scipy import ndimage as ndi
 
-    arr = as_labels(labels)
-    r = check_radius(radius)
-    section = check_per_section(per_section)
+    arr, r, section = _checked(labels, radius, per_section)
     if r == 0:
         return arr.copy()
     grown = ndi.grey_dilation(arr, footprint=_footprint(arr.ndim, r, section), mode="nearest")
@@ -123,9 +128,7 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     """
     from scipy import ndimage as ndi
 
-    arr = as_labels(labels)
-    r = check_radius(radius)
-    section = check_per_section(per_section)
+    arr, r, section = _checked(labels, radius, per_section)
     if r == 0:
         return arr.copy()
     fp = _footprint(arr.ndim, r, section)

@@ -59,6 +59,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from emseg.noise.checks import (
     as_labels,
     check_fraction,
+    class_fractions,
     check_int,
     check_per_section,
     check_radius,
@@ -175,18 +176,22 @@ def flip(
     k_total = resolve_n_classes(arr, n_classes)
     if p is None and p_fg is None and p_bg is None:
         raise ValueError("flip needs p, or p_fg/p_bg for binary labels")
-    base = 0.0 if p is None else check_fraction(p, "p")
-    fractions = [base] * k_total
-    if p_fg is not None or p_bg is not None:
-        if k_total != 2:
-            raise ValueError(
-                f"p_fg/p_bg apply to binary labels only (n_classes=2), got n_classes={k_total}"
-            )
-        if p_bg is not None:
-            fractions[0] = check_fraction(p_bg, "p_bg")
-        if p_fg is not None:
-            fractions[1] = check_fraction(p_fg, "p_fg")
-    return flip_at(arr, fractions, k_total, stream_key(rng))
+    return flip_at(arr, class_fractions(p, k_total, p_fg, p_bg), k_total, stream_key(rng))
+
+
+def _select(arr: np.ndarray, fractions: float | Sequence[float], key: int, origin: Sequence[int] | None,
+            volume_shape: Sequence[int] | None, selection: Selection | None):
+    """(flat labels, their linear indices in the volume, chosen mask) of the box ``arr`` at ``origin``
+    of a volume of ``volume_shape`` (default: the whole array), with the volume's ``selection``
+    (default: computed from ``arr``)."""
+    origin = (0,) * arr.ndim if origin is None else origin
+    volume_shape = arr.shape if volume_shape is None else volume_shape
+    flat_in = arr.reshape(-1)
+    index = linear_index(arr.shape, origin, volume_shape).reshape(-1)
+    h = voxel_hash(key, STREAM_SELECT, index)
+    if selection is None:
+        selection = selection_in_memory(key, flat_in, index, fractions, h=h)
+    return flat_in, index, selection.apply(flat_in, index, h)
 
 
 def flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int, *,
@@ -194,16 +199,9 @@ def flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int,
              selection: Selection | None = None) -> np.ndarray:
     """:func:`flip` of the box ``arr`` at ``origin`` of a volume of ``volume_shape`` (default: the
     whole array), with the volume's ``selection`` (default: computed from ``arr``)."""
-    origin = (0,) * arr.ndim if origin is None else origin
-    volume_shape = arr.shape if volume_shape is None else volume_shape
     out = arr.astype(fit_dtype(arr.dtype, 0, k_total - 1), copy=True)
     flat_out = out.reshape(-1)
-    flat_in = arr.reshape(-1)
-    index = linear_index(arr.shape, origin, volume_shape).reshape(-1)
-    h = voxel_hash(key, STREAM_SELECT, index)
-    if selection is None:
-        selection = selection_in_memory(key, flat_in, index, fractions, h=h)
-    chosen = selection.apply(flat_in, index, h)
+    flat_in, index, chosen = _select(arr, fractions, key, origin, volume_shape, selection)
     if k_total == 2:  # the only other class: 0 <-> 1
         flat_out ^= chosen.view(np.uint8).astype(flat_out.dtype, copy=False)
         return out
@@ -264,14 +262,7 @@ def sample_at(arr: np.ndarray, frac: float, unsampled: int, key: int, *,
                origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None,
                selection: Selection | None = None) -> np.ndarray:
     """:func:`sample` of the box ``arr`` at ``origin`` of a volume (as :func:`flip_at`)."""
-    origin = (0,) * arr.ndim if origin is None else origin
-    volume_shape = arr.shape if volume_shape is None else volume_shape
-    flat_in = arr.reshape(-1)
-    index = linear_index(arr.shape, origin, volume_shape).reshape(-1)
-    h = voxel_hash(key, STREAM_SELECT, index)
-    if selection is None:
-        selection = selection_in_memory(key, flat_in, index, frac, h=h)
-    keep = selection.apply(flat_in, index, h)
+    flat_in, _, keep = _select(arr, frac, key, origin, volume_shape, selection)
     if arr.dtype.kind == "i":
         keep |= flat_in < 0
     out_dtype = fit_dtype(arr.dtype, int(unsampled), 0)

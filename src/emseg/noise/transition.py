@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from emseg.noise.checks import as_labels, check_fraction, check_int
+from emseg.noise.checks import as_labels, check_fraction, check_int, class_fractions
 
 __all__ = [
     "TransitionCounter",
@@ -415,16 +415,7 @@ def flip_matrix(
     k = check_int(n_classes, "n_classes", minimum=2)
     if p is None and p_fg is None and p_bg is None:
         raise ValueError("flip_matrix needs p, or p_fg/p_bg for binary labels")
-    rates = np.full(k, 0.0 if p is None else check_fraction(p, "p"))
-    if p_fg is not None or p_bg is not None:
-        if k != 2:
-            raise ValueError(
-                f"p_fg/p_bg apply to binary labels only (n_classes=2), got n_classes={k}"
-            )
-        if p_bg is not None:
-            rates[0] = check_fraction(p_bg, "p_bg")
-        if p_fg is not None:
-            rates[1] = check_fraction(p_fg, "p_fg")
+    rates = np.asarray(class_fractions(p, k, p_fg, p_bg), dtype=np.float64)
     q = np.repeat((rates / (k - 1))[:, None], k, axis=1)
     np.fill_diagonal(q, 1.0 - rates)
     return q
