@@ -1,4 +1,5 @@
-"""``emseg.active.scoring``: the pool scoring of ``emseg query`` on dask.distributed equals in-process scoring."""
+"""``emseg.active.cluster_scoring``: the pool scoring of ``emseg query`` on dask.distributed equals in-process
+scoring (``emseg.active.scoring``)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,8 @@ import zarr
 from conftest import synthetic, write_h5
 
 from emseg.active.pool import build_pool
-from emseg.active.scoring import chunk_seed, score_pool, score_pool_on_cluster
+from emseg.active.cluster_scoring import score_pool_on_cluster
+from emseg.active.scoring import chunk_seed, score_pool
 from emseg.checkpoint import save_checkpoint
 from emseg.cluster import open_client
 from emseg.models import build_model
