@@ -5,8 +5,9 @@ score per patch ``(N,)`` and, for diversity strategies, one pooled bottleneck em
 ``(N, C_b)``. Nothing of shape ``(N, C, *P)`` or ``(T, ...)`` is ever held, so memory does not
 grow with the pool size nor with the number of Monte-Carlo dropout passes ``T``.
 :func:`emseg.active.cluster_scoring.score_pool_on_cluster` runs the same chunks
-(:func:`score_chunks`, seeded by :func:`chunk_seed`) as tasks of the block executor (:func:`emseg.cluster.run_blocks`); both
-validate their options and gather the chunks' parts with the same helpers.
+(:func:`score_chunks`, seeded by :func:`chunk_seed`) as tasks of the block executor
+(:func:`emseg.cluster.run_blocks`); both validate their options and gather the chunks' parts with
+the same helpers.
 """
 from __future__ import annotations
 
