@@ -7,6 +7,8 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emseg.errors import InputError
 from emseg.io import VolumeSpec, auto_chunks, create_volume, open_volume, parse_spec, read_info
@@ -269,3 +271,28 @@ def test_read_info_reads_sibling_dataset(tmp_path):
     info = read_info(f"{tmp_path}/f.h5:cube/label", 3)
     assert info.dtype == np.uint8
     np.testing.assert_array_equal(info, [[1, 0, 1], [0, 1, 0]])
+
+
+_NAME = st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    folders=st.lists(_NAME, max_size=3),
+    stem=_NAME,
+    suffix=st.sampled_from([".h5", ".hdf5", ".hdf", ".zarr"]),
+    key=st.lists(_NAME, max_size=3),
+    absolute=st.booleans(),
+)
+def test_volume_specs_round_trip_through_str(folders, stem, suffix, key, absolute):
+    """``str(parse_spec(text)) == text`` for every well-formed spec, and parsing ``str(spec)`` gives ``spec``."""
+    fmt = "zarr" if suffix == ".zarr" else "h5"
+    if fmt == "h5" and not key:
+        key = ["data"]  # an HDF5 spec always names a dataset
+    path = ("/" if absolute else "") + "/".join([*folders, stem + suffix])
+    text = f"{path}:{'/'.join(key)}" if fmt == "h5" else "/".join([path, *key])
+    spec = parse_spec(text)
+    assert (spec.fmt, spec.key, spec.path) == (fmt, "/".join(key), Path(path))
+    assert str(spec) == text
+    assert parse_spec(str(spec)) == spec
+    assert parse_spec(spec) is spec

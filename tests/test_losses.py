@@ -461,3 +461,34 @@ def test_binary_losses_validation_and_no_mutation(fn):
         fn(p, t + 2)
     with pytest.raises(ValueError, match="floating"):
         fn(t, t)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(2, 4),
+    K=st.integers(2, 4),
+    spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+    seed=st.integers(0, 2**32 - 1),
+    weighted=st.booleans(),
+)
+def test_lazy_nll_is_non_negative_and_fully_ignored_patches_get_no_gradient(B, K, spatial, seed, weighted):
+    """Patches whose voxels are all ignored (and that flag no class as absent) add nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn((B, K, *spatial), generator=gen, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(-1, K, (B, *spatial), generator=gen)
+    ignored = torch.zeros(B, dtype=torch.bool)
+    ignored[torch.randint(0, B, (1,), generator=gen)] = True  # at least one patch fully ignored
+    target[ignored] = -1
+    labeled = torch.randint(0, 2, (B, K), generator=gen).double()
+    not_present = torch.randint(0, 2, (B, K), generator=gen).double()
+    not_present[ignored] = 0.0
+    weights = torch.rand(K, generator=gen, dtype=torch.float64) if weighted else None
+    loss = lazy_nll(logits, target, labeled=labeled, not_present=not_present, class_weights=weights)
+    assert float(loss.detach()) >= 0.0
+    loss.backward()
+    assert torch.all(logits.grad[ignored] == 0)
+    # and the loss does not depend on what the ignored patches' logits are
+    changed = logits.detach().clone()
+    changed[ignored] = 100.0 * torch.randn_like(changed[ignored])
+    again = lazy_nll(changed, target, labeled=labeled, not_present=not_present, class_weights=weights)
+    assert float(again) == pytest.approx(float(loss.detach()), rel=1e-12, abs=1e-15)

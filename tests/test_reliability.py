@@ -286,17 +286,18 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     out = tmp_path / "out.zarr"
     child = _spawn(f"""
         import time
-        import emseg.noise.blockwise as bw
+        import emseg.noise.process as per_block
+        from emseg.noise.blockwise import noise_file
         from emseg.cluster import open_client
-        real, calls = bw._apply, []
+        real, calls = per_block._apply, []
         def slow(data, block, *a, **kw):
             calls.append(block.index)
             if len(calls) == 6:
                 time.sleep(600)
             return real(data, block, *a, **kw)
-        bw._apply = slow
+        per_block._apply = slow
         with open_client("local", workers=1, processes=False) as client:
-            bw.noise_file({args[0]!r}, {str(out)!r}, client=client, retries=0, **{kwargs!r})
+            noise_file({args[0]!r}, {str(out)!r}, client=client, retries=0, **{kwargs!r})
     """, tmp_path)
     done = tmp_path / "out.zarr.partial" / ".done"
     _wait_for(lambda: (done.is_dir() and len(list(done.iterdir())) >= 5) or child.poll() is not None, 120)

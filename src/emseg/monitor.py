@@ -28,6 +28,21 @@ def have_matplotlib() -> bool:
     return True
 
 
+def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Save a matplotlib figure to ``path`` under a temporary name, rename it into place, close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
     """Columns of ``metrics.csv`` as float arrays (empty cells are NaN)."""
     with open(path, newline="") as fh:
@@ -69,13 +84,7 @@ def write_curves(metrics_csv: str | Path, png: str | Path | None = None) -> Path
         axes[2].legend(fontsize=8)
     else:
         axes[2].text(0.5, 0.5, "no validation data", ha="center", va="center", transform=axes[2].transAxes)
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.png")
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, png, dpi=90)
     return png
 
 

@@ -22,10 +22,21 @@ every call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from emseg.active.embeddings import (
+    Conflicts,
+    as_embeddings,
+    as_index,
+    centred,
+    check_count,
+    conflict_index,
+    min_sq_dist_to_set,
+)
+from emseg.active.kmeans import kmeans_select
 
 __all__ = [
     "hybrid_select",
@@ -37,91 +48,6 @@ __all__ = [
 
 #: Default ratio ``top_m / n`` of :func:`hybrid_select`.
 HYBRID_TOP_M_FACTOR = 4
-
-# Largest number of distance entries computed at once when reducing against a block of
-# centres (keeps memory at ~64 MiB in float32 whatever N and the labelled set size).
-_BLOCK_ELEMS = 1 << 24
-
-
-# ----------------------------------------------------------------------------- helpers
-def _check_count(n: object, *, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer; got {n!r}")
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0; got {n}")
-    return int(n)
-
-
-def _as_embeddings(embeddings: object) -> torch.Tensor:
-    if not isinstance(embeddings, torch.Tensor):
-        embeddings = torch.as_tensor(embeddings)
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must have shape (N, D); got {tuple(embeddings.shape)}")
-    if embeddings.shape[1] == 0:
-        raise ValueError("embeddings must have at least one feature (D >= 1)")
-    if not embeddings.is_floating_point():
-        embeddings = embeddings.to(torch.float32)
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("embeddings must be finite (found NaN or inf)")
-    return embeddings.detach()
-
-
-def _as_index(idx: object, n_total: int, device: torch.device, *, name: str) -> torch.Tensor:
-    """Validate an index set into ``range(n_total)``; returns unique sorted int64 indices."""
-    if idx is None:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    t = torch.as_tensor(np.asarray(idx) if not isinstance(idx, torch.Tensor) else idx)
-    if t.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    if t.dtype == torch.bool:
-        if t.shape != (n_total,):
-            raise ValueError(f"boolean {name} must have shape ({n_total},); got {tuple(t.shape)}")
-        return torch.nonzero(t.to(device)).flatten()
-    if t.is_floating_point() or t.is_complex():
-        raise ValueError(f"{name} must hold integer indices; got dtype {t.dtype}")
-    t = t.reshape(-1).to(device=device, dtype=torch.int64)
-    if int(t.min()) < 0 or int(t.max()) >= n_total:
-        raise ValueError(
-            f"{name} must lie in [0, {n_total}); got values in [{int(t.min())}, {int(t.max())}]"
-        )
-    return torch.unique(t)
-
-
-def _centred(x: torch.Tensor) -> torch.Tensor:
-    """``x`` minus its mean row (mean and difference in float64), in at least float32."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x64 = x.to(torch.float64)
-    return (x64 - x64.mean(dim=0)).to(dtype)
-
-
-Conflicts = Callable[[int], object]
-
-
-def _conflict_index(conflicts: Conflicts | None, i: int, device: torch.device) -> torch.Tensor | None:
-    if conflicts is None:
-        return None
-    ruled = conflicts(int(i))
-    t = torch.as_tensor(np.asarray(ruled, dtype=np.int64).reshape(-1), device=device)
-    return t
-
-
-def _sq_dists_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``(N, K)`` from rows of ``x`` to rows of ``c`` (expansion form)."""
-    c_sq = (c * c).sum(dim=1)
-    d = x_sq[:, None] - 2.0 * (x @ c.T) + c_sq[None, :]
-    return d.clamp_min_(0)
-
-
-def _min_sq_dist_to_set(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """``min_j |x_i - c_j|^2`` for every row of ``x``, processing ``centres`` in blocks."""
-    n = x.shape[0]
-    out = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
-    block = max(1, _BLOCK_ELEMS // max(n, 1))
-    for start in range(0, centres.shape[0], block):
-        d = _sq_dists_to(x, x_sq, centres[start : start + block])
-        out = torch.minimum(out, d.amin(dim=1))
-    return out
-
 
 # ----------------------------------------------------------------------------- simple rules
 def select_top(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -148,7 +74,7 @@ def select_top(scores: torch.Tensor, n: int) -> torch.Tensor:
         scores = torch.as_tensor(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D; got shape {tuple(scores.shape)}")
-    n = _check_count(n)
+    n = check_count(n)
     if n > scores.shape[0]:
         raise ValueError(f"cannot select n={n} from {scores.shape[0]} scores")
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
@@ -181,155 +107,12 @@ def random_select(
     >>> random_select(10, 3, rng=0).shape
     torch.Size([3])
     """
-    n_total = _check_count(n_total, name="n_total")
-    n = _check_count(n)
+    n_total = check_count(n_total, name="n_total")
+    n = check_count(n)
     if n > n_total:
         raise ValueError(f"cannot select n={n} from a pool of {n_total}")
     gen = np.random.default_rng(rng)
     return torch.as_tensor(gen.choice(n_total, size=n, replace=False), dtype=torch.int64)
-
-
-# ----------------------------------------------------------------------------- k-means
-def _kmeanspp_init(
-    x: torch.Tensor, x_sq: torch.Tensor, n: int, gen: np.random.Generator
-) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007); returns the seed indices ``(n,)``."""
-    n_total = x.shape[0]
-    chosen = [int(gen.integers(n_total))]
-    min_d = _sq_dists_to(x, x_sq, x[chosen[0]][None])[:, 0]
-    taken = torch.zeros(n_total, dtype=torch.bool, device=x.device)
-    taken[chosen[0]] = True
-    for _ in range(1, n):
-        w = min_d.to(torch.float64).masked_fill(taken, 0.0)
-        total = float(w.sum())
-        if total > 0:
-            # D^2 sampling through the cumulative sum: one uniform draw per centre.
-            cum = torch.cumsum(w, dim=0)
-            u = torch.tensor([gen.random() * total], dtype=torch.float64, device=x.device)
-            i = int(torch.searchsorted(cum, u, right=True).clamp_max(n_total - 1))
-            while taken[i]:  # guards the zero-weight boundary case of round-off
-                i = int(torch.argmax(w))
-        else:  # all remaining points coincide with a centre: pick uniformly among the rest
-            free = torch.nonzero(~taken).flatten()
-            i = int(free[int(gen.integers(free.numel()))])
-        chosen.append(i)
-        taken[i] = True
-        min_d = torch.minimum(min_d, _sq_dists_to(x, x_sq, x[i][None])[:, 0])
-    return torch.as_tensor(chosen, dtype=torch.int64, device=x.device)
-
-
-def kmeans_select(
-    embeddings: torch.Tensor,
-    n: int,
-    rng: np.random.Generator | int | None = None,
-    n_iter: int = 50,
-    *,
-    conflicts: Conflicts | None = None,
-) -> torch.Tensor:
-    """k-means sampling: one sample per cluster, the member nearest each of ``n`` centroids.
-
-    Runs k-means++ seeding followed by at most ``n_iter`` Lloyd iterations (stopping early
-    once assignments no longer change). A cluster that becomes empty is re-seeded at the
-    sample farthest from its assigned centroid. The selection holds, for each cluster, the
-    member nearest to the centroid (ties: lowest index); if a cluster is still empty at the
-    end (only possible with duplicated embeddings), the nearest sample not selected yet is
-    used, so indices are always distinct.
-
-    Parameters
-    ----------
-    embeddings : torch.Tensor
-        ``(N, D)`` sample embeddings.
-    n : int
-        Number of clusters = number of selected samples, ``0 <= n <= N``.
-    rng : numpy.random.Generator or int or None
-        Random source or seed for the seeding; equal seeds give equal selections.
-    n_iter : int
-        Maximum number of Lloyd iterations (>= 0); default 50.
-    conflicts : callable, optional
-        ``conflicts(i)`` -> indices ruled out once ``i`` is picked. Clusters are then served in
-        seeding order, each by its nearest member not ruled out (or, when all are, the nearest
-        sample not ruled out); clusters are skipped once nothing is left.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(n,)`` int64 indices on the embeddings' device, one per cluster in seeding order
-        (fewer with ``conflicts``, when every remaining sample is ruled out).
-
-    Examples
-    --------
-    >>> x = torch.cat([torch.randn(20, 2), torch.randn(20, 2) + 50])
-    >>> sel = kmeans_select(x, 2, rng=0)
-    >>> sorted(int(i) // 20 for i in sel)  # one per blob
-    [0, 1]
-    """
-    x = _as_embeddings(embeddings)
-    n = _check_count(n)
-    n_iter = _check_count(n_iter, name="n_iter")
-    n_total = x.shape[0]
-    if n > n_total:
-        raise ValueError(f"cannot select n={n} from {n_total} embeddings")
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=x.device)
-    gen = np.random.default_rng(rng)
-    x = _centred(x)
-    x_sq = (x * x).sum(dim=1)
-    centroids = x[_kmeanspp_init(x, x_sq, n, gen)].clone()
-    arange_k = torch.arange(n, device=x.device)
-
-    assign = _sq_dists_to(x, x_sq, centroids).argmin(dim=1)
-    for _ in range(n_iter):
-        counts = torch.bincount(assign, minlength=n)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        nonempty = counts > 0
-        centroids = torch.where(
-            nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids
-        )
-        for j in torch.nonzero(~nonempty).flatten().tolist():
-            # Re-seed an empty cluster at the point worst served by the current assignment.
-            own = centroids[assign]
-            d_own = x_sq - 2.0 * (x * own).sum(1) + (own * own).sum(1)
-            far = int(torch.argmax(d_own))
-            centroids[j] = x[far]
-            assign[far] = j
-        new_assign = _sq_dists_to(x, x_sq, centroids).argmin(dim=1)
-        if torch.equal(new_assign, assign):
-            break
-        assign = new_assign
-
-    d = _sq_dists_to(x, x_sq, centroids)
-    member = assign[:, None] == arange_k[None, :]
-    if conflicts is not None:
-        return _serve_clusters(d, member, conflicts)
-    picks = d.masked_fill(~member, float("inf")).argmin(dim=0)
-    empty = ~member.any(dim=0)
-    if bool(empty.any()):
-        taken = torch.zeros(n_total, dtype=torch.bool, device=x.device)
-        taken[picks[~empty]] = True
-        for j in torch.nonzero(empty).flatten().tolist():
-            i = int(d[:, j].masked_fill(taken, float("inf")).argmin())
-            picks[j] = i
-            taken[i] = True
-    return picks
-
-
-def _serve_clusters(d: torch.Tensor, member: torch.Tensor, conflicts: Conflicts) -> torch.Tensor:
-    """One pick per cluster in order, skipping samples ruled out by earlier picks."""
-    n_total, n = d.shape
-    out_of_play = torch.zeros(n_total, dtype=torch.bool, device=d.device)
-    picks: list[int] = []
-    for j in range(n):
-        if bool(out_of_play.all()):
-            break
-        cand = d[:, j].masked_fill(out_of_play, float("inf"))
-        inside = member[:, j] & ~out_of_play
-        i = int(cand.masked_fill(~member[:, j], float("inf")).argmin()) if bool(inside.any()) else int(cand.argmin())
-        picks.append(i)
-        out_of_play[i] = True
-        ruled = _conflict_index(conflicts, i, d.device)
-        if ruled is not None and ruled.numel():
-            out_of_play[ruled] = True
-    return torch.as_tensor(picks, dtype=torch.int64, device=d.device)
 
 
 # ----------------------------------------------------------------------------- k-center greedy
@@ -338,7 +121,7 @@ def _kcenter_start(
 ) -> int:
     n_total = x.shape[0]
     if first is not None:
-        first = _check_count(first, name="first")
+        first = check_count(first, name="first")
         if first >= n_total:
             raise ValueError(f"first must lie in [0, {n_total}); got {first}")
         return first
@@ -351,9 +134,9 @@ def _kcenter_start(
 def _kcenter_prepare(
     embeddings: object, n: int, labeled_idx: object
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    x = _as_embeddings(embeddings)
-    n = _check_count(n)
-    lab = _as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
+    x = as_embeddings(embeddings)
+    n = check_count(n)
+    lab = as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
     if n + lab.numel() > x.shape[0]:
         raise ValueError(
             f"cannot select n={n} from {x.shape[0]} embeddings with {lab.numel()} already labelled"
@@ -420,10 +203,10 @@ def kcenter_greedy(
     picks = torch.empty(n, dtype=torch.int64, device=x.device)
     if n == 0:
         return picks
-    x = _centred(x)
+    x = centred(x)
     x_sq = (x * x).sum(dim=1)
     if lab.numel() > 0:
-        min_d = _min_sq_dist_to_set(x, x_sq, x[lab])
+        min_d = min_sq_dist_to_set(x, x_sq, x[lab])
         min_d[lab] = -1.0
     else:
         min_d = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
@@ -436,7 +219,7 @@ def kcenter_greedy(
         start = 1
         min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ x[i]) + x_sq[i]).clamp_min_(0))
         min_d[i] = -1.0
-        ruled = _conflict_index(conflicts, i, x.device)
+        ruled = conflict_index(conflicts, i, x.device)
         if ruled is not None and ruled.numel():
             min_d[ruled] = -1.0
     for k in range(start, n):
@@ -447,7 +230,7 @@ def kcenter_greedy(
         c = x[i]
         min_d = torch.minimum(min_d, (x_sq - 2.0 * (x @ c) + x_sq[i]).clamp_min_(0))
         min_d[i] = -1.0
-        ruled = _conflict_index(conflicts, int(i), x.device)
+        ruled = conflict_index(conflicts, int(i), x.device)
         if ruled is not None and ruled.numel():
             min_d[ruled] = -1.0
     return picks
@@ -547,22 +330,22 @@ def hybrid_select(
     >>> hybrid_select(s, x, 2, top_m=3)  # 3 is never a candidate; 2 duplicates 0
     tensor([0, 1])
     """
-    x = _as_embeddings(embeddings)
+    x = as_embeddings(embeddings)
     if not isinstance(scores, torch.Tensor):
         scores = torch.as_tensor(scores)
     if scores.ndim != 1 or scores.shape[0] != x.shape[0]:
         raise ValueError(
             f"scores must have shape ({x.shape[0]},) to match embeddings; got {tuple(scores.shape)}"
         )
-    n = _check_count(n)
-    lab = _as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
+    n = check_count(n)
+    lab = as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
     n_free = x.shape[0] - lab.numel()
     if n > n_free:
         raise ValueError(f"cannot select n={n} from {n_free} unlabelled samples")
     if top_m is None:
         top_m = HYBRID_TOP_M_FACTOR * n
     else:
-        top_m = _check_count(top_m, name="top_m")
+        top_m = check_count(top_m, name="top_m")
         if top_m < n:
             raise ValueError(f"top_m must be >= n={n}; got {top_m}")
     top_m = min(top_m, n_free)

@@ -21,7 +21,8 @@ from emseg.active.export import (
 )
 from emseg.active.pool import Box, CandidatePool, build_pool
 from emseg.active.registry import get_strategy
-from emseg.active.scoring import PoolScores, has_dropout, squeeze_leading_axis, score_pool, score_pool_on_cluster
+from emseg.active.cluster_scoring import score_pool_on_cluster
+from emseg.active.scoring import PoolScores, has_dropout, squeeze_leading_axis, score_pool
 from emseg.active.selection import select
 from emseg.checkpoint import load_model
 from emseg.device import resolve_device

@@ -4,20 +4,17 @@
 score per patch ``(N,)`` and, for diversity strategies, one pooled bottleneck embedding per patch
 ``(N, C_b)``. Nothing of shape ``(N, C, *P)`` or ``(T, ...)`` is ever held, so memory does not
 grow with the pool size nor with the number of Monte-Carlo dropout passes ``T``.
-:func:`score_pool_on_cluster` runs the same chunks (:func:`score_chunks`, seeded by
-:func:`chunk_seed`) as tasks of the block executor (:func:`emseg.cluster.run_blocks`); both
-validate their options and gather the chunks' parts with the same helpers.
+:func:`emseg.active.cluster_scoring.score_pool_on_cluster` runs the same chunks
+(:func:`score_chunks`, seeded by :func:`chunk_seed`) as tasks of the block executor
+(:func:`emseg.cluster.run_blocks`); both validate their options and gather the chunks' parts with
+the same helpers.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,15 +23,12 @@ import torch
 from emseg.active.pool import Box, CandidatePool
 from emseg.active.registry import Strategy, get_strategy
 from emseg.active.scores import REDUCTIONS
-from emseg.checkpoint import cached_model, load_checkpoint
-from emseg.cluster import run_blocks
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
-from emseg.io import open_volume, parse_spec
 from emseg.models import fold_batchnorm, set_mc_dropout
 from emseg.precision import Precision, resolve_precision
 
-__all__ = ["PoolScores", "chunk_seed", "score_chunks", "score_pool", "score_pool_on_cluster"]
+__all__ = ["PoolScores", "chunk_seed", "score_chunks", "score_pool"]
 
 
 @dataclass
@@ -62,7 +56,7 @@ class PoolScores:
         return n / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _Gather:
+class Gather:
     """The pool-wide result filled chunk by chunk (the same in-process and from cluster tasks)."""
 
     def __init__(self, result: PoolScores, n: int, needs_scores: bool):
@@ -89,18 +83,18 @@ class _Gather:
         return self.result
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS or reduction == "none":
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _check_counts(**counts: Any) -> None:
+def check_counts(**counts: Any) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _candidates(pool: CandidatePool, strat: Strategy) -> np.ndarray:
+def strategy_candidates(pool: CandidatePool, strat: Strategy) -> np.ndarray:
     """The candidates to score: all of them when embeddings are needed (labelled ones are centres)."""
     return np.arange(len(pool)) if strat.needs_embeddings else pool.free_indices()
 
@@ -335,15 +329,15 @@ def score_pool(
     (4,)
     """
     strat = get_strategy(strategy) if not isinstance(strategy, Strategy) else strategy
-    _check_reduction(reduction)
-    _check_counts(batch_size=batch_size, chunk_size=chunk_size)
+    check_reduction(reduction)
+    check_counts(batch_size=batch_size, chunk_size=chunk_size)
     if len(sources) != len(pool.volume_shapes):
         raise ValueError(f"{len(sources)} sources for a pool over {len(pool.volume_shapes)} volumes")
     for i, (src, shape) in enumerate(zip(sources, pool.volume_shapes)):
         if tuple(src.shape) != tuple(shape):
             raise ValueError(f"source {i} has shape {tuple(src.shape)}, the pool expects {tuple(shape)}")
     if strat.needs_mc_dropout:
-        _check_counts(mc_samples=mc_samples)
+        check_counts(mc_samples=mc_samples)
         if not has_dropout(model):
             raise InputError(f"strategy {strat.name!r} samples dropout, but this network has no dropout "
                              "(train it with model.dropout > 0)")
@@ -356,8 +350,8 @@ def score_pool(
     squeeze = squeeze_leading_axis(pool.patch_shape, int(getattr(model, "ndim", len(pool.patch_shape))))
     dtypes = [np.dtype(d) for d in raw_dtypes] if raw_dtypes is not None else [
         np.dtype(s.dtype) for s in sources]
-    todo = _candidates(pool, strat)
-    gather = _Gather(result, n, strat.needs_scores)
+    todo = strategy_candidates(pool, strat)
+    gather = Gather(result, n, strat.needs_scores)
     done = 0
     for k, idx in enumerate(score_chunks(todo, chunk_size)):
         boxes = [pool.box(int(i)) for i in idx]
@@ -372,153 +366,4 @@ def score_pool(
                            precision=precision, fold=fold)
         gather.add(idx, part)
         done += len(idx)
-    return gather.finish()
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    """What a worker needs to score chunks of candidates (paths, no open handles)."""
-
-    model: str
-    model_mtime_ns: int
-    model_size: int
-    sources: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    strategy: str
-    mc_samples: int
-    reduction: str
-    batch_size: int
-    squeeze: bool
-    seed: int | None
-    device: str = "auto"
-    precision: str = "fp32"
-    fold: bool = False
-
-
-@dataclass(frozen=True)
-class ScoreTask:
-    """Chunk ``index``: the boxes of candidates ``indices``."""
-
-    index: int
-    indices: np.ndarray
-    boxes: tuple[Box, ...]
-
-
-#: One scoring task at a time per process: threads of one worker share the cached network (whose
-#: modes are switched while scoring) and torch's global random generator (MC dropout).
-_SCORE_LOCK = threading.Lock()
-
-
-def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
-    """Worker side of :func:`score_pool_on_cluster`: score one chunk with the network cached per process.
-
-    Examples
-    --------
-    >>> part = score_task(tasks[0], job)  # doctest: +SKIP
-    """
-    model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
-    with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(open_volume(spec)) for spec in job.sources]
-        with _SCORE_LOCK:
-            return score_boxes(model, task.boxes, sources, [np.dtype(d) for d in job.dtypes],
-                               get_strategy(job.strategy), mc_samples=job.mc_samples, reduction=job.reduction,
-                               batch_size=job.batch_size, device=device, squeeze=job.squeeze,
-                               seed=None if job.seed is None else chunk_seed(job.seed, task.index),
-                               precision=job.precision, fold=job.fold)
-
-
-def score_pool_on_cluster(
-    model_path: str,
-    pool: CandidatePool,
-    sources: Sequence[str],
-    strategy: str,
-    *,
-    mc_samples: int = 10,
-    reduction: str = "mean",
-    batch_size: int = 8,
-    device: str = "auto",
-    seed: int = 0,
-    chunk_size: int = DEFAULT_CHUNK,
-    precision: str = "fp32",
-    fold: bool = False,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
-    retries: int = 2,
-    progress: Callable[[int, int], None] | None = None,
-) -> PoolScores:
-    """:func:`score_pool` as tasks of a dask.distributed cluster, one per chunk of candidates.
-
-    Each task loads the network once per worker (:func:`emseg.checkpoint.cached_model`), reads
-    its patches from the volume specs ``sources`` and returns its scores and pooled embeddings,
-    gathered here. Chunks, batches and MC-dropout seeds (:func:`chunk_seed`) are those of
-    ``score_pool(..., seed=seed, chunk_size=chunk_size)``, so both give the same result (on the
-    same hardware and thread count).
-
-    Parameters
-    ----------
-    model_path : str
-        Checkpoint, on a path every worker sees.
-    pool : CandidatePool
-    sources : sequence of str
-        Volume specs (``FILE.h5:DATASET``, ``FILE.zarr/ARRAY``) of the pool volumes.
-    strategy : str
-        A strategy name (:data:`~emseg.active.registry.STRATEGIES`).
-    mc_samples, reduction, batch_size, seed, chunk_size
-        As in :func:`score_pool`.
-    device : str
-        Resolved on each worker.
-    scheduler, workers, client, retries
-        As in :func:`emseg.cluster.run_blocks`.
-    progress : callable, optional
-        ``progress(done, total)`` candidates after each chunk.
-
-    Returns
-    -------
-    PoolScores
-
-    Examples
-    --------
-    >>> scores = score_pool_on_cluster("best.pt", pool, ["stack.h5:raw"], "entropy",
-    ...                                scheduler="local", workers=4)  # doctest: +SKIP
-    """
-    strat = get_strategy(strategy)
-    _check_reduction(reduction)
-    _check_counts(batch_size=batch_size, chunk_size=chunk_size, mc_samples=mc_samples)
-    if len(sources) != len(pool.volume_shapes):
-        raise ValueError(f"{len(sources)} sources for a pool over {len(pool.volume_shapes)} volumes")
-    specs, dtypes = [], []
-    for i, (spec, shape) in enumerate(zip(sources, pool.volume_shapes)):
-        s = parse_spec(spec)
-        s = type(s)(Path(s.path).resolve(), s.key, s.fmt)
-        with open_volume(s) as vol:
-            if tuple(vol.shape) != tuple(shape):
-                raise ValueError(f"source {i} has shape {tuple(vol.shape)}, the pool expects {tuple(shape)}")
-            dtypes.append(str(vol.dtype))
-        specs.append(str(s))
-    n = len(pool)
-    result = PoolScores(strat.name, None, None, reduction, int(mc_samples) if strat.needs_mc_dropout else None)
-    if not (strat.needs_scores or strat.needs_embeddings) or n == 0:
-        return result
-    path = Path(model_path).resolve()
-    st = os.stat(path)
-    model_ndim = int(load_checkpoint(path)["model_config"].get("ndim", len(pool.patch_shape)))
-    job = ScoreJob(str(path), st.st_mtime_ns, st.st_size, tuple(specs), tuple(dtypes), strat.name, int(mc_samples),
-                   reduction, int(batch_size), squeeze_leading_axis(pool.patch_shape, model_ndim), int(seed), device,
-                   str(precision), bool(fold))
-    todo = _candidates(pool, strat)
-    tasks = [ScoreTask(k, idx, tuple(pool.box(int(i)) for i in idx))
-             for k, idx in enumerate(score_chunks(todo, chunk_size))]
-    gather = _Gather(result, n, strat.needs_scores)
-    state = {"done": 0}
-
-    def on_done(task: ScoreTask, part: PoolScores) -> None:
-        gather.add(task.indices, part)
-        state["done"] += len(task.indices)
-        if progress is not None:
-            progress(state["done"], len(todo))
-
-    run_blocks(functools.partial(score_task, job=job), tasks, scheduler=scheduler, workers=workers,
-               client=client, retries=retries, on_done=on_done, fail_fast=True,
-               failure_hint="no output was written; rerun to score again")
     return gather.finish()

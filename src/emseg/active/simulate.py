@@ -9,7 +9,8 @@ same initial set and the same initial network (per seed).
 Training goes through :func:`emseg.training.run_training` with :class:`BoxTask`, a
 :class:`~emseg.training.SegmentationTask` whose cubes are the labelled boxes held in memory.
 Fine-tuning starts from a checkpoint holding the previous weights at step 0 (fresh optimiser),
-resumed by ``run_training``.
+resumed by ``run_training``. The configuration file is read and checked by
+:mod:`emseg.active.simulate_config`.
 
 Output folder layout::
 
@@ -30,7 +31,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import random
 import shutil
 import time
@@ -48,12 +48,20 @@ from emseg.active.pool import CandidatePool, build_pool
 from emseg.active.scoring import score_pool
 from emseg.active.selection import select
 from emseg.active.registry import get_strategy
+from emseg.active.simulate_config import (
+    GROWABLE,
+    RegionSpec,
+    SimulateConfig,
+    load_simulate_config,
+    simulate_config_from_dict,
+)
 from emseg.checkpoint import load_checkpoint, load_model, model_from_state, save_checkpoint
-from emseg.config import TrainConfig, config_from_dict, read_toml
+from emseg.config import TrainConfig
 from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, open_volume, parse_spec
+from emseg.io import atomic_write_text, open_volume
+from emseg.monitor import save_figure
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
 __all__ = [
@@ -67,231 +75,6 @@ __all__ = [
     "simulate_config_from_dict",
     "summarise",
 ]
-
-#: Keys of the simulate config besides the [pool], [test], [model], [optim] and [augment] tables.
-TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
-            "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
-            "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold",
-            "precision")
-#: Keys that only add or remove rows; they may change between runs into the same folder.
-GROWABLE = ("seeds", "strategies", "iterations")
-
-
-# ----------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class RegionSpec:
-    """A raw volume, its dense ground truth and the region used (half-open ``[start, stop)``
-    per leading axis; axes not listed are taken whole)."""
-
-    raw: str
-    label: str
-    region: tuple[tuple[int, int], ...] = ()
-
-    def slices(self, shape: Sequence[int]) -> tuple[slice, ...]:
-        if len(self.region) > len(shape):
-            raise InputError(f"region has {len(self.region)} axes, the volume {tuple(shape)} has {len(shape)}",
-                             source=self.raw)
-        out = []
-        for axis, size in enumerate(shape):
-            lo, hi = self.region[axis] if axis < len(self.region) else (0, size)
-            if not 0 <= lo < hi <= size:
-                raise InputError(f"region [{lo}, {hi}) is outside axis {axis} of size {size}", source=self.raw)
-            out.append(slice(lo, hi))
-        return tuple(out)
-
-
-@dataclass(frozen=True)
-class SimulateConfig:
-    """Configuration of a simulated active-learning experiment (see ``docs/query.md``).
-
-    ``train`` is a :class:`~emseg.config.TrainConfig` template carrying the model, optimiser,
-    augmentation, batch size and patch shape; its ``train`` cubes are empty (the labelled boxes
-    are the training data) and its ``steps``/``optim.lr`` are replaced per phase.
-    """
-
-    pool: RegionSpec
-    test: RegionSpec
-    n_classes: int
-    patch: tuple[int, ...]
-    train: TrainConfig
-    initial: int = 20
-    per_iteration: int = 20
-    iterations: int = 5
-    seeds: tuple[int, ...] = (0,)
-    strategies: tuple[str, ...] = ("random", "entropy")
-    steps_initial: int = 500
-    steps_finetune: int = 200
-    lr_finetune: float | None = None
-    mc_samples: int = 10
-    reduction: str = "mean"
-    candidates: int | None = None
-    score_batch_size: int = 8
-    label_map: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for ``config.json``)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["pool"] = dataclasses.asdict(self.pool)
-        d["test"] = dataclasses.asdict(self.test)
-        d["train"] = self.train.to_dict()
-        return json.loads(json.dumps(d))
-
-    def replace(self, **changes: Any) -> SimulateConfig:
-        new = dataclasses.replace(self, **changes)
-        check_simulate_config(new)
-        return new
-
-
-def _region(entry: Any, base: Path, where: str) -> RegionSpec:
-    if not isinstance(entry, Mapping):
-        raise InputError(f"[{where}] must be a table with raw, label and optional region")
-    unknown = sorted(set(entry) - {"raw", "label", "region"})
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in [{where}] (known: label, raw, region)")
-    for key in ("raw", "label"):
-        if not isinstance(entry.get(key), str):
-            raise InputError(f"[{where}] needs '{key}' (a FILE.h5:DATASET or FILE.zarr/ARRAY spec)")
-
-    def resolve(spec: str) -> str:
-        parsed = parse_spec(spec)
-        path = parsed.path if parsed.path.is_absolute() else base / parsed.path
-        return str(dataclasses.replace(parsed, path=path))
-
-    region = []
-    for pair in entry.get("region", []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
-            raise InputError(f"[{where}] region must be a list of [start, stop] integer pairs, got {pair!r}")
-        region.append((int(pair[0]), int(pair[1])))
-    return RegionSpec(resolve(entry["raw"]), resolve(entry["label"]), tuple(region))
-
-
-def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path = ".",
-                              source: str = "config") -> SimulateConfig:
-    """Build and check a :class:`SimulateConfig` from a parsed TOML mapping.
-
-    Examples
-    --------
-    >>> cfg = simulate_config_from_dict({  # doctest: +SKIP
-    ...     "n_classes": 2, "patch": [1, 128, 128],
-    ...     "pool": {"raw": "a.h5:raw", "label": "a.h5:label", "region": [[0, 15]]},
-    ...     "test": {"raw": "a.h5:raw", "label": "a.h5:label", "region": [[15, 20]]}})
-    """
-    base = Path(base_dir)
-    data = dict(data)
-    try:
-        unknown = sorted(set(data) - set(TOP_KEYS) - {"pool", "test", "model", "optim", "augment"})
-        if unknown:
-            raise InputError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))}, "
-                             "[pool], [test], [model], [optim], [augment])")
-        for key in ("pool", "test", "n_classes", "patch"):
-            if key not in data:
-                raise InputError(f"missing required key '{key}'")
-        pool = _region(data.pop("pool"), base, "pool")
-        test = _region(data.pop("test"), base, "test")
-        patch = tuple(int(p) for p in data.pop("patch"))
-        train_dict: dict[str, Any] = {
-            "train": [{"raw": "unused.h5:raw"}], "n_classes": data["n_classes"], "patch_shape": list(patch),
-            "steps": data.get("steps_initial", 500), "valid_every": 1 << 30, "log_every": 50,
-            "checkpoint_every": 100,
-        }
-        for key in ("batch_size", "class_weights", "example_ignore_threshold", "precision"):
-            if key in data:
-                train_dict[key] = data.pop(key)
-        for key in ("model", "optim", "augment"):
-            if key in data:
-                train_dict[key] = data.pop(key)
-        template = config_from_dict(train_dict, base_dir=base, source=source).replace(train=())
-        kwargs: dict[str, Any] = {}
-        for key in ("initial", "per_iteration", "iterations", "steps_initial", "steps_finetune", "mc_samples",
-                    "score_batch_size", "n_classes"):
-            if key in data:
-                value = data[key]
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise InputError(f"'{key}' must be an integer, got {value!r}")
-                kwargs[key] = value
-        if "candidates" in data:
-            value = data["candidates"]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"'candidates' must be an integer (0 = the whole grid), got {value!r}")
-            kwargs["candidates"] = value or None
-        if "lr_finetune" in data:
-            kwargs["lr_finetune"] = float(data["lr_finetune"])
-        if "reduction" in data:
-            kwargs["reduction"] = str(data["reduction"])
-        if "seeds" in data:
-            seeds = data["seeds"]
-            if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-                raise InputError(f"'seeds' must be a list of integers, got {seeds!r}")
-            kwargs["seeds"] = tuple(seeds)
-        if "strategies" in data:
-            names = data["strategies"]
-            if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
-                raise InputError(f"'strategies' must be a list of names, got {names!r}")
-            kwargs["strategies"] = tuple(names)
-        if "label_map" in data:
-            lm = data["label_map"]
-            if not isinstance(lm, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in lm):
-                raise InputError(f"'label_map' must be a list of class ids, got {lm!r}")
-            kwargs["label_map"] = tuple(lm)
-        config = SimulateConfig(pool=pool, test=test, patch=patch, train=template, **kwargs)
-        check_simulate_config(config)
-    except InputError as exc:
-        if exc.source is not None:  # already names its file
-            raise
-        raise InputError(str(exc), source=source) from None
-    return config
-
-
-def check_simulate_config(config: SimulateConfig) -> None:
-    """Consistency checks; raises :class:`~emseg.errors.InputError` with a one-line message."""
-    for key in ("initial", "per_iteration", "score_batch_size", "mc_samples"):
-        if getattr(config, key) < 1:
-            raise InputError(f"'{key}' must be >= 1, got {getattr(config, key)}")
-    for key in ("iterations", "steps_initial", "steps_finetune"):
-        if getattr(config, key) < 0:
-            raise InputError(f"'{key}' must be >= 0, got {getattr(config, key)}")
-    if config.candidates is not None and config.candidates < 1:
-        raise InputError(f"'candidates' must be >= 1 (or 0 for the whole grid), got {config.candidates}")
-    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
-        raise InputError(f"'seeds' must be a non-empty list of distinct integers, got {list(config.seeds)}")
-    if not config.strategies:
-        raise InputError("'strategies' is empty")
-    try:
-        names = [get_strategy(s).name for s in config.strategies]
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    if len(set(names)) != len(names):
-        raise InputError(f"'strategies' lists a strategy twice: {list(config.strategies)}")
-    if config.reduction not in ("mean", "sum"):
-        raise InputError(f"'reduction' must be 'mean' or 'sum', got {config.reduction!r}")
-    if config.n_classes < 2:
-        raise InputError(f"n_classes must be >= 2, got {config.n_classes}")
-    if config.label_map is not None and any(not 0 <= v < config.n_classes for v in config.label_map):
-        raise InputError(f"label_map values must lie in [0, {config.n_classes}), got {list(config.label_map)}")
-    if any(get_strategy(s).needs_mc_dropout for s in names) and not config.train.model.dropout > 0:
-        raise InputError("strategy 'bald' samples dropout: set model.dropout > 0")
-    if config.lr_finetune is not None and not config.lr_finetune > 0:
-        raise InputError(f"'lr_finetune' must be > 0, got {config.lr_finetune}")
-    needed = config.initial + config.per_iteration * config.iterations
-    if config.candidates is not None and config.candidates < needed:
-        raise InputError(f"'candidates' = {config.candidates} is below initial + per_iteration x iterations "
-                         f"= {needed}")
-
-
-def load_simulate_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> SimulateConfig:
-    """Read a simulate TOML file; ``overrides`` replace top-level keys (``None`` values ignored).
-
-    Examples
-    --------
-    >>> cfg = load_simulate_config("active.toml", overrides={"iterations": 2})  # doctest: +SKIP
-    """
-    path = Path(path)
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = list(value) if isinstance(value, tuple) else value
-    return simulate_config_from_dict(data, base_dir=path.parent, source=str(path))
-
 
 # ----------------------------------------------------------------------------- training task
 class BoxTask(SegmentationTask):
@@ -483,13 +266,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=120)
     return None
 
 

@@ -5,7 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from emseg.noise.synthesis import sample, shift, skeleton
+from emseg.noise.morphology import skeleton
+from emseg.noise.synthesis import sample, shift
 
 
 def ems(mask: Any, *, radius: int, fraction: float, per_section: bool = True, rng: Any = None) -> np.ndarray:

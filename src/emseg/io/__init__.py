@@ -1,25 +1,24 @@
-"""Volume input/output: lazy reading of HDF5/zarr volumes, atomic writing, lazy-label info.
+"""Volume input/output: lazy reading of HDF5/zarr volumes, staged outputs (one array or a group,
+renamed into place when complete), lazy-label info.
 
 A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH.zarr[/ARRAY]``;
 ``PATH.ome.zarr`` is read and written as OME-Zarr 0.5 (level ``/N``, labels ``/labels/NAME``).
 """
 from __future__ import annotations
 
+from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
+from emseg.io._output import OutputGroup, OutputVolume, create_volume, open_output_group, parse_group_spec
+from emseg.io._store import StagedOutput, auto_chunks, replace_output, zarr_compressors
 from emseg.io._volume import (
     Volume,
     VolumeRegion,
     VolumeSpec,
-    auto_chunks,
     check_distinct,
     check_output_volume,
     clean_output_temps,
-    create_volume,
     open_volume,
     parse_spec,
-    replace_output,
-    zarr_compressors,
 )
-from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
 from emseg.io.ome import OmeOutputGroup, is_ome_path, voxel_size_of, write_ome
 from emseg.io._validate import (
     check_not_empty,
@@ -32,6 +31,9 @@ from emseg.io._validate import (
 
 __all__ = [
     "OmeOutputGroup",
+    "OutputGroup",
+    "OutputVolume",
+    "StagedOutput",
     "Volume",
     "VolumeRegion",
     "VolumeSpec",
@@ -47,9 +49,11 @@ __all__ = [
     "check_patch_fits",
     "check_raw",
     "create_volume",
+    "open_output_group",
     "open_volume",
     "is_ome_path",
     "json_safe",
+    "parse_group_spec",
     "parse_spec",
     "read_info",
     "replace_output",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -14,6 +13,7 @@ import numpy as np
 import zarr
 
 from emseg.errors import InputError
+from emseg.io._store import zarr_compressors
 
 OME_VERSION = "0.5"
 OME_SUFFIX = ".ome.zarr"
@@ -142,19 +142,6 @@ def voxel_size_of(volume: Any) -> tuple[float, ...] | None:
     return None
 
 
-def voxel_size_from_source(source: Any) -> tuple[float, ...] | None:
-    """:func:`voxel_size_of` the volume spec ``source`` names, or None when it cannot be opened."""
-    if not source:
-        return None
-    from emseg.io._volume import open_volume
-
-    try:
-        with open_volume(str(source)) as vol:
-            return voxel_size_of(vol)
-    except Exception:
-        return None
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -243,8 +230,6 @@ def downsample_level(src: Any, dst: Any, factor: Sequence[int], *, labels: bool)
 
 
 def _create(group_path: Path, name: str, shape, dtype, chunks, dimension_names, fill_value=0):
-    from emseg.io._volume import zarr_compressors
-
     dtype = np.dtype(dtype)
     return zarr.create_array(store=str(group_path), name=name, shape=tuple(shape), dtype=dtype,
                              chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
@@ -302,7 +287,3 @@ def factors_of(group: Any, *, source: str) -> list[tuple[int, ...]]:
     scales = [_scale_nm(d.get("coordinateTransformations"), [{"unit": "nanometer"}] * len(ms["axes"]))
               for d in ms["datasets"]]
     return [tuple(max(1, int(round(b[i] / a[i]))) for i in space) for a, b in zip(scales, scales[1:])]
-
-
-def _tag() -> str:
-    return f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -14,17 +14,18 @@ from emseg.io._ome import (
     _axes,
     _blocks,
     _create,
-    _tag,
     build_multiscale,
     factors_of,
     multiscales_of,
-    voxel_size_from_source,
     voxel_size_of,
 )
+from emseg.io._files import check_output_location, json_safe
+from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag
+from emseg.io._volume import voxel_size_from_source
 
 
 
-class OmeStore:
+class OmeStore(StagedOutput):
     """An OME-Zarr store built under a hidden temporary name and renamed into place on commit.
 
     ``image()`` makes level 0 of the root image (``channel``: the first axis is ``c``);
@@ -35,7 +36,7 @@ class OmeStore:
 
     def __init__(self, final: Path, *, voxel_size: Sequence[float] | None = None):
         self.final = Path(final)
-        self.tmp = self.final.with_name(f".{self.final.name}.{_tag()}")
+        self.tmp = self.final.with_name(f".{self.final.name}.{staging_tag()}")
         self.voxel_size = tuple(voxel_size) if voxel_size else None
         zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3)
         self._image: tuple[Any, bool] | None = None  # (level-0 array, channel axis)
@@ -44,7 +45,6 @@ class OmeStore:
         self._root_label: Any = None
 
     def image(self, shape, dtype, *, channel: bool, chunks=None, attrs: dict | None = None):
-        from emseg.io._volume import auto_chunks
 
         dtype = np.dtype(dtype)
         chunks = chunks or auto_chunks(shape, dtype.itemsize)
@@ -56,7 +56,6 @@ class OmeStore:
 
     def channel(self, name: str, shape, dtype, attrs: dict | None = None):
         """A spatial array that becomes channel ``len(channels)`` of the image on commit."""
-        from emseg.io._volume import auto_chunks
 
         dtype = np.dtype(dtype)
         arr = _create(self.tmp, f".channel-{len(self._channels)}", shape, dtype,
@@ -66,7 +65,6 @@ class OmeStore:
         return arr
 
     def label(self, name: str, shape, dtype, *, root: bool = False, chunks=None, attrs: dict | None = None):
-        from emseg.io._volume import auto_chunks
 
         dtype = np.dtype(dtype)
         if dtype.kind not in "biu":
@@ -95,7 +93,6 @@ class OmeStore:
             shutil.rmtree(self.tmp / f".channel-{c}", ignore_errors=True)
 
     def commit(self) -> None:
-        from emseg.io._volume import replace_output
 
         if self._channels:
             self._stack_channels()
@@ -121,8 +118,6 @@ class OmeStore:
 
 
 def _flat(attrs: dict | None) -> dict:
-    from emseg.io._files import json_safe
-
     return json_safe({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in (attrs or {}).items()})
 
 
@@ -156,7 +151,7 @@ def _is_channel_first(shape: Sequence[int], dtype: np.dtype, attrs: dict) -> boo
     return len(shape) == 4 or attrs.get("output_type") == "probabilities" or "n_classes" in attrs
 
 
-class OmeOutputVolume:
+class OmeOutputVolume(StagedArray):
     """What :func:`emseg.io.create_volume` returns for an ``.ome.zarr`` output: one image or label
     image (root), or one label image added to an existing image (``OUT.ome.zarr/labels/NAME``)."""
 
@@ -202,23 +197,7 @@ class OmeOutputVolume:
         self.array = self._store.label(parts[1], shape, dtype, root=True, chunks=chunks, attrs=attrs)
         self._label_target = (labels_dir, parts[1], factors_of(image, source=str(spec.path)))
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def attrs(self):
-        return self.array.attrs
-
-    def __setitem__(self, index, value) -> None:
-        self.array[index] = value
-
-    def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self.array[index])
-
     def commit(self) -> None:
-        from emseg.io._volume import replace_output
-
         if self.committed:
             return
         store = self._store
@@ -236,23 +215,12 @@ class OmeOutputVolume:
     def discard(self) -> None:
         self._store.discard()
 
-    def __enter__(self) -> "OmeOutputVolume":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
-
-class OmeOutputGroup:
+class OmeOutputGroup(StagedOutput):
     """The ``emseg lcs infer`` output container as OME-Zarr: float arrays become the channels of
     the root image (in creation order), integer arrays label images under ``labels/``."""
 
     def __init__(self, path: Path, *, voxel_size: Sequence[float] | None = None):
-        from emseg.io._files import check_output_location
-
         check_output_location(path)
         self.path = Path(path)
         self.store = OmeStore(self.path, voxel_size=voxel_size)
@@ -280,15 +248,6 @@ class OmeOutputGroup:
 
     def discard(self) -> None:
         self.store.discard()
-
-    def __enter__(self) -> "OmeOutputGroup":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 def write_ome(path: str | Path, *, image: Any = None, channel: bool = False, labels: dict[str, Any] | None = None,

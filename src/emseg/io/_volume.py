@@ -1,10 +1,6 @@
-"""Lazy volume access and atomic output for HDF5 and zarr."""
+"""Lazy volume access for HDF5, zarr and OME-Zarr; checks of an output's place."""
 from __future__ import annotations
 
-import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,6 +11,7 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
+from emseg.io._ome import open_ome, voxel_size_of
 from emseg.locks import clean_stale_temps
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -249,8 +246,6 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
     try:
         array = zarr.open_array(store=str(spec.path), path=spec.key or None, mode="r")
     except Exception as exc:  # zarr raises several types for a missing node
-        from emseg.io.ome import open_ome  # an OME-Zarr image (or one of its levels)
-
         found = open_ome(spec.path, spec.key)
         if found is not None:
             return Volume(VolumeSpec(spec.path, found[1], "zarr"), found[0])
@@ -259,111 +254,6 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
         where = f"no zarr array '{spec.key}'" if spec.key else "no zarr array at the root"
         raise InputError(f"{where} ({type(exc).__name__})", source=str(spec.path)) from None
     return Volume(spec, array)
-
-
-def auto_chunks(shape: Iterable[int], itemsize: int, target_bytes: int = 1 << 20) -> tuple[int, ...]:
-    """Chunk shape of about ``target_bytes``: whole trailing (in-plane) axes first, then sections.
-
-    Leading axes (channels, z) get chunk 1 until the trailing axes fill the budget.
-    """
-    shape = tuple(int(s) for s in shape)
-    budget = max(1, target_bytes // max(1, itemsize))
-    chunks = [1] * len(shape)
-    # Fill from the last axis backwards, keeping in-plane chunks square-ish.
-    if len(shape) >= 2:
-        side = int(math.sqrt(budget))
-        chunks[-1] = min(shape[-1], side)
-        chunks[-2] = min(shape[-2], max(1, budget // chunks[-1]))
-        remaining = budget // (chunks[-1] * chunks[-2])
-        for ax in range(len(shape) - 3, -1, -1):
-            chunks[ax] = max(1, min(shape[ax], remaining))
-            remaining = max(1, remaining // chunks[ax])
-    else:
-        chunks[0] = min(shape[0], budget)
-    return tuple(max(1, c) for c in chunks)
-
-
-def replace_output(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` (file or directory) onto ``final``, replacing what was there.
-
-    A file is replaced atomically. A directory is swapped with two renames, so a reader sees either
-    the old or the new tree, never a half-written one.
-    """
-    tmp, final = Path(tmp), Path(final)
-    if tmp.is_dir() and final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, final)
-
-
-class OutputVolume:
-    """A volume being written under a temporary name; renamed into place by :meth:`commit`.
-
-    Use as a context manager: leaving the block normally commits, an exception discards the
-    temporary data and leaves any previous output untouched.
-    """
-
-    def __init__(self, spec: VolumeSpec, array: Any, tmp: Path, final: Path, handle: Any = None,
-                 created_root: Path | None = None):
-        self.spec = spec
-        self.array = array
-        self._tmp = tmp
-        self._final = final
-        self._handle = handle
-        self._created_root = created_root  # a zarr store made for this output, removed on discard
-        self.committed = False
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    @property
-    def attrs(self):
-        return self.array.attrs
-
-    def __setitem__(self, index, value) -> None:
-        self.array[index] = value
-
-    def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self.array[index])
-
-    def commit(self) -> None:
-        if self.committed:
-            return
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        replace_output(self._tmp, self._final)
-        self.committed = True
-
-    def discard(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._tmp.is_dir():
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        else:
-            self._tmp.unlink(missing_ok=True)
-        if self._created_root is not None:
-            shutil.rmtree(self._created_root, ignore_errors=True)
-
-    def __enter__(self) -> "OutputVolume":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
-
-def zarr_compressors(dtype: np.dtype) -> list:
-    """The codecs of every zarr output: blosc zstd, bit-shuffled for bytes, byte-shuffled otherwise."""
-    shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
-    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)]
 
 
 def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
@@ -399,78 +289,12 @@ def clean_output_temps(spec: str | VolumeSpec) -> None:
         clean_stale_temps(spec.path / parent_key if parent_key else spec.path, [name])
 
 
-def create_volume(
-    spec: str | VolumeSpec,
-    shape: Iterable[int],
-    dtype,
-    *,
-    chunks: Iterable[int] | None = None,
-    attrs: dict | None = None,
-    fill_value=0,
-) -> OutputVolume:
-    """Create a chunked, compressed output volume under a temporary name.
-
-    The data become visible at ``spec`` only on :meth:`OutputVolume.commit` (or on leaving the
-    ``with`` block without an exception). For HDF5 the other datasets of an existing file are kept.
-    A path ending in ``.ome.zarr`` is written as OME-Zarr 0.5 with a pyramid (:mod:`emseg.io.ome`).
-    """
-    from emseg.io.ome import OmeOutputVolume, is_ome_path
-
-    spec = parse_spec(spec)
-    shape = tuple(int(s) for s in shape)
-    dtype = np.dtype(dtype)
-    chunks = tuple(chunks) if chunks is not None else auto_chunks(shape, dtype.itemsize)
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-    if any(s < 1 for s in shape):
-        raise InputError(f"cannot write an empty volume of shape {shape}", source=str(spec))
-    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    check_output_volume(spec)
-    clean_output_temps(spec)
-    if spec.fmt == "zarr" and is_ome_path(spec.path):
-        return OmeOutputVolume(spec, shape, dtype, chunks=chunks, attrs=attrs)
-    if spec.fmt == "h5":
-        final = spec.path
-        tmp = final.with_name(f".{final.name}.{tag}")
-        try:
-            if final.exists():
-                shutil.copyfile(final, tmp)
-            handle = h5py.File(tmp, "a")
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise InputError(f"cannot write the HDF5 output ({exc})", source=str(final)) from None
-        try:
-            if spec.key in handle:
-                del handle[spec.key]
-            array = handle.create_dataset(
-                spec.key, shape=shape, dtype=dtype, chunks=chunks, compression="gzip",
-                compression_opts=4, shuffle=dtype.itemsize > 1, fillvalue=fill_value,
-            )
-            for k, v in (attrs or {}).items():
-                array.attrs[k] = v
-        except (OSError, ValueError, TypeError) as exc:
-            handle.close()
-            tmp.unlink(missing_ok=True)
-            raise InputError(f"cannot create dataset '{spec.key}' ({exc})", source=str(final)) from None
-        return OutputVolume(spec, array, tmp, final, handle)
-    if spec.key:
-        created_root = None if spec.path.exists() else spec.path
-        root = zarr.open_group(store=str(spec.path), mode="a")
-        parent_key, _, name = spec.key.rpartition("/")
-        if parent_key:
-            root.require_group(parent_key)
-        final = spec.path / spec.key
-        tmp_key = f"{parent_key}/.{name}.{tag}" if parent_key else f".{name}.{tag}"
-        array = zarr.create_array(
-            store=str(spec.path), name=tmp_key, shape=shape, dtype=dtype, chunks=chunks,
-            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
-        )
-        tmp = spec.path / tmp_key
-        return OutputVolume(spec, array, tmp, final, created_root=created_root)
-    else:
-        final = spec.path
-        tmp = final.with_name(f".{final.name}.{tag}")
-        array = zarr.create_array(
-            store=str(tmp), shape=shape, dtype=dtype, chunks=chunks,
-            compressors=zarr_compressors(dtype), fill_value=fill_value, attributes=attrs or {},
-        )
-    return OutputVolume(spec, array, tmp, final)
+def voxel_size_from_source(source: Any) -> tuple[float, ...] | None:
+    """:func:`voxel_size_of` the volume spec ``source`` names, or None when it cannot be opened."""
+    if not source:
+        return None
+    try:
+        with open_volume(str(source)) as vol:
+            return voxel_size_of(vol)
+    except Exception:
+        return None

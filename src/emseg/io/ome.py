@@ -24,10 +24,10 @@ from emseg.io._ome import (
     multiscales_of,
     open_ome,
     plan_factors,
-    voxel_size_from_source,
     voxel_size_of,
 )
 from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume, OmeStore, write_labels_list, write_ome
+from emseg.io._volume import voxel_size_from_source
 
 __all__ = [
     "MIN_LEVEL_SIDE", "OME_SUFFIX", "OME_VERSION", "OmeOutputGroup", "OmeOutputVolume", "OmeStore",

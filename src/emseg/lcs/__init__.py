@@ -13,6 +13,7 @@ trained on can be requested too.
 """
 from __future__ import annotations
 
+from emseg.io import OutputGroup
 from emseg.lcs.atlas import Atlas, array_sha256, choose_offset, load_atlas
 from emseg.lcs.predict import (
     DiceAccumulator,
@@ -20,7 +21,6 @@ from emseg.lcs.predict import (
     InferResult,
     LabelPredictor,
     LCSModel,
-    OutputGroup,
     RunningMerge,
     infer_file,
     load_lcs_model,

@@ -16,18 +16,13 @@ and the label map is the plain argmax.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import h5py
 import numpy as np
 import torch
-import zarr
 
 from emseg.precision import Precision, resolve_precision
 from emseg.checkpoint import load_model
@@ -36,12 +31,11 @@ from emseg.errors import InputError
 from emseg.data import to_float
 from emseg.blocks import default_block_shape, plan_blocks
 from emseg.inference import SlidingWindow, resolve_patch
-from emseg.io import VolumeSpec, auto_chunks, check_raw, create_volume, open_volume, parse_spec, replace_output
+from emseg.io import auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec, parse_spec
 from emseg.lcs.atlas import Atlas
 from emseg.models.conditioning import ConditionCode
 
 RULES = ("sigmoid", "softmax")
-H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
 def normalised_probabilities(probs: np.ndarray, rule: str = "sigmoid") -> np.ndarray:
@@ -403,145 +397,7 @@ def load_lcs_model(path: str | Path, device: str | torch.device = "cpu", *,
 # --------------------------------------------------------------------------- output container
 
 
-def parse_output(text: str) -> tuple[Path, str, str]:
-    """``out.zarr[/GROUP]`` or ``out.h5[:GROUP]`` -> (path, group, fmt).
-
-    Examples
-    --------
-    >>> parse_output("pred.h5:lcs")
-    (PosixPath('pred.h5'), 'lcs', 'h5')
-    >>> parse_output("pred.zarr")
-    (PosixPath('pred.zarr'), '', 'zarr')
-    """
-    low = text.lower()
-    for suffix in H5_SUFFIXES:
-        i = low.rfind(suffix + ":")
-        if i >= 0:
-            return Path(text[:i + len(suffix)]), text[i + len(suffix) + 1:].strip("/"), "h5"
-        if low.endswith(suffix):
-            return Path(text), "", "h5"
-    i = low.find(".zarr")
-    while i >= 0:
-        end = i + len(".zarr")
-        if end == len(text) or text[end] == "/":
-            return Path(text[:end]), text[end:].strip("/"), "zarr"
-        i = low.find(".zarr", end)
-    raise InputError("OUTPUT must be FILE.zarr[/GROUP] or FILE.h5[:GROUP]", source=text)
-
-
-class OutputGroup:
-    """Several arrays written together and published at once.
-
-    zarr: the group is built in a hidden sibling folder (arrays made with
-    :func:`emseg.io.create_volume`) and renamed into place; ``out.zarr`` without a group is replaced
-    whole. HDF5: the file is copied to a hidden temporary file, the datasets are (re)created there
-    (gzip, chunked like :func:`emseg.io.create_volume`) and the file renamed into place; other
-    datasets of the file are kept.
-    """
-
-    def __init__(self, output: str):
-        self.path, self.group, self.fmt = parse_output(output)
-        if not self.path.parent.exists():
-            raise InputError("output folder does not exist", source=str(self.path.parent))
-        tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.arrays: dict[str, Any] = {}
-        self._volumes: list[Any] = []
-        if self.fmt == "zarr":
-            if self.group:
-                try:
-                    root = zarr.open_group(store=str(self.path), mode="a")
-                    parent, _, name = self.group.rpartition("/")
-                    if parent:
-                        root.require_group(parent)
-                except Exception as exc:
-                    raise InputError(f"cannot open as a zarr group ({type(exc).__name__})",
-                                     source=str(self.path)) from None
-                self.final = self.path / self.group
-            else:
-                self.final = self.path
-            self.tmp = self.final.with_name(f".{self.final.name}.{tag}")
-            zarr.open_group(store=str(self.tmp), mode="w")
-        else:
-            self.final = self.path
-            self.tmp = self.path.with_name(f".{self.path.name}.{tag}")
-            if self.path.exists():
-                shutil.copyfile(self.path, self.tmp)
-            try:
-                self._h5 = h5py.File(self.tmp, "a")
-            except OSError as exc:
-                self.tmp.unlink(missing_ok=True)
-                raise InputError(f"not a writable HDF5 file ({exc})", source=str(self.path)) from None
-            try:
-                self._root = self._h5.require_group(self.group) if self.group else self._h5
-            except TypeError:  # a dataset of that name is in the way
-                self._h5.close()
-                self.tmp.unlink(missing_ok=True)
-                raise InputError(f"'{self.group}' exists and is not a group", source=str(self.path)) from None
-
-    def create(self, name: str, shape: Sequence[int], dtype, attrs: dict[str, Any] | None = None):
-        """Create array ``name`` in the group; returns something sliceable for writing."""
-        dtype = np.dtype(dtype)
-        chunks = auto_chunks(shape, dtype.itemsize)
-        if self.fmt == "zarr":
-            vol = create_volume(VolumeSpec(self.tmp, name, "zarr"), shape, dtype, chunks=chunks, attrs=attrs)
-            self._volumes.append(vol)
-            self.arrays[name] = vol
-            return vol
-        if name in self._root:
-            del self._root[name]
-        ds = self._root.create_dataset(name, shape=tuple(shape), dtype=dtype, chunks=chunks, compression="gzip",
-                                       compression_opts=4, shuffle=dtype.itemsize > 1)
-        for k, v in (attrs or {}).items():
-            ds.attrs[k] = v
-        self.arrays[name] = ds
-        return ds
-
-    def spec(self, name: str) -> str:
-        """Where array ``name`` will be readable after commit."""
-        if self.fmt == "zarr":
-            return f"{self.path}/{self.group}/{name}" if self.group else f"{self.path}/{name}"
-        return f"{self.path}:{self.group}/{name}" if self.group else f"{self.path}:{name}"
-
-    def commit(self) -> None:
-        if self.fmt == "zarr":
-            for vol in self._volumes:
-                vol.commit()
-        else:
-            self._h5.close()
-        replace_output(self.tmp, self.final)
-
-    def discard(self) -> None:
-        if self.fmt == "zarr":
-            for vol in self._volumes:
-                vol.discard()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            try:
-                self._h5.close()
-            finally:
-                self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "OutputGroup":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
-
-def open_output_group(output: str, source: Any = None) -> Any:
-    """:class:`OutputGroup`, or for ``OUT.ome.zarr`` an OME-Zarr image of the probabilities (channels)
-    with the label map under ``labels/`` (:class:`emseg.io.ome.OmeOutputGroup`), scaled like ``source``."""
-    from emseg.io.ome import OmeOutputGroup, is_ome_path, voxel_size_of
-
-    path, group, fmt = parse_output(output)
-    if fmt == "zarr" and is_ome_path(path):
-        if group:
-            raise InputError("an OME-Zarr output is the whole store: write OUT.ome.zarr", source=output)
-        return OmeOutputGroup(path, voxel_size=voxel_size_of(source) if source is not None else None)
-    return OutputGroup(output)
+parse_output = parse_group_spec  # the output spec of ``emseg lcs infer``: OUT.zarr[/GROUP], OUT.h5[:GROUP]
 
 
 # --------------------------------------------------------------------------- the infer core

@@ -1,25 +1,23 @@
 """Noisy-label synthesis and analysis (RCL, PCL, RL; transition matrices).
 
-See :mod:`emseg.noise.synthesis` for the perturbations and
-:mod:`emseg.noise.transition` for noise transition matrices.
+See :mod:`emseg.noise.synthesis` (RCL, RL, shift) and :mod:`emseg.noise.morphology` (PCL) for
+the perturbations, :mod:`emseg.noise.streams` for the voxel-keyed random streams they draw from,
+:mod:`emseg.noise.transition` for noise transition matrices, :mod:`emseg.noise.params`,
+:mod:`emseg.noise.process` and :mod:`emseg.noise.blockwise` for a run on a volume on disk.
 """
 
 from __future__ import annotations
 
+from emseg.noise.morphology import dilate, erode, skeleton
+from emseg.noise.streams import Selection, block_rng, stream_key
 from emseg.noise.synthesis import (
     HALO_MODES,
     SKELETON_HALO_MARGIN,
-    Selection,
-    block_rng,
-    dilate,
-    erode,
     flip,
     random_labels,
     required_halo,
     sample,
     shift,
-    skeleton,
-    stream_key,
 )
 from emseg.noise.transition import (
     TransitionCounter,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from emseg.noise.synthesis import _as_labels, _check_fraction, _check_int
+from emseg.noise.checks import as_labels, check_fraction, check_int, class_fractions
 
 __all__ = [
     "TransitionCounter",
@@ -166,15 +166,15 @@ def rank_statistics(counts: ArrayLike, *, tol: float | None = None, sigmas: floa
 
 
 def _pair(clean: ArrayLike, noisy: ArrayLike, n_classes: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    c = _as_labels(clean, "clean", spatial=False)
-    n = _as_labels(noisy, "noisy", spatial=False)
+    c = as_labels(clean, "clean", spatial=False)
+    n = as_labels(noisy, "noisy", spatial=False)
     if c.shape != n.shape:
         raise ValueError(f"clean and noisy shapes differ: {c.shape} vs {n.shape}")
     top = max(int(c.max()) if c.size else 0, int(n.max()) if n.size else 0)
     if n_classes is None:
         k = max(top + 1, 2)
     else:
-        k = _check_int(n_classes, "n_classes", minimum=2)
+        k = check_int(n_classes, "n_classes", minimum=2)
         if top >= k:
             raise ValueError(f"labels contain class {top} but n_classes={k}")
     return c.reshape(-1), n.reshape(-1), k
@@ -412,19 +412,10 @@ def flip_matrix(
     >>> flip_matrix(0.2).tolist()
     [[0.8, 0.2], [0.2, 0.8]]
     """
-    k = _check_int(n_classes, "n_classes", minimum=2)
+    k = check_int(n_classes, "n_classes", minimum=2)
     if p is None and p_fg is None and p_bg is None:
         raise ValueError("flip_matrix needs p, or p_fg/p_bg for binary labels")
-    rates = np.full(k, 0.0 if p is None else _check_fraction(p, "p"))
-    if p_fg is not None or p_bg is not None:
-        if k != 2:
-            raise ValueError(
-                f"p_fg/p_bg apply to binary labels only (n_classes=2), got n_classes={k}"
-            )
-        if p_bg is not None:
-            rates[0] = _check_fraction(p_bg, "p_bg")
-        if p_fg is not None:
-            rates[1] = _check_fraction(p_fg, "p_fg")
+    rates = np.asarray(class_fractions(p, k, p_fg, p_bg), dtype=np.float64)
     q = np.repeat((rates / (k - 1))[:, None], k, axis=1)
     np.fill_diagonal(q, 1.0 - rates)
     return q
@@ -452,8 +443,8 @@ def random_label_matrix(p: float, n_classes: int = 2) -> np.ndarray:
     >>> random_label_matrix(0.1).tolist()
     [[0.9, 0.1], [0.9, 0.1]]
     """
-    k = _check_int(n_classes, "n_classes", minimum=2)
-    frac = _check_fraction(p, "p")
+    k = check_int(n_classes, "n_classes", minimum=2)
+    frac = check_fraction(p, "p")
     row = np.full(k, frac / (k - 1))
     row[0] = 1.0 - frac
     return np.repeat(row[None, :], k, axis=0)
@@ -483,7 +474,7 @@ class TransitionCounter:
     """
 
     def __init__(self, n_classes: int | None = None) -> None:
-        k = 2 if n_classes is None else _check_int(n_classes, "n_classes", minimum=2)
+        k = 2 if n_classes is None else check_int(n_classes, "n_classes", minimum=2)
         self.counts = np.zeros((k, k), dtype=np.int64)
         self.clean_counts = np.zeros(k, dtype=np.int64)
 
@@ -503,8 +494,8 @@ class TransitionCounter:
 
     def update(self, clean: ArrayLike, noisy: ArrayLike) -> None:
         """Add the voxels of one block (same shape; -1 = ignore)."""
-        c = _as_labels(clean, "clean", spatial=False)
-        n = _as_labels(noisy, "noisy", spatial=False)
+        c = as_labels(clean, "clean", spatial=False)
+        n = as_labels(noisy, "noisy", spatial=False)
         if c.shape != n.shape:
             raise ValueError(f"clean and noisy shapes differ: {c.shape} vs {n.shape}")
         c, n = c.reshape(-1), n.reshape(-1)

@@ -1,6 +1,8 @@
-"""``emseg noise``: blockwise synthesis of noisy labels on disk, provenance, streamed report."""
+"""``emseg noise`` (``emseg.noise.blockwise``, ``process``, ``params``): blockwise synthesis of noisy labels on
+disk, in this process or on dask.distributed, provenance, streamed report."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -18,6 +20,8 @@ from scipy import ndimage as ndi
 from conftest import synthetic, tiny_train_config, to_toml, write_h5
 from emseg import __version__
 from emseg.cli.main import cli
+from emseg.cluster import FAIL_BLOCKS_ENV, BlockFailed
+from emseg.errors import InputError
 from emseg.noise import (
     TransitionCounter,
     dilate,
@@ -31,6 +35,7 @@ from emseg.noise import (
     transition_matrix,
 )
 from emseg.noise.blockwise import (
+    MODES,
     apply_noise,
     check_params,
     estimate_max_width,
@@ -197,26 +202,26 @@ def test_sample_many_classes_exact_counts_and_grid_independent():
 
 @pytest.mark.parametrize("sigmas", [0.0, 8.0])
 def test_selection_from_blocks_equals_in_memory_selection(sigmas):
-    from emseg.noise.synthesis import _linear_index, _selection_from_chunks, _selection_in_memory, stream_key
+    from emseg.noise.streams import linear_index, selection_from_chunks, selection_in_memory, stream_key
 
     lab = blobs((6, 30, 31), n_classes=5, sigma=1.5, seed=7, ignore_frac=0.05)
     key, shape = stream_key(3), lab.shape
     fractions = [0.0, 0.2, 0.5, 1.0, 0.37]
-    ref = _selection_in_memory(key, lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1),
-                               fractions)
+    ref = selection_in_memory(key, lab.reshape(-1), linear_index(shape, (0, 0, 0), shape).reshape(-1),
+                              fractions)
 
     def chunks():
         for b in plan_noise_blocks(shape, "flip", {"p": 0.1}, (4, 8, 9)):
             origin = tuple(s.start for s in b.inner)
-            yield lab[b.inner].reshape(-1), _linear_index(lab[b.inner].shape, origin, shape).reshape(-1)
+            yield lab[b.inner].reshape(-1), linear_index(lab[b.inner].shape, origin, shape).reshape(-1)
 
     # sigmas = 0 leaves windows of 4 / n_k around the quantile: most miss and are widened
-    got = _selection_from_chunks(key, chunks, fractions, sigmas=sigmas)
+    got = selection_from_chunks(key, chunks, fractions, sigmas=sigmas)
     np.testing.assert_array_equal(got.classes, ref.classes)
     np.testing.assert_array_equal(got.chosen, ref.chosen)
     np.testing.assert_array_equal(got.thresholds[got.chosen], ref.thresholds[ref.chosen])
     # the thresholds choose exactly round(f_k * n_k) voxels of each class
-    chosen = ref.apply(lab.reshape(-1), _linear_index(shape, (0, 0, 0), shape).reshape(-1))
+    chosen = ref.apply(lab.reshape(-1), linear_index(shape, (0, 0, 0), shape).reshape(-1))
     for k, f in enumerate(fractions):
         n_k = int((lab == k).sum())
         assert int(chosen[lab.reshape(-1) == k].sum()) == round(f * n_k)
@@ -455,3 +460,118 @@ def test_check_params_defaults_and_unknown():
     with pytest.raises(ValueError, match="not resolved"):
         process_block(np.zeros((4, 4), int), plan_noise_blocks((4, 4), "flip", {"p": 0.1})[0], "flip",
                       check_params("flip", {"p": 0.1}), 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    shape=st.one_of(st.tuples(st.integers(2, 20), st.integers(2, 20)),
+                    st.tuples(st.integers(1, 4), st.integers(2, 12), st.integers(2, 12))),
+    n_classes=st.integers(2, 4),
+    seed=st.integers(0, 2**31),
+)
+def test_property_every_mode_keeps_shape_and_ignore_voxels(mode, shape, n_classes, seed):
+    """Every mode, run blockwise: same shape, -1 voxels stay -1, other voxels hold a class (or, for
+    ``sample``, their own class or -1)."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(-1, n_classes, size=shape).astype(np.int16)
+    params = {"flip": {"p": 0.3}, "sample": {"p": 0.4}, "random": {"p": 0.5}, "skeleton": {"halo": max(shape)},
+              "dilate": {"radius": 1}, "erode": {"radius": 1}, "shift": {"radius": 2}}[mode]
+    params = resolve_params(lab, mode, params)
+    out = np.full(lab.shape, -7, dtype=output_dtype(mode, params, lab.dtype))
+    block = tuple(max(1, s // 2) for s in shape)
+    apply_noise(lab, out, mode, params, seed, blocks=plan_noise_blocks(lab.shape, mode, params, block))
+    assert out.shape == lab.shape
+    np.testing.assert_array_equal(out[lab == -1], -1)
+    kept = out[lab >= 0]
+    if mode == "sample":
+        assert np.all((kept == lab[lab >= 0]) | (kept == -1))
+    else:
+        assert kept.min(initial=0) >= 0 and kept.max(initial=0) < max(n_classes, params.get("n_classes") or 0)
+
+
+# --------------------------------------------------------------------------- on dask.distributed
+HAVE_DASK = importlib.util.find_spec("distributed") is not None
+needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="dask.distributed is not installed (extra 'distributed')")
+SHAPE = (4, 48, 48)
+BLOCK = (2, 24, 24)  # 2 x 2 x 2 = 8 blocks
+N_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def client():
+    from emseg.cluster import open_client
+
+    with open_client("local", workers=2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture
+def labels_h5(tmp_path):
+    return write_h5(tmp_path / "lab.h5", label=synthetic(SHAPE, 3).label)
+
+
+def _array(path, key=None):
+    return zarr.open_array(store=str(path), path=key, mode="r")
+
+
+@needs_dask
+def test_noise_cluster_equals_in_process(tmp_path, labels_h5, client):
+    noise_file(f"{labels_h5}:label", str(tmp_path / "ref.zarr"), "flip", {"p": 0.45}, seed=4,
+                     block_shape=BLOCK, n_classes=3)
+    out = noise_file(f"{labels_h5}:label", str(tmp_path / "run.zarr/noisy/flip"), "flip", {"p": 0.45}, seed=4,
+                     block_shape=BLOCK, n_classes=3, client=client, report=True)
+    a, b = _array(tmp_path / "ref.zarr"), _array(tmp_path / "run.zarr", "noisy/flip")
+    np.testing.assert_array_equal(a[...], b[...])
+    assert dict(a.attrs) == dict(b.attrs) and b.attrs["noise_seed"] == 4 and b.attrs["noise_mode"] == "flip"
+    assert not (tmp_path / "run.zarr/noisy/.flip.partial").exists()
+    assert out.blocks == N_BLOCKS
+    # independent check of the flip: per block, round(0.45 * n_k) voxels of each class changed
+    clean = synthetic(SHAPE, 3).label
+    changed = clean != b[...]
+    assert abs(changed.mean() - 0.45) <= N_BLOCKS * 3 / clean.size
+    # the report read back from the output is the transition matrix counted directly
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (clean.ravel(), b[...].ravel()), 1)
+    np.testing.assert_allclose(out.report["matrix"], counts / counts.sum(1, keepdims=True))
+
+
+@needs_dask
+def test_noise_resume_after_a_failed_block_computes_only_the_rest(tmp_path, labels_h5, client, monkeypatch):
+    ref = tmp_path / "ref.zarr"
+    noise_file(f"{labels_h5}:label", str(ref), "shift", {"radius": 2}, seed=1, block_shape=BLOCK)
+    out = tmp_path / "out.zarr"
+    monkeypatch.setenv(FAIL_BLOCKS_ENV, "5")
+    with pytest.raises(BlockFailed, match=r"block 5 .*failed after 1 attempt"):
+        noise_file(f"{labels_h5}:label", str(out), "shift", {"radius": 2}, seed=1, block_shape=BLOCK,
+                   client=client, retries=0)
+    partial = tmp_path / "out.zarr.partial"
+    assert not out.exists() and sorted(int(p.name) for p in (partial / ".done").iterdir()) == [
+        i for i in range(N_BLOCKS) if i != 5]
+    # rerun: every block but 5 would fail, so success means only block 5 was computed
+    monkeypatch.setenv(FAIL_BLOCKS_ENV, ",".join(str(i) for i in range(N_BLOCKS) if i != 5))
+    noise_file(f"{labels_h5}:label", str(out), "shift", {"radius": 2}, seed=1, block_shape=BLOCK, client=client)
+    np.testing.assert_array_equal(_array(out)[...], _array(ref)[...])
+    assert not partial.exists() and "emseg_resume" not in _array(out).attrs
+    # a partial started with other parameters is refused, not mixed
+    monkeypatch.setenv(FAIL_BLOCKS_ENV, "0")
+    with pytest.raises(BlockFailed):
+        noise_file(f"{labels_h5}:label", str(tmp_path / "o2.zarr"), "shift", {"radius": 2}, seed=1,
+                   block_shape=BLOCK, client=client, retries=0)
+    monkeypatch.delenv(FAIL_BLOCKS_ENV)
+    with pytest.raises(InputError, match="other parameters.*noise_seed 1 -> 2"):
+        noise_file(f"{labels_h5}:label", str(tmp_path / "o2.zarr"), "shift", {"radius": 2}, seed=2,
+                   block_shape=BLOCK, client=client)
+
+
+def test_noise_scheduler_needs_zarr_output(tmp_path, labels_h5):
+    from click.testing import CliRunner
+    from emseg.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["noise", f"{labels_h5}:label", f"{tmp_path / 'o.h5'}:n", "--flip", "0.2",
+                                   "--scheduler", "tcp://127.0.0.1:1"])
+    assert res.exit_code == 2 and "needs a zarr output" in res.output
+    res = CliRunner().invoke(cli, ["noise", f"{labels_h5}:label", str(tmp_path / "o.zarr"), "--flip", "0.2",
+                                   "--workers", "2"])
+    assert res.exit_code == 2 and "--scheduler local only" in res.output
+    assert not (tmp_path / "o.zarr").exists()
