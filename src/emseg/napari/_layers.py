@@ -20,7 +20,7 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io import open_volume, voxel_size_of
-from emseg.io._ome import multiscales_of, voxel_size_from_source
+from emseg.io.ome import multiscales_of, voxel_size_from_source
 from emseg.napari._crops import CROPS_FORMAT, read_crops, to_layer_labels
 
 __all__ = ["crops_layers", "file_kind", "output_layers", "queries_layers", "read_layers"]
