@@ -116,7 +116,6 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: s
     Volumes are addressed as FILE.h5:DATASET or FILE.zarr[/ARRAY].
     Start with `emseg demo`, then see `emseg COMMAND --help`.
     """
-    configure_threads()
     ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed, precision=precision)
 
 
@@ -131,6 +130,9 @@ _register()
 
 
 def main() -> None:
+    # The process's own threads are set here, not in the group: code that invokes the group in
+    # a running process (tests, notebooks) keeps its own torch thread count.
+    configure_threads()
     cli(prog_name="emseg")
 
 
