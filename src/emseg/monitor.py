@@ -9,8 +9,6 @@ the first validation cube (raw, label, prediction) under ``OUT/tensorboard``.
 from __future__ import annotations
 
 import csv
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from emseg.errors import InputError
+from emseg.io import save_figure
 
 
 def have_matplotlib() -> bool:
@@ -26,21 +25,6 @@ def have_matplotlib() -> bool:
     except ImportError:
         return False
     return True
-
-
-def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
-    """Save a matplotlib figure to ``path`` under a temporary name, rename it into place, close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:

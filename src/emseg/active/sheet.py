@@ -7,8 +7,6 @@ For 3D patches the middle section is shown. Needs matplotlib (the ``plot`` extra
 """
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +20,7 @@ from emseg.checkpoint import load_model
 from emseg.data.sampling import to_float
 from emseg.device import resolve_device
 from emseg.errors import InputError
-from emseg.io import check_output_location, open_volume
+from emseg.io import check_output_location, open_volume, save_figure
 from emseg.models.unet import set_mc_dropout
 
 __all__ = ["MAP_OF_STRATEGY", "check_sheet_output", "pixel_maps", "write_query_sheet", "write_sheet"]
@@ -120,14 +118,7 @@ def write_sheet(path: str | Path, raws: Sequence[np.ndarray], maps: Sequence[np.
         axes[r, 2 * c + 1].set_title(map_name, fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label=map_name)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.png")
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def write_query_sheet(path: str | Path, result: Any, *, mc_samples: int = 10, device: str = "auto",

@@ -61,7 +61,7 @@ from emseg.data import Cube
 from emseg.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, open_volume
-from emseg.monitor import save_figure
+from emseg.io import save_figure
 from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
 __all__ = [

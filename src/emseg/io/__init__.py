@@ -6,7 +6,7 @@ A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH
 """
 from __future__ import annotations
 
-from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe
+from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe, save_figure
 from emseg.io._output import OutputGroup, OutputVolume, create_volume, open_output_group, parse_group_spec
 from emseg.io._store import StagedOutput, auto_chunks, replace_output, zarr_compressors
 from emseg.io._volume import (
@@ -39,6 +39,7 @@ __all__ = [
     "VolumeSpec",
     "atomic_write_json",
     "atomic_write_text",
+    "save_figure",
     "auto_chunks",
     "check_distinct",
     "check_not_empty",

@@ -1,4 +1,4 @@
-"""Small files written atomically (JSON, CSV, text) and JSON-safe conversion."""
+"""Small files written atomically (JSON, CSV, text, matplotlib figures) and JSON-safe conversion."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from emseg.errors import InputError
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Save a matplotlib figure to ``path`` under a temporary name, rename it into place, close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -6,14 +6,12 @@ of a 3D volume (the whole plane of a 2D one), cut to its central 512 x 512 voxel
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emseg.io import open_volume, parse_spec
+from emseg.io import open_volume, parse_spec, save_figure
 
 __all__ = ["EXAMPLE_SIDE", "example_section", "noise_figure", "report_figure_path", "write_noise_figure"]
 
@@ -80,14 +78,7 @@ def write_noise_figure(path: str | Path, report: dict, clean: np.ndarray, noisy:
         ax.axis("off")
     agreement = report.get("agreement")
     fig.suptitle(title + (f"  agreement {agreement:.3f}" if isinstance(agreement, (int, float)) else ""))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}.png")
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def noise_figure(input_spec: str, output_spec: str, report: dict, *, title: str = "",
