@@ -89,7 +89,8 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
                 conditioning="prototype"):
     data = {
         "n_classes": 5, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch, "steps": args.steps,
-        "log_every": 50, "checkpoint_every": args.steps, "valid_every": 10**9, "amp": False,
+        "log_every": 50, "checkpoint_every": args.steps, "valid_every": 10**9,
+        "precision": getattr(args, "precision", "auto"),
         "train": [{"raw": f"{train}:raw", "label": f"{train}:{label_ds}"}],
         "model": {"depth": args.depth, "base_width": args.width, "norm": "batch"},
         "optim": {"lr": args.lr},
@@ -123,49 +124,9 @@ def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None) -> tupl
     return probs, merged, time.perf_counter() - t0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1200, help="Training steps per model (equal budget).")
-    parser.add_argument("--batch", type=int, default=4, help="Patches per step.")
-    parser.add_argument("--patch", type=int, default=128, help="2D patch side (also the atlas side).")
-    parser.add_argument("--depth", type=int, default=4, help="U-Net depth.")
-    parser.add_argument("--width", type=int, default=8, help="U-Net base width.")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
-    parser.add_argument("--merge-prob", type=float, default=0.5, help="LCS merged-label probability.")
-    parser.add_argument("--bce-weight", type=float, default=1.0, help="LCS BCE weight added to soft Dice.")
-    parser.add_argument("--negative-prob", type=float, default=0.3, help="LCS probability of an absent class.")
-    parser.add_argument("--conditionings", default="prototype,atlas",
-                        help="LCS conditionings to train (comma-separated: prototype, atlas).")
-    parser.add_argument("--coarse-conditioning", default="prototype", help="Conditioning of the coarse model.")
-    parser.add_argument("--test-crop", type=int, default=1024, help="Side of the central crop of test sections.")
-    parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest on a few shared cores).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="Folder for derived data and runs [default: new in /tmp].")
-    parser.add_argument("--json-out", default=None, help="Also write the figures as JSON here.")
-    args = parser.parse_args(argv)
-    src = data_dir() / "vnc_stack1.h5"
-    if not src.exists():
-        print(f"VNC data not found at {src} (set EMSEG_DATA)")
-        return 1
-    torch.set_num_threads(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lcs_vnc_"))
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    train, test = prepare(src, work, args.test_crop)
-    with h5py.File(train, "r") as fh:
-        offset = choose_offset(fh["label"][...], (1, args.patch, args.patch), list(CLASSES))
-        atlas_counts = np.bincount(fh["label"][offset[0], offset[1]:offset[1] + args.patch,
-                                               offset[2]:offset[2] + args.patch].ravel(), minlength=5)
-    with h5py.File(test, "r") as fh:
-        gt = fh["label"][...]
-    print(f"VNC: train sections 0-14, test sections 15-19 (central {args.test_crop}^2 crop, {gt.size} voxels); "
-          f"2D U-Net depth {args.depth} width {args.width}, patch {args.patch}^2, batch {args.batch}, "
-          f"{args.steps} steps, lr {args.lr}, {args.threads} threads")
-    print(f"atlas: section {offset[0]}, y {offset[1]}, x {offset[2]}; class voxel counts {atlas_counts.tolist()}")
-    report: dict = {"args": vars(args), "atlas_offset": list(offset), "atlas_counts": atlas_counts.tolist()}
-
+def run_seed(args, work: Path, train: Path, test: Path, offset, gt: np.ndarray) -> dict:
+    """Train and score every model for ``args.seed``; the figures as a dict (also printed)."""
+    report: dict = {}
     print("training (equal budget):")
     labels = list(CLASSES)
     kinds = [c.strip() for c in args.conditionings.split(",") if c.strip()]
@@ -218,6 +179,55 @@ def main(argv=None) -> int:
               + ", ".join(f"{name} {v:.4f}" for name, v in fine_gap.items()))
         report.update(coarse_dice=coarse_dice, coarse_to_fine=fine, train_seconds_coarse=t_coarse,
                       coarse_to_fine_gap=fine_gap)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1200, help="Training steps per model (equal budget).")
+    parser.add_argument("--batch", type=int, default=4, help="Patches per step.")
+    parser.add_argument("--patch", type=int, default=128, help="2D patch side (also the atlas side).")
+    parser.add_argument("--depth", type=int, default=4, help="U-Net depth.")
+    parser.add_argument("--width", type=int, default=8, help="U-Net base width.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
+    parser.add_argument("--merge-prob", type=float, default=0.5, help="LCS merged-label probability.")
+    parser.add_argument("--bce-weight", type=float, default=1.0, help="LCS BCE weight added to soft Dice.")
+    parser.add_argument("--negative-prob", type=float, default=0.3, help="LCS probability of an absent class.")
+    parser.add_argument("--conditionings", default="prototype,atlas",
+                        help="LCS conditionings to train (comma-separated: prototype, atlas).")
+    parser.add_argument("--coarse-conditioning", default="prototype", help="Conditioning of the coarse model.")
+    parser.add_argument("--test-crop", type=int, default=1024, help="Side of the central crop of test sections.")
+    parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a few shared cores).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="Training and inference arithmetic (see emseg.precision).")
+    parser.add_argument("--workdir", default=None, help="Folder for derived data and runs [default: new in /tmp].")
+    parser.add_argument("--json-out", default=None, help="Also write the figures as JSON here.")
+    args = parser.parse_args(argv)
+    src = data_dir() / "vnc_stack1.h5"
+    if not src.exists():
+        print(f"VNC data not found at {src} (set EMSEG_DATA)")
+        return 1
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lcs_vnc_"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    train, test = prepare(src, work, args.test_crop)
+    with h5py.File(train, "r") as fh:
+        offset = choose_offset(fh["label"][...], (1, args.patch, args.patch), list(CLASSES))
+        atlas_counts = np.bincount(fh["label"][offset[0], offset[1]:offset[1] + args.patch,
+                                               offset[2]:offset[2] + args.patch].ravel(), minlength=5)
+    with h5py.File(test, "r") as fh:
+        gt = fh["label"][...]
+    print(f"VNC: train sections 0-14, test sections 15-19 (central {args.test_crop}^2 crop, {gt.size} voxels); "
+          f"2D U-Net depth {args.depth} width {args.width}, patch {args.patch}^2, batch {args.batch}, "
+          f"{args.steps} steps, lr {args.lr}, {args.threads} threads")
+    print(f"atlas: section {offset[0]}, y {offset[1]}, x {offset[2]}; class voxel counts {atlas_counts.tolist()}")
+    report: dict = {"args": vars(args), "atlas_offset": list(offset), "atlas_counts": atlas_counts.tolist()}
+
+    report.update(run_seed(args, work, train, test, offset, gt))
     total = time.perf_counter() - t_all
     print(f"total wall time {total:.0f} s; runs and predictions in {work}")
     report["wall_seconds"] = total

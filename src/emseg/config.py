@@ -64,7 +64,11 @@ class TrainConfig:
     patch_shape: tuple[int, ...]
     valid: tuple[CubeConfig, ...] = ()
     batch_size: int = 8
-    class_weights: tuple[float, ...] | None = None
+    #: Per-class weights of the loss: a list, ``"auto"`` (from the training labels' class
+    #: frequencies, see :func:`emseg.training.auto_class_weights`) or None (all 1).
+    class_weights: tuple[float, ...] | str | None = None
+    #: Weight of the multi-class soft Dice term added to the lazy NLL (0 = NLL only).
+    dice_weight: float = 0.0
     example_ignore_threshold: float = 0.9
     steps: int = 1000
     valid_every: int = 200
@@ -199,7 +203,7 @@ def config_from_dict(
         extra = {name: dict(data.pop(name)) for name in sections if name in data}
         if "patch_shape" in data:
             data["patch_shape"] = _numbers(data["patch_shape"], "patch_shape", int)
-        if data.get("class_weights") is not None:
+        if data.get("class_weights") is not None and data["class_weights"] != "auto":
             data["class_weights"] = _numbers(data["class_weights"], "class_weights", float)
         for key in ("n_classes", "patch_shape"):
             if key not in data:
@@ -227,7 +231,7 @@ def _numbers(value: Any, key: str, kind: type) -> tuple:
 #: Ranges of single keys: (key, low, high, low inclusive, high inclusive); None = unbounded.
 _RANGES = (
     ("batch_size", 1, None, True, True), ("steps", 1, None, True, True),
-    ("max_seconds", 0, None, False, True),
+    ("max_seconds", 0, None, False, True), ("dice_weight", 0, None, True, True),
     ("model.depth", 1, 16, True, True), ("model.base_width", 1, 4096, True, True),
     ("model.dropout", 0, 1, True, False), ("model.anisotropic_levels", 0, None, True, True),
     ("augment.brightness", 0, None, True, True), ("augment.contrast", 0, None, True, True),
@@ -272,7 +276,8 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"n_classes must be >= 1, got {config.n_classes}")
     if len(config.patch_shape) not in (2, 3) or any(p < 1 for p in config.patch_shape):
         raise InputError(f"patch_shape must be 2 or 3 positive ints, got {list(config.patch_shape)}")
-    if config.class_weights is not None and len(config.class_weights) != config.n_classes:
+    if config.class_weights is not None and config.class_weights != "auto" and \
+            len(config.class_weights) != config.n_classes:
         raise InputError(f"class_weights has {len(config.class_weights)} entries, n_classes is {config.n_classes}")
     _check_ranges(config)
     if config.model.ndim not in (None, 2, 3):
@@ -338,13 +343,20 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
     return config_from_dict(data, base_dir=path.parent, sections=sections, source=str(path))
 
 
-def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up, then constant, cosine or step decay."""
+def learning_rate(optim: OptimConfig, step: int, total_steps: int, budget_used: float | None = None) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then constant, cosine or step decay.
+
+    ``budget_used`` (0..1) is the fraction of a time budget (``max_seconds``) spent so far: the
+    cosine then follows whichever runs out first, steps or time, so a run stopped by its budget
+    still ends at the low learning rate.
+    """
     if optim.warmup_steps and step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "cosine":
         span = max(1, total_steps - optim.warmup_steps)
         t = min(1.0, (step - optim.warmup_steps) / span)
+        if budget_used is not None:
+            t = min(1.0, max(t, budget_used))
         low = optim.lr * optim.min_lr_ratio
         return low + 0.5 * (optim.lr - low) * (1 + math.cos(math.pi * t))
     if optim.schedule == "step":

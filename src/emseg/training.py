@@ -35,7 +35,7 @@ from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
 from emseg.inference import WindowOptions, make_predictor, predict_array
 from emseg.locks import temp_name
-from emseg.losses import lazy_nll
+from emseg.losses import lazy_nll, lazy_soft_dice
 from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
 from emseg.precision import Precision, resolve_precision
@@ -123,8 +123,9 @@ class SegmentationTask:
                                     example_ignore_threshold=config.example_ignore_threshold)
         a = config.augment
         self.augmenter = Augmenter.from_config(a)
-        self.class_weights = (torch.tensor(config.class_weights, dtype=torch.float32)
-                              if config.class_weights else None)
+        weights = auto_class_weights(self.cubes, config.n_classes) if config.class_weights == "auto" \
+            else config.class_weights
+        self.class_weights = torch.tensor(weights, dtype=torch.float32) if weights else None
         k = config.n_classes
         self.metric_columns = ("valid_score",) + tuple(f"valid_jaccard_{c}" for c in range(k))
 
@@ -141,7 +142,12 @@ class SegmentationTask:
     def loss(self, model, batch):
         logits = model(batch["raw"])
         weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        return lazy_nll(logits.float(), batch["target"], batch["labeled"], batch["not_present"], weights)
+        logits = logits.float()
+        loss = lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"], weights)
+        if self.config.dice_weight:
+            loss = loss + self.config.dice_weight * lazy_soft_dice(logits, batch["target"], batch["labeled"],
+                                                                   batch["not_present"])
+        return loss
 
     def validate(self, model, device, precision: str | Precision = "fp32"):
         if not self.valid_cubes:
@@ -154,6 +160,35 @@ class SegmentationTask:
             for vol in (cube.raw, cube.label):
                 if hasattr(vol, "close"):
                     vol.close()
+
+
+def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: float = 25.0) -> tuple[float, ...]:
+    """Class weights from the training labels' class frequencies (``class_weights = "auto"``).
+
+    ``f_k`` is the fraction of class ``k`` among the labelled voxels of the cubes that annotate it
+    (``mask_class_labeled``); the weight is :math:`w_k \\propto f_k^{-1/2}` (inverse square root: rare
+    classes count more without the false positives of full inverse-frequency weighting), capped at
+    ``max_ratio`` times the smallest weight and scaled so that an average labelled voxel has weight 1.
+    Classes with no labelled voxel get the largest weight.
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for cube in cubes:
+        if cube.counts is None:
+            if cube.label is None:
+                continue
+            block = np.asarray(cube.label[...]).astype(np.int64).ravel()
+            cube.counts = np.bincount(block[block >= 0], minlength=n_classes)[:n_classes]
+        counts += np.asarray(cube.counts, dtype=np.float64) * (np.asarray(cube.info[0]) > 0)
+    if counts.sum() <= 0:
+        return (1.0,) * n_classes
+    freq = counts / counts.sum()
+    seen = freq > 0
+    w = np.ones(n_classes)
+    w[seen] = freq[seen] ** -0.5
+    w = np.minimum(w, w[seen].min() * max_ratio)
+    w[~seen] = w[seen].max()
+    w /= float((freq * w).sum())
+    return tuple(float(v) for v in w)
 
 
 def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
@@ -343,7 +378,8 @@ def run_training(
             if pg.any(config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds):
                 result.budget_exhausted = True
                 break
-            lr = learning_rate(config.optim, step, total)
+            used = None if config.max_seconds is None else (time.perf_counter() - t0) / config.max_seconds
+            lr = learning_rate(config.optim, step, total, used)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}

@@ -44,6 +44,8 @@ class Cube:
     prio: float
     name: str = ""
     raw_dtype: np.dtype = field(default=None)  # type: ignore[assignment]
+    #: Voxels per class in ``label`` (counted when the cube is opened); None when not known.
+    counts: np.ndarray | None = None
 
     def __post_init__(self):
         if self.raw_dtype is None:
@@ -73,7 +75,7 @@ def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int
     for entry in entries:
         raw = _view(open_volume(entry.raw), getattr(entry, "region", None))
         check_raw(raw)
-        label = info = None
+        label = info = counts = None
         if entry.label:
             label = _view(open_volume(entry.label), getattr(entry, "region", None))
             counts = validate_labels(label, n_classes, raw=raw)  # shape, dtype, values first
@@ -82,7 +84,8 @@ def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int
         else:
             info = np.zeros((2, n_classes), dtype=np.uint8)
         check_patch_fits(patch_shape, raw.shape, str(raw.spec))
-        cubes.append(Cube(raw, label, info, entry.prio if entry.prio is not None else np.nan, str(raw.spec)))
+        cubes.append(Cube(raw, label, info, entry.prio if entry.prio is not None else np.nan, str(raw.spec),
+                          counts=counts))
     prios = np.array([c.prio for c in cubes], dtype=float)
     if cubes and np.all(np.isnan(prios)):
         for c in cubes:

@@ -14,7 +14,7 @@ from emseg.losses._checks import (
     is_integer_tensor,
 )
 
-__all__ = ["LazyNLLLoss", "lazy_nll"]
+__all__ = ["LazyNLLLoss", "lazy_nll", "lazy_soft_dice"]
 
 
 # --------------------------------------------------------------------------- lazy NLL
@@ -184,6 +184,65 @@ def lazy_nll(
 
     denom = torch.clamp(count, min=1.0)
     return (up + down) / denom
+
+
+def lazy_soft_dice(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    labeled: torch.Tensor | None = None,
+    not_present: torch.Tensor | None = None,
+    smooth: float = 1.0,
+) -> torch.Tensor:
+    r"""Multi-class soft Dice loss over the batch, restricted to what the lazy labels say.
+
+    With ``p = softmax(logits, dim=1)`` and, for class :math:`k`, the voxel mask
+    :math:`m_{bkv}` = 1 where patch ``b`` annotates class ``k`` (``labeled``) and voxel ``v`` is
+    labelled (``target != -1``), or everywhere in a patch that flags ``k`` as not present:
+
+    .. math::
+
+        D_k = \frac{2 \sum_{b,v} m\, p_{bkv} [t_{bv} = k] + s}{\sum_{b,v} m\, (p_{bkv} + [t_{bv} = k]) + s},
+        \qquad \mathrm{loss} = 1 - \frac{1}{|A|} \sum_{k \in A} D_k
+
+    where :math:`A` are the classes with any masked voxel in the batch and ``s`` the smoothing
+    term. Sums run over the whole batch (one Dice per class, not per patch), so a rare class
+    absent from one patch still has a well-defined, non-zero gradient from the others; a class
+    absent from the whole batch penalises its predicted mass. Returns 0 when nothing is masked.
+
+    >>> import torch
+    >>> t = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> round(float(lazy_soft_dice(torch.tensor([20.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 4, 4), t)), 3)
+    0.0
+    >>> round(float(lazy_soft_dice(torch.zeros(1, 2, 4, 4), t)), 4)  # 1 - (17/25 + 1/9) / 2
+    0.6044
+    """
+    logits = check_tensor("logits", logits)
+    target = check_tensor("target", target)
+    if not logits.is_floating_point() or logits.ndim < 2:
+        raise ValueError(f"logits must be a floating tensor (B, K, *S), got {logits.dtype} {tuple(logits.shape)}")
+    if not is_integer_tensor(target):
+        raise ValueError(f"target must be an integer tensor, got dtype {target.dtype}")
+    B, K = int(logits.shape[0]), int(logits.shape[1])
+    if tuple(target.shape) != (B, *logits.shape[2:]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}")
+    check_target_range(target, K)
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    x = x.reshape(B, K, -1)
+    t = target.to(device=x.device).reshape(B, -1).long()
+    p = torch.softmax(x, dim=1)
+    valid = (t != IGNORE).to(x.dtype).unsqueeze(1)  # (B, 1, V)
+    lab = x.new_ones(B, K) if labeled is None else as_float(labeled, x)
+    mask = valid * (lab > 0).to(x.dtype).unsqueeze(2)  # (B, K, V)
+    if not_present is not None:
+        mask = torch.maximum(mask, (as_float(not_present, x) > 0).to(x.dtype).unsqueeze(2).expand_as(mask))
+    onehot = (t.unsqueeze(1) == torch.arange(K, device=x.device).view(1, K, 1)).to(x.dtype)
+    inter = (mask * p * onehot).sum(dim=(0, 2))
+    total = (mask * (p + onehot)).sum(dim=(0, 2))
+    active = mask.sum(dim=(0, 2)) > 0
+    if not bool(active.any()):
+        return x.sum() * 0.0
+    dice = (2 * inter + smooth) / (total + smooth)
+    return 1.0 - dice[active].mean()
 
 
 class LazyNLLLoss(torch.nn.Module):

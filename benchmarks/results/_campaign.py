@@ -1,0 +1,83 @@
+"""What every results campaign shares: a resumable JSON of runs, paired statistics, table cells.
+
+A campaign is a JSON document ``{"command", "machine", "settings", "runs": [...]}``. Each run is
+keyed by a few fields (e.g. arm and seed); :meth:`Campaign.run` skips keys already present and
+writes the document atomically after every run, so a killed campaign continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import machine  # noqa: E402
+
+from emseg.io import atomic_write_json  # noqa: E402
+
+
+class Campaign:
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.doc = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
+        old = self.doc.get("settings")
+        if old is not None and old != settings and self.doc["runs"]:
+            raise SystemExit(f"{self.path} was run with other settings {old}; use another --out")
+        self.doc.update(command=" ".join(["python"] + sys.argv), machine=machine(), settings=settings)
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.doc["runs"]
+
+    def find(self, **key) -> dict[str, Any] | None:
+        for r in self.runs:
+            if all(r.get(k) == v for k, v in key.items()):
+                return r
+        return None
+
+    def run(self, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()`` unless a run with ``key`` is stored; the result (with ``key``) is saved at once."""
+        done = self.find(**key)
+        if done is not None:
+            return done
+        result = dict(fn(), **key)
+        self.runs.append(result)
+        self.save()
+        return result
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.doc)
+
+
+def paired_interval(diffs) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences (NaN bounds with fewer than 2 pairs)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def mean_std(values) -> str:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "-"
+    return f"{v.mean():.3f} +- {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def ci_cell(d: tuple[float, float, float]) -> str:
+    return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
