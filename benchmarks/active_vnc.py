@@ -67,6 +67,9 @@ def build_config(args: argparse.Namespace):
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch", "dropout": args.dropout},
         "optim": {"lr": args.lr},
     }
+    if getattr(args, "task", "mito") == "5class":  # background, mitochondria, membrane, synapse, glia
+        data["n_classes"] = 5
+        del data["label_map"]
     if args.class_weights:
         data["class_weights"] = [float(w) for w in args.class_weights.split(",")]
     return simulate_config_from_dict(data, source="active_vnc")
