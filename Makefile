@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench reproduce clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/train_vnc.py
+
+# Every experiment of docs/results.md (hours on a small CPU); QUICK=1: each script end to end on
+# tiny settings in a temporary folder (minutes).
+reproduce: install
+	$(BIN)/python benchmarks/results/reproduce.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -7,7 +7,7 @@ conditioned on fine atlas labels at inference. Each seed's figures are stored in
 as they are done; a killed campaign continues with the next seed. ``--markdown`` prints the
 tables of docs/results.md, ``--plot`` draws ``--out`` with ``.png``.
 
-    python benchmarks/results/lcs_vnc.py --seeds 0,1,2 --steps 1000
+    python benchmarks/results/lcs_conditioning.py --seeds 0,1,2 --steps 1000
 """
 from __future__ import annotations
 

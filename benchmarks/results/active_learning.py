@@ -11,7 +11,7 @@ paired difference strategy - random, averaged over iterations 1..N, with its 95%
 seeds; the labelled patches each strategy needs to reach 95% of the fully supervised Jaccard.
 ``curves`` figure: ``--out``/results.png.
 
-    python benchmarks/results/active_vnc.py --out /tmp/al_mito --task mito --seeds 0,1,2
+    python benchmarks/results/active_learning.py --out /tmp/al_mito --task mito --seeds 0,1,2
 """
 from __future__ import annotations
 

@@ -1,0 +1,101 @@
+"""Plumbing of the results campaigns in benchmarks/results (resume, statistics, tables, figures),
+on made-up runs: the experiments themselves are long and not part of the test suite."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+sys.path.insert(0, str(RESULTS))
+sys.path.insert(0, str(RESULTS.parent))
+
+import _campaign  # noqa: E402
+
+
+def test_campaign_resumes_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "c.json"
+    calls = []
+
+    def work(v):
+        calls.append(v)
+        return {"value": v}
+
+    c = _campaign.Campaign(path, {"a": 1})
+    c.run({"seed": 0}, lambda: work(10))
+    c.run({"seed": 1}, lambda: work(11))
+    # a new process (a resumed campaign) skips what is stored
+    c2 = _campaign.Campaign(path, {"a": 1})
+    c2.run({"seed": 0}, lambda: work(99))
+    c2.run({"seed": 2}, lambda: work(12))
+    assert calls == [10, 11, 12]
+    doc = json.loads(path.read_text())
+    assert [(r["seed"], r["value"]) for r in doc["runs"]] == [(0, 10), (1, 11), (2, 12)]
+    with pytest.raises(SystemExit, match="other settings"):
+        _campaign.Campaign(path, {"a": 2})
+
+
+def test_paired_interval_is_the_t_interval():
+    d = [0.01, 0.05, 0.03, -0.01]
+    m, lo, hi = _campaign.paired_interval(d)
+    # t_{0.975, 3} = 3.182446
+    half = 3.182446305284263 * np.std(d, ddof=1) / 2
+    assert m == pytest.approx(np.mean(d)) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
+    assert np.isnan(_campaign.paired_interval([0.1])[1])
+
+
+def fake_rows(effect: float, seeds=(0, 1, 2), iterations=3):
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in seeds:
+        base = rng.uniform(0.3, 0.5)
+        for it in range(iterations + 1):
+            for name, bonus in (("random", 0.0), ("entropy", effect)):
+                j = base + 0.05 * it + (bonus if it else 0.0) + rng.normal(0, 0.01)
+                rows.append({"strategy": name, "seed": s, "iteration": it, "n_labelled": 20 + 20 * it,
+                             "mean_fg_jaccard": j})
+    return rows
+
+
+def test_active_summary_pairs_by_seed_and_finds_the_label_cost(tmp_path):
+    import active_learning as mod
+    rows = fake_rows(0.1)
+    full = [{"seed": s, "mean_fg_jaccard": 0.6} for s in (0, 1, 2)]
+    s = mod.summary(rows, full, 3)
+    J = {(r["strategy"], r["seed"], r["iteration"]): r["mean_fg_jaccard"] for r in rows}
+    per_seed = [np.mean([J["entropy", sd, it] - J["random", sd, it] for it in (1, 2, 3)]) for sd in (0, 1, 2)]
+    assert s["strategies"]["entropy"]["diff_vs_random"][0] == pytest.approx(np.mean(per_seed))
+    lo, hi = s["strategies"]["entropy"]["diff_vs_random"][1:]
+    assert lo < 0.1 < hi and lo > 0
+    # 95% of 0.6 = 0.57: the first iteration whose mean over seeds reaches it
+    means = {it: np.mean([J["entropy", sd, it] for sd in (0, 1, 2)]) for it in range(4)}
+    first = next((20 + 20 * it for it in range(4) if means[it] >= 0.57), None)
+    assert s["strategies"]["entropy"]["patches_to_95pct_full"] == first
+    text = mod.markdown(json.loads(json.dumps(s)), 3)  # as read back from JSON (string keys)
+    assert "| entropy |" in text and "not reached" in text or str(first) in text
+    mod.plot(rows, json.loads(json.dumps(s)), tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_defaults_table_and_figure(tmp_path):
+    import defaults_vnc
+
+    runs = []
+    for seed in (0, 1):
+        for arm, j in (("shipped", [0.9, 0.8, 0.7, 0.2, 0.6]), ("old", [0.9, 0.6, 0.6, 0.0, 0.1])):
+            runs.append({"arm": arm, "seed": seed, "steps": 100, "jaccard": [v + 0.01 * seed for v in j]})
+    text = defaults_vnc.table(runs, "old")
+    assert "| shipped | 0,1 |" in text
+    # paired difference of the mean foreground Jaccard: (0.8+0.7+0.2+0.6 - 0.6-0.6-0.0-0.1)/4 = 0.25, no spread
+    assert "+0.250 [+0.250, +0.250]" in text
+    defaults_vnc.plot(runs, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    # every arm is a valid config on top of the four new-user keys
+    from emseg.config import config_from_dict
+
+    for arm, overrides in defaults_vnc.ARMS.items():
+        cfg = config_from_dict(defaults_vnc.new_user_config(tmp_path, 600, overrides))
+        assert cfg.max_seconds == 600 and cfg.n_classes == 5
