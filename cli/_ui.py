@@ -208,3 +208,23 @@ def device_seed_options(func):
                         expose_value=False, callback=_setter("device"),
                         help="Where to compute [default: auto].")(func)
     return func
+
+
+def steps_word(cfg) -> str:
+    """The step limit of a training config as shown to the user ("1000", or the time budget)."""
+    if cfg.steps is None and cfg.max_seconds is not None:
+        return f"(time budget {cfg.max_seconds:g} s)"
+    return str(cfg.total_steps)
+
+
+def training_progress(update: Callable) -> Callable[[dict[str, Any]], None]:
+    """A training ``progress`` callback drawing steps, or the spent time budget when steps are unbounded."""
+
+    def progress(info: dict[str, Any]) -> None:
+        text = f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s"
+        if info.get("total") is None and info.get("budget_used") is not None:
+            update(min(1000, round(1000 * info["budget_used"])), 1000, f"step {info['step']}  {text}")
+        else:
+            update(info["step"], info["total"], text)
+
+    return progress

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_ints, parse_shape,
+from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps_word, training_progress,
+                           parse_ints, parse_shape,
                            precision_overrides, progress_bar, state)
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
 
@@ -59,8 +60,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
         "steps": steps, "batch_size": batch_size, "optim.lr": lr, "patch_shape": parse_shape(patch),
         "valid_every": valid_every, **precision_overrides(app)}, baseline=baseline or None)
     with progress_bar("lcs train" if not lcs.baseline else "baseline train") as update:
-        def progress(info):
-            update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
+        progress = training_progress(update)
 
         result = train_lcs(cfg, lcs, out_dir, device=app.device, seed=app.seed, resume=resume, progress=progress)
 
@@ -69,7 +69,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     def render(console):
         word = "interrupted" if result.interrupted else "finished"
         kind = "baseline" if lcs.baseline else "label-conditioned"
-        console.print(f"{kind} training {word} at step {result.final_step}/{cfg.steps} "
+        console.print(f"{kind} training {word} at step {result.final_step}/{steps_word(cfg)} "
                       f"({result.patches_per_s:.1f} patches/s); checkpoints in {Path(out_dir)}")
         if result.losses:
             console.print(f"last loss {result.losses[-1]:.4f}")

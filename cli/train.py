@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, parse_shape, precision_overrides,
+from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps_word, training_progress,
+                           parse_shape, precision_overrides,
                            progress_bar, state)
 from emseg.config import load_config
 from emseg.io import open_volume
@@ -48,8 +49,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
                                          "compile": compile_,
                                          **precision_overrides(app)})
     with progress_bar("train") as update, ExitStack() as stack:
-        def progress(info):
-            update(info["step"], info["total"], f"loss {info['loss']:.4f}  {info['patches_per_s']:.1f} patches/s")
+        progress = training_progress(update)
 
         valid = None
         if tensorboard and cfg.valid:
@@ -62,7 +62,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
 
     def render(console):
         state_word = "interrupted" if result.interrupted else "finished"
-        console.print(f"training {state_word} at step {result.final_step}/{cfg.steps} "
+        console.print(f"training {state_word} at step {result.final_step}/{steps_word(cfg)} "
                       f"({result.patches_per_s:.1f} patches/s, {result.precision}); checkpoints in {Path(out_dir)}")
         if result.losses:
             console.print(f"last loss {result.losses[-1]:.4f}")

@@ -138,3 +138,30 @@ def test_cosine_follows_whichever_budget_runs_out_first():
     # steps ahead of time: steps win
     assert learning_rate(o, 75, 100, budget_used=0.1) == pytest.approx(0.5 * (1 + np.cos(0.75 * np.pi)))
     assert learning_rate(o, 10, 100, budget_used=2.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
+    import h5py
+
+    from emseg.config import UNBOUNDED_STEPS
+    from emseg.training import train
+
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as fh:
+        fh["raw"] = rng.integers(0, 255, (1, 32, 32), dtype=np.uint8)
+        fh["label"] = (rng.random((1, 32, 32)) > 0.5).astype(np.uint8)
+    base = {"n_classes": 2, "patch_shape": [1, 16, 16], "batch_size": 2, "model": {"depth": 1, "base_width": 2},
+            "train": [{"raw": f"{path}:raw", "label": f"{path}:label"}]}
+    assert config_from_dict(base).total_steps == 1000
+    assert config_from_dict(dict(base, steps=7, max_seconds=1.0)).total_steps == 7
+    timed = config_from_dict(dict(base, max_seconds=1.5, optim={"schedule": "cosine", "min_lr_ratio": 0.0}))
+    assert timed.total_steps == UNBOUNDED_STEPS
+    seen = []
+    result = train(timed, tmp_path / "run", device="cpu", seed=0, progress=seen.append)
+    assert result.budget_exhausted and result.final_step == len(seen) > 5
+    assert all(e["total"] is None for e in seen)
+    used = [e["budget_used"] for e in seen]
+    assert used == sorted(used) and 0 < used[-1] < 1.2
+    # the learning rate follows the spent budget: it ends near its cosine floor
+    assert seen[-1]["lr"] < 0.15 * seen[0]["lr"]

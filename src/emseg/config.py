@@ -16,6 +16,10 @@ from emseg.errors import InputError
 from emseg.io import parse_spec
 
 
+#: The step limit of a run bounded by ``max_seconds`` only.
+UNBOUNDED_STEPS = 2**62
+
+
 @dataclass(frozen=True)
 class CubeConfig:
     raw: str
@@ -70,7 +74,8 @@ class TrainConfig:
     #: Weight of the multi-class soft Dice term added to the lazy NLL (0 = NLL only).
     dice_weight: float = 0.0
     example_ignore_threshold: float = 0.9
-    steps: int = 1000
+    #: Optimiser steps; None = 1000, or no step limit when ``max_seconds`` is set (train for the time).
+    steps: int | None = None
     valid_every: int = 200
     log_every: int = 10
     checkpoint_every: int = 100
@@ -90,6 +95,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: Extra tables a subcommand accepts (e.g. ``lcs``), kept as plain dicts.
     sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        """``steps``, or its default: 1000 without a time budget, unbounded with one."""
+        if self.steps is not None:
+            return self.steps
+        return UNBOUNDED_STEPS if self.max_seconds is not None else 1000
 
     @property
     def effective_precision(self) -> str:

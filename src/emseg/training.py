@@ -285,7 +285,7 @@ def run_training(
     stop_after: int | None = None,
     extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train ``task`` for ``config.steps`` steps, writing into ``out_dir``.
+    """Train ``task`` for ``config.total_steps`` steps (or until ``max_seconds``), writing into ``out_dir``.
 
     ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
     check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
@@ -334,7 +334,7 @@ def run_training(
                          "another --out", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
                      resume_step=step if resume else None) if pg.is_main else None
-    total = config.steps
+    total = config.total_steps
     result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
     forward = precision.wrap(compile_network(net) if config.compile else net)
     plain_config = config.to_dict()
@@ -425,7 +425,8 @@ def run_training(
             if step % config.checkpoint_every == 0 or step == total:
                 checkpoint(last_path)
             if progress is not None:
-                progress({"step": step, "total": total, "loss": value, "lr": lr,
+                progress({"step": step, "total": None if config.steps is None and used is not None else total,
+                          "budget_used": used, "loss": value, "lr": lr,
                           "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
                           "valid": valid, "model": model})
     if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
