@@ -17,3 +17,19 @@ def test_every_command_is_documented():
     for name in ("train", "predict", "evaluate", "query", "query simulate", "noise", "noise igtt", "igtt",
                  "lcs train", "lcs infer", "demo"):
         assert f"## `emseg {name}`" in text
+
+
+def test_example_vnc_config_is_the_new_user_config():
+    """docs/examples/vnc.toml sets only the four keys a new user gives; its data paths reach
+    ../shared/data from the repository root."""
+    import tomllib
+
+    from emseg.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "vnc.toml"
+    data = tomllib.loads(path.read_text())
+    assert sorted(data) == ["max_seconds", "n_classes", "patch_shape", "train"]
+    cfg = load_config(path)
+    expected = (path.parents[2].parent / "shared" / "data" / "drosophila_vnc" / "vnc_stack1.h5").resolve()
+    assert Path(cfg.train[0].raw.rpartition(":")[0]).resolve() == expected
+    assert cfg.train[0].region == ((0, 15),) and cfg.total_steps > 10**9
