@@ -573,5 +573,5 @@ def test_noise_scheduler_needs_zarr_output(tmp_path, labels_h5):
     assert res.exit_code == 2 and "needs a zarr output" in res.output
     res = CliRunner().invoke(cli, ["noise", f"{labels_h5}:label", str(tmp_path / "o.zarr"), "--flip", "0.2",
                                    "--workers", "2"])
-    assert res.exit_code == 2 and "--scheduler local only" in res.output
+    assert res.exit_code == 2 and "--workers applies only when --scheduler is 'local'" in res.output
     assert not (tmp_path / "o.zarr").exists()

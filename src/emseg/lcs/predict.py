@@ -360,7 +360,7 @@ class LCSModel:
                                  f"{', '.join(map(str, self.classes))}")
             if not self.baseline and l not in self.atlas.present:
                 raise InputError(f"unknown label {l}: it does not occur in the atlas labels (present: "
-                                 f"{', '.join(map(str, self.atlas.present))}); --atlas-labels can add labels")
+                                 f"{', '.join(map(str, self.atlas.present))}); `atlas_labels` can add labels")
         return labels
 
 
@@ -386,7 +386,7 @@ def load_lcs_model(path: str | Path, device: str | torch.device = "cpu", *,
         atlas = Atlas.from_state(state, source=str(path))
     if atlas_labels is not None:
         if baseline:
-            raise InputError("--atlas-labels needs a label-conditioned checkpoint, this one is the baseline",
+            raise InputError("`atlas_labels` needs a label-conditioned checkpoint, this one is the baseline",
                              source=str(path))
         with open_volume(atlas_labels) as vol:
             atlas = atlas.with_labels(vol[...], spec=str(vol.spec))
@@ -466,9 +466,9 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
     >>> infer_file(InferConfig("runs/lcs/best.pt", "stack.h5:raw", "pred.zarr", labels=(1, 3)))  # doctest: +SKIP
     """
     if not 0 <= config.overlap < 1:
-        raise InputError(f"overlap must be in [0, 1), got {config.overlap}")
+        raise InputError(f"`overlap` must be in [0, 1), got {config.overlap}")
     if config.batch_size < 1 or config.label_batch < 1:
-        raise InputError("batch sizes must be >= 1")
+        raise InputError("`batch_size` and `label_batch` must be >= 1")
     _check_output_spares_input(config.input, config.output)
     device = resolve_device(config.device)
     lcs = load_lcs_model(config.model, device, atlas_labels=config.atlas_labels)
@@ -484,7 +484,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
         chunks = auto_chunks(shape, 4)
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(shape, patch, chunks)
         if len(block_shape) != len(shape):
-            raise InputError(f"block {block_shape} does not fit a {len(shape)}D volume")
+            raise InputError(f"`block_shape` {block_shape} does not fit a {len(shape)}D volume")
         blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
         attrs = {"model": str(config.model), "source": str(config.input), "labels": labels,
                  "merge_rule": predictor.rule, "baseline": lcs.baseline}

@@ -245,10 +245,10 @@ def noise_file(
     check_distinct(in_spec, out_spec)  # an OUTPUT group or zarr root holding INPUT
     on_cluster = scheduler is not None or client is not None
     if on_cluster and out_spec.fmt != "zarr":
-        raise InputError("--scheduler needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
+        raise InputError("`scheduler` needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
                          "by independent tasks, which HDF5 files do not allow", source=str(out_spec))
     if workers is not None and scheduler != "local":
-        raise InputError("--workers applies to --scheduler local only")
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
     if on_cluster:
         check_output_location(out_spec.path)
     else:
