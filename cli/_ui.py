@@ -235,12 +235,13 @@ def common_options(func):
     return func
 
 
-def scheduler_options(scheduler_help: str, *, retries: bool = True):
-    """``--scheduler``, ``--workers`` (and ``--retries``) of commands that can run on dask.distributed."""
+def scheduler_options(scheduler_help: str, *, retries: int | None = None):
+    """``--scheduler``, ``--workers`` (and, given its default, ``--retries``) of commands that can run
+    on dask.distributed."""
 
     def decorate(func):
-        if retries:
-            func = click.option("--retries", type=click.IntRange(min=0), default=2,
+        if retries is not None:
+            func = click.option("--retries", type=click.IntRange(min=0), default=retries,
                                 help="With --scheduler: extra attempts of a failing block before giving up.")(func)
         func = click.option("--workers", type=click.IntRange(min=1), default=None,
                             help="Worker processes of --scheduler local, one thread each "
