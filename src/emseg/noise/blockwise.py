@@ -58,7 +58,7 @@ from emseg.noise.process import (
     process_block,
     selection_for,
 )
-from emseg.noise.transition import TransitionCounter
+from emseg.noise.report import TransitionCounter
 
 __all__ = [
     "MODES",
