@@ -31,6 +31,7 @@ from _common import data_dir, machine  # noqa: E402
 
 from emseg.noise import dilate, flip, random_labels, sample, skeleton  # noqa: E402
 from emseg.noise.blockwise import (  # noqa: E402
+    NoiseConfig,
     apply_noise,
     default_block_shape,
     halo_shape,
@@ -132,7 +133,7 @@ def main() -> int:
             mem_t = best_of(lambda: apply_noise(lab, out, mode, resolved, 0, blocks=blocks),
                             1 if mode == "skeleton" else args.repeat)
             whole_t = best_of(whole, 1)
-            disk_t = best_of(lambda: noise_file(f"{src}:label", f"{d}/out.h5:x", mode, params),
+            disk_t = best_of(lambda: noise_file(NoiseConfig(f"{src}:label", f"{d}/out.h5:x", mode, params)),
                              1 if mode == "skeleton" else args.repeat)
             with h5py.File(f"{d}/out.h5", "r") as fh:
                 on_disk = fh["x"][...]
@@ -176,8 +177,8 @@ def main() -> int:
             whole_mb, _ = peak_mb(whole)
             row = {"volume_mb": vol_mb, "whole_peak_mb": whole_mb}
             for bs in (block, small):
-                mb, _ = peak_mb(lambda: noise_file(f"{src}:label", f"{d}/o.h5:{mode}", mode, params,
-                                                   block_shape=bs))
+                mb, _ = peak_mb(lambda: noise_file(NoiseConfig(f"{src}:label", f"{d}/o.h5:{mode}", mode, params,
+                                                               block_shape=bs)))
                 row[f"blockwise_{'x'.join(map(str, bs))}_peak_mb"] = mb
             memory[mode] = row
     print(f"\n3. peak traced memory (tracemalloc, MiB) on a {vol_mb:.0f} MiB uint8 volume:"

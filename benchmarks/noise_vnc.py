@@ -44,7 +44,7 @@ from _common import data_dir, machine  # noqa: E402
 from emseg.config import config_from_dict  # noqa: E402
 from emseg.evaluation import evaluate_volumes  # noqa: E402
 from emseg.io import open_volume  # noqa: E402
-from emseg.noise.blockwise import noise_file  # noqa: E402
+from emseg.noise.blockwise import NoiseConfig, noise_file  # noqa: E402
 from emseg.predict import PredictConfig, predict_file  # noqa: E402
 from emseg.training import train  # noqa: E402
 
@@ -63,7 +63,7 @@ def make_labels(name, mode, params, train_h5: Path, seed: int) -> dict:
     if mode is None:
         return {"agreement": 1.0, "kept_fraction": [1.0, 1.0], "labelled_fraction": [1.0, 1.0], "seconds": 0.0}
     t = time.perf_counter()
-    result = noise_file(f"{train_h5}:clean", f"{train_h5}:{name}", mode, params, seed=seed, report=True)
+    result = noise_file(NoiseConfig(f"{train_h5}:clean", f"{train_h5}:{name}", mode, params, seed=seed, report=True))
     rep = dict(result.report)
     rep["seconds"] = time.perf_counter() - t
     rep["params"] = result.params

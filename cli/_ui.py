@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import click
 from rich.console import Console
@@ -78,6 +79,66 @@ def _jsonable(obj):
     if hasattr(obj, "item") and callable(obj.item):
         return _jsonable(obj.item())
     return obj
+
+
+#: Core parameter names set by a click parameter of another name (``block_shape`` by ``--block``).
+#: Names equal to a click parameter's name, or to one of its flags without ``--`` (``out`` for
+#: ``--out``, whatever the parameter is called), need no entry.
+PARAM_ALIASES = {"block_shape": "block", "patch_shape": "patch", "exclude_labels": "exclude"}
+
+#: A parameter name in backticks, as core error messages write it: `workers`, `block_shape`.
+_NAMED = re.compile(r"(?<![\w`])`([A-Za-z_][A-Za-z0-9_]*)`(?![\w`])")
+
+
+def command_options(ctx: click.Context | None) -> dict[str, str]:
+    """Core parameter name -> the flag that sets it in the running command (``ctx``) or above it.
+
+    The command's own options win over those of the groups around it; each option is reached by
+    its parameter name and by its ``--`` flags spelled with underscores, and shown as its longest
+    ``--`` flag. Arguments and ``-x`` short options are left out.
+    """
+    options: dict[str, str] = {}
+    while ctx is not None:
+        named = [(param, [opt for opt in param.opts if opt.startswith("--")]) for param in ctx.command.params
+                 if isinstance(param, click.Option)]
+        named = [(param, flags) for param, flags in named if flags]
+        for param, flags in named:  # parameter names first: they win over a flag spelled alike
+            if param.name:
+                options.setdefault(param.name, max(flags, key=len))
+        for param, flags in named:
+            for opt in flags:
+                options.setdefault(opt[2:].replace("-", "_"), max(flags, key=len))
+        ctx = ctx.parent
+    return options
+
+
+def flag_wording(message: str, options: Mapping[str, str]) -> str:
+    """A core message in the words of the command line: each `name` becomes its flag.
+
+    ``options`` maps parameter names to flags (:func:`command_options`); a name it does not know
+    (also under its :data:`PARAM_ALIASES` entry) loses its backticks. Only a whole identifier in
+    single backticks is a name: a quoted command (`emseg lcs infer` in backticks), a name inside a
+    longer word and plain words stay as they are.
+
+    Examples
+    --------
+    >>> flag_wording("`workers` applies only when `scheduler` is 'local'",
+    ...              {"workers": "--workers", "scheduler": "--scheduler"})
+    "--workers applies only when --scheduler is 'local'"
+    >>> flag_wording("`block_shape` (4, 4) does not fit", {"block": "--block"})
+    '--block (4, 4) does not fit'
+    >>> flag_wording("`rank_tol` needs `report`", {})
+    'rank_tol needs report'
+    """
+
+    def word(match: re.Match) -> str:
+        name = match.group(1)
+        for candidate in (name, PARAM_ALIASES.get(name)):
+            if candidate in options:
+                return options[candidate]
+        return name
+
+    return _NAMED.sub(word, message)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -174,12 +235,13 @@ def common_options(func):
     return func
 
 
-def scheduler_options(scheduler_help: str, *, retries: bool = True):
-    """``--scheduler``, ``--workers`` (and ``--retries``) of commands that can run on dask.distributed."""
+def scheduler_options(scheduler_help: str, *, retries: int | None = None):
+    """``--scheduler``, ``--workers`` (and, given its default, ``--retries``) of commands that can run
+    on dask.distributed."""
 
     def decorate(func):
-        if retries:
-            func = click.option("--retries", type=click.IntRange(min=0), default=2,
+        if retries is not None:
+            func = click.option("--retries", type=click.IntRange(min=0), default=retries,
                                 help="With --scheduler: extra attempts of a failing block before giving up.")(func)
         func = click.option("--workers", type=click.IntRange(min=1), default=None,
                             help="Worker processes of --scheduler local, one thread each "

@@ -90,11 +90,13 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
 @click.option("--atlas-labels", default=None, metavar="FILE:DS",
               help="Another label image on the atlas (patch or whole atlas volume), e.g. finer labels "
                    "never seen in training.")
-@click.option("--overlap", type=float, default=0.25, help="Fraction of a window shared with its neighbours.")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian",
+@click.option("--overlap", type=float, default=InferConfig.overlap,
+              help="Fraction of a window shared with its neighbours.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default=InferConfig.blend,
               help="How overlapping windows are weighted.")
-@click.option("--batch-size", type=int, default=4, help="Windows per forward pass (encoded once, decoded once per label of a label batch).")
-@click.option("--label-batch", type=int, default=1,
+@click.option("--batch-size", type=int, default=InferConfig.batch_size,
+              help="Windows per forward pass (encoded once, decoded once per label of a label batch).")
+@click.option("--label-batch", type=int, default=InferConfig.label_batch,
               help="Labels predicted together over a block (each holds one float32 map of the block: memory "
                    "grows with this, not with the number of labels).")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")

@@ -11,13 +11,37 @@ import click
 from emseg import __version__
 from emseg.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
-from emseg.cli._ui import AppState
+from emseg.cli._ui import AppState, command_options, flag_wording
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
+
+#: ``ctx.meta`` key (meta is shared by every context of a run) of the innermost running command.
+RUNNING = "emseg.running"
+
+
+class EmsegContext(click.Context):
+    """A context that records itself as the running one when its command's callback starts.
+
+    The last recorded is the innermost command (``query select``, say), whose options an error
+    message is worded in, after its own context is gone.
+    """
+
+    def invoke(self, callback, /, *args, **kwargs):
+        self.meta[RUNNING] = self
+        return super().invoke(callback, *args, **kwargs)
+
+
+def _run_in_emseg_context(command: click.Command) -> None:
+    """Give ``command`` and every subcommand below it an :class:`EmsegContext`."""
+    command.context_class = EmsegContext
+    for sub in getattr(command, "commands", {}).values():
+        _run_in_emseg_context(sub)
 
 
 class EmsegGroup(click.Group):
     """Maps emseg's errors to one-line messages and exit codes (2 bad input, 1 unexpected)."""
+
+    context_class = EmsegContext
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["emseg.json"] = "--json" in args  # known before any option is parsed
@@ -88,6 +112,8 @@ class EmsegGroup(click.Group):
                 click.echo(f"warning: {item.message}", err=True)
             traceback.print_exception(exc, file=sys.stderr)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, InputError):  # cores name parameters (`workers`); say the flag (--workers)
+            message = flag_wording(message, command_options(ctx.meta.get(RUNNING, ctx)))
         if prefix:
             message = f"{type(exc).__name__}: {message}"
         if app is not None and app.json:
@@ -124,6 +150,7 @@ def _register() -> None:
 
     for module in (train, predict, evaluate, query, noise, igtt, lcs, export, demo):
         cli.add_command(module.command)
+        _run_in_emseg_context(module.command)
 
 
 _register()

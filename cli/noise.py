@@ -15,6 +15,7 @@ from emseg.cli._ui import (
 )
 from emseg.errors import InputError
 from emseg.io import is_ome_path, parse_spec
+from emseg.noise.blockwise import NoiseConfig, noise_file
 
 #: Mode options, in the order they are listed in messages.
 MODE_OPTIONS = ("--flip", "--sample", "--dilate", "--erode", "--skeleton", "--random", "--shift")
@@ -140,13 +141,12 @@ class _DefaultCommand(click.Command):
 @click.option("--rank-tol", type=float, default=None, metavar="TOL",
               help="With --report: singular values <= TOL count as zero in the rank "
                    "[default: 3 sampling errors, from the counts].")
-@scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.")
+@scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.",
+                   retries=NoiseConfig.retries)
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
           skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, rank_tol, scheduler,
           workers, retries):
-    from emseg.noise.blockwise import noise_file
-
     app = state()
     chosen = [name for name, on in zip(MODE_OPTIONS, (
         flip_p is not None or flip_fg is not None or flip_bg is not None, sample_p is not None,
@@ -172,12 +172,12 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     }[mode]
     if scheduler is not None and is_ome_path(parse_spec(output_spec).path):
         raise InputError("--scheduler writes plain zarr; drop it for an OME-Zarr OUTPUT", source=output_spec)
+    cfg = NoiseConfig(input=input_spec, output=output_spec, mode=mode, params=params,
+                      seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
+                      n_classes=n_classes, report=report, rank_tol=rank_tol, scheduler=scheduler, workers=workers,
+                      retries=retries)
     with progress_bar(f"noise --{mode}") as update:
-        result = noise_file(input_spec, output_spec, mode, params,
-                            seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
-                            n_classes=n_classes, report=report, rank_tol=rank_tol,
-                            progress=lambda done, total: update(done, total, "blocks"),
-                            scheduler=scheduler, workers=workers, retries=retries)
+        result = noise_file(cfg, progress=lambda done, total: update(done, total, "blocks"))
     doc = result.to_dict()
     if result.report is not None:
         from emseg.noise.figure import noise_figure

@@ -12,17 +12,18 @@ from emseg.predict import PredictConfig, predict_file
 @click.argument("input_spec", metavar="INPUT")
 @click.argument("output_spec", metavar="OUTPUT")
 @click.option("--patch", default=None, help="Window shape z,y,x or y,x [default: the training patch].")
-@click.option("--overlap", type=float, default=0.25, help="Fraction of a window shared with its neighbours.")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian",
+@click.option("--overlap", type=float, default=PredictConfig.overlap,
+              help="Fraction of a window shared with its neighbours.")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default=PredictConfig.blend,
               help="How overlapping windows are weighted.")
-@click.option("--batch-size", type=int, default=4, help="Windows per forward pass.")
-@click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default="probabilities",
+@click.option("--batch-size", type=int, default=PredictConfig.batch_size, help="Windows per forward pass.")
+@click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default=PredictConfig.output_type,
               help="Write class probabilities (C,*S) float32 or argmax labels uint8.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Run the network through torch.compile: a one-off compile (a minute or more on a CPU), then "
                    "faster windows; pays off on large volumes.")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
-@scheduler_options("One task per block; needs a zarr OUTPUT; implies --resume.")
+@scheduler_options("One task per block; needs a zarr OUTPUT; implies --resume.", retries=PredictConfig.retries)
 @click.option("--resume", is_flag=True,
               help="Write OUTPUT.partial (zarr) and, on a rerun, compute only the blocks not yet done.")
 @common_options

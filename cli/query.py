@@ -83,15 +83,15 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
 @command.command("select")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("pool", nargs=-1, required=True)
-@click.option("--strategy", default="entropy", callback=_strategy,
+@click.option("--strategy", default=QueryConfig.strategy, callback=_strategy,
               help=f"Selection rule: {', '.join(STRATEGIES)}.")
-@click.option("--n", "n", type=int, default=20, help="Number of patches to choose.")
+@click.option("--n", "n", type=int, default=QueryConfig.n, help="Number of patches to choose.")
 @click.option("--patch", default=None, help="Patch shape z,y,x or y,x [default: the training patch].")
 @click.option("--out", default=None, help="Ranked list as JSON (and CSV with the same stem).")
-@click.option("--mc-samples", type=int, default=10, help="Dropout passes for bald.")
+@click.option("--mc-samples", type=int, default=QueryConfig.mc_samples, help="Dropout passes for bald.")
 @click.option("--candidates", type=int, default=None,
               help="Score this many random positions [default: a regular grid of patches].")
-@click.option("--reduction", type=click.Choice(["mean", "sum"]), default="mean",
+@click.option("--reduction", type=click.Choice(["mean", "sum"]), default=QueryConfig.reduction,
               help="Pixel scores to patch score: mean or sum.")
 @click.option("--exclude", multiple=True, metavar="[I=]LABELS",
               help="Label volume (-1 = unlabelled) of pool volume I; patches touching labels >= 0 are "
@@ -99,12 +99,12 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
 @click.option("--exclude-boxes", multiple=True, type=click.Path(dir_okay=False),
               help="JSON of an earlier query: its boxes are skipped (and serve as labelled centres). "
                    "Repeatable.")
-@click.option("--batch-size", type=int, default=8, help="Patches per forward pass.")
+@click.option("--batch-size", type=int, default=QueryConfig.batch_size, help="Patches per forward pass.")
 @click.option("--export", default=None, type=click.Path(dir_okay=False),
               help="HDF5 file for the chosen crops (crop_000/raw, label filled with -1, info).")
 @click.option("--sheet", default=None, type=click.Path(dir_okay=False),
               help="PNG contact sheet of the chosen patches beside their uncertainty maps (needs matplotlib).")
-@scheduler_options("Scores the pool in tasks of 256 candidates.", retries=False)
+@scheduler_options("Scores the pool in tasks of 256 candidates.")
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,

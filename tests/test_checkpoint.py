@@ -97,7 +97,7 @@ def test_parameter_and_activation_limits():
     # base_width 2**12 at depth 4: widths up to 65536, far beyond the parameter budget
     assert count_parameters({"depth": 4, "base_width": 4096}) > MAX_PARAMETERS
     check_model_config(TINY, source="m.pt", patch=(64, 64))
-    with pytest.raises(InputError, match="choose a smaller --patch"):
+    with pytest.raises(InputError, match="choose a smaller `patch_shape`"):
         check_model_config(TINY, source="m.pt", patch=(1 << 17, 1 << 17))
     assert network_patch((1, 32, 32), TINY) == (32, 32)  # a 3D window to a 2D network
     assert network_patch((8, 32, 32), {"ndim": 3}) == (8, 32, 32)

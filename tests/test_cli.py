@@ -162,6 +162,31 @@ def test_input_errors_exit_2_with_one_line(tmp_path, runner, args, words):
     assert verbose.exit_code == 2 and "Traceback" in verbose.stderr
 
 
+def test_flag_wording_turns_parameter_names_into_the_running_commands_flags():
+    from emseg.cli import predict
+    from emseg.cli._ui import command_options, flag_wording
+
+    options = command_options(click.Context(predict.command, parent=click.Context(cli)))
+    assert options["workers"] == "--workers" and options["batch_size"] == "--batch-size"
+    assert options["compile_"] == options["compile"] == "--compile"  # parameter name and flag both reach it
+    assert options["verbose"] == "--verbose"  # the longest -- form, not -v
+    # known names (directly or by alias) become flags; unknown ones lose their backticks
+    assert flag_wording("`workers` applies only when `scheduler` is 'local'", options) == \
+        "--workers applies only when --scheduler is 'local'"
+    assert flag_wording("`block_shape` (2, 16) and `patch_shape` (1, 16, 16)", options) == \
+        "--block (2, 16) and --patch (1, 16, 16)"
+    assert flag_wording("`rank_tol` applies to `report` only", options) == "rank_tol applies to report only"
+    # a name inside a longer word or name, unquoted names and quoted commands stay as they are
+    assert flag_wording("`max_workers` of coworkers; workers", options) == "max_workers of coworkers; workers"
+    assert flag_wording("x`workers`, ``workers``", options) == "x`workers`, ``workers``"
+    assert flag_wording("use `emseg lcs infer`", options) == "use `emseg lcs infer`"
+    # the innermost command's option wins over a group option of the same name
+    noise_options = command_options(click.Context(cli.get_command(click.Context(cli), "noise").commands["synth"],
+                                                  parent=click.Context(cli)))
+    assert noise_options["seed"] == "--seed" and noise_options["halo"] == "--halo"
+    assert noise_options["flip_p"] == noise_options["flip"] == "--flip"
+
+
 def test_usage_errors_exit_2(tmp_path, runner):
     result = runner.invoke(cli, ["predict", "m.pt", "a.h5:raw", "b.h5:p", "--patch", "1,x,16"])
     assert result.exit_code == 2 and "--patch" in _error_line(result)

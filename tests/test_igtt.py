@@ -288,7 +288,7 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
     # guards: a second run into the same folder, and a resume with other options
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="pass `resume` to continue it"):
         run_igtt(img, cfg, tmp_path / "part", device="cpu", seed=3)
     with pytest.raises(InputError, match="other options"):
         run_igtt(img, IGTTConfig(**{**TINY, "shift_radius": 2}), tmp_path / "part", device="cpu", seed=3, resume=True)

@@ -460,7 +460,7 @@ def test_cli_novel_labels_and_bad_inputs(tmp_path, data_h5):
 
 
 def test_running_merge_equals_merge_labels():
-    from emseg.lcs.predict import RunningMerge
+    from emseg.lcs.merge import RunningMerge
 
     rng = np.random.default_rng(4)
     probs = rng.random((5, 300)).astype(np.float32)

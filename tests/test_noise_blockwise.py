@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 import types
+from dataclasses import replace
 
 import click
 import h5py
@@ -36,6 +37,7 @@ from emseg.noise import (
 )
 from emseg.noise.blockwise import (
     MODES,
+    NoiseConfig,
     apply_noise,
     check_params,
     estimate_max_width,
@@ -89,8 +91,8 @@ def multi(tmp_path):
 @pytest.mark.parametrize("radius,per_section", [(1, False), (2, False), (2, True)])
 def test_morphology_blockwise_equals_whole(tmp_path, multi, mode, fn, radius, per_section):
     lab, spec = multi
-    result = noise_file(spec, f"{tmp_path}/out.h5:x", mode, {"radius": radius, "per_section": per_section},
-                        block_shape=(3, 16, 16))
+    result = noise_file(NoiseConfig(spec, f"{tmp_path}/out.h5:x", mode, {"radius": radius, "per_section": per_section},
+                                    block_shape=(3, 16, 16)))
     assert result.blocks == 2 * 3 * 3
     assert result.halo == ((0 if per_section else radius), radius, radius)
     out, _ = read(f"{tmp_path}/out.h5:x")
@@ -101,8 +103,8 @@ def test_morphology_blockwise_equals_whole(tmp_path, multi, mode, fn, radius, pe
 def test_skeleton_blockwise_equals_whole_with_measured_halo(tmp_path, per_section):
     lab = blobs((4, 72, 72), n_classes=3, sigma=3.0, seed=5)
     write_h5(tmp_path / "in.h5", label=lab)
-    result = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton",
-                        {"per_section": per_section}, block_shape=(2, 24, 24))
+    result = noise_file(NoiseConfig(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton",
+                                    {"per_section": per_section}, block_shape=(2, 24, 24)))
     # the halo is the widest object, measured independently with scipy on the whole array
     if per_section:
         widest = max(ndi.distance_transform_edt(s == k).max() for s in lab for k in (1, 2))
@@ -118,8 +120,8 @@ def test_skeleton_blockwise_equals_whole_with_measured_halo(tmp_path, per_sectio
 def test_zero_halo_skeleton_differs_so_the_halo_matters(tmp_path):
     lab = blobs((1, 72, 72), n_classes=2, sigma=3.0, seed=5)
     write_h5(tmp_path / "in.h5", label=lab)
-    noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton", {"halo": 0},
-               block_shape=(1, 24, 24))
+    noise_file(NoiseConfig(f"{tmp_path}/in.h5:label", f"{tmp_path}/out.h5:sk", "skeleton", {"halo": 0},
+                           block_shape=(1, 24, 24)))
     out, _ = read(f"{tmp_path}/out.h5:sk")
     assert (out != skeleton(lab)).sum() > 20
 
@@ -160,8 +162,8 @@ def test_random_modes_blockwise_equal_whole_array_for_every_grid(tmp_path, multi
     seed = 11
     expected = whole(lab, seed)
     for block in [(2, 16, 16), (3, 7, 40), (4, 40, 44)]:
-        result = noise_file(spec, f"{tmp_path}/out.h5:{case}{block[1]}", mode, params, seed=seed,
-                            block_shape=block)
+        result = noise_file(NoiseConfig(spec, f"{tmp_path}/out.h5:{case}{block[1]}", mode, params, seed=seed,
+                                        block_shape=block))
         out, _ = read(f"{tmp_path}/out.h5:{case}{block[1]}")
         np.testing.assert_array_equal(out, expected, err_msg=f"{case} {block}")
         assert out.dtype == expected.dtype
@@ -243,7 +245,8 @@ def test_flip_counts_exact_over_the_volume_and_n_classes_global(tmp_path):
     lab[:, 8:24, 8:24] = 1
     lab[:, :4, :4] = 2
     write_h5(tmp_path / "in.h5", label=lab)
-    res = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:f", "flip", {"p": 0.3}, block_shape=(2, 16, 16))
+    res = noise_file(NoiseConfig(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:f", "flip", {"p": 0.3},
+                                 block_shape=(2, 16, 16)))
     assert res.params["n_classes"] == 3
     out, _ = read(f"{tmp_path}/o.h5:f")
     far = out[:, 16:, 16:]  # a block where the input holds classes 0 and 1 only
@@ -252,7 +255,8 @@ def test_flip_counts_exact_over_the_volume_and_n_classes_global(tmp_path):
         n_k = int((lab == k).sum())
         assert int(((lab == k) & (out != k)).sum()) == round(0.3 * n_k)
     # a grid whose blocks each hold an odd number of voxels per class gives the same labels
-    res = noise_file(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:g", "flip", {"p": 0.3}, block_shape=(1, 5, 7))
+    res = noise_file(NoiseConfig(f"{tmp_path}/in.h5:label", f"{tmp_path}/o.h5:g", "flip", {"p": 0.3},
+                                 block_shape=(1, 5, 7)))
     np.testing.assert_array_equal(read(f"{tmp_path}/o.h5:g")[0], out)
 
 
@@ -517,10 +521,10 @@ def _array(path, key=None):
 
 @needs_dask
 def test_noise_cluster_equals_in_process(tmp_path, labels_h5, client):
-    noise_file(f"{labels_h5}:label", str(tmp_path / "ref.zarr"), "flip", {"p": 0.45}, seed=4,
-                     block_shape=BLOCK, n_classes=3)
-    out = noise_file(f"{labels_h5}:label", str(tmp_path / "run.zarr/noisy/flip"), "flip", {"p": 0.45}, seed=4,
-                     block_shape=BLOCK, n_classes=3, client=client, report=True)
+    noise_file(NoiseConfig(f"{labels_h5}:label", str(tmp_path / "ref.zarr"), "flip", {"p": 0.45}, seed=4,
+                           block_shape=BLOCK, n_classes=3))
+    out = noise_file(NoiseConfig(f"{labels_h5}:label", str(tmp_path / "run.zarr/noisy/flip"), "flip", {"p": 0.45},
+                                 seed=4, block_shape=BLOCK, n_classes=3, report=True), client=client)
     a, b = _array(tmp_path / "ref.zarr"), _array(tmp_path / "run.zarr", "noisy/flip")
     np.testing.assert_array_equal(a[...], b[...])
     assert dict(a.attrs) == dict(b.attrs) and b.attrs["noise_seed"] == 4 and b.attrs["noise_mode"] == "flip"
@@ -539,29 +543,27 @@ def test_noise_cluster_equals_in_process(tmp_path, labels_h5, client):
 @needs_dask
 def test_noise_resume_after_a_failed_block_computes_only_the_rest(tmp_path, labels_h5, client, monkeypatch):
     ref = tmp_path / "ref.zarr"
-    noise_file(f"{labels_h5}:label", str(ref), "shift", {"radius": 2}, seed=1, block_shape=BLOCK)
+    shift2 = NoiseConfig(f"{labels_h5}:label", str(ref), "shift", {"radius": 2}, seed=1, block_shape=BLOCK)
+    noise_file(shift2)
     out = tmp_path / "out.zarr"
     monkeypatch.setenv(FAIL_BLOCKS_ENV, "5")
     with pytest.raises(BlockFailed, match=r"block 5 .*failed after 1 attempt"):
-        noise_file(f"{labels_h5}:label", str(out), "shift", {"radius": 2}, seed=1, block_shape=BLOCK,
-                   client=client, retries=0)
+        noise_file(replace(shift2, output=str(out), retries=0), client=client)
     partial = tmp_path / "out.zarr.partial"
     assert not out.exists() and sorted(int(p.name) for p in (partial / ".done").iterdir()) == [
         i for i in range(N_BLOCKS) if i != 5]
     # rerun: every block but 5 would fail, so success means only block 5 was computed
     monkeypatch.setenv(FAIL_BLOCKS_ENV, ",".join(str(i) for i in range(N_BLOCKS) if i != 5))
-    noise_file(f"{labels_h5}:label", str(out), "shift", {"radius": 2}, seed=1, block_shape=BLOCK, client=client)
+    noise_file(replace(shift2, output=str(out)), client=client)
     np.testing.assert_array_equal(_array(out)[...], _array(ref)[...])
     assert not partial.exists() and "emseg_resume" not in _array(out).attrs
     # a partial started with other parameters is refused, not mixed
     monkeypatch.setenv(FAIL_BLOCKS_ENV, "0")
     with pytest.raises(BlockFailed):
-        noise_file(f"{labels_h5}:label", str(tmp_path / "o2.zarr"), "shift", {"radius": 2}, seed=1,
-                   block_shape=BLOCK, client=client, retries=0)
+        noise_file(replace(shift2, output=str(tmp_path / "o2.zarr"), retries=0), client=client)
     monkeypatch.delenv(FAIL_BLOCKS_ENV)
     with pytest.raises(InputError, match="other parameters.*noise_seed 1 -> 2"):
-        noise_file(f"{labels_h5}:label", str(tmp_path / "o2.zarr"), "shift", {"radius": 2}, seed=2,
-                   block_shape=BLOCK, client=client)
+        noise_file(replace(shift2, output=str(tmp_path / "o2.zarr"), seed=2), client=client)
 
 
 def test_noise_scheduler_needs_zarr_output(tmp_path, labels_h5):
@@ -573,5 +575,5 @@ def test_noise_scheduler_needs_zarr_output(tmp_path, labels_h5):
     assert res.exit_code == 2 and "needs a zarr output" in res.output
     res = CliRunner().invoke(cli, ["noise", f"{labels_h5}:label", str(tmp_path / "o.zarr"), "--flip", "0.2",
                                    "--workers", "2"])
-    assert res.exit_code == 2 and "--scheduler local only" in res.output
+    assert res.exit_code == 2 and "--workers applies only when --scheduler is 'local'" in res.output
     assert not (tmp_path / "o.zarr").exists()

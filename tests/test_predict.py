@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -118,8 +119,27 @@ def test_cluster_needs_zarr_output(tmp_path, model_and_raw):
     ckpt, raw = model_and_raw
     with pytest.raises(InputError, match="needs a zarr output"):
         predict_file(_config(ckpt, raw, f"{tmp_path / 'o.h5'}:probs", scheduler="local", workers=1))
-    with pytest.raises(InputError, match="--workers applies to --scheduler local only"):
+    with pytest.raises(InputError, match="`workers` applies only when `scheduler` is 'local'"):
         predict_file(_config(ckpt, raw, tmp_path / "o.zarr", workers=2))
+
+
+def test_cli_words_parameter_names_as_its_flags(tmp_path, model_and_raw):
+    """The core names `workers` and `scheduler`; `emseg predict` says --workers and --scheduler."""
+    from click.testing import CliRunner
+
+    from emseg.cli.main import cli
+
+    ckpt, raw = model_and_raw
+    with pytest.raises(InputError) as info:
+        predict_file(_config(ckpt, raw, tmp_path / "o.zarr", workers=2))
+    assert "`workers`" in str(info.value) and "--workers" not in str(info.value)
+    res = CliRunner().invoke(cli, ["predict", str(ckpt), f"{raw}:raw", str(tmp_path / "o.zarr"), "--workers", "2"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: --workers applies only when --scheduler is 'local'"
+    res = CliRunner().invoke(cli, ["predict", str(ckpt), f"{raw}:raw", str(tmp_path / "o.zarr"), "--block", "2,32",
+                                   "--json"])
+    assert res.exit_code == 2 and not (tmp_path / "o.zarr").exists()
+    assert json.loads(res.stdout)["error"] == f"{raw}:raw: --block (2, 32) does not fit a 3D volume"
 
 
 def test_cli_scheduler_with_h5_output_exits_2(tmp_path, model_and_raw):

@@ -277,17 +277,17 @@ def test_kill_during_resumable_predict_then_resume_is_identical(tmp_path, model_
 def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     pytest.importorskip("distributed")
     from emseg.cluster import open_client
-    from emseg.noise.blockwise import noise_file
+    from emseg.noise.blockwise import NoiseConfig, noise_file
 
     write_h5(tmp_path / "lab.h5", label=synthetic((4, 32, 32), 3).label)
     args = (f"{tmp_path}/lab.h5:label",)
     kwargs = dict(mode="flip", params={"p": 0.3}, seed=2, block_shape=(1, 16, 16), n_classes=3)
-    noise_file(args[0], str(tmp_path / "ref.zarr"), **kwargs)
+    noise_file(NoiseConfig(args[0], str(tmp_path / "ref.zarr"), **kwargs))
     out = tmp_path / "out.zarr"
     child = _spawn(f"""
         import time
         import emseg.noise.process as per_block
-        from emseg.noise.blockwise import noise_file
+        from emseg.noise.blockwise import NoiseConfig, noise_file
         from emseg.cluster import open_client
         real, calls = per_block._apply, []
         def slow(data, block, *a, **kw):
@@ -297,7 +297,7 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
             return real(data, block, *a, **kw)
         per_block._apply = slow
         with open_client("local", workers=1, processes=False) as client:
-            noise_file({args[0]!r}, {str(out)!r}, client=client, retries=0, **{kwargs!r})
+            noise_file(NoiseConfig({args[0]!r}, {str(out)!r}, retries=0, **{kwargs!r}), client=client)
     """, tmp_path)
     done = tmp_path / "out.zarr.partial" / ".done"
     _wait_for(lambda: (done.is_dir() and len(list(done.iterdir())) >= 5) or child.poll() is not None, 120)
@@ -305,7 +305,7 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     _kill(child)
     assert not out.exists()
     with open_client("local", workers=1, processes=False) as client:
-        result = noise_file(args[0], str(out), client=client, **kwargs)
+        result = noise_file(NoiseConfig(args[0], str(out), **kwargs), client=client)
     assert result.blocks == 16
     np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...],
                                   zarr.open_array(str(tmp_path / "ref.zarr"), mode="r")[...])

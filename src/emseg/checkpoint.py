@@ -186,7 +186,7 @@ def check_model_config(config: Any, *, source: str, patch: Sequence[int] | None 
         acts = activation_elements(cfg, patch)
         if acts > MAX_ACTIVATIONS:
             raise InputError(f"a window of {tuple(patch)} through this network needs about {acts:.3g} activation "
-                             f"values (more than {MAX_ACTIVATIONS:.3g}): choose a smaller --patch", source=source)
+                             f"values (more than {MAX_ACTIVATIONS:.3g}): choose a smaller `patch_shape`", source=source)
     return dict(config)
 
 

@@ -88,7 +88,7 @@ def open_client(scheduler: str, *, workers: int | None = None, processes: bool =
     ...     report = run_blocks(fn, blocks, client=client)
     """
     if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+        raise InputError(f"`workers` must be >= 1, got {workers}")
     if scheduler == "local":
         distributed = require_distributed()
         import dask
@@ -107,10 +107,10 @@ def open_client(scheduler: str, *, workers: int | None = None, processes: bool =
             cluster.close()
         return
     if "://" not in scheduler:
-        raise InputError(f"--scheduler must be 'local' or a scheduler address such as tcp://HOST:8786, "
+        raise InputError(f"`scheduler` must be 'local' or a scheduler address such as tcp://HOST:8786, "
                          f"got {scheduler!r}")
     if workers is not None:
-        raise InputError("--workers applies to --scheduler local only (an existing cluster has its own workers)")
+        raise InputError("`workers` applies only when `scheduler` is 'local' (an existing cluster has its own workers)")
     distributed = require_distributed()
     try:
         client = distributed.Client(scheduler, timeout="20s")
@@ -353,7 +353,7 @@ def fit_chunks(block_shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, 
             fitted = max(d for d in range(1, c + 1) if b % d == 0)
             if fitted * 2 < c:
                 raise InputError(f"block {tuple(block_shape)} does not tile into chunks near {tuple(chunks)} "
-                                 f"(side {b}); choose --block sides that are multiples of {tuple(chunks)}")
+                                 f"(side {b}); choose `block_shape` sides that are multiples of {tuple(chunks)}")
             c = fitted
         out.append(c)
     return tuple(out)

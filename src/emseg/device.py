@@ -15,7 +15,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is available")
+        raise InputError(f"`device` {name!r} was requested but no CUDA GPU is available")
     try:
         return torch.device(name)
     except RuntimeError as exc:

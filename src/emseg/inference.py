@@ -298,13 +298,13 @@ def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, vo
     if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
         patch = (1,) + patch
     if len(patch) != len(volume_shape):
-        raise InputError(f"--patch {patch} does not fit a {len(volume_shape)}D volume")
+        raise InputError(f"`patch_shape` {patch} does not fit a {len(volume_shape)}D volume")
     if model_ndim == 3 and len(volume_shape) != 3:
         raise InputError("a 3D network needs a 3D volume")
     if any(p < 1 for p in patch):
-        raise InputError(f"--patch sides must be positive, got {patch}")
+        raise InputError(f"`patch_shape` sides must be positive, got {patch}")
     if model_ndim == 2 and len(patch) == 3 and patch[0] != 1:
-        raise InputError(f"--patch {patch}: a 2D network on a 3D volume needs z = 1")
+        raise InputError(f"`patch_shape` {patch}: a 2D network on a 3D volume needs z = 1")
     return patch
 
 

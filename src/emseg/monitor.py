@@ -126,7 +126,7 @@ class TrainingMonitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise InputError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+                raise InputError("`tensorboard` needs the tensorboard package (pip install tensorboard)") from None
             self._writer_cls = SummaryWriter
 
     def __call__(self, info: dict[str, Any]) -> None:

@@ -108,15 +108,15 @@ class PredictResult:
 
 
 def check_options(config: PredictConfig) -> None:
-    """Prediction options that are user input: ranges checked with the option named."""
+    """Prediction options that are user input: ranges checked with the parameter named."""
     if not 0 <= config.overlap < 1:
-        raise InputError(f"--overlap must be in [0, 1), got {config.overlap}")
+        raise InputError(f"`overlap` must be in [0, 1), got {config.overlap}")
     if config.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {config.batch_size}")
+        raise InputError(f"`batch_size` must be >= 1, got {config.batch_size}")
     if config.blend not in ("gaussian", "constant"):
-        raise InputError(f"--blend must be gaussian or constant, got {config.blend!r}")
+        raise InputError(f"`blend` must be gaussian or constant, got {config.blend!r}")
     if config.output_type not in ("probabilities", "labels"):
-        raise InputError(f"--output-type must be probabilities or labels, got {config.output_type!r}")
+        raise InputError(f"`output_type` must be probabilities or labels, got {config.output_type!r}")
 
 
 def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
@@ -130,12 +130,12 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     :func:`predict_resumable`.
     """
     if config.workers is not None and config.scheduler != "local" and client is None:
-        raise InputError("--workers applies to --scheduler local only")
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
     check_distinct(config.input, config.output)
     check_options(config)
     if config.scheduler is not None or config.resume or client is not None:
         if is_ome_path(parse_spec(config.output).path):
-            raise InputError("--scheduler/--resume write plain zarr; predict in-process for an OME-Zarr output",
+            raise InputError("`scheduler` and `resume` write plain zarr; predict in-process for an OME-Zarr output",
                              source=str(config.output))
         check_output_location(parse_spec(config.output).path)
         return predict_resumable(config, progress=progress, client=client)
@@ -157,7 +157,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         chunks = auto_chunks(shape, 4 if dtype == "float32" else 1)
         spatial_chunks = chunks[1:] if config.output_type == "probabilities" else chunks
         if config.block_shape and len(config.block_shape) != len(source.shape):
-            raise InputError(f"--block {tuple(config.block_shape)} does not fit a {len(source.shape)}D volume",
+            raise InputError(f"`block_shape` {tuple(config.block_shape)} does not fit a {len(source.shape)}D volume",
                              source=str(config.input))
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(
             source.shape, patch, spatial_chunks)
@@ -244,10 +244,10 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
     48
     """
     if config.workers is not None and config.scheduler != "local" and client is None:
-        raise InputError("--workers applies to --scheduler local only")
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
     out_spec = parse_spec(config.output)
     if out_spec.fmt != "zarr":
-        what = "--scheduler" if config.scheduler else "--resume"
+        what = "`scheduler`" if config.scheduler else "`resume`"
         raise InputError(f"{what} needs a zarr output (e.g. pred.zarr/probs): blocks are written in place by "
                          f"independent tasks, which HDF5 files do not allow", source=str(out_spec))
     if client is None and config.scheduler is not None:
@@ -276,7 +276,7 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
     spatial = chunks[len(lead):]
     block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(vol_shape, patch, spatial)
     if len(block_shape) != len(vol_shape):
-        raise InputError(f"--block {block_shape} does not fit a {len(vol_shape)}D volume")
+        raise InputError(f"`block_shape` {block_shape} does not fit a {len(vol_shape)}D volume")
     spatial = fit_chunks(block_shape, tuple(min(c, s) for c, s in zip(spatial, vol_shape)))
     chunks = lead + spatial
     blocks = plan_blocks(vol_shape, block_shape, [p // 2 for p in patch])

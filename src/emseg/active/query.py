@@ -165,18 +165,18 @@ def query_files(config: QueryConfig, *,
     t0 = time.perf_counter()
     strat = get_strategy(config.strategy)
     if isinstance(config.n, bool) or config.n < 1:
-        raise InputError(f"--n must be >= 1, got {config.n}")
+        raise InputError(f"`n` must be >= 1, got {config.n}")
     if not config.pool:
         raise InputError("no pool volume given")
     if config.workers is not None and config.scheduler != "local":
-        raise InputError("--workers applies to --scheduler local only")
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
     if config.export:
 
         inputs = [parse_spec(s).path for s in config.pool]
         inputs += [parse_spec(s).path for specs in (config.exclude_labels or {}).values() for s in specs]
         export = Path(config.export).resolve()
         if any(export == p.resolve() for p in [*inputs, Path(config.model)]):
-            raise InputError("--export would replace an input file; choose a new file", source=str(config.export))
+            raise InputError("`export` would replace an input file; choose a new file", source=str(config.export))
     for target in (config.out, config.export):
         # Fail before any output is written, so a bad --out leaves no --export file behind.
         if target:
@@ -198,12 +198,12 @@ def query_files(config: QueryConfig, *,
         if len({len(s) for s in shapes}) != 1:
             raise InputError("pool volumes must all be 2D or all 3D")
         patch = resolve_patch(config.patch_shape, trained_patch, shapes[0], model.ndim)
-        check_divisible(patch, model.divisor, source="--patch")
+        check_divisible(patch, model.divisor, source="`patch_shape`")
         squeeze_leading_axis(patch, model.ndim)
         labels: dict[int, list[Any]] = {}
         for vol_index, specs in config.exclude_labels.items():
             if not 0 <= int(vol_index) < len(sources):
-                raise InputError(f"--exclude names pool volume {vol_index}, but there are {len(sources)}")
+                raise InputError(f"`exclude_labels` names pool volume {vol_index}, but there are {len(sources)}")
             for spec in specs:
                 labels.setdefault(int(vol_index), []).append(stack.enter_context(open_volume(spec)))
         boxes, ignored = _match_boxes(config.exclude_boxes, names)

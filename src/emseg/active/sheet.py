@@ -39,7 +39,7 @@ def check_sheet_output(path: str | Path) -> Path:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise InputError("--sheet needs matplotlib (pip install 'emseg[plot]')", source=str(path)) from None
+        raise InputError("`sheet` needs matplotlib (pip install 'emseg[plot]')", source=str(path)) from None
     path = Path(path)
     check_output_location(path)
     return path

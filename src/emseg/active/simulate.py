@@ -303,7 +303,7 @@ def _check_folder(out: Path, config: SimulateConfig) -> None:
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise InputError(f"holds a simulation with a different configuration (differs in: {', '.join(diff)}); "
-                             "choose another --out", source=str(out))
+                             "choose another `out_dir`", source=str(out))
     _atomic_json(path, current)
 
 
@@ -410,7 +410,7 @@ def run_simulation(
             init_state = _read_json(init_json)
             init_idx = [int(i) for i in init_state["indices"]]
             if [offsets[i] for i in init_idx] != init_state["offsets"]:
-                raise InputError("stored initial boxes do not match the pool; choose another --out",
+                raise InputError("stored initial boxes do not match the pool; choose another `out_dir`",
                                  source=str(init_json))
         else:
             init_idx = random_select(len(pool), config.initial, _rng("initial", seed)).tolist()
@@ -447,7 +447,7 @@ def run_simulation(
                 labelled += sel
             stored_offsets = [offsets[i] for sel in state["selections"] for i in sel]
             if stored_offsets != [o for sel in state["offsets"] for o in sel]:
-                raise InputError("stored boxes do not match the pool; choose another --out", source=str(state_path))
+                raise InputError("stored boxes do not match the pool; choose another `out_dir`", source=str(state_path))
             for row in state["rows"][:done_rows]:
                 emit_row(row, False)
             prev_weights = init_dir / "last.pt"

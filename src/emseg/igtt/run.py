@@ -317,17 +317,17 @@ def run_igtt(
         saved = load_checkpoint(state_path)
         meta = saved.get("igtt") or {}
         if meta.get("resume_key") != _resume_key(cfg):
-            raise InputError("the run was made with other options (only --epochs may change on --resume)",
+            raise InputError("the run was made with other options (only `epochs` may change on `resume`)",
                              source=str(state_path))
         if meta.get("seed") != int(seed) or tuple(meta.get("shape", ())) != tuple(vol3.shape):
-            raise InputError("the run was made with another --seed or another image", source=str(state_path))
+            raise InputError("the run was made with another `seed` or another image", source=str(state_path))
         start_epoch = int(meta["epoch"])
         rows = [dict(r) for r in meta["rows"]]
         labels = meta["labels"].numpy().astype(np.int8)
         train_state = {k: v for k, v in saved.items() if k != "igtt"}
     elif state_path.exists():
-        raise InputError(f"already holds an iGTT run ({_STATE}): pass --resume to continue it or choose "
-                         "another --out", source=str(out))
+        raise InputError(f"already holds an iGTT run ({_STATE}): pass `resume` to continue it or choose "
+                         "another `out_dir`", source=str(out))
     elif train_dir.exists():
         shutil.rmtree(train_dir)  # leftovers of a first epoch that never completed
 

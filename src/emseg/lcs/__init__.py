@@ -8,39 +8,29 @@ inference runs one conditioned pass per requested label, and labels drawn on the
 trained on can be requested too.
 
 * :mod:`emseg.lcs.atlas` -- the patch-sized atlas stored in checkpoints.
-* :mod:`emseg.lcs.task` -- ``[lcs]`` config, :class:`LCSTask` for the shared training loop, baseline.
-* :mod:`emseg.lcs.predict` -- batched conditioned inference, merged label maps, output container.
+* :mod:`emseg.lcs.config` -- the ``[lcs]`` table of a training config.
+* :mod:`emseg.lcs.loss` -- the conditioned loss (soft Dice with an empty-target term, BCE).
+* :mod:`emseg.lcs.task` -- class-set sampling, :class:`LCSTask` for the shared training loop, baseline.
+* :mod:`emseg.lcs.merge` -- per-label probabilities into merged label maps, their Dice.
+* :mod:`emseg.lcs.predict` -- batched conditioned inference, output container.
 """
 from __future__ import annotations
 
 from emseg.io import OutputGroup
 from emseg.lcs.atlas import Atlas, array_sha256, choose_offset, load_atlas
+from emseg.lcs.config import LCSConfig, lcs_config_from_dict, load_lcs_config
+from emseg.lcs.loss import conditioned_loss, dice_or_empty
+from emseg.lcs.merge import DiceAccumulator, RunningMerge, merge_labels, normalised_probabilities
 from emseg.lcs.predict import (
-    DiceAccumulator,
     InferConfig,
     InferResult,
     LabelPredictor,
     LCSModel,
-    RunningMerge,
     infer_file,
     load_lcs_model,
-    merge_labels,
-    normalised_probabilities,
     parse_output,
 )
-from emseg.lcs.task import (
-    LCSConfig,
-    LCSTask,
-    binary_target,
-    channel_lut,
-    conditioned_loss,
-    dice_or_empty,
-    draw_class_set,
-    evaluate_lcs,
-    lcs_config_from_dict,
-    load_lcs_config,
-    train_lcs,
-)
+from emseg.lcs.task import LCSTask, binary_target, channel_lut, draw_class_set, evaluate_lcs, train_lcs
 
 __all__ = [
     "Atlas", "DiceAccumulator", "InferConfig", "InferResult", "LCSConfig", "LCSModel", "LCSTask",

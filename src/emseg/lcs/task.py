@@ -5,183 +5,35 @@ class (among the classes annotated in its cube): with probability ``negative_pro
 from the patch (an explicit negative: the target is empty), otherwise one present in it; with
 probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
 that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair.
-The loss (soft Dice with an empty-target term, plus BCE) is computed on that one conditioned
-channel only, in float32, and has a gradient on every patch, including those without the class.
+The loss (soft Dice with an empty-target term, plus BCE; :mod:`emseg.lcs.loss`) is computed on
+that one conditioned channel only, in float32, and has a gradient on every patch, including those
+without the class. The ``[lcs]`` settings are :class:`~emseg.lcs.config.LCSConfig`.
 
 With ``baseline`` the same backbone gets K+1 output channels (background + the classes, in the
 order of ``classes``), no conditioning, and the lazy-label NLL (plus optional soft Dice).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from emseg.blocks import Block
 from emseg.checkpoint import load_checkpoint
-from emseg.config import TrainConfig, load_config
+from emseg.config import TrainConfig
 from emseg.data import Augmenter, PatchSampler, open_cubes
 from emseg.errors import InputError
-from emseg.blocks import Block
 from emseg.inference import predict_array
-from emseg.io import parse_spec
 from emseg.lcs.atlas import Atlas, load_atlas
-from emseg.lcs.predict import DiceAccumulator, LabelPredictor
+from emseg.lcs.config import LCSConfig, check_lcs_config
+from emseg.lcs.loss import conditioned_loss
+from emseg.lcs.merge import DiceAccumulator
+from emseg.lcs.predict import LabelPredictor
 from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.training import TrainResult, run_training
-
-DICE_MODES = ("class", "batch", "sample")
-LCS_CONDITIONINGS = ("prototype", "atlas")
-
-
-@dataclass(frozen=True)
-class LCSConfig:
-    """The ``[lcs]`` table of a training config.
-
-    Attributes
-    ----------
-    classes : tuple of int
-        Classes the model learns (values 1..n_classes-1); default all foreground classes.
-    atlas_raw, atlas_label : str or None
-        Atlas image and label volumes (required unless ``baseline``); relative paths are resolved
-        against the config file's folder.
-    atlas_offset : tuple of int or None
-        Corner of the patch-sized atlas crop in the atlas volume (volume axes); default: the
-        window on a half-patch grid that contains the most classes, then the most voxels of the
-        rarest one, nearest to the centre.
-    merge_prob : float
-        Probability that a second class is merged into a sample's target and atlas mask.
-    negative_prob : float
-        Probability that a sample is conditioned on a class absent from its patch (when the
-        patch lacks one of the annotated classes); otherwise on a class present in it.
-    bce_weight : float
-        Weight of the binary cross-entropy term (mean over each patch's voxels, then over the
-        batch) added to the soft Dice loss.
-    dice : {"class", "batch", "sample"}
-        How the soft Dice of a batch is formed. ``class`` (default): pooled over the patches
-        conditioned on the same class set, then averaged over the sets in the batch (every class
-        weighs the same). ``batch``: pooled over the whole batch (large classes dominate).
-        ``sample``: mean of per-patch Dice. A pool with an empty target scores the mean predicted
-        probability instead of its Dice (which would be constant), so it still has a gradient.
-    conditioning : {"prototype", "atlas"}
-        How the network reads the condition (:mod:`emseg.models.conditioning`): ``prototype``
-        (default), class prototypes of the atlas applied by FiLM; ``atlas``, the seed's atlas
-        image and mask, area-pooled to the bottleneck.
-    baseline : bool
-        Train the multi-channel baseline instead (``emseg lcs train --baseline``).
-    baseline_dice_weight : float
-        Baseline only: weight of the mean soft Dice of the foreground channels added to the NLL.
-    """
-
-    classes: tuple[int, ...] = ()
-    atlas_raw: str | None = None
-    atlas_label: str | None = None
-    atlas_offset: tuple[int, ...] | None = None
-    merge_prob: float = 0.5
-    negative_prob: float = 0.3
-    bce_weight: float = 1.0
-    dice: str = "class"
-    conditioning: str = "prototype"
-    baseline: bool = False
-    baseline_dice_weight: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["classes"] = [int(c) for c in self.classes]
-        out["atlas_offset"] = None if self.atlas_offset is None else [int(o) for o in self.atlas_offset]
-        return out
-
-
-def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: str | Path = ".",
-                         baseline: bool | None = None, source: str = "[lcs]") -> LCSConfig:
-    """Build and check an :class:`LCSConfig` from the ``[lcs]`` table (a mapping).
-
-    Examples
-    --------
-    >>> lcs_config_from_dict({"classes": [1, 2], "atlas_raw": "a.h5:raw", "atlas_label": "a.h5:label"},
-    ...                      n_classes=3).classes
-    (1, 2)
-    """
-    data = dict(data)
-    names = {f.name for f in dataclasses.fields(LCSConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in [lcs] (known: {', '.join(sorted(names))})",
-                         source=source)
-    if baseline is not None:
-        data["baseline"] = bool(baseline)
-    base = Path(base_dir)
-    for key in ("atlas_raw", "atlas_label"):
-        if data.get(key) is not None:
-            spec = parse_spec(str(data[key]))
-            path = spec.path if spec.path.is_absolute() else base / spec.path
-            data[key] = str(dataclasses.replace(spec, path=path))
-    try:
-        classes = data.get("classes")
-        data["classes"] = (tuple(range(1, n_classes)) if classes is None
-                           else tuple(_as_int(c, "classes") for c in classes))
-        if data.get("atlas_offset") is not None:
-            data["atlas_offset"] = tuple(_as_int(o, "atlas_offset") for o in data["atlas_offset"])
-        for key in ("merge_prob", "negative_prob", "bce_weight", "baseline_dice_weight"):
-            if key in data:
-                data[key] = float(data[key])
-        config = LCSConfig(**data)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"[lcs]: {exc}".splitlines()[0], source=source) from None
-    check_lcs_config(config, n_classes, source=source)
-    return config
-
-
-def _as_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{key} must hold integers, got {value!r}")
-    return int(value)
-
-
-def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]") -> None:
-    """Consistency checks of an :class:`LCSConfig` against ``n_classes``."""
-    if not config.classes:
-        raise InputError("[lcs] classes is empty (need at least one class)", source=source)
-    bad = [c for c in config.classes if not 1 <= c < n_classes]
-    if bad:
-        raise InputError(f"[lcs] classes must lie in 1..{n_classes - 1} (n_classes={n_classes}), got {bad[0]}",
-                         source=source)
-    if len(set(config.classes)) != len(config.classes):
-        raise InputError(f"[lcs] classes has duplicates: {list(config.classes)}", source=source)
-    if not 0 <= config.merge_prob <= 1:
-        raise InputError(f"[lcs] merge_prob must be in [0, 1], got {config.merge_prob}", source=source)
-    if not 0 <= config.negative_prob <= 1:
-        raise InputError(f"[lcs] negative_prob must be in [0, 1], got {config.negative_prob}", source=source)
-    if config.conditioning not in LCS_CONDITIONINGS:
-        raise InputError(f"[lcs] conditioning must be one of {', '.join(LCS_CONDITIONINGS)}, "
-                         f"got {config.conditioning!r}", source=source)
-    if config.bce_weight < 0 or config.baseline_dice_weight < 0:
-        raise InputError("[lcs] bce_weight and baseline_dice_weight must be >= 0", source=source)
-    if not isinstance(config.baseline, bool):
-        raise InputError(f"[lcs] baseline must be true or false, got {config.baseline!r}", source=source)
-    if config.dice not in DICE_MODES:
-        raise InputError(f"[lcs] dice must be one of {', '.join(DICE_MODES)}, got {config.dice!r}", source=source)
-    if not config.baseline and (not config.atlas_raw or not config.atlas_label):
-        raise InputError("[lcs] needs atlas_raw and atlas_label (e.g. atlas_raw = \"f.h5:raw\")", source=source)
-
-
-def load_lcs_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
-                    baseline: bool | None = None) -> tuple[TrainConfig, LCSConfig]:
-    """Read a training config with an ``[lcs]`` table: ``(TrainConfig, LCSConfig)``.
-
-    Examples
-    --------
-    >>> config, lcs = load_lcs_config("lcs.toml", overrides={"steps": 100})  # doctest: +SKIP
-    """
-    config = load_config(path, overrides=overrides, sections=("lcs",))
-    table = config.sections.get("lcs", {})
-    return config, lcs_config_from_dict(table, n_classes=config.n_classes, base_dir=Path(path).parent,
-                                        baseline=baseline, source=str(path))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -383,66 +235,6 @@ class LCSTask:
 def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
     out = (target == channel).long()
     return torch.where(target < 0, torch.full_like(out, -1), out)
-
-
-def dice_or_empty(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Soft Dice loss of one pool of voxels, or the mean probability where the target is empty.
-
-    ``1 - (2 sum p t + eps) / (sum p + sum t + eps)`` over the voxels with ``target >= 0``; when no
-    such voxel has ``target == 1`` the Dice would be a constant (0 or 1) with no useful gradient,
-    so the loss is the mean predicted probability there (0 for an empty output, 1 for a full one).
-
-    Examples
-    --------
-    >>> float(dice_or_empty(torch.tensor([0.25, 0.75]), torch.tensor([0, 0])))
-    0.5
-    """
-    keep = (target >= 0).to(probs.dtype)
-    t = (target == 1).to(probs.dtype)
-    p = probs * keep
-    tsum = t.sum()
-    if tsum == 0:
-        return p.sum() / keep.sum().clamp(min=1.0)
-    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + tsum + eps)
-
-
-def conditioned_loss(logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0,
-                     dice: str = "class", groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft Dice of ``sigmoid(logits)`` (B, 1, *P) against a {-1, 0, 1} target, plus weighted BCE.
-
-    ``dice="class"`` pools the Dice over the patches that share a ``groups`` id (the same class set)
-    and averages over the groups; ``"batch"`` pools over the whole batch; ``"sample"`` averages
-    per-patch Dice. A pool whose target is empty scores its mean probability
-    (:func:`dice_or_empty`). The BCE is the mean over each patch's voxels that are not ignored,
-    averaged over the patches with such voxels. Computed in float32 whatever the logits' dtype.
-
-    Examples
-    --------
-    >>> t = torch.tensor([[[1, 0], [0, -1]]])
-    >>> float(conditioned_loss(torch.full((1, 1, 2, 2), 9.0), t, bce_weight=0.0)) > 0.3
-    True
-    """
-    if dice not in DICE_MODES:
-        raise InputError(f"dice must be one of {DICE_MODES}, got {dice!r}")
-    logits = logits.float()
-    probs = torch.sigmoid(logits[:, 0])
-    if dice == "class" and groups is not None:
-        losses = [dice_or_empty(probs[groups == g], target[groups == g]) for g in torch.unique(groups)]
-    elif dice == "sample":
-        losses = [dice_or_empty(probs[b], target[b]) for b in range(probs.shape[0])]
-    else:
-        losses = [dice_or_empty(probs, target)]
-    loss = torch.stack(losses).mean()
-    if bce_weight:
-        mask = (target >= 0).to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits[:, 0], target.clamp(min=0).to(logits.dtype),
-                                                 reduction="none") * mask
-        dims = tuple(range(1, bce.dim()))
-        count = mask.sum(dims)
-        per_patch = bce.sum(dims) / count.clamp(min=1.0)
-        valid = (count > 0).to(logits.dtype)
-        loss = loss + bce_weight * (per_patch * valid).sum() / valid.sum().clamp(min=1.0)
-    return loss
 
 
 def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | None = None,

@@ -2,7 +2,8 @@
 
 See :mod:`emseg.noise.synthesis` (RCL, RL, shift) and :mod:`emseg.noise.morphology` (PCL) for
 the perturbations, :mod:`emseg.noise.streams` for the voxel-keyed random streams they draw from,
-:mod:`emseg.noise.transition` for noise transition matrices, :mod:`emseg.noise.params`,
+:mod:`emseg.noise.transition` for noise transition matrices, :mod:`emseg.noise.report` for the
+report of a noisy volume against its clean labels, :mod:`emseg.noise.params`,
 :mod:`emseg.noise.process` and :mod:`emseg.noise.blockwise` for a run on a volume on disk.
 """
 
@@ -19,14 +20,12 @@ from emseg.noise.synthesis import (
     sample,
     shift,
 )
+from emseg.noise.report import TransitionCounter, noise_report, report_from_counts
 from emseg.noise.transition import (
-    TransitionCounter,
     TransitionMatrix,
     flip_matrix,
-    noise_report,
     random_label_matrix,
     rank_statistics,
-    report_from_counts,
     transition_from_counts,
     transition_matrix,
 )

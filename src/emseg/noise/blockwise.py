@@ -58,10 +58,11 @@ from emseg.noise.process import (
     process_block,
     selection_for,
 )
-from emseg.noise.transition import TransitionCounter
+from emseg.noise.report import TransitionCounter
 
 __all__ = [
     "MODES",
+    "NoiseConfig",
     "NoiseResult",
     "apply_noise",
     "block_chunks",
@@ -153,35 +154,22 @@ def _same_volume(a: Any, b: Any) -> bool:
     return a.fmt == b.fmt and a.key == b.key and Path(a.path).resolve() == Path(b.path).resolve()
 
 
-def noise_file(
-    input_spec: str,
-    output_spec: str,
-    mode: str,
-    params: Mapping[str, Any] | None = None,
-    *,
-    seed: int = 0,
-    block_shape: Sequence[int] | None = None,
-    n_classes: int | None = None,
-    report: bool = False,
-    rank_tol: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    retries: int = 2,
-    client: Any = None,
-) -> NoiseResult:
-    """Write a noisy copy of the label volume ``input_spec`` to ``output_spec``.
+@dataclass(frozen=True)
+class NoiseConfig:
+    """What :func:`noise_file` writes, and how (the options of ``emseg noise``).
 
-    Parameters
+    Attributes
     ----------
-    input_spec, output_spec : str
+    input, output : str
         ``FILE.h5:DATASET`` or ``FILE.zarr[/ARRAY]``; they must differ.
-    mode, params
-        As in :func:`check_params`.
+    mode : str
+        One of :data:`MODES`.
+    params : mapping
+        The mode's parameters, as in :func:`check_params` (missing or ``None``: the default).
     seed : int >= 0
         Seed of the random modes (recorded for the others too).
-    block_shape : sequence of int, optional
-        Block grid (default :func:`default_block_shape`).
+    block_shape : tuple of int, optional
+        Block grid (default :func:`default_block_shape`); the output does not depend on it.
     n_classes : int >= 2, optional
         Number of classes: the default ``n_classes`` of ``flip``/``random`` and the
         size of the report; clean labels must be below it.
@@ -191,8 +179,6 @@ def noise_file(
     rank_tol : float, optional
         Absolute singular-value tolerance of the report's ``rank`` (default: three sampling
         errors derived from the counts, :func:`~emseg.noise.rank_statistics`).
-    progress : callable, optional
-        ``progress(done_blocks, total_blocks)``.
     scheduler : str, optional
         ``"local"`` or ``"tcp://HOST:PORT"``: compute the blocks as tasks of a dask.distributed
         cluster (see :func:`emseg.cluster.run_blocks`), written in place into a resumable
@@ -201,8 +187,42 @@ def noise_file(
         Worker processes of ``scheduler="local"``.
     retries : int
         Extra attempts of a failing block on a cluster.
+
+    Examples
+    --------
+    >>> NoiseConfig("stack.h5:label", "noisy.h5:flip45", "flip", {"p": 0.45}).retries
+    2
+    """
+
+    input: str
+    output: str
+    mode: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    block_shape: tuple[int, ...] | None = None
+    n_classes: int | None = None
+    report: bool = False
+    rank_tol: float | None = None
+    scheduler: str | None = None
+    workers: int | None = None
+    retries: int = 2
+
+
+def noise_file(
+    config: NoiseConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    client: Any = None,
+) -> NoiseResult:
+    """Write a noisy copy of the label volume ``config.input`` to ``config.output``.
+
+    Parameters
+    ----------
+    config : NoiseConfig
+    progress : callable, optional
+        ``progress(done_blocks, total_blocks)``.
     client : distributed.Client, optional
-        An open client to use instead of ``scheduler``.
+        An open client to use instead of ``config.scheduler``.
 
     Returns
     -------
@@ -222,10 +242,12 @@ def noise_file(
 
     Examples
     --------
-    >>> noise_file("stack.h5:label", "noisy.h5:label", "flip", {"p": 0.45}, seed=1)  # doctest: +SKIP
+    >>> noise_file(NoiseConfig("stack.h5:label", "noisy.h5:label", "flip", {"p": 0.45}, seed=1))  # doctest: +SKIP
     """
+    mode, n_classes, rank_tol = config.mode, config.n_classes, config.rank_tol
+    scheduler, workers = config.scheduler, config.workers
     try:
-        checked = check_params(mode, params)
+        checked = check_params(mode, config.params)
         if n_classes is not None:
             n_classes = check_int(n_classes, "n_classes", minimum=2)
             if mode in ("flip", "random"):
@@ -234,21 +256,21 @@ def noise_file(
                         f"n_classes given twice: {checked['n_classes']} and {n_classes}"
                     )
                 checked = check_params(mode, {**checked, "n_classes": n_classes})
-        seed = check_int(seed, "seed", minimum=0)
+        seed = check_int(config.seed, "seed", minimum=0)
         if rank_tol is not None and not (isinstance(rank_tol, (int, float)) and 0 <= rank_tol < float("inf")):
             raise ValueError(f"rank tolerance must be a finite number >= 0, got {rank_tol!r}")
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    in_spec, out_spec = parse_spec(input_spec), parse_spec(output_spec)
+    in_spec, out_spec = parse_spec(config.input), parse_spec(config.output)
     if _same_volume(in_spec, out_spec):
         raise InputError("OUTPUT must differ from INPUT (the clean labels are kept)", source=str(out_spec))
     check_distinct(in_spec, out_spec)  # an OUTPUT group or zarr root holding INPUT
     on_cluster = scheduler is not None or client is not None
     if on_cluster and out_spec.fmt != "zarr":
-        raise InputError("--scheduler needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
+        raise InputError("`scheduler` needs a zarr output (e.g. noisy.zarr/flip45): blocks are written in place "
                          "by independent tasks, which HDF5 files do not allow", source=str(out_spec))
     if workers is not None and scheduler != "local":
-        raise InputError("--workers applies to --scheduler local only")
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
     if on_cluster:
         check_output_location(out_spec.path)
     else:
@@ -262,7 +284,7 @@ def noise_file(
         if source.dtype.kind not in "biu":
             raise InputError(f"labels must be integers, found {source.dtype}", source=src)
         try:
-            blocks_shape = check_block_shape(block_shape, source.shape)
+            blocks_shape = check_block_shape(config.block_shape, source.shape)
             resolved = resolve_params(source, mode, checked, block_shape=blocks_shape)
             selection = selection_for(source, mode, resolved, seed, block_shape=blocks_shape)
         except ValueError as exc:
@@ -274,13 +296,13 @@ def noise_file(
             f":{in_spec.key}" if in_spec.fmt == "h5" else (f"/{in_spec.key}" if in_spec.key else ""))
         attrs = provenance(mode, resolved, seed, abs_source, blocks_shape, halo)
         k_min = n_classes if n_classes is not None else resolved.get("n_classes")
-        counter = TransitionCounter(k_min) if report else None
+        counter = TransitionCounter(k_min) if config.report else None
         if on_cluster:
             job = NoiseJob(input=abs_source, mode=mode, params=dict(resolved), seed=seed, n_classes=n_classes,
                            selection=selection)
             shape, dtype, seconds = _noise_resumable(
                 job, out_spec, source.shape, dtype, block_chunks(blocks_shape, dtype.itemsize), attrs, blocks,
-                scheduler=scheduler, workers=workers, retries=retries, client=client, progress=progress)
+                scheduler=scheduler, workers=workers, retries=config.retries, client=client, progress=progress)
             if counter is not None:
                 _count_transitions(source, str(out_spec), blocks, counter)
             return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,

@@ -2,7 +2,8 @@
 
 Every check returns the validated value or raises :class:`ValueError` with one line naming the
 parameter; the callers (:mod:`emseg.noise.synthesis`, :mod:`emseg.noise.morphology`,
-:mod:`emseg.noise.params`, :mod:`emseg.noise.transition`) prefix the mode where it helps.
+:mod:`emseg.noise.params`, :mod:`emseg.noise.transition`, :mod:`emseg.noise.report`) prefix the
+mode where it helps.
 """
 
 from __future__ import annotations

@@ -442,6 +442,6 @@ def estimate_max_width(
         if best > m:
             raise ValueError(
                 f"objects are wider than {2 * m} voxels, beyond what the width scan measures; "
-                "give the skeleton halo explicitly (emseg noise --halo)"
+                "give the skeleton halo explicitly (`halo`)"
             )
     return int(np.ceil(2 * best))

@@ -43,9 +43,9 @@ from emseg.noise.params import (
     output_dtype,
     require_resolved,
 )
+from emseg.noise.report import TransitionCounter
 from emseg.noise.streams import Selection, linear_index, selection_from_chunks, stream_key
 from emseg.noise.synthesis import flip_at, random_at, sample_at, shift_at
-from emseg.noise.transition import TransitionCounter
 
 __all__ = [
     "NoiseJob",
