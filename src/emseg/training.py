@@ -330,8 +330,8 @@ def run_training(
         _restore_rng(rng, pg.rng_state(state, str(last_path)))
         window0 = state.get("log_window") or {}
     elif last_path.exists():
-        raise InputError("already holds a training run (last.pt): pass --resume to continue it or choose "
-                         "another --out", source=str(out))
+        raise InputError("already holds a training run (last.pt): pass `resume` to continue it or choose "
+                         "another `out_dir`", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
                      resume_step=step if resume else None) if pg.is_main else None
     total = config.total_steps
