@@ -12,8 +12,10 @@ import click
 from rich.table import Table
 
 from emseg.active import STRATEGIES, get_strategy
+from emseg.active.answers import answers_to_cubes
 from emseg.active.export import crop_name, read_query_boxes
 from emseg.active.query import QueryConfig, query_files
+from emseg.active.questions import CostModel, parse_costs
 from emseg.active.sheet import check_sheet_output, write_query_sheet
 from emseg.active.simulate import load_simulate_config, run_simulation
 from emseg.cli._ui import (
@@ -40,6 +42,7 @@ def command() -> None:
     \b
     emseg query MODEL POOL... [OPTIONS]     rank candidate patches (the `select` subcommand)
     emseg query simulate CONFIG --out DIR   simulated experiment with ground truth as oracle
+    emseg query answers ANSWERS --out H5    answered presence questions -> lazy training cubes
 
     \b
     Examples:
@@ -104,11 +107,22 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
               help="HDF5 file for the chosen crops (crop_000/raw, label filled with -1, info).")
 @click.option("--sheet", default=None, type=click.Path(dir_okay=False),
               help="PNG contact sheet of the chosen patches beside their uncertainty maps (needs matplotlib).")
+@click.option("--ask", default="dense", show_default=True, metavar="TYPES",
+              help="Question types: dense (label patches, ranked by --strategy), partial (one class of a "
+                   "patch), presence (is class k in this box?), auto (all three by value/cost within "
+                   "--budget), A+B, or a fixed mix A=0.7+B=0.3. Presence questions come with an answers "
+                   "file beside --out (STEM.answers.json).")
+@click.option("--budget", type=float, default=None, metavar="SECONDS",
+              help="Annotator seconds to spend (--ask auto or a mix; with partial/presence instead of --n).")
+@click.option("--costs", default=None, metavar="NAME=SECONDS,...",
+              help=f"Cost model: dense and partial in seconds per voxel, presence per question "
+                   f"[default: dense={CostModel().dense_cost_per_voxel:g},partial="
+                   f"{CostModel().partial_cost_per_voxel:g},presence={CostModel().presence_cost:g}].")
 @scheduler_options("Scores the pool in tasks of 256 candidates.")
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,
-                   exclude_boxes, batch_size, export, sheet, scheduler, workers):
+                   exclude_boxes, batch_size, export, sheet, ask, budget, costs, scheduler, workers):
     """Rank candidate patches of the POOL volumes by STRATEGY with the checkpoint MODEL.
 
     Writes the top --n patches (volume, offset z,y,x, shape, score, rank) to --out as JSON and
@@ -132,7 +146,7 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
                       candidates=candidates, mc_samples=mc_samples, reduction=reduction, batch_size=batch_size,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
                       export=export, seed=app.seed, device=app.device, precision=app.precision or "auto",
-                      scheduler=scheduler, workers=workers)
+                      scheduler=scheduler, workers=workers, ask=ask, budget=budget, costs=parse_costs(costs))
     if sheet:
         check_sheet_output(sheet)
     with progress_bar(f"query {strategy}") as update:
@@ -142,14 +156,24 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
                                                         seed=app.seed))
 
     def render(console):
-        table = Table(title=f"{len(result.queries)} patches by {result.strategy} "
+        what = "questions" if result.questions else "patches"
+        table = Table(title=f"{len(result.queries)} {what} by {result.strategy} "
                             f"(of {result.n_candidates} candidates, {result.n_excluded} excluded)")
-        for col in ("rank", "volume", f"offset ({result.axes})", "shape", "score"):
-            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        asked = result.questions is not None
+        for col in ("rank", "volume", f"offset ({result.axes})", "shape", "score") + (
+                ("question", "class", "cost s") if asked else ()):
+            table.add_column(col, justify="right" if col in ("rank", "score", "class", "cost s") else "left")
         for q in result.queries:
+            extra = (q.kind, "-" if q.klass is None else str(q.klass), fmt(q.cost, 1)) if asked else ()
             table.add_row(str(q.rank), q.volume, ",".join(map(str, q.box.offset)), ",".join(map(str, q.box.shape)),
-                          fmt(q.score) if q.score is not None and math.isfinite(q.score) else "-")
+                          fmt(q.score) if q.score is not None and math.isfinite(q.score) else "-", *extra)
         console.print(table)
+        if asked:
+            console.print(f"spent {result.questions['spent']:.1f} s of annotation"
+                          + (f" of a {result.questions['budget']:g} s budget" if result.questions["budget"] else ""))
+        if "answers" in result.outputs:
+            console.print(f"wrote {result.outputs['answers']}: set each answer to true or false, then "
+                          f"emseg query answers {result.outputs['answers']} --out cubes.h5")
         if "json" in result.outputs:
             console.print(f"wrote {result.outputs['json']} and {result.outputs['csv']}")
         if "sheet" in result.outputs:
@@ -158,6 +182,37 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
             console.print(f"wrote {len(result.queries)} crops to {export}; after labelling, list them in a "
                           f"train config, e.g.:\n[[train]]\nraw = \"{Path(export).name}:{crop_name(1)}/raw\"\n"
                           f"label = \"{Path(export).name}:{crop_name(1)}/label\"", markup=False)
+
+    emit(result.to_dict(), render)
+
+
+@command.command("answers")
+@click.argument("answers", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 file for the lazy cubes (cube_000/raw, label all -1, info).")
+@common_options
+def answers_command(answers, out):
+    """Turn the answered presence questions of ANSWERS (JSON) into lazy training cubes.
+
+    Each box answered "no" for some classes becomes one cube: raw crop, labels all -1 and an
+    info dataset flagging those classes not present. "Yes" answers flag nothing; unanswered
+    (null) entries are skipped. A bad answers file is refused whole and nothing is written.
+
+    \b
+    Example:
+      emseg query answers queries.answers.json --out cubes.h5
+    """
+    with progress_bar("cubes") as update:
+        result = answers_to_cubes(answers, out, progress=lambda done, total: update(done, total, "cubes"))
+
+    def render(console):
+        console.print(f"{result.n_no} no, {result.n_yes} yes, {result.n_unanswered} unanswered of "
+                      f"{result.n_questions} questions; wrote {len(result.cubes)} lazy cubes to {result.out}")
+        if result.cubes:
+            name = Path(result.out).name
+            console.print(f"list them in a train config (a low prio suits lazy cubes), e.g.:\n[[train]]\n"
+                          f"raw = \"{name}:{result.cubes[0]['name']}/raw\"\nlabel = \"{name}:"
+                          f"{result.cubes[0]['name']}/label\"\nprio = 0.2", markup=False)
 
     emit(result.to_dict(), render)
 

@@ -14,7 +14,7 @@ def test_cli_reference_is_current():
 
 def test_every_command_is_documented():
     text = (DOCS / "cli.md").read_text()
-    for name in ("train", "predict", "evaluate", "query", "query simulate", "noise", "noise igtt", "igtt",
+    for name in ("train", "predict", "evaluate", "query", "query answers", "query simulate", "noise", "noise igtt", "igtt",
                  "lcs train", "lcs infer", "demo"):
         assert f"## `emseg {name}`" in text
 

@@ -6,6 +6,8 @@ and/or embeddings into indices to label; :data:`STRATEGIES` names the combinatio
 by batch (in this process or on a cluster), :mod:`~emseg.active.selection` picks a batch,
 :mod:`~emseg.active.query` is the ``emseg query`` pipeline, :mod:`~emseg.active.export` writes the
 queries and crops, and :mod:`~emseg.active.simulate` runs the simulated active-learning experiment.
+:mod:`~emseg.active.questions` asks cheaper questions than dense patches (partial, presence) within
+an annotation budget, and :mod:`~emseg.active.answers` turns answered presence questions into lazy cubes.
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ from .diversity import (
     random_select,
     select_top,
 )
+from .answers import answers_to_cubes, read_answers
 from .export import export_crops, read_query_boxes, write_queries
 from .pool import Box, CandidatePool, build_pool
 from .query import Query, QueryConfig, QueryResult, query_files
+from .questions import QUESTION_TYPES, CostModel, build_questions, parse_ask, select_questions
 from .registry import KINDS, STRATEGIES, Strategy, get_strategy
-from .scores import REDUCTIONS, BaldAccumulator, bald, entropy, least_confidence
+from .scores import (
+    REDUCTIONS,
+    BaldAccumulator,
+    bald,
+    class_mass,
+    class_statistics,
+    entropy,
+    least_confidence,
+    uncertain_class_mass,
+)
 from .scoring import PoolScores, score_pool
 from .selection import select
 from .simulate import SimulateConfig, SimulationResult, load_simulate_config, run_simulation
@@ -60,5 +73,15 @@ __all__ = [
     "SimulationResult",
     "load_simulate_config",
     "run_simulation",
+    "QUESTION_TYPES",
+    "CostModel",
+    "answers_to_cubes",
+    "build_questions",
+    "class_mass",
+    "class_statistics",
+    "parse_ask",
+    "read_answers",
+    "select_questions",
+    "uncertain_class_mass",
 ]
 

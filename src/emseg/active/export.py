@@ -92,11 +92,13 @@ def write_queries(result: Any, out: str | Path) -> tuple[Path, Path]:
     axes = doc["axes"]
     buf = io.StringIO()
     writer = csv.writer(buf)
+    extra = ["question", "class", "cost"] if "ask" in doc else []  # the columns of --ask questions
     writer.writerow(["rank", "volume", "volume_index", *axes, *(f"size_{a}" for a in axes),
-                     "score", "strategy"])
+                     "score", "strategy", *extra])
     for q in doc["queries"]:
         writer.writerow([q["rank"], q["volume"], q["volume_index"], *q["offset"], *q["shape"],
-                         "" if q["score"] is None else repr(q["score"]), q["strategy"]])
+                         "" if q["score"] is None else repr(q["score"]), q["strategy"],
+                         *("" if q[c] is None else q[c] for c in extra)])
     atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     atomic_write_text(csv_path, buf.getvalue())
     return json_path, csv_path
@@ -130,6 +132,7 @@ def export_crops(
     queries: Sequence[Any],
     *,
     n_classes: int,
+    infos: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Write each query's raw crop, an all -1 label and a default ``info`` to an HDF5 file.
 
@@ -145,6 +148,9 @@ def export_crops(
         Ranked queries (:func:`~emseg.active.pool.rank_queries`).
     n_classes : int
         Number of classes of the ``info`` dataset.
+    infos : sequence of numpy.ndarray, optional
+        ``(2, n_classes)`` ``info`` of each query (default: every class labelled, none absent), e.g.
+        ``mask_class_labeled`` = one class for a partial question.
 
     Returns
     -------
@@ -166,7 +172,7 @@ def export_crops(
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = "emseg-query-crops"
             fh.attrs["n_classes"] = n_classes
-            for q in queries:
+            for j, q in enumerate(queries):
                 box = q.box
                 raw = np.asarray(sources[box.volume][box.slices()])
                 group = fh.create_group(crop_name(q.rank))
@@ -174,7 +180,10 @@ def export_crops(
                 group.create_dataset("label", shape=raw.shape, dtype=np.int16, fillvalue=-1,
                                      chunks=True, compression="gzip", compression_opts=4)
                 group["label"][...] = -1
-                group.create_dataset("info", data=info)
+                group.create_dataset("info", data=info if infos is None else np.asarray(infos[j], dtype=np.uint8))
+                if getattr(q, "kind", None) is not None:  # a question of --ask
+                    group.attrs["question"] = q.kind
+                    group.attrs["class"] = -1 if q.klass is None else int(q.klass)
                 group.attrs["rank"] = q.rank
                 group.attrs["volume"] = str(q.volume)
                 group.attrs["offset"] = list(box.offset)

@@ -19,7 +19,18 @@ from emseg.active.export import (
     query_paths,
     write_queries,
 )
+from emseg.active.answers import answers_path, write_answers_template
 from emseg.active.pool import Box, CandidatePool, build_pool
+from emseg.active.questions import (
+    QUESTION_STRATEGY,
+    Ask,
+    CostModel,
+    build_questions,
+    lazy_info,
+    parse_ask,
+    rank_questions,
+    select_questions,
+)
 from emseg.active.registry import get_strategy
 from emseg.active.cluster_scoring import score_pool_on_cluster
 from emseg.active.scoring import PoolScores, has_dropout, squeeze_leading_axis, score_pool
@@ -94,6 +105,12 @@ class QueryConfig:
     precision: str = "auto"
     scheduler: str | None = None
     workers: int | None = None
+    #: Question types (:func:`~emseg.active.questions.parse_ask`): ``dense`` is the classic query
+    #: by ``strategy``; ``presence``, ``partial``, ``auto`` or a mix ask cheaper questions.
+    ask: str = "dense"
+    #: Seconds of annotation to spend (required for ``auto`` and mixes; else ``n`` questions).
+    budget: float | None = None
+    costs: CostModel = field(default_factory=CostModel)
 
 
 @dataclass
@@ -116,13 +133,15 @@ class QueryResult:
     seconds_scoring: float = 0.0
     seconds_total: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
+    #: For ``--ask`` other than ``dense``: the questions asked, budget, spend and cost model.
+    questions: dict[str, Any] | None = None
 
     @property
     def axes(self) -> str:
         return "zyx"[-len(self.patch_shape):]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "format": QUERY_FORMAT, "version": QUERY_FORMAT_VERSION, "axes": self.axes,
             "convention": napari_note(self.axes),
             "strategy": self.strategy, "model": self.model, "patch_shape": list(self.patch_shape),
@@ -133,6 +152,9 @@ class QueryResult:
             "seconds_total": round(self.seconds_total, 3), "outputs": dict(self.outputs),
             "queries": [q.to_dict() for q in self.queries],
         }
+        if self.questions is not None:
+            doc["ask"] = dict(self.questions)
+        return doc
 
 
 def _match_boxes(boxes: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[list[Box], int]:
@@ -164,6 +186,8 @@ def query_files(config: QueryConfig, *,
     """
     t0 = time.perf_counter()
     strat = get_strategy(config.strategy)
+    ask = parse_ask(config.ask)
+    _check_ask(config, ask)
     if isinstance(config.n, bool) or config.n < 1:
         raise InputError(f"`n` must be >= 1, got {config.n}")
     if not config.pool:
@@ -212,6 +236,9 @@ def query_files(config: QueryConfig, *,
         if len(pool.free_indices()) == 0:
             raise InputError("no candidate patch left after exclusions")
         n = min(int(config.n), len(pool.free_indices()))
+        if not ask.plain_dense:
+            return _ask_questions(config, ask, model, _n_classes(state), pool, sources, patch, ignored, device,
+                                  t0, progress)
         if strat.needs_mc_dropout and not has_dropout(model):
             raise InputError(f"strategy {strat.name!r} samples dropout, but this network has no dropout "
                              "(train it with model.dropout > 0)")
@@ -233,9 +260,7 @@ def query_files(config: QueryConfig, *,
             mc_samples=scores.mc_samples, seed=config.seed, ignored_boxes=ignored,
             seconds_scoring=scores.seconds)
         if config.export:
-            n_classes = int((state.get("config") or {}).get("n_classes") or
-                            max(2, state["model_config"]["out_channels"]))
-            export_crops(config.export, sources, queries, n_classes=n_classes)
+            export_crops(config.export, sources, queries, n_classes=_n_classes(state))
             result.outputs["export"] = str(config.export)
         result.seconds_total = time.perf_counter() - t0
         if config.out:
@@ -243,4 +268,56 @@ def query_files(config: QueryConfig, *,
             result.outputs["json"] = str(json_path)
             result.outputs["csv"] = str(csv_path)
             write_queries(result, config.out)
+    return result
+
+
+def _n_classes(state: Mapping[str, Any]) -> int:
+    """Classes of a checkpoint: its training config's ``n_classes``, else its output channels (>= 2)."""
+    return int((state.get("config") or {}).get("n_classes") or max(2, state["model_config"]["out_channels"]))
+
+
+def _check_ask(config: QueryConfig, ask: Ask) -> None:
+    if ask.plain_dense:
+        if config.budget is not None:
+            raise InputError("--budget applies to --ask presence, partial, auto or a mix; --ask dense picks "
+                             "--n patches by --strategy")
+        return
+    if config.budget is None and (ask.shares is not None or len(ask.types) > 1):
+        raise InputError(f"--ask {ask.name} spends a budget: give --budget SECONDS")
+    if config.scheduler is not None:
+        raise InputError("--scheduler scores --ask dense only")
+
+
+def _ask_questions(config: QueryConfig, ask: Ask, model: Any, n_classes: int, pool: CandidatePool,
+                   sources: Sequence[Any], patch: tuple[int, ...], ignored: int, device: Any, t0: float,
+                   progress: Callable[[int, int], None] | None) -> QueryResult:
+    """``--ask`` other than ``dense``: score the pool's class statistics, choose questions, write."""
+    scores = score_pool(model, pool, sources, QUESTION_STRATEGY, reduction="sum", batch_size=config.batch_size,
+                        device=device, progress=progress, seed=config.seed, precision=config.precision, fold=True)
+    table = build_questions(pool, scores.scores, ask.types, config.costs)
+    rows, spent = select_questions(pool, table, budget=config.budget, shares=ask.shares, types=ask.types,
+                                   max_questions=None if config.budget is not None else int(config.n))
+    questions = rank_questions(pool, table, rows, ask.name)
+    counts = {t: sum(q.kind == t for q in questions) for t in ("dense", "partial", "presence")}
+    result = QueryResult(
+        ask.name, str(config.model), patch, list(pool.names), [tuple(s) for s in pool.volume_shapes], questions,
+        n_candidates=len(pool.free_indices()), n_excluded=pool.n_excluded, n_labelled=int(pool.labelled.sum()),
+        reduction="sum", mc_samples=None, seed=config.seed, ignored_boxes=ignored, seconds_scoring=scores.seconds,
+        questions={"ask": ask.name, "budget": config.budget, "spent": spent, "n_questions": counts,
+                   "n_classes": n_classes, "costs": config.costs.to_dict()})
+    if config.export:
+        crops = [q for q in questions if q.kind != "presence"]
+        infos = [lazy_info(n_classes, labeled=range(n_classes) if q.kind == "dense" else [q.klass]) for q in crops]
+        export_crops(config.export, sources, crops, n_classes=n_classes, infos=infos)
+        result.outputs["export"] = str(config.export)
+    result.seconds_total = time.perf_counter() - t0
+    if config.out:
+        json_path, csv_path = query_paths(config.out)
+        result.outputs["json"] = str(json_path)
+        result.outputs["csv"] = str(csv_path)
+        if counts["presence"]:
+            result.outputs["answers"] = str(answers_path(json_path))
+        write_queries(result, config.out)
+        write_answers_template(answers_path(json_path), questions, n_classes=n_classes, axes=result.axes,
+                               source=str(json_path))
     return result

@@ -34,8 +34,11 @@ __all__ = [
     "REDUCTIONS",
     "BaldAccumulator",
     "bald",
+    "class_mass",
+    "class_statistics",
     "entropy",
     "least_confidence",
+    "uncertain_class_mass",
 ]
 
 #: Valid values of the ``reduction`` argument.
@@ -262,3 +265,92 @@ def bald(mc_probs: torch.Tensor | Iterable[torch.Tensor], reduction: str = "mean
     if acc.n_passes == 0:
         raise ValueError("mc_probs holds no pass (T = 0)")
     return acc.result(reduction)
+
+
+def _class_reduce(per_class: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a ``(B, C, *S)`` map over its spatial axes to ``(B, C)``."""
+    if reduction == "none":
+        return per_class
+    flat = per_class.reshape(per_class.shape[0], per_class.shape[1], -1)
+    return flat.mean(dim=2) if reduction == "mean" else flat.sum(dim=2)
+
+
+def _uncertain_map(probs: torch.Tensor) -> torch.Tensor:
+    """``p_ik * H(p_i) / log C`` per class and pixel, ``(B, C, *S)``."""
+    h = _pixel_entropy(probs) / torch.log(torch.tensor(float(probs.shape[1]), dtype=probs.dtype))
+    return probs * h.unsqueeze(1)
+
+
+def class_mass(probs: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Expected mass of every class, ``sum_i p_ik`` (``mean``: the expected fraction).
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        Class probabilities, shape ``(B, C, *S)``; ``C == 1`` as in :func:`entropy`.
+    reduction : {"sum", "mean", "none"}
+        Reduction over the spatial axes (default ``sum``: the expected number of voxels of class k).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, C)`` (or the ``(B, C, *S)`` map).
+
+    Examples
+    --------
+    >>> class_mass(torch.full((1, 2, 4, 4), 0.5))
+    tensor([[8., 8.]])
+    """
+    _check_reduction(reduction)
+    return _class_reduce(_as_probs(probs), reduction)
+
+
+def uncertain_class_mass(probs: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Mass of every class where the model is uncertain: ``sum_i p_ik H(p_i) / log C``.
+
+    Each pixel's class probability is weighted by its normalised entropy (0 for a one-hot pixel,
+    1 for a uniform one), so confident pixels add nothing. Summed over the classes it is the
+    patch's normalised entropy, ``sum_i H(p_i) / log C``: the uncertain mass splits the patch's
+    uncertainty by class.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        Class probabilities, shape ``(B, C, *S)``; ``C == 1`` as in :func:`entropy`.
+    reduction : {"sum", "mean", "none"}
+        Reduction over the spatial axes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, C)`` (or the ``(B, C, *S)`` map), between 0 and the class mass.
+
+    Examples
+    --------
+    >>> uncertain_class_mass(torch.full((1, 2, 4, 4), 0.5))  # every pixel fully uncertain
+    tensor([[8., 8.]])
+    """
+    _check_reduction(reduction)
+    return _class_reduce(_uncertain_map(_as_probs(probs)), reduction)
+
+
+def class_statistics(probs: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Per class: mass, uncertain mass and peak probability, stacked as ``(B, C, 3)``.
+
+    ``[..., 0]`` is :func:`class_mass`, ``[..., 1]`` :func:`uncertain_class_mass` (both reduced
+    with ``reduction``) and ``[..., 2]`` the peak ``max_i p_ik`` over the patch, from one
+    validation of ``probs``. The score function of the question selector
+    (:mod:`emseg.active.questions`).
+
+    Examples
+    --------
+    >>> class_statistics(torch.full((1, 2, 4, 4), 0.5))[0, 1].tolist()
+    [8.0, 8.0, 0.5]
+    """
+    _check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError("class_statistics reduces over the patch: reduction must be 'mean' or 'sum'")
+    probs = _as_probs(probs)
+    peak = probs.reshape(probs.shape[0], probs.shape[1], -1).amax(dim=2)
+    return torch.stack([_class_reduce(probs, reduction), _class_reduce(_uncertain_map(probs), reduction), peak],
+                       dim=-1)

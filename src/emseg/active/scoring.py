@@ -36,8 +36,10 @@ class PoolScores:
     """What :func:`score_pool` keeps: per-patch scores and pooled embeddings.
 
     ``scores`` is ``(N,)`` float64 (NaN for candidates that were not scored, e.g. labelled
-    ones for uncertainty strategies) or ``None``; ``embeddings`` is ``(N, C_b)`` float32 or
-    ``None``. ``max_batch`` is the largest number of patches sent through the network at once.
+    ones for uncertainty strategies; ``(N, ...)`` for a score function returning several
+    values per patch, such as :func:`~emseg.active.scores.class_statistics`) or ``None``;
+    ``embeddings`` is ``(N, C_b)`` float32 or ``None``. ``max_batch`` is the largest number of
+    patches sent through the network at once.
     """
 
     strategy: str
@@ -68,6 +70,7 @@ class Gather:
 
     def add(self, indices: np.ndarray, part: PoolScores) -> None:
         if part.scores is not None:
+            self.scores = _widen(self.scores, part.scores)
             self.scores[indices] = part.scores
         if part.embeddings is not None:
             if self.embeddings is None:
@@ -81,6 +84,14 @@ class Gather:
         self.result.embeddings = self.embeddings
         self.result.seconds = time.perf_counter() - self.start
         return self.result
+
+
+def _widen(scores: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """``scores`` (NaN-filled, ``(N,)``) reshaped to ``(N, *part.shape[1:])`` when a score function
+    returns more than one value per patch (per-class statistics); unchanged otherwise."""
+    if scores.shape[1:] == part.shape[1:]:
+        return scores
+    return np.full((len(scores), *part.shape[1:]), np.nan, dtype=np.float64)
 
 
 def check_reduction(reduction: str) -> None:
@@ -213,8 +224,9 @@ def score_boxes(
                             embeddings = np.zeros((m_total, pooled.shape[1]), dtype=np.float32)
                         embeddings[sel] = pooled
                     if strat.needs_scores and not strat.needs_mc_dropout:
-                        s = strat.score_fn(_probabilities(logits), reduction)
-                        scores[sel] = s.double().cpu().numpy()
+                        s = strat.score_fn(_probabilities(logits), reduction).double().cpu().numpy()
+                        scores = _widen(scores, s)
+                        scores[sel] = s
                     del out, logits, emb
                 if strat.needs_scores and strat.needs_mc_dropout:
                     set_mc_dropout(model, True)
@@ -229,8 +241,9 @@ def score_boxes(
                                 logits = model.decode(*encoded)[0] if split else model(x)
                             yield _probabilities(logits)
 
-                    s = strat.score_fn(passes(), reduction)
-                    scores[sel] = s.double().cpu().numpy()
+                    s = strat.score_fn(passes(), reduction).double().cpu().numpy()
+                    scores = _widen(scores, s)
+                    scores[sel] = s
                     encoded = None
                 if on_batch is not None:
                     on_batch(sel.stop)

@@ -16,11 +16,12 @@ Output folder layout::
 
     DIR/config.json                       the configuration (checked when resuming)
     DIR/curves.csv                        one row per (strategy, seed, iteration)
-    DIR/curves.png                        mean test Jaccard vs labelled patches (matplotlib)
+    DIR/curves.png                        mean test Jaccard vs labelled patches and vs cost (matplotlib)
     DIR/runs/seed_S/initial/last.pt       initial network of seed S
     DIR/runs/seed_S/initial.json          initial boxes and test scores
     DIR/runs/seed_S/STRATEGY/state.json   boxes chosen per iteration and their rows
     DIR/runs/seed_S/STRATEGY/iter_K/      fine-tuning run of iteration K (the newest is kept)
+    DIR/runs/seed_S/ask-ARM/state.json    a question arm (emseg.active.simulate_ask): questions, answers, rows
 
 Every state file is written atomically after each step, so an interrupted run continues where
 it stopped and completed rows are never recomputed.
@@ -47,9 +48,12 @@ from emseg.active.diversity import random_select
 from emseg.active.pool import CandidatePool, build_pool
 from emseg.active.scoring import score_pool
 from emseg.active.selection import select
+from emseg.active.questions import parse_ask
 from emseg.active.registry import get_strategy
+from emseg.active.simulate_ask import COST_COLUMNS, dense_cost_fields, run_arm
 from emseg.active.simulate_config import (
     GROWABLE,
+    PER_ARM,
     RegionSpec,
     SimulateConfig,
     load_simulate_config,
@@ -201,7 +205,7 @@ def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: to
 def curve_columns(n_classes: int) -> list[str]:
     """Columns of ``curves.csv``."""
     return (["strategy", "seed", "iteration", "n_labelled"] + [f"jaccard_{c}" for c in range(n_classes)]
-            + ["mean_fg_jaccard"])
+            + ["mean_fg_jaccard", *COST_COLUMNS])
 
 
 def _write_curves(path: Path, rows: list[dict[str, Any]], n_classes: int) -> None:
@@ -233,12 +237,15 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, flo
             "iteration": iteration, "n_labelled": int(members[0]["n_labelled"]),
             "mean": float(finite.mean()) if finite.size else float("nan"),
             "std": float(finite.std()) if finite.size else float("nan"), "n": int(len(members)),
+            "cost_s": float(np.mean([float(r.get("cost_s", np.nan)) for r in members])),
         })
     return out
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | None:
-    """Plot mean test Jaccard (over seeds, +- one std) against labelled patches per strategy.
+    """Plot mean test Jaccard (over seeds, +- one std) per strategy or question arm: against
+    labelled patches (left) and against the cumulative annotation cost in annotator hours of the
+    cost model (right).
 
     Returns ``None`` on success, or a one-line note when matplotlib is not installed.
 
@@ -253,18 +260,21 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | No
     except ImportError:
         return "matplotlib is not installed (pip install 'emseg[plot]'): curves.png was not drawn"
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
     for strategy, points in summarise(rows).items():
-        x = np.array([p["n_labelled"] for p in points])
         y = np.array([p["mean"] for p in points])
         s = np.array([p["std"] for p in points])
-        (line,) = ax.plot(x, y, marker="o", ms=3, label=strategy)
-        if any(p["n"] > 1 for p in points):
-            ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15, lw=0)
-    ax.set_xlabel("labelled patches")
-    ax.set_ylabel("test Jaccard (mean over foreground classes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for ax, key, scale in ((axes[0], "n_labelled", 1.0), (axes[1], "cost_s", 3600.0)):
+            x = np.array([p.get(key, np.nan) for p in points], dtype=float) / scale
+            (line,) = ax.plot(x, y, marker="o", ms=3, label=strategy)
+            if any(p["n"] > 1 for p in points):
+                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15, lw=0)
+    axes[0].set_xlabel("labelled patches (boxes with any annotation)")
+    axes[1].set_xlabel("annotation cost (annotator hours, cost model)")
+    axes[0].set_ylabel("test Jaccard (mean over foreground classes)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     return None
@@ -298,8 +308,8 @@ def _check_folder(out: Path, config: SimulateConfig) -> None:
     current = config.to_dict()
     if path.exists():
         stored = _read_json(path)
-        a = {k: v for k, v in stored.items() if k not in GROWABLE}
-        b = {k: v for k, v in current.items() if k not in GROWABLE}
+        a = {k: v for k, v in stored.items() if k not in GROWABLE + PER_ARM}
+        b = {k: v for k, v in current.items() if k not in GROWABLE + PER_ARM}
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise InputError(f"holds a simulation with a different configuration (differs in: {', '.join(diff)}); "
@@ -345,6 +355,7 @@ def run_simulation(
     out = Path(out_dir)
     dev = resolve_device(device)
     strategies = [get_strategy(s).name for s in config.strategies]
+    arms = [parse_ask(a) for a in config.questions]
     k = config.n_classes
     pool_raw, pool_label = _load_region(config.pool, k, config.label_map)
     test_raw, test_label = _load_region(config.test, k, config.label_map)
@@ -361,18 +372,19 @@ def run_simulation(
     out.mkdir(parents=True, exist_ok=True)
     _check_folder(out, config)
     test_cube = Cube(raw=test_raw, label=test_label, info=_info(k), prio=1.0, name="test")
-    total = len(config.seeds) * len(strategies) * (config.iterations + 1)
+    total = len(config.seeds) * (len(strategies) + len(arms)) * (config.iterations + 1)
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     computed = 0
     lr_ft = config.lr_finetune if config.lr_finetune is not None else config.train.optim.lr
     csv_path = out / "curves.csv"
 
     def ordered() -> list[dict[str, Any]]:
-        return [rows[(s, seed, it)] for s in strategies for seed in config.seeds
+        return [rows[(s, seed, it)] for s in [*strategies, *(a.name for a in arms)] for seed in config.seeds
                 for it in range(config.iterations + 1) if (s, seed, it) in rows]
 
     def emit_row(row: dict[str, Any], fresh: bool) -> None:
         nonlocal computed
+        row = dense_cost_fields(dict(row), config)
         rows[(row["strategy"], row["seed"], row["iteration"])] = row
         computed += int(fresh)
         if fresh:
@@ -485,6 +497,16 @@ def run_simulation(
                     shutil.rmtree(s_dir / f"iter_{it - 1:03d}", ignore_errors=True)
                 prev_weights = run_dir / "last.pt"
                 emit_row(row, True)
+
+        for arm in arms:
+            run_arm(arm, config=config, seed=seed, seed_dir=seed_dir, pool=pool, pool_raw=pool_raw,
+                    pool_label=pool_label, init_idx=init_idx, init_dir=init_dir, init_row=init_state["row"],
+                    fresh_initial=fresh_initial, device=dev,
+                    train=lambda cubes, run_dir, *, seed, init_from: _train(
+                        config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
+                        init_from=init_from),
+                    evaluate=lambda weights: _evaluate(weights, test_cube, config, dev), emit_row=emit_row,
+                    phase=phase, read_json=_read_json, write_json=_atomic_json, stable_id=_stable_id)
 
     final_rows = ordered()
     _write_curves(csv_path, final_rows, k)

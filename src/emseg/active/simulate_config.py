@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emseg.active.questions import CostModel, parse_ask
 from emseg.active.registry import get_strategy
 from emseg.config import TrainConfig, config_from_dict, read_toml
 from emseg.errors import InputError
@@ -21,9 +22,11 @@ from emseg.io import parse_spec
 
 __all__ = [
     "GROWABLE",
+    "PER_ARM",
     "TOP_KEYS",
     "RegionSpec",
     "SimulateConfig",
+    "check_question_arms",
     "check_simulate_config",
     "load_simulate_config",
     "simulate_config_from_dict",
@@ -33,9 +36,11 @@ __all__ = [
 TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
             "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
             "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold",
-            "precision")
+            "precision", "questions", "budget", "costs")
 #: Keys that only add or remove rows; they may change between runs into the same folder.
-GROWABLE = ("seeds", "strategies", "iterations")
+GROWABLE = ("seeds", "strategies", "iterations", "questions")
+#: Keys checked by each question arm against its own state (they do not change the strategies' rows).
+PER_ARM = ("budget", "costs")
 
 
 # ----------------------------------------------------------------------------- config
@@ -88,10 +93,16 @@ class SimulateConfig:
     candidates: int | None = None
     score_batch_size: int = 8
     label_map: tuple[int, ...] | None = None
+    #: Question arms (:func:`~emseg.active.questions.parse_ask`), each spending ``budget`` per round.
+    questions: tuple[str, ...] = ()
+    #: Annotator seconds per round of a question arm.
+    budget: float | None = None
+    costs: CostModel = dataclasses.field(default_factory=CostModel)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``config.json``)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["costs"] = self.costs.to_dict()
         d["pool"] = dataclasses.asdict(self.pool)
         d["test"] = dataclasses.asdict(self.test)
         d["train"] = self.train.to_dict()
@@ -189,6 +200,22 @@ def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path =
             if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
                 raise InputError(f"'strategies' must be a list of names, got {names!r}")
             kwargs["strategies"] = tuple(names)
+        if "questions" in data:
+            arms = data["questions"]
+            if not isinstance(arms, list) or not all(isinstance(s, str) for s in arms):
+                raise InputError(f"'questions' must be a list of question arms such as \"dense+presence\", "
+                                 f"got {arms!r}")
+            kwargs["questions"] = tuple(arms)
+        if "budget" in data:
+            value = data["budget"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"'budget' must be a number of annotator seconds, got {value!r}")
+            kwargs["budget"] = float(value)
+        if "costs" in data:
+            if not isinstance(data["costs"], Mapping):
+                raise InputError("[costs] must be a table of dense_cost_per_voxel, partial_cost_per_voxel, "
+                                 "presence_cost")
+            kwargs["costs"] = CostModel.from_mapping(data["costs"])
         if "label_map" in data:
             lm = data["label_map"]
             if not isinstance(lm, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in lm):
@@ -215,7 +242,7 @@ def check_simulate_config(config: SimulateConfig) -> None:
         raise InputError(f"'candidates' must be >= 1 (or 0 for the whole grid), got {config.candidates}")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise InputError(f"'seeds' must be a non-empty list of distinct integers, got {list(config.seeds)}")
-    if not config.strategies:
+    if not config.strategies and not config.questions:
         raise InputError("'strategies' is empty")
     try:
         names = [get_strategy(s).name for s in config.strategies]
@@ -233,10 +260,22 @@ def check_simulate_config(config: SimulateConfig) -> None:
         raise InputError("strategy 'bald' samples dropout: set model.dropout > 0")
     if config.lr_finetune is not None and not config.lr_finetune > 0:
         raise InputError(f"'lr_finetune' must be > 0, got {config.lr_finetune}")
+    check_question_arms(config)
     needed = config.initial + config.per_iteration * config.iterations
     if config.candidates is not None and config.candidates < needed:
         raise InputError(f"'candidates' = {config.candidates} is below initial + per_iteration x iterations "
                          f"= {needed}")
+
+
+def check_question_arms(config: SimulateConfig) -> None:
+    """The question arms parse, are distinct (``auto`` is ``dense+partial+presence``) and have a budget."""
+    arms = [parse_ask(a).name for a in config.questions]
+    if len(set(arms)) != len(arms):
+        raise InputError(f"'questions' lists an arm twice: {list(config.questions)}")
+    if arms and config.budget is None:
+        raise InputError("question arms need 'budget' (annotator seconds per round)")
+    if config.budget is not None and not config.budget > 0:
+        raise InputError(f"'budget' must be > 0 seconds, got {config.budget}")
 
 
 def load_simulate_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> SimulateConfig:
