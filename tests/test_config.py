@@ -44,7 +44,8 @@ def test_defaults_come_from_the_dataclasses(tmp_path):
     loaded = load_config(write_config(tmp_path, tiny_train_config(tmp_path / "a.h5")))
     assert isinstance(loaded, TrainConfig)
     assert loaded.valid == ()
-    assert loaded.optim.schedule == OptimConfig.schedule == "constant"
+    assert loaded.optim.schedule == "constant" and OptimConfig.schedule == "cosine"  # given / default
+    assert loaded.optim.min_lr_ratio == OptimConfig.min_lr_ratio and loaded.batch_size == 2
     assert loaded.optim.lr == 1e-2  # given
     assert loaded.model.dropout == 0.0 and loaded.augment.flip is True
     assert loaded.effective_precision == "fp32"  # amp = false is the older spelling of fp32

@@ -165,3 +165,10 @@ def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
     assert used == sorted(used) and 0 < used[-1] < 1.2
     # the learning rate follows the spent budget: it ends near its cosine floor
     assert seen[-1]["lr"] < 0.15 * seen[0]["lr"]
+
+
+def test_an_empty_class_weights_list_turns_the_auto_default_off(tmp_path):
+    base = {"n_classes": 2, "patch_shape": [1, 16, 16], "train": [{"raw": f"{tmp_path}/x.h5:raw"}]}
+    assert config_from_dict(base).class_weights == "auto"
+    assert config_from_dict(dict(base, class_weights=[])).class_weights is None
+    assert config_from_dict(dict(base, class_weights=[1, 2])).class_weights == (1.0, 2.0)

@@ -171,7 +171,7 @@ def test_existing_run_needs_resume(tmp_path, synthetic_h5):
     config = _config(synthetic_h5, steps=1)
     train(config, tmp_path / "run", device="cpu")
     before = (tmp_path / "run" / "last.pt").read_bytes()
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="`resume`"):
         train(config, tmp_path / "run", device="cpu")
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     with pytest.raises(InputError, match="nothing to resume"):

@@ -33,7 +33,9 @@ class CubeConfig:
 class ModelConfig:
     ndim: int | None = None  # inferred from patch_shape when unset
     depth: int = 4
-    base_width: int = 32
+    #: 16, not 32: on VNC the narrower network trains ~2x more steps in the same time and ended
+    #: higher at a 10-minute budget (docs/results.md, "Defaults that train well").
+    base_width: int = 16
     norm: str = "batch"
     dropout: float = 0.0
     anisotropic_levels: int = 0
@@ -52,10 +54,10 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine | step
-    warmup_steps: int = 0
+    schedule: str = "cosine"  # constant | cosine | step
+    warmup_steps: int = 50
     step_size: int = 1000
     gamma: float = 0.5
     min_lr_ratio: float = 0.01
@@ -70,9 +72,9 @@ class TrainConfig:
     batch_size: int = 8
     #: Per-class weights of the loss: a list, ``"auto"`` (from the training labels' class
     #: frequencies, see :func:`emseg.training.auto_class_weights`) or None (all 1).
-    class_weights: tuple[float, ...] | str | None = None
+    class_weights: tuple[float, ...] | str | None = "auto"
     #: Weight of the multi-class soft Dice term added to the lazy NLL (0 = NLL only).
-    dice_weight: float = 0.0
+    dice_weight: float = 1.0
     example_ignore_threshold: float = 0.9
     #: Optimiser steps; None = 1000, or no step limit when ``max_seconds`` is set (train for the time).
     steps: int | None = None
@@ -216,7 +218,8 @@ def config_from_dict(
         if "patch_shape" in data:
             data["patch_shape"] = _numbers(data["patch_shape"], "patch_shape", int)
         if data.get("class_weights") is not None and data["class_weights"] != "auto":
-            data["class_weights"] = _numbers(data["class_weights"], "class_weights", float)
+            # [] = no weights (TOML has no null to unset the "auto" default)
+            data["class_weights"] = _numbers(data["class_weights"], "class_weights", float) or None
         for key in ("n_classes", "patch_shape"):
             if key not in data:
                 raise InputError(f"missing required key '{key}'")
