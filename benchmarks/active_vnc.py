@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace):
         "pool": {"raw": f"{h5}:raw", "label": f"{h5}:label", "region": [_range(args.pool_sections, "--pool-sections")]},
         "test": {"raw": f"{h5}:raw", "label": f"{h5}:label", "region": test_region},
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch", "dropout": args.dropout},
-        "optim": {"lr": args.lr},
+        "optim": {"lr": args.lr, "warmup_steps": getattr(args, "warmup", 50)},
     }
     if getattr(args, "task", "mito") == "5class":  # background, mitochondria, membrane, synapse, glia
         data["n_classes"] = 5

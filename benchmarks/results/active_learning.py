@@ -39,7 +39,8 @@ def simulation_args(args) -> argparse.Namespace:
         per_iteration=args.per_iteration, steps_initial=args.steps_initial, steps_finetune=args.steps_finetune,
         batch_size=args.batch_size, lr=args.lr, lr_finetune=args.lr_finetune, class_weights=args.class_weights,
         mc_samples=args.mc_samples, candidates=args.candidates, pool_sections="0:15", test_sections="15:20",
-        test_crop=0, depth=args.depth, base_width=args.base_width, dropout=args.dropout, task=args.task)
+        test_crop=0, depth=args.depth, base_width=args.base_width, dropout=args.dropout, task=args.task,
+        warmup=args.warmup)
 
 
 def build(args):
@@ -163,8 +164,9 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--initial", type=int, default=20)
     ap.add_argument("--per-iteration", type=int, default=20)
-    ap.add_argument("--steps-initial", type=int, default=400)
-    ap.add_argument("--steps-finetune", type=int, default=100)
+    ap.add_argument("--steps-initial", type=int, default=600)
+    ap.add_argument("--steps-finetune", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20, help="Warm-up steps of every (fine-)tuning run.")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lr-finetune", type=float, default=5e-4)
