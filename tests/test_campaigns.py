@@ -88,7 +88,7 @@ def test_defaults_table_and_figure(tmp_path):
         for arm, j in (("shipped", [0.9, 0.8, 0.7, 0.2, 0.6]), ("old", [0.9, 0.6, 0.6, 0.0, 0.1])):
             runs.append({"arm": arm, "seed": seed, "steps": 100, "jaccard": [v + 0.01 * seed for v in j]})
     text = defaults_vnc.table(runs, "old")
-    assert "| shipped | 0,1 |" in text
+    assert "| shipped | 0,1 | 100/100 |" in text
     # paired difference of the mean foreground Jaccard: (0.8+0.7+0.2+0.6 - 0.6-0.6-0.0-0.1)/4 = 0.25, no spread
     assert "+0.250 [+0.250, +0.250]" in text
     defaults_vnc.plot(runs, tmp_path / "d.png")

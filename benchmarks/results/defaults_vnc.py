@@ -98,7 +98,7 @@ def table(runs: list[dict], baseline: str | None) -> str:
         cells = [mean_std([r["jaccard"][c] for r in rs]) for c in range(1, 5)]
         fg = mean_std([float(np.mean(r["jaccard"][1:])) for r in rs])
         lines.append(f"| {arm} | {','.join(str(r['seed']) for r in rs)} | "
-                     f"{mean_std([r['steps'] for r in rs]).split(' ')[0]} | " + " | ".join(cells) + f" | {fg} |")
+                     f"{'/'.join(str(r['steps']) for r in rs)} | " + " | ".join(cells) + f" | {fg} |")
     if baseline:
         base = {r["seed"]: r for r in runs if r["arm"] == baseline}
         lines += ["", f"Paired difference to `{baseline}` (same seed), mean foreground Jaccard, 95% interval:", ""]
