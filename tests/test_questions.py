@@ -21,13 +21,12 @@ from click.testing import CliRunner
 from conftest import synthetic, tiny_train_config, to_toml, write_h5
 from emseg.active.answers import answers_to_cubes, read_answers
 from emseg.active.pool import build_pool
+from emseg.active.annotation import BoxKnowledge, box_annotation
 from emseg.active.questions import (
     QUESTION_STRATEGY,
     QUESTION_TYPES,
-    BoxKnowledge,
     CostModel,
     QuestionTable,
-    box_annotation,
     build_questions,
     parse_ask,
     parse_costs,

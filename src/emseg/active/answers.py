@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from emseg.active.questions import lazy_info
+from emseg.active.annotation import lazy_info
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, check_output_location, open_volume, parse_spec, replace_output
 

@@ -21,12 +21,12 @@ from emseg.active.export import (
 )
 from emseg.active.answers import answers_path, write_answers_template
 from emseg.active.pool import Box, CandidatePool, build_pool
+from emseg.active.annotation import lazy_info
 from emseg.active.questions import (
     QUESTION_STRATEGY,
     Ask,
     CostModel,
     build_questions,
-    lazy_info,
     parse_ask,
     rank_questions,
     select_questions,

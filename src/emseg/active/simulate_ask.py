@@ -7,7 +7,7 @@ strategies of its seed. Each round it scores the pool with the current network
 annotator seconds with :func:`~emseg.active.questions.select_questions`, lets the ground truth
 answer (dense: the labels; partial: the labels of the class; presence: whether the class occurs
 in the box), and fine-tunes on every box it knows something about
-(:func:`~emseg.active.questions.box_annotation`). A box is sampled in proportion to the annotation
+(:func:`~emseg.active.annotation.box_annotation`). A box is sampled in proportion to the annotation
 time spent on it, a densely labelled one counting 1 (so cheap lazy cubes do not crowd out the
 dense ones). Rows carry the cumulative cost (``cost_s``) and question counts.
 
@@ -25,15 +25,8 @@ import numpy as np
 import torch
 
 from emseg.active.pool import CandidatePool
-from emseg.active.questions import (
-    QUESTION_STRATEGY,
-    Ask,
-    BoxKnowledge,
-    box_annotation,
-    build_questions,
-    oracle_answer,
-    select_questions,
-)
+from emseg.active.annotation import BoxKnowledge, box_annotation, oracle_answer
+from emseg.active.questions import QUESTION_STRATEGY, Ask, build_questions, select_questions
 from emseg.active.scoring import score_pool
 from emseg.active.simulate_config import SimulateConfig
 from emseg.checkpoint import load_model
