@@ -247,7 +247,7 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
                 raise InputError(f"answer {a.number}: box offset {list(a.offset)} shape {list(a.shape)} lies outside "
                                  f"the volume {a.volume} of shape {list(vshape)}", source=src)
         if any(out.resolve() == parse_spec(v).path.resolve() for v in volumes) or out.resolve() == Path(src).resolve():
-            raise InputError("--out would replace an input file; choose a new file", source=str(out))
+            raise InputError("`out` would replace an input file; choose a new file", source=str(out))
         boxes: dict[Any, list[int]] = {}
         present = []
         for a in entries:

@@ -262,13 +262,23 @@ def query_files(config: QueryConfig, *,
         if config.export:
             export_crops(config.export, sources, queries, n_classes=_n_classes(state))
             result.outputs["export"] = str(config.export)
-        result.seconds_total = time.perf_counter() - t0
-        if config.out:
-            json_path, csv_path = query_paths(config.out)
-            result.outputs["json"] = str(json_path)
-            result.outputs["csv"] = str(csv_path)
-            write_queries(result, config.out)
+        _write(result, config, t0)
     return result
+
+
+def _write(result: QueryResult, config: QueryConfig, t0: float, *, answers: bool = False) -> Path | None:
+    """Record the total time and write the JSON and CSV of ``result`` (naming the answers file when
+    there is one); the JSON's path, or None without ``config.out``."""
+    result.seconds_total = time.perf_counter() - t0
+    if not config.out:
+        return None
+    json_path, csv_path = query_paths(config.out)
+    result.outputs["json"] = str(json_path)
+    result.outputs["csv"] = str(csv_path)
+    if answers:
+        result.outputs["answers"] = str(answers_path(json_path))
+    write_queries(result, config.out)
+    return json_path
 
 
 def _n_classes(state: Mapping[str, Any]) -> int:
@@ -279,13 +289,13 @@ def _n_classes(state: Mapping[str, Any]) -> int:
 def _check_ask(config: QueryConfig, ask: Ask) -> None:
     if ask.plain_dense:
         if config.budget is not None:
-            raise InputError("--budget applies to --ask presence, partial, auto or a mix; --ask dense picks "
-                             "--n patches by --strategy")
+            raise InputError("`budget` applies to `ask` presence, partial, auto or a mix; `ask` dense picks "
+                             "`n` patches by `strategy`")
         return
     if config.budget is None and (ask.shares is not None or len(ask.types) > 1):
-        raise InputError(f"--ask {ask.name} spends a budget: give --budget SECONDS")
+        raise InputError(f"`ask` {ask.name} spends a budget: give `budget` (seconds)")
     if config.scheduler is not None:
-        raise InputError("--scheduler scores --ask dense only")
+        raise InputError("`scheduler` scores `ask` dense only")
 
 
 def _ask_questions(config: QueryConfig, ask: Ask, model: Any, n_classes: int, pool: CandidatePool,
@@ -310,14 +320,8 @@ def _ask_questions(config: QueryConfig, ask: Ask, model: Any, n_classes: int, po
         infos = [lazy_info(n_classes, labeled=range(n_classes) if q.kind == "dense" else [q.klass]) for q in crops]
         export_crops(config.export, sources, crops, n_classes=n_classes, infos=infos)
         result.outputs["export"] = str(config.export)
-    result.seconds_total = time.perf_counter() - t0
-    if config.out:
-        json_path, csv_path = query_paths(config.out)
-        result.outputs["json"] = str(json_path)
-        result.outputs["csv"] = str(csv_path)
-        if counts["presence"]:
-            result.outputs["answers"] = str(answers_path(json_path))
-        write_queries(result, config.out)
+    json_path = _write(result, config, t0, answers=bool(counts["presence"]))
+    if json_path is not None and counts["presence"]:
         write_answers_template(answers_path(json_path), questions, n_classes=n_classes, axes=result.axes,
                                source=str(json_path))
     return result

@@ -153,7 +153,7 @@ def parse_costs(text: str | None) -> CostModel:
                 raise ValueError
             values[key.strip()] = float(value)
         except ValueError:
-            raise InputError(f"--costs: expected NAME=SECONDS items (dense, partial, presence), got {part!r}") from None
+            raise InputError(f"`costs`: expected NAME=SECONDS items (dense, partial, presence), got {part!r}") from None
     return CostModel.from_mapping(values)
 
 

@@ -138,7 +138,7 @@ def run_arm(
     offsets = pool.offsets.tolist()
     for sel in state["selections"]:
         if any(offsets[int(q["index"])] != q["offset"] for q in sel):
-            raise InputError("stored questions do not match the pool; choose another --out", source=str(state_path))
+            raise InputError("stored questions do not match the pool; choose another `out_dir`", source=str(state_path))
     fresh = not state["initial_row"]
     if fresh:
         state["initial_row"] = True
