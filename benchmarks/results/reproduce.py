@@ -31,13 +31,21 @@ EXPERIMENTS = [
      ["--out", "{out}/defaults_vnc.json", "--seconds", "600", "--seeds", "0,1", "--arms", "shipped,old-w16"],
      ["--out", "{out}/defaults_vnc.json", "--seconds", "5", "--seeds", "0,1", "--arms", "shipped"]),
     ("active learning, mitochondria", "active_learning.py",
-     ["--out", "{out}/active_mito", "--task", "mito", "--seeds", "0,1,2"],
+     ["--out", "{out}/active_mito", "--task", "mito", "--seeds", "0,1,2,3,4"],
      ["--out", "{out}/active_mito", "--task", "mito", "--seeds", "0,1", "--strategies", "random,entropy,bald",
       "--iterations", "1", "--initial", "4", "--per-iteration", "4", "--steps-initial", "4",
       "--steps-finetune", "2", "--candidates", "24", "--mc-samples", "2"]),
+    ("active learning, 5 classes", "active_learning.py",
+     ["--out", "{out}/active_5class", "--task", "5class", "--seeds", "0,1,2", "--strategies", "random,entropy,bald"],
+     ["--out", "{out}/active_5class", "--task", "5class", "--seeds", "0,1", "--strategies", "random,entropy",
+      "--iterations", "1", "--initial", "4", "--per-iteration", "4", "--steps-initial", "4",
+      "--steps-finetune", "2", "--candidates", "24", "--no-full"]),
     ("label-conditioned segmentation", "lcs_conditioning.py",
      ["--out", "{out}/lcs_vnc.json", "--seeds", "0,1,2", "--steps", "800"],
      ["--out", "{out}/lcs_vnc.json", "--seeds", "0", "--steps", "3", "--test-crop", "256"]),
+    ("label-conditioned segmentation, longer", "lcs_conditioning.py",
+     ["--out", "{out}/lcs_vnc_3000.json", "--seeds", "0,1,2", "--steps", "3000"],
+     ["--out", "{out}/lcs_vnc_3000.json", "--seeds", "0", "--steps", "2", "--test-crop", "256", "--skip-coarse"]),
 ]
 
 #: Threads per experiment in full runs (the defaults target is measured on the whole machine).
