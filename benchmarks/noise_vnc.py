@@ -55,7 +55,12 @@ RUNS = {  # name: (label type, mode, params)
     "PCL-dil": ("PCL", "dilate", {"radius": None, "per_section": True}),
     "PCL-skel": ("PCL", "skeleton", {"per_section": True}),
     "RL": ("RL", "random", {"p": 0.1}),
+    # the rest of the seed's conditions (Luo et al.): a harder flip, erosion, a denser random map
+    "RCL-flip49": ("RCL", "flip", {"p": 0.49}),
+    "PCL-ero": ("PCL", "erode", {"radius": None, "per_section": True}),
+    "RL-50": ("RL", "random", {"p": 0.5}),
 }
+DEFAULT_RUNS = ("CL", "RCL-flip", "RCL-samp", "PCL-dil", "PCL-skel", "RL")
 
 
 def make_labels(name, mode, params, train_h5: Path, seed: int) -> dict:
@@ -88,9 +93,45 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
                                device=args.device))
     with open_volume(str(pred)) as pv, open_volume(f"{test_h5}:clean") as gv:
         scores = evaluate_volumes(pv, gv, n_classes=2)
-    return {"steps": result.final_step, "train_s": result.seconds,
+    losses = np.asarray(result.losses, dtype=float)
+    every = max(1, len(losses) // 100)  # about 100 points of the training-loss curve
+    curve = [float(losses[i:i + every].mean()) for i in range(0, len(losses), every)]
+    return {"steps": result.final_step, "train_s": result.seconds, "loss_curve": curve, "loss_every": every,
             "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
             "dice_mito": float(scores.dice[1]), "jaccard_mito": float(scores.jaccard[1])}
+
+
+def prepare(root: Path, f: int, tmp: Path) -> None:
+    """Binary mitochondria of VNC stack 1, down-sampled ``f`` x in-plane: tmp/train.h5 (sections
+    0-14) and tmp/test.h5 (15-19), datasets ``raw`` and ``clean``."""
+    with h5py.File(root / "vnc_stack1.h5", "r") as fh:
+        raw, label = fh["raw"][:], fh["label"][:]
+    mito = (label == 1).astype(np.uint8)
+    if f > 1:
+        z, y, x = raw.shape
+        y, x = y // f * f, x // f * f
+        raw = raw[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)).round().astype(np.uint8)
+        mito = (mito[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)) >= 0.5).astype(np.uint8)
+        print(f"downsampled {f}x in-plane to {raw.shape}")
+    print(f"mitochondria: {mito[:15].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
+    for name, sl in (("train.h5", slice(0, 15)), ("test.h5", slice(15, 20))):
+        with h5py.File(tmp / name, "w") as fh:
+            fh.create_dataset("raw", data=raw[sl], chunks=(1, 256, 256))
+            fh.create_dataset("clean", data=mito[sl], chunks=(1, 256, 256))
+
+
+def one_run(name: str, args, tmp: Path) -> dict:
+    """Noisy labels of condition ``name`` (seed ``args.seed``), a network trained on them, clean test scores."""
+    kind, mode, params = RUNS[name]
+    if mode in ("dilate", "erode"):
+        params = {**params, "radius": args.dilate_radius}
+    key = f"{name}_s{args.seed}"  # one dataset and run folder per condition and seed
+    rep = make_labels(key, mode, params, tmp / "train.h5", args.seed)
+    row = {"run": name, "type": kind, "mode": mode, "params": rep.get("params", params),
+           "label_agreement": rep["agreement"], "kept": rep["kept_fraction"],
+           "labelled": rep["labelled_fraction"], "noise_s": round(rep["seconds"], 2)}
+    row.update(train_and_score(key, "clean" if mode is None else key, args, tmp))
+    return row
 
 
 def main() -> int:
@@ -115,7 +156,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest on a small machine shared with other work)")
     ap.add_argument("--overlap", type=float, default=0.125, help="sliding-window overlap of the test prediction")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file (e.g. under /tmp)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,36 +174,13 @@ def main() -> int:
           f"batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {args.threads} torch thread(s), "
           f"test overlap {args.overlap}, dilation radius {args.dilate_radius}, depth {args.depth}, "
           f"downsample {args.downsample}")
-    with h5py.File(root / "vnc_stack1.h5", "r") as fh:
-        raw, label = fh["raw"][:], fh["label"][:]
-    mito = (label == 1).astype(np.uint8)
-    f = args.downsample
-    if f > 1:
-        z, y, x = raw.shape
-        y, x = y // f * f, x // f * f
-        raw = raw[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)).round().astype(np.uint8)
-        mito = (mito[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)) >= 0.5).astype(np.uint8)
-        print(f"downsampled {f}x in-plane to {raw.shape}")
-    print(f"mitochondria: {mito[:15].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
     rows = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="emseg_noise_vnc_") as d:
         tmp = Path(d)
-        with h5py.File(tmp / "train.h5", "w") as fh:
-            fh.create_dataset("raw", data=raw[:15], chunks=(1, 256, 256))
-            fh.create_dataset("clean", data=mito[:15], chunks=(1, 256, 256))
-        with h5py.File(tmp / "test.h5", "w") as fh:
-            fh.create_dataset("raw", data=raw[15:], chunks=(1, 256, 256))
-            fh.create_dataset("clean", data=mito[15:], chunks=(1, 256, 256))
+        prepare(root, args.downsample, tmp)
         for name in names:
-            kind, mode, params = RUNS[name]
-            if mode == "dilate":
-                params = {**params, "radius": args.dilate_radius}
-            rep = make_labels(name, mode, params, tmp / "train.h5", args.seed)
-            row = {"run": name, "type": kind, "mode": mode, "params": rep.get("params", params),
-                   "label_agreement": rep["agreement"], "kept": rep["kept_fraction"],
-                   "labelled": rep["labelled_fraction"], "noise_s": round(rep["seconds"], 2)}
-            row.update(train_and_score(name, "clean" if mode is None else name, args, tmp))
+            row = one_run(name, args, tmp)
             rows.append(row)
             print(json.dumps(row), flush=True)
     total = time.perf_counter() - start

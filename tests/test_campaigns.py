@@ -99,3 +99,20 @@ def test_defaults_table_and_figure(tmp_path):
     for arm, overrides in defaults_vnc.ARMS.items():
         cfg = config_from_dict(defaults_vnc.new_user_config(tmp_path, 600, overrides))
         assert cfg.max_seconds == 600 and cfg.n_classes == 5
+
+
+def test_meta_structures_table_pairs_with_clean_labels(tmp_path):
+    import meta_structures
+
+    runs = []
+    for seed, base in ((0, 0.80), (1, 0.84)):
+        for run, drop, err in (("CL", 0.0, 0.0), ("RL", 0.40, 0.1)):
+            runs.append({"run": run, "seed": seed, "dice_mito": base - drop - 0.01 * seed * (run == "RL"),
+                         "label_agreement": 1 - err, "final_loss": 0.3, "loss_curve": [1.0, 0.5, 0.3],
+                         "loss_every": 10})
+    text = meta_structures.table(runs)
+    # RL - CL per seed: -0.40 and -0.41
+    m, lo, hi = _campaign.paired_interval([-0.40, -0.41])
+    assert f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text and "| CL |" in text
+    meta_structures.plot(runs, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000

@@ -1,0 +1,107 @@
+"""Do networks learn meta-structures from noisy labels? Luo et al.'s conditions on VNC mitochondria, 3 seeds.
+
+Each (condition, seed) runs ``benchmarks/noise_vnc.py``'s experiment: the labels of sections 0-14
+corrupted by one ``emseg noise`` mode (seeded), a U-Net trained on them for a fixed number of
+steps, test Dice on the clean labels of sections 15-19. Conditions: CL (clean), RCL flip 0.45 and
+0.49, sample 0.1, PCL dilate / erode / skeleton, RL p = 0.1 and 0.5. Every run is stored in
+``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
+paired difference to CL with its 95% interval), the figure shows test Dice per condition and the
+training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling).
+
+    python benchmarks/results/meta_structures.py --seeds 0,1,2 --steps 1000 --downsample 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _common import data_dir  # noqa: E402
+
+import noise_vnc  # noqa: E402
+
+CONDITIONS = ("CL", "RCL-flip", "RCL-flip49", "RCL-samp", "PCL-dil", "PCL-ero", "PCL-skel", "RL", "RL-50")
+
+
+def table(runs: list[dict]) -> str:
+    names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
+    cl = {r["seed"]: r["dice_mito"] for r in runs if r["run"] == "CL"}
+    lines = ["| condition | label error | test Dice | condition - CL (95% CI) | final loss |", "|---|---|---|---|---|"]
+    for c in names:
+        rs = [r for r in runs if r["run"] == c]
+        err = mean_std([1 - r["label_agreement"] for r in rs if r["label_agreement"] is not None])
+        d = [r["dice_mito"] - cl[r["seed"]] for r in rs if r["seed"] in cl]
+        diff = ci_cell(paired_interval(d)) if c != "CL" and d else "-"
+        lines.append(f"| {c} | {err} | {mean_std([r['dice_mito'] for r in rs])} | {diff} | "
+                     f"{mean_std([r['final_loss'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    plt = pyplot()
+    names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, c in enumerate(names):
+        vals = [r["dice_mito"] for r in runs if r["run"] == c]
+        axes[0].bar(i, np.mean(vals), color=f"C{i}", alpha=0.8)
+        axes[0].plot([i] * len(vals), vals, "k.", ms=4)
+        for j, r in enumerate(r for r in runs if r["run"] == c):
+            x = np.arange(len(r["loss_curve"])) * r["loss_every"]
+            axes[1].plot(x, r["loss_curve"], color=f"C{i}", alpha=0.7, lw=1, label=c if j == 0 else None)
+    axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes[0].set_ylabel("test Dice, clean labels (dots = seeds)")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("training loss (on the noisy labels)")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/meta_structures.json")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--downsample", type=int, default=2)
+    ap.add_argument("--patch", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--base-width", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--dilate-radius", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.markdown:
+        print(table(json.loads(out.read_text())["runs"]))
+        return 0
+    root = data_dir()
+    if root is None:
+        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
+        return 0
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "conditions", "markdown")}
+    campaign = Campaign(out, settings)
+    with tempfile.TemporaryDirectory(prefix="emseg_meta_") as d:
+        tmp = Path(d)
+        noise_vnc.prepare(root, args.downsample, tmp)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for c in args.conditions.split(","):
+                run_args = argparse.Namespace(**vars(args), seed=seed, seconds=10**9, device="cpu", overlap=0.125)
+                row = campaign.run({"run": c, "seed": seed}, lambda: noise_vnc.one_run(c, run_args, tmp))
+                print(f"{c} seed {seed}: Dice {row['dice_mito']:.3f} ({row['steps']} steps)", flush=True)
+    plot(campaign.runs, out.with_suffix(".png"))
+    print(table(campaign.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
