@@ -116,3 +116,16 @@ def test_meta_structures_table_pairs_with_clean_labels(tmp_path):
     assert f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text and "| CL |" in text
     meta_structures.plot(runs, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_lazy_labels_table_reports_the_false_positive_ratio():
+    import lazy_labels
+
+    runs = [{"seed": s, "arms": {
+        "dense": {"steps": 100, "jaccard": [0.9, 0.50 + 0.01 * s], "bg_false_positive_voxels": 200,
+                  "bg_false_positive_rate": 0.001},
+        "lazy": {"steps": 98, "jaccard": [0.9, 0.49 + 0.01 * s], "bg_false_positive_voxels": 50,
+                 "bg_false_positive_rate": 0.00025}}} for s in (0, 1)]
+    text = lazy_labels.table(runs)
+    assert "false positives lazy / dense: 0.25" in text and "50/200, 50/200" in text
+    assert "-0.010 [-0.010, -0.010]" in text
