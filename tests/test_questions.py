@@ -468,3 +468,14 @@ def test_ask_option_errors(asked, tmp_path):
                                           str(tmp_path / "q.json"), *args])
         assert result.exit_code == 2 and word in result.stderr, (args, result.output)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_oversized_answers_file_is_refused_before_it_is_read(tmp_path):
+    from emseg.active.answers import MAX_ANSWERS_BYTES
+    from emseg.errors import InputError
+
+    path = tmp_path / "huge.answers.json"
+    with open(path, "wb") as fh:
+        fh.truncate(MAX_ANSWERS_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(InputError, match="too large"):
+        read_answers(path)

@@ -57,6 +57,11 @@ _INSTRUCTIONS = ("Set each 'answer' to true if the class occurs anywhere in the 
                  "skip. Then run: emseg query answers THIS_FILE --out cubes.h5")
 
 
+#: An answers file is a few hundred bytes per question; anything far larger is not one (and is
+#: not read into memory).
+MAX_ANSWERS_BYTES = 64 * 2**20
+
+
 def cube_name(index: int) -> str:
     """Group name of the ``index``-th cube (0-based) of a cubes file."""
     return f"cube_{index:03d}"
@@ -133,6 +138,9 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
     src = str(path)
     if not path.is_file():
         raise InputError("no such file", source=src)
+    if path.stat().st_size > MAX_ANSWERS_BYTES:
+        raise InputError(f"too large for an answers file ({path.stat().st_size:,} bytes; at most "
+                         f"{MAX_ANSWERS_BYTES:,})", source=src)
     try:
         doc = json.loads(path.read_text())
     except UnicodeDecodeError:
