@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic volumes on disk, one torch thread, fixed seeds."""
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,33 @@ def to_toml(config: dict[str, Any]) -> str:
             lines.append(f"\n[[{k}]]")
             lines += [f"{kk} = {value(vv)}" for kk, vv in entry.items() if vv is not None]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- blockwise on dask.distributed
+HAVE_DASK = importlib.util.find_spec("distributed") is not None
+needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="dask.distributed is not installed (extra 'distributed')")
+#: The labelled volume of the cluster tests and a block grid of 2 x 2 x 2 = 8 blocks on it.
+CLUSTER_SHAPE = (4, 48, 48)
+CLUSTER_BLOCK = (2, 24, 24)
+CLUSTER_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def client():
+    """An in-process dask cluster of 2 workers, one per test module."""
+    from emseg.cluster import open_client
+
+    with open_client("local", workers=2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture
+def labels_h5(tmp_path):
+    """Synthetic 3-class labels of :data:`CLUSTER_SHAPE` in ``lab.h5:label``."""
+    return write_h5(tmp_path / "lab.h5", label=synthetic(CLUSTER_SHAPE, 3).label)
+
+
+def zarr_array(path, key=None):
+    import zarr
+
+    return zarr.open_array(store=str(path), path=key, mode="r")

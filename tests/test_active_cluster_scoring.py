@@ -2,41 +2,22 @@
 scoring (``emseg.active.scoring``)."""
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-import zarr
-from conftest import synthetic, write_h5
+from conftest import (CLUSTER_BLOCK, CLUSTER_BLOCKS, CLUSTER_SHAPE, needs_dask, synthetic, write_h5,
+                      zarr_array)
 
 from emseg.active.pool import build_pool
 from emseg.active.cluster_scoring import score_pool_on_cluster
 from emseg.active.scoring import chunk_seed, score_pool
 from emseg.checkpoint import save_checkpoint
-from emseg.cluster import open_client
 from emseg.models import build_model
 
-HAVE_DASK = importlib.util.find_spec("distributed") is not None
-pytestmark = pytest.mark.skipif(not HAVE_DASK, reason="dask.distributed is not installed (extra 'distributed')")
-SHAPE = (4, 48, 48)
-BLOCK = (2, 24, 24)  # 2 x 2 x 2 = 8 blocks
-N_BLOCKS = 8
-
-
-@pytest.fixture(scope="module")
-def client():
-    with open_client("local", workers=2, processes=False) as c:
-        yield c
-
-
-@pytest.fixture
-def labels_h5(tmp_path):
-    return write_h5(tmp_path / "lab.h5", label=synthetic(SHAPE, 3).label)
-
-
-def _array(path, key=None):
-    return zarr.open_array(store=str(path), path=key, mode="r")
+pytestmark = needs_dask
+SHAPE, BLOCK, N_BLOCKS = CLUSTER_SHAPE, CLUSTER_BLOCK, CLUSTER_BLOCKS
+_array = zarr_array
 
 
 # ------------------------------------------------------------------------------ emseg query scoring

@@ -2,7 +2,6 @@
 disk, in this process or on dask.distributed, provenance, streamed report."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -18,7 +17,8 @@ from hypothesis import strategies as st
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
-from conftest import synthetic, tiny_train_config, to_toml, write_h5
+from conftest import (CLUSTER_BLOCK, CLUSTER_BLOCKS, CLUSTER_SHAPE, needs_dask, synthetic, tiny_train_config,
+                      to_toml, write_h5, zarr_array)
 from emseg import __version__
 from emseg.cli.main import cli
 from emseg.cluster import FAIL_BLOCKS_ENV, BlockFailed
@@ -495,28 +495,8 @@ def test_property_every_mode_keeps_shape_and_ignore_voxels(mode, shape, n_classe
 
 
 # --------------------------------------------------------------------------- on dask.distributed
-HAVE_DASK = importlib.util.find_spec("distributed") is not None
-needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="dask.distributed is not installed (extra 'distributed')")
-SHAPE = (4, 48, 48)
-BLOCK = (2, 24, 24)  # 2 x 2 x 2 = 8 blocks
-N_BLOCKS = 8
-
-
-@pytest.fixture(scope="module")
-def client():
-    from emseg.cluster import open_client
-
-    with open_client("local", workers=2, processes=False) as c:
-        yield c
-
-
-@pytest.fixture
-def labels_h5(tmp_path):
-    return write_h5(tmp_path / "lab.h5", label=synthetic(SHAPE, 3).label)
-
-
-def _array(path, key=None):
-    return zarr.open_array(store=str(path), path=key, mode="r")
+SHAPE, BLOCK, N_BLOCKS = CLUSTER_SHAPE, CLUSTER_BLOCK, CLUSTER_BLOCKS
+_array = zarr_array
 
 
 @needs_dask
