@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _campaign import ci_cell, paired_interval  # noqa: E402
 from _common import data_dir, machine  # noqa: E402
 
 from emseg.config import config_from_dict  # noqa: E402
@@ -90,17 +92,6 @@ def inference_agreement(ckpt: Path, vnc: Path) -> float:
             with open_volume(f"{tmp}/{precision}.zarr") as vol:
                 maps.append(vol[...])
     return float((maps[0] == maps[1]).mean())
-
-
-def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences."""
-    from scipy import stats
-
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2:
-        return float(d.mean()), float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def at_step(run: dict, step: int) -> list[float] | None:
@@ -185,14 +176,11 @@ def markdown(doc: dict) -> str:
         v = np.asarray(v, dtype=float)
         return f"{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else float('nan'):.3f}"
 
-    def ci(d):
-        return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
-
     for name in CLASSES[1:]:
         e, t = s["equal_steps"][name], s["equal_time"][name]
         q = s["equal_time_quiet"].get(name)
-        lines.append(f"| {name} | {ms(e['fp32'])} | {ms(e['auto'])} | {ci(e['diff'])} | {ms(t['auto'])} | "
-                     f"{ci(t['diff'])} | {ms(q['auto']) if q else '-'} | {ci(q['diff']) if q else '-'} |")
+        lines.append(f"| {name} | {ms(e['fp32'])} | {ms(e['auto'])} | {ci_cell(e['diff'])} | {ms(t['auto'])} | "
+                     f"{ci_cell(t['diff'])} | {ms(q['auto']) if q else '-'} | {ci_cell(q['diff']) if q else '-'} |")
     lines += ["", f"auto steps reached in fp32's training time: {s['auto_steps_at_fp32_time']}; "
               f"bf16 vs fp32 inference, voxels with the same label: "
               f"{', '.join(f'{100 * a:.2f}%' for a in s['agreement'])}"]
