@@ -121,7 +121,7 @@ def test_class_weights_auto_in_a_config(tmp_path):
     f = np.array([0.75, 0.25])
     expected = f ** -0.5 / (f * f ** -0.5).sum()
     np.testing.assert_allclose(task.class_weights.numpy(), expected, rtol=1e-6)
-    with pytest.raises(InputError, match="class_weights"):
+    with pytest.raises(InputError, match='class_weights must be "auto" or a list'):
         config_from_dict({"n_classes": 2, "patch_shape": [1, 16, 16], "class_weights": "often",
                           "train": [{"raw": f"{path}:raw"}]})
     with pytest.raises(InputError, match="dice_weight"):

@@ -217,6 +217,8 @@ def config_from_dict(
         extra = {name: dict(data.pop(name)) for name in sections if name in data}
         if "patch_shape" in data:
             data["patch_shape"] = _numbers(data["patch_shape"], "patch_shape", int)
+        if isinstance(data.get("class_weights"), str) and data["class_weights"] != "auto":
+            raise InputError(f'class_weights must be "auto" or a list of numbers, got {data["class_weights"]!r}')
         if data.get("class_weights") is not None and data["class_weights"] != "auto":
             # [] = no weights (TOML has no null to unset the "auto" default)
             data["class_weights"] = _numbers(data["class_weights"], "class_weights", float) or None
