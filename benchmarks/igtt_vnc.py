@@ -68,7 +68,8 @@ def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
     res = run_igtt(raw, cfg, tmp / f"igtt_{'ems' if use_ems else 'noems'}_{seed}", label=truth, foreground=[1],
                device=args.device, seed=seed)
     row = dict(res.scores, seconds=time.perf_counter() - t0, fg_fraction=res.fg_fraction,
-               epochs=[{k: r[k] for k in ("epoch", "fg_fraction", "inverted", "dice", "auc")} for r in res.rows])
+               epochs=[{k: r.get(k) for k in ("epoch", "fg_fraction", "inverted", "dice", "auc", "mask_iou_prev",
+                                          "train_loss", "threshold")} for r in res.rows])
     return row
 
 

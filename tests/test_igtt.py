@@ -244,6 +244,7 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
     rows = _rows(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(r["dice"] and r["auc"] and r["accuracy"] for r in rows)
+    assert rows[0]["mask_iou_prev"] == "" and 0.0 <= float(rows[1]["mask_iou_prev"]) <= 1.0
     assert set(full.baselines) == {"otsu", "adaptive"} and "dice" in full.baselines["otsu"]
     assert json.loads((out / "report.json").read_text())["final_epoch"] == 2
 
@@ -331,3 +332,16 @@ def test_igtt_is_a_command_and_noise_igtt_its_alias():
     for argv in (["igtt", "--help"], ["noise", "igtt", "--help"]):
         result = CliRunner().invoke(cli, argv)
         assert result.exit_code == 0 and "--epochs" in result.output and "--dmi-weight" in result.output
+
+
+def test_mask_iou_matches_scikit_learn_jaccard():
+    from sklearn.metrics import jaccard_score
+
+    from emseg.igtt.run import mask_iou
+
+    rng = np.random.default_rng(0)
+    for p in (0.05, 0.5, 0.9):
+        a, b = rng.random((2, 40, 30)) < p
+        assert mask_iou(a, b) == pytest.approx(jaccard_score(a.ravel(), b.ravel()))
+    empty = np.zeros((3, 3), bool)
+    assert mask_iou(empty, empty) == 1.0 and mask_iou(empty, ~empty) == 0.0

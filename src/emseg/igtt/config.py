@@ -8,7 +8,7 @@ from emseg.errors import InputError
 
 #: Columns of ``metrics.csv`` (one row per completed epoch; score columns empty without ground truth).
 METRIC_COLUMNS = ("epoch", "threshold", "dmi", "fg_fraction", "inverted", "train_loss",
-                  "label_fg_fraction", "label_fraction", "dice", "auc", "accuracy", "seconds")
+                  "label_fg_fraction", "label_fraction", "mask_iou_prev", "dice", "auc", "accuracy", "seconds")
 
 
 def _err(message: str) -> InputError:

@@ -175,6 +175,17 @@ def _load_array(data: Any, name: str) -> tuple[np.ndarray, str]:
     return arr, f"<{name} array>"
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty).
+
+    >>> mask_iou(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool))
+    0.3333333333333333
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = int(np.count_nonzero(a | b))
+    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+
+
 def _binary_truth(label: np.ndarray, foreground: Sequence[int] | None) -> np.ndarray:
     lab = label.astype(np.int64, copy=False)
     fg = (lab > 0) if foreground is None else np.isin(lab, np.asarray(list(foreground), dtype=np.int64))
@@ -310,6 +321,7 @@ def run_igtt(
     rows: list[dict[str, Any]] = []
     start_epoch = 0
     labels = np.zeros(vol3.shape, dtype=np.int8)  # Y* = 0: all background
+    prev_mask: np.ndarray | None = None  # the previous epoch's chosen mask (for `mask_iou_prev`)
     train_state: dict[str, Any] | None = None
     if resume:
         if not state_path.exists():
@@ -324,6 +336,8 @@ def run_igtt(
         start_epoch = int(meta["epoch"])
         rows = [dict(r) for r in meta["rows"]]
         labels = meta["labels"].numpy().astype(np.int8)
+        if "mask_bits" in meta:
+            prev_mask = np.unpackbits(meta["mask_bits"].numpy(), count=vol3.size).astype(bool).reshape(vol3.shape)
         train_state = {k: v for k, v in saved.items() if k != "igtt"}
     elif state_path.exists():
         raise InputError(f"already holds an iGTT run ({_STATE}): pass `resume` to continue it or choose "
@@ -389,8 +403,10 @@ def run_igtt(
             "train_loss": float(np.mean(tres.losses)) if tres.losses else None,
             "label_fg_fraction": float(np.count_nonzero(labels == 1)) / max(1, int(np.count_nonzero(kept))),
             "label_fraction": float(np.count_nonzero(kept)) / labels.size,
+            "mask_iou_prev": None if prev_mask is None else mask_iou(sel.mask, prev_mask),
             "dice": None, "auc": None, "accuracy": None,
         }
+        prev_mask = np.asarray(sel.mask, dtype=bool)
         if truth is not None:
             row.update(binary_metrics(1.0 - prob if sel.inverted else prob, sel.mask, truth))
         row["seconds"] = time.perf_counter() - t_epoch
@@ -411,6 +427,7 @@ def run_igtt(
         # the epoch is complete once this state is on disk (written atomically, last)
         save_checkpoint(state_path, dict(train_state, igtt={
             "epoch": n, "rows": rows, "labels": torch.from_numpy(labels), "seed": int(seed),
+            "mask_bits": torch.from_numpy(np.packbits(prev_mask.ravel())),
             "shape": list(vol3.shape), "resume_key": _resume_key(cfg), "config": cfg.to_dict(),
         }))
         epoch = n
