@@ -75,13 +75,24 @@ def make_labels(name, mode, params, train_h5: Path, seed: int) -> dict:
     return rep
 
 
+def valid_curve(run_dir: Path) -> list[list[float]]:
+    """(step, Dice of class 1) of every validation row of a run's metrics.csv (Dice = 2J / (1 + J))."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("valid_jaccard_1")]
+    return [[int(r["step"]), 2 * float(r["valid_jaccard_1"]) / (1 + float(r["valid_jaccard_1"]))] for r in rows]
+
+
 def train_and_score(name, label_key, args, tmp: Path) -> dict:
     train_h5, test_h5 = tmp / "train.h5", tmp / "test.h5"
+    every = getattr(args, "valid_every", 0)  # > 0: test Dice on the clean labels every N steps (the plateau curve)
     cfg = config_from_dict({
         "n_classes": 2, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
         "steps": args.steps or 10**6, "max_seconds": args.seconds, "log_every": 50, "checkpoint_every": 10**6,
-        "valid_every": 10**6, "example_ignore_threshold": 1.0,
+        "valid_every": every or 10**6, "example_ignore_threshold": 1.0,
         "train": [{"raw": f"{train_h5}:raw", "label": f"{train_h5}:{label_key}"}],
+        "valid": [{"raw": f"{test_h5}:raw", "label": f"{test_h5}:clean"}] if every else [],
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch"},
         "optim": {"lr": args.lr},
     }, source=name)
@@ -98,22 +109,27 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
     curve = [float(losses[i:i + every].mean()) for i in range(0, len(losses), every)]
     return {"steps": result.final_step, "train_s": result.seconds, "loss_curve": curve, "loss_every": every,
             "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
-            "dice_mito": float(scores.dice[1]), "jaccard_mito": float(scores.jaccard[1])}
+            "dice_mito": float(scores.dice[1]), "jaccard_mito": float(scores.jaccard[1]),
+            "valid_curve": valid_curve(out) if every else None}
 
 
-def prepare(root: Path, f: int, tmp: Path) -> None:
-    """Binary mitochondria of VNC stack 1, down-sampled ``f`` x in-plane: tmp/train.h5 (sections
-    0-14) and tmp/test.h5 (15-19), datasets ``raw`` and ``clean``."""
+#: Binary targets: mitochondria, or membranes as every dark boundary structure (membrane, synapse, glia).
+TARGETS = {"mito": (1,), "membrane": (2, 3, 4)}
+
+
+def prepare(root: Path, f: int, tmp: Path, target: str = "mito") -> None:
+    """A binary target of VNC stack 1 (``TARGETS``), down-sampled ``f`` x in-plane: tmp/train.h5
+    (sections 0-14) and tmp/test.h5 (15-19), datasets ``raw`` and ``clean``."""
     with h5py.File(root / "vnc_stack1.h5", "r") as fh:
         raw, label = fh["raw"][:], fh["label"][:]
-    mito = (label == 1).astype(np.uint8)
+    mito = np.isin(label, TARGETS[target]).astype(np.uint8)
     if f > 1:
         z, y, x = raw.shape
         y, x = y // f * f, x // f * f
         raw = raw[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)).round().astype(np.uint8)
         mito = (mito[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)) >= 0.5).astype(np.uint8)
         print(f"downsampled {f}x in-plane to {raw.shape}")
-    print(f"mitochondria: {mito[:15].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
+    print(f"{target}: {mito[:15].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
     for name, sl in (("train.h5", slice(0, 15)), ("test.h5", slice(15, 20))):
         with h5py.File(tmp / name, "w") as fh:
             fh.create_dataset("raw", data=raw[sl], chunks=(1, 256, 256))

@@ -3,11 +3,16 @@
 Sections 0-14 train, 15-19 test. Runs, each with the same CPU time budget:
   mito      binary mitochondria (label == 1), dense labels
   5class    all five classes, dense labels
-  dense     mitochondria from a small dense set only (sections 0, 7 and 14)
+  dense     mitochondria from a small dense set only: sections 0, 7 and 14, or with
+            ``--dense-windows N`` only N patch-sized windows of those sections that hold mitochondria
   lazy      the same small dense set plus lazy cubes: background-only regions carrying only
-            the flag "no mitochondria" (labels -1, info not_present[1] = 1)
+            the flag "no mitochondria" (labels -1, info not_present[1] = 1), drawn at random among the
+            mitochondria-free windows of the other training sections (``--lazy-from random``) or among
+            their most monotonic quarter (``--lazy-from monotonic``: the windows with the least membrane
+            and synapse, i.e. large uniform cytoplasm or glia areas)
 and reports per-class test Jaccard, training patches/s, inference voxels/s, and for dense/lazy the
-false-positive mitochondria voxels inside held-out regions that contain no mitochondria.
+false-positive mitochondria voxels inside held-out regions that contain no mitochondria (random ones,
+and with ``--lazy-from monotonic`` also the most monotonic ones).
 
     python benchmarks/train_vnc.py --seconds 120 --base-width 16
 """
@@ -38,6 +43,38 @@ def write(path: Path, **arrays) -> Path:
         for name, data in arrays.items():
             fh.create_dataset(name, data=data, chunks=(1,) + data.shape[1:] if data.ndim == 3 else None)
     return path
+
+
+def monotonic_windows(label: np.ndarray, size: int, count: int, rng, sections) -> list[tuple[int, int, int]]:
+    """``count`` mitochondria-free windows drawn from the most monotonic quarter of a half-overlapping grid.
+
+    Monotonic: the smallest share of membrane and synapse voxels (labels 2 and 3), i.e. windows of
+    large uniform cytoplasm or glia, the regions lazy labels are meant for (nothing to delineate).
+    """
+    grid = []
+    for z in sections:
+        for y in range(0, label.shape[1] - size + 1, size // 2):
+            for x in range(0, label.shape[2] - size + 1, size // 2):
+                w = label[z, y:y + size, x:x + size]
+                if not (w == 1).any():
+                    grid.append((float(np.isin(w, (2, 3)).mean()), z, y, x))
+    grid.sort()
+    top = grid[:max(count, len(grid) // 4)]
+    pick = rng.choice(len(top), size=min(count, len(top)), replace=False)
+    return [top[i][1:] for i in sorted(pick)]
+
+
+def dense_windows(label: np.ndarray, size: int, count: int, rng, sections) -> list[tuple[int, int, int]]:
+    """``count`` random size x size windows of ``sections`` holding at least 1 % mitochondria."""
+    found = []
+    for _ in range(20000):
+        z = int(rng.choice(sections))
+        y, x = (int(rng.integers(s - size + 1)) for s in label.shape[1:])
+        if (label[z, y:y + size, x:x + size] == 1).mean() >= 0.01:
+            found.append((z, y, x))
+            if len(found) == count:
+                break
+    return found
 
 
 def background_windows(label: np.ndarray, size: int, count: int, rng, sections=None) -> list[tuple[int, int, int]]:
@@ -89,6 +126,10 @@ def main() -> int:
     ap.add_argument("--runs", default="mito,5class,dense,lazy")
     ap.add_argument("--lazy-cubes", type=int, default=24)
     ap.add_argument("--lazy-share", type=float, default=0.25, help="fraction of patches drawn from lazy cubes")
+    ap.add_argument("--lazy-from", choices=("random", "monotonic"), default="random",
+                    help="where the lazy cubes come from (see above)")
+    ap.add_argument("--dense-windows", type=int, default=0,
+                    help="dense set: N patch-sized windows of sections 0, 7, 14 (0: the whole sections)")
     ap.add_argument("--class-weights", default=None, help="e.g. 1,3 (binary runs only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -118,13 +159,25 @@ def main() -> int:
         if "dense" in runs or "lazy" in runs:
             rng = np.random.default_rng(args.seed)
             # Small dense set: sections 0, 7 and 14 only, read through cube regions.
-            dense = [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:mito", "prio": 1.0,
-                      "region": [[z, z + 1]]} for z in (0, 7, 14)]
+            if args.dense_windows:
+                dense = [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:mito", "prio": 1.0,
+                          "region": [[z, z + 1], [y, y + args.patch], [x, x + args.patch]]}
+                         for z, y, x in dense_windows(label, args.patch, args.dense_windows,
+                                                      np.random.default_rng(2000 + args.seed), (0, 7, 14))]
+            else:
+                dense = [{"raw": f"{tmp/'train.h5'}:raw", "label": f"{tmp/'train.h5'}:mito", "prio": 1.0,
+                          "region": [[z, z + 1]]} for z in (0, 7, 14)]
             # Held-out background regions: test windows of 128x128 without mitochondria.
             bg = background_windows(mito[15:], 128, 40, np.random.default_rng(1000 + args.seed))
+            held_out = {"": bg}
+            if args.lazy_from == "monotonic":
+                held_out["monotonic_"] = monotonic_windows(label[15:], 128, 40,  # test coordinates (z 0-4)
+                                                           np.random.default_rng(3000 + args.seed), range(5))
+            others = [z for z in range(15) if z not in (0, 7, 14)]
+            pick = monotonic_windows if args.lazy_from == "monotonic" else background_windows
             lazy = []
-            for i, (z, y, x) in enumerate(background_windows(mito[:15], args.patch, args.lazy_cubes, rng,
-                                                                 [z for z in range(15) if z not in (0, 7, 14)])):
+            for i, (z, y, x) in enumerate(pick(label[:15] if args.lazy_from == "monotonic" else mito[:15],
+                                               args.patch, args.lazy_cubes, rng, others)):
                 path = tmp / f"lazy{i}.h5"
                 with h5py.File(path, "w") as fh:
                     fh["raw"] = raw[z:z + 1, y:y + args.patch, x:x + args.patch]
@@ -138,13 +191,15 @@ def main() -> int:
                 if name not in runs:
                     continue
                 row = run(name, cubes, 2, args, tmp, test_raw, f"{tmp/'test.h5'}:mito")
-                with open_volume(str(tmp / f"{name}_pred.zarr")) as pv:
-                    fp = sum(int((pv[z, y:y + 128, x:x + 128] == 1).sum()) for z, y, x in bg)
-                row["bg_regions"] = len(bg)
-                row["bg_false_positive_voxels"] = fp
-                row["bg_false_positive_rate"] = round(fp / (len(bg) * 128 * 128), 5)
-                print(json.dumps({"run": name, "bg_false_positive_voxels": fp,
-                                  "bg_false_positive_rate": row["bg_false_positive_rate"]}), flush=True)
+                for prefix, windows in held_out.items():
+                    with open_volume(str(tmp / f"{name}_pred.zarr")) as pv:
+                        fp = sum(int((pv[z, y:y + 128, x:x + 128] == 1).sum()) for z, y, x in windows)
+                    row[f"{prefix}bg_regions"] = len(windows)
+                    row[f"{prefix}bg_false_positive_voxels"] = fp
+                    row[f"{prefix}bg_false_positive_rate"] = round(fp / (len(windows) * 128 * 128), 5)
+                row["dense_cubes"], row["lazy_cubes"] = len(dense), len(lazy) if name == "lazy" else 0
+                print(json.dumps({"run": name, **{k: v for k, v in row.items() if "false_positive" in k}}),
+                      flush=True)
                 rows.append(row)
     print("\nrun      steps  patches/s  infer vox/s  test Jaccard per class          bg FP rate")
     for r in rows:

@@ -1,14 +1,18 @@
 """Do networks learn meta-structures from noisy labels? Luo et al.'s conditions on VNC mitochondria, 3 seeds.
 
-Each (condition, seed) runs ``benchmarks/noise_vnc.py``'s experiment: the labels of sections 0-14
+Each (condition, seed) runs ``benchmarks/noise_vnc.py``'s experiment on one binary target (``--target
+mito``: ``label == 1``; ``--target membrane``: ``label >= 2``): the labels of sections 0-14
 corrupted by one ``emseg noise`` mode (seeded), a U-Net trained on them for a fixed number of
 steps, test Dice on the clean labels of sections 15-19. Conditions: CL (clean), RCL flip 0.45 and
 0.49, sample 0.1, PCL dilate / erode / skeleton, RL p = 0.1 and 0.5. Every run is stored in
 ``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
 paired difference to CL with its 95% interval), the figure shows test Dice per condition and the
-training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling).
+training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
+``--valid-every N``, the test Dice every N steps (whether the budget reached the plateau).
 
     python benchmarks/results/meta_structures.py --seeds 0,1,2 --steps 1000 --downsample 2
+    python benchmarks/results/meta_structures.py --target membrane --valid-every 100 \
+        --out benchmarks/results/meta_structures_membrane.json
 """
 from __future__ import annotations
 
@@ -30,24 +34,38 @@ import noise_vnc  # noqa: E402
 CONDITIONS = ("CL", "RCL-flip", "RCL-flip49", "RCL-samp", "PCL-dil", "PCL-ero", "PCL-skel", "RL", "RL-50")
 
 
+def late_gain(curve: list[list[float]]) -> float:
+    """Test Dice at the end minus the test Dice half-way through training (near 0: the plateau)."""
+    steps = np.array([c[0] for c in curve], float)
+    dice = np.array([c[1] for c in curve], float)
+    return float(dice[-1] - np.interp(steps[-1] / 2, steps, dice))
+
+
 def table(runs: list[dict]) -> str:
     names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
     cl = {r["seed"]: r["dice_mito"] for r in runs if r["run"] == "CL"}
-    lines = ["| condition | label error | test Dice | condition - CL (95% CI) | final loss |", "|---|---|---|---|---|"]
+    curves = any(r.get("valid_curve") for r in runs)
+    lines = ["| condition | label error | test Dice | condition - CL (95% CI) | final loss |"
+             + (" test Dice gain over the last half of training |" if curves else ""),
+             "|---|---|---|---|---|" + ("---|" if curves else "")]
     for c in names:
         rs = [r for r in runs if r["run"] == c]
         err = mean_std([1 - r["label_agreement"] for r in rs if r["label_agreement"] is not None])
         d = [r["dice_mito"] - cl[r["seed"]] for r in rs if r["seed"] in cl]
         diff = ci_cell(paired_interval(d)) if c != "CL" and d else "-"
-        lines.append(f"| {c} | {err} | {mean_std([r['dice_mito'] for r in rs])} | {diff} | "
-                     f"{mean_std([r['final_loss'] for r in rs])} |")
+        cells = (f"| {c} | {err} | {mean_std([r['dice_mito'] for r in rs])} | {diff} | "
+                 f"{mean_std([r['final_loss'] for r in rs])} |")
+        if curves:
+            cells += f" {mean_std([late_gain(r['valid_curve']) for r in rs if r.get('valid_curve')])} |"
+        lines.append(cells)
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], path: Path) -> None:
     plt = pyplot()
     names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    curves = any(r.get("valid_curve") for r in runs)
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(19 if curves else 13, 4.2))
     for i, c in enumerate(names):
         vals = [r["dice_mito"] for r in runs if r["run"] == c]
         axes[0].bar(i, np.mean(vals), color=f"C{i}", alpha=0.8)
@@ -55,12 +73,19 @@ def plot(runs: list[dict], path: Path) -> None:
         for j, r in enumerate(r for r in runs if r["run"] == c):
             x = np.arange(len(r["loss_curve"])) * r["loss_every"]
             axes[1].plot(x, r["loss_curve"], color=f"C{i}", alpha=0.7, lw=1, label=c if j == 0 else None)
+            if r.get("valid_curve"):
+                steps, dice = zip(*r["valid_curve"])
+                axes[2].plot(steps, dice, color=f"C{i}", alpha=0.7, lw=1, label=c if j == 0 else None)
     axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axes[0].set_ylabel("test Dice, clean labels (dots = seeds)")
+    axes[0].set_ylabel(f"test Dice ({runs[0].get('target', 'mito')}), clean labels (dots = seeds)")
     axes[1].set_xlabel("training step")
     axes[1].set_ylabel("training loss (on the noisy labels)")
     axes[1].set_yscale("log")
     axes[1].legend(fontsize=7, ncol=2)
+    if curves:
+        axes[2].set_xlabel("training step")
+        axes[2].set_ylabel("test Dice, clean labels")
+        axes[2].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -70,6 +95,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/meta_structures.json")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--target", default="mito", choices=sorted(noise_vnc.TARGETS))
+    ap.add_argument("--valid-every", type=int, default=0, help="test Dice every N steps (0: only at the end)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--downsample", type=int, default=2)
     ap.add_argument("--patch", type=int, default=64)
@@ -89,14 +116,17 @@ def main() -> int:
         print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
         return 0
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "conditions", "markdown")}
+    if args.target == "mito" and not args.valid_every:  # the settings of the campaigns run before both keys
+        settings = {k: v for k, v in settings.items() if k not in ("target", "valid_every")}
+    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, settings)
     with tempfile.TemporaryDirectory(prefix="emseg_meta_") as d:
         tmp = Path(d)
-        noise_vnc.prepare(root, args.downsample, tmp)
+        noise_vnc.prepare(root, args.downsample, tmp, args.target)
         for seed in (int(s) for s in args.seeds.split(",")):
             for c in args.conditions.split(","):
                 run_args = argparse.Namespace(**vars(args), seed=seed, seconds=10**9, device="cpu", overlap=0.125)
-                row = campaign.run({"run": c, "seed": seed}, lambda: noise_vnc.one_run(c, run_args, tmp))
+                row = campaign.run({"run": c, "seed": seed}, lambda: dict(noise_vnc.one_run(c, run_args, tmp), target=args.target))
                 print(f"{c} seed {seed}: Dice {row['dice_mito']:.3f} ({row['steps']} steps)", flush=True)
     plot(campaign.runs, out.with_suffix(".png"))
     print(table(campaign.runs))
