@@ -39,6 +39,7 @@ from _common import data_dir, machine  # noqa: E402
 
 from emseg.config import config_from_dict  # noqa: E402
 from emseg.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
+from emseg.igtt.selection import candidate_thresholds  # noqa: E402
 from emseg.predict import PredictConfig, predict_file  # noqa: E402
 from emseg.training import train  # noqa: E402
 
@@ -58,6 +59,24 @@ def load(path: Path, sections: list[int], crop: int, target: str) -> tuple[np.nd
     return raw, np.isin(label, TARGETS[target]).astype(np.int64)
 
 
+def threshold_diagnostics(fg_prob: np.ndarray, truth: np.ndarray, n_thresholds: int) -> dict:
+    """What the final prediction allows, against what the DMI choice took from it.
+
+    ``oracle_dice``: the best Dice of the K candidate masks (either polarity), i.e. the selection
+    step with the labels as judge; ``prior_dice``: the mask thresholded at the true foreground
+    fraction (the selection step given only that one number).
+    """
+    t = truth.astype(bool)
+    best = (-1.0, 0.0)
+    for thr in candidate_thresholds(fg_prob, n_thresholds):
+        for mask in (fg_prob >= thr, fg_prob < thr):
+            d = 2 * np.count_nonzero(mask & t) / max(1, np.count_nonzero(mask) + np.count_nonzero(t))
+            best = max(best, (d, float(mask.mean())))
+    prior = fg_prob >= np.quantile(fg_prob, 1 - t.mean())
+    prior_dice = 2 * np.count_nonzero(prior & t) / max(1, np.count_nonzero(prior) + np.count_nonzero(t))
+    return {"oracle_dice": best[0], "oracle_fg": best[1], "prior_dice": float(prior_dice)}
+
+
 def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
     cfg = IGTTConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                      patch_shape=(args.patch, args.patch), depth=args.depth, base_width=args.base_width,
@@ -67,7 +86,9 @@ def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
     t0 = time.perf_counter()
     res = run_igtt(raw, cfg, tmp / f"igtt_{'ems' if use_ems else 'noems'}_{seed}", label=truth, foreground=[1],
                device=args.device, seed=seed)
+    fg_prob = zarr.open_array(str(res.out_dir / "prediction.zarr"), mode="r")[...][0]
     row = dict(res.scores, seconds=time.perf_counter() - t0, fg_fraction=res.fg_fraction,
+               **threshold_diagnostics(fg_prob, truth, args.thresholds),
                epochs=[{k: r.get(k) for k in ("epoch", "fg_fraction", "inverted", "dice", "auc", "mask_iou_prev",
                                           "train_loss", "threshold")} for r in res.rows])
     return row

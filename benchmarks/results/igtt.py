@@ -5,7 +5,9 @@ For each target (``membrane``: ``label >= 2``; ``mito``: ``label == 1``) and see
 ``igtt`` (the reference settings: 30 thresholds, inversion of masks over 50 % foreground, EMS =
 skeleton + shift within radius r + sample 10 %), ``igtt-noems`` (trains on the chosen mask itself),
 and ``supervised`` (the same network and steps, trained on the true labels of sections 0-3). Otsu
-and adaptive thresholding are deterministic and run once per target. Every epoch's Dice, chosen
+and adaptive thresholding are deterministic and run once per target. For iGTT two diagnostics of the
+final prediction: the best Dice among its candidate masks (the selection step with the labels as
+judge) and the Dice of the mask at the true foreground fraction. Every epoch's Dice, chosen
 foreground fraction and IoU of the chosen mask with the previous epoch's (``mask_iou_prev``: the
 pseudo-labels have stopped changing when it stays near 1) are kept. Stored in ``--out`` per run
 (resumable); ``--markdown`` prints the table, the PNG shows Dice per method and the per-epoch curves.
@@ -67,8 +69,9 @@ def table(runs: list[dict]) -> str:
         otsu_dice = otsu[0]["dice"] if otsu else None
         ems = {r["seed"]: r["dice"] for r in by(runs, target, "igtt")}
         lines += [f"**{target}** (foreground {100 * runs[0]['truth_fg'][target]:.1f} % of the crops)", "",
-                  "| method | runs | Dice | AUC | foreground fraction | Dice - Otsu (95% CI) | last-epoch mask IoU to previous |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | runs | Dice | AUC | foreground fraction | Dice - Otsu (95% CI) | last-epoch mask IoU to previous "
+                  "| best candidate mask's Dice | Dice at the true foreground fraction |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in METHODS:
             rs = by(runs, target, m)
             if not rs:
@@ -78,7 +81,8 @@ def table(runs: list[dict]) -> str:
                 diff = ci_cell(paired_interval([r["dice"] - otsu_dice for r in rs]))
             iou = mean_std([r["epochs"][-1].get("mask_iou_prev") for r in rs]) if "epochs" in rs[0] else "-"
             lines.append(f"| {m} | {len(rs)} | {mean_std([r['dice'] for r in rs])} | {mean_std([r['auc'] for r in rs])} "
-                         f"| {mean_std([r['fg_fraction'] for r in rs])} | {diff} | {iou} |")
+                         f"| {mean_std([r['fg_fraction'] for r in rs])} | {diff} | {iou} "
+                         f"| {mean_std([r.get('oracle_dice') for r in rs])} | {mean_std([r.get('prior_dice') for r in rs])} |")
         noems = {r["seed"]: r["dice"] for r in by(runs, target, "igtt-noems")}
         pairs = [ems[s] - noems[s] for s in ems if s in noems]
         if pairs:
