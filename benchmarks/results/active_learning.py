@@ -47,25 +47,29 @@ def build(args):
     return active_vnc.build_config(simulation_args(args))
 
 
+def region_cube(config, spec):
+    """A fully labelled in-memory cube of a simulation region (``config.pool`` or ``config.test``)."""
+    from emseg.data import Cube
+    from emseg.io import open_volume
+
+    with open_volume(spec.raw) as r, open_volume(spec.label) as lab:
+        sl = spec.slices(r.shape)
+        raw, label = r[sl], lab[sl].astype(np.int64)
+    if config.label_map:
+        label = np.asarray(config.label_map, dtype=np.int64)[label]
+    info = np.zeros((2, config.n_classes), np.uint8)
+    info[0] = 1
+    return Cube(raw, label, info, 1.0, spec.raw)
+
+
 def fully_supervised(config, seed: int, steps: int) -> dict:
     """The simulation's network trained on every pool voxel for ``steps`` steps; test scores."""
     import tempfile
 
-    from emseg.data import Cube
-    from emseg.io import open_volume
     from emseg.training import SegmentationTask, evaluate_cubes, run_training
 
-    lut = np.asarray(config.label_map, dtype=np.int64) if config.label_map else None
-
     def cube(spec):
-        with open_volume(spec.raw) as r, open_volume(spec.label) as lab:
-            sl = spec.slices(r.shape)
-            raw, label = r[sl], lab[sl].astype(np.int64)
-        if lut is not None:
-            label = lut[label]
-        info = np.zeros((2, config.n_classes), np.uint8)
-        info[0] = 1
-        return Cube(raw, label, info, 1.0, spec.raw)
+        return region_cube(config, spec)
 
     train_cfg = config.train.replace(steps=steps, valid_every=10**9, checkpoint_every=10**9)
     task = SegmentationTask(train_cfg, cubes=[cube(config.pool)], valid_cubes=[])
