@@ -48,7 +48,8 @@ def campaign_args(args, **over) -> argparse.Namespace:
 def finetune_run(args, seed: int, steps: int, sims: Path) -> dict:
     from emseg.active.simulate import run_simulation
 
-    config = active_learning.build(campaign_args(args, seeds=str(seed), steps_finetune=steps))
+    config = active_learning.build(campaign_args(args, seeds=str(seed), steps_finetune=steps,
+                                                 steps_initial=args.steps_initial))
     folder = sims / f"ft{steps}"
     first = sims / f"ft{args.finetune_steps.split(',')[0]}" / "runs" / f"seed_{seed}"
     mine = folder / "runs" / f"seed_{seed}"
@@ -131,6 +132,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--finetune-steps", default="50,100,200,400,800")
+    ap.add_argument("--steps-initial", type=int, default=600, help="steps of the initial network")
     ap.add_argument("--full-steps", type=int, default=6400)
     ap.add_argument("--full-every", type=int, default=800)
     ap.add_argument("--parts", default="finetune,full")
@@ -145,7 +147,8 @@ def main() -> int:
         print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    campaign = Campaign(out / "budget.json", {k: getattr(args, k) for k in ("finetune_steps", "full_steps", "full_every")})
+    campaign = Campaign(out / "budget.json", {k: getattr(args, k) for k in ("finetune_steps", "steps_initial",
+                                                                      "full_steps", "full_every")})
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
     for seed in seeds:
