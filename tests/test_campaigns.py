@@ -127,5 +127,70 @@ def test_lazy_labels_table_reports_the_false_positive_ratio():
         "lazy": {"steps": 98, "jaccard": [0.9, 0.49 + 0.01 * s], "bg_false_positive_voxels": 50,
                  "bg_false_positive_rate": 0.00025}}} for s in (0, 1)]
     text = lazy_labels.table(runs)
-    assert "false positives lazy / dense: 0.25" in text and "50/200, 50/200" in text
-    assert "-0.010 [-0.010, -0.010]" in text
+    assert "random windows, lazy / dense: 0.25" in text and "50/200, 50/200" in text
+    assert "-0.010 [-0.010, -0.010]" in text and "monotonic" not in text
+    for r in runs:  # held-out monotonic windows too: a column pair and a ratio of their own
+        r["arms"]["dense"].update(monotonic_bg_false_positive_voxels=400, monotonic_bg_false_positive_rate=0.002)
+        r["arms"]["lazy"].update(monotonic_bg_false_positive_voxels=100 + 100 * r["seed"],
+                                 monotonic_bg_false_positive_rate=0.001)
+    text = lazy_labels.table(runs)
+    assert "monotonic windows, lazy / dense: 0.38" in text and "100/400, 200/400" in text  # 300 / 800
+    assert text.splitlines()[0].count("|") == 8
+
+
+def test_meta_structures_late_gain_reads_the_curve_halfway():
+    import meta_structures
+
+    # Dice 0.2 at step 100 rising linearly to 0.8 at step 1000: half-way (500) it is 0.2 + 0.6 * 400/900
+    curve = [[100, 0.2], [1000, 0.8]]
+    assert meta_structures.late_gain(curve) == pytest.approx(0.8 - (0.2 + 0.6 * 400 / 900))
+    assert meta_structures.late_gain([[100, 0.5], [500, 0.7], [1000, 0.7]]) == pytest.approx(0.0)
+
+
+def test_igtt_table_pairs_with_otsu_and_ems(tmp_path):
+    import igtt
+
+    runs = [{"target": "membrane", "method": "otsu", "seed": 0, "dice": 0.50, "auc": 0.9, "fg_fraction": 0.36,
+             "truth_fg": {"membrane": 0.14}}]
+    for seed, (d_ems, d_no) in enumerate([(0.60, 0.52), (0.58, 0.55), (0.62, 0.53)]):
+        for method, d in (("igtt", d_ems), ("igtt-noems", d_no)):
+            runs.append({"target": "membrane", "method": method, "seed": seed, "dice": d, "auc": 0.9,
+                         "fg_fraction": 0.3, "truth_fg": {"membrane": 0.14}, "oracle_dice": 0.7, "prior_dice": 0.65,
+                         "epochs": [{"epoch": 1, "dice": d - 0.1, "mask_iou_prev": None},
+                                    {"epoch": 2, "dice": d, "mask_iou_prev": 0.9}]})
+    text = igtt.table(runs)
+    assert _campaign.ci_cell(_campaign.paired_interval([0.10, 0.08, 0.12])) in text  # iGTT - Otsu
+    assert "EMS - no EMS (paired by seed): " + _campaign.ci_cell(_campaign.paired_interval([0.08, 0.03, 0.09])) in text
+    igtt.plot(runs, tmp_path / "i.png")
+    assert (tmp_path / "i.png").stat().st_size > 1000
+
+
+def test_igtt_threshold_diagnostics_against_brute_force():
+    from sklearn.metrics import f1_score
+
+    import igtt_vnc
+
+    rng = np.random.default_rng(0)
+    truth = (rng.random((2, 30, 30)) < 0.2).astype(np.int64)
+    prob = np.clip(0.3 * truth + rng.random(truth.shape) * 0.8, 0, 1).astype(np.float32)
+    d = igtt_vnc.threshold_diagnostics(prob, truth, 7)
+    thresholds = np.linspace(prob.min(), prob.max(), 7)
+    best = max(f1_score(truth.ravel(), m.ravel()) for t in thresholds for m in (prob >= t, prob < t))
+    assert d["oracle_dice"] == pytest.approx(best)
+    k = int(truth.sum())  # the top-k voxels by probability (no ties in random floats)
+    top = np.zeros(truth.size, bool)
+    top[np.argsort(prob.ravel())[::-1][:k]] = True
+    assert d["prior_dice"] == pytest.approx(f1_score(truth.ravel(), top), abs=2e-3)
+
+
+def test_al_budget_table_lists_every_fine_tuning_budget(tmp_path):
+    import al_budget
+
+    runs = [{"kind": "finetune", "seed": s, "steps": st, "initial": 0.30, "jaccard": 0.30 + st / 1000 + s / 100}
+            for s in (0, 1) for st in (50, 200)]
+    runs += [{"kind": "full", "seed": s, "curve": [[800, 0.4 + s / 10], [1600, 0.5 + s / 10]]} for s in (0, 1)]
+    text = al_budget.table(runs, [50, 200])
+    assert "| 200 | 0.505 +- 0.007 | 0.205 +- 0.007 |" in text
+    assert "| test Jaccard | 0.450 +- 0.071 | 0.550 +- 0.071 |" in text
+    al_budget.plot(runs, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
