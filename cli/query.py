@@ -178,6 +178,8 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
             console.print(f"wrote {result.outputs['json']} and {result.outputs['csv']}")
         if "sheet" in result.outputs:
             console.print(f"wrote {result.outputs['sheet']}")
+        for note in result.notes:
+            console.print(f"note: {note}", markup=False)
         if export:
             console.print(f"wrote {len(result.queries)} crops to {export}; after labelling, list them in a "
                           f"train config, e.g.:\n[[train]]\nraw = \"{Path(export).name}:{crop_name(1)}/raw\"\n"

@@ -194,3 +194,79 @@ def test_al_budget_table_lists_every_fine_tuning_budget(tmp_path):
     assert "| test Jaccard | 0.450 +- 0.071 | 0.550 +- 0.071 |" in text
     al_budget.plot(runs, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- questions.py
+def _ask_rows():
+    """Two seeds; the dense arms at 2 + 2 x it patches of cost 10, a question arm that spends less."""
+    rows = []
+    for seed, base in ((0, 0.30), (1, 0.40)):
+        for it in range(3):
+            rows.append({"strategy": "entropy", "seed": seed, "iteration": it, "n_labelled": 2 + 2 * it,
+                         "cost_s": 20.0 + 20 * it, "mean_fg_jaccard": base + 0.1 * it, "fp_rate": 0.2 - 0.05 * it})
+        for it, (cost, j, fp) in enumerate(((20.0, base, 0.2), (30.0, base + 0.2, 0.1), (50.0, base + 0.3, 0.04))):
+            rows.append({"strategy": "dense+presence", "seed": seed, "iteration": it, "n_labelled": 9,
+                         "cost_s": cost, "mean_fg_jaccard": j, "fp_rate": fp})
+    return rows
+
+
+def test_questions_summary_matches_costs_pairs_by_seed_and_finds_the_cost_to_reach(tmp_path):
+    import questions as mod
+
+    full = [{"seed": 0, "mean_fg_jaccard": 0.6}, {"seed": 1, "mean_fg_jaccard": 0.6}]
+    s = mod.summary(_ask_rows(), full, initial=2, per_round=2, iterations=2, dense_cost=10.0)
+    assert s["grid_cost_s"] == [20.0, 40.0, 60.0]
+    arm = s["arms"]["dense+presence"]
+    # the arm at cost 40: between (30, b+0.2) and (50, b+0.3) -> b+0.25; at 60: held at its last value b+0.3
+    assert arm["jaccard"][1] == pytest.approx([0.55, 0.65]) and arm["jaccard"][2] == pytest.approx([0.6, 0.7])
+    assert arm["fp_rate"][1] == pytest.approx([0.07, 0.07]) and arm["fp_rate"][2] == pytest.approx([0.04, 0.04])
+    # arm - entropy: per seed the mean over grid points 1, 2 of (b+.25 - (b+.1), b+.3 - (b+.2)) = 0.125 each
+    assert arm["diff_j_vs_ref"][0] == pytest.approx(0.125) and arm["diff_j_last_vs_ref"][0] == pytest.approx(0.1)
+    assert arm["diff_fp_vs_ref"][0] == pytest.approx(np.mean([0.07 - 0.15, 0.04 - 0.10]))
+    assert arm["fp_ratio_last_vs_ref"] == pytest.approx(0.4) and arm["n_pairs"] == 2
+    # 95% of 0.6 = 0.57: entropy seed 0 (0.3, 0.4, 0.5) never; seed 1 (0.4, 0.5, 0.6) at 40 + 0.7 x 20 = 54
+    assert s["arms"]["entropy"]["cost_to_95pct_full_s"] == [None, pytest.approx(54.0)]
+    # the arm: seed 0 (0.3, 0.5, 0.6) at 30 + 0.7 x 20 = 44; seed 1 (0.4, 0.6) at 20 + 0.85 x 10 = 28.5
+    assert arm["cost_to_95pct_full_s"] == [pytest.approx(44.0), pytest.approx(28.5)]
+    assert arm["cost_ratio_ref_over_arm"] is None  # entropy did not reach it on every seed
+    assert arm["mean_round_cost_s"] == pytest.approx(15.0)
+    text = mod.markdown(json.loads(json.dumps(s)))
+    assert "| dense+presence | 0.350 +- 0.071 | 0.600 +- 0.071 | 0.650 +- 0.071 |" in text
+    assert "+0.125 [+0.125, +0.125]" in text and "| 0.40 |" in text and "not reached (1/2 seeds)" in text
+    mod.plot(json.loads(json.dumps(s)), tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_questions_campaign_runs_resumes_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    """End to end on a tiny synthetic stand-in for the VNC stack (20 sections of 128 x 128)."""
+    from conftest import synthetic, write_h5
+    import questions as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    out = tmp_path / "ask"
+    argv = ["questions.py", "--out", str(out), "--seeds", "0,1", "--iterations", "1", "--initial", "2",
+            "--per-iteration", "2", "--budget-patches", "2", "--steps-initial", "2", "--steps-finetune", "1",
+            "--candidates", "8", "--depth", "2", "--base-width", "4", "--batch-size", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert mod.main() == 0
+    first = capsys.readouterr().out
+    assert "[16/16]" in first and "| dense+partial+presence |" in first
+    doc = json.loads((out / "results.json").read_text())
+    assert sorted((r["kind"], r["seed"]) for r in doc["runs"]) == [("full", 0), ("full", 1)]
+    assert set(doc["summary"]["arms"]) == {"random", "entropy", "dense+presence", "dense+partial+presence"}
+    assert doc["summary"]["grid_cost_s"] == pytest.approx([2 * 163.84, 4 * 163.84])
+    assert (out / "results.png").stat().st_size > 1000
+    # resumed: nothing is recomputed, the stored runs are kept
+    assert mod.main() == 0
+    again = capsys.readouterr().out
+    assert "[" not in again.split("Test Jaccard")[0]
+    assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]
+    monkeypatch.setattr(sys, "argv", ["questions.py", "--out", str(out), "--markdown"])
+    assert mod.main() == 0
+    assert capsys.readouterr().out.strip() == mod.markdown(doc["summary"]).strip()
+    # other settings into the same folder are refused
+    monkeypatch.setattr(sys, "argv", argv + ["--costs", "presence=2"])
+    with pytest.raises(Exception, match="budget|other settings"):
+        mod.main()

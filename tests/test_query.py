@@ -486,7 +486,8 @@ def test_simulate_rows_resume_and_cli(trained, tmp_path):
     with open(tmp_path / "a" / "curves.csv", newline="") as fh:
         csv_rows = list(csv.DictReader(fh))
     assert list(csv_rows[0]) == ["strategy", "seed", "iteration", "n_labelled", "jaccard_0", "jaccard_1",
-                                 "jaccard_2", "mean_fg_jaccard", "cost_s", "n_dense", "n_partial", "n_presence"]
+                                 "jaccard_2", "mean_fg_jaccard", "cost_s", "n_dense", "n_partial", "n_presence",
+                                 "fp_rate", "fp_rate_1", "fp_rate_2"]
     assert len(csv_rows) == 6
     for r in full.rows:
         assert r["mean_fg_jaccard"] == pytest.approx(np.nanmean([r["jaccard_1"], r["jaccard_2"]]), nan_ok=True)

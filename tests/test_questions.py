@@ -458,6 +458,44 @@ def test_ask_presence_answer_train_on_lazy_and_dense_cubes_and_ask_again(asked, 
             assert info.tolist() == [want, [0, 0, 0]]
 
 
+def test_a_query_without_presence_questions_removes_or_names_the_stale_answers_file(asked, tmp_path):
+    root, data, _ = asked
+    model = str(root / "run" / "last.pt")
+    q, stale = tmp_path / "q.json", tmp_path / "q.answers.json"
+    common = ["--patch", "1,8,8", "--device", "cpu", "--precision", "fp32", "--out", str(q)]
+
+    def query(*args):
+        result = CliRunner().invoke(cli, ["query", model, f"{data}:raw", *common, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+
+    query("--ask", "presence", "--n", "3")
+    assert len(json.loads(stale.read_text())["answers"]) == 3
+    # nothing answered yet: a later query of this --out without presence questions removes it, and says so
+    for later in (["--n", "2"], ["--ask", "dense", "--n", "2"], ["--ask", "partial", "--n", "2"]):
+        query("--ask", "presence", "--n", "3")
+        out = query(*later)
+        assert not stale.exists(), later
+        assert "removed" in out.output and "q.answers.json" in out.output
+        assert "q.answers.json" in json.loads(q.read_text())["notes"][0]
+    # answers given: the file is kept, the output (and the JSON) says so
+    query("--ask", "presence", "--n", "3")
+    doc = json.loads(stale.read_text())
+    doc["answers"][0]["answer"] = False
+    stale.write_text(json.dumps(doc))
+    out = query("--n", "2", "--json")
+    assert json.loads(stale.read_text()) == doc
+    notes = json.loads(out.stdout)["notes"]
+    assert len(notes) == 1 and "kept because 1 of its 3 answers are given" in notes[0]
+    # not an answers file of emseg: left alone, named
+    stale.write_text("my notes")
+    out = query("--n", "2")
+    assert stale.read_text() == "my notes" and "not an emseg answers file" in out.output
+    # no stale file: no note
+    stale.unlink()
+    assert "notes" not in json.loads(query("--n", "2", "--json").stdout)
+
+
 def test_ask_option_errors(asked, tmp_path):
     root, data, _ = asked
     model = str(root / "run" / "last.pt")

@@ -6,13 +6,15 @@ Expected costs are recomputed by hand from the stored questions; answers from th
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 
 from conftest import synthetic, to_toml, write_h5
-from emseg.active.simulate import load_simulate_config, run_simulation
+from emseg.active.simulate import class_free_windows, false_positive_rates, load_simulate_config, run_simulation
 from emseg.errors import InputError
 
 
@@ -51,7 +53,8 @@ def test_simulate_question_arms_record_cost_answer_from_truth_and_resume(volume,
     with open(tmp_path / "a" / "curves.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["strategy", "seed", "iteration", "n_labelled", "jaccard_0", "jaccard_1", "jaccard_2",
-                             "mean_fg_jaccard", "cost_s", "n_dense", "n_partial", "n_presence"]
+                             "mean_fg_jaccard", "cost_s", "n_dense", "n_partial", "n_presence", "fp_rate",
+                             "fp_rate_1", "fp_rate_2"]
     assert [r["strategy"] for r in rows] == ["entropy"] * 3 + ["dense+presence"] * 3 + ["partial=0.5+presence=0.5"] * 3
     dense_patch = 16 * 16 * 0.01
     for r in rows[:3]:  # strategies label dense patches
@@ -116,3 +119,72 @@ def test_simulate_question_config_errors(volume, tmp_path):
             _sim(tmp_path, data, **extra)
     # question arms only, no strategy: allowed
     assert _sim(tmp_path, data, strategies=[]).strategies == ()
+
+
+# ----------------------------------------------------------------------------- false positives in class-free windows
+def _brute_fp(prediction, label, patch, n_classes):
+    """fp_rate_k by looping over the grid windows one by one."""
+    grid = [range(0, n - p + 1, p) for n, p in zip(label.shape, patch)]
+    out = {}
+    for k in range(1, n_classes):
+        hits = voxels = 0
+        for corner in itertools.product(*grid):
+            sl = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            truth = label[sl]
+            if (truth == -1).any() or (truth == k).any():
+                continue
+            hits += int((prediction[sl] == k).sum())
+            voxels += truth.size
+        out[f"fp_rate_{k}"] = hits / voxels if voxels else float("nan")
+    rates = [v for v in out.values() if not math.isnan(v)]
+    out["fp_rate"] = sum(rates) / len(rates) if rates else float("nan")
+    return out
+
+
+@pytest.mark.parametrize("shape, patch", [((3, 20, 23), (1, 4, 5)), ((6, 9, 10), (2, 3, 3)), ((10, 12), (5, 4))])
+def test_false_positive_rate_matches_a_window_by_window_loop(shape, patch):
+    rng = np.random.default_rng(len(shape) + patch[-1])
+    # blocky truth so that some windows are free of a class, a few unknown voxels, one class never free
+    label = np.kron(rng.integers(0, 3, size=[-(-n // 3) for n in shape]), np.ones([3] * len(shape), int))
+    label = label[tuple(slice(0, n) for n in shape)].astype(np.int16)
+    label[rng.random(shape) < 0.01] = -1
+    label.flat[:: max(1, label.size // 200)] = 3  # class 3 is everywhere: no window free of it (or few)
+    prediction = rng.integers(0, 4, size=shape)
+    got = false_positive_rates(prediction, class_free_windows(label, patch, 4), patch)
+    want = _brute_fp(prediction, label, patch, 4)
+    assert got.keys() == want.keys()
+    assert [got[k] for k in sorted(got)] == pytest.approx([want[k] for k in sorted(want)], nan_ok=True)
+    assert not math.isnan(got["fp_rate_1"])
+    # a perfect prediction has none; predicting k everywhere gives 1 in k's free windows
+    assert false_positive_rates(label, class_free_windows(label, patch, 4), patch)["fp_rate_1"] == 0
+    assert false_positive_rates(np.ones(shape, int), class_free_windows(label, patch, 4), patch)["fp_rate_1"] == 1
+    # the input is not modified; a volume smaller than one window has no windows
+    assert (label >= -1).all() and class_free_windows(label[:1, :1], patch[-2:], 4).size == 0
+
+
+def test_simulated_rows_record_the_false_positive_rate_of_their_network(volume, tmp_path):
+    from emseg.checkpoint import load_model
+    from emseg.inference import WindowOptions, make_predictor, predict_array
+
+    data, vol = volume
+    config = _sim(tmp_path, data, questions=["dense+presence"], iterations=1)
+    result = run_simulation(config, tmp_path / "a", device="cpu", plot=True)
+    assert result.curves_png is not None or result.plot_note
+    test_raw, test_label = vol.raw[3:4], vol.label[3:4].astype(np.int64)
+    runs = tmp_path / "a" / "runs" / "seed_0"
+    weights = {("entropy", 0): runs / "initial" / "last.pt", ("dense+presence", 0): runs / "initial" / "last.pt",
+               ("entropy", 1): runs / "entropy" / "iter_001" / "last.pt",
+               ("dense+presence", 1): runs / "ask-dense+presence" / "iter_001" / "last.pt"}
+    with open(tmp_path / "a" / "curves.csv", newline="") as fh:
+        csv_rows = {(r["strategy"], int(r["iteration"])): r for r in csv.DictReader(fh)}
+    assert set(csv_rows) == set(weights)
+    for key, path in weights.items():
+        model, _ = load_model(path, "cpu")
+        predictor = make_predictor(model, config.patch, WindowOptions(precision="fp32"), "cpu")
+        prediction = np.zeros(test_label.shape, np.int64)
+        for block, probs in predict_array(predictor, test_raw, config.patch):
+            prediction[block.inner] = probs.argmax(axis=0)
+        want = _brute_fp(prediction, test_label, config.patch, 3)
+        for col in ("fp_rate", "fp_rate_1", "fp_rate_2"):
+            assert float(csv_rows[key][col]) == pytest.approx(want[col], rel=1e-5, nan_ok=True), (key, col)
+    assert any(not math.isnan(float(r["fp_rate"])) for r in csv_rows.values())

@@ -192,17 +192,23 @@ def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: floa
 
 
 def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
-                   precision: str | Precision = "fp32") -> dict[str, float]:
+                   precision: str | Precision = "fp32",
+                   on_block: Callable[[int, Any, np.ndarray], None] | None = None) -> dict[str, float]:
     """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
 
     ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
-    K = 1), ignoring classes absent from both prediction and labels.
+    K = 1), ignoring classes absent from both prediction and labels. ``on_block(i, block,
+    labels)``, when given, sees the predicted labels (argmax) of each block of cube ``i``
+    (``block.inner`` the region they cover).
     """
     predictor = make_predictor(model, patch_shape, WindowOptions(precision=precision), device)
     acc = ConfusionAccumulator(n_classes)
-    for cube in cubes:
+    for i, cube in enumerate(cubes):
         for block, probs in predict_array(predictor, cube.raw, patch_shape, raw_dtype=cube.raw_dtype):
-            acc.update(np.argmax(probs, axis=0), np.asarray(cube.label[block.inner]).astype(np.int64))
+            labels = np.argmax(probs, axis=0)
+            if on_block is not None:
+                on_block(i, block, labels)
+            acc.update(labels, np.asarray(cube.label[block.inner]).astype(np.int64))
     scores = acc.scores()
     jac = np.asarray(scores.jaccard, dtype=float)
     fg = jac[1:] if n_classes > 1 else jac

@@ -42,6 +42,7 @@ __all__ = [
     "answers_to_cubes",
     "cube_name",
     "read_answers",
+    "stale_answers",
     "write_answers_template",
 ]
 
@@ -101,6 +102,33 @@ def write_answers_template(path: str | Path, questions: Sequence[Any], *, n_clas
     body = ",\n".join("    " + json.dumps(e) for e in entries)
     atomic_write_text(path, head + ',\n  "answers": [\n' + body + "\n  ]\n}\n")
     return path
+
+
+def stale_answers(path: str | Path) -> tuple[bool, str | None]:
+    """What to do with an answers file left by an earlier query of the same ``--out`` whose new
+    questions have no presence question (the file no longer belongs to them): ``(remove, note)``.
+
+    An emseg answers file with no answer given is to be removed (nothing is lost); one with answers
+    given, or a file that is not an emseg answers file, is kept. The note (one line) says which.
+    No file: ``(False, None)``.
+
+    Examples
+    --------
+    >>> stale_answers("q.answers.json")  # doctest: +SKIP
+    (True, 'removed q.answers.json: left by an earlier query of this --out, no answer given')
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False, None
+    try:
+        _, entries = read_answers(path)
+    except (InputError, OSError):
+        return False, f"{path} is not an emseg answers file; left as it is"
+    given = sum(a.answer is not None for a in entries)
+    if not given:
+        return True, f"removed {path}: left by an earlier query of this --out, no answer given"
+    return False, (f"{path} is from an earlier query of this --out (these questions have no presence "
+                   f"question); kept because {given} of its {len(entries)} answers are given")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from emseg.active.export import (
     query_paths,
     write_queries,
 )
-from emseg.active.answers import answers_path, write_answers_template
+from emseg.active.answers import answers_path, stale_answers, write_answers_template
 from emseg.active.pool import Box, CandidatePool, build_pool
 from emseg.active.annotation import lazy_info
 from emseg.active.questions import (
@@ -135,6 +135,8 @@ class QueryResult:
     outputs: dict[str, str] = field(default_factory=dict)
     #: For ``--ask`` other than ``dense``: the questions asked, budget, spend and cost model.
     questions: dict[str, Any] | None = None
+    #: One-line remarks on the outputs (e.g. a stale answers file kept beside ``out``).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def axes(self) -> str:
@@ -154,6 +156,8 @@ class QueryResult:
         }
         if self.questions is not None:
             doc["ask"] = dict(self.questions)
+        if self.notes:
+            doc["notes"] = list(self.notes)
         return doc
 
 
@@ -275,9 +279,16 @@ def _write(result: QueryResult, config: QueryConfig, t0: float, *, answers: bool
     json_path, csv_path = query_paths(config.out)
     result.outputs["json"] = str(json_path)
     result.outputs["csv"] = str(csv_path)
+    remove = False
     if answers:
         result.outputs["answers"] = str(answers_path(json_path))
+    else:  # an answers file of an earlier query of this --out no longer belongs to these questions
+        remove, note = stale_answers(answers_path(json_path))
+        if note:
+            result.notes.append(note)
     write_queries(result, config.out)
+    if remove:
+        answers_path(json_path).unlink(missing_ok=True)
     return json_path
 
 

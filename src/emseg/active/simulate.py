@@ -3,7 +3,10 @@
 The experiment of Roels & Saeys: a network is trained on ``initial`` random patches of a pool
 region, then, for each strategy, ``iterations`` times: score the unlabelled pool with the current
 network, take ``per_iteration`` new patches, reveal their ground truth, fine-tune from the
-previous weights, and measure Jaccard on a held-out test region. Every strategy starts from the
+previous weights, and measure Jaccard on a held-out test region, and the false-positive rate in
+its class-free windows (:func:`class_free_windows`, :func:`false_positive_rates`): per foreground
+class, the fraction of the voxels of the test grid's windows without that class that are
+predicted as it. Every strategy starts from the
 same initial set and the same initial network (per seed).
 
 Training goes through :func:`emseg.training.run_training` with :class:`BoxTask`, a
@@ -16,7 +19,8 @@ Output folder layout::
 
     DIR/config.json                       the configuration (checked when resuming)
     DIR/curves.csv                        one row per (strategy, seed, iteration)
-    DIR/curves.png                        mean test Jaccard vs labelled patches and vs cost (matplotlib)
+    DIR/curves.png                        mean test Jaccard vs labelled patches and vs cost, and the
+                                          false-positive rate vs cost (matplotlib)
     DIR/runs/seed_S/initial/last.pt       initial network of seed S
     DIR/runs/seed_S/initial.json          initial boxes and test scores
     DIR/runs/seed_S/STRATEGY/state.json   boxes chosen per iteration and their rows
@@ -73,6 +77,8 @@ __all__ = [
     "RegionSpec",
     "SimulateConfig",
     "SimulationResult",
+    "class_free_windows",
+    "false_positive_rates",
     "load_simulate_config",
     "plot_curves",
     "run_simulation",
@@ -193,19 +199,97 @@ def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: i
     (run_dir / "best.pt").unlink(missing_ok=True)  # a copy of last.pt without validation
 
 
-def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: torch.device) -> dict[str, float]:
+def class_free_windows(label: np.ndarray, patch: Sequence[int], n_classes: int) -> np.ndarray:
+    """Which windows of the test grid are free of each foreground class: ``(K, *grid)`` bool.
+
+    The grid is the regular non-overlapping one of ``patch``-sized windows from the origin (the
+    remainder at the far edge of an axis is left out). Window ``w`` is free of class ``k`` when its
+    ground truth is known everywhere (no -1) and has no voxel of ``k``. Row 0 (background) is all
+    False. It depends on the test labels only, so every seed and arm is scored on the same windows.
+
+    Examples
+    --------
+    >>> lab = np.array([[0, 0, 1, 0]])
+    >>> class_free_windows(lab, (1, 2), 2)[1].tolist()
+    [[True, False]]
+    """
+    label = np.asarray(label)
+    patch = tuple(int(p) for p in patch)
+    grid = tuple(n // p for n, p in zip(label.shape, patch))
+    free = np.zeros((n_classes, *grid), dtype=bool)
+    if not all(grid):
+        return free
+    blocks = _windows(label, patch, grid)
+    known = (blocks >= 0).all(axis=-1)
+    for k in range(1, n_classes):
+        free[k] = known & ~(blocks == k).any(axis=-1)
+    return free
+
+
+def _windows(volume: np.ndarray, patch: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
+    """``(*grid, prod(patch))``: the voxels of each grid window, one row per window."""
+    crop = volume[tuple(slice(0, g * p) for g, p in zip(grid, patch))]
+    split = crop.reshape([v for g, p in zip(grid, patch) for v in (g, p)])
+    n = len(grid)
+    return split.transpose([*range(0, 2 * n, 2), *range(1, 2 * n, 2)]).reshape(*grid, -1)
+
+
+def false_positive_rates(prediction: np.ndarray, free: np.ndarray, patch: Sequence[int]) -> dict[str, float]:
+    """False positives in class-free windows: per foreground class ``k`` the fraction of the voxels
+    of the windows free of ``k`` (:func:`class_free_windows`) that are predicted ``k``
+    (``fp_rate_k``, NaN when no window is free of ``k``), and their mean over the classes that
+    have such windows (``fp_rate``).
+
+    Examples
+    --------
+    >>> free = class_free_windows(np.array([[0, 0, 1, 0]]), (1, 2), 2)
+    >>> false_positive_rates(np.array([[1, 0, 1, 1]]), free, (1, 2))
+    {'fp_rate': 0.5, 'fp_rate_1': 0.5}
+    """
+    patch = tuple(int(p) for p in patch)
+    grid = free.shape[1:]
+    out: dict[str, float] = {}
+    rates = []
+    blocks = _windows(np.asarray(prediction), patch, grid) if all(grid) else None
+    for k in range(1, free.shape[0]):
+        n = int(free[k].sum())
+        if blocks is None or n == 0:
+            rate = float("nan")
+        else:
+            rate = float((blocks[free[k]] == k).sum()) / (n * int(np.prod(patch)))
+            rates.append(rate)
+        out[f"fp_rate_{k}"] = rate
+    return {"fp_rate": float(np.mean(rates)) if rates else float("nan"), **out}
+
+
+def _evaluate(weights: Path, test_cube: Cube, config: SimulateConfig, device: torch.device,
+              free: np.ndarray | None = None) -> dict[str, float]:
+    """Test Jaccard per class and its foreground mean; with ``free`` (:func:`class_free_windows`)
+    also the false-positive rates of :func:`false_positive_rates`."""
     model, _ = load_model(weights, device)
+    prediction = np.zeros(np.shape(test_cube.label), dtype=np.int16)
+
+    def keep(_: int, block: Any, labels: np.ndarray) -> None:
+        prediction[block.inner] = labels
+
     res = evaluate_cubes(model, [test_cube], config.patch, config.n_classes, device,
-                         precision=config.train.effective_precision)
+                         precision=config.train.effective_precision, on_block=keep if free is not None else None)
     row = {f"jaccard_{c}": float(res[f"valid_jaccard_{c}"]) for c in range(config.n_classes)}
     row["mean_fg_jaccard"] = float(res["valid_score"])
+    if free is not None:
+        row.update(false_positive_rates(prediction, free, config.patch))
     return row
+
+
+def fp_columns(n_classes: int) -> list[str]:
+    """The false-positive columns of ``curves.csv``: ``fp_rate`` and ``fp_rate_k`` per foreground class."""
+    return ["fp_rate", *(f"fp_rate_{k}" for k in range(1, n_classes))]
 
 
 def curve_columns(n_classes: int) -> list[str]:
     """Columns of ``curves.csv``."""
     return (["strategy", "seed", "iteration", "n_labelled"] + [f"jaccard_{c}" for c in range(n_classes)]
-            + ["mean_fg_jaccard", *COST_COLUMNS])
+            + ["mean_fg_jaccard", *COST_COLUMNS, *fp_columns(n_classes)])
 
 
 def _write_curves(path: Path, rows: list[dict[str, Any]], n_classes: int) -> None:
@@ -233,19 +317,32 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, flo
     for (strategy, iteration), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
         values = np.array([float(r["mean_fg_jaccard"]) for r in members], dtype=float)
         finite = values[np.isfinite(values)]
+        fp = np.array([_float(r.get("fp_rate")) for r in members], dtype=float)
+        fp = fp[np.isfinite(fp)]
         out.setdefault(strategy, []).append({
             "iteration": iteration, "n_labelled": int(members[0]["n_labelled"]),
             "mean": float(finite.mean()) if finite.size else float("nan"),
             "std": float(finite.std()) if finite.size else float("nan"), "n": int(len(members)),
             "cost_s": float(np.mean([float(r.get("cost_s", np.nan)) for r in members])),
+            "fp_mean": float(fp.mean()) if fp.size else float("nan"),
+            "fp_std": float(fp.std()) if fp.size else float("nan"),
         })
     return out
+
+
+def _float(value: Any) -> float:
+    """A row value as float (rows read back from ``curves.csv`` hold strings, missing ones ``""``)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | None:
     """Plot mean test Jaccard (over seeds, +- one std) per strategy or question arm: against
     labelled patches (left) and against the cumulative annotation cost in annotator hours of the
-    cost model (right).
+    cost model (middle); and the false-positive rate in held-out class-free windows against the
+    cost (right, when the rows have ``fp_rate``).
 
     Returns ``None`` on success, or a one-line note when matplotlib is not installed.
 
@@ -260,18 +357,24 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str | No
     except ImportError:
         return "matplotlib is not installed (pip install 'emseg[plot]'): curves.png was not drawn"
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16.0, 4.2))
+    axes[1].sharey(axes[0])
     for strategy, points in summarise(rows).items():
         y = np.array([p["mean"] for p in points])
         s = np.array([p["std"] for p in points])
-        for ax, key, scale in ((axes[0], "n_labelled", 1.0), (axes[1], "cost_s", 3600.0)):
+        fp = np.array([p["fp_mean"] for p in points])
+        fs = np.array([p["fp_std"] for p in points])
+        for ax, key, scale, yy, ss in ((axes[0], "n_labelled", 1.0, y, s), (axes[1], "cost_s", 3600.0, y, s),
+                                       (axes[2], "cost_s", 3600.0, fp, fs)):
             x = np.array([p.get(key, np.nan) for p in points], dtype=float) / scale
-            (line,) = ax.plot(x, y, marker="o", ms=3, label=strategy)
+            (line,) = ax.plot(x, yy, marker="o", ms=3, label=strategy)
             if any(p["n"] > 1 for p in points):
-                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15, lw=0)
+                ax.fill_between(x, yy - ss, yy + ss, color=line.get_color(), alpha=0.15, lw=0)
     axes[0].set_xlabel("labelled patches (boxes with any annotation)")
     axes[1].set_xlabel("annotation cost (annotator hours, cost model)")
+    axes[2].set_xlabel("annotation cost (annotator hours, cost model)")
     axes[0].set_ylabel("test Jaccard (mean over foreground classes)")
+    axes[2].set_ylabel("false-positive rate in class-free test windows")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
@@ -372,6 +475,7 @@ def run_simulation(
     out.mkdir(parents=True, exist_ok=True)
     _check_folder(out, config)
     test_cube = Cube(raw=test_raw, label=test_label, info=_info(k), prio=1.0, name="test")
+    free = class_free_windows(test_label, config.patch, k)
     total = len(config.seeds) * (len(strategies) + len(arms)) * (config.iterations + 1)
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     computed = 0
@@ -433,7 +537,7 @@ def run_simulation(
             _train(config, cubes_for(pool, init_idx), init_dir, steps=config.steps_initial,
                    lr=config.train.optim.lr, seed=seed, device=str(dev), init_from=None)
             phase("evaluate", None, seed, 0)
-            init_state["row"] = _evaluate(init_dir / "last.pt", test_cube, config, dev)
+            init_state["row"] = _evaluate(init_dir / "last.pt", test_cube, config, dev, free)
             _atomic_json(init_json, init_state)
             fresh_initial = True
         else:
@@ -490,7 +594,7 @@ def run_simulation(
                        seed=_stable_id("finetune", seed, it) % 2**31, device=str(dev), init_from=prev_weights)
                 phase("evaluate", strategy, seed, it)
                 row = {"strategy": strategy, "seed": seed, "iteration": it, "n_labelled": len(labelled),
-                       **_evaluate(run_dir / "last.pt", test_cube, config, dev)}
+                       **_evaluate(run_dir / "last.pt", test_cube, config, dev, free)}
                 state["rows"].append(row)
                 _atomic_json(state_path, state)
                 if it > 1:  # only the newest fine-tuned weights are needed to continue
@@ -505,7 +609,7 @@ def run_simulation(
                     train=lambda cubes, run_dir, *, seed, init_from: _train(
                         config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
                         init_from=init_from),
-                    evaluate=lambda weights: _evaluate(weights, test_cube, config, dev), emit_row=emit_row,
+                    evaluate=lambda weights: _evaluate(weights, test_cube, config, dev, free), emit_row=emit_row,
                     phase=phase, read_json=_read_json, write_json=_atomic_json, stable_id=_stable_id)
 
     final_rows = ordered()
