@@ -16,9 +16,9 @@ Why thickness: it depends on the mask alone, so intensity augmentation of the pa
 the boundary between the parts, and flips and rotations do not change it; it is a scale property,
 which is how sub-classes of EM structures often differ (sheets and bodies against thin
 membranes, large against small organelles). On the VNC training sections, other image-derived
-splits did not separate the sub-classes of the coarse class "membrane + glia": its connected
-components are one network spanning the section, and the smoothed intensity of membrane and glia
-voxels has the same distribution. Thickness does (at radius 6, 99.8% of glia voxels but 30% of
+splits did not separate the sub-classes of the coarse class "membrane + glia": its largest
+connected component holds 97-99% of each section's voxels, and the smoothed intensity of membrane
+and glia voxels has the same distribution. Thickness does (at radius 6, 99.8% of glia voxels but 30% of
 membrane voxels are in the thick part).
 
 Borders: the mask is extended by edge padding before the opening, so a thick body cut by the

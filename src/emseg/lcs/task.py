@@ -4,8 +4,9 @@
 class (among the classes annotated in its cube): with probability ``negative_prob`` one absent
 from the patch (an explicit negative: the target is empty), otherwise one present in it; with
 probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
-that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair.
-The loss (soft Dice with an empty-target term, plus BCE; :mod:`emseg.lcs.loss`) is computed on
+that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair;
+with probability ``split_prob`` both masks are restricted to the same part of the set (its thick
+or its thin part, :mod:`emseg.lcs.split`). The loss (soft Dice with an empty-target term, plus BCE; :mod:`emseg.lcs.loss`) is computed on
 that one conditioned channel only, in float32, and has a gradient on every patch, including those
 without the class. The ``[lcs]`` settings are :class:`~emseg.lcs.config.LCSConfig`.
 
