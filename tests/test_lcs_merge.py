@@ -15,7 +15,7 @@ from emseg.cli.main import cli
 from emseg.errors import InputError
 from emseg.io import open_volume
 from emseg.lcs import LabelPredictor, LCSTask, lcs_config_from_dict, load_lcs_model, merge_labels, train_lcs
-from emseg.lcs.calibrate import Calibration, fit_calibration, prob_logit
+from emseg.lcs.calibrate import MAX_FIT_ENTRIES, MAX_FIT_VOXELS, Calibration, fit_calibration, fit_subsample, prob_logit
 from emseg.lcs.merge import CalibratedMerge, calibrated_merge
 from emseg.lcs.split import split_part, split_target, thick_part
 from test_lcs import _random_model_and_atlas, _write_config, build, data_h5  # noqa: F401 (fixture)
@@ -90,6 +90,31 @@ def test_calibrated_merge_memory_is_flat_in_the_number_of_labels():
     small, large = peak(2), peak(40)
     assert large < 1.1 * small
     assert small < 16 * np.prod(shape) * 4  # a few maps of the block, not K of them
+
+
+def test_fit_subsample_is_stratified_bounded_and_reweighted():
+    rng = np.random.default_rng(5)
+    label = rng.choice([0, 1, 2, 3, -1], size=(40, 50, 60), p=[0.7, 0.2, 0.05, 0.001, 0.049])
+    for labels in ([1, 2, 3], list(range(1, 40))):
+        index, weight = fit_subsample(label, labels)
+        assert len(labels) * index.size <= max(MAX_FIT_ENTRIES, 256 * (len(labels) + 1) * len(labels))
+        assert index.size <= MAX_FIT_VOXELS and np.all(label.ravel()[index] >= 0)
+        assert len(np.unique(index)) == index.size
+        values = label.ravel()[index]
+        # weights restore each group's size (background: every value not requested)
+        for v in (1, 2, 3):
+            np.testing.assert_allclose(weight[values == v].sum(), np.count_nonzero(label == v), rtol=1e-9)
+        background = (label >= 0) & ~np.isin(label, labels)
+        np.testing.assert_allclose(weight[~np.isin(values, labels)].sum(), np.count_nonzero(background), rtol=1e-9)
+        assert np.count_nonzero(values == 3) == np.count_nonzero(label == 3)
+    # a weighted fit on the subsample matches the fit on every voxel
+    truth, probs = overconfident_case(200000, rng)
+    z = prob_logit(probs)
+    full = fit_calibration(z, truth, [1, 2])
+    index, weight = fit_subsample(truth, [1, 2], max_voxels=6000)
+    sub = fit_calibration(z[:, index], truth[index], [1, 2], weights=weight)
+    np.testing.assert_allclose(sub.scale, full.scale, rtol=0.15)
+    np.testing.assert_allclose(sub.nll_before, full.nll_before, rtol=0.05)
 
 
 def test_predictor_fits_the_calibration_on_its_atlas_and_streams_it():

@@ -7,7 +7,8 @@ offset_k`` (Platt scaling, one temperature and one bias per label). The merged l
 then the argmax of ``softmax([0, s_1, ..., s_K])``: background has the fixed logit 0.
 
 :func:`fit_calibration` chooses ``scale`` and ``offset`` that maximise the likelihood of a
-known label map under that softmax (L-BFGS over at most :data:`MAX_FIT_VOXELS` voxels);
+known label map under that softmax (L-BFGS on a class-stratified, reweighted subsample of
+:func:`fit_subsample`, at most :data:`MAX_FIT_ENTRIES` logits whatever the number of labels);
 :meth:`emseg.lcs.LabelPredictor.calibration` runs the model on the atlas, conditioned on each
 label's atlas mask, and fits on the atlas label map.
 """
@@ -21,8 +22,10 @@ import torch
 
 from emseg.errors import InputError
 
-#: Voxels used by the fit (a random subsample beyond this).
+#: Voxels used by the fit (a stratified subsample beyond this).
 MAX_FIT_VOXELS = 1 << 16
+#: Labels x voxels held by the fit: fewer voxels for many labels, so memory does not grow with K.
+MAX_FIT_ENTRIES = 1 << 20
 #: Probabilities are clipped to [EPS, 1 - EPS] before taking their logit.
 EPS = 1e-6
 #: Weight of the penalty pulling log(scale) and offset towards 0 (keeps a separable fit finite).
@@ -76,9 +79,10 @@ class Calibration:
         return (np.float32(self.scale[k]) * prob_logit(probs) + np.float32(self.offset[k])).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": [int(l) for l in self.labels], "scale": [round(float(s), 6) for s in self.scale],
-                "offset": [round(float(o), 6) for o in self.offset],
-                "nll_before": _round(self.nll_before), "nll_after": _round(self.nll_after)}
+        # full precision: the recorded parameters reproduce the label map exactly
+        return {"labels": [int(l) for l in self.labels], "scale": [float(s) for s in self.scale],
+                "offset": [float(o) for o in self.offset],
+                "nll_before": _finite(self.nll_before), "nll_after": _finite(self.nll_after)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Calibration":
@@ -89,21 +93,53 @@ class Calibration:
                    nan if data.get("nll_after") is None else float(data["nll_after"]))
 
 
-def _round(value: float) -> float | None:
-    return None if not np.isfinite(value) else round(float(value), 6)
+def _finite(value: float) -> float | None:
+    return None if not np.isfinite(value) else float(value)
 
 
-def fit_subsample(label: np.ndarray, rng: np.random.Generator | int = 0,
-                  max_voxels: int = MAX_FIT_VOXELS) -> np.ndarray:
-    """Flat indices of the voxels of ``label`` used for a fit: those >= 0, at most ``max_voxels``."""
-    index = np.flatnonzero(np.asarray(label).ravel() >= 0)
-    if index.size > max_voxels:
-        index = np.sort(np.random.default_rng(rng).choice(index, max_voxels, replace=False))
-    return index
+def fit_subsample(label: np.ndarray, labels: Sequence[int], rng: np.random.Generator | int = 0,
+                  max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the voxels of ``label`` used for a fit, and their weights.
+
+    Voxels >= 0 only. When there are more than ``max_voxels`` (default: :data:`MAX_FIT_VOXELS`,
+    fewer for many labels so that labels x voxels stays within :data:`MAX_FIT_ENTRIES`), each
+    group (each of ``labels``, and background: every other value) keeps at most an equal share
+    of random voxels, weighted by (group size / voxels kept) so that the weighted likelihood
+    estimates the likelihood of the whole map. Rare labels are thereby always represented.
+
+    Examples
+    --------
+    >>> index, weight = fit_subsample(np.array([0, 0, 0, 1, -1, 2]), [1, 2], max_voxels=3)
+    >>> index.tolist(), weight.tolist()
+    ([2, 3, 5], [3.0, 1.0, 1.0])
+    """
+    flat = np.asarray(label).ravel()
+    k = len(labels)
+    if max_voxels is None:
+        max_voxels = max(256 * (k + 1), min(MAX_FIT_VOXELS, MAX_FIT_ENTRIES // max(k, 1)))
+    valid = np.flatnonzero(flat >= 0)
+    if valid.size <= max_voxels:
+        return valid, np.ones(valid.size)
+    rng = np.random.default_rng(rng)
+    group = np.zeros(valid.size, dtype=np.int64)
+    for i, l in enumerate(labels):
+        group[flat[valid] == l] = i + 1
+    share = max(1, max_voxels // (k + 1))
+    index, weight = [], []
+    for g in range(k + 1):
+        members = valid[group == g]
+        if members.size == 0:
+            continue
+        keep = members if members.size <= share else rng.choice(members, share, replace=False)
+        index.append(keep)
+        weight.append(np.full(keep.size, members.size / keep.size))
+    index, weight = np.concatenate(index), np.concatenate(weight)
+    order = np.argsort(index)
+    return index[order], weight[order]
 
 
 def fit_calibration(logits: np.ndarray, target: np.ndarray, labels: Sequence[int], *,
-                    iterations: int = 50) -> Calibration:
+                    weights: np.ndarray | None = None, iterations: int = 50) -> Calibration:
     """Fit per-label scale and offset by maximum likelihood of ``target`` under softmax([0, s_1..s_K]).
 
     Parameters
@@ -114,6 +150,8 @@ def fit_calibration(logits: np.ndarray, target: np.ndarray, labels: Sequence[int
         The label at each voxel; values not in ``labels`` count as background.
     labels : sequence of int
         The K labels, in the order of ``logits``.
+    weights : (N,) array, optional
+        Weight of each voxel in the likelihood (the weights of :func:`fit_subsample`).
 
     The scale is parametrised as ``exp(t)`` (always positive: the ranking within a label's map is
     kept), and a small ridge on ``t`` and the offset keeps the fit finite when the atlas is
@@ -139,12 +177,15 @@ def fit_calibration(logits: np.ndarray, target: np.ndarray, labels: Sequence[int
     for i, label in enumerate(labels):
         index[target == label] = i + 1
     y = torch.from_numpy(index)
+    w = torch.ones(y.shape[0], dtype=torch.float64) if weights is None else \
+        torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    w = w / w.sum()
     params = torch.zeros(2, k, dtype=torch.float64, requires_grad=True)
 
     def nll(p: torch.Tensor) -> torch.Tensor:
         s = torch.exp(p[0])[:, None] * z + p[1][:, None]
         full = torch.cat([torch.zeros_like(s[:1]), s], dim=0)  # background logit 0
-        return torch.nn.functional.cross_entropy(full.T, y)
+        return (torch.nn.functional.cross_entropy(full.T, y, reduction="none") * w).sum()
 
     with torch.no_grad():
         before = float(nll(params))

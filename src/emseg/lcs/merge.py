@@ -179,8 +179,8 @@ class CalibratedMerge:
     --------
     >>> m = CalibratedMerge(Calibration((3, 7), (1.0, 1.0), (0.0, -3.0)), (3,))
     >>> m.update(0, np.array([0.9, 0.2, 0.4])); m.update(1, np.array([0.99, 0.99, 0.45]))
-    >>> m.result().tolist()
-    [7, 7, 0]
+    >>> m.result().tolist()  # label 7's logit is lowered by 3: it wins only where label 3 is unlikely
+    [3, 7, 0]
     """
 
     def __init__(self, calibration: Calibration, shape: Sequence[int]):

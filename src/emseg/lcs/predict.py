@@ -179,12 +179,12 @@ class LabelPredictor:
         """Fit :class:`Calibration` on the atlas: the model on the atlas image, conditioned on each
         label's atlas mask (one label at a time), against the atlas label map (other labels: background)."""
         image = self.atlas.image.reshape(self.patch_shape)
-        index = fit_subsample(self.atlas.label)
+        index, weights = fit_subsample(self.atlas.label, self.labels)
         logits = np.empty((len(self.labels), index.size), dtype=np.float32)
         for k in range(len(self.labels)):
             window = SlidingWindow(self._forward_for([k]), self.patch_shape, **self._window_args)
             logits[k] = prob_logit(window(image)[0].ravel()[index])
-        return fit_calibration(logits, self.atlas.label.ravel()[index], self.labels)
+        return fit_calibration(logits, self.atlas.label.ravel()[index], self.labels, weights=weights)
 
     def _running_merge(self, shape: Sequence[int]):
         if self.rule == "calibrated":

@@ -52,9 +52,9 @@ def thick_part(mask: np.ndarray, radius: int) -> np.ndarray:
 
     Examples
     --------
-    >>> m = np.zeros((9, 9), bool); m[1:8, 1:8] = True; m[4, 8] = True  # a square with a spur
+    >>> m = np.zeros((9, 12), bool); m[1:8, 1:8] = True; m[4, 8:11] = True  # a square with a spur
     >>> t = thick_part(m, 2)
-    >>> bool(t[4, 4]), bool(t[4, 8]), int(t.sum()) < int(m.sum())
+    >>> bool(t[4, 4]), bool(t[4, 10]), int(t.sum()) < int(m.sum())
     (True, False, True)
     """
     mask = np.asarray(mask, dtype=bool)
