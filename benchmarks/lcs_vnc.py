@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--conditionings", default="prototype,atlas",
                         help="LCS conditionings to train (comma-separated: prototype, atlas).")
     parser.add_argument("--coarse-conditioning", default="prototype", help="Conditioning of the coarse model.")
-    parser.add_argument("--split-prob", type=float, default=LCSConfig.split_prob,
+    parser.add_argument("--split-prob", type=float, default=0.5,
                         help="Split augmentation probability of the coarse model ([lcs] split_prob).")
     parser.add_argument("--lcs-split-prob", type=float, default=LCSConfig.split_prob,
                         help="Split augmentation probability of the 4-class LCS models.")

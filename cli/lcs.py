@@ -48,7 +48,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     \b
     [lcs] keys: classes = [1,2,3,4], atlas_raw = "f.h5:raw", atlas_label = "f.h5:label",
     atlas_offset = [z,y,x] (optional), conditioning = "prototype" | "atlas", merge_prob = 0.5,
-    split_prob = 0.2, negative_prob = 0.3, bce_weight = 1.0, dice = "class",
+    split_prob = 0.0, negative_prob = 0.3, bce_weight = 1.0, dice = "class",
     merge = "calibrated" | "max".
 
     \b

@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--negative-prob", type=float, default=0.3)
     ap.add_argument("--conditionings", default="prototype")
     ap.add_argument("--coarse-conditioning", default="prototype")
-    ap.add_argument("--split-prob", type=float, default=LCSConfig.split_prob,
+    ap.add_argument("--split-prob", type=float, default=0.5,
                     help="split augmentation of the coarse model")
     ap.add_argument("--lcs-split-prob", type=float, default=LCSConfig.split_prob,
                     help="split augmentation of the 4-class LCS models")

@@ -73,7 +73,7 @@ class LCSConfig:
     atlas_label: str | None = None
     atlas_offset: tuple[int, ...] | None = None
     merge_prob: float = 0.5
-    split_prob: float = 0.2
+    split_prob: float = 0.0
     negative_prob: float = 0.3
     bce_weight: float = 1.0
     dice: str = "class"
