@@ -9,15 +9,17 @@ is written under ``--workdir`` (default a fresh folder in /tmp), nothing into th
    baseline (5 softmax outputs, lazy-label NLL) are trained with the same backbone, patch, batch,
    steps and learning rate (equal budget), through ``train_lcs`` (the core of ``emseg lcs train``);
    all are run through ``infer_file`` (``emseg lcs infer``) on the test sections. Reported:
-   per-class Dice of the merged label map (and of each label's own binary map, p > 0.5), and the
-   conditioning gap (mean over class pairs of mean |p_a - p_b|) against the same gap of the true
-   masks.
+   per-class Dice of the merged label map (LCS: under both merges, ``calibrated`` and ``max``,
+   from the same per-label maps; ``<model>_merged`` is the shipped default, calibrated), of each
+   label's own binary map (p > 0.5), and the conditioning gap (mean over class pairs of mean
+   |p_a - p_b|) against the same gap of the true masks.
 2. Coarse-to-fine (``--coarse-conditioning``): a second LCS model is trained with membrane (2) and glia (4) merged into one
    class 2 (training labels and atlas labels both coarse). At inference it is conditioned on the
    fine atlas labels (``--atlas-labels``: the original labels of the same atlas patch) to segment
    membrane and glia separately. "Naive" Dice uses the coarse prediction (conditioned on the
    coarse class 2) as the prediction of each fine class; "fine" Dice the prediction conditioned on
-   the fine atlas label. Binary maps at p > 0.5 throughout.
+   the fine atlas label. Binary maps at p > 0.5 throughout. ``--split-prob`` sets the coarse
+   model's split augmentation (``[lcs] split_prob``), ``--lcs-split-prob`` that of the 4-class models.
 
 The atlas is one 2D patch of the training sections chosen by ``emseg.lcs.choose_offset`` on the
 fine labels (most classes present, then the largest count of the rarest), shared by all models.
@@ -43,7 +45,9 @@ import torch
 
 from emseg.config import config_from_dict
 from emseg.io import open_volume
-from emseg.lcs import InferConfig, choose_offset, infer_file, lcs_config_from_dict, train_lcs
+from emseg.lcs import InferConfig, LCSConfig, choose_offset, infer_file, lcs_config_from_dict, train_lcs
+from emseg.lcs.calibrate import Calibration
+from emseg.lcs.merge import calibrated_merge, merge_labels
 
 CLASSES = {1: "mitochondria", 2: "membrane", 3: "synapse", 4: "glia"}
 
@@ -86,7 +90,7 @@ def prepare(src: Path, work: Path, test_crop: int) -> tuple[Path, Path]:
 
 
 def train_model(name: str, work: Path, train: Path, args, offset, *, classes, label_ds="label", baseline=False,
-                conditioning="prototype"):
+                conditioning="prototype", split_prob=0.0):
     data = {
         "n_classes": 5, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch, "steps": args.steps,
         "log_every": 50, "checkpoint_every": args.steps, "valid_every": 10**9,
@@ -100,7 +104,8 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
     lcs = lcs_config_from_dict({"classes": classes, "atlas_raw": f"{train}:raw",
                                 "atlas_label": f"{train}:{label_ds}", "atlas_offset": list(offset),
                                 "merge_prob": args.merge_prob, "bce_weight": args.bce_weight,
-                                "negative_prob": args.negative_prob, "conditioning": conditioning},
+                                "negative_prob": args.negative_prob, "conditioning": conditioning,
+                                "split_prob": split_prob},
                                n_classes=5, baseline=baseline)
     t0 = time.perf_counter()
     result = train_lcs(config, lcs, work / name, device="cpu", seed=args.seed)
@@ -111,7 +116,8 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
     return work / name / "last.pt", seconds
 
 
-def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None) -> tuple[dict, np.ndarray, float]:
+def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None):
+    """(probabilities per label, merged label maps by merge, seconds, calibration or None)."""
     t0 = time.perf_counter()
     result = infer_file(InferConfig(str(model), f"{test}:raw", str(out), labels=tuple(labels),
                                     atlas_labels=atlas_labels, device="cpu", batch_size=4))
@@ -120,8 +126,16 @@ def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None) -> tupl
         with open_volume(result.arrays[f"prob_{l}"]) as vol:
             probs[l] = vol[...]
     with open_volume(result.arrays["labels"]) as vol:
-        merged = vol[...]
-    return probs, merged, time.perf_counter() - t0
+        merged = {result.merge: vol[...]}
+    seconds = time.perf_counter() - t0
+    if not result.baseline:  # the other merge from the same maps
+        stack = np.stack([probs[l] for l in labels])
+        merged["max"] = merge_labels(stack, labels, "sigmoid")
+        if result.calibration is not None:
+            # the stored calibration reproduces the written map (a check of the record)
+            again = calibrated_merge(stack, Calibration.from_dict(result.calibration.to_dict()))
+            assert np.array_equal(again, merged["calibrated"]), "recorded calibration does not reproduce labels"
+    return probs, merged, seconds, result.calibration
 
 
 def run_seed(args, work: Path, train: Path, test: Path, offset, gt: np.ndarray) -> dict:
@@ -133,38 +147,51 @@ def run_seed(args, work: Path, train: Path, test: Path, offset, gt: np.ndarray) 
     models = {}
     for kind in kinds:
         models[f"lcs_{kind}"] = train_model(f"lcs_{kind}", work, train, args, offset, classes=labels,
-                                            conditioning=kind)
+                                            conditioning=kind, split_prob=args.lcs_split_prob)
     models["baseline"] = train_model("baseline", work, train, args, offset, classes=labels, baseline=True)
     preds = {name: infer(ckpt, test, work / f"pred_{name}.zarr", labels) for name, (ckpt, _) in models.items()}
     print("inference: " + ", ".join(f"{name} {pred[2]:.1f} s" for name, pred in preds.items()))
     rows = {}
     names = list(models)
-    print(f"{'class':14s} " + " ".join(f"{n + ' merged':>18s} {n + ' p>0.5':>18s}" for n in names))
+    # columns: <model>_merged (the shipped merge), LCS also _merged_max and _merged_calibrated, _binary
+    cols = [f"{n}_merged" for n in names] + [f"{n}_merged_{m}" for n in names if n != "baseline"
+                                             for m in ("max", "calibrated")] + [f"{n}_binary" for n in names]
+    print(f"{'class':14s} " + " ".join(f"{c:>26s}" for c in cols))
     for c, name in CLASSES.items():
         t = gt == c
         row = {}
         for n in names:
-            probs, merged, _ = preds[n]
-            row[f"{n}_merged"] = dice(merged == c, t)
+            probs, merged, _, _ = preds[n]
+            row[f"{n}_merged"] = dice(merged[LCSConfig.merge if n != "baseline" else "max"] == c, t)
+            if n != "baseline":
+                for m in ("max", "calibrated"):
+                    row[f"{n}_merged_{m}"] = dice(merged[m] == c, t)
             row[f"{n}_binary"] = dice(probs[c] > 0.5, t)
         rows[name] = row
-        print(f"{c} {name:12s} " + " ".join(f"{row[n + '_merged']:18.3f} {row[n + '_binary']:18.3f}" for n in names))
+        print(f"{c} {name:12s} " + " ".join(f"{row[k]:26.3f}" for k in cols))
     mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
-    print(f"{'mean':14s} " + " ".join(f"{mean[n + '_merged']:18.3f} {mean[n + '_binary']:18.3f}" for n in names))
+    print(f"{'mean':14s} " + " ".join(f"{mean[k]:26.3f}" for k in cols))
+    calibrations = {n: p[3].to_dict() for n, p in preds.items() if p[3] is not None}
+    for n, cal in calibrations.items():
+        print(f"{n} calibration (label: scale, offset): "
+              + ", ".join(f"{l}: {a:.2f}, {b:+.2f}" for l, a, b in zip(cal["labels"], cal["scale"], cal["offset"]))
+              + f"; atlas NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
     true_gap = conditioning_gap({c: (gt == c).astype(np.float32) for c in CLASSES})
     gaps = {n: conditioning_gap(preds[n][0]) for n in names}
     print(f"conditioning gap (mean |p_a - p_b| over class pairs and test voxels): true masks {true_gap:.4f}; "
           + ", ".join(f"{n} {g:.4f} ({g / true_gap:.2f}x)" for n, g in gaps.items()))
     report.update(per_class=rows, mean=mean, train_seconds={n: m[1] for n, m in models.items()},
                   infer_seconds={n: p[2] for n, p in preds.items()}, conditioning_gap=gaps,
-                  true_conditioning_gap=true_gap)
+                  true_conditioning_gap=true_gap, calibration=calibrations)
 
     if not args.skip_coarse:
         print(f"coarse-to-fine ({args.coarse_conditioning}): trained with membrane (2) + glia (4) merged into class 2")
         coarse_ckpt, t_coarse = train_model("coarse", work, train, args, offset, classes=[1, 2, 3],
-                                            label_ds="label_coarse", conditioning=args.coarse_conditioning)
-        p_coarse, _, _ = infer(coarse_ckpt, test, work / "pred_coarse.zarr", [1, 2, 3])
-        p_fine, _, _ = infer(coarse_ckpt, test, work / "pred_fine.zarr", [2, 4], atlas_labels=f"{train}:label")
+                                            label_ds="label_coarse", conditioning=args.coarse_conditioning,
+                                            split_prob=args.split_prob)
+        print(f"  coarse model split_prob {args.split_prob}")
+        p_coarse = infer(coarse_ckpt, test, work / "pred_coarse.zarr", [1, 2, 3])[0]
+        p_fine = infer(coarse_ckpt, test, work / "pred_fine.zarr", [2, 4], atlas_labels=f"{train}:label")[0]
         coarse_pred = p_coarse[2] > 0.5
         coarse_dice = dice(coarse_pred, (gt == 2) | (gt == 4))
         fine = {}
@@ -196,6 +223,10 @@ def main(argv=None) -> int:
     parser.add_argument("--conditionings", default="prototype,atlas",
                         help="LCS conditionings to train (comma-separated: prototype, atlas).")
     parser.add_argument("--coarse-conditioning", default="prototype", help="Conditioning of the coarse model.")
+    parser.add_argument("--split-prob", type=float, default=0.5,
+                        help="Split augmentation probability of the coarse model ([lcs] split_prob).")
+    parser.add_argument("--lcs-split-prob", type=float, default=LCSConfig.split_prob,
+                        help="Split augmentation probability of the 4-class LCS models.")
     parser.add_argument("--test-crop", type=int, default=1024, help="Side of the central crop of test sections.")
     parser.add_argument("--skip-coarse", action="store_true", help="Skip the coarse-to-fine experiment.")
     parser.add_argument("--threads", type=int, default=1,

@@ -48,7 +48,8 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     \b
     [lcs] keys: classes = [1,2,3,4], atlas_raw = "f.h5:raw", atlas_label = "f.h5:label",
     atlas_offset = [z,y,x] (optional), conditioning = "prototype" | "atlas", merge_prob = 0.5,
-    negative_prob = 0.3, bce_weight = 1.0, dice = "class".
+    split_prob = 0.0, negative_prob = 0.3, bce_weight = 1.0, dice = "class",
+    merge = "calibrated" | "max".
 
     \b
     Example:
@@ -100,15 +101,19 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
               help="Labels predicted together over a block (each holds one float32 map of the block: memory "
                    "grows with this, not with the number of labels).")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
+@click.option("--merge", type=click.Choice(["calibrated", "max"]), default=None,
+              help="How the label maps are merged: a softmax over logits calibrated on the atlas, or the "
+                   "largest probability above 0.5 [default: the checkpoint's [lcs] merge].")
 @common_options
 @device_seed_options
 def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap, blend, batch_size,
-                  label_batch, block):
+                  label_batch, block, merge):
     """Segment INPUT with the checkpoint MODEL into the container OUTPUT.
 
     OUTPUT is FILE.zarr[/GROUP] or FILE.h5[:GROUP]; it receives float32 `prob_<label>` per label
-    and the merged uint8 `labels` map (a label where its probability is the largest and above
-    0.5, else 0). Everything appears at once when complete.
+    and the merged uint8 `labels` map (calibrated: the argmax of a softmax over background and the
+    labels' logits, each scaled and shifted to fit the atlas; max: the label with the largest
+    probability if above 0.5, else 0). Everything appears at once when complete.
 
     \b
     Example:
@@ -118,7 +123,8 @@ def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap,
     app = state()
     cfg = InferConfig(model=model, input=input_spec, output=output_spec, labels=parse_ints(labels, "--labels"),
                       atlas_labels=atlas_labels, overlap=overlap, blend=blend, batch_size=batch_size,
-                      label_batch=label_batch, block_shape=parse_shape(block, "--block"), device=app.device,
+                      label_batch=label_batch, block_shape=parse_shape(block, "--block"), merge=merge,
+                      device=app.device,
                       precision=app.precision or "auto")
     with progress_bar("lcs infer") as update:
         result = infer_file(cfg, progress=lambda done, total: update(done, total, "voxels"))

@@ -70,7 +70,7 @@ def config_dict(h5, **over):
         "optim": {"lr": 3e-3},
         "augment": {"flip": True, "rotate90": True, "brightness": 0.0, "contrast": 0.0},
         "lcs": {"atlas_raw": f"{h5}:atlas_raw", "atlas_label": f"{h5}:atlas_label", "classes": [1, 2],
-                "merge_prob": 0.0},
+                "merge_prob": 0.0, "split_prob": 0.0},
     }
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -394,7 +394,7 @@ def test_cli_train_infer_end_to_end(tmp_path, data_h5):
 
     for out in (str(tmp_path / "pred.zarr"), f"{tmp_path / 'pred.h5'}:lcs"):
         result = runner.invoke(cli, ["lcs", "infer", str(tmp_path / "run" / "best.pt"), f"{data_h5}:raw", out,
-                                     "--labels", "2,1", "--json"])
+                                     "--labels", "2,1", "--merge", "max", "--json"])
         assert result.exit_code == 0, result.output
         arrays = json.loads(result.stdout)["arrays"]
         assert set(arrays) == {"prob_1", "prob_2", "labels"}
@@ -480,7 +480,7 @@ def test_streamed_prediction_equals_all_labels_at_once(label_batch):
     model, atlas = _random_model_and_atlas(2)
     image = np.random.default_rng(3).random((2, 40, 36)).astype(np.float32)
     labels = [3, 1, 2]
-    predictor = LabelPredictor(model, labels, (1, 16, 16), atlas=atlas, label_batch=label_batch)
+    predictor = LabelPredictor(model, labels, (1, 16, 16), atlas=atlas, label_batch=label_batch, merge="max")
     together = predictor.window(image)
     seen = {}
     crop = (slice(None), slice(4, 30), slice(0, 20))

@@ -3,7 +3,9 @@
 Each seed runs ``benchmarks/lcs_vnc.py``'s experiment (same data split, backbone, patch, batch,
 steps and learning rate for every model; ``precision = "auto"``): LCS with each conditioning in
 ``--conditionings``, the 5-output softmax baseline, and the coarse model (membrane and glia merged)
-conditioned on fine atlas labels at inference. Each seed's figures are stored in ``--out`` as soon
+conditioned on fine atlas labels at inference. LCS merged Dice is reported under both merges
+(``calibrated``, the default, and ``max``) from the same per-label maps; ``--split-prob`` is the
+coarse model's split augmentation, ``--lcs-split-prob`` that of the 4-class models. Each seed's figures are stored in ``--out`` as soon
 as they are done; a killed campaign continues with the next seed. ``--markdown`` prints the
 tables of docs/results.md, ``--plot`` draws ``--out`` with ``.png``.
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
 
 import lcs_vnc  # noqa: E402
+from emseg.lcs import LCSConfig  # noqa: E402
 
 CLASSES = lcs_vnc.CLASSES
 
@@ -53,6 +56,12 @@ def summary(runs: list[dict], conditionings: list[str]) -> dict:
         d = [r["mean"][f"{name}_merged"] - r["mean"]["baseline_merged"] for r in runs]
         out[f"{name}_minus_baseline_mean_dice"] = paired_interval(d)
         out[f"{name}_gap_ratio"] = [r["conditioning_gap"][name] / r["true_conditioning_gap"] for r in runs]
+        if all(f"{name}_merged_max" in r["mean"] for r in runs):
+            for m in ("max", "calibrated"):
+                d = [r["mean"][f"{name}_merged_{m}"] - r["mean"]["baseline_merged"] for r in runs]
+                out[f"{name}_{m}_minus_baseline_mean_dice"] = paired_interval(d)
+            d = [r["mean"][f"{name}_merged_calibrated"] - r["mean"][f"{name}_merged_max"] for r in runs]
+            out[f"{name}_calibrated_minus_max_mean_dice"] = paired_interval(d)
     if all("coarse_to_fine" in r for r in runs):
         for cls in ("membrane", "glia"):
             d = [r["coarse_to_fine"][cls]["fine"] - r["coarse_to_fine"][cls]["naive"] for r in runs]
@@ -63,14 +72,21 @@ def summary(runs: list[dict], conditionings: list[str]) -> dict:
 def markdown(doc: dict) -> str:
     runs, kinds = doc["runs"], doc["settings"]["conditionings"].split(",")
     names = [f"lcs_{k}" for k in kinds] + ["baseline"]
-    lines = ["| class | " + " | ".join(f"{n} merged Dice" for n in names) + " |", "|---|" + "---|" * len(names)]
+    both = all(f"lcs_{k}_merged_max" in r["mean"] for r in runs for k in kinds)  # older runs: one merge
+    cols = ([(f"{n}_merged_{m}", f"{n} merged Dice ({m})") for n in names[:-1] for m in ("calibrated", "max")]
+            if both else [(f"{n}_merged", f"{n} merged Dice") for n in names[:-1]])
+    cols.append(("baseline_merged", "baseline merged Dice"))
+    lines = ["| class | " + " | ".join(title for _, title in cols) + " |", "|---|" + "---|" * len(cols)]
     for cls in list(CLASSES.values()) + ["mean"]:
         cells = []
-        for n in names:
-            vals = [(r["mean"] if cls == "mean" else r["per_class"][cls])[f"{n}_merged"] for r in runs]
+        for key, _ in cols:
+            vals = [(r["mean"] if cls == "mean" else r["per_class"][cls])[key] for r in runs]
             cells.append(mean_std(vals))
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     s = summary(runs, kinds)
+    if both:
+        lines += ["", "| model | calibrated - max, mean merged Dice (95% CI) |", "|---|---|"]
+        lines += [f"| lcs_{k} | {ci_cell(s[f'lcs_{k}_calibrated_minus_max_mean_dice'])} |" for k in kinds]
     lines += ["", "| model | conditioning gap / true masks' gap | mean merged Dice - baseline (95% CI) |",
               "|---|---|---|"]
     for k in kinds:
@@ -135,6 +151,10 @@ def main() -> int:
     ap.add_argument("--negative-prob", type=float, default=0.3)
     ap.add_argument("--conditionings", default="prototype")
     ap.add_argument("--coarse-conditioning", default="prototype")
+    ap.add_argument("--split-prob", type=float, default=0.5,
+                    help="split augmentation of the coarse model")
+    ap.add_argument("--lcs-split-prob", type=float, default=LCSConfig.split_prob,
+                    help="split augmentation of the 4-class LCS models")
     ap.add_argument("--test-crop", type=int, default=1024)
     ap.add_argument("--skip-coarse", action="store_true")
     ap.add_argument("--precision", default="auto")

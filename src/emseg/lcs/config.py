@@ -19,6 +19,7 @@ from emseg.io import parse_spec
 
 DICE_MODES = ("class", "batch", "sample")
 LCS_CONDITIONINGS = ("prototype", "atlas")
+MERGES = ("calibrated", "max")  # emseg.lcs.merge.MERGES
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class LCSConfig:
         rarest one, nearest to the centre.
     merge_prob : float
         Probability that a second class is merged into a sample's target and atlas mask.
+    split_prob : float
+        Probability that a sample's class (set) is restricted to one part, in target and atlas
+        mask alike: its thick or its thin part at a random radius (:mod:`emseg.lcs.split`).
     negative_prob : float
         Probability that a sample is conditioned on a class absent from its patch (when the
         patch lacks one of the annotated classes); otherwise on a class present in it.
@@ -58,6 +62,10 @@ class LCSConfig:
         Train the multi-channel baseline instead (``emseg lcs train --baseline``).
     baseline_dice_weight : float
         Baseline only: weight of the mean soft Dice of the foreground channels added to the NLL.
+    merge : {"calibrated", "max"}
+        How ``emseg lcs infer`` and validation merge the per-label maps (:mod:`emseg.lcs.merge`):
+        ``calibrated`` (default), a softmax over per-label logits calibrated on the atlas;
+        ``max``, the largest sigmoid if above 0.5.
     """
 
     classes: tuple[int, ...] = ()
@@ -65,12 +73,14 @@ class LCSConfig:
     atlas_label: str | None = None
     atlas_offset: tuple[int, ...] | None = None
     merge_prob: float = 0.5
+    split_prob: float = 0.0
     negative_prob: float = 0.3
     bce_weight: float = 1.0
     dice: str = "class"
     conditioning: str = "prototype"
     baseline: bool = False
     baseline_dice_weight: float = 0.0
+    merge: str = "calibrated"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -109,14 +119,20 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
                            else tuple(_as_int(c, "classes") for c in classes))
         if data.get("atlas_offset") is not None:
             data["atlas_offset"] = tuple(_as_int(o, "atlas_offset") for o in data["atlas_offset"])
-        for key in ("merge_prob", "negative_prob", "bce_weight", "baseline_dice_weight"):
+        for key in ("merge_prob", "split_prob", "negative_prob", "bce_weight", "baseline_dice_weight"):
             if key in data:
-                data[key] = float(data[key])
+                data[key] = _as_float(data[key], key)
         config = LCSConfig(**data)
     except (TypeError, ValueError) as exc:
         raise InputError(f"[lcs]: {exc}".splitlines()[0], source=source) from None
     check_lcs_config(config, n_classes, source=source)
     return config
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _as_int(value: Any, key: str) -> int:
@@ -137,6 +153,10 @@ def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]"
         raise InputError(f"[lcs] classes has duplicates: {list(config.classes)}", source=source)
     if not 0 <= config.merge_prob <= 1:
         raise InputError(f"[lcs] merge_prob must be in [0, 1], got {config.merge_prob}", source=source)
+    if not 0 <= config.split_prob <= 1:
+        raise InputError(f"[lcs] split_prob must be in [0, 1], got {config.split_prob}", source=source)
+    if config.merge not in MERGES:
+        raise InputError(f"[lcs] merge must be one of {', '.join(MERGES)}, got {config.merge!r}", source=source)
     if not 0 <= config.negative_prob <= 1:
         raise InputError(f"[lcs] negative_prob must be in [0, 1], got {config.negative_prob}", source=source)
     if config.conditioning not in LCS_CONDITIONINGS:

@@ -8,8 +8,15 @@ with the largest p_k if that exceeds 0.5, else 0.) For the baseline, the softmax
 1 - sum of the requested labels' probabilities (the classes not requested count as background)
 and the label map is the plain argmax.
 
-:func:`merge_labels` merges all maps at once, :class:`RunningMerge` one map at a time (memory
-independent of the number of labels); :class:`DiceAccumulator` scores merged maps block by block.
+The *calibrated* merge (``[lcs] merge = "calibrated"``) replaces the independent sigmoids by a
+softmax over ``[0, s_1, ..., s_K]``, ``s_k`` the label's logit after a per-label scale and offset
+fitted on the atlas (:mod:`emseg.lcs.calibrate`): the label map is the argmax of the calibrated
+logits, background where none is above 0. :class:`CalibratedMerge` folds the maps in one at a
+time (running argmax and running log-sum-exp).
+
+:func:`merge_labels` merges all maps at once, :class:`RunningMerge` and :class:`CalibratedMerge`
+one map at a time (memory independent of the number of labels); :class:`DiceAccumulator` scores
+merged maps block by block.
 """
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ from typing import Sequence
 import numpy as np
 
 from emseg.errors import InputError
+from emseg.lcs.calibrate import Calibration
 
 RULES = ("sigmoid", "softmax")
+#: ``[lcs] merge`` values: the calibrated softmax, or the largest sigmoid above 0.5 (rule "sigmoid").
+MERGES = ("calibrated", "max")
 
 
 def normalised_probabilities(probs: np.ndarray, rule: str = "sigmoid") -> np.ndarray:
@@ -155,3 +165,53 @@ class RunningMerge:
         else:
             index[1.0 - self.total >= self.best] = 0
         return self.values[index]
+
+
+class CalibratedMerge:
+    """Merged label map under a :class:`~emseg.lcs.calibrate.Calibration`, one map at a time.
+
+    Holds the largest calibrated logit so far (background: 0), its label and the running
+    ``log(1 + sum_k exp(s_k))``; memory does not depend on the number of labels. The label map
+    equals the argmax of ``softmax([0, s_1, ..., s_K])`` (ties to background, then to the earlier
+    label); :meth:`probability` is the softmax probability of the chosen label.
+
+    Examples
+    --------
+    >>> m = CalibratedMerge(Calibration((3, 7), (1.0, 1.0), (0.0, -3.0)), (3,))
+    >>> m.update(0, np.array([0.9, 0.2, 0.4])); m.update(1, np.array([0.99, 0.99, 0.45]))
+    >>> m.result().tolist()  # label 7's logit is lowered by 3: it wins only where label 3 is unlikely
+    [3, 7, 0]
+    """
+
+    def __init__(self, calibration: Calibration, shape: Sequence[int]):
+        self.calibration = calibration
+        self.values = np.concatenate([[0], np.asarray(calibration.labels, dtype=np.int64)])
+        self.best = np.zeros(tuple(shape), dtype=np.float32)
+        self.index = np.zeros(tuple(shape), dtype=np.int32)
+        self.lse = np.zeros(tuple(shape), dtype=np.float32)
+
+    def update(self, k: int, probs: np.ndarray) -> None:
+        """Fold in the probabilities of the ``k``-th label (0-based, in ``calibration.labels`` order)."""
+        s = self.calibration.calibrated(k, probs)
+        better = s > self.best
+        self.best[better] = s[better]
+        self.index[better] = k + 1
+        np.logaddexp(self.lse, s, out=self.lse)
+
+    def result(self) -> np.ndarray:
+        return self.values[self.index]
+
+    def probability(self) -> np.ndarray:
+        """Calibrated probability of the chosen label (background included), float32."""
+        return np.exp(self.best - self.lse)
+
+
+def calibrated_merge(probs: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """Merged label map of (K, *S) probabilities under ``calibration`` (via :class:`CalibratedMerge`)."""
+    p = np.asarray(probs)
+    if p.shape[0] != len(calibration.labels):
+        raise ValueError(f"{p.shape[0]} probability maps for {len(calibration.labels)} labels")
+    merge = CalibratedMerge(calibration, p.shape[1:])
+    for k in range(p.shape[0]):
+        merge.update(k, p[k])
+    return merge.result()

@@ -4,8 +4,10 @@ Each label's condition (atlas image + atlas mask) is turned into a code once
 (:meth:`UNet.condition`). Every window is encoded once and decoded once per label. Labels are
 predicted ``label_batch`` at a time over a whole block (default one): each label's map is handed
 on (written) as soon as it is computed and folded into running merged statistics (largest
-probability so far and its label; :mod:`emseg.lcs.merge` has the merge rule), so peak memory does
-not grow with the number of labels.
+probability so far and its label; :mod:`emseg.lcs.merge` has the merge rules), so peak memory does
+not grow with the number of labels. The calibrated merge (default) first runs the model on its own
+atlas, one label at a time, and fits each label's logit scale and offset there
+(:mod:`emseg.lcs.calibrate`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from emseg.errors import InputError
 from emseg.inference import SlidingWindow, resolve_patch
 from emseg.io import auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec, parse_spec
 from emseg.lcs.atlas import Atlas
-from emseg.lcs.merge import RunningMerge, label_dtype, merge_labels
+from emseg.lcs.config import LCSConfig
+from emseg.lcs.calibrate import Calibration, fit_calibration, fit_subsample, prob_logit
+from emseg.lcs.merge import MERGES, CalibratedMerge, RunningMerge, calibrated_merge, label_dtype, merge_labels
 from emseg.models.conditioning import ConditionCode
 from emseg.precision import Precision, resolve_precision
 
@@ -59,6 +63,9 @@ class LabelPredictor:
         Baseline only: the trained classes (channel order).
     label_batch : int
         Labels predicted together by :meth:`predict` (each holds one float32 map of the region).
+    merge : {"calibrated", "max"}
+        Conditioned models: how the maps are merged (:mod:`emseg.lcs.merge`); ``calibrated``
+        fits :attr:`calibration` on the atlas when first needed. A baseline ignores it (softmax).
 
     Attributes
     ----------
@@ -88,6 +95,7 @@ class LabelPredictor:
         device: str | torch.device = "cpu",
         precision: str | Precision = "fp32",
         amp: bool = False,
+        merge: str = "calibrated",
     ):
         self.model = model
         self.labels = [int(l) for l in labels]
@@ -95,6 +103,9 @@ class LabelPredictor:
             raise InputError("no labels to predict")
         if label_batch < 1:
             raise InputError(f"label_batch must be >= 1, got {label_batch}")
+        if merge not in MERGES:
+            raise InputError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        self._calibration: Calibration | None = None
         self.device = torch.device(device)
         if amp and precision == "fp32" and self.device.type == "cuda":
             precision = "auto"
@@ -106,7 +117,7 @@ class LabelPredictor:
         if self.conditioned:
             if atlas is None:
                 raise ValueError("a conditioned model needs its atlas")
-            self.rule = "sigmoid"
+            self.rule = "calibrated" if merge == "calibrated" else "sigmoid"
             self.atlas = atlas
             # a prototype code does not depend on the window; the atlas condition is cropped to it
             self.global_code = getattr(model, "config", {}).get("conditioning") == "prototype"
@@ -155,8 +166,35 @@ class LabelPredictor:
         probs = torch.softmax(self.model(x).float(), dim=1)
         return probs.index_select(1, self.channels)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The per-label logit calibration (``merge="calibrated"``), fitted on the atlas once."""
+        if self.rule != "calibrated":
+            return None
+        if self._calibration is None:
+            self._calibration = self.fit_calibration()
+        return self._calibration
+
+    def fit_calibration(self) -> Calibration:
+        """Fit :class:`Calibration` on the atlas: the model on the atlas image, conditioned on each
+        label's atlas mask (one label at a time), against the atlas label map (other labels: background)."""
+        image = self.atlas.image.reshape(self.patch_shape)
+        index, weights = fit_subsample(self.atlas.label, self.labels)
+        logits = np.empty((len(self.labels), index.size), dtype=np.float32)
+        for k in range(len(self.labels)):
+            window = SlidingWindow(self._forward_for([k]), self.patch_shape, **self._window_args)
+            logits[k] = prob_logit(window(image)[0].ravel()[index])
+        return fit_calibration(logits, self.atlas.label.ravel()[index], self.labels, weights=weights)
+
+    def _running_merge(self, shape: Sequence[int]):
+        if self.rule == "calibrated":
+            return CalibratedMerge(self.calibration, shape)
+        return RunningMerge(self.labels, self.rule, shape)
+
     def merge(self, probs: np.ndarray) -> np.ndarray:
-        """Merged label map of (K, *S) probabilities (see :func:`merge_labels`)."""
+        """Merged label map of (K, *S) probabilities (see :mod:`emseg.lcs.merge`)."""
+        if self.rule == "calibrated":
+            return calibrated_merge(probs, self.calibration)
         return merge_labels(probs, self.labels, self.rule)
 
     def predict(self, region: np.ndarray, *, crop: tuple[slice, ...] | None = None,
@@ -180,7 +218,7 @@ class LabelPredictor:
             for i, k in enumerate(indices):
                 p = probs[(i,) + crop]
                 if merge is None:
-                    merge = RunningMerge(self.labels, self.rule, p.shape)
+                    merge = self._running_merge(p.shape)
                 if on_label is not None:
                     on_label(self.labels[k], p)
                 merge.update(k, p)
@@ -219,6 +257,18 @@ class LCSModel:
                 raise InputError(f"unknown label {l}: it does not occur in the atlas labels (present: "
                                  f"{', '.join(map(str, self.atlas.present))}); `atlas_labels` can add labels")
         return labels
+
+    def resolve_merge(self, merge: str | None) -> str:
+        """The merge to use: ``merge`` if given, else the checkpoint's ``[lcs] merge`` (a baseline: ``max``)."""
+        if merge is not None and merge not in MERGES:
+            raise InputError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        if self.baseline:
+            if merge == "calibrated":
+                raise InputError("the calibrated merge needs a label-conditioned checkpoint, this one is the "
+                                 "baseline (its softmax is already one distribution)")
+            return "max"
+        # checkpoints written before the key existed get its default
+        return merge or str(self.state["lcs"].get("merge", LCSConfig.merge))
 
 
 def load_lcs_model(path: str | Path, device: str | torch.device = "cpu", *,
@@ -274,6 +324,8 @@ class InferConfig:
     batch_size: int = 4
     label_batch: int = 1
     block_shape: tuple[int, ...] | None = None
+    #: ``calibrated | max``; default: the checkpoint's ``[lcs] merge``.
+    merge: str | None = None
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
     precision: str = "auto"
@@ -289,10 +341,14 @@ class InferResult:
     voxels: int
     blocks: int
     seconds: float
+    merge: str = "max"
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "arrays": dict(self.arrays), "shape": list(self.shape),
-                "labels": list(self.labels), "baseline": self.baseline, "voxels": self.voxels,
+                "labels": list(self.labels), "baseline": self.baseline, "merge": self.merge,
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
+                "voxels": self.voxels,
                 "blocks": self.blocks, "seconds": round(self.seconds, 3),
                 "voxels_per_s": round(self.voxels / self.seconds, 1) if self.seconds > 0 else None}
 
@@ -330,13 +386,16 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
     device = resolve_device(config.device)
     lcs = load_lcs_model(config.model, device, atlas_labels=config.atlas_labels)
     labels = lcs.resolve_labels(config.labels)
+    merge = lcs.resolve_merge(config.merge)
     start = time.perf_counter()
     with open_volume(config.input) as source:
         check_raw(source)
         patch = resolve_patch(None, lcs.patch_shape, source.shape, lcs.model.ndim)
         predictor = LabelPredictor(lcs.model, labels, patch, atlas=lcs.atlas, classes=lcs.classes,
                                    overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                                   label_batch=config.label_batch, device=device, precision=config.precision)
+                                   label_batch=config.label_batch, device=device, precision=config.precision,
+                                   merge=merge)
+        calibration = predictor.calibration
         shape = source.shape
         chunks = auto_chunks(shape, 4)
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(shape, patch, chunks)
@@ -344,7 +403,9 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
             raise InputError(f"`block_shape` {block_shape} does not fit a {len(shape)}D volume")
         blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
         attrs = {"model": str(config.model), "source": str(config.input), "labels": labels,
-                 "merge_rule": predictor.rule, "baseline": lcs.baseline}
+                 "merge_rule": predictor.rule, "merge": merge, "baseline": lcs.baseline}
+        if calibration is not None:
+            attrs.update(calibration_scale=list(calibration.scale), calibration_offset=list(calibration.offset))
         total = int(np.prod(shape))
         done = 0
         with open_output_group(config.output, source) as out:
@@ -363,4 +424,4 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
                     progress(done, total)
             arrays = {name: out.spec(name) for name in out.arrays}
     return InferResult(str(config.output), arrays, tuple(shape), tuple(labels), lcs.baseline, total, len(blocks),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, merge, calibration)

@@ -4,8 +4,9 @@
 class (among the classes annotated in its cube): with probability ``negative_prob`` one absent
 from the patch (an explicit negative: the target is empty), otherwise one present in it; with
 probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
-that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair.
-The loss (soft Dice with an empty-target term, plus BCE; :mod:`emseg.lcs.loss`) is computed on
+that class set in the patch and the condition the (atlas image, atlas mask of the same set) pair;
+with probability ``split_prob`` both masks are restricted to the same part of the set (its thick
+or its thin part, :mod:`emseg.lcs.split`). The loss (soft Dice with an empty-target term, plus BCE; :mod:`emseg.lcs.loss`) is computed on
 that one conditioned channel only, in float32, and has a gradient on every patch, including those
 without the class. The ``[lcs]`` settings are :class:`~emseg.lcs.config.LCSConfig`.
 
@@ -32,6 +33,7 @@ from emseg.lcs.config import LCSConfig, check_lcs_config
 from emseg.lcs.loss import conditioned_loss
 from emseg.lcs.merge import DiceAccumulator
 from emseg.lcs.predict import LabelPredictor
+from emseg.lcs.split import atlas_part, draw_split, split_target
 from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.training import TrainResult, run_training
 
@@ -166,20 +168,40 @@ class LCSTask:
         return {k: torch.from_numpy(out[k]) for k in ("raw", "target", "cond", "group")}
 
     def conditioned_batch(self, data: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Turn a sampler batch into (raw, binary target, condition) with one class set per patch."""
-        targets, sets = [], []
+        """Turn a sampler batch into (raw, binary target, condition) with one class set per patch.
+
+        With probability ``split_prob`` a class set is restricted to one part (thick or thin at a
+        random radius, :mod:`emseg.lcs.split`) in target and atlas mask; ``split`` holds
+        (radius, thick) per patch, (0, 0) when not split.
+        """
+        targets, sets, parts, splits = [], [], [], []
         for b in range(data["raw"].shape[0]):
             allowed = [c for c in self.classes if data["labeled"][b, c] > 0]
             present = np.unique(data["target"][b])
             chosen = draw_class_set(allowed, rng, self.lcs.merge_prob, present=present,
                                     negative_prob=self.lcs.negative_prob)
             absent = bool(chosen) and all(data["not_present"][b, c] > 0 for c in chosen)
-            targets.append(binary_target(data["target"][b], chosen, known_absent=absent))
+            target = binary_target(data["target"][b], chosen, known_absent=absent)
+            part, split = None, (0, 0)
+            if chosen and self.lcs.split_prob and rng.random() < self.lcs.split_prob:
+                radius, thick = draw_split(rng)
+                part = atlas_part(self.atlas.mask(chosen), radius, thick)
+                if part is not None:
+                    target = split_target(data["target"][b], chosen, target, radius, thick)
+                    split = (radius, int(thick))
+            targets.append(target)
             sets.append(chosen)
-        keys = [tuple(sorted(s)) for s in sets]
-        return {"raw": data["raw"], "target": np.stack(targets), "cond": self.atlas.condition(sets),
+            parts.append(part)
+            splits.append(split)
+        cond = self.atlas.condition(sets)
+        for b, part in enumerate(parts):
+            if part is not None:
+                cond[b, 1] = part
+        keys = [(tuple(sorted(s)), sp) for s, sp in zip(sets, splits)]
+        return {"raw": data["raw"], "target": np.stack(targets), "cond": cond,
                 "group": np.array([keys.index(k) for k in keys], dtype=np.int64),
-                "classes": np.array([[s[0], s[1] if len(s) > 1 else 0] if s else [0, 0] for s in sets])}
+                "classes": np.array([[s[0], s[1] if len(s) > 1 else 0] if s else [0, 0] for s in sets]),
+                "split": np.array(splits, dtype=np.int64).reshape(len(sets), 2)}
 
     def _baseline_batch(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         target = self.lut[data["target"] + 1]
@@ -214,7 +236,7 @@ class LCSTask:
         if not self.valid_cubes:
             return None
         return evaluate_lcs(model, self.valid_cubes, self.config.patch_shape, self.classes, device,
-                            atlas=self.atlas)
+                            atlas=self.atlas, merge=self.lcs.merge)
 
     def extra_state(self) -> dict[str, Any]:
         """Checkpoint entries beyond the network: the ``[lcs]`` settings and the atlas."""
@@ -238,14 +260,15 @@ def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
 
 
 def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | None = None,
-                 overlap: float = 0.25) -> dict[str, float]:
-    """Per-class Dice of the merged label map on labelled cubes (sliding window, all classes at once).
+                 overlap: float = 0.25, merge: str = "calibrated") -> dict[str, float]:
+    """Per-class Dice of the merged label map on labelled cubes (sliding window, all classes at once;
+    ``merge`` as in :class:`LabelPredictor`, calibrated once per call).
 
     ``valid_score`` is the mean Dice over the classes (NaN ones skipped).
     """
     model.eval()
     predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, classes=classes, overlap=overlap,
-                               device=device)
+                               device=device, merge=merge)
     acc = DiceAccumulator(classes)
 
     def merged_labels(raw: np.ndarray, block: Block) -> np.ndarray:
