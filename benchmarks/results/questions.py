@@ -13,8 +13,12 @@ partial 0.0025 s/voxel; presence 5 s a question):
 
 ``random``, ``entropy``
     dense-only strategies: 20 patches a round, random or by summed entropy (MC-free).
+``dense=0.8+presence=0.2``
+    a fixed mix: each round spends 80 % of the budget on dense questions (the boxes of largest
+    ``sum_k u_k`` below: 16 patches) and 20 % (655 s) on presence questions (131 of them, the
+    largest ``(1 - peak_k) u_k``), so it spends the whole budget, like the dense arms.
 ``dense+presence``, ``dense+partial+presence``
-    question arms (:mod:`emseg.active.simulate_ask`): one forward pass over the candidates gives
+    greedy question arms (:mod:`emseg.active.simulate_ask`): one forward pass over the candidates gives
     each box's per-class mass, uncertain mass ``u_k`` and peak; a dense question is worth
     ``sum_k u_k``, a partial one ``u_k``, a presence one ``(1 - peak_k) u_k`` (partial and
     presence for the foreground classes only). The round is sized by the budget, not by a
@@ -70,7 +74,9 @@ import active_learning  # noqa: E402
 
 TASKS = ("mito", "5class")
 DENSE_ARMS = ("random", "entropy")
-QUESTION_ARMS = ("dense+presence", "dense+partial+presence")
+#: A fixed mix (80 % of each round's budget on dense patches by entropy, 20 % on presence questions),
+#: which spends the whole budget, and the two greedy value-per-cost arms, which may not.
+QUESTION_ARMS = ("dense=0.8+presence=0.2", "dense+presence", "dense+partial+presence")
 #: The reference every question arm is paired with (the best dense-only strategy on VNC).
 REFERENCE = "entropy"
 
