@@ -248,7 +248,8 @@ def test_questions_campaign_runs_resumes_and_prints_its_table(tmp_path, monkeypa
     out = tmp_path / "ask"
     argv = ["questions.py", "--out", str(out), "--seeds", "0,1", "--iterations", "1", "--initial", "2",
             "--per-iteration", "2", "--budget-patches", "2", "--steps-initial", "2", "--steps-finetune", "1",
-            "--candidates", "8", "--depth", "2", "--base-width", "4", "--batch-size", "2"]
+            "--candidates", "8", "--depth", "2", "--base-width", "4", "--batch-size", "2",
+            "--question-arms", "dense+presence,dense+partial+presence"]
     monkeypatch.setattr(sys, "argv", argv)
     assert mod.main() == 0
     first = capsys.readouterr().out
