@@ -65,18 +65,22 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, dense_label: str = "dense (3 sections)") -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    panels = [("test Jaccard, mitochondria", lambda r: r["jaccard"][1]),
+              ("FP voxels, 40 random mito-free windows", lambda r: r["bg_false_positive_voxels"])]
+    if all("monotonic_bg_false_positive_voxels" in a for r in runs for a in r["arms"].values()):
+        panels.append(("FP voxels, 40 monotonic mito-free windows", lambda r: r["monotonic_bg_false_positive_voxels"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
     for i, arm in enumerate(("dense", "lazy")):
         rs = [r["arms"][arm] for r in runs if arm in r["arms"]]
-        for ax, key in ((axes[0], lambda r: r["jaccard"][1]), (axes[1], lambda r: r["bg_false_positive_voxels"])):
+        for ax, (_, key) in zip(axes, panels):
             vals = [key(r) for r in rs]
             ax.bar(i, np.mean(vals), color=f"C{i}", alpha=0.8)
             ax.plot([i] * len(vals), vals, "k.", ms=5)
-    for ax, label in ((axes[0], "test Jaccard, mitochondria"), (axes[1], "false-positive voxels, mito-free windows")):
-        ax.set_xticks([0, 1], ["dense (3 sections)", "+ lazy cubes"])
-        ax.set_ylabel(label)
+    for ax, (label, _) in zip(axes, panels):
+        ax.set_xticks([0, 1], [dense_label, "+ lazy cubes"])
+        ax.set_ylabel(label, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -112,7 +116,8 @@ def main() -> int:
             return 0
         print(f"seed {seed}: " + ", ".join(f"{a} J={r['jaccard'][1]:.3f} FP={r['bg_false_positive_voxels']}"
                                            for a, r in run["arms"].items()), flush=True)
-    plot(campaign.runs, out.with_suffix(".png"))
+    plot(campaign.runs, out.with_suffix(".png"),
+         f"dense ({args.dense_windows} windows)" if args.dense_windows else "dense (3 sections)")
     print(table(campaign.runs))
     return 0
 
