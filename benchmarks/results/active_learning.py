@@ -43,6 +43,26 @@ def simulation_args(args) -> argparse.Namespace:
         warmup=args.warmup)
 
 
+def add_simulation_arguments(ap: argparse.ArgumentParser) -> None:
+    """The simulation's options (loop, network, training), shared with ``questions.py``."""
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--initial", type=int, default=20)
+    ap.add_argument("--per-iteration", type=int, default=20)
+    ap.add_argument("--steps-initial", type=int, default=600)
+    ap.add_argument("--steps-finetune", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20, help="Warm-up steps of every (fine-)tuning run.")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-finetune", type=float, default=5e-4)
+    ap.add_argument("--class-weights", default=None)
+    ap.add_argument("--mc-samples", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=300)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--base-width", type=int, default=8)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--no-full", action="store_true", help="Skip the fully supervised reference runs.")
+
+
 def build(args):
     return active_vnc.build_config(simulation_args(args))
 
@@ -165,22 +185,7 @@ def main() -> int:
     ap.add_argument("--task", choices=TASKS, default="mito")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--strategies", default=",".join(active_vnc.ALL_STRATEGIES))
-    ap.add_argument("--iterations", type=int, default=5)
-    ap.add_argument("--initial", type=int, default=20)
-    ap.add_argument("--per-iteration", type=int, default=20)
-    ap.add_argument("--steps-initial", type=int, default=600)
-    ap.add_argument("--steps-finetune", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20, help="Warm-up steps of every (fine-)tuning run.")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lr-finetune", type=float, default=5e-4)
-    ap.add_argument("--class-weights", default=None)
-    ap.add_argument("--mc-samples", type=int, default=8)
-    ap.add_argument("--candidates", type=int, default=300)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--base-width", type=int, default=8)
-    ap.add_argument("--dropout", type=float, default=0.2)
-    ap.add_argument("--no-full", action="store_true", help="Skip the fully supervised reference runs.")
+    add_simulation_arguments(ap)
     ap.add_argument("--markdown", action="store_true", help="Print the tables of a finished --out and stop.")
     args = ap.parse_args()
     out = Path(args.out)
