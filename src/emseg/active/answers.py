@@ -115,7 +115,7 @@ def stale_answers(path: str | Path) -> tuple[bool, str | None]:
     Examples
     --------
     >>> stale_answers("q.answers.json")  # doctest: +SKIP
-    (True, 'removed q.answers.json: left by an earlier query of this --out, no answer given')
+    (True, 'removed q.answers.json: left by an earlier query into the same output, no answer given')
     """
     path = Path(path)
     if not path.is_file():
@@ -126,8 +126,8 @@ def stale_answers(path: str | Path) -> tuple[bool, str | None]:
         return False, f"{path} is not an emseg answers file; left as it is"
     given = sum(a.answer is not None for a in entries)
     if not given:
-        return True, f"removed {path}: left by an earlier query of this --out, no answer given"
-    return False, (f"{path} is from an earlier query of this --out (these questions have no presence "
+        return True, f"removed {path}: left by an earlier query into the same output, no answer given"
+    return False, (f"{path} is from an earlier query into the same output (these questions have no presence "
                    f"question); kept because {given} of its {len(entries)} answers are given")
 
 

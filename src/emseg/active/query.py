@@ -282,7 +282,7 @@ def _write(result: QueryResult, config: QueryConfig, t0: float, *, answers: bool
     remove = False
     if answers:
         result.outputs["answers"] = str(answers_path(json_path))
-    else:  # an answers file of an earlier query of this --out no longer belongs to these questions
+    else:  # an answers file of an earlier query into the same `out` no longer belongs to these questions
         remove, note = stale_answers(answers_path(json_path))
         if note:
             result.notes.append(note)
