@@ -9,6 +9,7 @@ from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps
                            parse_ints, parse_shape,
                            precision_overrides, progress_bar, state)
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
+from emseg.lcs.merge import MERGES
 
 
 @click.group("lcs")
@@ -101,7 +102,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
               help="Labels predicted together over a block (each holds one float32 map of the block: memory "
                    "grows with this, not with the number of labels).")
 @click.option("--block", default=None, help="Block shape read at once [default: about 16x512x512].")
-@click.option("--merge", type=click.Choice(["calibrated", "max"]), default=None,
+@click.option("--merge", type=click.Choice(list(MERGES)), default=None,
               help="How the label maps are merged: a softmax over logits calibrated on the atlas, or the "
                    "largest probability above 0.5 [default: the checkpoint's [lcs] merge].")
 @common_options

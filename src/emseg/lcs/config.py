@@ -16,10 +16,10 @@ import numpy as np
 from emseg.config import TrainConfig, load_config
 from emseg.errors import InputError
 from emseg.io import parse_spec
+from emseg.lcs.merge import MERGES
 
 DICE_MODES = ("class", "batch", "sample")
 LCS_CONDITIONINGS = ("prototype", "atlas")
-MERGES = ("calibrated", "max")  # emseg.lcs.merge.MERGES
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,17 @@ RULES = ("sigmoid", "softmax")
 MERGES = ("calibrated", "max")
 
 
+def check_merge(merge: str) -> str:
+    """``merge`` if it is one of :data:`MERGES`, else :class:`~emseg.errors.InputError`.
+
+    >>> check_merge("max")
+    'max'
+    """
+    if merge not in MERGES:
+        raise InputError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+    return merge
+
+
 def normalised_probabilities(probs: np.ndarray, rule: str = "sigmoid") -> np.ndarray:
     """(K+1, *S) probabilities of background and the K labels, summing to 1 per voxel.
 

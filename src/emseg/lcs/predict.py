@@ -29,7 +29,7 @@ from emseg.io import auto_chunks, check_raw, open_output_group, open_volume, par
 from emseg.lcs.atlas import Atlas
 from emseg.lcs.config import LCSConfig
 from emseg.lcs.calibrate import Calibration, fit_calibration, fit_subsample, prob_logit
-from emseg.lcs.merge import MERGES, CalibratedMerge, RunningMerge, calibrated_merge, label_dtype, merge_labels
+from emseg.lcs.merge import CalibratedMerge, RunningMerge, calibrated_merge, check_merge, label_dtype, merge_labels
 from emseg.models.conditioning import ConditionCode
 from emseg.precision import Precision, resolve_precision
 
@@ -103,8 +103,7 @@ class LabelPredictor:
             raise InputError("no labels to predict")
         if label_batch < 1:
             raise InputError(f"label_batch must be >= 1, got {label_batch}")
-        if merge not in MERGES:
-            raise InputError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        check_merge(merge)
         self._calibration: Calibration | None = None
         self.device = torch.device(device)
         if amp and precision == "fp32" and self.device.type == "cuda":
@@ -260,8 +259,8 @@ class LCSModel:
 
     def resolve_merge(self, merge: str | None) -> str:
         """The merge to use: ``merge`` if given, else the checkpoint's ``[lcs] merge`` (a baseline: ``max``)."""
-        if merge is not None and merge not in MERGES:
-            raise InputError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        if merge is not None:
+            check_merge(merge)
         if self.baseline:
             if merge == "calibrated":
                 raise InputError("the calibrated merge needs a label-conditioned checkpoint, this one is the "
