@@ -8,7 +8,8 @@ then the argmax of ``softmax([0, s_1, ..., s_K])``: background has the fixed log
 
 :func:`fit_calibration` chooses ``scale`` and ``offset`` that maximise the likelihood of a
 known label map under that softmax (L-BFGS on a class-stratified, reweighted subsample of
-:func:`fit_subsample`, at most :data:`MAX_FIT_ENTRIES` logits whatever the number of labels);
+:func:`fit_subsample`: at most :data:`MAX_FIT_ENTRIES` logits for up to 63 labels, at least 256
+voxels per label beyond);
 :meth:`emseg.lcs.LabelPredictor.calibration` runs the model on the atlas, conditioned on each
 label's atlas mask, and fits on the atlas label map.
 """
@@ -102,7 +103,8 @@ def fit_subsample(label: np.ndarray, labels: Sequence[int], rng: np.random.Gener
     """Flat indices of the voxels of ``label`` used for a fit, and their weights.
 
     Voxels >= 0 only. When there are more than ``max_voxels`` (default: :data:`MAX_FIT_VOXELS`,
-    fewer for many labels so that labels x voxels stays within :data:`MAX_FIT_ENTRIES`), each
+    fewer for many labels so that labels x voxels stays within :data:`MAX_FIT_ENTRIES`, but never
+    fewer than 256 per group, which exceeds that bound beyond 63 labels), each
     group (each of ``labels``, and background: every other value) keeps at most an equal share
     of random voxels, weighted by (group size / voxels kept) so that the weighted likelihood
     estimates the likelihood of the whole map. Rare labels are thereby always represented.
