@@ -99,12 +99,13 @@ def split_target(label: np.ndarray, class_set: Sequence[int], target: np.ndarray
     """
     label = np.asarray(label)
     mask = np.isin(label, np.asarray(class_set, dtype=np.int64))
-    part = split_part(mask, radius, thick)
+    thick_mask = thick_part(mask, radius)
+    part = thick_mask if thick else mask & ~thick_mask
     out = np.array(target, dtype=np.int64, copy=True)
     out[mask & ~part & (out == 1)] = 0
     ignored = label < 0
     if np.any(ignored) and np.any(mask):
         alt = thick_part(mask | ignored, radius) & mask  # the thick part if the ignored voxels were class
-        unsure = alt != thick_part(mask, radius)
+        unsure = alt != thick_mask
         out[unsure & mask] = -1
     return out

@@ -149,6 +149,7 @@ class LCSTask:
             raise InputError(f"atlas patch {self.atlas.patch_shape} differs from patch_shape "
                              f"{tuple(config.patch_shape)}")
         self.lut = channel_lut(self.classes, config.n_classes)
+        self._atlas_parts: dict[tuple, np.ndarray | None] = {}  # (class set, radius, thick) -> atlas part
         self.metric_columns = ("valid_score",) + tuple(f"valid_dice_{c}" for c in self.classes)
 
     # -- what run_training asks for
@@ -185,7 +186,10 @@ class LCSTask:
             part, split = None, (0, 0)
             if chosen and self.lcs.split_prob and rng.random() < self.lcs.split_prob:
                 radius, thick = draw_split(rng)
-                part = atlas_part(self.atlas.mask(chosen), radius, thick)
+                key = (tuple(sorted(chosen)), radius, thick)
+                if key not in self._atlas_parts:  # the atlas is fixed: each part is computed once
+                    self._atlas_parts[key] = atlas_part(self.atlas.mask(chosen), radius, thick)
+                part = self._atlas_parts[key]
                 if part is not None:
                     target = split_target(data["target"][b], chosen, target, radius, thick)
                     split = (radius, int(thick))
