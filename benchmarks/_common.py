@@ -6,6 +6,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -23,3 +24,9 @@ def data_dir() -> Path | None:
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two boolean masks (NaN when both are empty)."""
+    denom = np.count_nonzero(pred) + np.count_nonzero(target)
+    return float(2 * np.count_nonzero(pred & target) / denom) if denom else float("nan")

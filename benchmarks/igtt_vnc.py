@@ -35,7 +35,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import data_dir, machine  # noqa: E402
+from _common import data_dir, dice, machine  # noqa: E402
 
 from emseg.config import config_from_dict  # noqa: E402
 from emseg.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
@@ -70,11 +70,9 @@ def threshold_diagnostics(fg_prob: np.ndarray, truth: np.ndarray, n_thresholds: 
     best = (-1.0, 0.0)
     for thr in candidate_thresholds(fg_prob, n_thresholds):
         for mask in (fg_prob >= thr, fg_prob < thr):
-            d = 2 * np.count_nonzero(mask & t) / max(1, np.count_nonzero(mask) + np.count_nonzero(t))
-            best = max(best, (d, float(mask.mean())))
+            best = max(best, (dice(mask, t), float(mask.mean())))
     prior = fg_prob >= np.quantile(fg_prob, 1 - t.mean())
-    prior_dice = 2 * np.count_nonzero(prior & t) / max(1, np.count_nonzero(prior) + np.count_nonzero(t))
-    return {"oracle_dice": best[0], "oracle_fg": best[1], "prior_dice": float(prior_dice)}
+    return {"oracle_dice": best[0], "oracle_fg": best[1], "prior_dice": dice(prior, t)}
 
 
 def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:

@@ -42,6 +42,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from _common import dice
 
 from emseg.config import config_from_dict
 from emseg.io import open_volume
@@ -57,11 +58,6 @@ def data_dir() -> Path:
     if env:
         return Path(env) / "drosophila_vnc" if (Path(env) / "drosophila_vnc").exists() else Path(env)
     return Path(__file__).resolve().parents[1].parent / "shared/data/drosophila_vnc"
-
-
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    denom = np.count_nonzero(pred) + np.count_nonzero(target)
-    return float(2 * np.count_nonzero(pred & target) / denom) if denom else float("nan")
 
 
 def conditioning_gap(probs: dict) -> float:
