@@ -64,31 +64,30 @@ def monotonic_windows(label: np.ndarray, size: int, count: int, rng, sections) -
     return [top[i][1:] for i in sorted(pick)]
 
 
-def dense_windows(label: np.ndarray, size: int, count: int, rng, sections) -> list[tuple[int, int, int]]:
-    """``count`` random size x size windows of ``sections`` holding at least 1 % mitochondria."""
+def random_windows(label: np.ndarray, size: int, count: int, rng, sections, keep) -> list[tuple[int, int, int]]:
+    """(z, y, x) corners of up to ``count`` random size x size windows of ``sections`` whose labels
+    satisfy ``keep`` (20,000 draws at most)."""
     found = []
+    sections = list(sections)
     for _ in range(20000):
         z = int(rng.choice(sections))
         y, x = (int(rng.integers(s - size + 1)) for s in label.shape[1:])
-        if (label[z, y:y + size, x:x + size] == 1).mean() >= 0.01:
+        if keep(label[z, y:y + size, x:x + size]):
             found.append((z, y, x))
             if len(found) == count:
                 break
     return found
+
+
+def dense_windows(label: np.ndarray, size: int, count: int, rng, sections) -> list[tuple[int, int, int]]:
+    """``count`` random size x size windows of ``sections`` holding at least 1 % mitochondria."""
+    return random_windows(label, size, count, rng, sections, lambda w: (w == 1).mean() >= 0.01)
 
 
 def background_windows(label: np.ndarray, size: int, count: int, rng, sections=None) -> list[tuple[int, int, int]]:
     """(z, y, x) corners of size x size windows without mitochondria (in ``sections`` if given)."""
-    found = []
-    sections = list(range(label.shape[0])) if sections is None else list(sections)
-    for _ in range(20000):
-        z = int(rng.choice(sections))
-        y, x = (int(rng.integers(s - size + 1)) for s in label.shape[1:])
-        if not (label[z, y:y + size, x:x + size] == 1).any():
-            found.append((z, y, x))
-            if len(found) == count:
-                break
-    return found
+    return random_windows(label, size, count, rng, range(label.shape[0]) if sections is None else sections,
+                          lambda w: not (w == 1).any())
 
 
 def run(name, cubes, n_classes, args, tmp: Path, test_raw: str, test_label: str) -> dict:
