@@ -74,6 +74,12 @@ def ci_cell(d: tuple[float, float, float]) -> str:
     return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
 
 
+def no_data() -> int:
+    """Say that the VNC data is absent (the campaign skips cleanly) and give the exit status, 0."""
+    print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
+    return 0
+
+
 def pyplot():
     import matplotlib
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 
 import active_vnc  # noqa: E402
 
@@ -194,8 +194,7 @@ def main() -> int:
         print(markdown(doc["summary"], doc["settings"]["iterations"]))
         return 0
     if not (active_vnc.data_dir() / "vnc_stack1.h5").exists():
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     from emseg.active.simulate import run_simulation
 
     config = build(args)

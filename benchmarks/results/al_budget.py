@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, mean_std, pyplot  # noqa: E402
+from _campaign import Campaign, mean_std, no_data, pyplot  # noqa: E402
 
 import active_learning  # noqa: E402
 import active_vnc  # noqa: E402
@@ -142,8 +142,7 @@ def main() -> int:
         print(table(json.loads((out / "budget.json").read_text())["runs"], steps))
         return 0
     if not (active_vnc.data_dir() / "vnc_stack1.h5").exists():
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     out.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out / "budget.json", {k: getattr(args, k) for k in ("finetune_steps", "steps_initial",
                                                                       "full_steps", "full_every")})

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 
 CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
@@ -147,8 +147,7 @@ def main() -> int:
         return 0
     vnc = data_dir()
     if vnc is None:
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     import torch
 
     campaign = Campaign(args.out, {"seconds": args.seconds, "threads": torch.get_num_threads()})

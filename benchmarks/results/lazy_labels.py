@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 
 TRAIN_VNC = Path(__file__).resolve().parents[1] / "train_vnc.py"
 
@@ -110,10 +110,9 @@ def main() -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         run = campaign.run({"seed": seed}, lambda: one_seed(seed, args.seconds, extra))
         if not run["arms"]:
-            print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
             campaign.runs.remove(run)
             campaign.save()
-            return 0
+            return no_data()
         print(f"seed {seed}: " + ", ".join(f"{a} J={r['jaccard'][1]:.3f} FP={r['bg_false_positive_voxels']}"
                                            for a, r in run["arms"].items()), flush=True)
     plot(campaign.runs, out.with_suffix(".png"),

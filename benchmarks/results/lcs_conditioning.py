@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 
 import lcs_vnc  # noqa: E402
 from emseg.lcs import LCSConfig  # noqa: E402
@@ -170,8 +170,7 @@ def main() -> int:
             plot(doc, out.with_suffix(".png"))
         return 0
     if not (lcs_vnc.data_dir() / "vnc_stack1.h5").exists():
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "markdown", "plot")}
     campaign = Campaign(out, settings)
     seeds = [int(s) for s in args.seeds.split(",")]

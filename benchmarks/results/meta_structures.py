@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 
 import noise_vnc  # noqa: E402
@@ -113,8 +113,7 @@ def main() -> int:
         return 0
     root = data_dir()
     if root is None:
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "conditions", "markdown")}
     if args.target == "mito" and not args.valid_every:  # the settings of the campaigns run before both keys
         settings = {k: v for k, v in settings.items() if k not in ("target", "valid_every")}

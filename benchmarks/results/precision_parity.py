@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import ci_cell, paired_interval  # noqa: E402
+from _campaign import ci_cell, no_data, paired_interval  # noqa: E402
 from _common import data_dir, machine  # noqa: E402
 
 from emseg.config import config_from_dict  # noqa: E402
@@ -207,8 +207,7 @@ def main() -> int:
                settings={k: getattr(args, k) for k in ("steps", "auto_factor", "every", "patch")})
     vnc = data_dir()
     if vnc is None:
-        print("drosophila_vnc data not found (set EMSEG_DATA); nothing to do")
-        return 0
+        return no_data()
     for seed in (int(s) for s in args.seeds.split(",")):
         for precision, steps in (("fp32", args.steps), ("auto", args.steps * args.auto_factor)):
             if any(r["seed"] == seed and r["precision"] == precision for r in doc["runs"]):
