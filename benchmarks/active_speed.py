@@ -2,7 +2,7 @@
 
 1. Core-set selection, N = 100,000 embeddings of D = 128 (float32), n = 200 picks with 100
    labelled centres: :func:`emseg.active.kcenter_greedy` (one matrix-vector product per pick on a
-   running minimum) against :func:`emseg.active.diversity.kcenter_greedy_naive` (an (N, D) difference
+   running minimum) against :func:`emseg.active.selection.diversity.kcenter_greedy_naive` (an (N, D) difference
    array per centre). Both must pick the same samples.
 2. Scoring a pool of patches of 128 x 128 with a small U-Net (depth 3, base width 8), entropy
    (512 patches, one pass) and BALD (128 patches, T = 10 passes):
@@ -41,7 +41,7 @@ def _rss_kb() -> int:
 
 def bench_kcenter() -> dict:
     from emseg.active import kcenter_greedy
-    from emseg.active.diversity import kcenter_greedy_naive
+    from emseg.active.selection.diversity import kcenter_greedy_naive
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N_EMB, DIM, generator=gen)

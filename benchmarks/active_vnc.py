@@ -5,7 +5,7 @@ Binary task: ``label == 1`` (mitochondria) against everything else. The pool is 
 each seed a U-Net is trained on 20 random pool patches; then every strategy picks 20 patches per
 iteration from the remaining pool with the current network, the network is fine-tuned from its
 previous weights on all labelled patches, and test Jaccard is measured. It runs through
-:func:`emseg.active.simulate.run_simulation` (the core of ``emseg query simulate``), so an
+:func:`emseg.active.simulation.loop.run_simulation` (the core of ``emseg query simulate``), so an
 interrupted run continues where it stopped when started again with the same ``--out``.
 
 The defaults follow the paper's protocol (3 seeds, 7 strategies, 5 iterations, a U-Net with
@@ -47,7 +47,7 @@ def _range(text: str, name: str) -> list[int]:
 
 
 def build_config(args: argparse.Namespace):
-    from emseg.active.simulate import simulate_config_from_dict
+    from emseg.active.simulation.loop import simulate_config_from_dict
 
     h5 = data_dir() / "vnc_stack1.h5"
     if not h5.exists():
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from emseg.active.simulate import run_simulation
+    from emseg.active.simulation.loop import run_simulation
 
     config = build_config(args)
     print(f"config: seeds {list(config.seeds)}, strategies {list(config.strategies)}, iterations {config.iterations}, "

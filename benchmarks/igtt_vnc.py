@@ -12,7 +12,7 @@ Protocol (all methods scored on the same held-out crops, ``--eval-sections``):
   igtt-noems  the same without the EMS module (trains on the chosen mask itself)
   otsu        skimage threshold_otsu over the crops, minority-foreground polarity
   adaptive    skimage threshold_local (gaussian) per section, minority-foreground polarity
-  supervised  emseg.training.train on the true binary labels of ``--train-sections`` (other sections),
+  supervised  emseg.engine.training.train on the true binary labels of ``--train-sections`` (other sections),
               same network, patch, batch and number of steps as one iGTT run
 iGTT and the supervised U-Net run with ``--seeds`` seeds (mean and std). Dice and accuracy of the
 binary output (iGTT: the DMI-chosen mask; supervised: probability >= 0.5); AUC of the foreground
@@ -37,11 +37,11 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, dice, machine  # noqa: E402
 
-from emseg.config import config_from_dict  # noqa: E402
+from emseg.engine.config import config_from_dict  # noqa: E402
 from emseg.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
-from emseg.igtt.selection import candidate_thresholds  # noqa: E402
-from emseg.predict import PredictConfig, predict_file  # noqa: E402
-from emseg.training import train  # noqa: E402
+from emseg.igtt.thresholds import candidate_thresholds  # noqa: E402
+from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
+from emseg.engine.training import train  # noqa: E402
 
 TARGETS = {"membrane": (2, 3, 4), "mito": (1,)}
 

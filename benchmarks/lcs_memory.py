@@ -56,7 +56,7 @@ def child(mode: str, k: int, patch: tuple[int, ...], width: int, depth: int, bat
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from emseg.config import config_from_dict
+    from emseg.engine.config import config_from_dict
     from emseg.lcs import LCSTask, lcs_config_from_dict
     from emseg.models import build_model
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from _common import dice
 
-from emseg.config import config_from_dict
+from emseg.engine.config import config_from_dict
 from emseg.io import open_volume
 from emseg.lcs import InferConfig, LCSConfig, choose_offset, infer_file, lcs_config_from_dict, train_lcs
 from emseg.lcs.calibrate import Calibration
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                         help="torch threads (1 is fastest on a few shared cores).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="Training and inference arithmetic (see emseg.precision).")
+                        help="Training and inference arithmetic (see emseg.runtime.precision).")
     parser.add_argument("--workdir", default=None, help="Folder for derived data and runs [default: new in /tmp].")
     parser.add_argument("--json-out", default=None, help="Also write the figures as JSON here.")
     args = parser.parse_args(argv)

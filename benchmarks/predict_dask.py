@@ -5,16 +5,16 @@
    base width 12, 5 classes; throughput does not depend on the weights), patch 1 x 128 x 128,
    blocks 2 x 256 x 256, probabilities into zarr:
 
-   * in-process (:func:`emseg.predict.predict_file` without a scheduler), torch with one thread
+   * in-process (:func:`emseg.semantic.predict.predict_file` without a scheduler), torch with one thread
      (the reference of the ratios: workers use one thread each) and with its default thread count
      (run once, warm);
    * a LocalCluster of 1 and of 2 worker processes (one thread each), through
-     :func:`emseg.predict.predict_resumable` with an already started client.
+     :func:`emseg.semantic.predict.predict_resumable` with an already started client.
 
    Each configuration runs once cold, then ``--repeats`` times warm (model loaded, kernels
    initialised; the default-thread one only once): the median warm time is the throughput figure. Cluster start-up time is reported apart.
    The cluster outputs are checked to equal the one-thread in-process output exactly.
-2. Scheduling overhead per block: :func:`emseg.cluster.run_blocks` over 400 no-op blocks on
+2. Scheduling overhead per block: :func:`emseg.engine.cluster.run_blocks` over 400 no-op blocks on
    the 2-worker cluster, with and without done markers, and in-process for comparison.
 
 Usage::
@@ -37,12 +37,12 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, machine  # noqa: E402
 
-from emseg.checkpoint import save_checkpoint  # noqa: E402
-from emseg.cluster import DoneMarkers, open_client, run_blocks  # noqa: E402
-from emseg.blocks import plan_blocks  # noqa: E402
+from emseg.models.checkpoint import save_checkpoint  # noqa: E402
+from emseg.engine.cluster import DoneMarkers, open_client, run_blocks  # noqa: E402
+from emseg.engine.blocks import plan_blocks  # noqa: E402
 from emseg.io import create_volume, open_volume  # noqa: E402
 from emseg.models import build_model  # noqa: E402
-from emseg.predict import PredictConfig, predict_file  # noqa: E402
+from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
 
 PATCH = (1, 128, 128)
 BLOCK = (2, 256, 256)

@@ -97,7 +97,7 @@ def flops_per_voxel(net: torch.nn.Module, shape) -> float:
 
 def bench_networks(seconds: float, gemm: dict, compile_too: bool = False) -> dict:
     from emseg.models import UNet, fold_batchnorm
-    from emseg.precision import Precision
+    from emseg.runtime.precision import Precision
 
     out = {}
     for key, spec in NETS.items():
@@ -165,8 +165,8 @@ def _no_grad_call(prec, model, x):
 
 # --------------------------------------------------------------------------- 4. emseg train
 def bench_train(seconds: float, vnc: Path | None) -> dict:
-    from emseg.config import config_from_dict
-    from emseg.training import SegmentationTask, run_training
+    from emseg.engine.config import config_from_dict
+    from emseg.engine.training import SegmentationTask, run_training
 
     if vnc is None:
         return {"skipped": "no VNC data"}
@@ -209,14 +209,14 @@ def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
     """Runs in a fresh process: one way of predicting the first ``sections`` VNC sections."""
     import h5py
 
-    from emseg.checkpoint import load_model
-    from emseg.precision import Precision
+    from emseg.models.checkpoint import load_model
+    from emseg.runtime.precision import Precision
 
     with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
         shape = (sections,) + fh["raw"].shape[1:]
     voxels = int(np.prod(shape))
     if case.startswith("emseg"):
-        from emseg.predict import PredictConfig, predict_file
+        from emseg.semantic.predict import PredictConfig, predict_file
 
         precision = case.split("-")[1]
         with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +258,7 @@ def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
 def bench_predict(vnc: Path | None, sections: int) -> dict:
     if vnc is None:
         return {"skipped": "no VNC data"}
-    from emseg.checkpoint import save_checkpoint
+    from emseg.models.checkpoint import save_checkpoint
     from emseg.models import UNet
 
     out = {"sections": sections}
@@ -292,7 +292,7 @@ def _bald_case(case: str, n: int, t: int) -> dict:
     t0 = time.perf_counter()
     if case.startswith("emseg"):
         from emseg.active.pool import build_pool
-        from emseg.active.scoring import score_pool
+        from emseg.active.scoring.stream import score_pool
 
         pool = build_pool([vol.shape], (1, 128, 128))
         scores = score_pool(net, pool, [vol], "bald", mc_samples=t, batch_size=8, seed=0, fold=True,
@@ -341,7 +341,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--t", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from emseg.device import configure_threads
+    from emseg.runtime.device import configure_threads
 
     configure_threads()
     if args.predict_case:
@@ -350,7 +350,7 @@ def main() -> None:
     if args.bald_case:
         print(json.dumps(_bald_case(args.bald_case, args.n, args.t)))
         return
-    from emseg.precision import cpu_bf16_support
+    from emseg.runtime.precision import cpu_bf16_support
 
     only = set(args.only.split(","))
     seconds = 2.0 if args.quick else 8.0

@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, machine  # noqa: E402
 
-from emseg.config import config_from_dict  # noqa: E402
-from emseg.evaluation import evaluate_volumes  # noqa: E402
+from emseg.engine.config import config_from_dict  # noqa: E402
+from emseg.semantic.evaluation import evaluate_volumes  # noqa: E402
 from emseg.io import open_volume  # noqa: E402
-from emseg.predict import PredictConfig, predict_file  # noqa: E402
-from emseg.training import train  # noqa: E402
+from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
+from emseg.engine.training import train  # noqa: E402
 
 
 def write(path: Path, **arrays) -> Path:

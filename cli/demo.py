@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from emseg.cli._ui import common_options, device_seed_options, emit, progress_bar, scores_table, state
-from emseg.demo import run_demo
+from emseg.semantic.demo import run_demo
 
 
 @click.command("demo")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from emseg.cli._ui import common_options, emit, progress_bar, scores_table
-from emseg.evaluation import evaluate_volumes
+from emseg.semantic.evaluation import evaluate_volumes
 from emseg.io import open_volume
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from emseg.cli._ui import common_options, emit, parse_shape
-from emseg.export import export_model
+from emseg.semantic.export import export_model
 
 
 @click.command("export")

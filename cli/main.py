@@ -9,7 +9,7 @@ import warnings
 import click
 
 from emseg import __version__
-from emseg.device import configure_threads
+from emseg.runtime.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
 from emseg.cli._ui import AppState, command_options, flag_wording
 

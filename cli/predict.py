@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from emseg.cli._ui import common_options, device_seed_options, emit, parse_shape, progress_bar, scheduler_options, state
-from emseg.predict import PredictConfig, predict_file
+from emseg.semantic.predict import PredictConfig, predict_file
 
 
 @click.command("predict")

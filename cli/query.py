@@ -12,12 +12,12 @@ import click
 from rich.table import Table
 
 from emseg.active import STRATEGIES, get_strategy
-from emseg.active.answers import answers_to_cubes
-from emseg.active.export import crop_name, read_query_boxes
+from emseg.active.questions.answers import answers_to_cubes
+from emseg.active.results import crop_name, read_query_boxes
 from emseg.active.query import QueryConfig, query_files
-from emseg.active.questions import CostModel, parse_costs
+from emseg.active.questions.types import CostModel, parse_costs
 from emseg.active.sheet import check_sheet_output, write_query_sheet
-from emseg.active.simulate import load_simulate_config, run_simulation
+from emseg.active.simulation.loop import load_simulate_config, run_simulation
 from emseg.cli._ui import (
     DefaultCommandGroup,
     common_options,

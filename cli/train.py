@@ -9,10 +9,10 @@ import click
 from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps_word, training_progress,
                            parse_shape, precision_overrides,
                            progress_bar, state)
-from emseg.config import load_config
+from emseg.engine.config import load_config
 from emseg.io import open_volume
-from emseg.monitor import TrainingMonitor
-from emseg.training import train
+from emseg.engine.monitor import TrainingMonitor
+from emseg.engine.training import train
 
 
 @click.command("train")

@@ -135,7 +135,7 @@ CLUSTER_BLOCKS = 8
 @pytest.fixture(scope="module")
 def client():
     """An in-process dask cluster of 2 workers, one per test module."""
-    from emseg.cluster import open_client
+    from emseg.engine.cluster import open_client
 
     with open_client("local", workers=2, processes=False) as c:
         yield c

@@ -94,7 +94,7 @@ def test_defaults_table_and_figure(tmp_path):
     defaults_vnc.plot(runs, tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000
     # every arm is a valid config on top of the four new-user keys
-    from emseg.config import config_from_dict
+    from emseg.engine.config import config_from_dict
 
     for arm, overrides in defaults_vnc.ARMS.items():
         cfg = config_from_dict(defaults_vnc.new_user_config(tmp_path, 600, overrides))

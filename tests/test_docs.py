@@ -24,7 +24,7 @@ def test_example_vnc_config_is_the_new_user_config():
     ../shared/data from the repository root."""
     import tomllib
 
-    from emseg.config import load_config
+    from emseg.engine.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "vnc.toml"
     data = tomllib.loads(path.read_text())

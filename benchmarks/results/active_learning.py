@@ -86,7 +86,7 @@ def fully_supervised(config, seed: int, steps: int) -> dict:
     """The simulation's network trained on every pool voxel for ``steps`` steps; test scores."""
     import tempfile
 
-    from emseg.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
 
     def cube(spec):
         return region_cube(config, spec)
@@ -96,7 +96,7 @@ def fully_supervised(config, seed: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run_training(task, train_cfg, tmp, device="cpu", seed=seed)
-        from emseg.checkpoint import load_model
+        from emseg.models.checkpoint import load_model
 
         model, _ = load_model(Path(tmp) / "last.pt", "cpu")
         res = evaluate_cubes(model, [cube(config.test)], train_cfg.patch_shape, config.n_classes, "cpu",
@@ -195,7 +195,7 @@ def main() -> int:
         return 0
     if not (active_vnc.data_dir() / "vnc_stack1.h5").exists():
         return no_data()
-    from emseg.active.simulate import run_simulation
+    from emseg.active.simulation.loop import run_simulation
 
     config = build(args)
     t0 = time.perf_counter()

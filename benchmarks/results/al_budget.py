@@ -6,7 +6,7 @@ Two checks of the set-up of ``active_learning.py`` (same network, data and loss;
     patches, 600 steps; then 20 more, fine-tuned from the initial weights) with ``S`` fine-tuning
     steps for S in ``--finetune-steps``; test Jaccard against S. If it flattens by the 200 steps
     the campaign uses, one fine-tuning per iteration was enough. Each S is a separate simulation
-    (``emseg.active.simulate.run_simulation``) with the same seed, hence the same initial patches and
+    (``emseg.active.simulation.loop.run_simulation``) with the same seed, hence the same initial patches and
     the same initial network (trained once and copied into the other folders).
 ``full``: per seed, the network trained on the whole pool (960 patches) for ``--full-steps`` steps,
     tested every ``--full-every`` steps: is the 1,600-step reference of ``active_learning.py``
@@ -44,7 +44,7 @@ def campaign_args(args, **over) -> argparse.Namespace:
 
 
 def finetune_run(args, seed: int, steps: int, sims: Path) -> dict:
-    from emseg.active.simulate import run_simulation
+    from emseg.active.simulation.loop import run_simulation
 
     config = active_learning.build(campaign_args(args, seeds=str(seed), steps_finetune=steps,
                                                  steps_initial=args.steps_initial))
@@ -63,8 +63,8 @@ def finetune_run(args, seed: int, steps: int, sims: Path) -> dict:
 
 def full_run(args, seed: int) -> dict:
     """The whole pool for ``--full-steps`` steps, the test Jaccard every ``--full-every`` steps."""
-    from emseg.checkpoint import load_model
-    from emseg.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.models.checkpoint import load_model
+    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
 
     config = active_learning.build(campaign_args(args, seeds=str(seed)))
     pool, test = active_learning.region_cube(config, config.pool), active_learning.region_cube(config, config.test)

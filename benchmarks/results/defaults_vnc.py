@@ -63,11 +63,11 @@ def new_user_config(vnc: Path, seconds: float, overrides: dict) -> dict:
 def one_run(vnc: Path, arm: str, seconds: float, seed: int) -> dict:
     import h5py
 
-    from emseg.config import config_from_dict
-    from emseg.evaluation import evaluate_volumes
+    from emseg.engine.config import config_from_dict
+    from emseg.semantic.evaluation import evaluate_volumes
     from emseg.io import open_volume
-    from emseg.predict import PredictConfig, predict_file
-    from emseg.training import train
+    from emseg.semantic.predict import PredictConfig, predict_file
+    from emseg.engine.training import train
 
     cfg = config_from_dict(new_user_config(vnc, seconds, ARMS[arm]))
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import ci_cell, no_data, paired_interval  # noqa: E402
 from _common import data_dir, machine  # noqa: E402
 
-from emseg.config import config_from_dict  # noqa: E402
+from emseg.engine.config import config_from_dict  # noqa: E402
 from emseg.io import atomic_write_json  # noqa: E402
-from emseg.training import SegmentationTask, evaluate_cubes, run_training  # noqa: E402
+from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training  # noqa: E402
 
 CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
 
@@ -78,7 +78,7 @@ def one_run(vnc: Path, precision: str, steps: int, every: int, patch: int, seed:
 
 def inference_agreement(ckpt: Path, vnc: Path) -> float:
     from emseg.io import open_volume
-    from emseg.predict import PredictConfig, predict_file
+    from emseg.semantic.predict import PredictConfig, predict_file
 
     with tempfile.TemporaryDirectory() as tmp:
         import h5py

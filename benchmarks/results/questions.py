@@ -18,7 +18,7 @@ partial 0.0025 s/voxel; presence 5 s a question):
     ``sum_k u_k`` below: 16 patches) and 20 % (655 s) on presence questions (131 of them, the
     largest ``(1 - peak_k) u_k``), so it spends the whole budget, like the dense arms.
 ``dense+presence``, ``dense+partial+presence``
-    greedy question arms (:mod:`emseg.active.simulate_ask`): one forward pass over the candidates gives
+    greedy question arms (:mod:`emseg.active.simulation.ask`): one forward pass over the candidates gives
     each box's per-class mass, uncertain mass ``u_k`` and peak; a dense question is worth
     ``sum_k u_k``, a partial one ``u_k``, a presence one ``(1 - peak_k) u_k`` (partial and
     presence for the foreground classes only). The round is sized by the budget, not by a
@@ -83,7 +83,7 @@ REFERENCE = "entropy"
 
 def build(args):
     """The simulate config: ``active_learning.py``'s, plus the question arms, budget and costs."""
-    from emseg.active.questions import parse_costs
+    from emseg.active.questions.types import parse_costs
 
     ns = argparse.Namespace(**{**vars(args), "strategies": ",".join(args.dense_arms)})
     config = active_learning.build(ns)
@@ -335,7 +335,7 @@ def main() -> int:
         return 0
     if not (active_learning.active_vnc.data_dir() / "vnc_stack1.h5").exists():
         return no_data()
-    from emseg.active.simulate import run_simulation
+    from emseg.active.simulation.loop import run_simulation
 
     config = build(args)
     t0 = time.perf_counter()

@@ -2,17 +2,17 @@
 
 Uncertainty scores reduce pixel-wise criteria to one value per sample; selectors turn scores
 and/or embeddings into indices to label; :data:`STRATEGIES` names the combinations.
-:mod:`~emseg.active.pool` builds candidate pools, :mod:`~emseg.active.scoring` scores them batch
-by batch (in this process or on a cluster), :mod:`~emseg.active.selection` picks a batch,
-:mod:`~emseg.active.query` is the ``emseg query`` pipeline, :mod:`~emseg.active.export` writes the
-queries and crops, and :mod:`~emseg.active.simulate` runs the simulated active-learning experiment.
-:mod:`~emseg.active.questions` asks cheaper questions than dense patches (partial, presence) within
-an annotation budget, and :mod:`~emseg.active.answers` turns answered presence questions into lazy cubes.
+:mod:`~emseg.active.pool` builds candidate pools, :mod:`~emseg.active.scoring.stream` scores them batch
+by batch (in this process or on a cluster), :mod:`~emseg.active.selection.select` picks a batch,
+:mod:`~emseg.active.query` is the ``emseg query`` pipeline, :mod:`~emseg.active.results` writes the
+queries and crops, and :mod:`~emseg.active.simulation.loop` runs the simulated active-learning experiment.
+:mod:`~emseg.active.questions.types` asks cheaper questions than dense patches (partial, presence) within
+an annotation budget, and :mod:`~emseg.active.questions.answers` turns answered presence questions into lazy cubes.
 """
 
 from __future__ import annotations
 
-from .diversity import (
+from emseg.active.selection.diversity import (
     HYBRID_TOP_M_FACTOR,
     hybrid_select,
     kcenter_greedy,
@@ -20,13 +20,13 @@ from .diversity import (
     random_select,
     select_top,
 )
-from .answers import answers_to_cubes, read_answers
-from .export import export_crops, read_query_boxes, write_queries
-from .pool import Box, CandidatePool, build_pool
-from .query import Query, QueryConfig, QueryResult, query_files
-from .questions import QUESTION_TYPES, CostModel, build_questions, parse_ask, select_questions
-from .registry import KINDS, STRATEGIES, Strategy, get_strategy
-from .scores import (
+from emseg.active.questions.answers import answers_to_cubes, read_answers
+from emseg.active.results import export_crops, read_query_boxes, write_queries
+from emseg.active.pool import Box, CandidatePool, build_pool
+from emseg.active.query import Query, QueryConfig, QueryResult, query_files
+from emseg.active.questions.types import QUESTION_TYPES, CostModel, build_questions, parse_ask, select_questions
+from emseg.active.registry import KINDS, STRATEGIES, Strategy, get_strategy
+from emseg.active.scoring.criteria import (
     REDUCTIONS,
     BaldAccumulator,
     bald,
@@ -36,9 +36,9 @@ from .scores import (
     least_confidence,
     uncertain_class_mass,
 )
-from .scoring import PoolScores, score_pool
-from .selection import select
-from .simulate import SimulateConfig, SimulationResult, load_simulate_config, run_simulation
+from emseg.active.scoring.stream import PoolScores, score_pool
+from emseg.active.selection.select import select
+from emseg.active.simulation.loop import SimulateConfig, SimulationResult, load_simulate_config, run_simulation
 
 __all__ = [
     "HYBRID_TOP_M_FACTOR",

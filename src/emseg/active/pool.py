@@ -2,8 +2,8 @@
 
 A *pool* is a set of patch-shaped boxes in one or more unlabelled volumes: a regular grid
 (default) or ``n`` random positions, minus the boxes that touch already-labelled voxels or
-previously chosen boxes (:func:`build_pool`). :mod:`~emseg.active.scoring` scores a pool,
-:mod:`~emseg.active.selection` picks a batch from it and :mod:`~emseg.active.query` is the whole
+previously chosen boxes (:func:`build_pool`). :mod:`~emseg.active.scoring.stream` scores a pool,
+:mod:`~emseg.active.selection.select` picks a batch from it and :mod:`~emseg.active.query` is the whole
 pipeline on files.
 
 Boxes are given in volume axes ``(z, y, x)`` (or ``(y, x)`` for 2D volumes) by their minimum

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from emseg.active.export import (
+from emseg.active.results import (
     QUERY_FORMAT,
     QUERY_FORMAT_VERSION,
     export_crops,
@@ -19,10 +19,10 @@ from emseg.active.export import (
     query_paths,
     write_queries,
 )
-from emseg.active.answers import answers_path, stale_answers, write_answers_template
+from emseg.active.questions.answers import answers_path, stale_answers, write_answers_template
 from emseg.active.pool import Box, CandidatePool, build_pool
-from emseg.active.annotation import lazy_info
-from emseg.active.questions import (
+from emseg.active.questions.annotation import lazy_info
+from emseg.active.questions.types import (
     QUESTION_STRATEGY,
     Ask,
     CostModel,
@@ -32,15 +32,15 @@ from emseg.active.questions import (
     select_questions,
 )
 from emseg.active.registry import get_strategy
-from emseg.active.cluster_scoring import score_pool_on_cluster
-from emseg.active.scoring import PoolScores, has_dropout, squeeze_leading_axis, score_pool
-from emseg.active.selection import select
-from emseg.checkpoint import load_model
-from emseg.device import resolve_device
+from emseg.active.scoring.cluster import score_pool_on_cluster
+from emseg.active.scoring.stream import PoolScores, has_dropout, squeeze_leading_axis, score_pool
+from emseg.active.selection.select import select
+from emseg.models.checkpoint import load_model
+from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
-from emseg.inference import resolve_patch
+from emseg.engine.inference import resolve_patch
 from emseg.io import check_output_location, check_raw, open_volume, parse_spec
-from emseg.training import check_divisible
+from emseg.engine.training import check_divisible
 
 __all__ = ["Query", "QueryConfig", "QueryResult", "query_files", "rank_queries"]
 
@@ -101,11 +101,11 @@ class QueryConfig:
     export: str | None = None
     seed: int = 0
     device: str = "auto"
-    #: ``auto | fp32 | bf16`` (see :mod:`emseg.precision`).
+    #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
     precision: str = "auto"
     scheduler: str | None = None
     workers: int | None = None
-    #: Question types (:func:`~emseg.active.questions.parse_ask`): ``dense`` is the classic query
+    #: Question types (:func:`~emseg.active.questions.types.parse_ask`): ``dense`` is the classic query
     #: by ``strategy``; ``presence``, ``partial``, ``auto`` or a mix ask cheaper questions.
     ask: str = "dense"
     #: Seconds of annotation to spend (required for ``auto`` and mixes; else ``n`` questions).

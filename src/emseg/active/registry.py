@@ -6,7 +6,7 @@ its functions follow one calling convention per ``kind``:
 ``"uncertainty"``
     ``score_fn(probs, reduction)`` -> ``(B,)`` scores (for BALD ``probs`` is the
     ``(T, B, C, *S)`` stack of dropout passes), then ``select_fn(scores, n)`` (=
-    :func:`~emseg.active.diversity.select_top`).
+    :func:`~emseg.active.selection.diversity.select_top`).
 ``"diversity"``
     ``select_fn(embeddings, n, ...)`` with ``rng`` (k-means) or ``labeled_idx`` (core-set).
 ``"hybrid"``
@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .diversity import hybrid_select, kcenter_greedy, kmeans_select, random_select, select_top
-from .scores import bald, entropy, least_confidence
+from emseg.active.selection.diversity import hybrid_select, kcenter_greedy, kmeans_select, random_select, select_top
+from emseg.active.scoring.criteria import bald, entropy, least_confidence
 
 from emseg.errors import InputError
 

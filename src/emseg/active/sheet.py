@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from emseg.active.scores import BaldAccumulator, entropy, least_confidence
-from emseg.checkpoint import load_model
+from emseg.active.scoring.criteria import BaldAccumulator, entropy, least_confidence
+from emseg.models.checkpoint import load_model
 from emseg.data.sampling import to_float
-from emseg.device import resolve_device
+from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import check_output_location, open_volume, save_figure
 from emseg.models.unet import set_mc_dropout

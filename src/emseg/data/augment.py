@@ -29,7 +29,7 @@ class Augmenter:
 
     @classmethod
     def from_config(cls, config) -> "Augmenter":
-        """Build from an :class:`~emseg.config.AugmentConfig` (or any object with the same fields)."""
+        """Build from an :class:`~emseg.engine.config.AugmentConfig` (or any object with the same fields)."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def __call__(self, raw: np.ndarray, label: np.ndarray, rng: np.random.Generator):

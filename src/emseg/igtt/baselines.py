@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from emseg.igtt.selection import invert_if_large
+from emseg.igtt.thresholds import invert_if_large
 from emseg.metrics import binary_scores, roc_auc
 
 #: Names of the thresholding baselines, in report order.

@@ -57,7 +57,7 @@ class IGTTConfig:
     save_pseudo_labels : bool
         Write each epoch's new pseudo-labels to ``pseudo_labels.h5:epoch_NN``.
     precision : {"auto", "fp32", "bf16"}
-        Network arithmetic for training and prediction (:mod:`emseg.precision`).
+        Network arithmetic for training and prediction (:mod:`emseg.runtime.precision`).
 
     Examples
     --------

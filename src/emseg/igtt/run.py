@@ -11,7 +11,7 @@ Binary-class Segmentation Based on Meta-Structures", Algorithm 1:
    ``max P`` (equations 2-3) and threshold ``P`` at each (``p > t``);
 4. keep the mask with the lowest DMI against ``P`` (equation 4: ``-log|det(P S^T)|`` on the
    2 x 2 joint matrix), inverting it when it covers more than half of the image (see
-   :func:`~emseg.igtt.selection.invert_if_large`);
+   :func:`~emseg.igtt.thresholds.invert_if_large`);
 5. pass it through the extraction-of-meta-structure (EMS) module -- skeleton, random shift within
    a radius, random sampling (:func:`~emseg.igtt.ems.ems`) -- and use the result as the next ``Y*``.
 
@@ -36,19 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from emseg.checkpoint import load_checkpoint, load_model, save_checkpoint
-from emseg.config import AugmentConfig, CubeConfig, ModelConfig, OptimConfig, TrainConfig
+from emseg.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from emseg.engine.config import AugmentConfig, CubeConfig, ModelConfig, OptimConfig, TrainConfig
 from emseg.data import Augmenter, Cube, PatchSampler
-from emseg.device import resolve_device
+from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.igtt.baselines import binary_metrics, threshold_baselines
 from emseg.igtt.config import METRIC_COLUMNS, IGTTConfig
 from emseg.igtt.ems import ems
-from emseg.igtt.selection import Selection, select_mask
-from emseg.inference import WindowOptions, make_predictor, predict_array
+from emseg.igtt.thresholds import Selection, select_mask
+from emseg.engine.inference import WindowOptions, make_predictor, predict_array
 from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
-from emseg.training import run_training
+from emseg.engine.training import run_training
 
 _STATE = "igtt_state.pt"
 _TRAIN_DIR = "train"
@@ -58,7 +58,7 @@ _TRAIN_DIR = "train"
 
 
 class _IGTTTask:
-    """Task for :func:`emseg.training.run_training`: a sigmoid U-Net on in-memory pseudo-labels."""
+    """Task for :func:`emseg.engine.training.run_training`: a sigmoid U-Net on in-memory pseudo-labels."""
 
     name = "igtt"
     metric_columns: tuple[str, ...] = ()

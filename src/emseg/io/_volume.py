@@ -12,7 +12,7 @@ import zarr
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
 from emseg.io._ome import open_ome, voxel_size_of
-from emseg.locks import clean_stale_temps
+from emseg.runtime.locks import clean_stale_temps
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIX = ".zarr"

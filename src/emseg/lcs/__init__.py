@@ -12,7 +12,7 @@ trained on can be requested too.
 * :mod:`emseg.lcs.loss` -- the conditioned loss (soft Dice with an empty-target term, BCE).
 * :mod:`emseg.lcs.task` -- class-set sampling, :class:`LCSTask` for the shared training loop, baseline.
 * :mod:`emseg.lcs.merge` -- per-label probabilities into merged label maps, their Dice.
-* :mod:`emseg.lcs.predict` -- batched conditioned inference, output container.
+* :mod:`emseg.lcs.infer` -- batched conditioned inference, output container.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from emseg.lcs.atlas import Atlas, array_sha256, choose_offset, load_atlas
 from emseg.lcs.config import LCSConfig, lcs_config_from_dict, load_lcs_config
 from emseg.lcs.loss import conditioned_loss, dice_or_empty
 from emseg.lcs.merge import DiceAccumulator, RunningMerge, merge_labels, normalised_probabilities
-from emseg.lcs.predict import (
+from emseg.lcs.infer import (
     InferConfig,
     InferResult,
     LabelPredictor,

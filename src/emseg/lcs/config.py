@@ -1,7 +1,7 @@
 """The ``[lcs]`` table of a training config: :class:`LCSConfig`, read and checked.
 
 :func:`load_lcs_config` reads a training config with an ``[lcs]`` table into the shared
-:class:`~emseg.config.TrainConfig` and an :class:`LCSConfig`; relative atlas paths are resolved
+:class:`~emseg.engine.config.TrainConfig` and an :class:`LCSConfig`; relative atlas paths are resolved
 against the config file's folder.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from emseg.config import TrainConfig, load_config
+from emseg.engine.config import TrainConfig, load_config
 from emseg.errors import InputError
 from emseg.io import parse_spec
 from emseg.lcs.merge import MERGES

@@ -1,6 +1,6 @@
 """Training of label-conditioned models (and of the multi-channel baseline) with the shared loop.
 
-:class:`LCSTask` plugs into :func:`emseg.training.run_training`. Each patch of a batch gets one
+:class:`LCSTask` plugs into :func:`emseg.engine.training.run_training`. Each patch of a batch gets one
 class (among the classes annotated in its cube): with probability ``negative_prob`` one absent
 from the patch (an explicit negative: the target is empty), otherwise one present in it; with
 probability ``merge_prob`` a second class is merged into it. The target is the binary mask of
@@ -22,20 +22,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from emseg.blocks import Block
-from emseg.checkpoint import load_checkpoint
-from emseg.config import TrainConfig
+from emseg.engine.blocks import Block
+from emseg.models.checkpoint import load_checkpoint
+from emseg.engine.config import TrainConfig
 from emseg.data import Augmenter, PatchSampler, open_cubes
 from emseg.errors import InputError
-from emseg.inference import predict_array
+from emseg.engine.inference import predict_array
 from emseg.lcs.atlas import Atlas, load_atlas
 from emseg.lcs.config import LCSConfig, check_lcs_config
 from emseg.lcs.loss import conditioned_loss
 from emseg.lcs.merge import DiceAccumulator
-from emseg.lcs.predict import LabelPredictor
+from emseg.lcs.infer import LabelPredictor
 from emseg.lcs.split import atlas_part, draw_split, split_target
 from emseg.losses import lazy_nll, soft_dice_loss
-from emseg.training import TrainResult, run_training
+from emseg.engine.training import TrainResult, run_training
 
 
 # --------------------------------------------------------------------------- sampling

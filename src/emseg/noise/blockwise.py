@@ -3,7 +3,7 @@
 :func:`noise_file` adds what a run on disk needs to the per-block function of
 :mod:`emseg.noise.process`: parameter checks, data-dependent parameters (number of classes,
 skeleton halo; :mod:`emseg.noise.params`), the blocks run in this process or as tasks of a
-dask.distributed cluster (:func:`emseg.cluster.run_blocks`, resumable), an atomically written,
+dask.distributed cluster (:func:`emseg.engine.cluster.run_blocks`, resumable), an atomically written,
 chunked and compressed output carrying :func:`provenance` attributes, and an optional streamed
 transition report.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from emseg import __version__
-from emseg.cluster import fit_chunks, injected_failures, require_distributed, resumable_zarr, run_blocks
+from emseg.engine.cluster import fit_chunks, injected_failures, require_distributed, resumable_zarr, run_blocks
 from emseg.errors import InputError
 from emseg.io import (
     check_distinct,
@@ -181,7 +181,7 @@ class NoiseConfig:
         errors derived from the counts, :func:`~emseg.noise.rank_statistics`).
     scheduler : str, optional
         ``"local"`` or ``"tcp://HOST:PORT"``: compute the blocks as tasks of a dask.distributed
-        cluster (see :func:`emseg.cluster.run_blocks`), written in place into a resumable
+        cluster (see :func:`emseg.engine.cluster.run_blocks`), written in place into a resumable
         ``.partial`` zarr array; a rerun computes only the blocks not yet done. Zarr output only.
     workers : int, optional
         Worker processes of ``scheduler="local"``.
@@ -340,7 +340,7 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
                      progress: Callable[[int, int], None] | None) -> tuple[tuple[int, ...], np.dtype, float]:
     """Write the blocks as cluster tasks into a resumable ``.partial`` zarr array, renamed when complete.
 
-    One writer at a time: the partial is locked while it is written (:func:`emseg.cluster.resumable_zarr`).
+    One writer at a time: the partial is locked while it is written (:func:`emseg.engine.cluster.resumable_zarr`).
     """
     if client is None:
         require_distributed()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from emseg.blocks import plan_blocks
+from emseg.engine.blocks import plan_blocks
 from emseg.noise.checks import (
     as_labels,
     check_fraction,

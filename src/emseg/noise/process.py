@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from emseg.blocks import plan_blocks
-from emseg.cluster import FAIL_BLOCKS_ENV
+from emseg.engine.blocks import plan_blocks
+from emseg.engine.cluster import FAIL_BLOCKS_ENV
 from emseg.io import auto_chunks, open_volume
 from emseg.noise.checks import as_labels
 from emseg.noise.morphology import dilate, erode, skeleton
@@ -67,7 +67,7 @@ def plan_noise_blocks(
     params: Mapping[str, Any],
     block_shape: Sequence[int] | None = None,
 ):
-    """The blocks (:class:`emseg.inference.Block`) of a run: grid plus mode halo.
+    """The blocks (:class:`emseg.engine.inference.Block`) of a run: grid plus mode halo.
 
     Examples
     --------
@@ -182,7 +182,7 @@ def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any],
     ----------
     source : array-like
         Clean labels, sliceable (:class:`emseg.io.Volume`, numpy array, ...).
-    block : emseg.inference.Block
+    block : emseg.engine.inference.Block
         One block of :func:`plan_noise_blocks` (its halo must be at least
         :func:`halo_shape` for the result to be exact).
     mode : str
@@ -242,7 +242,7 @@ def apply_noise(
         Clean labels to read and the output to write (same shape).
     mode, params, seed
         As in :func:`process_block`.
-    blocks : sequence of emseg.inference.Block
+    blocks : sequence of emseg.engine.inference.Block
         Usually :func:`plan_noise_blocks`.
     counter : TransitionCounter, optional
         Updated with (clean, noisy) of every block for a streamed report.

@@ -1,0 +1,1 @@
+"""Cheap questions: question types and costs, the answers file, lazy cubes from answers."""

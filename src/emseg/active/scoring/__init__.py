@@ -1,0 +1,1 @@
+"""Scoring a candidate pool: pixel criteria reduced per patch, streamed and on a cluster, embeddings."""

@@ -1,0 +1,1 @@
+"""The simulated active-learning loop: its config, the iteration loop, question arms, curves."""

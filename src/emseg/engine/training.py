@@ -1,0 +1,492 @@
+"""The training loop shared by ``emseg train`` and the other subcommands that train networks.
+
+A *task* supplies the network configuration, batches, the loss and validation; :func:`run_training`
+does the rest: Adam with a learning-rate schedule, the ``precision`` setting (bf16 autocast and
+channels-last where the hardware has native bf16; losses in float32), the next batch prepared
+in a background thread while the current step runs, ``metrics.csv``,
+``last.pt``/``best.pt`` written atomically, exact resume, a clean stop on SIGINT and a stop with
+the last good checkpoint kept when the loss becomes NaN or infinite.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from emseg.models.checkpoint import load_checkpoint, save_checkpoint
+from emseg.engine.config import TrainConfig, learning_rate
+from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
+from emseg.data.prefetch import Prefetcher, step_rng
+from emseg.runtime.device import resolve_device, seed_everything
+from emseg.runtime.ddp import ProcessGroup
+from emseg.errors import InputError, TrainingDiverged
+from emseg.io import atomic_write_text
+from emseg.engine.inference import WindowOptions, make_predictor, predict_array
+from emseg.runtime.locks import temp_name
+from emseg.losses import lazy_nll, lazy_soft_dice
+from emseg.metrics import ConfusionAccumulator
+from emseg.models import build_model
+from emseg.runtime.precision import Precision, resolve_precision
+from emseg.engine.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
+
+BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
+
+
+class Task(Protocol):
+    """What a kind of training supplies to :func:`run_training`."""
+
+    name: str
+    metric_columns: Sequence[str]
+
+    def model_config(self) -> dict[str, Any]: ...
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``losses`` holds one value per step run in this call."""
+
+    out_dir: Path
+    start_step: int
+    final_step: int
+    losses: list[float] = field(default_factory=list)
+    best_metric: float | None = None
+    last_valid: dict[str, float] | None = None
+    interrupted: bool = False
+    budget_exhausted: bool = False
+    seconds: float = 0.0
+    patches: int = 0
+    precision: str = "fp32"
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "start_step": self.start_step, "final_step": self.final_step,
+            "final_loss": self.losses[-1] if self.losses else None, "best_metric": self.best_metric,
+            "last_valid": self.last_valid, "interrupted": self.interrupted,
+            "budget_exhausted": self.budget_exhausted,
+            "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
+            "precision": self.precision,
+        }
+
+
+def check_divisible(patch_shape: Sequence[int], divisor: Sequence[int], source: str = "patch_shape") -> None:
+    """Network inputs must be multiples of the U-Net's down-sampling factor."""
+    spatial = tuple(patch_shape)[-len(divisor):]
+    if any(p % d for p, d in zip(spatial, divisor)):
+        raise InputError(f"patch {tuple(patch_shape)} must be a multiple of {tuple(divisor)} for this network depth",
+                         source=source)
+
+
+class SegmentationTask:
+    """Multi-class U-Net trained with the lazy-label NLL (``emseg train``).
+
+    The cubes are opened from ``config.train``/``config.valid`` unless given (e.g. in-memory
+    :class:`~emseg.data.Cube` objects holding numpy arrays).
+    """
+
+    name = "segmentation"
+
+    def __init__(self, config: TrainConfig, *, cubes: Sequence[Cube] | None = None,
+                 valid_cubes: Sequence[Cube] | None = None):
+        self.config = config
+        self.ndim = config.model_ndim
+        squeeze = self.ndim == 2 and len(config.patch_shape) == 3
+        self.cubes = list(cubes) if cubes is not None else open_cubes(
+            config.train, config.n_classes, config.patch_shape)
+        self.valid_cubes = list(valid_cubes) if valid_cubes is not None else open_cubes(
+            config.valid, config.n_classes, config.patch_shape)
+        for cube in self.valid_cubes:
+            if cube.label is None:
+                raise InputError("validation cubes need labels", source=cube.name)
+        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
+                                    example_ignore_threshold=config.example_ignore_threshold)
+        a = config.augment
+        self.augmenter = Augmenter.from_config(a)
+        weights = auto_class_weights(self.cubes, config.n_classes) if config.class_weights == "auto" \
+            else config.class_weights
+        self.class_weights = torch.tensor(weights, dtype=torch.float32) if weights else None
+        k = config.n_classes
+        self.metric_columns = ("valid_score",) + tuple(f"valid_jaccard_{c}" for c in range(k))
+
+    def model_config(self) -> dict[str, Any]:
+        m = self.config.model
+        return dict(ndim=self.ndim, in_channels=1, out_channels=self.config.n_classes, depth=m.depth,
+                    base_width=m.base_width, norm=m.norm, dropout=m.dropout,
+                    anisotropic_levels=m.anisotropic_levels)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        data = self.sampler.batch(self.config.batch_size, rng, self.augmenter)
+        return {k: torch.from_numpy(v) for k, v in data.items() if k != "cube"}
+
+    def loss(self, model, batch):
+        logits = model(batch["raw"])
+        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        logits = logits.float()
+        loss = lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"], weights)
+        if self.config.dice_weight:
+            loss = loss + self.config.dice_weight * lazy_soft_dice(logits, batch["target"], batch["labeled"],
+                                                                   batch["not_present"])
+        return loss
+
+    def validate(self, model, device, precision: str | Precision = "fp32"):
+        if not self.valid_cubes:
+            return None
+        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
+                              precision=precision)
+
+    def close(self) -> None:
+        for cube in self.cubes + self.valid_cubes:
+            for vol in (cube.raw, cube.label):
+                if hasattr(vol, "close"):
+                    vol.close()
+
+
+def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: float = 25.0) -> tuple[float, ...]:
+    """Class weights from the training labels' class frequencies (``class_weights = "auto"``).
+
+    ``f_k`` is the fraction of class ``k`` among the labelled voxels of the cubes that annotate it
+    (``mask_class_labeled``); the weight is :math:`w_k \\propto f_k^{-1/2}` (inverse square root: rare
+    classes count more without the false positives of full inverse-frequency weighting), capped at
+    ``max_ratio`` times the smallest weight and scaled so that an average labelled voxel has weight 1.
+    Classes with no labelled voxel get the largest weight.
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for cube in cubes:
+        if cube.counts is None:
+            if cube.label is None:
+                continue
+            block = np.asarray(cube.label[...]).astype(np.int64).ravel()
+            cube.counts = np.bincount(block[block >= 0], minlength=n_classes)[:n_classes]
+        counts += np.asarray(cube.counts, dtype=np.float64) * (np.asarray(cube.info[0]) > 0)
+    if counts.sum() <= 0:
+        return (1.0,) * n_classes
+    freq = counts / counts.sum()
+    seen = freq > 0
+    w = np.ones(n_classes)
+    w[seen] = freq[seen] ** -0.5
+    w = np.minimum(w, w[seen].min() * max_ratio)
+    w[~seen] = w[seen].max()
+    w /= float((freq * w).sum())
+    return tuple(float(v) for v in w)
+
+
+def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
+                   precision: str | Precision = "fp32",
+                   on_block: Callable[[int, Any, np.ndarray], None] | None = None) -> dict[str, float]:
+    """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
+
+    ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
+    K = 1), ignoring classes absent from both prediction and labels. ``on_block(i, block,
+    labels)``, when given, sees the predicted labels (argmax) of each block of cube ``i``
+    (``block.inner`` the region they cover).
+    """
+    predictor = make_predictor(model, patch_shape, WindowOptions(precision=precision), device)
+    acc = ConfusionAccumulator(n_classes)
+    for i, cube in enumerate(cubes):
+        for block, probs in predict_array(predictor, cube.raw, patch_shape, raw_dtype=cube.raw_dtype):
+            labels = np.argmax(probs, axis=0)
+            if on_block is not None:
+                on_block(i, block, labels)
+            acc.update(labels, np.asarray(cube.label[block.inner]).astype(np.int64))
+    scores = acc.scores()
+    jac = np.asarray(scores.jaccard, dtype=float)
+    fg = jac[1:] if n_classes > 1 else jac
+    score = float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan")
+    out = {"valid_score": score}
+    out.update({f"valid_jaccard_{c}": float(j) for c, j in enumerate(jac)})
+    return out
+
+
+class MetricsLog:
+    """``metrics.csv`` with fixed columns; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, columns: Sequence[str], *, resume_step: int | None):
+        self.path = path
+        self.columns = list(columns)
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(
+                {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
+
+
+class _StopFlag:
+    """Turns SIGINT into a flag checked between steps (only from the main thread)."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    state = {"numpy": rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state["numpy"]
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@in_run_folder
+def run_training(
+    task: Task,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Train ``task`` for ``config.total_steps`` steps (or until ``max_seconds``), writing into ``out_dir``.
+
+    ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
+    check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
+
+    Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each process trains a
+    DistributedDataParallel replica on its own batches (``config.batch_size`` each; the batch of
+    step s on rank r is drawn from :func:`~emseg.data.prefetch.step_rng` ``(seed, s, r)``); losses are averaged over processes, rank 0 validates and writes
+    ``metrics.csv`` and checkpoints, which hold every rank's random state (``rng_ranks``) so a
+    resume with the same N continues exactly. A task may set ``find_unused_parameters = True``.
+
+    ``out_dir`` is locked to this run (see :mod:`emseg.engine.runfolder`). Checkpoints hold only finite
+    weights and buffers, and the logging window, so ``metrics.csv`` rows after a resume equal
+    those of an uninterrupted run.
+    """
+    pg = ProcessGroup.from_env()
+    out = Path(out_dir)
+    dev = pg.place(resolve_device(device))
+    if not pg.is_main:
+        progress = None
+    rng = seed_everything(seed + pg.rank)
+    model_config = task.model_config()
+    model = build_model(model_config)
+    check_divisible(config.patch_shape, model.divisor)
+    model.to(dev)
+    precision = resolve_precision(config.effective_precision, dev, ndim=model.ndim,
+                                  channels_last=False if pg.active else None)
+    precision.prepare_model(model)
+    net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    step, best, elapsed0 = 0, None, 0.0
+    window0: dict[str, Any] = {}
+    if resume:
+        if not last_path.exists():
+            raise InputError("nothing to resume: no last.pt", source=str(out))
+        state = load_checkpoint(last_path)
+        if state["model_config"] != model_config:
+            raise InputError("checkpoint was trained with a different network configuration", source=str(last_path))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
+        _restore_rng(rng, pg.rng_state(state, str(last_path)))
+        window0 = state.get("log_window") or {}
+    elif last_path.exists():
+        raise InputError("already holds a training run (last.pt): pass `resume` to continue it or choose "
+                         "another `out_dir`", source=str(out))
+    log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
+                     resume_step=step if resume else None) if pg.is_main else None
+    total = config.total_steps
+    result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
+    forward = precision.wrap(compile_network(net) if config.compile else net)
+    plain_config = config.to_dict()
+
+    def checkpoint(path: Path) -> None:
+        bad = non_finite_state(model)
+        if bad is not None:  # never write a broken checkpoint: the previous file stays
+            raise TrainingDiverged(step, float("nan"), tensor=bad)
+        rng_ranks = pg.gather(_rng_state(rng)) if pg.active else None
+        if not pg.is_main:
+            return
+        state = {
+            "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
+            "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
+            "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
+            "precision": precision.name,
+            "log_window": {"losses": list(window_losses), "patches": window_patches,
+                           "seconds": time.perf_counter() - window_t},
+        }
+        if pg.active:
+            state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
+        if extra_state is not None:
+            state.update(extra_state())
+        save_checkpoint(path, state)
+
+    t0 = time.perf_counter()
+    window_losses: list[float] = [float(v) for v in window0.get("losses", [])]
+    window_t = t0 - float(window0.get("seconds", 0.0))
+    window_patches = int(window0.get("patches", 0))
+
+    def make_batch(i: int) -> dict[str, torch.Tensor]:
+        # Each batch depends on its step only, so prefetching and resuming change nothing.
+        return task.batch(step_rng(seed, i, pg.rank))
+
+    prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
+    with _StopFlag() as flag, prefetch:
+        while step < total:
+            if pg.any(flag.stop or (stop_after is not None and step - result.start_step >= stop_after)):
+                result.interrupted = True
+                break
+            if pg.any(config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds):
+                result.budget_exhausted = True
+                break
+            used = None if config.max_seconds is None else (time.perf_counter() - t0) / config.max_seconds
+            lr = learning_rate(config.optim, step, total, used)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}
+            model.train()
+            buffers = snapshot_buffers(model)  # the forward pass updates normalisation statistics
+            loss = task.loss(forward, batch)
+            value = pg.mean(float(loss.detach()))
+            if not math.isfinite(value):
+                # The state before this step is the last good one: undo the failed forward pass's
+                # buffer updates and keep it, unless it is itself broken (then last.pt stays).
+                restore_buffers(model, buffers)
+                if non_finite_state(model) is None:
+                    checkpoint(last_path)
+                raise TrainingDiverged(step + 1, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n = int(next(iter(batch.values())).shape[0]) * pg.world_size
+            result.losses.append(value)
+            result.patches += n
+            window_losses.append(value)
+            window_patches += n
+            valid = None
+            if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
+                valid = pg.broadcast(_validate(task, model, dev, precision) if pg.is_main else None)
+                if valid is not None:
+                    result.last_valid = valid
+                    score = valid.get("valid_score")
+                    if score is not None and math.isfinite(score) and (best is None or score > best):
+                        best = score
+                        result.best_metric = best
+                        checkpoint(best_path)
+            if step % config.log_every == 0 or step == total or valid is not None:
+                now = time.perf_counter()
+                rate = window_patches / max(now - window_t, 1e-9)
+                row = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr, "patches_per_s": rate,
+                       "elapsed_s": elapsed0 + now - t0}
+                row.update(valid or {})
+                if log is not None:
+                    log.write(row)
+                window_losses, window_patches, window_t = [], 0, now
+            if step % config.checkpoint_every == 0 or step == total:
+                checkpoint(last_path)
+            if progress is not None:
+                progress({"step": step, "total": None if config.steps is None and used is not None else total,
+                          "budget_used": used, "loss": value, "lr": lr,
+                          "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
+                          "valid": valid, "model": model})
+    if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
+        checkpoint(last_path)
+    if pg.is_main and not task_has_validation(task):
+        # Without validation the newest weights are the best we know of.
+        tmp = temp_name(best_path)
+        shutil.copyfile(last_path, tmp)
+        os.replace(tmp, best_path)
+    result.final_step = step
+    result.best_metric = best
+    result.seconds = time.perf_counter() - t0
+    pg.barrier()  # rank 0's checkpoints are complete when any rank returns
+    return result
+
+
+def compile_network(net: torch.nn.Module) -> Callable:
+    """``torch.compile`` of ``net`` (inductor, static shapes); the caller keeps ``net`` for its state."""
+    return torch.compile(net, dynamic=False)
+
+
+def _validate(task: Task, model: torch.nn.Module, device: torch.device, precision: Precision):
+    """``task.validate`` at the run's precision when the task accepts one."""
+    import inspect
+
+    if "precision" in inspect.signature(task.validate).parameters:
+        return task.validate(model, device, precision=precision)
+    return task.validate(model, device)
+
+
+def task_has_validation(task: Task) -> bool:
+    return bool(getattr(task, "valid_cubes", None)) or bool(getattr(task, "has_validation", False))
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a segmentation U-Net with lazy labels (the core of ``emseg train``).
+
+    Examples
+    --------
+    >>> from emseg.engine.config import load_config
+    >>> result = train(load_config("train.toml"), "runs/mito", steps=500)  # doctest: +SKIP
+    """
+    task = SegmentationTask(config)
+    try:
+        return run_training(task, config, out_dir, device=device, seed=seed, resume=resume,
+                            progress=progress, stop_after=stop_after)
+    finally:
+        task.close()

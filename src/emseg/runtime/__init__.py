@@ -1,0 +1,1 @@
+"""Run-time infrastructure shared by every command: device, precision, threads, seeding, locks, DDP."""

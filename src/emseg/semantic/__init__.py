@@ -1,0 +1,1 @@
+"""The U-Net class-map family: predict, evaluate, export (bioimage.io) and the demo."""
