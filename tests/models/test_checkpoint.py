@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from click.testing import CliRunner
 from hypothesis import strategies as st
 
 from emseg import __version__
@@ -22,8 +26,10 @@ from emseg.models.checkpoint import (
     network_patch,
     save_checkpoint,
 )
+from emseg.cli.main import cli
 from emseg.errors import InputError
 from emseg.models import build_model
+from conftest import write_h5
 
 TINY = {"ndim": 2, "in_channels": 1, "out_channels": 3, "depth": 2, "base_width": 4, "norm": "batch"}
 
@@ -185,3 +191,25 @@ def test_cached_model_loads_once_and_notices_a_replaced_file(tmp_path):
         assert not torch.equal(reloaded.state_dict()[key], first.state_dict()[key])
     finally:
         forget_cached_models()
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_a_checkpoint_written_by_emseg_0_1_0_still_loads_and_predicts_the_same(tmp_path):
+    """``checkpoint_v0.1.0.pt`` was trained and predicted (fp32, ``emseg predict``) by emseg 0.1.0
+    before its modules moved; the file must load and give the same probabilities today."""
+    from emseg.synthetic import make_volume
+
+    raw = make_volume((2, 64, 64), rng=0).raw
+    write_h5(tmp_path / "in.h5", raw=raw)
+    res = CliRunner().invoke(cli, ["--quiet", "--precision", "fp32", "predict", str(FIXTURES / "checkpoint_v0.1.0.pt"),
+                                   f"{tmp_path / 'in.h5'}:raw", f"{tmp_path / 'out.h5'}:probs"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(tmp_path / "out.h5", "r") as fh:
+        probs = fh["probs"][:]
+    expected = np.load(FIXTURES / "checkpoint_v0.1.0_probs.npz")["probs"]
+    assert probs.shape == expected.shape == (3, 2, 64, 64)
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+    state = load_checkpoint(FIXTURES / "checkpoint_v0.1.0.pt")
+    assert state["emseg_version"] == "0.1.0" and state["task"] == "segmentation"
