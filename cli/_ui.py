@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from emseg.runtime.device import DEVICES
+from emseg.runtime.precision import DEFAULT_PRECISION, PRECISIONS
+
 
 @dataclass
 class AppState:
@@ -220,19 +223,49 @@ def _setter(field: str):
     return callback
 
 
-def common_options(func):
-    """The global options, also accepted after the subcommand (``emseg evaluate A B --json``)."""
-    options = [
-        click.option("-v", "--verbose", is_flag=True, default=None, expose_value=False, callback=_setter("verbose"),
-                     help="Show tracebacks on errors."),
-        click.option("-q", "--quiet", is_flag=True, default=None, expose_value=False, callback=_setter("quiet"),
-                     help="No progress bars and no human-readable summary."),
-        click.option("--json", "json_", is_flag=True, default=None, expose_value=False, callback=_setter("json"),
-                     help="Print exactly one JSON document on stdout."),
-    ]
-    for option in reversed(options):
-        func = option(func)
+#: The global flags, declared once: on the ``emseg`` group (with its defaults) and again after each
+#: subcommand (``emseg evaluate A B --json``), where an unset flag keeps what the group said.
+#: name -> (flags, click keyword arguments, help).
+GLOBAL_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
+    "verbose": (("-v", "--verbose"), {"is_flag": True}, "Show tracebacks on errors."),
+    "quiet": (("-q", "--quiet"), {"is_flag": True}, "No progress bars and no human-readable summary."),
+    "json": (("--json",), {"is_flag": True}, "Print exactly one JSON document on stdout."),
+    "device": (("--device",), {"type": click.Choice(DEVICES), "default": "auto"},
+               "Where to compute: auto picks CUDA when available."),
+    "seed": (("--seed",), {"type": int, "default": 0}, "Seeds python, numpy and torch."),
+    "precision": (("--precision",), {"type": click.Choice(PRECISIONS), "default": None},
+                  "Network arithmetic: bf16 autocast + channels-last where the hardware computes bf16 natively "
+                  f"({DEFAULT_PRECISION}), or fp32 [default: the config's, else {DEFAULT_PRECISION}]."),
+}
+#: Flags of every command (output and errors), and of the commands that run a network.
+_OUTPUT_FLAGS = ("verbose", "quiet", "json")
+_NETWORK_FLAGS = ("device", "seed", "precision")
+
+
+def global_flag(name: str, *, on_group: bool):
+    """The ``click.option`` of global flag ``name``: on the group with its default, or on a
+    subcommand where it only overrides the group's value when given."""
+    flags, kwargs, help_ = GLOBAL_FLAGS[name]
+    kwargs = dict(kwargs)
+    dest = "as_json" if name == "json" else name
+    if on_group:
+        return click.option(*flags, dest, help=help_, **kwargs)
+    default = kwargs.pop("default", None)
+    if default is not None and not kwargs.get("is_flag"):
+        help_ = f"{help_.split(' [default')[0].rstrip('.')} [default: {default}]."
+    kwargs["default"] = None
+    return click.option(*flags, f"{dest}_", expose_value=False, callback=_setter(name), help=help_, **kwargs)
+
+
+def _with_flags(func, names):
+    for name in reversed(names):
+        func = global_flag(name, on_group=False)(func)
     return func
+
+
+def common_options(func):
+    """The output flags (-v, -q, --json), also accepted after the subcommand."""
+    return _with_flags(func, _OUTPUT_FLAGS)
 
 
 def scheduler_options(scheduler_help: str, *, retries: int | None = None):
@@ -259,17 +292,8 @@ def precision_overrides(app: AppState) -> dict[str, Any]:
 
 
 def device_seed_options(func):
-    """``--device``, ``--precision`` and ``--seed`` on commands that run a network."""
-    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-                        expose_value=False, callback=_setter("precision"),
-                        help="Network arithmetic: bf16 autocast + channels-last where the hardware computes "
-                             "bf16 natively (auto), or fp32 [default: the config's, else auto].")(func)
-    func = click.option("--seed", type=int, default=None, expose_value=False, callback=_setter("seed"),
-                        help="Seeds python, numpy and torch [default: 0].")(func)
-    func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-                        expose_value=False, callback=_setter("device"),
-                        help="Where to compute [default: auto].")(func)
-    return func
+    """``--device``, ``--seed`` and ``--precision`` on commands that run a network."""
+    return _with_flags(func, _NETWORK_FLAGS)
 
 
 def steps_word(cfg) -> str:

@@ -11,7 +11,7 @@ import click
 from emseg import __version__
 from emseg.runtime.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
-from emseg.cli._ui import AppState, command_options, flag_wording
+from emseg.cli._ui import AppState, command_options, flag_wording, global_flag
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
@@ -124,15 +124,12 @@ class EmsegGroup(click.Group):
 
 @click.group(cls=EmsegGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="emseg")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no human-readable summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where to compute: auto picks CUDA when available.")
-@click.option("--seed", default=0, type=int, help="Seeds python, numpy and torch.")
-@click.option("--precision", default=None, type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Network arithmetic: auto = bf16 where the hardware computes it natively, else fp32 "
-                   "[default: the config's, else auto].")
+@global_flag("verbose", on_group=True)
+@global_flag("quiet", on_group=True)
+@global_flag("json", on_group=True)
+@global_flag("device", on_group=True)
+@global_flag("seed", on_group=True)
+@global_flag("precision", on_group=True)
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: str, seed: int,
         precision: str | None) -> None:

@@ -151,3 +151,19 @@ def zarr_array(path, key=None):
     import zarr
 
     return zarr.open_array(store=str(path), path=key, mode="r")
+
+
+def ome_models():
+    """``ome_zarr_models.v05`` (the OME-Zarr 0.5 validator), or a skip where it is not installed."""
+    return pytest.importorskip("ome_zarr_models.v05")
+
+
+def ome_group(path):
+    import zarr
+
+    return zarr.open_group(store=str(path), mode="r")
+
+
+def validated_ome_image(path):
+    """The store at ``path`` parsed by ome-zarr-models (raises when it breaks the 0.5 spec)."""
+    return ome_models().Image.from_zarr(ome_group(path))

@@ -38,9 +38,9 @@ def net_and_raw(tmp_path):
 def test_query_scoring_on_cluster_equals_in_process(net_and_raw, client):
     model, ckpt, raw, h5 = net_and_raw
     pool = build_pool([raw.shape], (1, 16, 16))  # 36 candidates, chunks of 10 -> 4 tasks
-    ref = score_pool(model, pool, [raw], "entropy", batch_size=4, chunk_size=10)
+    ref = score_pool(model, pool, [raw], "entropy", batch_size=4, chunk_size=10, precision="fp32")
     got = score_pool_on_cluster(str(ckpt), pool, [f"{h5}:raw"], "entropy", batch_size=4, chunk_size=10,
-                                client=client, device="cpu")
+                                client=client, device="cpu", precision="fp32")
     np.testing.assert_array_equal(got.scores, ref.scores)
     # independent: mean pixel entropy of the softmax, patch by patch
     for i in (0, 17, 35):

@@ -165,7 +165,7 @@ def _peak_numpy_bytes(net, n_candidates, strategy, T=4):
     tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    res = score_pool(net, pool, [vol], strategy, mc_samples=T, batch_size=4)
+    res = score_pool(net, pool, [vol], strategy, mc_samples=T, batch_size=4, precision="fp32")
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     return res, peak, list(net.batches)
@@ -198,7 +198,7 @@ def test_mc_dropout_samples_dropout_but_keeps_batchnorm_in_eval(tiny_unet):
     stats_before = [m.running_mean.clone() for m in bn]
     vol = (np.random.default_rng(1).random((2, 32, 32)) * 255).astype(np.uint8)
     pool = build_pool([vol.shape], (1, 16, 16))
-    res = score_pool(net, pool, [vol], "bald", mc_samples=3, batch_size=8)
+    res = score_pool(net, pool, [vol], "bald", mc_samples=3, batch_size=8, precision="fp32")
     for h in hooks:
         h.remove()
     assert {t for name, t in seen if name == "BatchNorm2d"} == {False}
@@ -214,7 +214,7 @@ def test_bald_needs_dropout():
     net = UNet(ndim=2, out_channels=2, depth=1, base_width=2).eval()
     vol = np.zeros((1, 8, 8), dtype=np.uint8)
     with pytest.raises(InputError, match="dropout"):
-        score_pool(net, build_pool([vol.shape], (1, 4, 4)), [vol], "bald")
+        score_pool(net, build_pool([vol.shape], (1, 4, 4)), [vol], "bald", precision="fp32")
 
 
 @pytest.mark.parametrize("shape,patch", [((2, 32, 48), (1, 16, 16)), ((32, 48), (16, 16))])
@@ -225,18 +225,18 @@ def test_scores_equal_score_functions_on_patch_probabilities(tiny_unet, shape, p
     patches = [to_float(vol[pool.box(i).slices()]).reshape(patch[-2:]) for i in range(len(pool))]
     for name, fn in (("entropy", entropy), ("least_confidence", least_confidence)):
         for reduction in ("mean", "sum"):
-            res = score_pool(net, pool, [vol], name, reduction=reduction, batch_size=4)
+            res = score_pool(net, pool, [vol], name, reduction=reduction, batch_size=4, precision="fp32")
             want = [float(fn(_direct_probs(net, p), reduction)[0]) for p in patches]
             np.testing.assert_allclose(res.scores, want, rtol=1e-5, atol=1e-6)
     # hybrid: the same entropy plus the spatially averaged bottleneck features
-    res = score_pool(net, pool, [vol], "hybrid", batch_size=5)
+    res = score_pool(net, pool, [vol], "hybrid", batch_size=5, precision="fp32")
     with torch.no_grad():
         emb = [net(torch.from_numpy(p)[None, None], return_embedding=True)[1].mean(dim=(2, 3))[0].numpy()
                for p in patches]
     np.testing.assert_allclose(res.embeddings, np.stack(emb), rtol=1e-5, atol=1e-6)
     # BALD: one batch holding the whole pool, T passes in the same random order
     torch.manual_seed(7)
-    res = score_pool(net, pool, [vol], "bald", mc_samples=5, batch_size=len(pool))
+    res = score_pool(net, pool, [vol], "bald", mc_samples=5, batch_size=len(pool), precision="fp32")
     torch.manual_seed(7)
     x = torch.from_numpy(np.stack(patches))[:, None]
     set_mc_dropout(net, True)

@@ -94,7 +94,7 @@ def test_question_values_come_from_score_pool_and_match_direct_forward_passes(as
     root, _, vol = asked
     model, _ = load_model(root / "run" / "last.pt")
     pool = build_pool([vol.raw.shape], (1, 16, 16))
-    scores = score_pool(model, pool, [vol.raw], QUESTION_STRATEGY, reduction="sum", batch_size=5)
+    scores = score_pool(model, pool, [vol.raw], QUESTION_STRATEGY, reduction="sum", batch_size=5, precision="fp32")
     assert scores.scores.shape == (len(pool), 3, 3)
     costs = CostModel(dense_cost_per_voxel=0.5, partial_cost_per_voxel=0.125, presence_cost=2.0)
     table = build_questions(pool, scores.scores, QUESTION_TYPES, costs, asked={0: [1]}, present={1: [2]})

@@ -31,6 +31,9 @@ from emseg.igtt import (
     threshold_baselines,
 )
 from emseg.semantic.predict import PredictConfig, predict_file
+from emseg.cli.main import cli
+from emseg.io import open_volume
+from conftest import ome_group, ome_models, validated_ome_image, write_h5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -345,3 +348,20 @@ def test_mask_iou_matches_scikit_learn_jaccard():
         assert mask_iou(a, b) == pytest.approx(jaccard_score(a.ravel(), b.ravel()))
     empty = np.zeros((3, 3), bool)
     assert mask_iou(empty, empty) == 1.0 and mask_iou(empty, ~empty) == 0.0
+
+
+def test_igtt_ome_zarr_option(tmp_path):
+    img, _ = blob_image()
+    h5 = write_h5(tmp_path / "img.h5", raw=img)
+    opts = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "32,32", "--depth", "2",
+            "--base-width", "4", "--predict-window", "32", "--no-baselines"]
+    assert TINY["patch_shape"] == (32, 32)
+    result = CliRunner().invoke(cli, ["noise", "igtt", f"{h5}:raw", "--out", str(tmp_path / "run"), *opts,
+                                      "--ome-zarr", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run" / "prediction.ome.zarr"
+    assert json.loads(result.stdout)["outputs"]["prediction.ome.zarr"] == str(out)
+    validated_ome_image(out)
+    ome_models().ImageLabel.from_zarr(ome_group(out / "labels" / "segmentation"))
+    with open_volume(str(tmp_path / "run" / "prediction.zarr")) as p, open_volume(str(out)) as o:
+        np.testing.assert_array_equal(p[...], o[...])

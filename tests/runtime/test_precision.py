@@ -42,7 +42,7 @@ def test_bf16_without_hardware_is_an_input_error_naming_it(cpu_bf16):
     cpu_bf16(False)
     with pytest.raises(InputError, match="without AVX512-BF16"):
         resolve_precision("bf16", "cpu")
-    with pytest.raises(InputError, match="precision must be one of"):
+    with pytest.raises(InputError, match="precision must be auto, fp32 or bf16"):
         resolve_precision("fp16", "cpu")
 
 

@@ -41,6 +41,7 @@ from emseg.errors import InputError
 from emseg.engine.inference import resolve_patch
 from emseg.io import check_output_location, check_raw, open_volume, parse_spec
 from emseg.engine.training import check_divisible
+from emseg.runtime.precision import DEFAULT_PRECISION
 
 __all__ = ["Query", "QueryConfig", "QueryResult", "query_files", "rank_queries"]
 
@@ -102,7 +103,7 @@ class QueryConfig:
     seed: int = 0
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     scheduler: str | None = None
     workers: int | None = None
     #: Question types (:func:`~emseg.active.questions.types.parse_ask`): ``dense`` is the classic query

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from emseg.errors import InputError
 from emseg.io import parse_spec
+from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
 
 
 #: The step limit of a run bounded by ``max_seconds`` only.
@@ -83,7 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     #: ``auto | fp32 | bf16``: bf16 autocast + channels-last where the hardware computes bf16
     #: natively (see :mod:`emseg.runtime.precision`); weights, checkpoints and losses stay float32.
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     #: Older spelling: ``amp = false`` means ``precision = "fp32"``.
     amp: bool = True
     #: Prepare the next batch in a background thread while the current step runs.
@@ -312,8 +313,7 @@ def check_config(config: TrainConfig) -> None:
         raise InputError("example_ignore_threshold must be in [0, 1]")
     if config.optim.schedule not in ("constant", "cosine", "step"):
         raise InputError(f"optim.schedule must be constant, cosine or step, got {config.optim.schedule!r}")
-    if config.precision not in ("auto", "fp32", "bf16"):
-        raise InputError(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
+    check_precision(config.precision)
     if not config.amp and config.precision == "bf16":
         raise InputError("amp = false contradicts precision = \"bf16\" (drop amp; it is the older spelling)")
     if config.model_ndim == 3 and len(config.patch_shape) != 3:

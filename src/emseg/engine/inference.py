@@ -24,7 +24,7 @@ from emseg.engine.blocks import Block, default_block_shape, describe_block, plan
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.models import fold_batchnorm
-from emseg.runtime.precision import Precision, resolve_precision
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -308,20 +308,18 @@ def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, vo
     return patch
 
 
-def make_predictor(model: torch.nn.Module, patch: Sequence[int], config: Any,
+def make_predictor(model: torch.nn.Module, patch: Sequence[int], window: WindowOptions,
                    device: torch.device, *, reuse: bool = False) -> SlidingWindow:
-    """The sliding window of ``config``: its precision resolved for ``device``, batch norm folded into
-    the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format.
+    """The sliding window ``window`` describes: its precision resolved for ``device``, batch norm folded
+    into the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format.
 
-    ``config`` is any object with ``precision``, ``overlap``, ``blend`` and ``batch_size``
-    (:class:`emseg.semantic.predict.PredictConfig`, or the job a cluster worker receives). With ``reuse``
-    the folded (and compiled) network is kept per process for the next call with the same
-    ``model`` object, whose weights must then not change (a cluster worker's cached checkpoint).
+    With ``reuse`` the folded (and compiled) network is kept per process for the next call with the
+    same ``model`` object, whose weights must then not change (a cluster worker's cached checkpoint).
     """
-    precision = resolve_precision(config.precision, device, ndim=model.ndim)
-    net = _prepared(model, precision, bool(getattr(config, "compile", False)), reuse)
-    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=config.overlap,
-                         blend=config.blend, batch_size=config.batch_size, device=device, precision=precision)
+    precision = resolve_precision(window.precision, device, ndim=model.ndim)
+    net = _prepared(model, precision, window.compile, reuse)
+    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=window.overlap,
+                         blend=window.blend, batch_size=window.batch_size, device=device, precision=precision)
 
 
 _PREPARED: dict[tuple, tuple] = {}
@@ -344,12 +342,15 @@ def _prepared(model: torch.nn.Module, precision: Precision, compile_: bool, reus
 
 @dataclass(frozen=True)
 class WindowOptions:
-    """How a sliding window runs, as :func:`make_predictor` reads it (defaults of validation and iGTT)."""
+    """How a sliding window runs, as :func:`make_predictor` reads it: the window part of
+    :class:`emseg.semantic.predict.PredictConfig` (its ``window``), of a cluster job, of validation and iGTT."""
 
-    precision: str | Precision = "fp32"
+    precision: str | Precision = DEFAULT_PRECISION
     overlap: float = 0.25
     blend: str = "gaussian"
     batch_size: int = 4
+    #: Run the network through ``torch.compile`` (a one-off compile cost per process).
+    compile: bool = False
 
 
 def predict_array(

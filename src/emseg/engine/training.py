@@ -38,7 +38,7 @@ from emseg.runtime.locks import temp_name
 from emseg.losses import lazy_nll, lazy_soft_dice
 from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
-from emseg.runtime.precision import Precision, resolve_precision
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 from emseg.engine.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
@@ -56,7 +56,8 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None: ...
+    def validate(self, model: torch.nn.Module, device: torch.device,
+                 precision: str | Precision) -> dict[str, float] | None: ...
 
 
 @dataclass
@@ -149,7 +150,7 @@ class SegmentationTask:
                                                                    batch["not_present"])
         return loss
 
-    def validate(self, model, device, precision: str | Precision = "fp32"):
+    def validate(self, model, device, precision: str | Precision = DEFAULT_PRECISION):
         if not self.valid_cubes:
             return None
         return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
@@ -192,7 +193,7 @@ def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: floa
 
 
 def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
-                   precision: str | Precision = "fp32",
+                   precision: str | Precision = DEFAULT_PRECISION,
                    on_block: Callable[[int, Any, np.ndarray], None] | None = None) -> dict[str, float]:
     """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
 
@@ -455,12 +456,8 @@ def compile_network(net: torch.nn.Module) -> Callable:
 
 
 def _validate(task: Task, model: torch.nn.Module, device: torch.device, precision: Precision):
-    """``task.validate`` at the run's precision when the task accepts one."""
-    import inspect
-
-    if "precision" in inspect.signature(task.validate).parameters:
-        return task.validate(model, device, precision=precision)
-    return task.validate(model, device)
+    """``task.validate`` at the run's precision."""
+    return task.validate(model, device, precision)
 
 
 def task_has_validation(task: Task) -> bool:

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from emseg.errors import InputError
+from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
 
 #: Columns of ``metrics.csv`` (one row per completed epoch; score columns empty without ground truth).
 METRIC_COLUMNS = ("epoch", "threshold", "dmi", "fg_fraction", "inverted", "train_loss",
@@ -86,7 +87,7 @@ class IGTTConfig:
     adaptive_offset: float = 0.0
     baselines: bool = True
     save_pseudo_labels: bool = False
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
         patch = tuple(int(p) for p in self.patch_shape)
@@ -108,14 +109,13 @@ class IGTTConfig:
              f"depth and base_width must be >= 1, got {self.depth}, {self.base_width}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.predict_window >= 1, f"predict_window must be >= 1, got {self.predict_window}"),
-            (self.precision in ("auto", "fp32", "bf16"),
-             f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.adaptive_block_size >= 3 and self.adaptive_block_size % 2 == 1,
              f"adaptive_block_size must be an odd integer >= 3, got {self.adaptive_block_size}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise _err(message)
+        check_precision(self.precision)
         divisor = 2 ** self.depth
         if any(p % divisor for p in patch):
             raise _err(f"patch_shape {patch} must be a multiple of {divisor} (2**depth) on each side")

@@ -49,6 +49,7 @@ from emseg.engine.inference import WindowOptions, make_predictor, predict_array
 from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_volume, open_volume
 from emseg.losses import dmi_loss, iou_loss
 from emseg.engine.training import run_training
+from emseg.runtime.precision import DEFAULT_PRECISION
 
 _STATE = "igtt_state.pt"
 _TRAIN_DIR = "train"
@@ -89,7 +90,7 @@ class _IGTTTask:
             loss = loss + self.config.iou_weight * iou_loss(probs, target, per_sample=False)
         return loss
 
-    def validate(self, model, device):  # pragma: no cover - no validation in iGTT
+    def validate(self, model, device, precision):  # pragma: no cover - no validation in iGTT
         return None
 
 
@@ -112,7 +113,7 @@ def _train_config(config: IGTTConfig, raw_name: str, total_steps: int) -> TrainC
 
 
 def _predict(model: torch.nn.Module, volume: np.ndarray, window: int, device: torch.device,
-             precision: str = "fp32") -> np.ndarray:
+             precision: str = DEFAULT_PRECISION) -> np.ndarray:
     """Foreground probabilities of a (z, y, x) in-memory volume with a 2D network."""
     patch = (1, min(window, volume.shape[1]), min(window, volume.shape[2]))
     predictor = make_predictor(model, patch, WindowOptions(precision=precision), device)

@@ -31,7 +31,7 @@ from emseg.lcs.config import LCSConfig
 from emseg.lcs.calibrate import Calibration, fit_calibration, fit_subsample, prob_logit
 from emseg.lcs.merge import CalibratedMerge, RunningMerge, calibrated_merge, check_merge, label_dtype, merge_labels
 from emseg.models.conditioning import ConditionCode
-from emseg.runtime.precision import Precision, resolve_precision
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 
 def _centre_crop(cond: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -93,7 +93,7 @@ class LabelPredictor:
         batch_size: int = 4,
         label_batch: int = 1,
         device: str | torch.device = "cpu",
-        precision: str | Precision = "fp32",
+        precision: str | Precision = DEFAULT_PRECISION,
         amp: bool = False,
         merge: str = "calibrated",
     ):
@@ -327,7 +327,7 @@ class InferConfig:
     merge: str | None = None
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from emseg.lcs.infer import LabelPredictor
 from emseg.lcs.split import atlas_part, draw_split, split_target
 from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.engine.training import TrainResult, run_training
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision
 
 
 # --------------------------------------------------------------------------- sampling
@@ -236,11 +237,12 @@ class LCSTask:
         return conditioned_loss(logits, batch["target"], bce_weight=self.lcs.bce_weight, dice=self.lcs.dice,
                                 groups=batch.get("group"))
 
-    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None:
+    def validate(self, model: torch.nn.Module, device: torch.device,
+                 precision: str | Precision = DEFAULT_PRECISION) -> dict[str, float] | None:
         if not self.valid_cubes:
             return None
         return evaluate_lcs(model, self.valid_cubes, self.config.patch_shape, self.classes, device,
-                            atlas=self.atlas, merge=self.lcs.merge)
+                            atlas=self.atlas, merge=self.lcs.merge, precision=precision)
 
     def extra_state(self) -> dict[str, Any]:
         """Checkpoint entries beyond the network: the ``[lcs]`` settings and the atlas."""
@@ -264,7 +266,8 @@ def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
 
 
 def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | None = None,
-                 overlap: float = 0.25, merge: str = "calibrated") -> dict[str, float]:
+                 overlap: float = 0.25, merge: str = "calibrated",
+                 precision: str | Precision = DEFAULT_PRECISION) -> dict[str, float]:
     """Per-class Dice of the merged label map on labelled cubes (sliding window, all classes at once;
     ``merge`` as in :class:`LabelPredictor`, calibrated once per call).
 
@@ -272,7 +275,7 @@ def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | N
     """
     model.eval()
     predictor = LabelPredictor(model, classes, patch_shape, atlas=atlas, classes=classes, overlap=overlap,
-                               device=device, merge=merge)
+                               device=device, merge=merge, precision=precision)
     acc = DiceAccumulator(classes)
 
     def merged_labels(raw: np.ndarray, block: Block) -> np.ndarray:

@@ -9,6 +9,9 @@ import torch
 
 from emseg.errors import InputError
 
+#: The device names the command line offers (a library caller may also name ``cuda:1`` and the like).
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""

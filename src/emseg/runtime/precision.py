@@ -31,7 +31,18 @@ import torch
 
 from emseg.errors import InputError
 
+#: The network arithmetic a user can choose; the one place these names are spelled.
 PRECISIONS = ("auto", "fp32", "bf16")
+#: The default of every config and command: bf16 where the hardware computes it natively, else fp32.
+DEFAULT_PRECISION = "auto"
+
+
+def check_precision(name: Any, key: str = "precision") -> str:
+    """``name`` if it is one of :data:`PRECISIONS`, else an :class:`InputError` naming ``key``."""
+    if not isinstance(name, str) or name not in PRECISIONS:
+        words = ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"
+        raise InputError(f"{key} must be {words}, got {name!r}")
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,8 +184,7 @@ def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim
     """
     if isinstance(name, Precision):
         return name
-    if name not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    check_precision(name)
     device = torch.device(device)
     ok, hardware = bf16_support(device) if name != "fp32" else (False, "")
     if name == "bf16" and not ok:

@@ -15,6 +15,7 @@ from emseg.metrics import SegmentationScores
 from emseg.semantic.predict import PredictConfig, PredictResult, predict_file
 from emseg.synthetic import CLASSES, make_volume
 from emseg.engine.training import TrainResult, train
+from emseg.runtime.precision import DEFAULT_PRECISION
 
 DEMO_SHAPE = (12, 256, 256)
 TRAIN_SECTIONS = 8  # sections 0-7 train, 8-11 are held out
@@ -64,7 +65,7 @@ def run_demo(
     steps: int = 250,
     seed: int = 0,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = DEFAULT_PRECISION,
     train_progress: Callable[[dict], None] | None = None,
     predict_progress: Callable[[int, int], None] | None = None,
 ) -> DemoResult:

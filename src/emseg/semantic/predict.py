@@ -36,6 +36,7 @@ from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.engine.inference import (
     PredictStats,
+    WindowOptions,
     make_predictor,
     output_shape,
     predict_block,
@@ -54,6 +55,7 @@ from emseg.io import (
     open_volume,
     parse_spec,
 )
+from emseg.runtime.precision import DEFAULT_PRECISION, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class PredictConfig:
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     #: Run the network through ``torch.compile`` (a one-off compile cost per process).
     compile: bool = False
     #: ``None`` runs in this process; ``"local"`` a LocalCluster of ``workers`` processes;
@@ -80,6 +82,12 @@ class PredictConfig:
     resume: bool = False
     retries: int = 2
 
+    @property
+    def window(self) -> WindowOptions:
+        """The sliding-window part of this config, as :func:`~emseg.engine.inference.make_predictor` takes it."""
+        return WindowOptions(precision=self.precision, overlap=self.overlap, blend=self.blend,
+                             batch_size=self.batch_size, compile=self.compile)
+
 
 @dataclass(frozen=True)
 class PredictResult:
@@ -89,7 +97,8 @@ class PredictResult:
     patch_shape: tuple[int, ...]
     block_shape: tuple[int, ...]
     stats: PredictStats
-    precision: str = "fp32"
+    #: What ran: ``fp32`` or ``bf16`` (``auto`` resolved).
+    precision: str
     #: Blocks computed in this call and blocks found already done (resumable runs only).
     blocks_computed: int | None = None
     blocks_skipped: int | None = None
@@ -162,7 +171,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         block_shape = tuple(config.block_shape) if config.block_shape else default_block_shape(
             source.shape, patch, spatial_chunks)
         blocks = plan_blocks(source.shape, block_shape, [p // 2 for p in patch])
-        predictor = make_predictor(model, patch, config, device)
+        predictor = make_predictor(model, patch, config.window, device)
         attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
                  "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
                  "blend": config.blend, "precision": predictor.precision.name}
@@ -188,13 +197,9 @@ class PredictJob:
     store: str
     key: str
     patch_shape: tuple[int, ...]
-    overlap: float
-    blend: str
-    batch_size: int
+    window: WindowOptions
     output_type: str
     device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
     fail_blocks: tuple[int, ...] = ()
 
 
@@ -203,7 +208,7 @@ def predict_block_task(block: Block, job: PredictJob) -> int:
     if block.index in job.fail_blocks:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
     model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
-    predictor = make_predictor(model, job.patch_shape, job, device, reuse=True)
+    predictor = make_predictor(model, job.patch_shape, job.window, device, reuse=True)
     with open_volume(job.input) as source:
         probs = predict_block(predictor, source, block)
     data = to_output(probs, job.output_type)
@@ -295,9 +300,8 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
                         what=str(parse_spec(config.output))) as part:
         job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                          input=str(in_spec), store=part.store, key=part.key, patch_shape=tuple(patch),
-                         overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
-                         output_type=config.output_type, device=config.device, precision=config.precision,
-                         compile=config.compile, fail_blocks=injected_failures())
+                         window=config.window, output_type=config.output_type, device=config.device,
+                         fail_blocks=injected_failures())
         total = sum(b.size for b in blocks)
         finished = part.markers.done()
         counts = {"done": sum(b.size for b in blocks if b.index in finished), "computed": 0}
@@ -316,5 +320,8 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
         if client is None and config.scheduler is None:
             forget_cached_models()  # the in-process run is over: do not keep its network in memory
     stats = PredictStats(counts["computed"], len(blocks), run.seconds)
-    return PredictResult(str(parse_spec(config.output)), shape, n_classes, patch, block_shape, stats,
+    # Workers here resolve the precision as this process does; a remote scheduler's may differ.
+    ran = (resolve_precision(config.precision, resolve_device(config.device), ndim=int(model_ndim)).name
+           if config.scheduler in (None, "local") else config.precision)
+    return PredictResult(str(parse_spec(config.output)), shape, n_classes, patch, block_shape, stats, ran,
                          blocks_computed=len(run.computed), blocks_skipped=len(run.skipped))

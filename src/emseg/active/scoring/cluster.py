@@ -35,6 +35,7 @@ from emseg.active.scoring.stream import (
 from emseg.models.checkpoint import cached_model, load_checkpoint
 from emseg.engine.cluster import run_blocks
 from emseg.io import open_volume, parse_spec
+from emseg.runtime.precision import DEFAULT_PRECISION
 
 __all__ = ["ScoreJob", "ScoreTask", "score_pool_on_cluster", "score_task"]
 
@@ -55,7 +56,7 @@ class ScoreJob:
     squeeze: bool
     seed: int | None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     fold: bool = False
 
 
@@ -103,7 +104,7 @@ def score_pool_on_cluster(
     device: str = "auto",
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     fold: bool = False,
     scheduler: str | None = None,
     workers: int | None = None,

@@ -26,7 +26,7 @@ from emseg.active.scoring.criteria import REDUCTIONS
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.models import fold_batchnorm, set_mc_dropout
-from emseg.runtime.precision import Precision, resolve_precision
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 __all__ = ["PoolScores", "chunk_seed", "score_chunks", "score_pool"]
 
@@ -169,7 +169,7 @@ def score_boxes(
     squeeze: bool,
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-    precision: str | Precision = "fp32",
+    precision: str | Precision = DEFAULT_PRECISION,
     fold: bool = False,
 ) -> PoolScores:
     """Scores (``(len(boxes),)``) and/or pooled embeddings of the patches ``boxes``, batch by batch.
@@ -279,7 +279,7 @@ def score_pool(
     progress: Callable[[int, int], None] | None = None,
     seed: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-    precision: str | Precision = "fp32",
+    precision: str | Precision = DEFAULT_PRECISION,
     fold: bool = False,
 ) -> PoolScores:
     """Score the pool with ``model``, streaming batch by batch.
