@@ -56,6 +56,17 @@ def standardise(patch: np.ndarray) -> np.ndarray:
     return ((patch - patch.mean()) / max(float(patch.std()), 1e-6)).astype(np.float32)
 
 
+def _patch_mask(spatial: Sequence[int], pretext, ndim: int, rng: np.random.Generator) -> np.ndarray:
+    """One patch's mask: 2D blocks; in 3D, ``block_z``-deep blocks, or with ``block_z = 1`` the
+    same share of 2D blocks hidden in every section, drawn section by section."""
+    plane = (pretext.block,) * 2
+    if ndim == 2:
+        return block_mask(spatial, plane, pretext.mask_ratio, rng)
+    if pretext.block_z == 1:
+        return np.stack([block_mask(spatial[1:], plane, pretext.mask_ratio, rng) for _ in range(spatial[0])])
+    return block_mask(spatial, (pretext.block_z,) + plane, pretext.mask_ratio, rng)
+
+
 def make_pretext_batch(raw: np.ndarray, pretext, ndim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Network input ``raw``, ``target`` and, for ``masked``, ``mask`` (1 = hidden) for a batch.
 
@@ -67,8 +78,7 @@ def make_pretext_batch(raw: np.ndarray, pretext, ndim: int, rng: np.random.Gener
     if pretext.kind == "denoise":
         noisy = raw + np.float32(pretext.noise_std) * rng.standard_normal(raw.shape, dtype=np.float32)
         return {"raw": noisy.astype(np.float32), "target": raw.copy()}
-    block = (pretext.block,) * 2 if ndim == 2 else (pretext.block_z, pretext.block, pretext.block)
-    masks = np.stack([block_mask(spatial, block, pretext.mask_ratio, rng) for _ in range(raw.shape[0])])[:, None]
+    masks = np.stack([_patch_mask(spatial, pretext, ndim, rng) for _ in range(raw.shape[0])])[:, None]
     target = np.stack([standardise(p) for p in raw]) if pretext.norm_target else raw.copy()
     return {"raw": np.where(masks, np.float32(0), raw).astype(np.float32), "target": target,
             "mask": masks.astype(np.float32)}
