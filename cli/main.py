@@ -143,9 +143,9 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: s
 
 
 def _register() -> None:
-    from emseg.cli import demo, evaluate, export, igtt, lcs, noise, predict, query, train
+    from emseg.cli import demo, evaluate, export, igtt, lcs, noise, predict, pretrain, query, train
 
-    for module in (train, predict, evaluate, query, noise, igtt, lcs, export, demo):
+    for module in (train, pretrain, predict, evaluate, query, noise, igtt, lcs, export, demo):
         cli.add_command(module.command)
         _run_in_emseg_context(module.command)
 

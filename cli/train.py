@@ -25,6 +25,10 @@ from emseg.engine.training import train
 @click.option("--patch", default=None, help="Patch shape z,y,x or y,x (overrides `patch_shape`).")
 @click.option("--valid-every", type=int, default=None, help="Validate every N steps (overrides `valid_every`).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--init", "init", default=None, type=click.Path(dir_okay=False),
+              help="Start from the weights of this checkpoint (of `emseg pretrain` or `emseg train`; same "
+                   "architecture; the output head is re-initialised when the class count differs). "
+                   "Overrides the config's `init`.")
 @click.option("--compile", "compile_", is_flag=True, default=None,
               help="Run the network through torch.compile (overrides `compile`): a one-off compile of a minute or "
                    "more on a CPU, then faster steps.")
@@ -32,7 +36,7 @@ from emseg.engine.training import train
               help="Also log loss, lr, validation scores and a validation image to OUT/tensorboard.")
 @common_options
 @device_seed_options
-def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, compile_, tensorboard):
+def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, init, compile_, tensorboard):
     """Train a U-Net on the cubes listed in CONFIG (TOML), with lazy labels.
 
     Labels -1 are ignored; an `info` dataset beside a label dataset sets the lazy-label masks
@@ -42,11 +46,15 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
     \b
     Example:
       emseg train train.toml --out runs/mito --steps 2000
+      emseg train train.toml --out runs/mito_ft --init runs/pretrain/last.pt
     """
     app = state()
+    if init is not None and resume:
+        raise click.UsageError("--init starts a new run; --resume continues one from its last.pt: pass one of them")
     cfg = load_config(config, overrides={"steps": steps, "batch_size": batch_size, "optim.lr": lr,
                                          "patch_shape": parse_shape(patch), "valid_every": valid_every,
                                          "compile": compile_,
+                                         "init": None if init is None else str(Path(init).absolute()),
                                          **precision_overrides(app)})
     with progress_bar("train") as update, ExitStack() as stack:
         progress = training_progress(update)
@@ -64,6 +72,8 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
         state_word = "interrupted" if result.interrupted else "finished"
         console.print(f"training {state_word} at step {result.final_step}/{steps_word(cfg)} "
                       f"({result.patches_per_s:.1f} patches/s, {result.precision}); checkpoints in {Path(out_dir)}")
+        if result.init:
+            console.print(init_summary(result.init))
         if result.losses:
             console.print(f"last loss {result.losses[-1]:.4f}")
         if result.last_valid:
@@ -73,3 +83,12 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
     emit(result.to_dict(), render)
     if result.interrupted:
         raise SystemExit(130)
+
+
+def init_summary(init: dict) -> str:
+    """One line saying which checkpoint started the run and what of it was loaded."""
+    text = (f"started from {init['path']} (sha256 {init['sha256'][:12]}, task {init['task'] or '?'}): "
+            f"{init['loaded']} tensors loaded")
+    if init["reinitialised"]:
+        text += f", re-initialised: {', '.join(init['reinitialised'])}"
+    return text

@@ -271,3 +271,46 @@ def test_questions_campaign_runs_resumes_and_prints_its_table(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", argv + ["--costs", "presence=2"])
     with pytest.raises(Exception, match="budget|other settings"):
         mod.main()
+
+
+# ----------------------------------------------------------------------------- label_efficiency.py
+def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, capsys):
+    """--quick end to end on a synthetic stand-in for VNC stack 1 (no stack 2: pretraining reads
+    stack-1 sections 0-14 only), then the pretext stage; a rerun recomputes nothing."""
+    from conftest import synthetic, write_h5
+    import label_efficiency as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    out = tmp_path / "le.json"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    keys = sorted((r["kind"], str(r.get("budget")), r.get("arm", "")) for r in doc["runs"])
+    assert keys == [("pretrain", "None", ""), ("train", "2", "pretrained"), ("train", "2", "scratch"),
+                    ("train", "all", "pretrained"), ("train", "all", "scratch")]
+    assert (tmp_path / "le.png").stat().st_size > 1000
+    pre = next(r for r in doc["runs"] if r["kind"] == "pretrain")
+    import torch
+    state = torch.load(pre["checkpoint"], weights_only=True)
+    assert state["task"] == "pretrain" and state["config"]["train"][0]["region"] == [[0, 15]]
+    capsys.readouterr()
+    assert mod.main(["--quick", "--out", str(out)]) == 0  # resumed: the stored runs are kept as they are
+    assert json.loads(out.read_text())["runs"] == doc["runs"]
+    assert "| mito | 2 |" in capsys.readouterr().out
+    assert mod.main(["--quick", "--stage", "pretext", "--out", str(tmp_path / "pt.json")]) == 0
+    runs = json.loads((tmp_path / "pt.json").read_text())["runs"]
+    assert sorted(r["pretext"] for r in runs) == ["denoise", "masked", "none"]
+    assert all("test_score" not in r for r in runs)  # the pretext stage never scores the test sections
+
+
+def test_label_efficiency_patches_are_nested_and_inside_the_pool():
+    import label_efficiency as mod
+
+    raw = np.arange(12 * 64 * 64, dtype=np.int64).reshape(12, 64, 64)
+    small = mod.patch_cubes(raw, raw, 2, 16, 0, 2)
+    large = mod.patch_cubes(raw, raw, 8, 16, 0, 2)
+    assert len(large) == 8 and all(np.array_equal(a.raw, b.raw) for a, b in zip(small, large))
+    assert all(c.raw.shape == (1, 16, 16) and c.info[0].all() for c in large)
+    assert len({c.raw.tobytes() for c in large}) == 8
+    assert mod.patch_cubes(raw, raw, None, 16, 0, 2)[0].raw.shape == (12, 64, 64)

@@ -81,6 +81,12 @@ EXPERIMENTS = [
     ("label-conditioned segmentation, longer", "lcs_conditioning.py",
      ["--out", "{out}/lcs_vnc_3000.json", "--seeds", "0,1,2", "--steps", "3000"],
      ["--out", "{out}/lcs_vnc_3000.json", "--seeds", "0", "--steps", "2", "--test-crop", "256", "--skip-coarse"]),
+    ("pretraining, pretext kinds and minutes (validation only)", "label_efficiency.py",
+     ["--out", "{out}/pretext.json", "--stage", "pretext", "--seeds", "0,1,2"],
+     ["--out", "{out}/pretext.json", "--stage", "pretext", "--quick"]),
+    ("pretraining, label efficiency", "label_efficiency.py",
+     ["--out", "{out}/label_efficiency.json"],
+     ["--out", "{out}/label_efficiency.json", "--quick"]),
 ]
 
 #: Threads per experiment in full runs (the defaults target is measured on the whole machine).

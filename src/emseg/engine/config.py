@@ -93,6 +93,8 @@ class TrainConfig:
     compile: bool = False
     #: Stop after this many seconds of training (a fixed compute budget); None = no limit.
     max_seconds: float | None = None
+    #: Checkpoint whose weights start the run (``emseg train --init``; relative to the config file).
+    init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -223,6 +225,8 @@ def config_from_dict(
         if data.get("class_weights") is not None and data["class_weights"] != "auto":
             # [] = no weights (TOML has no null to unset the "auto" default)
             data["class_weights"] = _numbers(data["class_weights"], "class_weights", float) or None
+        if isinstance(data.get("init"), str):
+            data["init"] = str(data["init"] if Path(data["init"]).is_absolute() else base / data["init"])
         for key in ("n_classes", "patch_shape"):
             if key not in data:
                 raise InputError(f"missing required key '{key}'")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from emseg.models.checkpoint import load_checkpoint, save_checkpoint
+from emseg.models.transfer import init_from_checkpoint
 from emseg.engine.config import TrainConfig, learning_rate
 from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.data.prefetch import Prefetcher, step_rng
@@ -75,6 +76,8 @@ class TrainResult:
     seconds: float = 0.0
     patches: int = 0
     precision: str = "fp32"
+    #: What ``config.init`` loaded (:func:`~emseg.models.transfer.init_from_checkpoint`), else None.
+    init: dict[str, Any] | None = None
 
     @property
     def patches_per_s(self) -> float:
@@ -87,7 +90,7 @@ class TrainResult:
             "last_valid": self.last_valid, "interrupted": self.interrupted,
             "budget_exhausted": self.budget_exhausted,
             "seconds": round(self.seconds, 3), "patches_per_s": round(self.patches_per_s, 2),
-            "precision": self.precision,
+            "precision": self.precision, "init": self.init,
         }
 
 
@@ -296,6 +299,7 @@ def run_training(
 
     ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
     check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
+    ``config.init`` names a checkpoint whose weights start a new run (:mod:`emseg.models.transfer`).
 
     Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each process trains a
     DistributedDataParallel replica on its own batches (``config.batch_size`` each; the batch of
@@ -316,6 +320,8 @@ def run_training(
     model_config = task.model_config()
     model = build_model(model_config)
     check_divisible(config.patch_shape, model.divisor)
+    # init seeds a new run only; a resumed one continues from last.pt (which keeps the report)
+    init = init_from_checkpoint(model, model_config, config.init) if config.init and not resume else None
     model.to(dev)
     precision = resolve_precision(config.effective_precision, dev, ndim=model.ndim,
                                   channels_last=False if pg.active else None)
@@ -335,14 +341,15 @@ def run_training(
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
         _restore_rng(rng, pg.rng_state(state, str(last_path)))
-        window0 = state.get("log_window") or {}
+        window0, init = state.get("log_window") or {}, state.get("init")
     elif last_path.exists():
         raise InputError("already holds a training run (last.pt): pass `resume` to continue it or choose "
                          "another `out_dir`", source=str(out))
     log = MetricsLog(out / "metrics.csv", BASE_COLUMNS + tuple(task.metric_columns),
                      resume_step=step if resume else None) if pg.is_main else None
     total = config.total_steps
-    result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name)
+    result = TrainResult(out, start_step=step, final_step=step, best_metric=best, precision=precision.name,
+                         init=init)
     forward = precision.wrap(compile_network(net) if config.compile else net)
     plain_config = config.to_dict()
 
@@ -357,7 +364,7 @@ def run_training(
             "model": model.state_dict(), "model_config": model_config, "optimizer": optimizer.state_dict(),
             "step": step, "best_metric": best, "rng": _rng_state(rng), "config": plain_config,
             "task": task.name, "elapsed_s": elapsed0 + (time.perf_counter() - t0),
-            "precision": precision.name,
+            "precision": precision.name, "init": init,
             "log_window": {"losses": list(window_losses), "patches": window_patches,
                            "seconds": time.perf_counter() - window_t},
         }

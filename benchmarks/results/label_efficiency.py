@@ -1,0 +1,298 @@
+"""Does self-supervised pretraining on the unlabelled volumes save labels? Scratch against pretrained on VNC.
+
+Protocol, fixed before any run: VNC stack 1 (20 sections of 1024^2, classes of its README),
+sections 0-11 the labelled pool, 12-14 validation, 15-19 test. Pretraining (``emseg pretrain``,
+``--kind``, ``--pretrain-minutes`` per seed) sees raw only: stack 2 and stack 1 sections 0-14,
+never 15-19. Per seed (0-4) and task (``mito``: mitochondria against the rest; ``5class``: the
+five classes), the labelled budgets are 2, 8 and 32 random ``--patch`` x ``--patch`` patches of
+the pool (nested: the first n of one random list per seed) and the whole pool. Both arms train
+``--steps`` steps with the same settings (depth 4, width 16, batch 8), validate every
+``--valid-every`` steps on the validation sections and keep the checkpoint of the best
+validation score; ``pretrained`` starts from the seed's pretrained weights (``--init``, the head
+re-initialised), ``scratch`` from random ones. The chosen checkpoint is scored once on the test
+sections (mean foreground Jaccard).
+
+Results (resumable per run) in ``--out`` (a JSON file), the figure beside it (``.png``: test
+Jaccard against labelled patches, log x, one line per arm, 95% t-intervals over seeds) and
+``--markdown`` prints the table with the paired difference pretrained - scratch.
+
+``--stage pretext`` compares pretext kinds (``--kinds``) and pretraining minutes
+(``--minutes-grid``) on the validation sections only (best validation score after fine-tuning
+on ``--pretext-budget`` patches, mitochondria), to choose the default kind and duration without
+looking at the test sections.
+
+    python benchmarks/results/label_efficiency.py --out benchmarks/results/label_efficiency.json
+    python benchmarks/results/label_efficiency.py --stage pretext --out benchmarks/results/pretext.json
+    python benchmarks/results/label_efficiency.py --quick --out /tmp/le.json   # tiny, under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _common import data_dir  # noqa: E402
+
+POOL, VALID, TEST = (0, 12), (12, 15), (15, 20)
+PRETRAIN_SECTIONS = (0, 15)
+ARMS = ("scratch", "pretrained")
+N_CLASSES = {"mito": 2, "5class": 5}
+QUICK = dict(seeds="0", tasks="mito", budgets="2,all", patch=32, depth=1, base_width=4, batch_size=2, steps=2,
+             valid_every=1, pretrain_steps=2, crop=64, kinds="masked,denoise", minutes_grid="0.01")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="Results JSON; checkpoints go into a folder beside it.")
+    ap.add_argument("--stage", choices=("main", "pretext"), default="main")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--tasks", default="mito,5class")
+    ap.add_argument("--budgets", default="2,8,32,all", help="Labelled patches per run; 'all' = the whole pool.")
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--base-width", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1000, help="Fine-tuning (and scratch) steps.")
+    ap.add_argument("--valid-every", type=int, default=100)
+    ap.add_argument("--kind", default="masked", help="Pretext of the main stage.")
+    ap.add_argument("--pretrain-minutes", type=float, default=30.0)
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="Pretrain this many steps instead of minutes.")
+    ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
+    ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
+    ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
+    ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
+    ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
+    ap.add_argument("--markdown", action="store_true", help="Print the table of a finished --out and stop.")
+    args = ap.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def settings(args) -> dict:
+    keys = ("stage", "tasks", "budgets", "patch", "depth", "base_width", "batch_size", "steps", "valid_every", "kind",
+            "pretrain_minutes", "pretrain_steps", "crop", "kinds", "minutes_grid", "pretext_budget")
+    return {k: getattr(args, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- data
+def load_sections(path: Path, sections: tuple[int, int], crop: int | None, task: str):
+    """Raw and labels (mapped to the task's classes) of stack-1 sections, optionally centre-cropped."""
+    from emseg.io import open_volume
+
+    with open_volume(f"{path}:raw") as r, open_volume(f"{path}:label") as lab:
+        h, w = r.shape[1:]
+        c = min(crop or h, h, w)
+        box = (slice(*sections), slice((h - c) // 2, (h - c) // 2 + c), slice((w - c) // 2, (w - c) // 2 + c))
+        raw, label = np.asarray(r[box]), np.asarray(lab[box]).astype(np.int64)
+    return raw, (label == 1).astype(np.int64) if task == "mito" else label
+
+
+def cube(raw, label, n_classes: int, name: str):
+    from emseg.data import Cube
+
+    info = np.zeros((2, n_classes), np.uint8)
+    info[0] = 1  # every class annotated
+    return Cube(raw, label, info, 1.0, name)
+
+
+def patch_cubes(raw, label, n: int | None, patch: int, seed: int, n_classes: int) -> list:
+    """The first ``n`` of a fixed random list of pool patches of this seed (None = the whole pool)."""
+    if n is None:
+        return [cube(raw, label, n_classes, "pool")]
+    rng = np.random.default_rng(1000 + seed)
+    z, h, w = raw.shape
+    corners = [(int(rng.integers(z)), int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1)))
+               for _ in range(max(64, n))]
+    return [cube(raw[k:k + 1, y:y + patch, x:x + patch], label[k:k + 1, y:y + patch, x:x + patch], n_classes,
+                 f"patch{i}") for i, (k, y, x) in enumerate(corners[:n])]
+
+
+# ----------------------------------------------------------------------------- runs
+def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None) -> dict:
+    """Pretrain on stack 2 and stack-1 sections 0-14 (raw only); resumes a killed run."""
+    from emseg.pretrain import pretrain, pretrain_config_from_dict
+
+    stack1 = data_dir() / "vnc_stack1.h5"
+    data = [{"raw": f"{stack1}:raw", "region": [list(PRETRAIN_SECTIONS)]}]
+    stack2 = data_dir() / "vnc_stack2_unlabeled.h5"
+    if stack2.exists():
+        data.append({"raw": f"{stack2}:raw"})
+    folder = root / f"pretrain_{kind}_{minutes}min_seed{seed}"
+    last = folder / "last.pt"
+    budget = {"steps": args.pretrain_steps} if args.pretrain_steps else {"max_seconds": 60.0 * minutes}
+    if last.exists() and not args.pretrain_steps:  # a killed run: only what is left of its time budget
+        from emseg.models.checkpoint import load_checkpoint
+
+        state = load_checkpoint(last)
+        left = 60.0 * minutes - float(state.get("elapsed_s", 0.0))
+        if left <= 0:
+            return {"checkpoint": str(last), "pretrain_steps": int(state["step"]), "pretrain_loss": None,
+                    "seconds": 0.0}
+        budget = {"max_seconds": left}
+    config = pretrain_config_from_dict({
+        "patch_shape": [1, args.patch, args.patch], "data": data, "pretext": {"kind": kind},
+        "model": {"depth": args.depth, "base_width": args.base_width}, "checkpoint_every": 200, **budget})
+    t0 = time.perf_counter()
+    result = pretrain(config, folder, device="auto", seed=seed, resume=last.exists())
+    return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
+            "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0}
+
+
+def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None) -> dict:
+    """Train (or fine-tune from ``init``), keep the best validation checkpoint, score it on ``test``."""
+    from emseg.engine.config import config_from_dict
+    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.models.checkpoint import load_model
+
+    config = config_from_dict({
+        "n_classes": n_classes, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
+        "steps": args.steps, "valid_every": args.valid_every, "checkpoint_every": 10**9,
+        "train": [{"raw": "in-memory.h5:raw"}], "model": {"depth": args.depth, "base_width": args.base_width},
+        **({"init": init} if init else {})})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_training(SegmentationTask(config, cubes=cubes, valid_cubes=[valid]), config, tmp,
+                              device="auto", seed=seed)
+        out = {"valid_best": result.best_metric, "steps": result.final_step}
+        if test is not None:
+            best = Path(tmp) / "best.pt"  # absent when no validation score was finite: the last weights
+            model, _ = load_model(best if best.exists() else Path(tmp) / "last.pt", "cpu")
+            scores = evaluate_cubes(model, [test], config.patch_shape, n_classes, "cpu")
+            out["jaccard"] = [scores[f"valid_jaccard_{c}"] for c in range(n_classes)]
+            out["test_score"] = scores["valid_score"]
+    return dict(out, seconds=time.perf_counter() - t0)
+
+
+def budgets(args) -> list[int | None]:
+    return [None if b == "all" else int(b) for b in args.budgets.split(",")]
+
+
+def run_main(args, campaign: Campaign, root: Path) -> None:
+    stack1 = data_dir() / "vnc_stack1.h5"
+    for task in args.tasks.split(","):
+        k = N_CLASSES[task]
+        pool = load_sections(stack1, POOL, None, task)
+        valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
+        test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
+                               lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
+            for n in budgets(args):
+                cubes = patch_cubes(*pool, n, args.patch, seed, k)
+                for arm in ARMS:
+                    init = pre["checkpoint"] if arm == "pretrained" else None
+                    row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
+                                       lambda: train_run(args, cubes, valid, test, k, seed, init))
+                    print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
+
+
+def run_pretext(args, campaign: Campaign, root: Path) -> None:
+    """Kinds x minutes, scored on the validation sections only (mitochondria, ``--pretext-budget`` patches)."""
+    stack1 = data_dir() / "vnc_stack1.h5"
+    pool = load_sections(stack1, POOL, None, "mito")
+    valid = cube(*load_sections(stack1, VALID, args.crop, "mito"), 2, "valid")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        cubes = patch_cubes(*pool, args.pretext_budget, args.patch, seed, 2)
+        campaign.run({"kind": "pretext", "pretext": "none", "minutes": 0, "seed": seed},
+                     lambda: train_run(args, cubes, valid, None, 2, seed, None))
+        for kind in args.kinds.split(","):
+            for minutes in (float(m) for m in args.minutes_grid.split(",")):
+                def one():
+                    pre = pretrain_run(args, root, seed, kind, minutes)
+                    return dict(train_run(args, cubes, valid, None, 2, seed, pre["checkpoint"]),
+                                pretrain_steps=pre["pretrain_steps"], pretrain_loss=pre["pretrain_loss"])
+                row = campaign.run({"kind": "pretext", "pretext": kind, "minutes": minutes, "seed": seed}, one)
+                print(f"  {kind} {minutes} min seed {seed}: valid {row['valid_best']}", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+def _curve(runs, task, arm):
+    out = {}
+    for r in runs:
+        if r.get("kind") == "train" and r["task"] == task and r["arm"] == arm:
+            out.setdefault(r["budget"], {})[r["seed"]] = r["test_score"]
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    lines = []
+    trains = [r for r in runs if r.get("kind") == "train"]
+    if trains:
+        lines += ["| task | labelled patches | scratch | pretrained | pretrained - scratch (paired, 95% CI) |",
+                  "|---|---|---|---|---|"]
+        for task in dict.fromkeys(r["task"] for r in trains):
+            scratch, pre = _curve(runs, task, "scratch"), _curve(runs, task, "pretrained")
+            for budget in sorted(scratch, key=lambda b: (b == "all", b if b != "all" else 0)):
+                seeds = sorted(set(scratch[budget]) & set(pre.get(budget, {})))
+                diff = paired_interval([pre[budget][s] - scratch[budget][s] for s in seeds])
+                lines.append(f"| {task} | {budget} | {mean_std(scratch[budget].values())} | "
+                             f"{mean_std(pre.get(budget, {}).values())} | {ci_cell(diff)} |")
+    pretext = [r for r in runs if r.get("kind") == "pretext"]
+    if pretext:
+        lines += ["", "| pretext | minutes | best validation score (mito) |", "|---|---|---|"]
+        for key in dict.fromkeys((r["pretext"], r["minutes"]) for r in pretext):
+            lines.append(f"| {key[0]} | {key[1]:g} | "
+                         f"{mean_std([r['valid_best'] for r in pretext if (r['pretext'], r['minutes']) == key])} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
+    from scipy import stats
+
+    plt = pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in runs if r.get("kind") == "train"))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for arm in ARMS:
+            curve = _curve(runs, task, arm)
+            xs = sorted(curve, key=lambda b: pool_patches if b == "all" else b)
+            x = [pool_patches if b == "all" else b for b in xs]
+            vals = [np.asarray(list(curve[b].values()), float) for b in xs]
+            mean = [v.mean() for v in vals]
+            half = [stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
+                    for v in vals]
+            ax.errorbar(x, mean, yerr=half, marker="o", ms=4, capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel=f"labelled patches (whole pool = {pool_patches:g})",
+               ylabel="test Jaccard (mean foreground)", ylim=(0, 1))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.markdown:
+        print(table(json.loads(out.read_text())["runs"]))
+        return 0
+    if data_dir() is None:
+        return no_data()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    campaign = Campaign(out, settings(args))
+    root = out.with_suffix("")
+    root.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    (run_main if args.stage == "main" else run_pretext)(args, campaign, root)
+    campaign.doc["seconds"] = time.perf_counter() - t0
+    campaign.save()
+    print(table(campaign.runs))
+    if args.stage == "main":
+        with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
+        plot(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Self-supervised pretraining with the shared training loop.
+
+:class:`PretrainTask` plugs into :func:`emseg.engine.training.run_training`, so a pretraining run
+has every property of ``emseg train``: bf16 on hardware that computes it, prefetched batches,
+atomic checkpoints, exact resume, the stop on non-finite losses, one writer per run folder,
+``metrics.csv`` and torchrun. The network is the segmentation U-Net of the ``[model]`` table
+with one output channel (the reconstruction), so ``emseg train --init DIR/last.pt`` takes every
+tensor but the output head. Checkpoints have ``task = "pretrain"`` and hold the ``pretext``
+settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
+from emseg.engine.training import TrainResult, run_training
+from emseg.errors import InputError
+from emseg.models.checkpoint import load_checkpoint
+from emseg.pretrain.config import PretrainConfig
+from emseg.pretrain.pretext import make_pretext_batch, pretext_loss
+
+
+class PretrainTask:
+    """A U-Net with one output channel trained on a pretext task for :func:`run_training`.
+
+    Parameters
+    ----------
+    config : PretrainConfig
+    cubes : sequence of Cube, optional
+        Use these (e.g. in-memory arrays) instead of opening the ``[[data]]`` volumes.
+    """
+
+    name = "pretrain"
+    metric_columns: tuple[str, ...] = ()
+
+    def __init__(self, config: PretrainConfig, *, cubes: Sequence[Cube] | None = None):
+        self.config = config
+        self.training = config.training
+        self.pretext = config.pretext
+        self.ndim = self.training.model_ndim
+        patch = self.training.patch_shape
+        self.cubes = list(cubes) if cubes is not None else open_cubes(self.training.train, 1, patch)
+        self.valid_cubes: list[Cube] = []
+        self.sampler = PatchSampler(self.cubes, patch, squeeze=self.ndim == 2 and len(patch) == 3)
+        self.augmenter = Augmenter.from_config(self.training.augment)
+
+    def model_config(self) -> dict[str, Any]:
+        m = self.training.model
+        return dict(ndim=self.ndim, in_channels=1, out_channels=1, depth=m.depth, base_width=m.base_width,
+                    norm=m.norm, dropout=m.dropout, anisotropic_levels=m.anisotropic_levels)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raw = self.sampler.batch(self.training.batch_size, rng, self.augmenter)["raw"]
+        return {k: torch.from_numpy(v) for k, v in make_pretext_batch(raw, self.pretext, self.ndim, rng).items()}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pretext_loss(model(batch["raw"]), batch["target"], batch.get("mask"))
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None:
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpoint entries beyond the network: the ``[pretext]`` settings."""
+        return {"pretext": self.pretext.to_dict()}
+
+    def close(self) -> None:
+        for cube in self.cubes:
+            if hasattr(cube.raw, "close"):
+                cube.raw.close()
+
+
+def pretrain(
+    config: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    cubes: Sequence[Cube] | None = None,
+) -> TrainResult:
+    """Pretrain a U-Net on raw volumes (the core of ``emseg pretrain``); writes ``out_dir/last.pt``.
+
+    Examples
+    --------
+    >>> from emseg.pretrain import load_pretrain_config
+    >>> result = pretrain(load_pretrain_config("pretrain.toml"), "runs/pre")  # doctest: +SKIP
+    """
+    task = PretrainTask(config, cubes=cubes)
+    try:
+        if resume:
+            _check_resume(task, Path(out_dir) / "last.pt")
+        return run_training(task, config.training, out_dir, device=device, seed=seed, resume=resume,
+                            progress=progress, stop_after=stop_after, extra_state=task.extra_state)
+    finally:
+        task.close()
+
+
+def _check_resume(task: PretrainTask, last: Path) -> None:
+    """A resumed run must be a pretraining run with the same pretext settings."""
+    if not last.exists():
+        return  # run_training reports it
+    state = load_checkpoint(last)
+    if state.get("task") != task.name:
+        raise InputError(f"last.pt was written by `{state.get('task')}` training, not by pretraining",
+                         source=str(last))
+    if state.get("pretext") != task.pretext.to_dict():
+        raise InputError(f"last.pt was pretrained with other [pretext] settings ({state.get('pretext')})",
+                         source=str(last))
