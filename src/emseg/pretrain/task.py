@@ -60,8 +60,8 @@ class PretrainTask:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return pretext_loss(model(batch["raw"]), batch["target"], batch.get("mask"))
 
-    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float] | None:
-        return None
+    def validate(self, model: torch.nn.Module, device: torch.device, precision: Any) -> dict[str, float] | None:
+        return None  # the pretext has no labels to validate on; its loss is the curve
 
     def extra_state(self) -> dict[str, Any]:
         """Checkpoint entries beyond the network: the ``[pretext]`` settings."""
