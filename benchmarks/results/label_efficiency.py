@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
     ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
     ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
+    ap.add_argument("--steps-grid", default=None,
+                    help="--stage pretext: pretraining steps compared instead of minutes (a grid that does not "
+                         "depend on what else runs on the machine; seconds are recorded per run).")
     ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
     ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
     ap.add_argument("--markdown", action="store_true", help="Print the table of a finished --out and stop.")
@@ -80,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(args) -> dict:
     keys = ("stage", "tasks", "budgets", "patch", "depth", "base_width", "batch_size", "steps", "valid_every", "kind",
-            "pretrain_minutes", "pretrain_steps", "crop", "kinds", "minutes_grid", "pretext_budget")
+            "pretrain_minutes", "pretrain_steps", "crop", "kinds", "minutes_grid", "steps_grid", "pretext_budget")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -118,8 +121,10 @@ def patch_cubes(raw, label, n: int | None, patch: int, seed: int, n_classes: int
 
 
 # ----------------------------------------------------------------------------- runs
-def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None) -> dict:
-    """Pretrain on stack 2 and stack-1 sections 0-14 (raw only); resumes a killed run."""
+def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, steps: int | None = None) -> dict:
+    """Pretrain on stack 2 and stack-1 sections 0-14 (raw only) for ``steps`` (else ``args.pretrain_steps``,
+    else ``minutes``); resumes a killed run."""
+    steps = steps or args.pretrain_steps
     from emseg.pretrain import pretrain, pretrain_config_from_dict
 
     stack1 = data_dir() / "vnc_stack1.h5"
@@ -127,10 +132,10 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None) 
     stack2 = data_dir() / "vnc_stack2_unlabeled.h5"
     if stack2.exists():
         data.append({"raw": f"{stack2}:raw"})
-    folder = root / f"pretrain_{kind}_{minutes}min_seed{seed}"
+    folder = root / (f"pretrain_{kind}_{steps}steps_seed{seed}" if steps else f"pretrain_{kind}_{minutes}min_seed{seed}")
     last = folder / "last.pt"
-    budget = {"steps": args.pretrain_steps} if args.pretrain_steps else {"max_seconds": 60.0 * minutes}
-    if last.exists() and not args.pretrain_steps:  # a killed run: only what is left of its time budget
+    budget = {"steps": steps} if steps else {"max_seconds": 60.0 * minutes}
+    if last.exists() and not steps:  # a killed run: only what is left of its time budget
         from emseg.models.checkpoint import load_checkpoint
 
         state = load_checkpoint(last)
@@ -206,13 +211,17 @@ def run_pretext(args, campaign: Campaign, root: Path) -> None:
         campaign.run({"kind": "pretext", "pretext": "none", "minutes": 0, "seed": seed},
                      lambda: train_run(args, cubes, valid, None, 2, seed, None))
         for kind in args.kinds.split(","):
-            for minutes in (float(m) for m in args.minutes_grid.split(",")):
+            grid = ([(None, int(n)) for n in args.steps_grid.split(",")] if args.steps_grid
+                    else [(float(m), None) for m in args.minutes_grid.split(",")])
+            for minutes, steps in grid:
                 def one():
-                    pre = pretrain_run(args, root, seed, kind, minutes)
+                    pre = pretrain_run(args, root, seed, kind, minutes, steps)
                     return dict(train_run(args, cubes, valid, None, 2, seed, pre["checkpoint"]),
-                                pretrain_steps=pre["pretrain_steps"], pretrain_loss=pre["pretrain_loss"])
-                row = campaign.run({"kind": "pretext", "pretext": kind, "minutes": minutes, "seed": seed}, one)
-                print(f"  {kind} {minutes} min seed {seed}: valid {row['valid_best']}", flush=True)
+                                pretrain_steps=pre["pretrain_steps"], pretrain_loss=pre["pretrain_loss"],
+                                pretrain_seconds=pre["seconds"])
+                key = {"minutes": minutes} if steps is None else {"steps": steps}
+                row = campaign.run({"kind": "pretext", "pretext": kind, **key, "seed": seed}, one)
+                print(f"  {kind} {key} seed {seed}: valid {row['valid_best']}", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -239,7 +248,9 @@ def table(runs: list[dict]) -> str:
                              f"{mean_std(pre.get(budget, {}).values())} | {ci_cell(diff)} |")
     pretext = [r for r in runs if r.get("kind") == "pretext"]
     if pretext:
-        lines += ["", "| pretext | minutes | best validation score (mito) |", "|---|---|---|"]
+        lines += ["", "| pretext | minutes or steps | best validation score (mito) |", "|---|---|---|"]
+        for r in pretext:
+            r.setdefault("minutes", r.get("steps"))
         for key in dict.fromkeys((r["pretext"], r["minutes"]) for r in pretext):
             lines.append(f"| {key[0]} | {key[1]:g} | "
                          f"{mean_std([r['valid_best'] for r in pretext if (r['pretext'], r['minutes']) == key])} |")
