@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from emseg.runtime import Runtime
 
 ALL_STRATEGIES = ("random", "entropy", "least_confidence", "bald", "kmeans", "coreset", "hybrid")
 
@@ -152,7 +153,7 @@ def main() -> None:
                   f"n={r['n_labelled']:3d} jaccard {r['mean_fg_jaccard']:.3f}  ({now - last['t']:.0f} s)", flush=True)
             last["t"] = now
 
-    result = run_simulation(config, args.out, device=args.device, progress=progress)
+    result = run_simulation(config, args.out, runtime=Runtime(device=args.device), progress=progress)
     print(f"\n{result.computed} of {result.total} rows computed in {time.perf_counter() - t0:.0f} s; "
           f"{result.curves_csv}" + (f", {result.curves_png}" if result.curves_png else f" ({result.plot_note})"))
     table = report(result, [s for s in ALL_STRATEGIES if s in config.strategies] +

@@ -12,7 +12,7 @@ Protocol (all methods scored on the same held-out crops, ``--eval-sections``):
   igtt-noems  the same without the EMS module (trains on the chosen mask itself)
   otsu        skimage threshold_otsu over the crops, minority-foreground polarity
   adaptive    skimage threshold_local (gaussian) per section, minority-foreground polarity
-  supervised  emseg.engine.training.train on the true binary labels of ``--train-sections`` (other sections),
+  supervised  emseg.semantic.train.train on the true binary labels of ``--train-sections`` (other sections),
               same network, patch, batch and number of steps as one iGTT run
 iGTT and the supervised U-Net run with ``--seeds`` seeds (mean and std). Dice and accuracy of the
 binary output (iGTT: the DMI-chosen mask; supervised: probability >= 0.5); AUC of the foreground
@@ -41,7 +41,8 @@ from emseg.engine.config import config_from_dict  # noqa: E402
 from emseg.igtt import IGTTConfig, binary_metrics, run_igtt, threshold_baselines  # noqa: E402
 from emseg.igtt.thresholds import candidate_thresholds  # noqa: E402
 from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
-from emseg.engine.training import train  # noqa: E402
+from emseg.semantic.train import train  # noqa: E402
+from emseg.runtime import Runtime
 
 TARGETS = {"membrane": (2, 3, 4), "mito": (1,)}
 
@@ -83,7 +84,7 @@ def bench_igtt(raw, truth, args, tmp: Path, seed: int, use_ems: bool) -> dict:
                      baselines=False)
     t0 = time.perf_counter()
     res = run_igtt(raw, cfg, tmp / f"igtt_{'ems' if use_ems else 'noems'}_{seed}", label=truth, foreground=[1],
-               device=args.device, seed=seed)
+               runtime=Runtime(device=args.device, seed=seed))
     fg_prob = zarr.open_array(str(res.out_dir / "prediction.zarr"), mode="r")[...][0]
     row = dict(res.scores, seconds=time.perf_counter() - t0, fg_fraction=res.fg_fraction,
                **threshold_diagnostics(fg_prob, truth, args.thresholds),
@@ -106,7 +107,7 @@ def run_supervised(train_raw, train_truth, eval_raw, truth, args, tmp: Path, see
     }, source="supervised")
     t0 = time.perf_counter()
     out = tmp / f"supervised_{seed}"
-    train(cfg, out, device=args.device, seed=seed)
+    train(cfg, out, runtime=Runtime(device=args.device, seed=seed))
     pred = tmp / f"supervised_{seed}.zarr"
     predict_file(PredictConfig(model=str(out / "last.pt"), input=f"{h5}:eval", output=str(pred),
                                patch_shape=(1, args.predict_window, args.predict_window), device=args.device))

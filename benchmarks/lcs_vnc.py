@@ -49,6 +49,7 @@ from emseg.io import open_volume
 from emseg.lcs import InferConfig, LCSConfig, choose_offset, infer_file, lcs_config_from_dict, train_lcs
 from emseg.lcs.calibrate import Calibration
 from emseg.lcs.merge import calibrated_merge, merge_labels
+from emseg.runtime import Runtime
 
 CLASSES = {1: "mitochondria", 2: "membrane", 3: "synapse", 4: "glia"}
 
@@ -104,7 +105,7 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
                                 "split_prob": split_prob},
                                n_classes=5, baseline=baseline)
     t0 = time.perf_counter()
-    result = train_lcs(config, lcs, work / name, device="cpu", seed=args.seed)
+    result = train_lcs(config, lcs, work / name, runtime=Runtime(device="cpu", seed=args.seed))
     seconds = time.perf_counter() - t0
     losses = result.losses
     print(f"  {name:9s} {args.steps} steps in {seconds:6.1f} s, loss {np.mean(losses[:20]):.3f} -> "

@@ -46,7 +46,8 @@ from emseg.semantic.evaluation import evaluate_volumes  # noqa: E402
 from emseg.io import open_volume  # noqa: E402
 from emseg.noise.blockwise import NoiseConfig, noise_file  # noqa: E402
 from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
-from emseg.engine.training import train  # noqa: E402
+from emseg.semantic.train import train  # noqa: E402
+from emseg.runtime import Runtime
 
 RUNS = {  # name: (label type, mode, params)
     "CL": ("CL", None, None),
@@ -97,7 +98,7 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
         "optim": {"lr": args.lr},
     }, source=name)
     out = tmp / name
-    result = train(cfg, out, seed=args.seed, device=args.device)
+    result = train(cfg, out, runtime=Runtime(seed=args.seed, device=args.device))
     pred = tmp / f"{name}_pred.zarr"
     predict_file(PredictConfig(model=str(out / "last.pt"), input=f"{test_h5}:raw", output=str(pred),
                                output_type="labels", batch_size=8, overlap=args.overlap,

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_dir, machine  # noqa: E402
+from emseg.runtime import Runtime
 
 HERE = Path(__file__).resolve()
 
@@ -166,7 +167,8 @@ def _no_grad_call(prec, model, x):
 # --------------------------------------------------------------------------- 4. emseg train
 def bench_train(seconds: float, vnc: Path | None) -> dict:
     from emseg.engine.config import config_from_dict
-    from emseg.engine.training import SegmentationTask, run_training
+    from emseg.engine.training import run_training
+    from emseg.semantic.train import SegmentationTask
 
     if vnc is None:
         return {"skipped": "no VNC data"}
@@ -183,7 +185,7 @@ def bench_train(seconds: float, vnc: Path | None) -> dict:
             task = SegmentationTask(cfg)
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    r = run_training(task, cfg, tmp, device="cpu", seed=0)
+                    r = run_training(task, cfg, tmp, runtime=Runtime(device="cpu", seed=0))
                 finally:
                     task.close()
             key = f"{precision}_prefetch_{'on' if prefetch else 'off'}"

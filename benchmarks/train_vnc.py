@@ -35,7 +35,8 @@ from emseg.engine.config import config_from_dict  # noqa: E402
 from emseg.semantic.evaluation import evaluate_volumes  # noqa: E402
 from emseg.io import open_volume  # noqa: E402
 from emseg.semantic.predict import PredictConfig, predict_file  # noqa: E402
-from emseg.engine.training import train  # noqa: E402
+from emseg.semantic.train import train  # noqa: E402
+from emseg.runtime import Runtime
 
 
 def write(path: Path, **arrays) -> Path:
@@ -101,7 +102,7 @@ def run(name, cubes, n_classes, args, tmp: Path, test_raw: str, test_label: str)
         "class_weights": [float(w) for w in weights.split(",")] if weights else None,
     }, source=name)
     out = tmp / name
-    result = train(cfg, out, seed=args.seed, device=args.device)
+    result = train(cfg, out, runtime=Runtime(seed=args.seed, device=args.device))
     pred = tmp / f"{name}_pred.zarr"
     p = predict_file(PredictConfig(model=str(out / "last.pt"), input=test_raw, output=str(pred),
                                    output_type="labels", batch_size=8, device=args.device))

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from emseg.runtime.device import DEVICES
-from emseg.runtime.precision import DEFAULT_PRECISION, PRECISIONS
+from emseg.runtime import Runtime
+from emseg.runtime.choices import DEFAULT_PRECISION, DEVICES, PRECISIONS
 
 
 @dataclass
@@ -27,6 +27,16 @@ class AppState:
     seed: int = 0
     #: ``--precision``; ``None`` keeps what the command's config says (``auto`` when it says nothing).
     precision: str | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The run-time choices of the global flags, as every core takes them."""
+        return Runtime(device=self.device, seed=self.seed, precision=self.precision)
+
+    @property
+    def precision_choice(self) -> str:
+        """``--precision``, else the default (for cores whose config has no precision of its own)."""
+        return self.precision or DEFAULT_PRECISION
 
     @property
     def console(self) -> Console:

@@ -22,7 +22,7 @@ def command(out_dir, steps):
     """
     app = state()
     with progress_bar("train") as t_update, progress_bar("predict") as p_update:
-        result = run_demo(out_dir, steps=steps, seed=app.seed, device=app.device, precision=app.precision or "auto",
+        result = run_demo(out_dir, steps=steps, runtime=app.runtime,
                           train_progress=lambda i: t_update(i["step"], i["total"], f"loss {i['loss']:.4f}"),
                           predict_progress=lambda d, t: p_update(d, t))
     payload = result.to_dict()

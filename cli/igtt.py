@@ -89,14 +89,14 @@ def command(raw, out_dir, label, foreground, epochs, n_thresholds, ems, shift_ra
         steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch_shape=parse_shape(patch), depth=depth,
         base_width=base_width, lr=lr, predict_window=predict_window, adaptive_block_size=adaptive_block,
         adaptive_offset=adaptive_offset, baselines=baselines, save_pseudo_labels=save_pseudo_labels,
-        precision=app.precision or "auto")
+        precision=app.precision_choice)
     with progress_bar("igtt") as update:
         def progress(info):
             if info["phase"] == "train":
                 update(info["step"], info["total"], f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}")
 
         result = run_igtt(raw, cfg, out_dir, label=label, foreground=parse_ints(foreground, "--foreground"),
-                      device=app.device, seed=app.seed, progress=progress, resume=resume)
+                      runtime=app.runtime, progress=progress, resume=resume)
 
     if ome_zarr and result.complete:
         result.outputs["prediction.ome.zarr"] = str(igtt_to_ome(out_dir, raw))

@@ -64,7 +64,7 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
     with progress_bar("lcs train" if not lcs.baseline else "baseline train") as update:
         progress = training_progress(update)
 
-        result = train_lcs(cfg, lcs, out_dir, device=app.device, seed=app.seed, resume=resume, progress=progress)
+        result = train_lcs(cfg, lcs, out_dir, runtime=app.runtime, resume=resume, progress=progress)
 
     payload = dict(result.to_dict(), kind="baseline" if lcs.baseline else "lcs", classes=list(lcs.classes))
 
@@ -126,7 +126,7 @@ def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap,
                       atlas_labels=atlas_labels, overlap=overlap, blend=blend, batch_size=batch_size,
                       label_batch=label_batch, block_shape=parse_shape(block, "--block"), merge=merge,
                       device=app.device,
-                      precision=app.precision or "auto")
+                      precision=app.precision_choice)
     with progress_bar("lcs infer") as update:
         result = infer_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(

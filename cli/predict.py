@@ -46,7 +46,7 @@ def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, o
     cfg = PredictConfig(model=model, input=input_spec, output=output_spec, patch_shape=parse_shape(patch),
                         overlap=overlap, blend=blend, batch_size=batch_size, output_type=output_type,
                         block_shape=parse_shape(block, "--block"), device=app.device,
-                        precision=app.precision or "auto", compile=compile_, scheduler=scheduler,
+                        precision=app.precision_choice, compile=compile_, scheduler=scheduler,
                         workers=workers, resume=resume, retries=retries)
     with progress_bar("predict") as update:
         result = predict_file(cfg, progress=lambda done, total: update(done, total, "voxels"))

@@ -49,7 +49,7 @@ def command(config, out_dir, kind, steps, max_seconds, batch_size, lr, patch, re
     with progress_bar("pretrain") as update, ExitStack() as stack:
         monitor = TrainingMonitor(out_dir, tensorboard=tensorboard, then=training_progress(update))
         stack.callback(monitor.close)
-        result = pretrain(cfg, out_dir, device=app.device, seed=app.seed, resume=resume, progress=monitor)
+        result = pretrain(cfg, out_dir, runtime=app.runtime, resume=resume, progress=monitor)
 
     payload = dict(result.to_dict(), kind=cfg.pretext.kind, checkpoint=str(Path(out_dir) / "last.pt"))
 

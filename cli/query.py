@@ -145,7 +145,7 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
     cfg = QueryConfig(model=model, pool=tuple(pool), strategy=strategy, n=n, patch_shape=parse_shape(patch),
                       candidates=candidates, mc_samples=mc_samples, reduction=reduction, batch_size=batch_size,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
-                      export=export, seed=app.seed, device=app.device, precision=app.precision or "auto",
+                      export=export, seed=app.seed, device=app.device, precision=app.precision_choice,
                       scheduler=scheduler, workers=workers, ask=ask, budget=budget, costs=parse_costs(costs))
     if sheet:
         check_sheet_output(sheet)
@@ -260,7 +260,7 @@ def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initi
             else:
                 update(event["done"], event["total"], info["text"])
 
-        result = run_simulation(cfg, out_dir, device=app.device, progress=progress, plot=not no_plot)
+        result = run_simulation(cfg, out_dir, runtime=app.runtime, progress=progress, plot=not no_plot)
 
     def render(console):
         summary = result.summary

@@ -12,7 +12,7 @@ from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps
 from emseg.engine.config import load_config
 from emseg.io import open_volume
 from emseg.engine.monitor import TrainingMonitor
-from emseg.engine.training import train
+from emseg.semantic.train import train
 
 
 @click.command("train")
@@ -66,7 +66,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
         monitor = TrainingMonitor(out_dir, tensorboard=tensorboard, valid=valid, patch_shape=cfg.patch_shape,
                                   n_classes=cfg.n_classes, then=progress)
         stack.callback(monitor.close)
-        result = train(cfg, out_dir, device=app.device, seed=app.seed, resume=resume, progress=monitor)
+        result = train(cfg, out_dir, runtime=app.runtime, resume=resume, progress=monitor)
 
     def render(console):
         state_word = "interrupted" if result.interrupted else "finished"

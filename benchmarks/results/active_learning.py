@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 
 import active_vnc  # noqa: E402
+from emseg.runtime import Runtime
 
 TASKS = ("mito", "5class")
 
@@ -86,7 +87,8 @@ def fully_supervised(config, seed: int, steps: int) -> dict:
     """The simulation's network trained on every pool voxel for ``steps`` steps; test scores."""
     import tempfile
 
-    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.engine.training import run_training
+    from emseg.semantic.train import SegmentationTask, evaluate_cubes
 
     def cube(spec):
         return region_cube(config, spec)
@@ -95,7 +97,7 @@ def fully_supervised(config, seed: int, steps: int) -> dict:
     task = SegmentationTask(train_cfg, cubes=[cube(config.pool)], valid_cubes=[])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run_training(task, train_cfg, tmp, device="cpu", seed=seed)
+        run_training(task, train_cfg, tmp, runtime=Runtime(device="cpu", seed=seed))
         from emseg.models.checkpoint import load_model
 
         model, _ = load_model(Path(tmp) / "last.pt", "cpu")
@@ -206,7 +208,7 @@ def main() -> int:
             print(f"[{event['done']}/{event['total']}] {r['strategy']} seed {r['seed']} it {r['iteration']} "
                   f"n={r['n_labelled']} J={r['mean_fg_jaccard']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    result = run_simulation(config, out / "simulation", device="cpu", progress=progress)
+    result = run_simulation(config, out / "simulation", runtime=Runtime(device="cpu"), progress=progress)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "no_full", "seeds", "strategies")}
     campaign = Campaign(out / "results.json", settings)
     if not args.no_full:

@@ -32,6 +32,7 @@ from _campaign import Campaign, mean_std, no_data, pyplot  # noqa: E402
 
 import active_learning  # noqa: E402
 import active_vnc  # noqa: E402
+from emseg.runtime import Runtime
 
 
 def campaign_args(args, **over) -> argparse.Namespace:
@@ -56,7 +57,7 @@ def finetune_run(args, seed: int, steps: int, sims: Path) -> dict:
         shutil.copy(first / "initial.json", mine / "initial.json")
         shutil.copytree(first / "initial", mine / "initial")
     t0 = time.perf_counter()
-    result = run_simulation(config, folder, device="cpu", plot=False)
+    result = run_simulation(config, folder, runtime=Runtime(device="cpu"), plot=False)
     rows = {int(r["iteration"]): float(r["mean_fg_jaccard"]) for r in result.rows if int(r["seed"]) == seed}
     return {"initial": rows[0], "jaccard": rows[1], "seconds": time.perf_counter() - t0}
 
@@ -64,7 +65,8 @@ def finetune_run(args, seed: int, steps: int, sims: Path) -> dict:
 def full_run(args, seed: int) -> dict:
     """The whole pool for ``--full-steps`` steps, the test Jaccard every ``--full-every`` steps."""
     from emseg.models.checkpoint import load_model
-    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.engine.training import run_training
+    from emseg.semantic.train import SegmentationTask, evaluate_cubes
 
     config = active_learning.build(campaign_args(args, seeds=str(seed)))
     pool, test = active_learning.region_cube(config, config.pool), active_learning.region_cube(config, config.test)
@@ -75,7 +77,7 @@ def full_run(args, seed: int) -> dict:
             cfg = config.train.replace(steps=args.full_steps, valid_every=10**9, checkpoint_every=10**9)
             task = SegmentationTask(cfg, cubes=[pool], valid_cubes=[])
             # one cosine schedule over --full-steps, stopped and tested every --full-every steps
-            run_training(task, cfg, tmp, device="cpu", seed=seed, resume=step > args.full_every,
+            run_training(task, cfg, tmp, runtime=Runtime(device="cpu", seed=seed), resume=step > args.full_every,
                          stop_after=args.full_every)
             model, _ = load_model(Path(tmp) / "last.pt", "cpu")
             res = evaluate_cubes(model, [test], cfg.patch_shape, config.n_classes, "cpu",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
+from emseg.runtime import Runtime
 
 CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
 
@@ -67,12 +68,12 @@ def one_run(vnc: Path, arm: str, seconds: float, seed: int) -> dict:
     from emseg.semantic.evaluation import evaluate_volumes
     from emseg.io import open_volume
     from emseg.semantic.predict import PredictConfig, predict_file
-    from emseg.engine.training import train
+    from emseg.semantic.train import train
 
     cfg = config_from_dict(new_user_config(vnc, seconds, ARMS[arm]))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = train(cfg, f"{tmp}/run", device="cpu", seed=seed)
+        result = train(cfg, f"{tmp}/run", runtime=Runtime(device="cpu", seed=seed))
         with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/test.h5", "w") as out:
             out["raw"] = fh["raw"][15:20]
             out["label"] = fh["label"][15:20]

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
+from emseg.runtime import Runtime
 
 POOL, VALID, TEST = (0, 12), (12, 15), (15, 20)
 PRETRAIN_SECTIONS = (0, 15)
@@ -148,7 +149,7 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
         "patch_shape": [1, args.patch, args.patch], "data": data, "pretext": {"kind": kind},
         "model": {"depth": args.depth, "base_width": args.base_width}, "checkpoint_every": 200, **budget})
     t0 = time.perf_counter()
-    result = pretrain(config, folder, device="auto", seed=seed, resume=last.exists())
+    result = pretrain(config, folder, runtime=Runtime(device="auto", seed=seed), resume=last.exists())
     return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
             "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0}
 
@@ -156,7 +157,8 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
 def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None) -> dict:
     """Train (or fine-tune from ``init``), keep the best validation checkpoint, score it on ``test``."""
     from emseg.engine.config import config_from_dict
-    from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
+    from emseg.engine.training import run_training
+    from emseg.semantic.train import SegmentationTask, evaluate_cubes
     from emseg.models.checkpoint import load_model
 
     config = config_from_dict({
@@ -167,7 +169,7 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(SegmentationTask(config, cubes=cubes, valid_cubes=[valid]), config, tmp,
-                              device="auto", seed=seed)
+                              runtime=Runtime(device="auto", seed=seed))
         out = {"valid_best": result.best_metric, "steps": result.final_step}
         if test is not None:
             best = Path(tmp) / "best.pt"  # absent when no validation score was finite: the last weights

@@ -31,7 +31,9 @@ from _common import data_dir, machine  # noqa: E402
 
 from emseg.engine.config import config_from_dict  # noqa: E402
 from emseg.io import atomic_write_json  # noqa: E402
-from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training  # noqa: E402
+from emseg.engine.training import run_training  # noqa: E402
+from emseg.semantic.train import SegmentationTask, evaluate_cubes
+from emseg.runtime import Runtime
 
 CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
 
@@ -62,7 +64,7 @@ def one_run(vnc: Path, precision: str, steps: int, every: int, patch: int, seed:
     task = FP32Validation(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = run_training(task, cfg, tmp, device="cpu", seed=seed)
+            result = run_training(task, cfg, tmp, runtime=Runtime(device="cpu", seed=seed))
         finally:
             task.close()
         with open(Path(tmp) / "metrics.csv", newline="") as fh:

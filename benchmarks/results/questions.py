@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 
 import active_learning  # noqa: E402
+from emseg.runtime import Runtime
 
 TASKS = ("mito", "5class")
 DENSE_ARMS = ("random", "entropy")
@@ -348,7 +349,7 @@ def main() -> int:
                   f"cost={r['cost_s'] / 3600:.2f} h J={r['mean_fg_jaccard']:.3f} fp={fp:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    result = run_simulation(config, out / "simulation", device="cpu", progress=progress)
+    result = run_simulation(config, out / "simulation", runtime=Runtime(device="cpu"), progress=progress)
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("out", "markdown", "no_full", "seeds", "dense_arms", "question_arms")}
     campaign = Campaign(out / "results.json", settings)

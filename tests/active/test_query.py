@@ -32,7 +32,8 @@ from emseg.engine.config import config_from_dict
 from emseg.data import to_float
 from emseg.errors import InputError
 from emseg.models import UNet, set_mc_dropout
-from emseg.engine.training import train
+from emseg.semantic.train import train
+from emseg.runtime import Runtime
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -376,7 +377,7 @@ def trained(tmp_path_factory):
     partial[1, 10:20, 40:50] = vol.label[1, 10:20, 40:50]
     data = write_h5(root / "data.h5", raw=vol.raw, label=vol.label, partial=partial)
     cfg = config_from_dict(tiny_train_config(data, steps=4, model={"dropout": 0.2}))
-    train(cfg, root / "run", device="cpu", seed=0)
+    train(cfg, root / "run", runtime=Runtime(device="cpu", seed=0))
     return root, data, vol
 
 
@@ -479,7 +480,7 @@ class _Stop(Exception):
 def test_simulate_rows_resume_and_cli(trained, tmp_path):
     _, data, vol = trained
     config = load_simulate_config(_sim_config(tmp_path, data))
-    full = run_simulation(config, tmp_path / "a", device="cpu", plot=False)
+    full = run_simulation(config, tmp_path / "a", runtime=Runtime(device="cpu"), plot=False)
     assert full.computed == full.total == 6
     keys = [(r["strategy"], r["seed"], r["iteration"], r["n_labelled"]) for r in full.rows]
     assert keys == [(s, 0, it, 2 + 2 * it) for s in ("random", "entropy") for it in range(3)]
@@ -509,7 +510,7 @@ def test_simulate_rows_resume_and_cli(trained, tmp_path):
                 raise _Stop
 
     with pytest.raises(_Stop):
-        run_simulation(config, tmp_path / "b", device="cpu", progress=stop_after_three, plot=False)
+        run_simulation(config, tmp_path / "b", runtime=Runtime(device="cpu"), progress=stop_after_three, plot=False)
     with open(tmp_path / "b" / "curves.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
 
@@ -519,8 +520,8 @@ def test_simulate_rows_resume_and_cli(trained, tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        run_simulation(config, tmp_path / "b", device="cpu", progress=stop_before_training, plot=False)
-    resumed = run_simulation(config, tmp_path / "b", device="cpu", plot=False)
+        run_simulation(config, tmp_path / "b", runtime=Runtime(device="cpu"), progress=stop_before_training, plot=False)
+    resumed = run_simulation(config, tmp_path / "b", runtime=Runtime(device="cpu"), plot=False)
     assert resumed.computed == 1
     assert [r["n_labelled"] for r in resumed.rows] == [r["n_labelled"] for r in full.rows]
     cols = ["jaccard_0", "jaccard_1", "jaccard_2", "mean_fg_jaccard"]
@@ -537,7 +538,7 @@ def test_simulate_rows_resume_and_cli(trained, tmp_path):
     # another configuration in the same folder is refused
     other = load_simulate_config(tmp_path / "sim.toml", overrides={"steps_finetune": 5})
     with pytest.raises(InputError, match="different configuration"):
-        run_simulation(other, tmp_path / "a", device="cpu", plot=False)
+        run_simulation(other, tmp_path / "a", runtime=Runtime(device="cpu"), plot=False)
 
 
 def test_simulate_config_errors(trained, tmp_path):

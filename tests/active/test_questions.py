@@ -39,7 +39,8 @@ from emseg.cli.main import cli
 from emseg.engine.config import config_from_dict
 from emseg.data import open_cubes, to_float
 from emseg.errors import InputError
-from emseg.engine.training import train
+from emseg.semantic.train import train
+from emseg.runtime import Runtime
 
 
 def _softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -86,7 +87,7 @@ def asked(tmp_path_factory):
     vol = synthetic((4, 64, 64), 0)
     data = write_h5(root / "data.h5", raw=vol.raw, label=vol.label)
     cfg = config_from_dict(tiny_train_config(data, steps=4))
-    train(cfg, root / "run", device="cpu", seed=0)
+    train(cfg, root / "run", runtime=Runtime(device="cpu", seed=0))
     return root, data, vol
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import synthetic, to_toml, write_h5
 from emseg.active.simulation.loop import class_free_windows, false_positive_rates, load_simulate_config, run_simulation
 from emseg.errors import InputError
+from emseg.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ class _Stop(Exception):
 def test_simulate_question_arms_record_cost_answer_from_truth_and_resume(volume, tmp_path):
     data, vol = volume
     config = _sim(tmp_path, data)
-    full = run_simulation(config, tmp_path / "a", device="cpu", plot=False)
+    full = run_simulation(config, tmp_path / "a", runtime=Runtime(device="cpu"), plot=False)
     assert full.computed == full.total == 9
     with open(tmp_path / "a" / "curves.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -95,18 +96,18 @@ def test_simulate_question_arms_record_cost_answer_from_truth_and_resume(volume,
                 raise _Stop
 
     with pytest.raises(_Stop):
-        run_simulation(config, tmp_path / "b", device="cpu", progress=stop, plot=False)
-    resumed = run_simulation(config, tmp_path / "b", device="cpu", plot=False)
+        run_simulation(config, tmp_path / "b", runtime=Runtime(device="cpu"), progress=stop, plot=False)
+    resumed = run_simulation(config, tmp_path / "b", runtime=Runtime(device="cpu"), plot=False)
     assert resumed.computed == 4
     cols = ["jaccard_0", "mean_fg_jaccard", "cost_s", "n_presence"]
     assert [[r[c] for c in cols] for r in resumed.rows] == [pytest.approx([r[c] for c in cols], nan_ok=True)
                                                              for r in full.rows]
     # arms may be added to a folder; a changed budget is refused by the arms that ran with another
     more = _sim(tmp_path, data, questions=["dense+presence", "partial=1+presence=1", "presence"])
-    grown = run_simulation(more, tmp_path / "a", device="cpu", plot=True)
+    grown = run_simulation(more, tmp_path / "a", runtime=Runtime(device="cpu"), plot=True)
     assert grown.computed == 3 and (grown.curves_png is not None or grown.plot_note)
     with pytest.raises(InputError, match="another budget"):
-        run_simulation(_sim(tmp_path, data, budget=50.0), tmp_path / "a", device="cpu", plot=False)
+        run_simulation(_sim(tmp_path, data, budget=50.0), tmp_path / "a", runtime=Runtime(device="cpu"), plot=False)
 
 
 def test_simulate_question_config_errors(volume, tmp_path):
@@ -168,7 +169,7 @@ def test_simulated_rows_record_the_false_positive_rate_of_their_network(volume, 
 
     data, vol = volume
     config = _sim(tmp_path, data, questions=["dense+presence"], iterations=1)
-    result = run_simulation(config, tmp_path / "a", device="cpu", plot=True)
+    result = run_simulation(config, tmp_path / "a", runtime=Runtime(device="cpu"), plot=True)
     assert result.curves_png is not None or result.plot_note
     test_raw, test_label = vol.raw[3:4], vol.label[3:4].astype(np.int64)
     runs = tmp_path / "a" / "runs" / "seed_0"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import tiny_train_config, to_toml, write_h5
 from emseg.cli.main import cli
 from emseg.io import open_volume
-from emseg.engine.training import SegmentationTask
+from emseg.semantic.train import SegmentationTask
 
 COMMANDS = ("train", "predict", "evaluate", "query", "noise", "lcs")
 

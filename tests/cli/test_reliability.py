@@ -27,7 +27,9 @@ from emseg.errors import InputError, TrainingDiverged
 from emseg.runtime.locks import WriterLock, clean_stale_temps, lock_folder, pid_alive
 from emseg.models import build_model
 from emseg.semantic.predict import PredictConfig, predict_file
-from emseg.engine.training import SegmentationTask, run_training, train
+from emseg.engine.training import run_training
+from emseg.semantic.train import SegmentationTask, train
+from emseg.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,12 +100,12 @@ class _BlowUpTask(SegmentationTask):
 def test_nan_loss_keeps_the_last_good_state_buffers_included(tmp_path, synthetic_h5):
     cfg = _config(synthetic_h5, steps=6, checkpoint_every=1)
     with pytest.raises(TrainingDiverged, match="at step 3"):
-        run_training(_BlowUpTask(cfg), cfg, tmp_path / "run", device="cpu", seed=0)
+        run_training(_BlowUpTask(cfg), cfg, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # the same two good steps without the blow-up: the kept checkpoint is exactly that state
-    run_training(SegmentationTask(cfg), cfg, tmp_path / "ref", device="cpu", seed=0, stop_after=2)
+    run_training(SegmentationTask(cfg), cfg, tmp_path / "ref", runtime=Runtime(device="cpu", seed=0), stop_after=2)
     _assert_same_weights(tmp_path / "run" / "last.pt", tmp_path / "ref" / "last.pt")
     buffers = [k for k in state["model"] if "running_" in k]
     assert buffers  # BatchNorm statistics are part of what was checked
@@ -125,10 +127,10 @@ def test_prediction_stops_at_a_non_finite_output_naming_the_block(tmp_path, synt
 
 def test_metrics_after_resume_equal_an_uninterrupted_run(tmp_path, synthetic_h5):
     cfg = _config(synthetic_h5, steps=8, log_every=3, checkpoint_every=2)
-    train(cfg, tmp_path / "full", device="cpu", seed=0)
-    first = train(cfg, tmp_path / "split", device="cpu", seed=0, stop_after=4)  # mid-window: steps 4 of 4..6
+    train(cfg, tmp_path / "full", runtime=Runtime(device="cpu", seed=0))
+    first = train(cfg, tmp_path / "split", runtime=Runtime(device="cpu", seed=0), stop_after=4)  # mid-window: steps 4 of 4..6
     assert first.interrupted and first.final_step == 4
-    train(cfg, tmp_path / "split", device="cpu", seed=0, resume=True)
+    train(cfg, tmp_path / "split", runtime=Runtime(device="cpu", seed=0), resume=True)
     full, split = _rows(tmp_path / "full" / "metrics.csv"), _rows(tmp_path / "split" / "metrics.csv")
     assert [r[0] for r in full] == ["3", "6", "8"]
     assert split == full
@@ -165,18 +167,18 @@ def test_two_trainings_into_one_folder(tmp_path, synthetic_h5):
     (tmp_path / "run").mkdir()
     with WriterLock(tmp_path / "run" / ".emseg.lock"):
         with pytest.raises(InputError, match=f"in use by process {os.getpid()}"):
-            train(cfg, tmp_path / "run", device="cpu")
+            train(cfg, tmp_path / "run", runtime=Runtime(device="cpu"))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
 
 
 def test_a_failed_training_removes_the_folder_it_created(tmp_path, synthetic_h5):
     cfg = _config(synthetic_h5, steps=2)
     with pytest.raises(InputError, match="nothing to resume"):
-        train(cfg, tmp_path / "new" / "run", device="cpu", resume=True)
+        train(cfg, tmp_path / "new" / "run", runtime=Runtime(device="cpu"), resume=True)
     assert not (tmp_path / "new" / "run").exists()
     (tmp_path / "kept").mkdir()
     with pytest.raises(InputError, match="nothing to resume"):
-        train(cfg, tmp_path / "kept", device="cpu", resume=True)
+        train(cfg, tmp_path / "kept", runtime=Runtime(device="cpu"), resume=True)
     assert (tmp_path / "kept").is_dir()  # not ours to remove
 
 
@@ -203,13 +205,14 @@ def test_kill_during_checkpoint_writing_then_resume_is_exact(tmp_path, synthetic
     data.setdefault("model", {}).update(depth=1, base_width=2)
     data["patch_shape"] = [1, 16, 16]
     cfg = config_from_dict(data)
-    train(cfg, tmp_path / "ref", device="cpu", seed=0)
+    train(cfg, tmp_path / "ref", runtime=Runtime(device="cpu", seed=0))
     run = tmp_path / "run"
     child = _spawn(f"""
         import time, torch
         import emseg.models.checkpoint
         from emseg.engine.config import config_from_dict
-        from emseg.engine.training import train
+        from emseg.semantic.train import train
+        from emseg.runtime import Runtime
         real = torch.save
         def save(state, path):
             real(state, path)
@@ -218,7 +221,7 @@ def test_kill_during_checkpoint_writing_then_resume_is_exact(tmp_path, synthetic
                 time.sleep(600)
         emseg.models.checkpoint.torch.save = save
         torch.set_num_threads(1)
-        train(config_from_dict({data!r}), {str(run)!r}, device="cpu", seed=0)
+        train(config_from_dict({data!r}), {str(run)!r}, runtime=Runtime(device="cpu", seed=0))
     """, tmp_path)
     _wait_for(lambda: (tmp_path / "ready").exists() or child.poll() is not None)
     assert child.poll() is None, child.stderr.read().decode()
@@ -226,7 +229,7 @@ def test_kill_during_checkpoint_writing_then_resume_is_exact(tmp_path, synthetic
     temps = [p.name for p in run.iterdir() if ".tmp-" in p.name]
     assert temps == [f".last.pt.tmp-{child.pid}-" + temps[0].rsplit("-", 1)[1]]
     assert load_checkpoint(run / "last.pt")["step"] == 2  # the previous good checkpoint
-    result = train(cfg, run, device="cpu", seed=0, resume=True)
+    result = train(cfg, run, runtime=Runtime(device="cpu", seed=0), resume=True)
     assert result.start_step == 2 and result.final_step == 6
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.csv"]
     _assert_same_weights(tmp_path / "ref" / "last.pt", run / "last.pt")

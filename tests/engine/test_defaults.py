@@ -10,7 +10,8 @@ from emseg.engine.config import OptimConfig, config_from_dict, learning_rate
 from emseg.data import Cube
 from emseg.errors import InputError
 from emseg.losses import lazy_soft_dice
-from emseg.engine.training import SegmentationTask, auto_class_weights
+from emseg.semantic.train import SegmentationTask, auto_class_weights
+from emseg.runtime import Runtime
 
 
 def dice_reference(logits, target, labeled, not_present, smooth=1.0):
@@ -144,7 +145,7 @@ def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
     import h5py
 
     from emseg.engine.config import UNBOUNDED_STEPS
-    from emseg.engine.training import train
+    from emseg.semantic.train import train
 
     path = tmp_path / "c.h5"
     rng = np.random.default_rng(0)
@@ -158,7 +159,7 @@ def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
     timed = config_from_dict(dict(base, max_seconds=1.5, optim={"schedule": "cosine", "min_lr_ratio": 0.0}))
     assert timed.total_steps == UNBOUNDED_STEPS
     seen = []
-    result = train(timed, tmp_path / "run", device="cpu", seed=0, progress=seen.append)
+    result = train(timed, tmp_path / "run", runtime=Runtime(device="cpu", seed=0), progress=seen.append)
     assert result.budget_exhausted and result.final_step == len(seen) > 5
     assert all(e["total"] is None for e in seen)
     used = [e["budget_used"] for e in seen]

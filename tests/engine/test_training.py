@@ -16,7 +16,8 @@ from emseg.engine.config import config_from_dict
 from emseg.errors import InputError, TrainingDiverged
 from emseg.engine.inference import SlidingWindow, softmax_forward
 from emseg.models import build_model
-from emseg.engine.training import SegmentationTask, train
+from emseg.semantic.train import SegmentationTask, train
+from emseg.runtime import Runtime
 
 METRIC_COLUMNS = ["step", "loss", "lr", "patches_per_s", "elapsed_s", "valid_score",
                   "valid_jaccard_0", "valid_jaccard_1", "valid_jaccard_2"]
@@ -41,13 +42,13 @@ def _load(path) -> dict:
 
 def test_resume_continues_exactly(tmp_path, synthetic_h5, monkeypatch):
     config = _config(synthetic_h5)
-    full = train(config, tmp_path / "full", device="cpu", seed=3)
+    full = train(config, tmp_path / "full", runtime=Runtime(device="cpu", seed=3))
     assert len(full.losses) == 6 and full.final_step == 6 and not full.interrupted
 
-    first = train(config, tmp_path / "split", device="cpu", seed=3, stop_after=3)
+    first = train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=3), stop_after=3)
     assert first.interrupted and first.final_step == 3
     assert _load(tmp_path / "split" / "last.pt")["step"] == 3
-    rest = train(config, tmp_path / "split", device="cpu", seed=3, resume=True)
+    rest = train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=3), resume=True)
     assert rest.start_step == 3 and rest.final_step == 6 and len(rest.losses) == 3
     np.testing.assert_allclose(first.losses, full.losses[:3], rtol=0, atol=1e-6)
     np.testing.assert_allclose(rest.losses, full.losses[3:], rtol=0, atol=1e-6)
@@ -61,7 +62,7 @@ def test_resume_continues_exactly(tmp_path, synthetic_h5, monkeypatch):
 def test_resume_from_periodic_checkpoint_after_a_crash(tmp_path, synthetic_h5, monkeypatch):
     """A crash at step 6 with checkpoints every 4 steps: resume redoes steps 5-6 identically and
     metrics.csv drops the rows logged after the checkpoint."""
-    full = train(_config(synthetic_h5), tmp_path / "full", device="cpu", seed=5)
+    full = train(_config(synthetic_h5), tmp_path / "full", runtime=Runtime(device="cpu", seed=5))
     config = _config(synthetic_h5, checkpoint_every=4)
     real_loss = SegmentationTask.loss
     calls = []
@@ -74,11 +75,11 @@ def test_resume_from_periodic_checkpoint_after_a_crash(tmp_path, synthetic_h5, m
 
     monkeypatch.setattr(SegmentationTask, "loss", crashing)
     with pytest.raises(RuntimeError, match="power cut"):
-        train(config, tmp_path / "run", device="cpu", seed=5)
+        train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=5))
     assert _load(tmp_path / "run" / "last.pt")["step"] == 4
     assert [int(r["step"]) for r in _rows(tmp_path / "run")[1]] == [1, 2, 3, 4, 5]
     monkeypatch.setattr(SegmentationTask, "loss", real_loss)
-    rest = train(config, tmp_path / "run", device="cpu", seed=5, resume=True)
+    rest = train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=5), resume=True)
     np.testing.assert_allclose(rest.losses, full.losses[4:], rtol=0, atol=1e-6)
     assert [int(r["step"]) for r in _rows(tmp_path / "run")[1]] == [1, 2, 3, 4, 5, 6]
 
@@ -88,7 +89,7 @@ def test_resume_from_periodic_checkpoint_after_a_crash(tmp_path, synthetic_h5, m
 
 def test_checkpoint_contents(tmp_path, synthetic_h5):
     config = _config(synthetic_h5)
-    train(config, tmp_path / "run", device="cpu", seed=0)
+    train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     for name in ("last.pt", "best.pt"):
         state = _load(tmp_path / "run" / name)
         for key in ("model", "optimizer", "step", "best_metric", "rng", "config", "emseg_version", "model_config"):
@@ -110,9 +111,9 @@ def test_checkpoint_contents(tmp_path, synthetic_h5):
 def test_best_checkpoint_without_validation_follows_resume(tmp_path, synthetic_h5):
     """Without validation best.pt holds the newest weights, also after an interrupted run resumes."""
     config = _config(synthetic_h5)
-    train(config, tmp_path / "run", device="cpu", seed=0, stop_after=3)
+    train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0), stop_after=3)
     assert _load(tmp_path / "run" / "best.pt")["step"] == 3
-    train(config, tmp_path / "run", device="cpu", seed=0, resume=True)
+    train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0), resume=True)
     last, best = _load(tmp_path / "run" / "last.pt"), _load(tmp_path / "run" / "best.pt")
     assert last["step"] == 6
     assert best["step"] == 6
@@ -126,7 +127,7 @@ def test_best_checkpoint_without_validation_follows_resume(tmp_path, synthetic_h
 @pytest.mark.parametrize("log_every, steps_logged", [(2, [2, 4, 6]), (4, [4, 6])])
 def test_metrics_csv_rows_per_log_step(tmp_path, synthetic_h5, log_every, steps_logged):
     config = _config(synthetic_h5, log_every=log_every)
-    result = train(config, tmp_path / "run", device="cpu", seed=0)
+    result = train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     columns, rows = _rows(tmp_path / "run")
     assert columns == METRIC_COLUMNS
     assert [int(r["step"]) for r in rows] == steps_logged
@@ -156,7 +157,7 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, synthetic_h5, 
 
     monkeypatch.setattr(SegmentationTask, "loss", nan_at_three)
     with pytest.raises(TrainingDiverged) as info:
-        train(config, tmp_path / "run", device="cpu", seed=0)
+        train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     assert info.value.step == 3 and math.isnan(info.value.value)
     assert "step 3" in str(info.value)
     state = _load(tmp_path / "run" / "last.pt")
@@ -169,16 +170,16 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, synthetic_h5, 
 
 def test_existing_run_needs_resume(tmp_path, synthetic_h5):
     config = _config(synthetic_h5, steps=1)
-    train(config, tmp_path / "run", device="cpu")
+    train(config, tmp_path / "run", runtime=Runtime(device="cpu"))
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(InputError, match="`resume`"):
-        train(config, tmp_path / "run", device="cpu")
+        train(config, tmp_path / "run", runtime=Runtime(device="cpu"))
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     with pytest.raises(InputError, match="nothing to resume"):
-        train(config, tmp_path / "other", device="cpu", resume=True)
+        train(config, tmp_path / "other", runtime=Runtime(device="cpu"), resume=True)
     wider = _config(synthetic_h5, steps=2, model={"base_width": 6})
     with pytest.raises(InputError, match="different network"):
-        train(wider, tmp_path / "run", device="cpu", resume=True)
+        train(wider, tmp_path / "run", runtime=Runtime(device="cpu"), resume=True)
 
 
 # --------------------------------------------------------------------------- (f) validation
@@ -193,7 +194,7 @@ def _jaccard(pred: np.ndarray, gt: np.ndarray, k: int) -> float:
 def test_validation_columns_and_best_checkpoint(tmp_path, synthetic_h5, synthetic_valid_h5):
     config = _config(synthetic_h5, valid_every=3,
                      valid=[{"raw": f"{synthetic_valid_h5}:raw", "label": f"{synthetic_valid_h5}:label"}])
-    result = train(config, tmp_path / "run", device="cpu", seed=0)
+    result = train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     columns, rows = _rows(tmp_path / "run")
     assert columns == METRIC_COLUMNS
     scored = {int(r["step"]): r for r in rows if r["valid_score"] != ""}
@@ -222,7 +223,7 @@ def test_validation_columns_and_best_checkpoint(tmp_path, synthetic_h5, syntheti
 def test_validation_cube_without_labels_is_refused(tmp_path, synthetic_h5):
     config = _config(synthetic_h5, valid=[{"raw": f"{synthetic_h5}:raw"}])
     with pytest.raises(InputError, match="validation cubes need labels"):
-        train(config, tmp_path / "run", device="cpu")
+        train(config, tmp_path / "run", runtime=Runtime(device="cpu"))
 
 
 # --------------------------------------------------------------------------- (g) lazy labels
@@ -236,8 +237,8 @@ def test_not_present_flag_drives_class_probability_down(tmp_path):
     overrides = dict(model={"norm": "group"}, optim={"lr": 1e-2}, augment={"brightness": 0.0, "contrast": 0.0})
     trained = _config(tmp_path / "lazy.h5", steps=16, **overrides)
     initial = trained.replace(steps=0)  # the untrained network (a config file needs steps >= 1)
-    train(initial, tmp_path / "init", device="cpu", seed=0)
-    train(trained, tmp_path / "trained", device="cpu", seed=0)
+    train(initial, tmp_path / "init", runtime=Runtime(device="cpu", seed=0))
+    train(trained, tmp_path / "trained", runtime=Runtime(device="cpu", seed=0))
 
     def mean_p1(run):
         model, _ = load_model(tmp_path / run / "last.pt")

@@ -33,6 +33,7 @@ from emseg.igtt import (
 from emseg.semantic.predict import PredictConfig, predict_file
 from emseg.cli.main import cli
 from emseg.io import open_volume
+from emseg.runtime import Runtime
 from conftest import ome_group, ome_models, validated_ome_image, write_h5
 
 
@@ -240,7 +241,7 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
     img, truth = blob_image()
     before = img.copy()
     cfg = IGTTConfig(**TINY, save_pseudo_labels=True)
-    full = run_igtt(img, cfg, tmp_path / "full", label=truth, device="cpu", seed=3)
+    full = run_igtt(img, cfg, tmp_path / "full", label=truth, runtime=Runtime(device="cpu", seed=3))
     assert np.array_equal(img, before)
     out = tmp_path / "full"
     assert full.complete and full.final_epoch == 2 and full.epochs_run == [1, 2]
@@ -276,12 +277,12 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
     assert full.scores is not None and 0 <= full.scores["dice"] <= 1
 
     # interrupted after epoch 1, then resumed: epoch 2 only, same result as the full run
-    part = run_igtt(img, cfg, tmp_path / "part", label=truth, device="cpu", seed=3, stop_after=1)
+    part = run_igtt(img, cfg, tmp_path / "part", label=truth, runtime=Runtime(device="cpu", seed=3), stop_after=1)
     assert part.final_epoch == 1 and not part.complete
     assert not (tmp_path / "part" / "prediction.zarr").exists()
     first_rows = _rows(tmp_path / "part" / "metrics.csv")
     events = []
-    resumed = run_igtt(img, cfg, tmp_path / "part", label=truth, device="cpu", seed=3, resume=True,
+    resumed = run_igtt(img, cfg, tmp_path / "part", label=truth, runtime=Runtime(device="cpu", seed=3), resume=True,
                    progress=events.append)
     assert resumed.start_epoch == 1 and resumed.epochs_run == [2] and resumed.complete
     assert {e["epoch"] for e in events} == {2}
@@ -293,11 +294,11 @@ def test_pipeline_end_to_end_outputs_and_resume(tmp_path):
 
     # guards: a second run into the same folder, and a resume with other options
     with pytest.raises(InputError, match="pass `resume` to continue it"):
-        run_igtt(img, cfg, tmp_path / "part", device="cpu", seed=3)
+        run_igtt(img, cfg, tmp_path / "part", runtime=Runtime(device="cpu", seed=3))
     with pytest.raises(InputError, match="other options"):
-        run_igtt(img, IGTTConfig(**{**TINY, "shift_radius": 2}), tmp_path / "part", device="cpu", seed=3, resume=True)
+        run_igtt(img, IGTTConfig(**{**TINY, "shift_radius": 2}), tmp_path / "part", runtime=Runtime(device="cpu", seed=3), resume=True)
     with pytest.raises(InputError, match="nothing to resume"):
-        run_igtt(img, cfg, tmp_path / "none", device="cpu", resume=True)
+        run_igtt(img, cfg, tmp_path / "none", runtime=Runtime(device="cpu"), resume=True)
 
 
 def test_cli_end_to_end_json(tmp_path):

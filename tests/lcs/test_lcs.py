@@ -28,6 +28,7 @@ from emseg.lcs import (
     train_lcs,
 )
 from emseg.models import build_model
+from emseg.runtime import Runtime
 
 GREY, BRIGHT, DARK = 128, 230, 25
 
@@ -239,7 +240,7 @@ def test_loss_has_a_gradient_on_a_patch_without_the_class(dice_mode, bce_weight)
 def test_conditioning_selects_the_class(tmp_path, data_h5, conditioning):
     """After a short training, the class-1 condition finds bright squares, class 2 the dark ones."""
     config, lcs = build(data_h5, steps=90, optim={"lr": 1e-2}, lcs={"conditioning": conditioning})
-    result = train_lcs(config, lcs, tmp_path / "run", device="cpu", seed=0)
+    result = train_lcs(config, lcs, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     assert result.losses[-1] < result.losses[0]
     lcs_model = load_lcs_model(tmp_path / "run" / "last.pt")
     raw, label = cells((1, 32, 32), 7)
@@ -333,7 +334,7 @@ def test_merged_label_map_rule():
 
 def test_checkpoint_round_trip_with_atlas(tmp_path, data_h5):
     config, lcs = build(data_h5, steps=2, lcs={"atlas_offset": [0, 0, 0]})
-    train_lcs(config, lcs, tmp_path / "run", device="cpu")
+    train_lcs(config, lcs, tmp_path / "run", runtime=Runtime(device="cpu"))
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert state["task"] == "lcs" and state["lcs"]["classes"] == [1, 2]
     with h5py.File(data_h5) as fh:
@@ -353,16 +354,16 @@ def test_checkpoint_round_trip_with_atlas(tmp_path, data_h5):
 
 def test_resume_continues_exactly(tmp_path, data_h5):
     config, lcs = build(data_h5, steps=4, lcs={"merge_prob": 0.5})
-    full = train_lcs(config, lcs, tmp_path / "a", device="cpu", seed=3)
-    part = train_lcs(config, lcs, tmp_path / "b", device="cpu", seed=3, stop_after=2)
-    rest = train_lcs(config, lcs, tmp_path / "b", device="cpu", seed=3, resume=True)
+    full = train_lcs(config, lcs, tmp_path / "a", runtime=Runtime(device="cpu", seed=3))
+    part = train_lcs(config, lcs, tmp_path / "b", runtime=Runtime(device="cpu", seed=3), stop_after=2)
+    rest = train_lcs(config, lcs, tmp_path / "b", runtime=Runtime(device="cpu", seed=3), resume=True)
     np.testing.assert_allclose(part.losses + rest.losses, full.losses, rtol=1e-5)
     other, lcs2 = build(data_h5, steps=6, lcs={"classes": [1]})
     with pytest.raises(InputError, match="classes"):
-        train_lcs(other, lcs2, tmp_path / "b", device="cpu", resume=True)
+        train_lcs(other, lcs2, tmp_path / "b", runtime=Runtime(device="cpu"), resume=True)
     other, lcs3 = build(data_h5, steps=6, lcs={"merge_prob": 0.5, "conditioning": "atlas"})
     with pytest.raises(InputError, match="prototype conditioning, the config asks for atlas"):
-        train_lcs(other, lcs3, tmp_path / "b", device="cpu", resume=True)
+        train_lcs(other, lcs3, tmp_path / "b", runtime=Runtime(device="cpu"), resume=True)
 
 
 # --------------------------------------------------------------------------- command line
@@ -495,7 +496,7 @@ def test_old_maxpool_checkpoints_load_with_their_old_behaviour(tmp_path, data_h5
     """A checkpoint written before `conditioning` existed (max-pooled atlas, no key) still predicts
     as the first implementation did: max pool to the bottleneck, concatenation, conv block."""
     config, lcs = build(data_h5, steps=1)
-    train_lcs(config, lcs, tmp_path / "run", device="cpu")
+    train_lcs(config, lcs, tmp_path / "run", runtime=Runtime(device="cpu"))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     legacy_config = {k: v for k, v in state["model_config"].items() if k != "conditioning"}
     torch.manual_seed(0)

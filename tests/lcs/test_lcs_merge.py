@@ -18,6 +18,7 @@ from emseg.lcs import LabelPredictor, LCSTask, lcs_config_from_dict, load_lcs_mo
 from emseg.lcs.calibrate import MAX_FIT_ENTRIES, MAX_FIT_VOXELS, Calibration, fit_calibration, fit_subsample, prob_logit
 from emseg.lcs.merge import CalibratedMerge, calibrated_merge
 from emseg.lcs.split import split_part, split_target, thick_part
+from emseg.runtime import Runtime
 from test_lcs import _random_model_and_atlas, _write_config, build, data_h5  # noqa: F401 (fixture)
 
 sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
@@ -258,7 +259,7 @@ def test_bad_keys_name_the_key(table, message):
 def test_new_keys_round_trip_through_the_checkpoint(tmp_path, data_h5):
     config, lcs = build(data_h5, steps=1, lcs={"merge": "max", "split_prob": 0.3})
     assert (lcs.merge, lcs.split_prob) == ("max", 0.3)
-    train_lcs(config, lcs, tmp_path / "run", device="cpu")
+    train_lcs(config, lcs, tmp_path / "run", runtime=Runtime(device="cpu"))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["lcs"]["merge"] == "max" and state["lcs"]["split_prob"] == 0.3
     again = lcs_config_from_dict({k: v for k, v in state["lcs"].items() if k not in ("patch_shape", "n_classes")},

@@ -11,6 +11,7 @@ from emseg.engine.config import config_from_dict
 from emseg.lcs import LabelPredictor, lcs_config_from_dict, load_lcs_model, train_lcs
 from emseg.models import UNet
 from emseg.models.conditioning import ConditionCode
+from emseg.runtime import Runtime
 
 
 def _net(conditioning, norm="batch", depth=2, width=4, seed=0):
@@ -124,7 +125,7 @@ def test_prototype_conditioning_learns_classes_that_differ_only_in_texture(tmp_p
     config = config_from_dict(data)
     lcs = lcs_config_from_dict({"atlas_raw": f"{h5}:atlas_raw", "atlas_label": f"{h5}:atlas_label",
                                 "conditioning": "prototype", "merge_prob": 0.0}, n_classes=3)
-    train_lcs(config, lcs, tmp_path / "run", device="cpu", seed=0)
+    train_lcs(config, lcs, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     model = load_lcs_model(tmp_path / "run" / "last.pt")
     test_label = rng.integers(0, 3, size=(1, 8, 8)).repeat(4, 1).repeat(4, 2)
     image = textures(test_label, rng).astype(np.float32) / 255

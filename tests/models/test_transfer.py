@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from conftest import tiny_train_config, to_toml
 from emseg.cli.main import cli
 from emseg.engine.config import config_from_dict, load_config
-from emseg.engine.training import train
+from emseg.semantic.train import train
 from emseg.errors import InputError
 from emseg.models import build_model
 from emseg.models.checkpoint import save_checkpoint
 from emseg.models.transfer import init_from_checkpoint
+from emseg.runtime import Runtime
 
 ARCH = dict(ndim=2, in_channels=1, depth=2, base_width=4, norm="batch", dropout=0.0, anisotropic_levels=0)
 
@@ -100,14 +101,14 @@ def test_not_a_checkpoint(tmp_path, content, words):
 def test_resume_of_an_init_run_continues_exactly_from_last_pt(tmp_path, synthetic_h5, monkeypatch):
     _source(tmp_path / "pre.pt")
     config = config_from_dict(tiny_train_config(synthetic_h5, init=str(tmp_path / "pre.pt")))
-    full = train(config, tmp_path / "full", device="cpu", seed=1)
-    first = train(config, tmp_path / "split", device="cpu", seed=1, stop_after=3)
+    full = train(config, tmp_path / "full", runtime=Runtime(device="cpu", seed=1))
+    first = train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), stop_after=3)
     calls = []
     import emseg.engine.training as training
 
     real = training.init_from_checkpoint
     monkeypatch.setattr(training, "init_from_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rest = train(config, tmp_path / "split", device="cpu", seed=1, resume=True)
+    rest = train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), resume=True)
     assert calls == []  # init is not re-applied on resume
     np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=0, atol=1e-6)
     last = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
@@ -117,9 +118,9 @@ def test_resume_of_an_init_run_continues_exactly_from_last_pt(tmp_path, syntheti
 
 def test_init_from_scratch_run_differs_from_a_run_without(tmp_path, synthetic_h5):
     _source(tmp_path / "pre.pt")
-    plain = train(config_from_dict(tiny_train_config(synthetic_h5, steps=1)), tmp_path / "a", device="cpu", seed=1)
+    plain = train(config_from_dict(tiny_train_config(synthetic_h5, steps=1)), tmp_path / "a", runtime=Runtime(device="cpu", seed=1))
     init = train(config_from_dict(tiny_train_config(synthetic_h5, steps=1, init=str(tmp_path / "pre.pt"))),
-                 tmp_path / "b", device="cpu", seed=1)
+                 tmp_path / "b", runtime=Runtime(device="cpu", seed=1))
     assert plain.init is None and init.init is not None and plain.losses != init.losses
 
 

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from conftest import synthetic, tiny_train_config, to_toml, write_h5
 from emseg.cli.main import cli
 from emseg.engine.config import config_from_dict
-from emseg.engine.training import train
+from emseg.semantic.train import train
 from emseg.errors import InputError
 from emseg.models import build_model
 from emseg.pretrain import PretextConfig, PretrainTask, load_pretrain_config, pretrain, pretrain_config_from_dict
 from emseg.pretrain.pretext import block_mask, make_pretext_batch, pretext_loss
+from emseg.runtime import Runtime
 
 
 def _config_dict(h5, **overrides):
@@ -121,10 +122,10 @@ def test_config_errors_are_one_line_naming_the_file(tmp_path, change, words):
 
 def test_pretrain_resume_continues_exactly(tmp_path, synthetic_h5):
     config = pretrain_config_from_dict(_config_dict(synthetic_h5))
-    full = pretrain(config, tmp_path / "full", device="cpu", seed=3)
+    full = pretrain(config, tmp_path / "full", runtime=Runtime(device="cpu", seed=3))
     assert full.final_step == 6 and len(full.losses) == 6 and np.isfinite(full.losses).all()
-    first = pretrain(config, tmp_path / "split", device="cpu", seed=3, stop_after=2)
-    rest = pretrain(config, tmp_path / "split", device="cpu", seed=3, resume=True)
+    first = pretrain(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=3), stop_after=2)
+    rest = pretrain(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=3), resume=True)
     assert first.interrupted and rest.start_step == 2 and rest.final_step == 6
     np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=0, atol=1e-6)
     a, b = _load(tmp_path / "split" / "last.pt"), _load(tmp_path / "full" / "last.pt")
@@ -134,12 +135,12 @@ def test_pretrain_resume_continues_exactly(tmp_path, synthetic_h5):
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4, 5, 6]
     other = pretrain_config_from_dict(_config_dict(synthetic_h5, pretext={"kind": "denoise"}))
     with pytest.raises(InputError, match="other \\[pretext\\] settings"):
-        pretrain(other, tmp_path / "split", device="cpu", seed=3, resume=True)
+        pretrain(other, tmp_path / "split", runtime=Runtime(device="cpu", seed=3), resume=True)
 
 
 def test_pretrain_checkpoint_is_an_init_source_for_train(tmp_path, synthetic_h5):
     config = pretrain_config_from_dict(_config_dict(synthetic_h5, steps=2))
-    pretrain(config, tmp_path / "pre", device="cpu")
+    pretrain(config, tmp_path / "pre", runtime=Runtime(device="cpu"))
     state = _load(tmp_path / "pre" / "last.pt")
     seg_config = config_from_dict(tiny_train_config(synthetic_h5, steps=1))
     seg_model_config = dict(ndim=2, in_channels=1, out_channels=3, depth=2, base_width=4, norm="batch",
@@ -147,7 +148,7 @@ def test_pretrain_checkpoint_is_an_init_source_for_train(tmp_path, synthetic_h5)
     assert state["task"] == "pretrain" and state["pretext"]["kind"] == "masked"
     assert state["model_config"] == dict(seg_model_config, out_channels=1)  # the keys `emseg train` writes
     assert (tmp_path / "pre" / "best.pt").exists()
-    result = train(seg_config.replace(init=str(tmp_path / "pre" / "last.pt")), tmp_path / "ft", device="cpu")
+    result = train(seg_config.replace(init=str(tmp_path / "pre" / "last.pt")), tmp_path / "ft", runtime=Runtime(device="cpu"))
     assert result.init["loaded"] == len(state["model"]) - 2
     assert _load(tmp_path / "ft" / "last.pt")["model_config"] == seg_model_config
 
@@ -162,7 +163,7 @@ def test_pretrain_on_3d_patches_with_section_blocks(tmp_path):
     hidden = batch["mask"][:, 0].sum(dim=(2, 3))  # 8 x 8 blocks one section deep: 2 of 4 per section
     assert torch.all(hidden == round(0.6 * 4) * 64)
     task.close()
-    assert pretrain(config, tmp_path / "run", device="cpu").final_step == 2
+    assert pretrain(config, tmp_path / "run", runtime=Runtime(device="cpu")).final_step == 2
 
 
 # --------------------------------------------------------------------------- command line

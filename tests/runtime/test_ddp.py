@@ -16,7 +16,7 @@ from emseg.engine.config import config_from_dict
 from emseg.runtime.ddp import ProcessGroup
 from emseg.errors import InputError
 from emseg.models import build_model
-from emseg.engine.training import SegmentationTask
+from emseg.semantic.train import SegmentationTask
 
 # ------------------------------------------------------------------------------ DDP training
 
@@ -26,7 +26,9 @@ HARNESS = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from emseg.engine.config import config_from_dict
-    from emseg.engine.training import SegmentationTask, run_training
+    from emseg.engine.training import run_training
+    from emseg.runtime import Runtime
+    from emseg.semantic.train import SegmentationTask
 
     class Recording(SegmentationTask):
         """Keeps the batches it draws and the model the loss sees."""
@@ -47,7 +49,7 @@ HARNESS = textwrap.dedent('''
     def run(name, **kw):
         task = Recording(cfg)
         try:
-            result = run_training(task, cfg, out / name, device="cpu", seed=7, **kw)
+            result = run_training(task, cfg, out / name, runtime=Runtime(device="cpu", seed=7), **kw)
         finally:
             task.close()
         return task, result

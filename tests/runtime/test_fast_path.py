@@ -16,7 +16,9 @@ from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.engine.blocks import default_block_shape, plan_blocks
 from emseg.engine.inference import SlidingWindow, predict_volume, softmax_forward
 from emseg.models import UNet, set_mc_dropout
-from emseg.engine.training import SegmentationTask, run_training
+from emseg.engine.training import run_training
+from emseg.semantic.train import SegmentationTask
+from emseg.runtime import Runtime
 
 
 # --------------------------------------------------------------------------- prefetch
@@ -58,7 +60,7 @@ def _train(tmp_path, name, h5, **overrides):
     cfg = config_from_dict(tiny_train_config(h5, steps=5, **overrides))
     task = SegmentationTask(cfg)
     try:
-        result = run_training(task, cfg, tmp_path / name, device="cpu", seed=3)
+        result = run_training(task, cfg, tmp_path / name, runtime=Runtime(device="cpu", seed=3))
     finally:
         task.close()
     return result, torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
@@ -273,7 +275,7 @@ def test_compiled_prediction_equals_eager(tmp_path):
 def test_validation_sees_the_current_weights_not_a_stale_folded_copy():
     """Each validation folds the network anew: weights changed between two calls change the result."""
     from emseg.data import Cube
-    from emseg.engine.training import evaluate_cubes
+    from emseg.semantic.train import evaluate_cubes
 
     vol = synthetic((4, 64, 64), 0)
     cube = Cube(raw=vol.raw[:1], label=vol.label[:1].astype(np.int16), info=np.ones((2, 3), np.uint8), prio=1.0)

@@ -15,7 +15,9 @@ from emseg.errors import InputError
 from emseg.engine.inference import SlidingWindow, softmax_forward
 from emseg.models import UNet
 from emseg.runtime.precision import Precision, resolve_precision
-from emseg.engine.training import SegmentationTask, run_training
+from emseg.engine.training import run_training
+from emseg.semantic.train import SegmentationTask
+from emseg.runtime import Runtime
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_checkpoints_stay_fp32_and_record_the_precision(tmp_path, synthetic_h5, 
     cfg = config_from_dict(tiny_train_config(synthetic_h5, steps=3, amp=True, precision="bf16"))
     task = SegmentationTask(cfg)
     try:
-        result = run_training(task, cfg, tmp_path / "run", device="cpu", seed=0)
+        result = run_training(task, cfg, tmp_path / "run", runtime=Runtime(device="cpu", seed=0))
     finally:
         task.close()
     assert result.precision == "bf16" and result.to_dict()["precision"] == "bf16"

@@ -1,7 +1,6 @@
 """Patch augmentation: flips, in-plane 90 degree rotations, brightness/contrast, elastic."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,20 +16,18 @@ class Augmenter:
     U(-b, b) and scale by U(1-c, 1+c) around the patch mean (raw only). ``elastic``: smooth random
     in-plane displacement of ``elastic_alpha`` voxels (std) smoothed by ``elastic_sigma``; labels
     are resampled with nearest neighbour.
+
+    The ``[augment]`` table of a training config is read into this class (its defaults are the
+    table's: :data:`emseg.engine.config.AugmentConfig` is this class).
     """
 
     flip: bool = True
     rotate90: bool = True
-    brightness: float = 0.0
-    contrast: float = 0.0
+    brightness: float = 0.1
+    contrast: float = 0.1
     elastic: bool = False
     elastic_alpha: float = 4.0
     elastic_sigma: float = 8.0
-
-    @classmethod
-    def from_config(cls, config) -> "Augmenter":
-        """Build from an :class:`~emseg.engine.config.AugmentConfig` (or any object with the same fields)."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def __call__(self, raw: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         if self.flip:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from emseg.data.augment import Augmenter
 from emseg.errors import InputError
 from emseg.io import parse_spec
 from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
@@ -42,15 +43,8 @@ class ModelConfig:
     anisotropic_levels: int = 0
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    flip: bool = True
-    rotate90: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
-    elastic: bool = False
-    elastic_alpha: float = 4.0
-    elastic_sigma: float = 8.0
+#: The ``[augment]`` table: the augmenter's own fields and defaults.
+AugmentConfig = Augmenter
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,7 @@ class TrainConfig:
     valid: tuple[CubeConfig, ...] = ()
     batch_size: int = 8
     #: Per-class weights of the loss: a list, ``"auto"`` (from the training labels' class
-    #: frequencies, see :func:`emseg.engine.training.auto_class_weights`) or None (all 1).
+    #: frequencies, see :func:`emseg.semantic.train.auto_class_weights`) or None (all 1).
     class_weights: tuple[float, ...] | str | None = "auto"
     #: Weight of the multi-class soft Dice term added to the lazy NLL (0 = NLL only).
     dice_weight: float = 1.0
@@ -336,15 +330,26 @@ def check_config(config: TrainConfig) -> None:
                          f"model.depth {config.model.depth}")
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; a missing file or a syntax error is an :class:`InputError` naming it."""
+def read_toml(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is an :class:`InputError` naming it.
+
+    ``overrides`` replace keys (``None`` values are ignored); dotted keys reach into tables, e.g.
+    ``{"optim.lr": 1e-4}``.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("no such config file", source=str(path))
     try:
-        return tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table, _, name = key.rpartition(".")
+        target = data.setdefault(table, {}) if table else data
+        target[name] = value
+    return data
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
@@ -354,13 +359,7 @@ def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
     Dotted override keys reach into tables, e.g. ``{"optim.lr": 1e-4}``.
     """
     path = Path(path)
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        table, _, name = key.rpartition(".")
-        target = data.setdefault(table, {}) if table else data
-        target[name] = value
+    data = read_toml(path, overrides=overrides)
     return config_from_dict(data, base_dir=path.parent, sections=sections, source=str(path))
 
 

@@ -362,7 +362,7 @@ def predict_array(
 ) -> Iterator[tuple[Block, Any]]:
     """Predict a cube held in memory (or read lazily) block by block: yield ``(block, prediction)``.
 
-    The one loop behind validation (:func:`emseg.engine.training.evaluate_cubes`), LCS validation and
+    The one loop behind validation (:func:`emseg.semantic.train.evaluate_cubes`), LCS validation and
     iGTT: blocks of :func:`~emseg.engine.blocks.default_block_shape` (one-voxel chunks) with a halo of half a
     patch, each read as float32 (:func:`read_block`). With a :class:`SlidingWindow` the prediction is
     the probabilities of ``block.inner`` (checked finite); any other ``predictor`` is called as

@@ -28,19 +28,16 @@ import torch
 from emseg.models.checkpoint import load_checkpoint, save_checkpoint
 from emseg.models.transfer import init_from_checkpoint
 from emseg.engine.config import TrainConfig, learning_rate
-from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.data.prefetch import Prefetcher, step_rng
-from emseg.runtime.device import resolve_device, seed_everything
+from emseg.runtime.device import configure_threads, resolve_device, seed_everything
 from emseg.runtime.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.io import atomic_write_text
-from emseg.engine.inference import WindowOptions, make_predictor, predict_array
 from emseg.runtime.locks import temp_name
-from emseg.losses import lazy_nll, lazy_soft_dice
-from emseg.metrics import ConfusionAccumulator
 from emseg.models import build_model
-from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
+from emseg.runtime.precision import Precision, resolve_precision
 from emseg.engine.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
+from emseg.runtime import Runtime
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
 
@@ -100,126 +97,6 @@ def check_divisible(patch_shape: Sequence[int], divisor: Sequence[int], source: 
     if any(p % d for p, d in zip(spatial, divisor)):
         raise InputError(f"patch {tuple(patch_shape)} must be a multiple of {tuple(divisor)} for this network depth",
                          source=source)
-
-
-class SegmentationTask:
-    """Multi-class U-Net trained with the lazy-label NLL (``emseg train``).
-
-    The cubes are opened from ``config.train``/``config.valid`` unless given (e.g. in-memory
-    :class:`~emseg.data.Cube` objects holding numpy arrays).
-    """
-
-    name = "segmentation"
-
-    def __init__(self, config: TrainConfig, *, cubes: Sequence[Cube] | None = None,
-                 valid_cubes: Sequence[Cube] | None = None):
-        self.config = config
-        self.ndim = config.model_ndim
-        squeeze = self.ndim == 2 and len(config.patch_shape) == 3
-        self.cubes = list(cubes) if cubes is not None else open_cubes(
-            config.train, config.n_classes, config.patch_shape)
-        self.valid_cubes = list(valid_cubes) if valid_cubes is not None else open_cubes(
-            config.valid, config.n_classes, config.patch_shape)
-        for cube in self.valid_cubes:
-            if cube.label is None:
-                raise InputError("validation cubes need labels", source=cube.name)
-        self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=squeeze,
-                                    example_ignore_threshold=config.example_ignore_threshold)
-        a = config.augment
-        self.augmenter = Augmenter.from_config(a)
-        weights = auto_class_weights(self.cubes, config.n_classes) if config.class_weights == "auto" \
-            else config.class_weights
-        self.class_weights = torch.tensor(weights, dtype=torch.float32) if weights else None
-        k = config.n_classes
-        self.metric_columns = ("valid_score",) + tuple(f"valid_jaccard_{c}" for c in range(k))
-
-    def model_config(self) -> dict[str, Any]:
-        m = self.config.model
-        return dict(ndim=self.ndim, in_channels=1, out_channels=self.config.n_classes, depth=m.depth,
-                    base_width=m.base_width, norm=m.norm, dropout=m.dropout,
-                    anisotropic_levels=m.anisotropic_levels)
-
-    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        data = self.sampler.batch(self.config.batch_size, rng, self.augmenter)
-        return {k: torch.from_numpy(v) for k, v in data.items() if k != "cube"}
-
-    def loss(self, model, batch):
-        logits = model(batch["raw"])
-        weights = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        logits = logits.float()
-        loss = lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"], weights)
-        if self.config.dice_weight:
-            loss = loss + self.config.dice_weight * lazy_soft_dice(logits, batch["target"], batch["labeled"],
-                                                                   batch["not_present"])
-        return loss
-
-    def validate(self, model, device, precision: str | Precision = DEFAULT_PRECISION):
-        if not self.valid_cubes:
-            return None
-        return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
-                              precision=precision)
-
-    def close(self) -> None:
-        for cube in self.cubes + self.valid_cubes:
-            for vol in (cube.raw, cube.label):
-                if hasattr(vol, "close"):
-                    vol.close()
-
-
-def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: float = 25.0) -> tuple[float, ...]:
-    """Class weights from the training labels' class frequencies (``class_weights = "auto"``).
-
-    ``f_k`` is the fraction of class ``k`` among the labelled voxels of the cubes that annotate it
-    (``mask_class_labeled``); the weight is :math:`w_k \\propto f_k^{-1/2}` (inverse square root: rare
-    classes count more without the false positives of full inverse-frequency weighting), capped at
-    ``max_ratio`` times the smallest weight and scaled so that an average labelled voxel has weight 1.
-    Classes with no labelled voxel get the largest weight.
-    """
-    counts = np.zeros(n_classes, dtype=np.float64)
-    for cube in cubes:
-        if cube.counts is None:
-            if cube.label is None:
-                continue
-            block = np.asarray(cube.label[...]).astype(np.int64).ravel()
-            cube.counts = np.bincount(block[block >= 0], minlength=n_classes)[:n_classes]
-        counts += np.asarray(cube.counts, dtype=np.float64) * (np.asarray(cube.info[0]) > 0)
-    if counts.sum() <= 0:
-        return (1.0,) * n_classes
-    freq = counts / counts.sum()
-    seen = freq > 0
-    w = np.ones(n_classes)
-    w[seen] = freq[seen] ** -0.5
-    w = np.minimum(w, w[seen].min() * max_ratio)
-    w[~seen] = w[seen].max()
-    w /= float((freq * w).sum())
-    return tuple(float(v) for v in w)
-
-
-def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
-                   precision: str | Precision = DEFAULT_PRECISION,
-                   on_block: Callable[[int, Any, np.ndarray], None] | None = None) -> dict[str, float]:
-    """Sliding-window prediction of labelled cubes; Jaccard per class and ``valid_score``.
-
-    ``valid_score`` is the mean Jaccard over the foreground classes 1..K-1 (over all classes when
-    K = 1), ignoring classes absent from both prediction and labels. ``on_block(i, block,
-    labels)``, when given, sees the predicted labels (argmax) of each block of cube ``i``
-    (``block.inner`` the region they cover).
-    """
-    predictor = make_predictor(model, patch_shape, WindowOptions(precision=precision), device)
-    acc = ConfusionAccumulator(n_classes)
-    for i, cube in enumerate(cubes):
-        for block, probs in predict_array(predictor, cube.raw, patch_shape, raw_dtype=cube.raw_dtype):
-            labels = np.argmax(probs, axis=0)
-            if on_block is not None:
-                on_block(i, block, labels)
-            acc.update(labels, np.asarray(cube.label[block.inner]).astype(np.int64))
-    scores = acc.scores()
-    jac = np.asarray(scores.jaccard, dtype=float)
-    fg = jac[1:] if n_classes > 1 else jac
-    score = float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan")
-    out = {"valid_score": score}
-    out.update({f"valid_jaccard_{c}": float(j) for c, j in enumerate(jac)})
-    return out
 
 
 class MetricsLog:
@@ -288,8 +165,7 @@ def run_training(
     config: TrainConfig,
     out_dir: str | Path,
     *,
-    device: str = "auto",
-    seed: int = 0,
+    runtime: Runtime = Runtime(),
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
@@ -313,17 +189,19 @@ def run_training(
     """
     pg = ProcessGroup.from_env()
     out = Path(out_dir)
-    dev = pg.place(resolve_device(device))
+    if runtime.threads is not None:
+        configure_threads(runtime.threads)
+    dev = pg.place(resolve_device(runtime.device))
     if not pg.is_main:
         progress = None
-    rng = seed_everything(seed + pg.rank)
+    rng = seed_everything(runtime.seed + pg.rank)
     model_config = task.model_config()
     model = build_model(model_config)
     check_divisible(config.patch_shape, model.divisor)
     # init seeds a new run only; a resumed one continues from last.pt (which keeps the report)
     init = init_from_checkpoint(model, model_config, config.init) if config.init and not resume else None
     model.to(dev)
-    precision = resolve_precision(config.effective_precision, dev, ndim=model.ndim,
+    precision = resolve_precision(runtime.precision_or(config.effective_precision), dev, ndim=model.ndim,
                                   channels_last=False if pg.active else None)
     precision.prepare_model(model)
     net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
@@ -381,7 +259,7 @@ def run_training(
 
     def make_batch(i: int) -> dict[str, torch.Tensor]:
         # Each batch depends on its step only, so prefetching and resuming change nothing.
-        return task.batch(step_rng(seed, i, pg.rank))
+        return task.batch(step_rng(runtime.seed, i, pg.rank))
 
     prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
     with _StopFlag() as flag, prefetch:
@@ -469,28 +347,3 @@ def _validate(task: Task, model: torch.nn.Module, device: torch.device, precisio
 
 def task_has_validation(task: Task) -> bool:
     return bool(getattr(task, "valid_cubes", None)) or bool(getattr(task, "has_validation", False))
-
-
-def train(
-    config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    device: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train a segmentation U-Net with lazy labels (the core of ``emseg train``).
-
-    Examples
-    --------
-    >>> from emseg.engine.config import load_config
-    >>> result = train(load_config("train.toml"), "runs/mito", steps=500)  # doctest: +SKIP
-    """
-    task = SegmentationTask(config)
-    try:
-        return run_training(task, config, out_dir, device=device, seed=seed, resume=resume,
-                            progress=progress, stop_after=stop_after)
-    finally:
-        task.close()

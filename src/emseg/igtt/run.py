@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from emseg.models.checkpoint import load_checkpoint, load_model, save_checkpoint
-from emseg.engine.config import AugmentConfig, CubeConfig, ModelConfig, OptimConfig, TrainConfig
+from emseg.engine.config import CubeConfig, ModelConfig, OptimConfig, TrainConfig
 from emseg.data import Augmenter, Cube, PatchSampler
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
@@ -50,6 +50,7 @@ from emseg.io import atomic_write_json, atomic_write_text, check_raw, create_vol
 from emseg.losses import dmi_loss, iou_loss
 from emseg.engine.training import run_training
 from emseg.runtime.precision import DEFAULT_PRECISION
+from emseg.runtime import Runtime
 
 _STATE = "igtt_state.pt"
 _TRAIN_DIR = "train"
@@ -70,8 +71,7 @@ class _IGTTTask:
         info = np.array([[1, 1], [0, 0]], dtype=np.uint8)  # both classes labelled, none absent
         cube = Cube(raw=volume, label=labels, info=info, prio=1.0, name="igtt")
         self.sampler = PatchSampler([cube], (1,) + tuple(config.patch_shape), squeeze=True)
-        self.augmenter = Augmenter(flip=True, rotate90=True, brightness=0.1, contrast=0.1) \
-            if config.augment else None
+        self.augmenter = Augmenter() if config.augment else None
 
     def model_config(self) -> dict[str, Any]:
         return _model_config(self.config)
@@ -105,9 +105,8 @@ def _train_config(config: IGTTConfig, raw_name: str, total_steps: int) -> TrainC
         batch_size=config.batch_size, steps=total_steps, valid_every=10**9,
         log_every=max(1, min(10, config.steps_per_epoch)), checkpoint_every=10**9, precision=config.precision,
         model=ModelConfig(ndim=2, depth=config.depth, base_width=config.base_width, norm="batch"),
-        augment=AugmentConfig(flip=config.augment, rotate90=config.augment,
-                              brightness=0.1 if config.augment else 0.0,
-                              contrast=0.1 if config.augment else 0.0),
+        augment=Augmenter() if config.augment else Augmenter(flip=False, rotate90=False, brightness=0.0,
+                                                            contrast=0.0),
         optim=OptimConfig(lr=config.lr),
     )
 
@@ -235,8 +234,7 @@ def run_igtt(
     *,
     label: Any = None,
     foreground: Sequence[int] | None = None,
-    device: str = "auto",
-    seed: int = 0,
+    runtime: Runtime = Runtime(),
     progress: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = False,
     stop_after: int | None = None,
@@ -258,10 +256,9 @@ def run_igtt(
         Ground truth of the same shape, only to score iGTT and the baselines (never used to train).
     foreground : sequence of int, optional
         Label values counted as foreground in ``label`` (default: every value > 0); -1 is ignored.
-    device : str
-        ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    seed : int
-        Seeds the network initialisation, patch sampling and the EMS randomness.
+    runtime : Runtime
+        Device and seed (the seed drives the network initialisation, patch sampling and the EMS
+        randomness); its ``precision``, when set, replaces the config's.
     progress : callable, optional
         Called with a dict: ``{"phase": "train", "epoch", "epochs", "step", "total", "loss"}`` per
         training step and ``{"phase": "epoch", "epoch", "epochs", "row"}`` per completed epoch.
@@ -315,7 +312,8 @@ def run_igtt(
         if lab.dtype.kind not in "iub":
             raise InputError(f"label must hold integers, got dtype {lab.dtype}", source=label_name)
         truth = _binary_truth(lab, foreground).reshape(vol3.shape)
-    dev = resolve_device(device)
+    dev = resolve_device(runtime.device)
+    seed = runtime.seed
 
     out.mkdir(parents=True, exist_ok=True)
     state_path, train_dir = out / _STATE, out / _TRAIN_DIR
@@ -382,7 +380,7 @@ def run_igtt(
                 progress({"phase": "train", "epoch": _n, "epochs": cfg.epochs, "step": info["step"],
                           "total": cfg.epochs * cfg.steps_per_epoch, "loss": info["loss"]})
 
-        tres = run_training(task, tcfg, train_dir, device=str(dev), seed=int(seed),
+        tres = run_training(task, tcfg, train_dir, runtime=Runtime(device=str(dev), seed=int(seed), precision=runtime.precision),
                             resume=train_state is not None, progress=on_step)
         (train_dir / "best.pt").unlink(missing_ok=True)  # no validation: last.pt is the model
         if tres.interrupted:

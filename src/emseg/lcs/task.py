@@ -25,7 +25,7 @@ import torch
 from emseg.engine.blocks import Block
 from emseg.models.checkpoint import load_checkpoint
 from emseg.engine.config import TrainConfig
-from emseg.data import Augmenter, PatchSampler, open_cubes
+from emseg.data import PatchSampler, open_cubes
 from emseg.errors import InputError
 from emseg.engine.inference import predict_array
 from emseg.lcs.atlas import Atlas, load_atlas
@@ -37,6 +37,7 @@ from emseg.lcs.split import atlas_part, draw_split, split_target
 from emseg.losses import lazy_nll, soft_dice_loss
 from emseg.engine.training import TrainResult, run_training
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision
+from emseg.runtime import Runtime
 
 
 # --------------------------------------------------------------------------- sampling
@@ -134,8 +135,7 @@ class LCSTask:
                 raise InputError("validation cubes need labels", source=cube.name)
         self.sampler = PatchSampler(self.cubes, config.patch_shape, squeeze=self.squeeze,
                                     example_ignore_threshold=config.example_ignore_threshold)
-        a = config.augment
-        self.augmenter = Augmenter.from_config(a)
+        self.augmenter = config.augment
         if self.baseline:
             self.atlas = None
         elif atlas is not None:
@@ -296,8 +296,7 @@ def train_lcs(
     lcs: LCSConfig,
     out_dir: str | Path,
     *,
-    device: str = "auto",
-    seed: int = 0,
+    runtime: Runtime = Runtime(),
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
@@ -317,7 +316,7 @@ def train_lcs(
     try:
         if resume:
             _check_resume(task, Path(out_dir) / "last.pt")
-        return run_training(task, config, out_dir, device=device, seed=seed, resume=resume, progress=progress,
+        return run_training(task, config, out_dir, runtime=runtime, resume=resume, progress=progress,
                             stop_after=stop_after, extra_state=task.extra_state)
     finally:
         task.close()

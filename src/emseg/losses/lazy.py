@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from emseg.losses._checks import (
-    IGNORE,
-    as_float,
-    check_mask_values,
-    check_target_range,
-    check_tensor,
-    is_integer_tensor,
-)
+from emseg.losses._checks import IGNORE, as_float, check_mask_values, check_target_range, check_tensor, is_integer_tensor
 
 __all__ = ["LazyNLLLoss", "lazy_nll", "lazy_soft_dice"]
 

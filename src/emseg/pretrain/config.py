@@ -137,11 +137,5 @@ def load_pretrain_config(path: str | Path, *, overrides: Mapping[str, Any] | Non
     """Read a pretraining config; ``overrides`` replace keys (``None`` values ignored; dotted keys
     such as ``"optim.lr"`` or ``"pretext.kind"`` reach into tables)."""
     path = Path(path)
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        table, _, name = key.rpartition(".")
-        target = data.setdefault(table, {}) if table else data
-        target[name] = value
+    data = read_toml(path, overrides=overrides)
     return pretrain_config_from_dict(data, base_dir=path.parent, source=str(path))

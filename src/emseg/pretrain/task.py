@@ -16,12 +16,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
+from emseg.data import Cube, PatchSampler, open_cubes
 from emseg.engine.training import TrainResult, run_training
 from emseg.errors import InputError
 from emseg.models.checkpoint import load_checkpoint
 from emseg.pretrain.config import PretrainConfig
 from emseg.pretrain.pretext import make_pretext_batch, pretext_loss
+from emseg.runtime import Runtime
 
 
 class PretrainTask:
@@ -46,7 +47,7 @@ class PretrainTask:
         self.cubes = list(cubes) if cubes is not None else open_cubes(self.training.train, 1, patch)
         self.valid_cubes: list[Cube] = []
         self.sampler = PatchSampler(self.cubes, patch, squeeze=self.ndim == 2 and len(patch) == 3)
-        self.augmenter = Augmenter.from_config(self.training.augment)
+        self.augmenter = self.training.augment
 
     def model_config(self) -> dict[str, Any]:
         m = self.training.model
@@ -77,8 +78,7 @@ def pretrain(
     config: PretrainConfig,
     out_dir: str | Path,
     *,
-    device: str = "auto",
-    seed: int = 0,
+    runtime: Runtime = Runtime(),
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
@@ -95,7 +95,7 @@ def pretrain(
     try:
         if resume:
             _check_resume(task, Path(out_dir) / "last.pt")
-        return run_training(task, config.training, out_dir, device=device, seed=seed, resume=resume,
+        return run_training(task, config.training, out_dir, runtime=runtime, resume=resume,
                             progress=progress, stop_after=stop_after, extra_state=task.extra_state)
     finally:
         task.close()

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from emseg.errors import InputError
+from emseg.runtime.choices import DEVICES  # noqa: F401 (re-exported)
 
-#: The device names the command line offers (a library caller may also name ``cuda:1`` and the like).
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

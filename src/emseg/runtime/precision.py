@@ -30,19 +30,8 @@ from typing import Any, Callable
 import torch
 
 from emseg.errors import InputError
+from emseg.runtime.choices import DEFAULT_PRECISION, PRECISIONS, check_precision  # noqa: F401 (re-exported)
 
-#: The network arithmetic a user can choose; the one place these names are spelled.
-PRECISIONS = ("auto", "fp32", "bf16")
-#: The default of every config and command: bf16 where the hardware computes it natively, else fp32.
-DEFAULT_PRECISION = "auto"
-
-
-def check_precision(name: Any, key: str = "precision") -> str:
-    """``name`` if it is one of :data:`PRECISIONS`, else an :class:`InputError` naming ``key``."""
-    if not isinstance(name, str) or name not in PRECISIONS:
-        words = ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"
-        raise InputError(f"{key} must be {words}, got {name!r}")
-    return name
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,8 +14,10 @@ from emseg.io import open_volume
 from emseg.metrics import SegmentationScores
 from emseg.semantic.predict import PredictConfig, PredictResult, predict_file
 from emseg.synthetic import CLASSES, make_volume
-from emseg.engine.training import TrainResult, train
+from emseg.engine.training import TrainResult
+from emseg.semantic.train import train
 from emseg.runtime.precision import DEFAULT_PRECISION
+from emseg.runtime import Runtime
 
 DEMO_SHAPE = (12, 256, 256)
 TRAIN_SECTIONS = 8  # sections 0-7 train, 8-11 are held out
@@ -63,9 +65,7 @@ def run_demo(
     out_dir: str | Path,
     *,
     steps: int = 250,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = DEFAULT_PRECISION,
+    runtime: Runtime = Runtime(),
     train_progress: Callable[[dict], None] | None = None,
     predict_progress: Callable[[int, int], None] | None = None,
 ) -> DemoResult:
@@ -79,11 +79,12 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     for name in ("last.pt", "best.pt", "metrics.csv"):
         (out / "run" / name).unlink(missing_ok=True)
-    train_path, test_path = write_demo_data(out, seed)
+    precision = runtime.precision_or(DEFAULT_PRECISION)
+    train_path, test_path = write_demo_data(out, runtime.seed)
     config = config_from_dict(dict(demo_config(train_path, steps), precision=precision), source="demo")
-    result = train(config, out / "run", device=device, seed=seed, progress=train_progress)
+    result = train(config, out / "run", runtime=runtime, progress=train_progress)
     pred = predict_file(PredictConfig(model=str(out / "run" / "last.pt"), input=f"{test_path}:raw",
-                                      output=str(out / "prediction.zarr"), output_type="labels", device=device,
+                                      output=str(out / "prediction.zarr"), output_type="labels", device=runtime.device,
                                       precision=precision),
                         progress=predict_progress)
     with open_volume(str(out / "prediction.zarr")) as p, open_volume(f"{test_path}:label") as gt:

@@ -10,7 +10,7 @@ predicted as it. Every strategy starts from the
 same initial set and the same initial network (per seed).
 
 Training goes through :func:`emseg.engine.training.run_training` with :class:`BoxTask`, a
-:class:`~emseg.engine.training.SegmentationTask` whose cubes are the labelled boxes held in memory.
+:class:`~emseg.semantic.train.SegmentationTask` whose cubes are the labelled boxes held in memory.
 Fine-tuning starts from a checkpoint holding the previous weights at step 0 (fresh optimiser),
 resumed by ``run_training``. The configuration file is read and checked by
 :mod:`emseg.active.simulation.config`.
@@ -68,7 +68,9 @@ from emseg.data import Cube
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import atomic_write_text, open_volume
-from emseg.engine.training import SegmentationTask, evaluate_cubes, run_training
+from emseg.engine.training import run_training
+from emseg.semantic.train import SegmentationTask, evaluate_cubes
+from emseg.runtime import Runtime
 
 __all__ = [
     "BoxTask",
@@ -86,7 +88,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- training task
 class BoxTask(SegmentationTask):
-    """:class:`~emseg.engine.training.SegmentationTask` over in-memory cubes (the labelled boxes).
+    """:class:`~emseg.semantic.train.SegmentationTask` over in-memory cubes (the labelled boxes).
 
     Everything but data loading (network configuration, batches, lazy-label loss) is inherited.
 
@@ -191,7 +193,7 @@ def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: i
         return
     if not last.exists() and init_from is not None:
         _seed_checkpoint(run_dir, init_from, cfg, seed, task.name)
-    result = run_training(task, cfg, run_dir, device=device, seed=seed, resume=last.exists())
+    result = run_training(task, cfg, run_dir, runtime=Runtime(device=device, seed=seed), resume=last.exists())
     if result.interrupted:
         raise KeyboardInterrupt
     (run_dir / "best.pt").unlink(missing_ok=True)  # a copy of last.pt without validation
@@ -256,7 +258,7 @@ def run_simulation(
     config: SimulateConfig,
     out_dir: str | Path,
     *,
-    device: str = "auto",
+    runtime: Runtime = Runtime(),
     progress: Callable[[dict[str, Any]], None] | None = None,
     plot: bool = True,
 ) -> SimulationResult:
@@ -268,8 +270,9 @@ def run_simulation(
     out_dir : str or Path
         Output folder; an existing one with the same configuration is continued (``seeds``,
         ``strategies`` and ``iterations`` may grow between runs).
-    device : str
-        ``auto``, ``cpu`` or ``cuda``.
+    runtime : Runtime
+        The device, and a precision that replaces the config's when set (the seeds are the
+        config's ``seeds``).
     progress : callable, optional
         Called with a dict: ``{"event": "phase", "phase": ..., "strategy", "seed", "iteration"}``
         before each training/scoring/evaluation and ``{"event": "row", "row": ..., "done",
@@ -288,7 +291,9 @@ def run_simulation(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    dev = resolve_device(device)
+    if runtime.precision is not None:
+        config = dataclasses.replace(config, train=config.train.replace(precision=runtime.precision, amp=True))
+    dev = resolve_device(runtime.device)
     strategies = [get_strategy(s).name for s in config.strategies]
     arms = [parse_ask(a) for a in config.questions]
     k = config.n_classes
