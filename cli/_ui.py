@@ -291,6 +291,12 @@ def precision_overrides(app: AppState) -> dict[str, Any]:
     return {"precision": app.precision, "amp": True} if app.precision is not None else {}
 
 
+def overwrite_option(what: str = "OUTPUT"):
+    """``--overwrite``: the permission to replace an output that exists (refused without it)."""
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace {what} if it exists [default: an existing one is refused].")
+
+
 def device_seed_options(func):
     """``--device``, ``--seed`` and ``--precision`` on commands that run a network."""
     return _with_flags(func, _NETWORK_FLAGS)

@@ -31,7 +31,8 @@ import numpy as np
 
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, check_output_location, open_volume, parse_spec, replace_output
+from emseg.io import (atomic_write_text, check_output_location, check_overwrite, claim_output, open_volume,
+                      parse_spec, replace_output)
 
 __all__ = [
     "ANSWERS_FORMAT",
@@ -239,7 +240,7 @@ class AnswersResult:
 
 
 def answers_to_cubes(answers: str | Path, out: str | Path, *,
-                     progress: Callable[[int, int], None] | None = None) -> AnswersResult:
+                     progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> AnswersResult:
     """Turn the "no" answers of an answers file into lazy cubes in the HDF5 file ``out``.
 
     One cube per box answered "no" for at least one class: raw crop, labels all -1, ``info``
@@ -247,7 +248,7 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
     "no". "Yes" answers flag nothing; unanswered (``null``) entries are skipped. The whole file is
     checked first (entries, classes, boxes inside their volumes, no box answered both yes and no
     for one class); on any problem nothing is written. ``out`` is written under a temporary name
-    and renamed (an existing file is replaced).
+    and renamed; an existing file is refused unless ``overwrite``.
 
     Examples
     --------
@@ -261,6 +262,7 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
         raise InputError("the cubes file must be HDF5 (.h5), so a training config can list FILE.h5:cube_000/raw",
                          source=str(out))
     check_output_location(out)
+    check_overwrite(out, overwrite=overwrite, kind="file")
     given: dict[tuple[Any, int], Answer] = {}
     for a in entries:
         if a.answer is None:
@@ -294,7 +296,8 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
             elif a.answer is True:
                 present.append({"number": a.number, "volume": a.volume, "offset": list(a.offset),
                                 "shape": list(a.shape), "class": a.klass})
-        cubes = _write_cubes(out, boxes, volumes, n_classes, src, progress)
+        with claim_output(out, overwrite=overwrite, kind="file"):  # one writer; an existing file kept
+            cubes = _write_cubes(out, boxes, volumes, n_classes, src, progress)
     n_no = sum(a.answer is False for a in entries)
     n_yes = sum(a.answer is True for a in entries)
     return AnswersResult(src, str(out), n_classes, len(entries), n_no, n_yes,
