@@ -96,9 +96,11 @@ def create_volume(
         raise InputError(f"cannot write an empty volume of shape {shape}", source=str(spec))
     check_output_volume(spec)
     lock = claim_output(spec, overwrite=overwrite) if claim else None
+    tag, had_store = staging_tag(), spec.path.exists()
     try:
-        volume = _create(spec, shape, dtype, chunks, attrs, fill_value)
-    except BaseException:
+        volume = _create(spec, shape, dtype, chunks, attrs, fill_value, tag)
+    except BaseException:  # also Ctrl-C while the temporary copy is made: no temp is left behind
+        _remove_temps(spec, tag, had_store)
         if lock is not None:
             lock.release()
         raise
@@ -106,9 +108,23 @@ def create_volume(
     return volume
 
 
+def _remove_temps(spec: VolumeSpec, tag: str, had_store: bool) -> None:
+    """Remove what :func:`_create` made under ``tag`` (and a zarr store it created) after a failure."""
+    parent_key, _, name = spec.key.rpartition("/")
+    temps = [spec.path.with_name(f".{spec.path.name}.{tag}")]
+    if spec.fmt == "zarr" and spec.key:
+        temps.append((spec.path / parent_key if parent_key else spec.path) / f".{name}.{tag}")
+    if spec.fmt == "zarr" and not had_store:
+        temps.append(spec.path)
+    for tmp in temps:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def _create(spec: VolumeSpec, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
-            attrs: dict | None, fill_value) -> Any:
-    tag = staging_tag()
+            attrs: dict | None, fill_value, tag: str) -> Any:
     clean_output_temps(spec)
     if spec.fmt == "zarr" and is_ome_path(spec.path):
         return OmeOutputVolume(spec, shape, dtype, chunks=chunks, attrs=attrs)

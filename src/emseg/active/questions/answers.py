@@ -31,7 +31,7 @@ import numpy as np
 
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
-from emseg.io import (atomic_write_text, check_output_location, check_overwrite, claim_output, open_volume,
+from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume,
                       parse_spec, replace_output)
 
 __all__ = [
@@ -262,7 +262,6 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
         raise InputError("the cubes file must be HDF5 (.h5), so a training config can list FILE.h5:cube_000/raw",
                          source=str(out))
     check_output_location(out)
-    check_overwrite(out, overwrite=overwrite, kind="file")
     given: dict[tuple[Any, int], Answer] = {}
     for a in entries:
         if a.answer is None:
