@@ -62,6 +62,9 @@ _INSTRUCTIONS = ("Set each 'answer' to true if the class occurs anywhere in the 
 #: An answers file is a few hundred bytes per question; anything far larger is not one (and is
 #: not read into memory).
 MAX_ANSWERS_BYTES = 64 * 2**20
+#: Bounds of what an answers file states: classes (sizes an array per class) and box coordinates.
+MAX_CLASSES = 1 << 12
+MAX_COORDINATE = 1 << 40
 
 
 def cube_name(index: int) -> str:
@@ -152,8 +155,9 @@ def _ints(value: Any, what: str, where: str, low: int, src: str) -> tuple[int, .
     if not isinstance(value, list) or not value or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise InputError(f"{where}: '{what}' must be a list of integers, got {json.dumps(value)}", source=src)
-    if any(v < low for v in value):
-        raise InputError(f"{where}: '{what}' values must be >= {low}, got {value}", source=src)
+    if any(not low <= v <= MAX_COORDINATE for v in value) or len(value) > 3:
+        raise InputError(f"{where}: '{what}' must be at most 3 values in [{low}, {MAX_COORDINATE}], got "
+                         f"{json.dumps(value)[:60]}", source=src)
     return tuple(value)
 
 
@@ -171,7 +175,9 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
         raise InputError(f"too large for an answers file ({path.stat().st_size:,} bytes; at most "
                          f"{MAX_ANSWERS_BYTES:,})", source=src)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise InputError("not an emseg answers file (nested too deeply)", source=src) from None
     except UnicodeDecodeError:
         raise InputError("not JSON (not a text file)", source=src) from None
     except json.JSONDecodeError as exc:
@@ -184,8 +190,9 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
         if key not in doc:
             raise InputError(f"missing key '{key}'", source=src)
     n_classes = doc["n_classes"]
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise InputError(f"'n_classes' must be a positive integer, got {n_classes!r}", source=src)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= MAX_CLASSES:
+        raise InputError(f"'n_classes' must be an integer in [1, {MAX_CLASSES}], got {json.dumps(n_classes)[:40]}",
+                         source=src)
     if not isinstance(doc["answers"], list):
         raise InputError("'answers' must be a list", source=src)
     out = []
