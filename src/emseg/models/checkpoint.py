@@ -23,6 +23,7 @@ import torch
 from emseg import __version__
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
+from emseg.metrics import MAX_CLASSES
 from emseg.runtime.locks import temp_name
 from emseg.models import build_model
 from emseg.models.conditioning import CONDITIONINGS
@@ -257,8 +258,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     return state
 
 
-#: Upper bounds of sizes a checkpoint's training config may state (classes, patch sides).
-MAX_CLASSES = 1 << 12
+#: Upper bound of the patch sides a checkpoint's training config may state (classes: MAX_CLASSES).
 MAX_PATCH_SIDE = 1 << 16
 
 #: Top-level keys of a checkpoint that must be tables (dicts) when present; ``None`` is allowed

@@ -29,6 +29,7 @@ from emseg import __version__
 from emseg.engine.cluster import (check_resumable_output, fit_chunks, injected_failures, require_distributed,
                                   resumable_zarr, run_blocks)
 from emseg.errors import InputError
+from emseg.metrics import MAX_CLASSES
 from emseg.io import (
     check_distinct,
     check_overwrite,
@@ -253,7 +254,7 @@ def noise_file(
     try:
         checked = check_params(mode, config.params)
         if n_classes is not None:
-            n_classes = check_int(n_classes, "n_classes", minimum=2)
+            n_classes = check_int(n_classes, "n_classes", minimum=2, maximum=MAX_CLASSES)
             if mode in ("flip", "random"):
                 if checked["n_classes"] not in (None, n_classes):
                     raise ValueError(

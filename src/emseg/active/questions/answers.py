@@ -31,6 +31,7 @@ import numpy as np
 
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
+from emseg.metrics import MAX_CLASSES
 from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume,
                       parse_spec, replace_output)
 
@@ -62,8 +63,7 @@ _INSTRUCTIONS = ("Set each 'answer' to true if the class occurs anywhere in the 
 #: An answers file is a few hundred bytes per question; anything far larger is not one (and is
 #: not read into memory).
 MAX_ANSWERS_BYTES = 64 * 2**20
-#: Bounds of what an answers file states: classes (sizes an array per class) and box coordinates.
-MAX_CLASSES = 1 << 12
+#: Bound of the box coordinates an answers file states (classes: emseg.metrics.MAX_CLASSES).
 MAX_COORDINATE = 1 << 40
 
 
