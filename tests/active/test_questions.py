@@ -462,7 +462,6 @@ def test_a_query_without_presence_questions_removes_or_names_the_stale_answers_f
     root, data, _ = asked
     model = str(root / "run" / "last.pt")
     q, stale = tmp_path / "q.json", tmp_path / "q.answers.json"
-    # each query replaces the last one's JSON and CSV (--overwrite); the answers file is handled apart
     common = ["--patch", "1,8,8", "--device", "cpu", "--precision", "fp32", "--out", str(q), "--overwrite"]
 
     def query(*args):

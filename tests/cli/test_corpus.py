@@ -74,7 +74,8 @@ def work(tmp_path_factory) -> Path:
     with h5py.File(d / "data.h5", "a") as fh:
         fh["strattr"].attrs["n_classes"] = "three"
     train = {"n_classes": 3, "patch_shape": [1, 16, 16], "batch_size": 1, "steps": 1,
-             "model": {"depth": 1, "base_width": 2}, "train": [{"raw": f"{d}/data.h5:raw", "label": f"{d}/data.h5:label"}]}
+             "model": {"depth": 1, "base_width": 2},
+             "train": [{"raw": f"{d}/data.h5:raw", "label": f"{d}/data.h5:label"}]}
     good = to_toml(train)
     (d / "latin1.toml").write_bytes(good.encode() + b'# caf\xe9\n')
     (d / "bom16.toml").write_bytes(good.encode("utf-16"))
@@ -147,7 +148,7 @@ CASES = [
         ("step_str", "step"), ("task_int", "task"), ("model_str", "model"), ("model_config_list", "model_config"),
         ("lcs_str", "lcs"), ("best_str", "best_metric"), ("optimizer_list", "optimizer"))],
     ("query-ckpt-config-str", [Q, "{d}/config_str.pt", "{d}/data.h5:raw", "--n", "1"], ["config_str.pt", "config"]),
-    ("lcs-ckpt-config-str", [ "lcs", "infer", "{d}/config_str.pt", "{d}/data.h5:raw", "l.zarr"], ["config_str.pt"]),
+    ("lcs-ckpt-config-str", ["lcs", "infer", "{d}/config_str.pt", "{d}/data.h5:raw", "l.zarr"], ["config_str.pt"]),
     ("export-ckpt-config-str", ["export", "{d}/config_str.pt", "m.zip"], ["config_str.pt", "config"]),
     # answers JSON
     *[(f"answers-{n}", [Q, "answers", f"{{d}}/answers/{n}.json", "--out", "c.h5"], [f"{n}.json", *w]) for n, w in (

@@ -25,7 +25,7 @@ from emseg.data import to_float
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.engine.inference import SlidingWindow, resolve_patch
-from emseg.io import (auto_chunks, check_overwrite, check_raw, open_output_group, open_volume, parse_group_spec,
+from emseg.io import (auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec,
                       parse_spec)
 from emseg.lcs.atlas import Atlas
 from emseg.lcs.config import LCSConfig
@@ -385,7 +385,6 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
     if config.batch_size < 1 or config.label_batch < 1:
         raise InputError("`batch_size` and `label_batch` must be >= 1")
     _check_output_spares_input(config.input, config.output)
-    check_overwrite(config.output, overwrite=config.overwrite, kind="group")
     device = resolve_device(config.device)
     lcs = load_lcs_model(config.model, device, atlas_labels=config.atlas_labels)
     labels = lcs.resolve_labels(config.labels)
