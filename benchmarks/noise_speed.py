@@ -133,7 +133,8 @@ def main() -> int:
             mem_t = best_of(lambda: apply_noise(lab, out, mode, resolved, 0, blocks=blocks),
                             1 if mode == "skeleton" else args.repeat)
             whole_t = best_of(whole, 1)
-            disk_t = best_of(lambda: noise_file(NoiseConfig(f"{src}:label", f"{d}/out.h5:x", mode, params)),
+            disk_t = best_of(lambda: noise_file(NoiseConfig(f"{src}:label", f"{d}/out.h5:x", mode, params,
+                                                              overwrite=True)),
                              1 if mode == "skeleton" else args.repeat)
             with h5py.File(f"{d}/out.h5", "r") as fh:
                 on_disk = fh["x"][...]
@@ -178,7 +179,7 @@ def main() -> int:
             row = {"volume_mb": vol_mb, "whole_peak_mb": whole_mb}
             for bs in (block, small):
                 mb, _ = peak_mb(lambda: noise_file(NoiseConfig(f"{src}:label", f"{d}/o.h5:{mode}", mode, params,
-                                                               block_shape=bs)))
+                                                               block_shape=bs, overwrite=True)))
                 row[f"blockwise_{'x'.join(map(str, bs))}_peak_mb"] = mb
             memory[mode] = row
     print(f"\n3. peak traced memory (tracemalloc, MiB) on a {vol_mb:.0f} MiB uint8 volume:"

@@ -94,7 +94,7 @@ def main() -> None:
 
         def config(name: str, **kw) -> PredictConfig:
             return PredictConfig(model=str(ckpt), input=raw, output=str(work / f"{name}.zarr"), patch_shape=PATCH,
-                                 block_shape=BLOCK, device="cpu", **kw)
+                                 block_shape=BLOCK, device="cpu", overwrite=True, **kw)
 
         def run(name: str, **kw) -> tuple[float, float]:
             cold = timed(lambda: predict_file(config(name + "-cold"), **kw))

@@ -230,7 +230,7 @@ def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
             base = _peak_rss_mb()
             t0 = time.perf_counter()
             res = predict_file(PredictConfig(model=ckpt, input=src, output=f"{tmp}/p.zarr", device="cpu",
-                                             precision=precision, overlap=0.25, batch_size=4))
+                                             precision=precision, overlap=0.25, batch_size=4, overwrite=True))
             dt = time.perf_counter() - t0
         return {"voxels_per_s": voxels / dt, "seconds": dt, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base,
                 "block_shape": list(res.block_shape), "precision": res.precision}

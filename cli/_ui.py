@@ -233,6 +233,30 @@ def _setter(field: str):
     return callback
 
 
+class BoundedInt(click.types.IntParamType):
+    """click's ``integer`` that refuses, as a usage error, a value numpy and torch cannot take
+    (outside int64, or outside ``[low, high]``): a number from the command line never reaches a
+    core as an overflow."""
+
+    name = "integer"
+
+    def __init__(self, low: int = -(1 << 63), high: int = (1 << 63) - 1):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is outside [{self.low}, {self.high}]", param, ctx)
+        return number
+
+
+def bound_integers(command: click.Command) -> None:
+    """Give every plain ``int`` option and argument of ``command`` the int64 bounds of :class:`BoundedInt`."""
+    for param in command.params:
+        if type(param.type) is click.types.IntParamType:
+            param.type = BoundedInt()
+
+
 #: The global flags, declared once: on the ``emseg`` group (with its defaults) and again after each
 #: subcommand (``emseg evaluate A B --json``), where an unset flag keeps what the group said.
 #: name -> (flags, click keyword arguments, help).
@@ -242,7 +266,7 @@ GLOBAL_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "json": (("--json",), {"is_flag": True}, "Print exactly one JSON document on stdout."),
     "device": (("--device",), {"type": click.Choice(DEVICES), "default": "auto"},
                "Where to compute: auto picks CUDA when available."),
-    "seed": (("--seed",), {"type": int, "default": 0}, "Seeds python, numpy and torch."),
+    "seed": (("--seed",), {"type": BoundedInt(0), "default": 0}, "Seeds python, numpy and torch."),
     "precision": (("--precision",), {"type": click.Choice(PRECISIONS), "default": None},
                   "Network arithmetic: bf16 autocast + channels-last where the hardware computes bf16 natively "
                   f"({DEFAULT_PRECISION}), or fp32 [default: the config's, else {DEFAULT_PRECISION}]."),
@@ -299,6 +323,12 @@ def scheduler_options(scheduler_help: str, *, retries: int | None = None):
 def precision_overrides(app: AppState) -> dict[str, Any]:
     """Config overrides for ``--precision`` (an explicit choice also lifts an older ``amp = false``)."""
     return {"precision": app.precision, "amp": True} if app.precision is not None else {}
+
+
+def overwrite_option(what: str = "OUTPUT"):
+    """``--overwrite``: the permission to replace an output that exists (refused without it)."""
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace {what} if it exists [default: an existing one is refused].")
 
 
 def device_seed_options(func):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli._ui import common_options, emit, parse_shape
+from emseg.cli._ui import common_options, emit, overwrite_option, parse_shape
 from emseg.semantic.export import export_model
 
 
@@ -16,8 +16,9 @@ from emseg.semantic.export import export_model
 @click.option("--license", "license_", default="MIT", show_default=True, help="SPDX licence of the weights.")
 @click.option("--author", "authors", multiple=True, help="An author (repeatable) [default: emseg user].")
 @click.option("--halo", default=None, help="Output halo per spatial axis [default: a quarter of the patch].")
+@overwrite_option("an existing OUT.zip")
 @common_options
-def command(model, output, test_input, name, license_, authors, halo):
+def command(model, output, test_input, name, license_, authors, halo, overwrite):
     """Write MODEL (a checkpoint of `emseg train`) as a bioimage.io model package (spec 0.5).
 
     The zip holds rdf.yaml, the U-Net source and kwargs, pytorch_state_dict and TorchScript weights,
@@ -29,7 +30,8 @@ def command(model, output, test_input, name, license_, authors, halo):
       emseg export runs/mito/best.pt mito.zip --test-input vnc.h5:raw --author "A. Person"
     """
     result = export_model(model, output, test_input=test_input, name=name, license=license_,
-                          authors=authors or ("emseg user",), halo=parse_shape(halo, "--halo"))
+                          authors=authors or ("emseg user",), halo=parse_shape(halo, "--halo"),
+                          overwrite=overwrite)
     emit(result.to_dict(), lambda c: c.print(
         f"wrote {result.output}: axes {result.axes}, patch {result.patch_shape}, halo {result.halo}, "
         f"{result.n_classes} classes"))

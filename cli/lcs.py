@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from emseg.cli._ui import (common_options, device_seed_options, emit, fmt, steps_word, training_progress,
-                           parse_ints, parse_shape,
+                           overwrite_option, parse_ints, parse_shape,
                            precision_overrides, progress_bar, state)
 from emseg.lcs import InferConfig, infer_file, load_lcs_config, train_lcs
 from emseg.lcs.merge import MERGES
@@ -105,10 +105,11 @@ def train_command(config, out_dir, baseline, steps, batch_size, lr, patch, valid
 @click.option("--merge", type=click.Choice(list(MERGES)), default=None,
               help="How the label maps are merged: a softmax over logits calibrated on the atlas, or the "
                    "largest probability above 0.5 [default: the checkpoint's [lcs] merge].")
+@overwrite_option("an existing OUTPUT group (the whole file or store without a group)")
 @common_options
 @device_seed_options
 def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap, blend, batch_size,
-                  label_batch, block, merge):
+                  label_batch, block, merge, overwrite):
     """Segment INPUT with the checkpoint MODEL into the container OUTPUT.
 
     OUTPUT is FILE.zarr[/GROUP] or FILE.h5[:GROUP]; it receives float32 `prob_<label>` per label
@@ -126,7 +127,7 @@ def infer_command(model, input_spec, output_spec, labels, atlas_labels, overlap,
                       atlas_labels=atlas_labels, overlap=overlap, blend=blend, batch_size=batch_size,
                       label_batch=label_batch, block_shape=parse_shape(block, "--block"), merge=merge,
                       device=app.device,
-                      precision=app.precision_choice)
+                      precision=app.precision_choice, overwrite=overwrite)
     with progress_bar("lcs infer") as update:
         result = infer_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(

@@ -11,7 +11,7 @@ import click
 from emseg import __version__
 from emseg.runtime.device import configure_threads
 from emseg.errors import InputError, TrainingDiverged
-from emseg.cli._ui import AppState, command_options, flag_wording, global_flag
+from emseg.cli._ui import AppState, bound_integers, command_options, flag_wording, global_flag
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
@@ -34,6 +34,7 @@ class EmsegContext(click.Context):
 def _run_in_emseg_context(command: click.Command) -> None:
     """Give ``command`` and every subcommand below it an :class:`EmsegContext`."""
     command.context_class = EmsegContext
+    bound_integers(command)
     for sub in getattr(command, "commands", {}).values():
         _run_in_emseg_context(sub)
 

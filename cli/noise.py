@@ -8,6 +8,7 @@ from emseg.cli._ui import (
     common_options,
     emit,
     fmt,
+    overwrite_option,
     parse_shape,
     progress_bar,
     scheduler_options,
@@ -143,10 +144,11 @@ class _DefaultCommand(click.Command):
                    "[default: 3 sampling errors, from the counts].")
 @scheduler_options("One task per block; needs a zarr OUTPUT; a rerun computes only missing blocks.",
                    retries=NoiseConfig.retries)
+@overwrite_option("an existing OUTPUT dataset or array")
 @common_options
 def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled, dilate_r, erode_r,
           skeleton_on, random_p, shift_r, seed, n_classes, per_section, halo, block, report, rank_tol, scheduler,
-          workers, retries):
+          workers, retries, overwrite):
     app = state()
     chosen = [name for name, on in zip(MODE_OPTIONS, (
         flip_p is not None or flip_fg is not None or flip_bg is not None, sample_p is not None,
@@ -175,7 +177,7 @@ def synth(input_spec, output_spec, flip_p, flip_fg, flip_bg, sample_p, unsampled
     cfg = NoiseConfig(input=input_spec, output=output_spec, mode=mode, params=params,
                       seed=app.seed if seed is None else seed, block_shape=parse_shape(block, "--block"),
                       n_classes=n_classes, report=report, rank_tol=rank_tol, scheduler=scheduler, workers=workers,
-                      retries=retries)
+                      retries=retries, overwrite=overwrite)
     with progress_bar(f"noise --{mode}") as update:
         result = noise_file(cfg, progress=lambda done, total: update(done, total, "blocks"))
     doc = result.to_dict()

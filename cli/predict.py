@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli._ui import common_options, device_seed_options, emit, parse_shape, progress_bar, scheduler_options, state
+from emseg.cli._ui import (common_options, device_seed_options, emit, overwrite_option, parse_shape, progress_bar,
+                           scheduler_options, state)
 from emseg.semantic.predict import PredictConfig, predict_file
 
 
@@ -26,10 +27,11 @@ from emseg.semantic.predict import PredictConfig, predict_file
 @scheduler_options("One task per block; needs a zarr OUTPUT; implies --resume.", retries=PredictConfig.retries)
 @click.option("--resume", is_flag=True,
               help="Write OUTPUT.partial (zarr) and, on a rerun, compute only the blocks not yet done.")
+@overwrite_option("an existing OUTPUT dataset or array")
 @common_options
 @device_seed_options
 def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, compile_, block,
-            scheduler, workers, resume, retries):
+            scheduler, workers, resume, retries, overwrite):
     """Predict INPUT with the checkpoint MODEL and write OUTPUT, block by block.
 
     Memory is bounded by the block, not the volume. OUTPUT is written under a temporary name and
@@ -47,7 +49,7 @@ def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, o
                         overlap=overlap, blend=blend, batch_size=batch_size, output_type=output_type,
                         block_shape=parse_shape(block, "--block"), device=app.device,
                         precision=app.precision_choice, compile=compile_, scheduler=scheduler,
-                        workers=workers, resume=resume, retries=retries)
+                        workers=workers, resume=resume, retries=retries, overwrite=overwrite)
     with progress_bar("predict") as update:
         result = predict_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(

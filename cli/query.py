@@ -24,6 +24,7 @@ from emseg.cli._ui import (
     device_seed_options,
     emit,
     fmt,
+    overwrite_option,
     parse_ints,
     parse_shape,
     progress_bar,
@@ -119,10 +120,11 @@ def _exclude_map(values: tuple[str, ...], pool: tuple[str, ...]) -> dict[int, tu
                    f"[default: dense={CostModel().dense_cost_per_voxel:g},partial="
                    f"{CostModel().partial_cost_per_voxel:g},presence={CostModel().presence_cost:g}].")
 @scheduler_options("Scores the pool in tasks of 256 candidates.")
+@overwrite_option("existing --out files (JSON, CSV, answers), --export and --sheet")
 @common_options
 @device_seed_options
 def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates, reduction, exclude,
-                   exclude_boxes, batch_size, export, sheet, ask, budget, costs, scheduler, workers):
+                   exclude_boxes, batch_size, export, sheet, ask, budget, costs, scheduler, workers, overwrite):
     """Rank candidate patches of the POOL volumes by STRATEGY with the checkpoint MODEL.
 
     Writes the top --n patches (volume, offset z,y,x, shape, score, rank) to --out as JSON and
@@ -146,9 +148,10 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
                       candidates=candidates, mc_samples=mc_samples, reduction=reduction, batch_size=batch_size,
                       exclude_labels=_exclude_map(exclude, tuple(pool)), exclude_boxes=tuple(boxes), out=out,
                       export=export, seed=app.seed, device=app.device, precision=app.precision_choice,
-                      scheduler=scheduler, workers=workers, ask=ask, budget=budget, costs=parse_costs(costs))
+                      scheduler=scheduler, workers=workers, ask=ask, budget=budget, costs=parse_costs(costs),
+                      overwrite=overwrite)
     if sheet:
-        check_sheet_output(sheet)
+        check_sheet_output(sheet, overwrite=overwrite)
     with progress_bar(f"query {strategy}") as update:
         result = query_files(cfg, progress=lambda done, total: update(done, total, "patches"))
     if sheet:
@@ -192,8 +195,9 @@ def select_command(model, pool, strategy, n, patch, out, mc_samples, candidates,
 @click.argument("answers", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="HDF5 file for the lazy cubes (cube_000/raw, label all -1, info).")
+@overwrite_option("an existing --out file")
 @common_options
-def answers_command(answers, out):
+def answers_command(answers, out, overwrite):
     """Turn the answered presence questions of ANSWERS (JSON) into lazy training cubes.
 
     Each box answered "no" for some classes becomes one cube: raw crop, labels all -1 and an
@@ -205,7 +209,8 @@ def answers_command(answers, out):
       emseg query answers queries.answers.json --out cubes.h5
     """
     with progress_bar("cubes") as update:
-        result = answers_to_cubes(answers, out, progress=lambda done, total: update(done, total, "cubes"))
+        result = answers_to_cubes(answers, out, progress=lambda done, total: update(done, total, "cubes"),
+                                  overwrite=overwrite)
 
     def render(console):
         console.print(f"{result.n_no} no, {result.n_yes} yes, {result.n_unanswered} unanswered of "

@@ -63,7 +63,7 @@ def test_package_dirs_point_at_src_and_cli():
 
 def test_console_script_entry_point():
     scripts = _setup_cfg()["options.entry_points"]["console_scripts"]
-    assert "emseg = emseg.cli.main:main" in [line.strip() for line in scripts.splitlines()]
+    assert "emseg = emseg.cli.entry:main" in [line.strip() for line in scripts.splitlines()]
 
 
 def test_no_module_folder_without_init():

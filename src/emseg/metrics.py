@@ -30,6 +30,10 @@ __all__ = [
     "scores_from_confusion",
 ]
 
+#: The most classes any count read from a file or the command line may state: a confusion matrix,
+#: a transition matrix or a per-class array is sized by it.
+MAX_CLASSES = 1 << 12
+
 
 # --------------------------------------------------------------------------- helpers
 

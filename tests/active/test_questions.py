@@ -463,7 +463,7 @@ def test_a_query_without_presence_questions_removes_or_names_the_stale_answers_f
     root, data, _ = asked
     model = str(root / "run" / "last.pt")
     q, stale = tmp_path / "q.json", tmp_path / "q.answers.json"
-    common = ["--patch", "1,8,8", "--device", "cpu", "--precision", "fp32", "--out", str(q)]
+    common = ["--patch", "1,8,8", "--device", "cpu", "--precision", "fp32", "--out", str(q), "--overwrite"]
 
     def query(*args):
         result = CliRunner().invoke(cli, ["query", model, f"{data}:raw", *common, *args], catch_exceptions=False)

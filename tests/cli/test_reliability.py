@@ -313,3 +313,86 @@ def test_kill_during_resumable_noise_then_resume_is_identical(tmp_path):
     np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...],
                                   zarr.open_array(str(tmp_path / "ref.zarr"), mode="r")[...])
     assert not (tmp_path / ".out.zarr.partial.lock").exists()
+
+
+def test_a_budget_stop_writes_what_a_normal_end_writes(tmp_path, synthetic_h5):
+    """Stopped by max_seconds before the first log_every: the final metrics row and last.pt are there."""
+    cfg = _config(synthetic_h5, steps=None, max_seconds=0.4, log_every=10 ** 6, checkpoint_every=10 ** 6)
+    result = train(cfg, tmp_path / "run", runtime=Runtime(device="cpu"))
+    assert result.budget_exhausted and not result.interrupted and result.final_step >= 1
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert [r[0] for r in rows] == [str(result.final_step)]  # exactly one row: the final one
+    assert float(rows[0][1]) == pytest.approx(float(np.mean(result.losses)), rel=1e-4)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == result.final_step
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_exit_130(monkeypatch, capsys):
+    """The console script imports the command line inside its guard (emseg.cli.entry)."""
+    import types
+
+    from emseg.cli import entry
+
+    class Interrupting(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "emseg.cli.main", Interrupting("emseg.cli.main"))
+    monkeypatch.setattr(sys, "argv", ["emseg", "--json", "evaluate", "a.h5:x", "b.h5:y"])
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    captured = capsys.readouterr()
+    assert exc.value.code == 130
+    assert captured.err == "error: interrupted\n"
+    assert captured.out.strip() == '{"error": "interrupted", "exit_code": 130}'
+
+
+def test_ctrl_c_at_start_up_of_the_real_script(tmp_path):
+    """A real SIGINT once the interpreter runs emseg's code (torch loading): one line, exit 130."""
+    script = Path(sys.executable).with_name("emseg")
+    if not script.exists():
+        pytest.skip("the emseg console script is not installed beside this python")
+    proc = subprocess.Popen([str(script), "evaluate", "a.h5:x", "b.h5:y"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def loading() -> bool:
+        try:
+            return "numpy" in Path(f"/proc/{proc.pid}/maps").read_text() or proc.poll() is not None
+        except OSError:
+            return True
+
+    _wait_for(loading)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines() == ["error: interrupted"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rel", ["out.h5:b", "out.zarr/b"])
+def test_ctrl_c_while_the_temporary_copy_is_made_leaves_no_temp(tmp_path, monkeypatch, rel):
+    """An interrupt inside create_volume (copying an HDF5 file, creating a zarr array) removes the temp."""
+    import shutil as shutil_module
+
+    import emseg.io._output as output
+    from emseg.io import create_volume
+
+    spec = f"{tmp_path}/{rel}"
+    with create_volume(spec.replace(":b", ":a").replace("/b", "/a"), (2, 4), "uint8") as out:
+        out[...] = 5
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        if rel.startswith("out.h5"):
+            Path(args[1]).write_bytes(b"half a copy")
+        else:
+            Path(kwargs["store"], kwargs["name"]).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    if rel.startswith("out.h5"):
+        monkeypatch.setattr(shutil_module, "copyfile", interrupted)
+    else:
+        monkeypatch.setattr(output.zarr, "create_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        create_volume(spec, (2, 4), "uint8")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -175,7 +175,7 @@ def test_exception_keeps_previous_output_and_leaves_no_temp_files(tmp_path, rel)
     _write_previous(spec, 7.0)
     names_before = _all_names(tmp_path)
     with pytest.raises(RuntimeError, match="boom"):
-        with create_volume(spec, (4, 5), "float32", chunks=(2, 5)) as out:
+        with create_volume(spec, (4, 5), "float32", chunks=(2, 5), overwrite=True) as out:
             out[:2] = -1.0
             raise RuntimeError("boom")
     with open_volume(spec) as vol:
@@ -217,7 +217,7 @@ def test_h5_output_keeps_other_datasets_and_replaces_its_own(tmp_path):
         fh.create_dataset("grp/label", data=raw % 3)
         fh["raw"].attrs["resolution"] = [40, 4, 4]
         fh.create_dataset("pred", data=np.zeros((9,), np.int64))  # replaced, with another shape
-    with create_volume(f"{path}:pred", (3, 4, 5), "float32") as out:
+    with create_volume(f"{path}:pred", (3, 4, 5), "float32", overwrite=True) as out:
         out[...] = 0.25
     with h5py.File(path, "r") as fh:
         assert sorted(fh.keys()) == ["grp", "pred", "raw"]
@@ -234,7 +234,7 @@ def test_zarr_output_keeps_sibling_arrays(tmp_path):
         out[...] = 3
     with create_volume(f"{store}/pred", (4, 4), "uint8") as out:
         out[...] = 9
-    with create_volume(f"{store}/pred", (2, 2), "uint8") as out:  # replace an existing array
+    with create_volume(f"{store}/pred", (2, 2), "uint8", overwrite=True) as out:  # replace an existing array
         out[...] = 1
     with open_volume(f"{store}/raw") as raw, open_volume(f"{store}/pred") as pred:
         assert np.all(raw[...] == 3)

@@ -78,7 +78,7 @@ def _crop_agrees(tmp, crop: np.ndarray):
     side = ",".join(str(s) for s in padded.shape)
     result = CliRunner().invoke(cli, ["predict", str(tmp / "run" / "best.pt"), f"{h5}:raw", str(tmp / "crop.zarr"),
                                       "--patch", f"1,{side}", "--overlap", "0", "--device", "cpu",
-                                      "--precision", "fp32", "-q"])
+                                      "--precision", "fp32", "-q", "--overwrite"])
     assert result.exit_code == 0, result.output
     with open_volume(str(tmp / "crop.zarr")) as vol:
         ours = vol[:, 0, 8:-8, 8:-8]

@@ -39,7 +39,7 @@ from emseg.models.checkpoint import load_model
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.engine.inference import resolve_patch
-from emseg.io import check_output_location, check_raw, open_volume, parse_spec
+from emseg.io import check_output_location, check_raw, claim_outputs, open_volume, parse_spec
 from emseg.engine.training import check_divisible
 from emseg.runtime.precision import DEFAULT_PRECISION
 
@@ -112,6 +112,8 @@ class QueryConfig:
     #: Seconds of annotation to spend (required for ``auto`` and mixes; else ``n`` questions).
     budget: float | None = None
     costs: CostModel = field(default_factory=CostModel)
+    #: Replace existing outputs (``out`` with its CSV and answers file, ``export``); refused otherwise.
+    overwrite: bool = False
 
 
 @dataclass
@@ -189,6 +191,23 @@ def query_files(config: QueryConfig, *,
     ...                   patch_shape=(1, 256, 256), out="queries.json")
     >>> result = query_files(cfg)  # doctest: +SKIP
     """
+    if config.export:
+        inputs = [parse_spec(s).path for s in config.pool]
+        inputs += [parse_spec(s).path for specs in (config.exclude_labels or {}).values() for s in specs]
+        export = Path(config.export).resolve()
+        if any(export == p.resolve() for p in [*inputs, Path(config.model)]):
+            raise InputError("`export` would replace an input file; choose a new file", source=str(config.export))
+    targets = []
+    if config.out:
+        json_path, csv_path = query_paths(config.out)
+        targets += [(json_path, "file"), (csv_path, "file"), (answers_path(json_path), "file")]
+    if config.export:
+        targets.append((config.export, "file"))
+    with claim_outputs(targets, overwrite=config.overwrite):  # one writer; existing outputs kept
+        return _query_files(config, progress=progress)
+
+
+def _query_files(config: QueryConfig, *, progress: Callable[[int, int], None] | None) -> QueryResult:
     t0 = time.perf_counter()
     strat = get_strategy(config.strategy)
     ask = parse_ask(config.ask)
@@ -199,13 +218,6 @@ def query_files(config: QueryConfig, *,
         raise InputError("no pool volume given")
     if config.workers is not None and config.scheduler != "local":
         raise InputError("`workers` applies only when `scheduler` is 'local'")
-    if config.export:
-
-        inputs = [parse_spec(s).path for s in config.pool]
-        inputs += [parse_spec(s).path for specs in (config.exclude_labels or {}).values() for s in specs]
-        export = Path(config.export).resolve()
-        if any(export == p.resolve() for p in [*inputs, Path(config.model)]):
-            raise InputError("`export` would replace an input file; choose a new file", source=str(config.export))
     for target in (config.out, config.export):
         # Fail before any output is written, so a bad --out leaves no --export file behind.
         if target:

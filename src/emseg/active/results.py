@@ -112,18 +112,52 @@ def read_query_boxes(path: str | Path) -> list[dict[str, Any]]:
     >>> boxes = read_query_boxes("queries.json")  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError("no such file", source=str(path))
+    src = str(path)
+    if not path.is_file():
+        raise InputError("no such file" if not path.exists() else "is not a file", source=src)
+    if path.stat().st_size > MAX_QUERY_BYTES:
+        raise InputError(f"too large for a query file ({path.stat().st_size:,} bytes; at most "
+                         f"{MAX_QUERY_BYTES:,})", source=src)
     try:
-        doc = json.loads(path.read_text())
-        queries = doc["queries"]
-        boxes = [{"volume": q.get("volume"), "volume_index": q.get("volume_index"),
-                  "offset": [int(v) for v in q["offset"]], "shape": [int(v) for v in q["shape"]]}
-                 for q in queries]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"not an emseg query file ({type(exc).__name__}: {exc})".splitlines()[0],
-                         source=str(path)) from None
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not JSON (not UTF-8 text)", source=src) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not JSON ({exc.msg} at line {exc.lineno})", source=src) from None
+    except RecursionError:
+        raise InputError("not an emseg query file (nested too deeply)", source=src) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("queries"), list):
+        raise InputError("not an emseg query file (no 'queries' list)", source=src)
+    boxes = []
+    for number, q in enumerate(doc["queries"], start=1):
+        where = f"query {number}"
+        if not isinstance(q, dict):
+            raise InputError(f"{where}: expected an object with offset and shape", source=src)
+        volume, index = q.get("volume"), q.get("volume_index")
+        if volume is not None and not isinstance(volume, str):
+            raise InputError(f"{where}: 'volume' must be a string", source=src)
+        if index is not None and (not _is_int(index) or not 0 <= index < (1 << 20)):
+            raise InputError(f"{where}: 'volume_index' must be an integer >= 0, got {json.dumps(index)[:40]}",
+                             source=src)
+        offset, shape = q.get("offset"), q.get("shape")
+        for name, value, low in (("offset", offset, 0), ("shape", shape, 1)):
+            if not isinstance(value, list) or not 1 <= len(value) <= 3 or not all(
+                    _is_int(v) and low <= v <= MAX_COORDINATE for v in value):
+                raise InputError(f"{where}: '{name}' must be 1 to 3 integers in [{low}, {MAX_COORDINATE}], got "
+                                 f"{json.dumps(value)[:60]}", source=src)
+        if len(offset) != len(shape):
+            raise InputError(f"{where}: 'offset' and 'shape' differ in length", source=src)
+        boxes.append({"volume": volume, "volume_index": index, "offset": list(offset), "shape": list(shape)})
     return boxes
+
+
+#: Bounds of a query JSON read back (``--exclude-boxes``): file size and box coordinates.
+MAX_QUERY_BYTES = 64 << 20
+MAX_COORDINATE = 1 << 40
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def export_crops(

@@ -20,7 +20,7 @@ from emseg.models.checkpoint import load_model
 from emseg.data.sampling import to_float
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
-from emseg.io import check_output_location, open_volume, save_figure
+from emseg.io import check_output_location, check_overwrite, open_volume, save_figure
 from emseg.models.unet import set_mc_dropout
 
 __all__ = ["MAP_OF_STRATEGY", "check_sheet_output", "pixel_maps", "write_query_sheet", "write_sheet"]
@@ -34,7 +34,7 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def check_sheet_output(path: str | Path) -> Path:
+def check_sheet_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse a sheet before any work: matplotlib missing, or a folder that does not exist."""
     try:
         import matplotlib  # noqa: F401
@@ -42,6 +42,7 @@ def check_sheet_output(path: str | Path) -> Path:
         raise InputError("`sheet` needs matplotlib (pip install 'emseg[plot]')", source=str(path)) from None
     path = Path(path)
     check_output_location(path)
+    check_overwrite(path, overwrite=overwrite, kind="file")
     return path
 
 

@@ -31,7 +31,8 @@ import zarr
 
 from emseg.engine.blocks import describe_block
 from emseg.errors import InputError
-from emseg.io import VolumeSpec, clean_output_temps, parse_spec, replace_output, zarr_compressors
+from emseg.io import (VolumeSpec, check_overwrite, claim_output, clean_output_temps, parse_spec, replace_output,
+                      zarr_compressors)
 from emseg.runtime.locks import lock_output
 
 #: Environment variable naming block indices whose tasks fail on purpose (comma-separated), to
@@ -373,6 +374,13 @@ def partial_location(spec) -> tuple[Path, str, Path, Path]:
     return store, "", store, spec.path
 
 
+def check_resumable_output(spec: VolumeSpec, *, overwrite: bool) -> None:
+    """A resumable output may continue its own ``.partial``; a finished output there is kept
+    unless ``overwrite`` (:func:`emseg.io.check_overwrite`)."""
+    if not partial_location(spec)[2].exists():
+        check_overwrite(spec, overwrite=overwrite)
+
+
 def check_resume_params(stored: Any, params: dict[str, Any], partial: Path) -> None:
     if stored == params:
         return
@@ -404,7 +412,8 @@ class PartialZarr:
 
 @contextlib.contextmanager
 def resumable_zarr(spec: str | VolumeSpec, shape: Sequence[int], dtype: Any, chunks: Sequence[int], *,
-                   attrs: dict[str, Any], params: dict[str, Any], what: str | None = None) -> Iterator[PartialZarr]:
+                   attrs: dict[str, Any], params: dict[str, Any], what: str | None = None,
+                   overwrite: bool = False) -> Iterator[PartialZarr]:
     """Create or reopen the ``.partial`` zarr array of output ``spec``; rename it into place on success.
 
     The partial (see :func:`partial_location`) is locked (:func:`emseg.runtime.locks.lock_output`) while it
@@ -432,8 +441,9 @@ def resumable_zarr(spec: str | VolumeSpec, shape: Sequence[int], dtype: Any, chu
         root = zarr.open_group(store=str(store), mode="a")
         if key.rpartition("/")[0]:
             root.require_group(key.rpartition("/")[0])
-    with lock_output(partial, what=what):
+    with claim_output(spec, overwrite=overwrite, check=False), lock_output(partial, what=what):
         clean_output_temps(spec)
+        check_resumable_output(spec, overwrite=overwrite)
         if partial.exists():
             try:
                 stored = zarr.open_array(store=str(store), path=key or None, mode="r+").attrs.get(RESUME_ATTR)

@@ -339,17 +339,35 @@ def read_toml(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -
     path = Path(path)
     if not path.exists():
         raise InputError("no such config file", source=str(path))
+    if not path.is_file():
+        raise InputError("is not a file", source=str(path))
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"too large for a config file ({path.stat().st_size:,} bytes; at most "
+                         f"{MAX_CONFIG_BYTES:,})", source=str(path))
+    data = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); a config is TOML",
+                         source=str(path)) from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"invalid TOML ({exc})", source=str(path)) from None
+        raise InputError(f"invalid TOML ({exc})".splitlines()[0], source=str(path)) from None
+    except RecursionError:
+        raise InputError("invalid TOML (nested too deeply)", source=str(path)) from None
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        table, _, name = key.rpartition(".")
-        target = data.setdefault(table, {}) if table else data
+        parent, _, name = key.rpartition(".")
+        target = table.setdefault(parent, {}) if parent else table
         target[name] = value
-    return data
+    return table
+
+
+#: The largest config file read (a config is a few kilobytes).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,

@@ -9,16 +9,18 @@ Under ``torchrun`` only rank 0 locks and cleans.
 """
 from __future__ import annotations
 
+import csv
 import functools
 import inspect
+import io
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from emseg.io._files import check_output_location
+from emseg.io._files import atomic_write_text, check_output_location
 from emseg.runtime.locks import clean_stale_temps, lock_folder
 
 
@@ -54,6 +56,28 @@ def in_run_folder(func: Callable) -> Callable:
                 lock.release()
 
     return wrapper
+
+
+class MetricsLog:
+    """``metrics.csv`` with fixed columns; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, columns: Sequence[str], *, resume_step: int | None):
+        self.path = path
+        self.columns = list(columns)
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.exists():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(
+                {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
 
 
 def snapshot_buffers(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -9,8 +9,6 @@ the last good checkpoint kept when the loss becomes NaN or infinite.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import random
@@ -32,11 +30,10 @@ from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.runtime.device import configure_threads, resolve_device, seed_everything
 from emseg.runtime.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
-from emseg.io import atomic_write_text
 from emseg.runtime.locks import temp_name
 from emseg.models import build_model
 from emseg.runtime.precision import Precision, resolve_precision
-from emseg.engine.runfolder import in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
+from emseg.engine.runfolder import MetricsLog, in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 from emseg.runtime import Runtime
 
 BASE_COLUMNS = ("step", "loss", "lr", "patches_per_s", "elapsed_s")
@@ -99,26 +96,6 @@ def check_divisible(patch_shape: Sequence[int], divisor: Sequence[int], source: 
                          source=source)
 
 
-class MetricsLog:
-    """``metrics.csv`` with fixed columns; on resume, rows after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, columns: Sequence[str], *, resume_step: int | None):
-        self.path = path
-        self.columns = list(columns)
-        rows: list[dict[str, str]] = []
-        if resume_step is not None and path.exists():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= resume_step]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buf.getvalue())
-
-    def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(
-                {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
 
 
 class _StopFlag:
@@ -261,6 +238,30 @@ def run_training(
         # Each batch depends on its step only, so prefetching and resuming change nothing.
         return task.batch(step_rng(runtime.seed, i, pg.rank))
 
+    def validate_and_log(final: bool) -> dict[str, Any] | None:
+        """Validation and the metrics row due at ``step`` (both at the run's end, ``final``)."""
+        nonlocal best, window_losses, window_patches, window_t
+        valid = None
+        if task_has_validation(task) and (step % config.valid_every == 0 or final):
+            valid = pg.broadcast(_validate(task, model, dev, precision) if pg.is_main else None)
+            if valid is not None:
+                result.last_valid = valid
+                score = valid.get("valid_score")
+                if score is not None and math.isfinite(score) and (best is None or score > best):
+                    best = score
+                    result.best_metric = best
+                    checkpoint(best_path)
+        if step % config.log_every == 0 or final or valid is not None:
+            now = time.perf_counter()
+            rate = window_patches / max(now - window_t, 1e-9)
+            row = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr, "patches_per_s": rate,
+                   "elapsed_s": elapsed0 + now - t0}
+            row.update(valid or {})
+            if log is not None:
+                log.write(row)
+            window_losses, window_patches, window_t = [], 0, now
+        return valid
+
     prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
     with _StopFlag() as flag, prefetch:
         while step < total:
@@ -295,25 +296,7 @@ def run_training(
             result.patches += n
             window_losses.append(value)
             window_patches += n
-            valid = None
-            if task_has_validation(task) and (step % config.valid_every == 0 or step == total):
-                valid = pg.broadcast(_validate(task, model, dev, precision) if pg.is_main else None)
-                if valid is not None:
-                    result.last_valid = valid
-                    score = valid.get("valid_score")
-                    if score is not None and math.isfinite(score) and (best is None or score > best):
-                        best = score
-                        result.best_metric = best
-                        checkpoint(best_path)
-            if step % config.log_every == 0 or step == total or valid is not None:
-                now = time.perf_counter()
-                rate = window_patches / max(now - window_t, 1e-9)
-                row = {"step": step, "loss": float(np.mean(window_losses)), "lr": lr, "patches_per_s": rate,
-                       "elapsed_s": elapsed0 + now - t0}
-                row.update(valid or {})
-                if log is not None:
-                    log.write(row)
-                window_losses, window_patches, window_t = [], 0, now
+            valid = validate_and_log(final=step == total)
             if step % config.checkpoint_every == 0 or step == total:
                 checkpoint(last_path)
             if progress is not None:
@@ -321,6 +304,12 @@ def run_training(
                           "budget_used": used, "loss": value, "lr": lr,
                           "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9),
                           "valid": valid, "model": model})
+    if result.budget_exhausted and window_losses:  # a budget stop ends the run as its last step would
+        valid = validate_and_log(final=True)
+        if progress is not None and valid is not None:
+            progress({"step": step, "total": total, "budget_used": 1.0, "loss": result.losses[-1], "lr": lr,
+                      "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9), "valid": valid,
+                      "model": model})
     if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
         checkpoint(last_path)
     if pg.is_main and not task_has_validation(task):

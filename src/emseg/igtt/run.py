@@ -413,7 +413,8 @@ def run_igtt(
 
         if cfg.save_pseudo_labels:
             spec = f"{out / 'pseudo_labels.h5'}:epoch_{n:02d}"
-            with create_volume(spec, image_shape, "int8", attrs={"epoch": n, "ems": cfg.ems}) as dest:
+            with create_volume(spec, image_shape, "int8", attrs={"epoch": n, "ems": cfg.ems},
+                               overwrite=True) as dest:  # the run folder's own files (it is locked)
                 dest[...] = labels.reshape(image_shape)
         # model.pt: loadable by `emseg predict` (model, model_config, config.patch_shape)
         save_checkpoint(out / "model.pt", {
@@ -446,9 +447,10 @@ def run_igtt(
         attrs = {"threshold": last_sel.threshold, "inverted": bool(last_sel.inverted), "epoch": result.final_epoch,
                  "source": raw_name, "note": "foreground probability (1 - network output when inverted)"}
         with create_volume(str(out / "prediction.zarr"), (1,) + tuple(image_shape), "float32",
-                           attrs=attrs) as dest:
+                           attrs=attrs, overwrite=True) as dest:
             dest[...] = fg_prob.reshape((1,) + tuple(image_shape))
-        with create_volume(str(out / "segmentation.zarr"), image_shape, "uint8", attrs=attrs) as dest:
+        with create_volume(str(out / "segmentation.zarr"), image_shape, "uint8", attrs=attrs,
+                           overwrite=True) as dest:
             dest[...] = last_sel.mask.reshape(image_shape).astype(np.uint8)
         result.threshold, result.inverted = last_sel.threshold, bool(last_sel.inverted)
         result.fg_fraction = last_sel.fg_fraction

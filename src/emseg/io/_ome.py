@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,12 +39,47 @@ def _ome_attrs(node: Any) -> dict:
 # --------------------------------------------------------------------------- reading
 
 
+#: Bounds of what an OME-Zarr ``multiscales`` entry may list (levels of a pyramid, axes).
+MAX_LEVELS = 64
+MAX_AXES = 5
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _safe_level_path(path: Any) -> bool:
+    """A dataset path inside the store: relative parts of safe characters, no ``.`` or ``..``."""
+    if not isinstance(path, str) or not path or len(path) > 255:
+        return False
+    parts = path.split("/")
+    return all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts)
+
+
 def multiscales_of(group: Any, *, source: str) -> dict:
-    """The first ``multiscales`` entry of an OME-Zarr group; :class:`InputError` when there is none."""
+    """The first ``multiscales`` entry of an OME-Zarr group, checked; :class:`InputError` otherwise.
+
+    Each dataset path must stay inside the store (no ``..``, no absolute path), there are at most
+    :data:`MAX_LEVELS` levels, and ``axes`` (when given) lists at most :data:`MAX_AXES` distinct
+    names.
+    """
     entries = _ome_attrs(group).get("multiscales")
-    if not entries or not isinstance(entries, list) or not entries[0].get("datasets"):
+    if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict) \
+            or not entries[0].get("datasets"):
         raise InputError("not an OME-Zarr image: no 'multiscales' in its ome attributes", source=source)
-    return entries[0]
+    entry = entries[0]
+    datasets = entry["datasets"]
+    if not isinstance(datasets, list) or not 1 <= len(datasets) <= MAX_LEVELS:
+        raise InputError(f"multiscales 'datasets' must be a list of 1 to {MAX_LEVELS} levels", source=source)
+    for i, d in enumerate(datasets):
+        if not isinstance(d, dict) or not _safe_level_path(d.get("path")):
+            shown = repr(d.get("path") if isinstance(d, dict) else d)[:80]
+            raise InputError(f"multiscales dataset {i} has path {shown}: a level must be a relative path inside "
+                             f"the store", source=source)
+    axes = entry.get("axes")
+    if axes is not None:
+        names = [a.get("name") if isinstance(a, dict) else None for a in axes] if isinstance(axes, list) else None
+        if names is None or not 1 <= len(names) <= MAX_AXES or not all(isinstance(n, str) for n in names) \
+                or len(set(names)) != len(names):
+            raise InputError(f"multiscales 'axes' must list 1 to {MAX_AXES} distinct named axes", source=source)
+    return entry
 
 
 def open_ome(path: Path, key: str) -> tuple[Any, str] | None:
@@ -80,8 +116,13 @@ def open_ome(path: Path, key: str) -> tuple[Any, str] | None:
         raise InputError(f"no level '{'/'.join(rest)}' (levels: {', '.join(levels)})", source=where)
     try:
         array = node[level]
-    except KeyError:
+    except (KeyError, ValueError):
         raise InputError(f"level {level} is listed but missing", source=where) from None
+    if not isinstance(array, zarr.Array):
+        raise InputError(f"level {level} is not an array", source=where)
+    if ms.get("axes") is not None and len(ms["axes"]) != array.ndim:
+        raise InputError(f"multiscales 'axes' lists {len(ms['axes'])} axes, level {level} has {array.ndim}",
+                         source=where)
     return array, "/".join(at + [level])
 
 

@@ -211,9 +211,13 @@ class OmeOutputVolume(StagedArray):
             replace_output(store.tmp, store.final)
             write_labels_list(labels_dir, [name])
         self.committed = True
+        self.release_claim()
 
     def discard(self) -> None:
-        self._store.discard()
+        try:
+            self._store.discard()
+        finally:
+            self.release_claim()
 
 
 class OmeOutputGroup(StagedOutput):
@@ -245,9 +249,13 @@ class OmeOutputGroup(StagedOutput):
 
     def commit(self) -> None:
         self.store.commit()
+        self.release_claim()
 
     def discard(self) -> None:
-        self.store.discard()
+        try:
+            self.store.discard()
+        finally:
+            self.release_claim()
 
 
 def write_ome(path: str | Path, *, image: Any = None, channel: bool = False, labels: dict[str, Any] | None = None,

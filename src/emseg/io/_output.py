@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from emseg.errors import InputError
+from emseg.io._claim import claim_output
 from emseg.io._ome import is_ome_path, voxel_size_of
 from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume
 from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag, zarr_compressors
@@ -48,17 +49,21 @@ class OutputVolume(StagedArray):
             self._handle = None
         replace_output(self._tmp, self._final)
         self.committed = True
+        self.release_claim()
 
     def discard(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._tmp.is_dir():
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        else:
-            self._tmp.unlink(missing_ok=True)
-        if self._created_root is not None:
-            shutil.rmtree(self._created_root, ignore_errors=True)
+        try:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+        finally:
+            if self._tmp.is_dir():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            else:
+                self._tmp.unlink(missing_ok=True)
+            if self._created_root is not None:
+                shutil.rmtree(self._created_root, ignore_errors=True)
+            self.release_claim()
 
 
 def create_volume(
@@ -69,12 +74,18 @@ def create_volume(
     chunks: Iterable[int] | None = None,
     attrs: dict | None = None,
     fill_value=0,
+    overwrite: bool = False,
+    claim: bool = True,
 ) -> OutputVolume:
     """Create a chunked, compressed output volume under a temporary name.
 
     The data become visible at ``spec`` only on :meth:`OutputVolume.commit` (or on leaving the
     ``with`` block without an exception). For HDF5 the other datasets of an existing file are kept.
     A path ending in ``.ome.zarr`` is written as OME-Zarr 0.5 with a pyramid (:mod:`emseg.io.ome`).
+
+    The output's container is locked to this writer until commit or discard
+    (:func:`emseg.io.claim_output`), and an existing dataset or array at ``spec`` is refused unless
+    ``overwrite``. ``claim=False`` neither locks nor checks (for arrays inside a staged group).
     """
     spec = parse_spec(spec)
     shape = tuple(int(s) for s in shape)
@@ -83,8 +94,37 @@ def create_volume(
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
     if any(s < 1 for s in shape):
         raise InputError(f"cannot write an empty volume of shape {shape}", source=str(spec))
-    tag = staging_tag()
     check_output_volume(spec)
+    lock = claim_output(spec, overwrite=overwrite) if claim else None
+    tag, had_store = staging_tag(), spec.path.exists()
+    try:
+        volume = _create(spec, shape, dtype, chunks, attrs, fill_value, tag)
+    except BaseException:  # also Ctrl-C while the temporary copy is made: no temp is left behind
+        _remove_temps(spec, tag, had_store)
+        if lock is not None:
+            lock.release()
+        raise
+    volume.claim = lock
+    return volume
+
+
+def _remove_temps(spec: VolumeSpec, tag: str, had_store: bool) -> None:
+    """Remove what :func:`_create` made under ``tag`` (and a zarr store it created) after a failure."""
+    parent_key, _, name = spec.key.rpartition("/")
+    temps = [spec.path.with_name(f".{spec.path.name}.{tag}")]
+    if spec.fmt == "zarr" and spec.key:
+        temps.append((spec.path / parent_key if parent_key else spec.path) / f".{name}.{tag}")
+    if spec.fmt == "zarr" and not had_store:
+        temps.append(spec.path)
+    for tmp in temps:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _create(spec: VolumeSpec, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+            attrs: dict | None, fill_value, tag: str) -> Any:
     clean_output_temps(spec)
     if spec.fmt == "zarr" and is_ome_path(spec.path):
         return OmeOutputVolume(spec, shape, dtype, chunks=chunks, attrs=attrs)
@@ -219,7 +259,8 @@ class OutputGroup(StagedOutput):
         dtype = np.dtype(dtype)
         chunks = auto_chunks(shape, dtype.itemsize)
         if self.fmt == "zarr":
-            vol = create_volume(VolumeSpec(self.tmp, name, "zarr"), shape, dtype, chunks=chunks, attrs=attrs)
+            vol = create_volume(VolumeSpec(self.tmp, name, "zarr"), shape, dtype, chunks=chunks, attrs=attrs,
+                                claim=False)
             self._volumes.append(vol)
             self.arrays[name] = vol
             return vol
@@ -245,25 +286,43 @@ class OutputGroup(StagedOutput):
         else:
             self._h5.close()
         replace_output(self.tmp, self.final)
+        self.release_claim()
 
     def discard(self) -> None:
-        if self.fmt == "zarr":
-            for vol in self._volumes:
-                vol.discard()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            try:
-                self._h5.close()
-            finally:
-                self.tmp.unlink(missing_ok=True)
+        try:
+            if self.fmt == "zarr":
+                for vol in self._volumes:
+                    vol.discard()
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                try:
+                    self._h5.close()
+                finally:
+                    self.tmp.unlink(missing_ok=True)
+        finally:
+            self.release_claim()
 
 
-def open_output_group(output: str, source: Any = None) -> Any:
+def open_output_group(output: str, source: Any = None, *, overwrite: bool = False) -> Any:
     """:class:`OutputGroup`, or for ``OUT.ome.zarr`` an OME-Zarr image of the probabilities (channels)
-    with the label map under ``labels/`` (:class:`emseg.io.ome.OmeOutputGroup`), scaled like ``source``."""
+    with the label map under ``labels/`` (:class:`emseg.io.ome.OmeOutputGroup`), scaled like ``source``.
+
+    The output is locked to this writer until commit or discard, and an existing group (or file or
+    store, without a group) is refused unless ``overwrite`` (:func:`emseg.io.claim_output`).
+    """
     path, group, fmt = parse_group_spec(output)
-    if fmt == "zarr" and is_ome_path(path):
-        if group:
-            raise InputError("an OME-Zarr output is the whole store: write OUT.ome.zarr", source=output)
-        return OmeOutputGroup(path, voxel_size=voxel_size_of(source) if source is not None else None)
-    return OutputGroup(output)
+    if fmt == "zarr" and is_ome_path(path) and group:
+        raise InputError("an OME-Zarr output is the whole store: write OUT.ome.zarr", source=output)
+    if not path.parent.exists():
+        raise InputError("output folder does not exist", source=str(path.parent))
+    lock = claim_output(output, overwrite=overwrite, kind="group")
+    try:
+        if fmt == "zarr" and is_ome_path(path):
+            out = OmeOutputGroup(path, voxel_size=voxel_size_of(source) if source is not None else None)
+        else:
+            out = OutputGroup(output)
+    except BaseException:
+        lock.release()
+        raise
+    out.claim = lock
+    return out

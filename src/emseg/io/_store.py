@@ -29,20 +29,32 @@ class StagedOutput:
     the context-manager behaviour.
     """
 
+    #: The writer lock of the output (:func:`emseg.io.claim_output`), released by :meth:`release_claim`.
+    claim: Any = None
+
     def commit(self) -> None:
         raise NotImplementedError
 
     def discard(self) -> None:
         raise NotImplementedError
 
+    def release_claim(self) -> None:
+        """Drop the output's writer lock, if this output holds one (after commit or discard)."""
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            claim.release()
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
+        try:
+            if exc_type is None:
+                self.commit()
+            else:
+                self.discard()
+        finally:
+            self.release_claim()
 
 
 class StagedArray(StagedOutput):

@@ -25,7 +25,8 @@ from emseg.data import to_float
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.engine.inference import SlidingWindow, resolve_patch
-from emseg.io import auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec, parse_spec
+from emseg.io import (auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec,
+                      parse_spec)
 from emseg.lcs.atlas import Atlas
 from emseg.lcs.config import LCSConfig
 from emseg.lcs.calibrate import Calibration, fit_calibration, fit_subsample, prob_logit
@@ -328,6 +329,8 @@ class InferConfig:
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
     precision: str = DEFAULT_PRECISION
+    #: Replace an existing OUTPUT group (or file or store); refused otherwise.
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -407,7 +410,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
             attrs.update(calibration_scale=list(calibration.scale), calibration_offset=list(calibration.offset))
         total = int(np.prod(shape))
         done = 0
-        with open_output_group(config.output, source) as out:
+        with open_output_group(config.output, source, overwrite=config.overwrite) as out:
             probs_out = {l: out.create(f"prob_{l}", shape, np.float32, dict(attrs, label=l)) for l in labels}
             merged = out.create("labels", shape, label_dtype(labels), attrs)
             for block in blocks:

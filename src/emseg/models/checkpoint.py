@@ -23,6 +23,7 @@ import torch
 from emseg import __version__
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
+from emseg.metrics import MAX_CLASSES
 from emseg.runtime.locks import temp_name
 from emseg.models import build_model
 from emseg.models.conditioning import CONDITIONINGS
@@ -253,7 +254,62 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
                          source=str(path)) from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise InputError("not an emseg checkpoint (no model / model_config)", source=str(path))
+    check_checkpoint_fields(state, source=str(path))
     return state
+
+
+#: Upper bound of the patch sides a checkpoint's training config may state (classes: MAX_CLASSES).
+MAX_PATCH_SIDE = 1 << 16
+
+#: Top-level keys of a checkpoint that must be tables (dicts) when present; ``None`` is allowed
+#: where a run writes it (``init`` of a run started from scratch).
+_TABLES = ("model_config", "config", "optimizer", "rng", "log_window", "lcs", "igtt", "pretext", "init")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_checkpoint_fields(state: Mapping[str, Any], *, source: str) -> None:
+    """Type and range of every schema field of a loaded checkpoint, each error naming the field.
+
+    ``model`` must map names to tensors; the tables (:data:`_TABLES`) must be dicts; ``step`` an
+    integer >= 0, ``task`` and ``precision`` strings, ``best_metric`` and ``elapsed_s`` numbers;
+    in ``config``, ``n_classes`` an integer in [1, :data:`MAX_CLASSES`] and ``patch_shape`` 1 to 3
+    integers in [1, :data:`MAX_PATCH_SIDE`]. ``model_config`` itself is checked by
+    :func:`check_model_config` when the network is built.
+    """
+    model = state["model"]
+    if not isinstance(model, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in model.items()):
+        raise InputError("checkpoint field 'model' must map parameter names to tensors", source=source)
+    for key in _TABLES:
+        value = state.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"checkpoint field '{key}' must be a table, got {type(value).__name__}", source=source)
+    if not isinstance(state["model_config"], dict):
+        raise InputError("checkpoint field 'model_config' must be a table", source=source)
+    step = state.get("step", 0)
+    if not _is_int(step) or step < 0:
+        raise InputError(f"checkpoint field 'step' must be an integer >= 0, got {step!r}"[:200], source=source)
+    for key in ("task", "precision"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            raise InputError(f"checkpoint field '{key}' must be a string, got {type(state[key]).__name__}",
+                             source=source)
+    for key in ("best_metric", "elapsed_s"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"checkpoint field '{key}' must be a number, got {type(value).__name__}", source=source)
+    config = state.get("config") or {}
+    n_classes = config.get("n_classes")
+    if n_classes is not None and (not _is_int(n_classes) or not 1 <= n_classes <= MAX_CLASSES):
+        raise InputError(f"checkpoint field 'config.n_classes' must be an integer in [1, {MAX_CLASSES}], "
+                         f"got {n_classes!r}"[:200], source=source)
+    patch = config.get("patch_shape")
+    if patch is not None and (not isinstance(patch, (list, tuple)) or not 1 <= len(patch) <= 3
+                              or not all(_is_int(p) and 1 <= p <= MAX_PATCH_SIDE for p in patch)):
+        raise InputError(f"checkpoint field 'config.patch_shape' must be 1 to 3 integers in [1, {MAX_PATCH_SIDE}], "
+                         f"got {patch!r}"[:200], source=source)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, patch: Sequence[int] | None = None):

@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 
 from emseg import __version__
-from emseg.engine.cluster import fit_chunks, injected_failures, require_distributed, resumable_zarr, run_blocks
+from emseg.engine.cluster import (check_resumable_output, fit_chunks, injected_failures, require_distributed,
+                                  resumable_zarr, run_blocks)
 from emseg.errors import InputError
+from emseg.metrics import MAX_CLASSES
 from emseg.io import (
     check_distinct,
+    check_overwrite,
     check_not_empty,
     check_output_location,
     check_output_volume,
@@ -206,6 +209,8 @@ class NoiseConfig:
     scheduler: str | None = None
     workers: int | None = None
     retries: int = 2
+    #: Replace an existing OUTPUT dataset or array; refused otherwise.
+    overwrite: bool = False
 
 
 def noise_file(
@@ -249,7 +254,7 @@ def noise_file(
     try:
         checked = check_params(mode, config.params)
         if n_classes is not None:
-            n_classes = check_int(n_classes, "n_classes", minimum=2)
+            n_classes = check_int(n_classes, "n_classes", minimum=2, maximum=MAX_CLASSES)
             if mode in ("flip", "random"):
                 if checked["n_classes"] not in (None, n_classes):
                     raise ValueError(
@@ -273,8 +278,10 @@ def noise_file(
         raise InputError("`workers` applies only when `scheduler` is 'local'")
     if on_cluster:
         check_output_location(out_spec.path)
+        check_resumable_output(out_spec, overwrite=config.overwrite)
     else:
         check_output_volume(out_spec)
+        check_overwrite(out_spec, overwrite=config.overwrite)
     with open_volume(in_spec) as source:
         src = str(source.spec)
         if source.ndim not in (2, 3):
@@ -302,7 +309,8 @@ def noise_file(
                            selection=selection)
             shape, dtype, seconds = _noise_resumable(
                 job, out_spec, source.shape, dtype, block_chunks(blocks_shape, dtype.itemsize), attrs, blocks,
-                scheduler=scheduler, workers=workers, retries=config.retries, client=client, progress=progress)
+                scheduler=scheduler, workers=workers, retries=config.retries, client=client, progress=progress,
+                overwrite=config.overwrite)
             if counter is not None:
                 _count_transitions(source, str(out_spec), blocks, counter)
             return NoiseResult(output=str(out_spec), shape=tuple(shape), dtype=str(dtype), mode=mode,
@@ -312,7 +320,7 @@ def noise_file(
                                attrs=attrs)
         start = time.perf_counter()
         dest = create_volume(out_spec, source.shape, dtype, chunks=block_chunks(blocks_shape, dtype.itemsize),
-                             attrs=attrs)
+                             attrs=attrs, overwrite=config.overwrite)
         try:
             apply_noise(source, dest, mode, resolved, seed, blocks=blocks, counter=counter,
                         n_classes=n_classes, progress=progress, selection=selection)
@@ -337,7 +345,8 @@ def noise_file(
 def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype: np.dtype,
                      chunks: Sequence[int], attrs: dict[str, Any], blocks: Sequence[Any], *,
                      scheduler: str | None, workers: int | None, retries: int, client: Any,
-                     progress: Callable[[int, int], None] | None) -> tuple[tuple[int, ...], np.dtype, float]:
+                     progress: Callable[[int, int], None] | None,
+                     overwrite: bool = False) -> tuple[tuple[int, ...], np.dtype, float]:
     """Write the blocks as cluster tasks into a resumable ``.partial`` zarr array, renamed when complete.
 
     One writer at a time: the partial is locked while it is written (:func:`emseg.engine.cluster.resumable_zarr`).
@@ -348,7 +357,7 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
     block_shape = tuple(int(b) for b in attrs["noise_block_shape"])
     chunks = fit_chunks(block_shape, tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
     params = dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks))
-    with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params) as part:
+    with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params, overwrite=overwrite) as part:
         job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, part.store, part.key,
                        injected_failures(), job.selection)
         state = {"done": len(part.markers.done() & {b.index for b in blocks})}

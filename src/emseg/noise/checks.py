@@ -55,7 +55,7 @@ def check_fraction(value: Any, name: str) -> float:
     return v
 
 
-def check_int(value: Any, name: str, *, minimum: int) -> int:
+def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     try:
@@ -64,6 +64,8 @@ def check_int(value: Any, name: str, *, minimum: int) -> int:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
     if v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be an integer <= {maximum}, got {v}")
     return v
 
 

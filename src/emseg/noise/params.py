@@ -25,6 +25,7 @@ from emseg.noise.checks import (
 )
 from emseg.noise.morphology import class_boxes
 from emseg.noise.synthesis import required_halo
+from emseg.metrics import MAX_CLASSES
 from emseg.noise.transition import flip_matrix
 
 __all__ = [
@@ -125,7 +126,7 @@ def check_params(mode: str, params: Mapping[str, Any] | None = None) -> dict[str
                 if out[key] is not None:
                     out[key] = check_fraction(out[key], key)
             if out["n_classes"] is not None:
-                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2)
+                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
                 flip_matrix(out["p"], out["n_classes"], p_fg=out["p_fg"], p_bg=out["p_bg"])
         elif mode in ("sample", "random"):
             if out["p"] is None:
@@ -137,7 +138,7 @@ def check_params(mode: str, params: Mapping[str, Any] | None = None) -> dict[str
                     raise ValueError(f"unsampled must be -1 (ignore) or 0 (background), got {u!r}")
                 out["unsampled"] = int(u)
             elif out["n_classes"] is not None:
-                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2)
+                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
         elif mode in ("dilate", "erode", "shift"):
             if out["radius"] is None:
                 raise ValueError("needs radius")

@@ -85,7 +85,7 @@ def run_demo(
     result = train(config, out / "run", runtime=runtime, progress=train_progress)
     pred = predict_file(PredictConfig(model=str(out / "run" / "last.pt"), input=f"{test_path}:raw",
                                       output=str(out / "prediction.zarr"), output_type="labels", device=runtime.device,
-                                      precision=precision),
+                                      precision=precision, overwrite=True),  # the demo's own output
                         progress=predict_progress)
     with open_volume(str(out / "prediction.zarr")) as p, open_volume(f"{test_path}:label") as gt:
         scores = evaluate_volumes(p, gt, n_classes=3)

@@ -7,7 +7,7 @@ import numpy as np
 
 from emseg.errors import InputError
 from emseg.io import Volume
-from emseg.metrics import ConfusionAccumulator, SegmentationScores
+from emseg.metrics import MAX_CLASSES, ConfusionAccumulator, SegmentationScores
 
 _SLAB_VOXELS = 1 << 24
 
@@ -52,7 +52,11 @@ def evaluate_volumes(
         if prediction.shape != gt_shape:
             n_classes = max(2, prediction.shape[0])
         else:
-            n_classes = int(prediction.attrs.get("n_classes", 0))
+            stated = prediction.attrs.get("n_classes", 0)
+            if isinstance(stated, (bool, np.bool_)) or not isinstance(stated, (int, np.integer)):
+                raise InputError(f"attribute 'n_classes' must be an integer, got {stated!r}"[:120],
+                                 source=str(prediction.spec))
+            n_classes = int(stated)
     plane = int(np.prod(gt_shape[1:])) if len(gt_shape) > 1 else 1
     step = max(1, _SLAB_VOXELS // max(plane, 1))
     slabs = [(slice(a, min(a + step, gt_shape[0])),) for a in range(0, gt_shape[0], step)]
@@ -61,6 +65,9 @@ def evaluate_volumes(
         for sl in slabs:
             top = max(top, int(_labels_of(prediction, gt_shape, sl).max()), int(ground_truth[sl].max()))
         n_classes = top + 1
+    if not 1 <= n_classes <= MAX_CLASSES:  # the confusion matrix is n_classes x n_classes
+        raise InputError(f"{n_classes} classes (at most {MAX_CLASSES}): labels or `n_classes` out of range",
+                         source=str(prediction.spec))
     acc = ConfusionAccumulator(n_classes, ignore_label=ignore_label)
     for i, sl in enumerate(slabs):
         gt = ground_truth[sl].astype(np.int64)

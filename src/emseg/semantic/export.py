@@ -115,7 +115,7 @@ def _training_sources(config: dict) -> list[dict[str, Any]]:
 
 def export_model(model_path: str | Path, output: str | Path, *, test_input: str | None = None,
                  name: str | None = None, license: str = "MIT", authors: Sequence[str] = ("emseg user",),
-                 halo: Sequence[int] | None = None) -> ExportResult:
+                 halo: Sequence[int] | None = None, overwrite: bool = False) -> ExportResult:
     """Write the bioimage.io package of checkpoint ``model_path`` to ``output`` (a ``.zip``).
 
     ``test_input`` (a volume spec) gives the test tensor, the central patch of its middle section;
@@ -129,12 +129,13 @@ def export_model(model_path: str | Path, output: str | Path, *, test_input: str 
     from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state
     from emseg.data.sampling import to_float
     from emseg.engine.inference import SlidingWindow, softmax_forward
-    from emseg.io import check_output_location, open_volume
+    from emseg.io import check_output_location, check_overwrite, claim_output, open_volume
 
     output = Path(output)
     if output.suffix.lower() != ".zip":
         raise InputError("the package is a .zip file", source=str(output))
     check_output_location(output)
+    check_overwrite(output, overwrite=overwrite, kind="file")
     state = load_checkpoint(model_path)
     model_config = check_model_config(state["model_config"], source=str(model_path))
     if model_config.get("cond_channels"):
@@ -188,10 +189,14 @@ def export_model(model_path: str | Path, output: str | Path, *, test_input: str 
         (tmp / "rdf.yaml").write_text(json.dumps(rdf, indent=2))  # JSON is valid YAML
         files = tuple(sorted(p.name for p in tmp.iterdir()))
         part = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
-            for f in files:
-                zf.write(tmp / f, f)
-        os.replace(part, output)
+        with claim_output(output, overwrite=overwrite, kind="file"):  # one writer; an existing file kept
+            try:
+                with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for f in files:
+                        zf.write(tmp / f, f)
+                os.replace(part, output)
+            finally:
+                part.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(str(output), "bc" + "".join(space), patch, halo, n_classes, files)

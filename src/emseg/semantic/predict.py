@@ -26,6 +26,7 @@ from emseg.models.checkpoint import (
 )
 from emseg.engine.cluster import (
     FAIL_BLOCKS_ENV,
+    check_resumable_output,
     fit_chunks,
     injected_failures,
     require_distributed,
@@ -50,6 +51,7 @@ from emseg.io import (
     check_output_location,
     check_output_volume,
     check_raw,
+    check_overwrite,
     create_volume,
     is_ome_path,
     open_volume,
@@ -81,6 +83,8 @@ class PredictConfig:
     #: Write into a fixed ``.partial`` zarr and skip the blocks already done (always on with a scheduler).
     resume: bool = False
     retries: int = 2
+    #: Replace an existing OUTPUT (a dataset of an HDF5 file, a zarr array or store); refused otherwise.
+    overwrite: bool = False
 
     @property
     def window(self) -> WindowOptions:
@@ -147,8 +151,10 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
             raise InputError("`scheduler` and `resume` write plain zarr; predict in-process for an OME-Zarr output",
                              source=str(config.output))
         check_output_location(parse_spec(config.output).path)
+        check_resumable_output(parse_spec(config.output), overwrite=config.overwrite)
         return predict_resumable(config, progress=progress, client=client)
     out_spec = check_output_volume(config.output)
+    check_overwrite(out_spec, overwrite=config.overwrite)  # before any work; create_volume locks and rechecks
     device = resolve_device(config.device)
     state = load_checkpoint(config.model)
     model_config = check_model_config(state["model_config"], source=str(config.model))
@@ -175,7 +181,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
                  "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
                  "blend": config.blend, "precision": predictor.precision.name}
-        with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs) as dest:
+        with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs, overwrite=config.overwrite) as dest:
             stats = predict_volume(predictor, source, dest, blocks=blocks, output_type=config.output_type,
                                    progress=progress)
     return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats,
@@ -297,7 +303,7 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
         "precision": config.precision,
         "shape": list(shape), "chunks": list(chunks)}
     with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params,
-                        what=str(parse_spec(config.output))) as part:
+                        what=str(parse_spec(config.output)), overwrite=config.overwrite) as part:
         job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                          input=str(in_spec), store=part.store, key=part.key, patch_shape=tuple(patch),
                          window=config.window, output_type=config.output_type, device=config.device,

@@ -31,7 +31,9 @@ import numpy as np
 
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, check_output_location, open_volume, parse_spec, replace_output
+from emseg.metrics import MAX_CLASSES
+from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume,
+                      parse_spec, replace_output)
 
 __all__ = [
     "ANSWERS_FORMAT",
@@ -61,6 +63,8 @@ _INSTRUCTIONS = ("Set each 'answer' to true if the class occurs anywhere in the 
 #: An answers file is a few hundred bytes per question; anything far larger is not one (and is
 #: not read into memory).
 MAX_ANSWERS_BYTES = 64 * 2**20
+#: Bound of the box coordinates an answers file states (classes: emseg.metrics.MAX_CLASSES).
+MAX_COORDINATE = 1 << 40
 
 
 def cube_name(index: int) -> str:
@@ -151,8 +155,9 @@ def _ints(value: Any, what: str, where: str, low: int, src: str) -> tuple[int, .
     if not isinstance(value, list) or not value or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise InputError(f"{where}: '{what}' must be a list of integers, got {json.dumps(value)}", source=src)
-    if any(v < low for v in value):
-        raise InputError(f"{where}: '{what}' values must be >= {low}, got {value}", source=src)
+    if any(not low <= v <= MAX_COORDINATE for v in value) or len(value) > 3:
+        raise InputError(f"{where}: '{what}' must be at most 3 values in [{low}, {MAX_COORDINATE}], got "
+                         f"{json.dumps(value)[:60]}", source=src)
     return tuple(value)
 
 
@@ -170,7 +175,9 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
         raise InputError(f"too large for an answers file ({path.stat().st_size:,} bytes; at most "
                          f"{MAX_ANSWERS_BYTES:,})", source=src)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise InputError("not an emseg answers file (nested too deeply)", source=src) from None
     except UnicodeDecodeError:
         raise InputError("not JSON (not a text file)", source=src) from None
     except json.JSONDecodeError as exc:
@@ -183,8 +190,9 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
         if key not in doc:
             raise InputError(f"missing key '{key}'", source=src)
     n_classes = doc["n_classes"]
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise InputError(f"'n_classes' must be a positive integer, got {n_classes!r}", source=src)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 1 <= n_classes <= MAX_CLASSES:
+        raise InputError(f"'n_classes' must be an integer in [1, {MAX_CLASSES}], got {json.dumps(n_classes)[:40]}",
+                         source=src)
     if not isinstance(doc["answers"], list):
         raise InputError("'answers' must be a list", source=src)
     out = []
@@ -239,7 +247,7 @@ class AnswersResult:
 
 
 def answers_to_cubes(answers: str | Path, out: str | Path, *,
-                     progress: Callable[[int, int], None] | None = None) -> AnswersResult:
+                     progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> AnswersResult:
     """Turn the "no" answers of an answers file into lazy cubes in the HDF5 file ``out``.
 
     One cube per box answered "no" for at least one class: raw crop, labels all -1, ``info``
@@ -247,7 +255,7 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
     "no". "Yes" answers flag nothing; unanswered (``null``) entries are skipped. The whole file is
     checked first (entries, classes, boxes inside their volumes, no box answered both yes and no
     for one class); on any problem nothing is written. ``out`` is written under a temporary name
-    and renamed (an existing file is replaced).
+    and renamed; an existing file is refused unless ``overwrite``.
 
     Examples
     --------
@@ -294,7 +302,8 @@ def answers_to_cubes(answers: str | Path, out: str | Path, *,
             elif a.answer is True:
                 present.append({"number": a.number, "volume": a.volume, "offset": list(a.offset),
                                 "shape": list(a.shape), "class": a.klass})
-        cubes = _write_cubes(out, boxes, volumes, n_classes, src, progress)
+        with claim_output(out, overwrite=overwrite, kind="file"):  # one writer; an existing file kept
+            cubes = _write_cubes(out, boxes, volumes, n_classes, src, progress)
     n_no = sum(a.answer is False for a in entries)
     n_yes = sum(a.answer is True for a in entries)
     return AnswersResult(src, str(out), n_classes, len(entries), n_no, n_yes,
