@@ -2,6 +2,8 @@
 translation-equivariant model, agreement with a single forward pass, and ``predict_file``."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -310,7 +312,7 @@ def test_failure_keeps_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inference, "predict_block", failing)
     with pytest.raises(RuntimeError):
-        predict_file(config)
+        predict_file(dataclasses.replace(config, overwrite=True))
     with open_volume(f"{tmp_path}/in.h5:pred") as vol, open_volume(f"{tmp_path}/in.h5:raw") as raw:
         np.testing.assert_array_equal(vol[...], first)
         assert raw.shape == (2, 32, 32)

@@ -64,6 +64,14 @@ def _view(volume, region):
     return volume if region is None else VolumeRegion(volume, region, str(volume.spec))
 
 
+def close_cubes(cubes: Sequence[Cube]) -> None:
+    """Close the volumes that :func:`open_cubes` opened (in-memory arrays need nothing)."""
+    for cube in cubes:
+        for vol in (cube.raw, cube.label):
+            if hasattr(vol, "close"):
+                vol.close()
+
+
 def open_cubes(entries: Sequence[Any], n_classes: int, patch_shape: Sequence[int]) -> list[Cube]:
     """Open and validate the cubes of a config (objects with ``raw``, ``label`` and ``prio``).
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,15 @@ class Task(Protocol):
 
     def validate(self, model: torch.nn.Module, device: torch.device,
                  precision: str | Precision) -> dict[str, float] | None: ...
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpoint entries beyond the network (settings a resume or a prediction needs)."""
+
+    def check_resume(self, state: Mapping[str, Any], source: str) -> None:
+        """Refuse (:class:`InputError` naming ``source``) a ``last.pt`` this task cannot continue."""
+
+    def close(self) -> None:
+        """Release the task's open volumes."""
 
 
 @dataclass
@@ -146,12 +155,12 @@ def run_training(
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
-    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.total_steps`` steps (or until ``max_seconds``), writing into ``out_dir``.
 
     ``stop_after`` ends this call after that many steps (as if interrupted), which tests use to
-    check that resuming continues exactly. ``extra_state()`` adds task data to checkpoints.
+    check that resuming continues exactly. ``task.extra_state()`` adds task data to checkpoints, and
+    ``task.check_resume`` says whether a ``last.pt`` can be continued.
     ``config.init`` names a checkpoint whose weights start a new run (:mod:`emseg.models.transfer`).
 
     Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) each process trains a
@@ -190,6 +199,7 @@ def run_training(
         if not last_path.exists():
             raise InputError("nothing to resume: no last.pt", source=str(out))
         state = load_checkpoint(last_path)
+        task.check_resume(state, str(last_path))
         if state["model_config"] != model_config:
             raise InputError("checkpoint was trained with a different network configuration", source=str(last_path))
         model.load_state_dict(state["model"])
@@ -225,8 +235,7 @@ def run_training(
         }
         if pg.active:
             state.update(rng_ranks=rng_ranks, world_size=pg.world_size)
-        if extra_state is not None:
-            state.update(extra_state())
+        state.update(task.extra_state())
         save_checkpoint(path, state)
 
     t0 = time.perf_counter()
@@ -322,6 +331,15 @@ def run_training(
     result.seconds = time.perf_counter() - t0
     pg.barrier()  # rank 0's checkpoints are complete when any rank returns
     return result
+
+
+def fit(task: Task, config: TrainConfig, out_dir: str | Path, **options: Any) -> TrainResult:
+    """:func:`run_training` of ``task`` (``options``: ``runtime``, ``resume``, ``progress``,
+    ``stop_after``), then the task's volumes closed: the body of every training command's core."""
+    try:
+        return run_training(task, config, out_dir, **options)
+    finally:
+        task.close()
 
 
 def compile_network(net: torch.nn.Module) -> Callable:

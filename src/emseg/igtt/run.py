@@ -93,6 +93,15 @@ class _IGTTTask:
     def validate(self, model, device, precision):  # pragma: no cover - no validation in iGTT
         return None
 
+    def extra_state(self) -> dict[str, Any]:
+        return {}  # iGTT's own state file holds the epoch's labels and rows
+
+    def check_resume(self, state, source: str) -> None:
+        pass  # run_igtt writes the last.pt each epoch continues from, and checks its own state file
+
+    def close(self) -> None:
+        pass  # the volume is an array in memory
+
 
 def _model_config(config: IGTTConfig) -> dict[str, Any]:
     return dict(ndim=2, in_channels=1, out_channels=1, depth=config.depth, base_width=config.base_width,

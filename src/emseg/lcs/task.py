@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from emseg.engine.blocks import Block
-from emseg.models.checkpoint import load_checkpoint
 from emseg.engine.config import TrainConfig
-from emseg.data import PatchSampler, open_cubes
+from emseg.data import PatchSampler, close_cubes, open_cubes
 from emseg.errors import InputError
 from emseg.engine.inference import predict_array
 from emseg.lcs.atlas import Atlas, load_atlas
@@ -35,9 +34,8 @@ from emseg.lcs.merge import DiceAccumulator
 from emseg.lcs.infer import LabelPredictor
 from emseg.lcs.split import atlas_part, draw_split, split_target
 from emseg.losses import lazy_nll, soft_dice_loss
-from emseg.engine.training import TrainResult, run_training
+from emseg.engine.training import TrainResult, fit
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision
-from emseg.runtime import Runtime
 
 
 # --------------------------------------------------------------------------- sampling
@@ -253,11 +251,26 @@ class LCSTask:
             state.update(self.atlas.to_state())
         return state
 
+    def check_resume(self, state: Mapping[str, Any], source: str) -> None:
+        """A resumed run must hold the same classes, conditioning and atlas."""
+        old = state.get("lcs")
+        new = self.extra_state()
+        if old is None or state.get("task") != self.name:
+            raise InputError(f"last.pt was not written by this kind of training ({self.name})", source=source)
+        if self.atlas is not None and old.get("conditioning", "maxpool") != self.lcs.conditioning:
+            raise InputError(f"last.pt uses {old.get('conditioning', 'maxpool')} conditioning, the config asks for "
+                             f"{self.lcs.conditioning}", source=source)
+        if list(old["classes"]) != list(self.classes):
+            raise InputError(f"last.pt was trained on classes {old['classes']}, config has {list(self.classes)}",
+                             source=source)
+        if self.atlas is not None:
+            meta = state.get("atlas") or {}
+            if (meta.get("image_sha256"), meta.get("label_sha256")) != (
+                    new["atlas"]["image_sha256"], new["atlas"]["label_sha256"]):
+                raise InputError("last.pt was trained with another atlas", source=source)
+
     def close(self) -> None:
-        for cube in self.cubes + self.valid_cubes:
-            for vol in (cube.raw, cube.label):
-                if hasattr(vol, "close"):
-                    vol.close()
+        close_cubes(self.cubes + self.valid_cubes)
 
 
 def _channel_target(target: torch.Tensor, channel: int) -> torch.Tensor:
@@ -291,18 +304,12 @@ def evaluate_lcs(model, cubes, patch_shape, classes, device, *, atlas: Atlas | N
     return out
 
 
-def train_lcs(
-    config: TrainConfig,
-    lcs: LCSConfig,
-    out_dir: str | Path,
-    *,
-    runtime: Runtime = Runtime(),
-    resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    stop_after: int | None = None,
-    atlas: Atlas | None = None,
-) -> TrainResult:
+def train_lcs(config: TrainConfig, lcs: LCSConfig, out_dir: str | Path, *, atlas: Atlas | None = None,
+              **options: Any) -> TrainResult:
     """Train a label-conditioned U-Net, or the baseline with ``lcs.baseline`` (``emseg lcs train``).
+
+    ``options`` are those of :func:`~emseg.engine.training.run_training`: ``runtime``, ``resume``,
+    ``progress`` and ``stop_after``.
 
     Checkpoints hold, besides what ``emseg train`` stores, ``lcs`` (the settings and classes) and,
     for conditioned models, ``atlas_image``/``atlas_label`` tensors with ``atlas`` metadata.
@@ -312,32 +319,4 @@ def train_lcs(
     >>> config, lcs = load_lcs_config("lcs.toml")  # doctest: +SKIP
     >>> result = train_lcs(config, lcs, "runs/lcs")  # doctest: +SKIP
     """
-    task = LCSTask(config, lcs, atlas=atlas)
-    try:
-        if resume:
-            _check_resume(task, Path(out_dir) / "last.pt")
-        return run_training(task, config, out_dir, runtime=runtime, resume=resume, progress=progress,
-                            stop_after=stop_after, extra_state=task.extra_state)
-    finally:
-        task.close()
-
-
-def _check_resume(task: LCSTask, last: Path) -> None:
-    if not last.exists():
-        return  # run_training reports it
-    state = load_checkpoint(last)
-    old = state.get("lcs")
-    new = task.extra_state()
-    if old is None or state.get("task") != task.name:
-        raise InputError(f"last.pt was not written by this kind of training ({task.name})", source=str(last))
-    if task.atlas is not None and old.get("conditioning", "maxpool") != task.lcs.conditioning:
-        raise InputError(f"last.pt uses {old.get('conditioning', 'maxpool')} conditioning, the config asks for "
-                         f"{task.lcs.conditioning}", source=str(last))
-    if list(old["classes"]) != list(task.classes):
-        raise InputError(f"last.pt was trained on classes {old['classes']}, config has {list(task.classes)}",
-                         source=str(last))
-    if task.atlas is not None:
-        meta = state.get("atlas") or {}
-        if (meta.get("image_sha256"), meta.get("label_sha256")) != (
-                new["atlas"]["image_sha256"], new["atlas"]["label_sha256"]):
-            raise InputError("last.pt was trained with another atlas", source=str(last))
+    return fit(LCSTask(config, lcs, atlas=atlas), config, out_dir, **options)

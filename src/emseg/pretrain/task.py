@@ -11,18 +11,16 @@ settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from emseg.data import Cube, PatchSampler, open_cubes
-from emseg.engine.training import TrainResult, run_training
+from emseg.data import Cube, PatchSampler, close_cubes, open_cubes
+from emseg.engine.training import TrainResult, fit
 from emseg.errors import InputError
-from emseg.models.checkpoint import load_checkpoint
 from emseg.pretrain.config import PretrainConfig
 from emseg.pretrain.pretext import make_pretext_batch, pretext_loss
-from emseg.runtime import Runtime
 
 
 class PretrainTask:
@@ -68,47 +66,29 @@ class PretrainTask:
         """Checkpoint entries beyond the network: the ``[pretext]`` settings."""
         return {"pretext": self.pretext.to_dict()}
 
+    def check_resume(self, state: Mapping[str, Any], source: str) -> None:
+        """A resumed run must be a pretraining run with the same pretext settings."""
+        if state.get("task") != self.name:
+            raise InputError(f"last.pt was written by `{state.get('task')}` training, not by pretraining",
+                             source=source)
+        if state.get("pretext") != self.pretext.to_dict():
+            raise InputError(f"last.pt was pretrained with other [pretext] settings ({state.get('pretext')})",
+                             source=source)
+
     def close(self) -> None:
-        for cube in self.cubes:
-            if hasattr(cube.raw, "close"):
-                cube.raw.close()
+        close_cubes(self.cubes)
 
 
-def pretrain(
-    config: PretrainConfig,
-    out_dir: str | Path,
-    *,
-    runtime: Runtime = Runtime(),
-    resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    stop_after: int | None = None,
-    cubes: Sequence[Cube] | None = None,
-) -> TrainResult:
+def pretrain(config: PretrainConfig, out_dir: str | Path, *, cubes: Sequence[Cube] | None = None,
+             **options: Any) -> TrainResult:
     """Pretrain a U-Net on raw volumes (the core of ``emseg pretrain``); writes ``out_dir/last.pt``.
+
+    ``options`` are those of :func:`~emseg.engine.training.run_training`: ``runtime``, ``resume``,
+    ``progress`` and ``stop_after``; ``cubes`` replace the config's ``[[data]]`` (in-memory volumes).
 
     Examples
     --------
     >>> from emseg.pretrain import load_pretrain_config
     >>> result = pretrain(load_pretrain_config("pretrain.toml"), "runs/pre")  # doctest: +SKIP
     """
-    task = PretrainTask(config, cubes=cubes)
-    try:
-        if resume:
-            _check_resume(task, Path(out_dir) / "last.pt")
-        return run_training(task, config.training, out_dir, runtime=runtime, resume=resume,
-                            progress=progress, stop_after=stop_after, extra_state=task.extra_state)
-    finally:
-        task.close()
-
-
-def _check_resume(task: PretrainTask, last: Path) -> None:
-    """A resumed run must be a pretraining run with the same pretext settings."""
-    if not last.exists():
-        return  # run_training reports it
-    state = load_checkpoint(last)
-    if state.get("task") != task.name:
-        raise InputError(f"last.pt was written by `{state.get('task')}` training, not by pretraining",
-                         source=str(last))
-    if state.get("pretext") != task.pretext.to_dict():
-        raise InputError(f"last.pt was pretrained with other [pretext] settings ({state.get('pretext')})",
-                         source=str(last))
+    return fit(PretrainTask(config, cubes=cubes), config.training, out_dir, **options)

@@ -7,19 +7,18 @@ validation Jaccard of the ``[[valid]]`` cubes (:func:`evaluate_cubes`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from emseg.data import Cube, PatchSampler, open_cubes
+from emseg.data import Cube, PatchSampler, close_cubes, open_cubes
 from emseg.engine.config import TrainConfig
 from emseg.engine.inference import WindowOptions, make_predictor, predict_array
-from emseg.engine.training import TrainResult, run_training
+from emseg.engine.training import TrainResult, fit
 from emseg.errors import InputError
 from emseg.losses import lazy_nll, lazy_soft_dice
 from emseg.metrics import ConfusionAccumulator
-from emseg.runtime import Runtime
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision
 
 
@@ -79,11 +78,14 @@ class SegmentationTask:
         return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
                               precision=precision)
 
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def check_resume(self, state: Mapping[str, Any], source: str) -> None:
+        pass  # last.pt's network must match the config's, which the training loop checks
+
     def close(self) -> None:
-        for cube in self.cubes + self.valid_cubes:
-            for vol in (cube.raw, cube.label):
-                if hasattr(vol, "close"):
-                    vol.close()
+        close_cubes(self.cubes + self.valid_cubes)
 
 
 def auto_class_weights(cubes: Sequence[Cube], n_classes: int, *, max_ratio: float = 25.0) -> tuple[float, ...]:
@@ -142,25 +144,15 @@ def evaluate_cubes(model, cubes, patch_shape, n_classes, device, *,
     return out
 
 
-def train(
-    config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    runtime: Runtime = Runtime(),
-    resume: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    stop_after: int | None = None,
-) -> TrainResult:
+def train(config: TrainConfig, out_dir: str | Path, **options: Any) -> TrainResult:
     """Train a segmentation U-Net with lazy labels (the core of ``emseg train``).
+
+    ``options`` are those of :func:`~emseg.engine.training.run_training`: ``runtime``
+    (:class:`~emseg.runtime.Runtime`), ``resume``, ``progress`` and ``stop_after``.
 
     Examples
     --------
     >>> from emseg.engine.config import load_config
-    >>> result = train(load_config("train.toml"), "runs/mito", steps=500)  # doctest: +SKIP
+    >>> result = train(load_config("train.toml"), "runs/mito", resume=True)  # doctest: +SKIP
     """
-    task = SegmentationTask(config)
-    try:
-        return run_training(task, config, out_dir, runtime=runtime, resume=resume,
-                            progress=progress, stop_after=stop_after)
-    finally:
-        task.close()
+    return fit(SegmentationTask(config), config, out_dir, **options)
