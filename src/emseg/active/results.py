@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, json_safe, replace_output
+from emseg.io import atomic_write_text, json_safe, read_json_file, replace_output
 
 __all__ = [
     "QUERY_FORMAT",
@@ -111,21 +111,8 @@ def read_query_boxes(path: str | Path) -> list[dict[str, Any]]:
     --------
     >>> boxes = read_query_boxes("queries.json")  # doctest: +SKIP
     """
-    path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise InputError("no such file" if not path.exists() else "is not a file", source=src)
-    if path.stat().st_size > MAX_QUERY_BYTES:
-        raise InputError(f"too large for a query file ({path.stat().st_size:,} bytes; at most "
-                         f"{MAX_QUERY_BYTES:,})", source=src)
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError("not JSON (not UTF-8 text)", source=src) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not JSON ({exc.msg} at line {exc.lineno})", source=src) from None
-    except RecursionError:
-        raise InputError("not an emseg query file (nested too deeply)", source=src) from None
+    doc = read_json_file(path, what="an emseg query file", max_bytes=MAX_QUERY_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("queries"), list):
         raise InputError("not an emseg query file (no 'queries' list)", source=src)
     boxes = []

@@ -7,7 +7,8 @@ A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH
 from __future__ import annotations
 
 from emseg.io._claim import check_overwrite, claim_output, claim_outputs
-from emseg.io._files import atomic_write_json, atomic_write_text, check_output_location, json_safe, save_figure
+from emseg.io._files import (atomic_write_json, atomic_write_text, check_output_location, json_safe,
+                             read_json_file, save_figure)
 from emseg.io._output import OutputGroup, OutputVolume, create_volume, open_output_group, parse_group_spec
 from emseg.io._store import StagedOutput, auto_chunks, replace_output, zarr_compressors
 from emseg.io._volume import (

@@ -26,6 +26,27 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
     return path
 
 
+def read_json_file(path: str | Path, *, what: str, max_bytes: int) -> Any:
+    """The JSON document in ``path``: at most ``max_bytes``, UTF-8, nested no deeper than Python's
+    parser allows; anything else is an :class:`InputError` naming the file (``what``: "an answers
+    file", say, in the messages)."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise InputError("no such file" if not path.exists() else "is not a file", source=src)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"too large for {what} ({size:,} bytes; at most {max_bytes:,})", source=src)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not JSON (not UTF-8 text)", source=src) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not JSON ({exc.msg} at line {exc.lineno})", source=src) from None
+    except RecursionError:
+        raise InputError(f"not {what} (nested too deeply)", source=src) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary name beside ``path``, then rename it into place."""
     path = Path(path)

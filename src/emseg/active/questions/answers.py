@@ -32,7 +32,7 @@ import numpy as np
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
 from emseg.metrics import MAX_CLASSES
-from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume,
+from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume, read_json_file,
                       parse_spec, replace_output)
 
 __all__ = [
@@ -167,21 +167,8 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
     Raises :class:`~emseg.errors.InputError` naming the file and the problem: not JSON, not an
     answers file, a missing key, an answer other than true/false/null, a bad box or class.
     """
-    path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise InputError("no such file", source=src)
-    if path.stat().st_size > MAX_ANSWERS_BYTES:
-        raise InputError(f"too large for an answers file ({path.stat().st_size:,} bytes; at most "
-                         f"{MAX_ANSWERS_BYTES:,})", source=src)
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except RecursionError:
-        raise InputError("not an emseg answers file (nested too deeply)", source=src) from None
-    except UnicodeDecodeError:
-        raise InputError("not JSON (not a text file)", source=src) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not JSON ({exc.msg} at line {exc.lineno})", source=src) from None
+    doc = read_json_file(path, what="an emseg answers file", max_bytes=MAX_ANSWERS_BYTES)
     if not isinstance(doc, dict):
         raise InputError("not an emseg answers file (expected a JSON object)", source=src)
     if doc.get("format", ANSWERS_FORMAT) != ANSWERS_FORMAT:
