@@ -16,7 +16,6 @@ for the strategies, so an interrupted arm continues where it stopped.
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from emseg.active.questions.annotation import BoxKnowledge, box_annotation, orac
 from emseg.active.questions.types import QUESTION_STRATEGY, Ask, build_questions, select_questions
 from emseg.active.scoring.stream import score_pool
 from emseg.active.simulation.config import SimulateConfig
+from emseg.active.simulation.state import finish_iteration, iteration_dir, read_state, stable_id, write_state
 from emseg.models.checkpoint import load_model
 from emseg.data import Cube
 from emseg.errors import InputError
@@ -110,9 +110,6 @@ def run_arm(
     evaluate: Callable[[Path], dict[str, float]],
     emit_row: Callable[[dict[str, Any], bool], None],
     phase: Callable[[str, str | None, int, int], None],
-    read_json: Callable[[Path], Any],
-    write_json: Callable[[Path, Any], None],
-    stable_id: Callable[..., int],
 ) -> None:
     """Run (or continue) one question arm of one seed; rows go to ``emit_row``.
 
@@ -129,7 +126,7 @@ def run_arm(
     state_path = a_dir / "state.json"
     settings = {"budget": config.budget, "costs": config.costs.to_dict()}
     if state_path.exists():
-        state = read_json(state_path)
+        state = read_state(state_path)
         if state.get("settings") != settings:
             raise InputError(f"arm {name!r} ran with another budget or cost model ({state.get('settings')}); "
                              "choose another --out", source=str(state_path))
@@ -142,7 +139,7 @@ def run_arm(
     fresh = not state["initial_row"]
     if fresh:
         state["initial_row"] = True
-        write_json(state_path, state)
+        write_state(state_path, state)
     emit_row({"strategy": name, "seed": seed, "iteration": 0, "n_labelled": len(init_idx), **init_row,
               "cost_s": len(init_idx) * dense_cost, **_counts([], len(init_idx))}, fresh or fresh_initial)
     done = min(len(state["rows"]), config.iterations)
@@ -150,7 +147,7 @@ def run_arm(
         emit_row(row, False)
     prev = init_dir / "last.pt" if not state["rows"] else a_dir / f"iter_{len(state['rows']):03d}" / "last.pt"
     for it in range(len(state["rows"]) + 1, config.iterations + 1):
-        run_dir = a_dir / f"iter_{it:03d}"
+        run_dir = iteration_dir(a_dir, it)
         if len(state["selections"]) < it:
             phase("score", name, seed, it)
             known = _knowledge(init_idx, state["selections"], dense_cost)
@@ -172,7 +169,7 @@ def run_arm(
                                "value": float(table.value[r]),
                                "answer": oracle_answer(kind, klass, truth)})
             state["selections"].append(picked)
-            write_json(state_path, state)
+            write_state(state_path, state)
         selections = state["selections"][:it]
         known = _knowledge(init_idx, selections, dense_cost)
         cubes = []
@@ -189,9 +186,5 @@ def run_arm(
         spent = len(init_idx) * dense_cost + sum(float(q["cost"]) for sel in selections for q in sel)
         row = {"strategy": name, "seed": seed, "iteration": it, "n_labelled": len(cubes),
                **evaluate(run_dir / "last.pt"), "cost_s": spent, **_counts(selections, len(init_idx))}
-        state["rows"].append(row)
-        write_json(state_path, state)
-        if it > 1:  # only the newest fine-tuned weights are needed to continue
-            shutil.rmtree(a_dir / f"iter_{it - 1:03d}", ignore_errors=True)
-        prev = run_dir / "last.pt"
+        prev = finish_iteration(state, state_path, row, a_dir, it)
         emit_row(row, True)

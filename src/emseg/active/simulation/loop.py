@@ -33,11 +33,8 @@ it stopped and completed rows are never recomputed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
-import shutil
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +51,7 @@ from emseg.active.selection.select import select
 from emseg.active.questions.types import parse_ask
 from emseg.active.registry import get_strategy
 from emseg.active.simulation.ask import dense_cost_fields, run_arm
+from emseg.active.simulation.state import finish_iteration, iteration_dir, read_state, stable_id, write_state
 from emseg.active.simulation.config import (
     GROWABLE,
     PER_ARM,
@@ -67,7 +65,7 @@ from emseg.engine.config import TrainConfig
 from emseg.data import Cube
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, open_volume
+from emseg.io import open_volume
 from emseg.engine.training import run_training
 from emseg.semantic.train import SegmentationTask, evaluate_cubes
 from emseg.runtime import Runtime
@@ -105,17 +103,6 @@ class BoxTask(SegmentationTask):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _atomic_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable state file ({type(exc).__name__})", source=str(path)) from None
-
-
 def _load_region(spec: RegionSpec, n_classes: int, label_map: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
     with open_volume(spec.raw) as raw_vol, open_volume(spec.label) as lab_vol:
         if raw_vol.shape != lab_vol.shape:
@@ -147,12 +134,8 @@ def _info(n_classes: int) -> np.ndarray:
     return info
 
 
-def _stable_id(*parts: Any) -> int:
-    return zlib.crc32("/".join(str(p) for p in parts).encode())
-
-
 def _rng(*parts: Any) -> np.random.Generator:
-    return np.random.default_rng([_stable_id(*parts)])
+    return np.random.default_rng([stable_id(*parts)])
 
 
 def _subset(pool: CandidatePool, idx: np.ndarray) -> CandidatePool:
@@ -244,14 +227,14 @@ def _check_folder(out: Path, config: SimulateConfig) -> None:
     path = out / "config.json"
     current = config.to_dict()
     if path.exists():
-        stored = _read_json(path)
+        stored = read_state(path)
         a = {k: v for k, v in stored.items() if k not in GROWABLE + PER_ARM}
         b = {k: v for k, v in current.items() if k not in GROWABLE + PER_ARM}
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise InputError(f"holds a simulation with a different configuration (differs in: {', '.join(diff)}); "
                              "choose another `out_dir`", source=str(out))
-    _atomic_json(path, current)
+    write_state(path, current)
 
 
 def run_simulation(
@@ -360,7 +343,7 @@ def run_simulation(
         init_json = seed_dir / "initial.json"
         init_dir = seed_dir / "initial"
         if init_json.exists():
-            init_state = _read_json(init_json)
+            init_state = read_state(init_json)
             init_idx = [int(i) for i in init_state["indices"]]
             if [offsets[i] for i in init_idx] != init_state["offsets"]:
                 raise InputError("stored initial boxes do not match the pool; choose another `out_dir`",
@@ -368,14 +351,14 @@ def run_simulation(
         else:
             init_idx = random_select(len(pool), config.initial, _rng("initial", seed)).tolist()
             init_state = {"indices": init_idx, "offsets": [offsets[i] for i in init_idx], "row": None}
-            _atomic_json(init_json, init_state)
+            write_state(init_json, init_state)
         if init_state.get("row") is None:
             phase("train", None, seed, 0)
             _train(config, cubes_for(pool, init_idx), init_dir, steps=config.steps_initial,
                    lr=config.train.optim.lr, seed=seed, device=str(dev), init_from=None)
             phase("evaluate", None, seed, 0)
             init_state["row"] = _evaluate(init_dir / "last.pt", test_cube, config, dev, free)
-            _atomic_json(init_json, init_state)
+            write_state(init_json, init_state)
             fresh_initial = True
         else:
             fresh_initial = False
@@ -384,11 +367,11 @@ def run_simulation(
             s_dir = seed_dir / strategy
             s_dir.mkdir(exist_ok=True)
             state_path = s_dir / "state.json"
-            state = _read_json(state_path) if state_path.exists() else {
+            state = read_state(state_path) if state_path.exists() else {
                 "initial_row": False, "selections": [], "offsets": [], "rows": []}
             if not state.get("initial_row"):
                 state["initial_row"] = True
-                _atomic_json(state_path, state)
+                write_state(state_path, state)
                 fresh = True
             else:
                 fresh = False
@@ -407,12 +390,12 @@ def run_simulation(
             if state["rows"]:
                 prev_weights = s_dir / f"iter_{len(state['rows']):03d}" / "last.pt"
             for it in range(len(state["rows"]) + 1, config.iterations + 1):
-                run_dir = s_dir / f"iter_{it:03d}"
+                run_dir = iteration_dir(s_dir, it)
                 if len(state["selections"]) < it:
                     phase("score", strategy, seed, it)
                     model, _ = load_model(prev_weights, dev)
                     current = pool.with_labelled(labelled)
-                    torch.manual_seed(_stable_id("score", seed, strategy, it) % 2**31)
+                    torch.manual_seed(stable_id("score", seed, strategy, it) % 2**31)
                     scores = None
                     strat = get_strategy(strategy)
                     if strat.needs_scores or strat.needs_embeddings:
@@ -424,19 +407,15 @@ def run_simulation(
                     del model
                     state["selections"].append(picks)
                     state["offsets"].append([offsets[i] for i in picks])
-                    _atomic_json(state_path, state)
+                    write_state(state_path, state)
                 labelled += state["selections"][it - 1]
                 phase("train", strategy, seed, it)
                 _train(config, cubes_for(pool, labelled), run_dir, steps=config.steps_finetune, lr=lr_ft,
-                       seed=_stable_id("finetune", seed, it) % 2**31, device=str(dev), init_from=prev_weights)
+                       seed=stable_id("finetune", seed, it) % 2**31, device=str(dev), init_from=prev_weights)
                 phase("evaluate", strategy, seed, it)
                 row = {"strategy": strategy, "seed": seed, "iteration": it, "n_labelled": len(labelled),
                        **_evaluate(run_dir / "last.pt", test_cube, config, dev, free)}
-                state["rows"].append(row)
-                _atomic_json(state_path, state)
-                if it > 1:  # only the newest fine-tuned weights are needed to continue
-                    shutil.rmtree(s_dir / f"iter_{it - 1:03d}", ignore_errors=True)
-                prev_weights = run_dir / "last.pt"
+                prev_weights = finish_iteration(state, state_path, row, s_dir, it)
                 emit_row(row, True)
 
         for arm in arms:
@@ -447,7 +426,7 @@ def run_simulation(
                         config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
                         init_from=init_from),
                     evaluate=lambda weights: _evaluate(weights, test_cube, config, dev, free), emit_row=emit_row,
-                    phase=phase, read_json=_read_json, write_json=_atomic_json, stable_id=_stable_id)
+                    phase=phase)
 
     final_rows = ordered()
     write_curves(csv_path, final_rows, k)
