@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.io import save_figure
 
@@ -75,8 +76,6 @@ def write_curves(metrics_csv: str | Path, png: str | Path | None = None) -> Path
 def validation_section(model: torch.nn.Module, raw: Any, label: Any, patch_shape: Sequence[int],
                        device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Raw, label and predicted labels of the central patch of a cube, its middle section (y, x)."""
-    from emseg.data.sampling import to_float
-
     shape = tuple(int(s) for s in raw.shape)
     patch = [min(p, s) for p, s in zip(patch_shape[-len(shape):], shape)]
     ndim = int(getattr(model, "ndim", len(shape)))

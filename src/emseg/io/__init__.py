@@ -60,6 +60,7 @@ __all__ = [
     "is_ome_path",
     "json_safe",
     "parse_group_spec",
+    "read_json_file",
     "parse_spec",
     "read_info",
     "replace_output",

@@ -24,7 +24,7 @@ import h5py
 
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
-from emseg.io._volume import VolumeSpec, parse_spec
+from emseg.io._volume import VolumeSpec, parse_group_spec, parse_spec
 from emseg.runtime.locks import WriterLock, lock_output
 
 __all__ = ["check_overwrite", "claim_output", "claim_outputs"]
@@ -71,7 +71,6 @@ def check_overwrite(target: str | Path | VolumeSpec, *, overwrite: bool, kind: s
             raise InputError(f"already exists; {_HINT}", source=str(path))
         return
     if kind == "group":
-        from emseg.io._output import parse_group_spec
 
         path, key, fmt = parse_group_spec(str(target))
         spec = VolumeSpec(path, key, fmt)
@@ -94,7 +93,6 @@ def _container(target: str | Path | VolumeSpec, kind: str) -> Path:
     if kind == "file":
         return Path(target)
     if kind == "group":
-        from emseg.io._output import parse_group_spec
 
         return parse_group_spec(str(target))[0]
     return parse_spec(target).path

@@ -19,7 +19,7 @@ from emseg.io._claim import claim_output
 from emseg.io._ome import is_ome_path, voxel_size_of
 from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume
 from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag, zarr_compressors
-from emseg.io._volume import H5_SUFFIXES, VolumeSpec, check_output_volume, clean_output_temps, parse_spec
+from emseg.io._volume import VolumeSpec, check_output_volume, clean_output_temps, parse_group_spec, parse_spec
 
 __all__ = ["OutputGroup", "OutputVolume", "create_volume", "open_output_group", "parse_group_spec"]
 
@@ -177,32 +177,6 @@ def _create(spec: VolumeSpec, shape: tuple[int, ...], dtype: np.dtype, chunks: t
 
 
 # --------------------------------------------------------------------------- groups of arrays
-
-
-def parse_group_spec(text: str) -> tuple[Path, str, str]:
-    """``out.zarr[/GROUP]`` or ``out.h5[:GROUP]`` -> (path, group, fmt).
-
-    Examples
-    --------
-    >>> parse_group_spec("pred.h5:lcs")
-    (PosixPath('pred.h5'), 'lcs', 'h5')
-    >>> parse_group_spec("pred.zarr")
-    (PosixPath('pred.zarr'), '', 'zarr')
-    """
-    low = text.lower()
-    for suffix in H5_SUFFIXES:
-        i = low.rfind(suffix + ":")
-        if i >= 0:
-            return Path(text[:i + len(suffix)]), text[i + len(suffix) + 1:].strip("/"), "h5"
-        if low.endswith(suffix):
-            return Path(text), "", "h5"
-    i = low.find(".zarr")
-    while i >= 0:
-        end = i + len(".zarr")
-        if end == len(text) or text[end] == "/":
-            return Path(text[:end]), text[end:].strip("/"), "zarr"
-        i = low.find(".zarr", end)
-    raise InputError("OUTPUT must be FILE.zarr[/GROUP] or FILE.h5[:GROUP]", source=text)
 
 
 class OutputGroup(StagedOutput):

@@ -298,3 +298,29 @@ def voxel_size_from_source(source: Any) -> tuple[float, ...] | None:
             return voxel_size_of(vol)
     except Exception:
         return None
+
+
+def parse_group_spec(text: str) -> tuple[Path, str, str]:
+    """``out.zarr[/GROUP]`` or ``out.h5[:GROUP]`` -> (path, group, fmt).
+
+    Examples
+    --------
+    >>> parse_group_spec("pred.h5:lcs")
+    (PosixPath('pred.h5'), 'lcs', 'h5')
+    >>> parse_group_spec("pred.zarr")
+    (PosixPath('pred.zarr'), '', 'zarr')
+    """
+    low = text.lower()
+    for suffix in H5_SUFFIXES:
+        i = low.rfind(suffix + ":")
+        if i >= 0:
+            return Path(text[:i + len(suffix)]), text[i + len(suffix) + 1:].strip("/"), "h5"
+        if low.endswith(suffix):
+            return Path(text), "", "h5"
+    i = low.find(".zarr")
+    while i >= 0:
+        end = i + len(".zarr")
+        if end == len(text) or text[end] == "/":
+            return Path(text[:end]), text[end:].strip("/"), "zarr"
+        i = low.find(".zarr", end)
+    raise InputError("OUTPUT must be FILE.zarr[/GROUP] or FILE.h5[:GROUP]", source=text)

@@ -25,7 +25,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from emseg import __version__
+from emseg.data.sampling import to_float
+from emseg.engine.inference import SlidingWindow, softmax_forward
 from emseg.errors import InputError
+from emseg.io import check_output_location, check_overwrite, claim_output, open_volume, parse_spec
+from emseg.models import UNet, build_model, conditioning, unet
+from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state
+from emseg.synthetic import make_volume
 
 FORMAT_VERSION = "0.5.4"
 WRAPPER = '''
@@ -55,7 +62,6 @@ class ExportResult:
 
 def architecture_source() -> str:
     """One importable file: emseg's conditioning and U-Net modules plus :data:`WRAPPER`."""
-    from emseg.models import conditioning, unet
 
     parts = []
     for module in (conditioning, unet):
@@ -95,7 +101,6 @@ def _training_sources(config: dict) -> list[dict[str, Any]]:
     """The training cubes of a checkpoint's config with what their files say about themselves."""
     import h5py
 
-    from emseg.io import parse_spec
 
     out = []
     for cube in config.get("train", []) or []:
@@ -126,10 +131,6 @@ def export_model(model_path: str | Path, output: str | Path, *, test_input: str 
     --------
     >>> export_model("runs/mito/best.pt", "mito.zip", test_input="vnc.h5:raw")  # doctest: +SKIP
     """
-    from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state
-    from emseg.data.sampling import to_float
-    from emseg.engine.inference import SlidingWindow, softmax_forward
-    from emseg.io import check_output_location, check_overwrite, claim_output, open_volume
 
     output = Path(output)
     if output.suffix.lower() != ".zip":
@@ -158,7 +159,6 @@ def export_model(model_path: str | Path, output: str | Path, *, test_input: str 
             lead = tuple(s // 2 for s in shape[:-ndim])
             raw = np.asarray(vol[lead + box])
     else:
-        from emseg.synthetic import make_volume
 
         raw = make_volume((1,) * (3 - ndim) + patch if ndim == 2 else patch, rng=0).raw.reshape(patch)
     if raw.shape != patch:
@@ -203,7 +203,6 @@ def export_model(model_path: str | Path, output: str | Path, *, test_input: str 
 
 
 def _wrapped(model: torch.nn.Module, model_config: dict) -> torch.nn.Module:
-    from emseg.models import UNet
 
     class Probabilities(UNet):
         def forward(self, x):
@@ -230,7 +229,6 @@ def _readme(name, config, sources, patch, halo) -> str:
 
 
 def _rdf(name, model_config, config, sources, patch, halo, space, n_classes, license, authors, dtype) -> dict:
-    from emseg import __version__
 
     size_in = [{"type": "space", "id": a, "size": {"min": p, "step": d}}
                for a, p, d in zip(space, patch, _divisor(model_config))]
@@ -283,7 +281,6 @@ def _rdf(name, model_config, config, sources, patch, halo, space, n_classes, lic
 
 
 def _divisor(model_config: dict) -> list[int]:
-    from emseg.models import build_model
 
     return list(build_model(model_config).divisor)
 
