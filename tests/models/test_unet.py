@@ -127,9 +127,15 @@ def test_conditioned_network_requires_cond():
 
 
 def test_conditioned_3d_anisotropic():
-    net = UNet(ndim=3, out_channels=2, depth=2, base_width=2, anisotropic_levels=1, cond_channels=1)
-    out = net(torch.randn(1, 1, 2, 8, 8), torch.ones(1, 1, 2, 8, 8))
+    net = UNet(ndim=3, out_channels=2, depth=2, base_width=2, anisotropic_levels=1, cond_channels=1).eval()
+    x = torch.randn(1, 1, 2, 8, 8)
+    cond = torch.zeros(1, 1, 2, 8, 8)
+    cond[..., :4, :] = 1  # a condition that differs from its mirror image and from all-ones
+    with torch.no_grad():
+        out, ones, none = net(x, cond), net(x, torch.ones_like(cond)), net(x, torch.zeros_like(cond))
     assert out.shape == (1, 2, 2, 8, 8)
+    # the condition reaches the output: three conditions, three different maps
+    assert not torch.allclose(out, ones) and not torch.allclose(out, none) and not torch.allclose(ones, none)
 
 
 def test_build_model_round_trip():

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from emseg.data.augment import Augmenter
 from emseg.errors import InputError
 from emseg.io import parse_spec
+from emseg.models.checkpoint import divisor_of
 from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
 
 
@@ -278,10 +279,7 @@ def _check_ranges(config: TrainConfig) -> None:
 def model_divisor(config: TrainConfig) -> tuple[int, ...]:
     """Per-axis factor the patch must be a multiple of: 2**depth, in-plane only on anisotropic levels."""
     m = config.model
-    if config.model_ndim == 2:
-        return (2 ** m.depth,) * 2
-    z_levels = max(0, m.depth - m.anisotropic_levels)
-    return (2 ** z_levels, 2 ** m.depth, 2 ** m.depth)
+    return divisor_of({"ndim": config.model_ndim, "depth": m.depth, "anisotropic_levels": m.anisotropic_levels})
 
 
 def check_config(config: TrainConfig) -> None:
