@@ -314,3 +314,23 @@ def test_label_efficiency_patches_are_nested_and_inside_the_pool():
     assert all(c.raw.shape == (1, 16, 16) and c.info[0].all() for c in large)
     assert len({c.raw.tobytes() for c in large}) == 8
     assert mod.patch_cubes(raw, raw, None, 16, 0, 2)[0].raw.shape == (12, 64, 64)
+
+
+def test_a_resumed_campaign_appends_its_provenance_and_keeps_each_runs(tmp_path, monkeypatch):
+    from _campaign import SPLIT, Campaign
+
+    out = tmp_path / "c.json"
+    monkeypatch.setattr(sys, "argv", ["first.py", "--seeds", "0"])
+    monkeypatch.setenv("EMSEG_COMMIT", "aaaaaaa")
+    first = Campaign(out, {"steps": 3})
+    first.run({"seed": 0}, lambda: {"score": 0.5})
+    monkeypatch.setattr(sys, "argv", ["first.py", "--seeds", "0,1"])
+    monkeypatch.setenv("EMSEG_COMMIT", "bbbbbbb")
+    second = Campaign(out, {"steps": 3})
+    assert second.run({"seed": 0}, lambda: {"score": -1.0})["score"] == 0.5  # stored, not rerun
+    second.run({"seed": 1}, lambda: {"score": 0.7})
+    doc = json.loads(out.read_text())
+    assert [s["commit"] for s in doc["sessions"]] == ["aaaaaaa", "bbbbbbb"]
+    assert [s["command"] for s in doc["sessions"]] == ["python first.py --seeds 0", "python first.py --seeds 0,1"]
+    assert [(r["seed"], r["session"]) for r in doc["runs"]] == [(0, 0), (1, 1)]
+    assert doc["command"] == "python first.py --seeds 0" and doc["split"] == SPLIT

@@ -1,12 +1,21 @@
 """What every results campaign shares: a resumable JSON of runs, paired statistics, table cells.
 
-A campaign is a JSON document ``{"command", "machine", "settings", "runs": [...]}``. Each run is
-keyed by a few fields (e.g. arm and seed); :meth:`Campaign.run` skips keys already present and
-writes the document atomically after every run, so a killed campaign continues where it stopped.
+A campaign is a JSON document ``{"command", "machine", "settings", "split", "sessions", "runs": [...]}``.
+Each run is keyed by a few fields (e.g. arm and seed); :meth:`Campaign.run` skips keys already
+present and writes the document atomically after every run, so a killed campaign continues where
+it stopped. Every start of the script appends a ``sessions`` entry (command, machine, commit, time)
+and each run records the ``session`` that computed it, so a resumed campaign never overwrites the
+provenance of earlier runs; ``command`` and ``machine`` stay those of the first start.
+
+The protocol of every campaign (docs/results.md): VNC stack 1 sections 0-11 train (or are the
+labelled pool), 12-14 validation (every choice), 15-19 test (scored once per reported configuration).
 """
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +28,22 @@ from _common import machine  # noqa: E402
 from emseg.io import atomic_write_json  # noqa: E402
 
 
+#: VNC stack 1 sections (start, stop) of the protocol every campaign follows.
+SPLIT = {"train": [0, 12], "validation": [12, 15], "test": [15, 20]}
+
+
+def commit() -> str:
+    """The code's commit: ``$EMSEG_COMMIT`` (a frozen copy of the tree has no git), else git's HEAD."""
+    if os.environ.get("EMSEG_COMMIT"):
+        return os.environ["EMSEG_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 class Campaign:
     def __init__(self, path: str | Path, settings: dict[str, Any]):
         self.path = Path(path)
@@ -26,7 +51,14 @@ class Campaign:
         old = self.doc.get("settings")
         if old is not None and old != settings and self.doc["runs"]:
             raise SystemExit(f"{self.path} was run with other settings {old}; use another --out")
-        self.doc.update(command=" ".join(["python"] + sys.argv), machine=machine(), settings=settings)
+        command = " ".join(["python"] + sys.argv)
+        self.doc.setdefault("command", command)
+        self.doc.setdefault("machine", machine())
+        self.doc.update(settings=settings, split=SPLIT)
+        self.doc.setdefault("sessions", []).append({
+            "command": command, "machine": machine(), "commit": commit(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        self.session = len(self.doc["sessions"]) - 1
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -43,7 +75,7 @@ class Campaign:
         done = self.find(**key)
         if done is not None:
             return done
-        result = dict(fn(), **key)
+        result = dict(fn(), **key, session=self.session)
         self.runs.append(result)
         self.save()
         return result
