@@ -17,6 +17,7 @@ from emseg.active.results import crop_name, read_query_boxes
 from emseg.active.query import QueryConfig, query_files
 from emseg.active.questions.types import CostModel, parse_costs
 from emseg.active.sheet import check_sheet_output, write_query_sheet
+from emseg.active.simulation.config import FINETUNE
 from emseg.active.simulation.loop import load_simulate_config, run_simulation
 from emseg.cli._ui import (
     DefaultCommandGroup,
@@ -233,10 +234,17 @@ def answers_command(answers, out, overwrite):
 @click.option("--iterations", type=int, default=None, help="Query rounds (overrides the config).")
 @click.option("--steps-initial", type=int, default=None, help="Training steps of the initial network.")
 @click.option("--steps-finetune", type=int, default=None, help="Fine-tuning steps per round.")
+@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+              help="Start the initial network from this checkpoint (of emseg pretrain or emseg train; overrides "
+                   "the config's `init`).")
+@click.option("--finetune", type=click.Choice(FINETUNE), default=None,
+              help="Where each round starts: the previous round's weights, the --init weights, or random weights "
+                   "(overrides `finetune`) [default: previous].")
 @click.option("--no-plot", is_flag=True, help="Do not draw curves.png.")
 @common_options
 @device_seed_options
-def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initial, steps_finetune, no_plot):
+def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initial, steps_finetune, init, finetune,
+                     no_plot):
     """Simulated active learning on CONFIG (TOML) with the ground truth as oracle.
 
     For each seed: train on `initial` random pool patches, then for each strategy and round pick
@@ -253,6 +261,7 @@ def simulate_command(config, out_dir, strategies, seeds, iterations, steps_initi
         "strategies": tuple(s.strip() for s in strategies.split(",") if s.strip()) if strategies else None,
         "seeds": parse_ints(seeds, "--seeds"), "iterations": iterations,
         "steps_initial": steps_initial, "steps_finetune": steps_finetune, "precision": app.precision,
+        "init": str(Path(init).resolve()) if init else None, "finetune": finetune,
     }
     cfg = load_simulate_config(config, overrides=overrides)
     with progress_bar("simulate") as update:

@@ -36,7 +36,9 @@ __all__ = [
 TOP_KEYS = ("n_classes", "patch", "initial", "per_iteration", "iterations", "seeds", "strategies",
             "steps_initial", "steps_finetune", "lr_finetune", "batch_size", "mc_samples", "reduction",
             "candidates", "score_batch_size", "label_map", "class_weights", "example_ignore_threshold",
-            "precision", "questions", "budget", "costs")
+            "precision", "questions", "budget", "costs", "init", "finetune")
+#: Where each round of the simulated loop starts fine-tuning (``finetune``).
+FINETUNE = ("previous", "init", "scratch")
 #: Keys that only add or remove rows; they may change between runs into the same folder.
 GROWABLE = ("seeds", "strategies", "iterations", "questions")
 #: Keys checked by each question arm against its own state (they do not change the strategies' rows).
@@ -88,6 +90,11 @@ class SimulateConfig:
     steps_initial: int = 500
     steps_finetune: int = 200
     lr_finetune: float | None = None
+    #: A checkpoint (of ``emseg pretrain`` or ``emseg train``) the initial network starts from.
+    init: str | None = None
+    #: Where each round's fine-tuning starts: the previous round's weights, ``init`` again, or
+    #: random weights (then trained ``steps_initial`` steps, as the initial network).
+    finetune: str = "previous"
     mc_samples: int = 10
     reduction: str = "mean"
     candidates: int | None = None
@@ -188,6 +195,12 @@ def simulate_config_from_dict(data: Mapping[str, Any], *, base_dir: str | Path =
             kwargs["candidates"] = value or None
         if "lr_finetune" in data:
             kwargs["lr_finetune"] = float(data["lr_finetune"])
+        if data.get("init") is not None:
+            if not isinstance(data["init"], str):
+                raise InputError(f"'init' must be a checkpoint path, got {data['init']!r}")
+            kwargs["init"] = str(base / data["init"])
+        if data.get("finetune") is not None:
+            kwargs["finetune"] = str(data["finetune"])
         if "reduction" in data:
             kwargs["reduction"] = str(data["reduction"])
         if "seeds" in data:
@@ -260,6 +273,12 @@ def check_simulate_config(config: SimulateConfig) -> None:
         raise InputError("strategy 'bald' samples dropout: set model.dropout > 0")
     if config.lr_finetune is not None and not config.lr_finetune > 0:
         raise InputError(f"'lr_finetune' must be > 0, got {config.lr_finetune}")
+    if config.finetune not in FINETUNE:
+        raise InputError(f"'finetune' must be one of {', '.join(FINETUNE)}, got {config.finetune!r}")
+    if config.finetune == "init" and config.init is None:
+        raise InputError("'finetune' = \"init\" needs an 'init' checkpoint")
+    if config.init is not None and not Path(config.init).is_file():
+        raise InputError("no such checkpoint (the 'init' key)", source=config.init)
     check_question_arms(config)
     needed = config.initial + config.per_iteration * config.iterations
     if config.candidates is not None and config.candidates < needed:
@@ -286,8 +305,5 @@ def load_simulate_config(path: str | Path, *, overrides: Mapping[str, Any] | Non
     >>> cfg = load_simulate_config("active.toml", overrides={"iterations": 2})  # doctest: +SKIP
     """
     path = Path(path)
-    data = read_toml(path)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = list(value) if isinstance(value, tuple) else value
+    data = read_toml(path, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in (overrides or {}).items()})
     return simulate_config_from_dict(data, base_dir=path.parent, source=str(path))

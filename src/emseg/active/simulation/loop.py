@@ -167,9 +167,13 @@ def _seed_checkpoint(run_dir: Path, init_from: Path, cfg: TrainConfig, seed: int
 
 
 def _train(config: SimulateConfig, cubes: list[Cube], run_dir: Path, *, steps: int, lr: float, seed: int,
-           device: str, init_from: Path | None) -> None:
-    """Train (or fine-tune from ``init_from``) on ``cubes`` into ``run_dir``; resumes a partial run."""
+           device: str, init_from: Path | None, transfer: str | None = None) -> None:
+    """Train (or fine-tune from ``init_from``, an earlier round's weights, or start from the weights of
+    ``transfer``, any checkpoint, matched by name and shape) on ``cubes`` into ``run_dir``; resumes a
+    partial run."""
     cfg = _train_config(config, steps, lr)
+    if transfer is not None:
+        cfg = cfg.replace(init=transfer)
     task = BoxTask(cfg, cubes)
     last = run_dir / "last.pt"
     if last.exists() and int(load_checkpoint(last).get("step", -1)) >= steps:
@@ -300,6 +304,18 @@ def run_simulation(
     rows: dict[tuple[str, int, int], dict[str, Any]] = {}
     computed = 0
     lr_ft = config.lr_finetune if config.lr_finetune is not None else config.train.optim.lr
+
+    def fine_tune(cubes: list[Cube], run_dir: Path, *, seed: int, init_from: Path | None) -> None:
+        """One round's training, started as ``config.finetune`` says (``init_from``: the last round's weights)."""
+        if config.finetune == "scratch":
+            _train(config, cubes, run_dir, steps=config.steps_initial, lr=config.train.optim.lr, seed=seed,
+                   device=str(dev), init_from=None)
+        elif config.finetune == "init":
+            _train(config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
+                   init_from=None, transfer=config.init)
+        else:
+            _train(config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
+                   init_from=init_from)
     csv_path = out / "curves.csv"
 
     def ordered() -> list[dict[str, Any]]:
@@ -355,7 +371,7 @@ def run_simulation(
         if init_state.get("row") is None:
             phase("train", None, seed, 0)
             _train(config, cubes_for(pool, init_idx), init_dir, steps=config.steps_initial,
-                   lr=config.train.optim.lr, seed=seed, device=str(dev), init_from=None)
+                   lr=config.train.optim.lr, seed=seed, device=str(dev), init_from=None, transfer=config.init)
             phase("evaluate", None, seed, 0)
             init_state["row"] = _evaluate(init_dir / "last.pt", test_cube, config, dev, free)
             write_state(init_json, init_state)
@@ -410,8 +426,8 @@ def run_simulation(
                     write_state(state_path, state)
                 labelled += state["selections"][it - 1]
                 phase("train", strategy, seed, it)
-                _train(config, cubes_for(pool, labelled), run_dir, steps=config.steps_finetune, lr=lr_ft,
-                       seed=stable_id("finetune", seed, it) % 2**31, device=str(dev), init_from=prev_weights)
+                fine_tune(cubes_for(pool, labelled), run_dir, seed=stable_id("finetune", seed, it) % 2**31,
+                          init_from=prev_weights)
                 phase("evaluate", strategy, seed, it)
                 row = {"strategy": strategy, "seed": seed, "iteration": it, "n_labelled": len(labelled),
                        **_evaluate(run_dir / "last.pt", test_cube, config, dev, free)}
@@ -422,9 +438,7 @@ def run_simulation(
             run_arm(arm, config=config, seed=seed, seed_dir=seed_dir, pool=pool, pool_raw=pool_raw,
                     pool_label=pool_label, init_idx=init_idx, init_dir=init_dir, init_row=init_state["row"],
                     fresh_initial=fresh_initial, device=dev,
-                    train=lambda cubes, run_dir, *, seed, init_from: _train(
-                        config, cubes, run_dir, steps=config.steps_finetune, lr=lr_ft, seed=seed, device=str(dev),
-                        init_from=init_from),
+                    train=fine_tune,
                     evaluate=lambda weights: _evaluate(weights, test_cube, config, dev, free), emit_row=emit_row,
                     phase=phase)
 

@@ -1,0 +1,75 @@
+"""``emseg query simulate --init / --finetune``: where the initial network and each round start."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import synthetic, tiny_train_config, to_toml, write_h5
+from emseg.active.simulation.loop import load_simulate_config, run_simulation
+from emseg.cli.main import cli
+from emseg.engine.config import config_from_dict
+from emseg.errors import InputError
+from emseg.models.checkpoint import load_checkpoint
+from emseg.runtime import Runtime
+from emseg.semantic.train import train
+
+TINY_LR = 1e-12  # Adam moves each weight by about the learning rate: the start stays visible
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim_init")
+    vol = synthetic((4, 64, 64), 0)
+    data = write_h5(root / "data.h5", raw=vol.raw, label=vol.label)
+    source = tiny_train_config(data, steps=2)  # a 4-class network of the same shape: its head is replaced
+    source.update(n_classes=4, patch_shape=[1, 16, 16], model={"depth": 2, "base_width": 4, "norm": "batch"})
+    train(config_from_dict(source), root / "source", runtime=Runtime(device="cpu", seed=5))
+    return root, data, root / "source" / "last.pt"
+
+
+def _config(root: Path, data: Path, name: str, **extra):
+    cfg = {
+        "n_classes": 3, "patch": [1, 16, 16], "initial": 2, "per_iteration": 2, "iterations": 1, "seeds": [0],
+        "strategies": ["random"], "steps_initial": 1, "steps_finetune": 1, "batch_size": 2,
+        "pool": {"raw": f"{data}:raw", "label": f"{data}:label", "region": [[0, 3]]},
+        "test": {"raw": f"{data}:raw", "label": f"{data}:label", "region": [[3, 4]]},
+        "model": {"depth": 2, "base_width": 4, "norm": "batch"}, "optim": {"lr": TINY_LR},
+        **extra,
+    }
+    path = root / f"{name}.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def _encoder_matches(weights: Path, source: Path) -> bool:
+    got, want = load_checkpoint(weights)["model"], load_checkpoint(source)["model"]
+    shared = [k for k in want if not k.startswith("head.") and want[k].is_floating_point() and "running" not in k]
+    assert shared
+    return all(torch.allclose(got[k], want[k], atol=1e-6) for k in shared)
+
+
+@pytest.mark.parametrize("finetune, round_from_init", [("previous", True), ("init", True), ("scratch", False)])
+def test_rounds_start_where_finetune_says(setup, finetune, round_from_init):
+    root, data, source = setup
+    config = load_simulate_config(_config(root, data, finetune, finetune=finetune),
+                                  overrides={"init": str(source)})
+    out = root / f"run_{finetune}"
+    run_simulation(config, out, runtime=Runtime(device="cpu"), plot=False)
+    weights = sorted(out.rglob("last.pt"))
+    initial = [w for w in weights if "iter_" not in str(w)]
+    rounds = [w for w in weights if "iter_001" in str(w)]
+    assert len(initial) == 1 and len(rounds) == 1
+    assert _encoder_matches(initial[0], source)  # the initial network starts from --init
+    assert _encoder_matches(rounds[0], source) is round_from_init
+
+
+def test_finetune_init_without_a_checkpoint_and_a_missing_checkpoint_are_refused(setup):
+    root, data, _ = setup
+    with pytest.raises(InputError, match="needs an 'init'"):
+        load_simulate_config(_config(root, data, "no_init", finetune="init"))
+    res = CliRunner().invoke(cli, ["query", "simulate", str(_config(root, data, "cli")), "--out", str(root / "x"),
+                                   "--init", str(root / "absent.pt")])
+    assert res.exit_code == 2 and "absent.pt" in res.stderr and not (root / "x").exists()
