@@ -43,6 +43,7 @@ from emseg.io import (
 from emseg.noise.checks import check_int
 from emseg.noise.params import (
     MODES,
+    REGISTRY,
     check_block_shape,
     check_params,
     default_block_shape,
@@ -255,7 +256,7 @@ def noise_file(
         checked = check_params(mode, config.params)
         if n_classes is not None:
             n_classes = check_int(n_classes, "n_classes", minimum=2, maximum=MAX_CLASSES)
-            if mode in ("flip", "random"):
+            if REGISTRY[mode].classes:
                 if checked["n_classes"] not in (None, n_classes):
                     raise ValueError(
                         f"n_classes given twice: {checked['n_classes']} and {n_classes}"

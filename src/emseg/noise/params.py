@@ -9,7 +9,8 @@ skeleton halo from the widest object, :func:`estimate_max_width`); :func:`halo_s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ __all__ = [
     "MODES",
     "RANDOM_MODES",
     "SELECTION_MODES",
+    "REGISTRY",
+    "NoiseMode",
     "WIDTH_SCAN_MARGIN",
     "check_block_shape",
     "check_mode",
@@ -45,25 +48,92 @@ __all__ = [
     "resolve_params",
 ]
 
-#: The perturbations :func:`~emseg.noise.process.process_block` applies.
-MODES = ("flip", "sample", "dilate", "erode", "skeleton", "random", "shift")
+def _check_flip(out: dict[str, Any]) -> None:
+    if out["p"] is None and out["p_fg"] is None and out["p_bg"] is None:
+        raise ValueError("needs p, or p_fg/p_bg for binary labels")
+    for key in ("p", "p_fg", "p_bg"):
+        if out[key] is not None:
+            out[key] = check_fraction(out[key], key)
+    if out["n_classes"] is not None:
+        out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
+        flip_matrix(out["p"], out["n_classes"], p_fg=out["p_fg"], p_bg=out["p_bg"])
+
+
+def _check_sample(out: dict[str, Any]) -> None:
+    if out["p"] is None:
+        raise ValueError("needs p")
+    out["p"] = check_fraction(out["p"], "p")
+    u = out["unsampled"]
+    if isinstance(u, (bool, np.bool_)) or u not in (-1, 0):
+        raise ValueError(f"unsampled must be -1 (ignore) or 0 (background), got {u!r}")
+    out["unsampled"] = int(u)
+
+
+def _check_random(out: dict[str, Any]) -> None:
+    if out["p"] is None:
+        raise ValueError("needs p")
+    out["p"] = check_fraction(out["p"], "p")
+    if out["n_classes"] is not None:
+        out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
+
+
+def _check_radius_mode(out: dict[str, Any]) -> None:
+    if out["radius"] is None:
+        raise ValueError("needs radius")
+    out["radius"] = check_radius(out["radius"])
+    out["per_section"] = check_per_section(out["per_section"])
+
+
+def _check_skeleton(out: dict[str, Any]) -> None:
+    out["per_section"] = check_per_section(out["per_section"])
+    if out["halo"] is not None:
+        out["halo"] = check_int(out["halo"], "halo", minimum=0)
+
+
+@dataclass(frozen=True)
+class NoiseMode:
+    """One perturbation as the blockwise runner sees it (the array function is in
+    :data:`emseg.noise.process.APPLY`).
+
+    ``defaults``: its parameters (``None``: required, or resolved from the data); ``check``
+    normalises a complete parameter dict in place and raises ``ValueError``; ``random``: it draws
+    counter-based random numbers; ``selection``: it changes an exact number of voxels per class
+    (:func:`~emseg.noise.process.selection_for`); ``classes``: its ``n_classes`` defaults to the
+    data's largest label + 1; ``values``: the labels it can write besides the input's (for the
+    output dtype).
+    """
+
+    name: str
+    defaults: Mapping[str, Any]
+    check: Callable[[dict[str, Any]], None]
+    random: bool = False
+    selection: bool = False
+    classes: bool = False
+    values: Callable[[Mapping[str, Any]], tuple[int, int]] = lambda params: (0, 0)
+
+
+#: The perturbations :func:`~emseg.noise.process.process_block` applies, by name.
+REGISTRY: dict[str, NoiseMode] = {m.name: m for m in (
+    NoiseMode("flip", {"p": None, "p_fg": None, "p_bg": None, "n_classes": None}, _check_flip,
+              random=True, selection=True, classes=True, values=lambda p: (0, int(p["n_classes"]) - 1)),
+    NoiseMode("sample", {"p": None, "unsampled": -1}, _check_sample, random=True, selection=True,
+              values=lambda p: (int(p.get("unsampled", -1)), 0)),
+    NoiseMode("dilate", {"radius": None, "per_section": False}, _check_radius_mode),
+    NoiseMode("erode", {"radius": None, "per_section": False}, _check_radius_mode),
+    NoiseMode("skeleton", {"per_section": True, "halo": None}, _check_skeleton),
+    NoiseMode("random", {"p": None, "n_classes": None}, _check_random, random=True, classes=True,
+              values=lambda p: (0, int(p["n_classes"]) - 1)),
+    NoiseMode("shift", {"radius": None, "per_section": False}, _check_radius_mode, random=True),
+)}
+
+#: The mode names, in the order the command line lists them.
+MODES = tuple(REGISTRY)
 
 #: Modes drawing random numbers (counter-based streams keyed by the seed and the voxel).
-RANDOM_MODES = ("flip", "sample", "random", "shift")
+RANDOM_MODES = tuple(m.name for m in REGISTRY.values() if m.random)
 
 #: Modes choosing an exact number of voxels per class (they need :func:`~emseg.noise.process.selection_for`).
-SELECTION_MODES = ("flip", "sample")
-
-# Parameters of each mode and their defaults (None: required or data-dependent).
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "flip": {"p": None, "p_fg": None, "p_bg": None, "n_classes": None},
-    "sample": {"p": None, "unsampled": -1},
-    "dilate": {"radius": None, "per_section": False},
-    "erode": {"radius": None, "per_section": False},
-    "skeleton": {"per_section": True, "halo": None},
-    "random": {"p": None, "n_classes": None},
-    "shift": {"radius": None, "per_section": False},
-}
+SELECTION_MODES = tuple(m.name for m in REGISTRY.values() if m.selection)
 
 #: Radius margin (voxels) of the scan that estimates the widest object for the
 #: skeleton halo: widths up to ``2 * WIDTH_SCAN_MARGIN`` are measured exactly.
@@ -109,45 +179,17 @@ def check_params(mode: str, params: Mapping[str, Any] | None = None) -> dict[str
     >>> check_params("sample", {"p": 0.1})
     {'p': 0.1, 'unsampled': -1}
     """
-    mode = check_mode(mode)
+    spec = REGISTRY[check_mode(mode)]
     given = {k: v for k, v in dict(params or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(_DEFAULTS[mode]))
+    unknown = sorted(set(given) - set(spec.defaults))
     if unknown:
         raise ValueError(
             f"{mode}: unknown parameter(s) {', '.join(unknown)} "
-            f"(known: {', '.join(_DEFAULTS[mode])})"
+            f"(known: {', '.join(spec.defaults)})"
         )
-    out = {**_DEFAULTS[mode], **given}
+    out = {**spec.defaults, **given}
     try:
-        if mode == "flip":
-            if out["p"] is None and out["p_fg"] is None and out["p_bg"] is None:
-                raise ValueError("needs p, or p_fg/p_bg for binary labels")
-            for key in ("p", "p_fg", "p_bg"):
-                if out[key] is not None:
-                    out[key] = check_fraction(out[key], key)
-            if out["n_classes"] is not None:
-                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
-                flip_matrix(out["p"], out["n_classes"], p_fg=out["p_fg"], p_bg=out["p_bg"])
-        elif mode in ("sample", "random"):
-            if out["p"] is None:
-                raise ValueError("needs p")
-            out["p"] = check_fraction(out["p"], "p")
-            if mode == "sample":
-                u = out["unsampled"]
-                if isinstance(u, (bool, np.bool_)) or u not in (-1, 0):
-                    raise ValueError(f"unsampled must be -1 (ignore) or 0 (background), got {u!r}")
-                out["unsampled"] = int(u)
-            elif out["n_classes"] is not None:
-                out["n_classes"] = check_int(out["n_classes"], "n_classes", minimum=2, maximum=MAX_CLASSES)
-        elif mode in ("dilate", "erode", "shift"):
-            if out["radius"] is None:
-                raise ValueError("needs radius")
-            out["radius"] = check_radius(out["radius"])
-            out["per_section"] = check_per_section(out["per_section"])
-        else:  # skeleton
-            out["per_section"] = check_per_section(out["per_section"])
-            if out["halo"] is not None:
-                out["halo"] = check_int(out["halo"], "halo", minimum=0)
+        spec.check(out)
     except ValueError as exc:
         raise ValueError(f"{mode}: {exc}") from None
     return out
@@ -198,29 +240,29 @@ def resolve_params(
     3
     """
     out = check_params(mode, params)
+    spec = REGISTRY[mode]
     shape = tuple(int(s) for s in source.shape)
     blocks = check_block_shape(block_shape, shape)
-    if mode in ("flip", "random") and out["n_classes"] is None:
+    if spec.classes and out["n_classes"] is None:
         lo, hi = _scan_labels(source, blocks)
         if lo < -1:
             raise ValueError(f"labels must be >= -1 (-1 = ignore), got minimum {lo}")
         out["n_classes"] = max(hi + 1, 2)
-    if mode == "flip":
         try:
-            flip_matrix(out["p"], out["n_classes"], p_fg=out["p_fg"], p_bg=out["p_bg"])
+            spec.check(out)  # the parameters checked again with the classes of the data
         except ValueError as exc:
-            raise ValueError(f"flip: {exc}") from None
-    if mode == "skeleton" and out["halo"] is None:
+            raise ValueError(f"{mode}: {exc}") from None
+    if "halo" in spec.defaults and out["halo"] is None:  # a halo from the widest object
         width = estimate_max_width(source, per_section=out["per_section"], block_shape=blocks)
-        out["halo"] = required_halo("skeleton", max_width=width)
+        out["halo"] = required_halo(mode, max_width=width)
     return out
 
 
 def require_resolved(mode: str, params: Mapping[str, Any]) -> None:
-    missing = [k for k in _DEFAULTS[mode] if k not in params]
-    if mode in ("flip", "random") and params.get("n_classes") is None:
+    missing = [k for k in REGISTRY[mode].defaults if k not in params]
+    if REGISTRY[mode].classes and params.get("n_classes") is None:
         missing.append("n_classes")
-    if mode == "skeleton" and params.get("halo") is None:
+    if "halo" in REGISTRY[mode].defaults and params.get("halo") is None:
         missing.append("halo")
     if missing:
         raise ValueError(
@@ -276,9 +318,9 @@ def halo_shape(mode: str, params: Mapping[str, Any], ndim: int) -> tuple[int, ..
     (0, 0)
     """
     mode = check_mode(mode)
-    if mode == "skeleton":
+    if "halo" in REGISTRY[mode].defaults:
         if params.get("halo") is None:
-            raise ValueError("skeleton: parameters not resolved (halo); pass them through resolve_params first")
+            raise ValueError(f"{mode}: parameters not resolved (halo); pass them through resolve_params first")
         h = check_int(params["halo"], "halo", minimum=0)
     else:
         h = required_halo(mode, params.get("radius") or 0)
@@ -304,11 +346,7 @@ def output_dtype(mode: str, params: Mapping[str, Any], dtype: Any) -> np.dtype:
     dt = np.dtype(dtype)
     if dt.kind not in "biu":
         raise ValueError(f"labels must have an integer dtype, got {dt}")
-    if mode in ("flip", "random"):
-        return fit_dtype(dt, 0, int(params["n_classes"]) - 1)
-    if mode == "sample":
-        return fit_dtype(dt, int(params.get("unsampled", -1)), 0)
-    return fit_dtype(dt, 0, 0)
+    return fit_dtype(dt, *REGISTRY[check_mode(mode)].values(params))
 
 
 # --------------------------------------------------------------------------- #

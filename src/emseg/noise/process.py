@@ -35,7 +35,7 @@ from emseg.io import auto_chunks, open_volume
 from emseg.noise.checks import as_labels
 from emseg.noise.morphology import dilate, erode, skeleton
 from emseg.noise.params import (
-    RANDOM_MODES,
+    REGISTRY,
     SELECTION_MODES,
     check_block_shape,
     check_mode,
@@ -94,7 +94,8 @@ def _flip_fractions(params: Mapping[str, Any]) -> list[float]:
 
 
 def _mode_fractions(mode: str, params: Mapping[str, Any]) -> float | list[float]:
-    return _flip_fractions(params) if mode == "flip" else float(params["p"])
+    """The fraction of each class a selection mode changes (``flip``: per class; ``sample``: one ``p``)."""
+    return _flip_fractions(params) if "p_fg" in REGISTRY[mode].defaults else float(params["p"])
 
 
 def selection_for(
@@ -135,38 +136,56 @@ def selection_for(
     return selection_from_chunks(stream_key(seed), chunks, _mode_fractions(mode, params))
 
 
+# One function per mode: (labels at block.outer, params, stream key, selection, where) -> labels at
+# block.outer (or, for ``random``, already at block.inner); ``where`` = origin and volume_shape.
+def _flip(arr, params, key, selection, where):
+    return flip_at(arr, _flip_fractions(params), int(params["n_classes"]), key, selection=selection, **where)
+
+
+def _sample(arr, params, key, selection, where):
+    return sample_at(arr, float(params["p"]), int(params["unsampled"]), key, selection=selection, **where)
+
+
+def _dilate(arr, params, key, selection, where):
+    return dilate(arr, params["radius"], per_section=params["per_section"])
+
+
+def _erode(arr, params, key, selection, where):
+    return erode(arr, params["radius"], per_section=params["per_section"])
+
+
+def _skeleton(arr, params, key, selection, where):
+    return skeleton(arr, per_section=params["per_section"])
+
+
+def _shift(arr, params, key, selection, where):
+    return shift_at(arr, params["radius"], params["per_section"] and arr.ndim == 3, key, **where)
+
+
+#: The array function of each mode of :data:`~emseg.noise.params.REGISTRY` (``random``, which
+#: draws new labels and never reads the halo, is applied to the inner region by :func:`_apply`).
+APPLY = {"flip": _flip, "sample": _sample, "dilate": _dilate, "erode": _erode, "skeleton": _skeleton,
+         "shift": _shift}
+
+
 def _apply(data: np.ndarray, block: Any, mode: str, params: Mapping[str, Any], seed: int, *,
            volume_shape: Sequence[int], selection: Selection | None = None) -> np.ndarray:
     """Noisy labels of ``block.inner`` from ``data`` = the source at ``block.outer``."""
     arr = as_labels(data)
     core = block.inner_in_outer
-    key = stream_key(seed) if mode in RANDOM_MODES else 0
-    where = {"origin": tuple(sl.start for sl in block.outer), "volume_shape": tuple(volume_shape)}
-    if mode in SELECTION_MODES and selection is None:
+    spec = REGISTRY[mode]
+    key = stream_key(seed) if spec.random else 0
+    if spec.selection and selection is None:
         raise ValueError(f"{mode}: the volume's selection thresholds are missing (see selection_for)")
-    if mode == "flip":
-        out = flip_at(arr, _flip_fractions(params), int(params["n_classes"]), key, selection=selection,
-                       **where)
-    elif mode == "sample":
-        out = sample_at(arr, float(params["p"]), int(params["unsampled"]), key, selection=selection, **where)
-    elif mode == "random":
+    dtype = output_dtype(mode, params, arr.dtype)
+    if mode == "random":
         inner = arr[core]
-        dtype = output_dtype(mode, params, arr.dtype)
         out = random_at(inner.shape, params["p"], int(params["n_classes"]), key, dtype,
-                         origin=tuple(sl.start for sl in block.inner), volume_shape=tuple(volume_shape))
-        if inner.dtype.kind == "i":
-            out = np.where(inner < 0, np.array(-1, dtype=dtype), out)
-        return out
-    elif mode == "dilate":
-        out = dilate(arr, params["radius"], per_section=params["per_section"])
-    elif mode == "erode":
-        out = erode(arr, params["radius"], per_section=params["per_section"])
-    elif mode == "skeleton":
-        out = skeleton(arr, per_section=params["per_section"])
-    else:
-        section = params["per_section"] and arr.ndim == 3
-        out = shift_at(arr, params["radius"], section, key, **where)
-    return np.ascontiguousarray(out[core]).astype(output_dtype(mode, params, arr.dtype), copy=False)
+                        origin=tuple(sl.start for sl in block.inner), volume_shape=tuple(volume_shape))
+        return np.where(inner < 0, np.array(-1, dtype=dtype), out) if inner.dtype.kind == "i" else out
+    where = {"origin": tuple(sl.start for sl in block.outer), "volume_shape": tuple(volume_shape)}
+    out = APPLY[mode](arr, params, key, selection, where)
+    return np.ascontiguousarray(out[core]).astype(dtype, copy=False)
 
 
 def process_block(source: Any, block: Any, mode: str, params: Mapping[str, Any], seed: int, *,
