@@ -17,10 +17,12 @@ Printed in one run (and written as JSON with --json-out):
 6. BALD scoring at T = 20 on 128^2 patches with a dropout U-Net: emseg's ``score_pool`` (encoder once,
    decoder T times, streamed) against baal's ``ModelWrapper.predict_on_batch`` (the batch replicated T
    times) + ``BALD`` heuristic, patches/s and peak RSS.
+7. ``emseg pretrain`` (the default masked pretext) against ``emseg train`` on the same VNC
+   sections, patch (128^2), batch (16), network and precision: patches/s of each and their ratio.
 
 Usage::
 
-    python benchmarks/speed.py [--quick] [--json-out speed.json] [--only gemm,net,train,predict,bald]
+    python benchmarks/speed.py [--quick] [--json-out speed.json] [--only gemm,net,train,predict,bald,pretrain]
 """
 from __future__ import annotations
 
@@ -329,10 +331,38 @@ def bench_bald(n: int, t: int) -> dict:
     return out
 
 
+def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
+    """Pretraining's patches/s against supervised training's, everything else equal."""
+    from emseg.engine.config import config_from_dict
+    from emseg.pretrain import pretrain, pretrain_config_from_dict
+    from emseg.semantic.train import train
+
+    if vnc is None:
+        return {"skipped": "no VNC data"}
+    stack = f"{vnc}/vnc_stack1.h5"
+    common = {"patch_shape": [1, 128, 128], "batch_size": 16, "max_seconds": seconds,
+              "model": {"depth": 4, "base_width": 16}}
+    out = {}
+    for precision in ("fp32", "auto"):
+        with tempfile.TemporaryDirectory() as tmp:
+            pre = pretrain(pretrain_config_from_dict(dict(common, precision=precision,
+                                                          data=[{"raw": f"{stack}:raw", "region": [[0, 15]]}])),
+                           Path(tmp) / "pre", runtime=Runtime(device="cpu", seed=0))
+            sup = train(config_from_dict(dict(common, precision=precision, n_classes=5, valid_every=10**6,
+                                              train=[{"raw": f"{stack}:raw", "label": f"{stack}:label",
+                                                      "region": [[0, 12]]}])),
+                        Path(tmp) / "sup", runtime=Runtime(device="cpu", seed=0))
+        out[precision] = {"pretrain_patches_per_s": pre.patches_per_s, "train_patches_per_s": sup.patches_per_s,
+                          "ratio": pre.patches_per_s / sup.patches_per_s, "precision": pre.precision}
+        print(f"  emseg pretrain {pre.patches_per_s:6.1f} patches/s, emseg train {sup.patches_per_s:6.1f} "
+              f"({precision} -> {pre.precision}): ratio {out[precision]['ratio']:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Short timings and 4 sections (a smoke run).")
-    ap.add_argument("--only", default="gemm,net,train,predict,bald")
+    ap.add_argument("--only", default="gemm,net,train,predict,bald,pretrain")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--compile-too", action="store_true", help="Also time torch.compile on the 2D network.")
     ap.add_argument("--predict-case", default=None, help=argparse.SUPPRESS)
@@ -370,6 +400,8 @@ def main() -> None:
         results["predict"] = bench_predict(vnc, 4 if args.quick else 20)
     if "bald" in only:
         results["bald"] = bench_bald(16 if args.quick else 64, 20)
+    if "pretrain" in only:
+        results["pretrain"] = bench_pretrain(10.0 if args.quick else 60.0, vnc)
     results["load_average_end"] = os.getloadavg()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
