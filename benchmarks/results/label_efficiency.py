@@ -74,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "depend on what else runs on the machine; seconds are recorded per run).")
     ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
     ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
-    ap.add_argument("--markdown", action="store_true", help="Print the table of a finished --out and stop.")
+    ap.add_argument("--markdown", action="store_true",
+                    help="Print the table of a finished --out (several, comma-separated: merged) and stop; the "
+                         "pretext stage also draws its figure beside the first.")
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -284,11 +286,35 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     plt.close(fig)
 
 
+def plot_pretext(runs: list[dict], path: Path) -> None:
+    """Best validation score against pretraining steps, one line per pretext kind, a dot per seed."""
+    plt = pyplot()
+    rows = [r for r in runs if r.get("kind") == "pretext"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    def at(r: dict) -> float:
+        return 0 if r["pretext"] == "none" else r.get("steps", r.get("minutes"))
+
+    for kind in dict.fromkeys(r["pretext"] for r in rows if r["pretext"] != "none"):
+        mine = [r for r in rows if r["pretext"] in (kind, "none") and r["valid_best"] is not None]
+        xs = sorted({at(r) for r in mine})
+        line, = ax.plot(xs, [np.mean([r["valid_best"] for r in mine if at(r) == x]) for x in xs], marker="o",
+                        label=f"{kind} (mean)")
+        ax.scatter([at(r) for r in mine], [r["valid_best"] for r in mine], s=14, alpha=0.5, color=line.get_color())
+    ax.set(xlabel="pretraining steps (0 = from scratch)", ylabel="best validation Jaccard (mito)", ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.markdown:
-        print(table(json.loads(out.read_text())["runs"]))
+        runs = [r for name in args.out.split(",") for r in json.loads(Path(name).read_text())["runs"]]
+        print(table(runs))
+        if any(r.get("kind") == "pretext" for r in runs):
+            plot_pretext(runs, Path(args.out.split(",")[0]).with_suffix(".png"))
         return 0
     if data_dir() is None:
         return no_data()
@@ -301,6 +327,8 @@ def main(argv=None) -> int:
     campaign.doc["seconds"] = time.perf_counter() - t0
     campaign.save()
     print(table(campaign.runs))
+    if args.stage == "pretext":
+        plot_pretext(campaign.runs, out.with_suffix(".png"))
     if args.stage == "main":
         with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
         plot(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
