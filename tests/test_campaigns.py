@@ -330,7 +330,7 @@ def test_a_resumed_campaign_appends_its_provenance_and_keeps_each_runs(tmp_path,
     assert second.run({"seed": 0}, lambda: {"score": -1.0})["score"] == 0.5  # stored, not rerun
     second.run({"seed": 1}, lambda: {"score": 0.7})
     doc = json.loads(out.read_text())
-    assert [s["commit"] for s in doc["sessions"]] == ["aaaaaaa", "bbbbbbb"]
-    assert [s["command"] for s in doc["sessions"]] == ["python first.py --seeds 0", "python first.py --seeds 0,1"]
-    assert [(r["seed"], r["session"]) for r in doc["runs"]] == [(0, 0), (1, 1)]
+    assert [s["commit"] for s in doc["starts"]] == ["aaaaaaa", "bbbbbbb"]
+    assert [s["command"] for s in doc["starts"]] == ["python first.py --seeds 0", "python first.py --seeds 0,1"]
+    assert [(r["seed"], r["start"]) for r in doc["runs"]] == [(0, 0), (1, 1)]
     assert doc["command"] == "python first.py --seeds 0" and doc["split"] == SPLIT

@@ -1,10 +1,10 @@
 """What every results campaign shares: a resumable JSON of runs, paired statistics, table cells.
 
-A campaign is a JSON document ``{"command", "machine", "settings", "split", "sessions", "runs": [...]}``.
+A campaign is a JSON document ``{"command", "machine", "settings", "split", "starts", "runs": [...]}``.
 Each run is keyed by a few fields (e.g. arm and seed); :meth:`Campaign.run` skips keys already
 present and writes the document atomically after every run, so a killed campaign continues where
-it stopped. Every start of the script appends a ``sessions`` entry (command, machine, commit, time)
-and each run records the ``session`` that computed it, so a resumed campaign never overwrites the
+it stopped. Every start of the script appends a ``starts`` entry (command, machine, commit, time)
+and each run records the ``start`` that computed it, so a resumed campaign never overwrites the
 provenance of earlier runs; ``command`` and ``machine`` stay those of the first start.
 
 The protocol of every campaign (docs/results.md): VNC stack 1 sections 0-11 train (or are the
@@ -55,10 +55,10 @@ class Campaign:
         self.doc.setdefault("command", command)
         self.doc.setdefault("machine", machine())
         self.doc.update(settings=settings, split=SPLIT)
-        self.doc.setdefault("sessions", []).append({
+        self.doc.setdefault("starts", []).append({
             "command": command, "machine": machine(), "commit": commit(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-        self.session = len(self.doc["sessions"]) - 1
+        self.start = len(self.doc["starts"]) - 1
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -75,7 +75,7 @@ class Campaign:
         done = self.find(**key)
         if done is not None:
             return done
-        result = dict(fn(), **key, session=self.session)
+        result = dict(fn(), **key, start=self.start)
         self.runs.append(result)
         self.save()
         return result
