@@ -22,6 +22,8 @@ the image it is trained on), meant for stacks of a few sections, not whole datas
 """
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import math
@@ -389,7 +391,7 @@ def run_igtt(
                 progress({"phase": "train", "epoch": _n, "epochs": cfg.epochs, "step": info["step"],
                           "total": cfg.epochs * cfg.steps_per_epoch, "loss": info["loss"]})
 
-        tres = run_training(task, tcfg, train_dir, runtime=Runtime(device=str(dev), seed=int(seed), precision=runtime.precision),
+        tres = run_training(task, tcfg, train_dir, runtime=dataclasses.replace(runtime, device=str(dev)),
                             resume=train_state is not None, progress=on_step)
         (train_dir / "best.pt").unlink(missing_ok=True)  # no validation: last.pt is the model
         if tres.interrupted:
