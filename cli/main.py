@@ -137,16 +137,17 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: s
     """Label-efficient segmentation of electron-microscopy volumes.
 
     \b
-    Volumes are addressed as FILE.h5:DATASET or FILE.zarr[/ARRAY].
+    Volumes are addressed as FILE.h5:DATASET, FILE.zarr[/ARRAY], FILE.n5/DATASET, FILE.tif, FILE.mrc
+    or a folder (DIR/) or glob ("DIR/*.png") of 2D slices; `emseg info` shows what emseg sees.
     Start with `emseg demo`, then see `emseg COMMAND --help`.
     """
     ctx.obj = AppState(verbose=verbose, quiet=quiet, json=as_json, device=device, seed=seed, precision=precision)
 
 
 def _register() -> None:
-    from emseg.cli import demo, evaluate, export, igtt, lcs, noise, predict, pretrain, query, train
+    from emseg.cli import demo, evaluate, export, igtt, info, lcs, noise, predict, pretrain, query, train
 
-    for module in (train, pretrain, predict, evaluate, query, noise, igtt, lcs, export, demo):
+    for module in (train, pretrain, predict, evaluate, query, noise, igtt, lcs, export, info, demo):
         cli.add_command(module.command)
         _run_in_emseg_context(module.command)
 

@@ -92,6 +92,15 @@ def work(tmp_path_factory) -> Path:
     nan_lcs["head.bias"][:] = float("nan")
     _checkpoint(d / "lcs_nan.pt", config=dict(NET, out_channels=2), state=nan_lcs, **lcs_meta)
     (d / "locked").mkdir()
+    import tifffile
+
+    tifffile.imwrite(d / "stack.tif", vol.raw, compression="zlib")
+    (d / "trunc.tif").write_bytes((d / "stack.tif").read_bytes()[:600])
+    (d / "mixed").mkdir()
+    tifffile.imwrite(d / "mixed" / "s1.tif", vol.raw[0])
+    tifffile.imwrite(d / "mixed" / "s2.tif", vol.raw[1, :16])
+    (d / "cut.mrc").write_bytes(b"\0" * 1200)
+    (d / "vol.n5" / "raw").mkdir(parents=True)
     return d
 
 
@@ -158,7 +167,12 @@ CASES = [
      ["/dev/null"]),
     ("predict-resume-locked", [P, "{d}/good.pt", "{d}/data.h5:raw", "{d}/locked/o.zarr", "--resume"],
      ["o.zarr", "in use by process {pid}"]),
-    ("predict-format", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.tif"], ["o.tif"]),
+    ("predict-format", [P, "{d}/good.pt", "{d}/data.h5:raw", "o.mrc"], ["o.mrc", "writes HDF5"]),
+    ("predict-truncated-tif", [P, "{d}/good.pt", "{d}/trunc.tif", "o.zarr"], ["trunc.tif", "TIFF"]),
+    ("predict-mixed-slices", [P, "{d}/good.pt", "{d}/mixed/", "o.zarr"], ["s2.tif", "differs"]),
+    ("predict-glob-nothing", [P, "{d}/good.pt", "{d}/mixed/*.png", "o.zarr"], ["*.png", "matches no file"]),
+    ("predict-truncated-mrc", [P, "{d}/good.pt", "{d}/cut.mrc", "o.zarr"], ["cut.mrc", "MRC"]),
+    ("predict-n5-no-attributes", [P, "{d}/good.pt", "{d}/vol.n5/raw", "o.zarr"], ["vol.n5/raw", "attributes.json"]),
     # noise
     ("noise-empty", [N, "{d}/data.h5:empty", "n.h5:n", "--flip", "0.1"], ["data.h5:empty", "empty"]),
     ("noise-float-labels", [N, "{d}/data.h5:flabel", "n.h5:n", "--flip", "0.1"], ["data.h5:flabel", "integers"]),

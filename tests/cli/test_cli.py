@@ -148,7 +148,8 @@ def test_predict_labels_then_evaluate(tmp_path, synthetic_h5, runner):
     (["predict", "{tmp}/absent.pt", "{tmp}/in.h5:raw", "{tmp}/o.h5:p"], "no such checkpoint"),
     (["evaluate", "{tmp}/in.h5:raw", "{tmp}/in.h5:nothing"], "no dataset 'nothing'"),
     (["evaluate", "{tmp}/in.h5", "{tmp}/in.h5:raw"], "no dataset given"),
-    (["evaluate", "{tmp}/in.tif", "{tmp}/in.h5:raw"], "unknown volume format"),
+    (["evaluate", "{tmp}/in.raw", "{tmp}/in.h5:raw"], "unknown volume format"),
+    (["evaluate", "{tmp}/in.tif", "{tmp}/in.h5:raw"], "in.tif: no such file"),
 ])
 def test_input_errors_exit_2_with_one_line(tmp_path, runner, args, words):
     write_h5(tmp_path / "in.h5", raw=np.zeros((2, 8, 8), np.uint8))

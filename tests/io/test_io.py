@@ -61,7 +61,7 @@ def test_parse_spec_zarr(text, path, key):
     assert spec.key == key
 
 
-@pytest.mark.parametrize("text", ["data.h5", "data.h5:", "data.hdf5", "image.tif", "vol.n5/raw", "x.zarrfoo", ""])
+@pytest.mark.parametrize("text", ["data.h5", "data.h5:", "data.hdf5", "image.raw", "vol.n5foo", "x.zarrfoo", ""])
 def test_parse_spec_rejects_bad_specs(text):
     with pytest.raises(InputError) as info:
         parse_spec(text)

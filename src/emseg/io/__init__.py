@@ -1,11 +1,14 @@
-"""Volume input/output: lazy reading of HDF5/zarr volumes, staged outputs (one array or a group,
-renamed into place when complete), lazy-label info.
+"""Volume input/output: lazy reading of every supported format, staged outputs (one array or a
+group, renamed into place when complete), lazy-label info.
 
-A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``) or ``PATH.zarr[/ARRAY]``;
-``PATH.ome.zarr`` is read and written as OME-Zarr 0.5 (level ``/N``, labels ``/labels/NAME``).
+A volume is addressed as ``PATH.h5:DATASET`` (also ``.hdf5``/``.hdf``), ``PATH.zarr[/ARRAY]``,
+``PATH.n5/DATASET``, ``PATH.tif`` (multi-page), ``PATH.mrc``, ``DIR/`` or ``"DIR/*.png"`` (2D
+slices); ``PATH.ome.zarr`` is read and written as OME-Zarr 0.5 (level ``/N``, labels
+``/labels/NAME``). Outputs are HDF5, zarr, OME-Zarr or TIFF. See docs/formats.md.
 """
 from __future__ import annotations
 
+from emseg.io._describe import VolumeInfo, describe_volume
 from emseg.io._claim import check_overwrite, claim_output, claim_outputs
 from emseg.io._files import (atomic_write_json, atomic_write_text, check_output_location, json_safe,
                              read_json_file, save_figure)
@@ -37,6 +40,7 @@ __all__ = [
     "OutputVolume",
     "StagedOutput",
     "Volume",
+    "VolumeInfo",
     "VolumeRegion",
     "VolumeSpec",
     "atomic_write_json",
@@ -55,6 +59,7 @@ __all__ = [
     "check_patch_fits",
     "check_raw",
     "create_volume",
+    "describe_volume",
     "open_output_group",
     "open_volume",
     "is_ome_path",

@@ -1,4 +1,4 @@
-"""Lazy volume access for HDF5, zarr and OME-Zarr; checks of an output's place."""
+"""Lazy volume access for HDF5, zarr, OME-Zarr, TIFF, slice folders, MRC and N5; checks of an output's place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,18 +11,26 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
+from emseg.io._formats import GLOB_CHARS, MRC_SUFFIXES, TIFF_SUFFIXES, MrcVolume, N5Dataset, SliceStack, TiffStack
 from emseg.io._ome import open_ome, voxel_size_of
 from emseg.runtime.locks import clean_stale_temps
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 ZARR_SUFFIX = ".zarr"
+N5_SUFFIX = ".n5"
+#: Formats that hold one volume per file (or folder of slices): no dataset key.
+SINGLE_FORMATS = ("tif", "slices", "mrc")
+#: What the formats are called in messages.
+FORMAT_NAMES = {"h5": "HDF5", "zarr": "zarr", "n5": "N5", "tif": "TIFF", "slices": "slice folder", "mrc": "MRC"}
 
 
 @dataclass(frozen=True)
 class VolumeSpec:
     """Where a volume lives: a container file/directory and a key inside it.
 
-    ``fmt`` is ``"h5"`` or ``"zarr"``; ``key`` is the dataset path (``""`` for a zarr root array).
+    ``fmt`` is ``"h5"``, ``"zarr"``, ``"n5"`` (containers: ``key`` is the dataset path, ``""``
+    for a root array), ``"tif"`` (one TIFF file), ``"slices"`` (a folder or a glob of 2D slices) or
+    ``"mrc"``; the last three hold one volume and have no key.
     """
 
     path: Path
@@ -35,14 +43,31 @@ class VolumeSpec:
         return f"{self.path}/{self.key}" if self.key else str(self.path)
 
     def sibling(self, name: str) -> "VolumeSpec":
-        """The spec of a dataset called ``name`` in the same file and group."""
+        """The spec of a dataset called ``name`` in the same file and group.
+
+        A single-volume format has no siblings: the spec returned names nothing that exists.
+        """
         parent = self.key.rsplit("/", 1)[0] if "/" in self.key else ""
         key = f"{parent}/{name}" if parent else name
         return VolumeSpec(self.path, key, self.fmt)
 
 
+def _container_split(text: str, suffix: str) -> tuple[str, str] | None:
+    """``PATH{suffix}[/KEY]`` -> (PATH{suffix}, KEY), or None when ``suffix`` ends no path component."""
+    idx = text.lower().find(suffix)
+    while idx >= 0:
+        end = idx + len(suffix)
+        if end == len(text) or text[end] == "/":
+            return text[:end], text[end:].strip("/")
+        idx = text.lower().find(suffix, end)
+    return None
+
+
 def parse_spec(spec: str | VolumeSpec) -> VolumeSpec:
-    """Parse ``PATH.h5:DATASET`` or ``PATH.zarr[/ARRAY]`` into a :class:`VolumeSpec`.
+    """Parse a volume spec into a :class:`VolumeSpec`.
+
+    ``PATH.h5:DATASET``, ``PATH.zarr[/ARRAY]``, ``PATH.n5/DATASET``, ``PATH.tif`` (one multi-page
+    file), ``PATH.mrc``, a folder of 2D slices (``DIR/``) or a glob of them (``"DIR/*.png"``).
 
     Examples
     --------
@@ -50,6 +75,8 @@ def parse_spec(spec: str | VolumeSpec) -> VolumeSpec:
     'raw'
     >>> parse_spec("out.zarr/pred/probs").key
     'pred/probs'
+    >>> parse_spec("stack.n5/volumes/raw").fmt, parse_spec("stack.tif").fmt, parse_spec("s/*.png").fmt
+    ('n5', 'tif', 'slices')
     """
     if isinstance(spec, VolumeSpec):
         return spec
@@ -64,14 +91,22 @@ def parse_spec(spec: str | VolumeSpec) -> VolumeSpec:
             return VolumeSpec(Path(path), key, "h5")
         if text.lower().endswith(suffix):
             raise InputError("no dataset given (write FILE.h5:DATASET)", source=text)
-    idx = text.lower().find(ZARR_SUFFIX)
-    while idx >= 0:
-        end = idx + len(ZARR_SUFFIX)
-        if end == len(text) or text[end] == "/":
-            return VolumeSpec(Path(text[:end]), text[end:].strip("/"), "zarr")
-        idx = text.lower().find(ZARR_SUFFIX, end)
+    for suffix, fmt in ((ZARR_SUFFIX, "zarr"), (N5_SUFFIX, "n5")):
+        found = _container_split(text, suffix)
+        if found is not None:
+            return VolumeSpec(Path(found[0]), found[1], fmt)
+    if any(c in text for c in GLOB_CHARS):
+        return VolumeSpec(Path(text), "", "slices")
+    low = text.lower().rstrip("/")
+    if low.endswith(TIFF_SUFFIXES) and not Path(text).is_dir():
+        return VolumeSpec(Path(text), "", "tif")
+    if low.endswith(MRC_SUFFIXES) and not Path(text).is_dir():
+        return VolumeSpec(Path(text), "", "mrc")
+    if text.strip() and (text.endswith("/") or Path(text).is_dir()):
+        return VolumeSpec(Path(text), "", "slices")
     raise InputError(
-        "unknown volume format: use FILE.h5:DATASET (.hdf5/.hdf too) or FILE.zarr[/ARRAY]",
+        "unknown volume format: use FILE.h5:DATASET (.hdf5/.hdf too), FILE.zarr[/ARRAY], FILE.n5/DATASET, "
+        "FILE.tif, FILE.mrc, a folder of 2D slices (DIR/) or a glob (\"DIR/*.png\")",
         source=text,
     )
 
@@ -227,8 +262,25 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
     ...     block = vol[0:1, :256, :256]
     """
     spec = parse_spec(spec)
+    if spec.fmt in SINGLE_FORMATS and spec.key:
+        if allow_missing_key:  # a sibling dataset of a one-volume file: there is none
+            return None
+        raise InputError(f"a {FORMAT_NAMES[spec.fmt]} volume has no datasets (got '{spec.key}')", source=str(spec.path))
+    if spec.fmt == "slices":
+        return Volume(spec, SliceStack(str(spec.path)))
     if not spec.path.exists():
         raise InputError("no such file", source=str(spec.path))
+    if spec.fmt == "tif":
+        reader = TiffStack(spec.path)
+        return Volume(spec, reader, reader)
+    if spec.fmt == "mrc":
+        reader = MrcVolume(spec.path)
+        return Volume(spec, reader, reader)
+    if spec.fmt == "n5":
+        attrs = spec.path / spec.key / "attributes.json"
+        if allow_missing_key and spec.key and not attrs.is_file():
+            return None
+        return Volume(spec, N5Dataset(spec.path, spec.key))
     if spec.fmt == "h5":
         try:
             handle = h5py.File(spec.path, "r")
@@ -260,12 +312,19 @@ def check_output_volume(spec: str | VolumeSpec) -> VolumeSpec:
     """Raise :class:`InputError` when ``spec`` cannot be written, before any work starts.
 
     The folder must exist (and be a folder); an existing HDF5 file must be readable (a truncated
-    file is refused, not copied); an existing zarr path must be a folder.
+    file is refused, not copied); an existing zarr path must be a folder, a TIFF path a file.
+    Outputs are HDF5, zarr, OME-Zarr or TIFF.
     """
     spec = parse_spec(spec)
+    if spec.fmt not in ("h5", "zarr", "tif"):
+        raise InputError(f"emseg reads {FORMAT_NAMES[spec.fmt]} but writes HDF5, zarr, OME-Zarr or TIFF (.tif)",
+                         source=str(spec.path))
     check_output_location(spec.path)
     if spec.path.exists():
-        if spec.fmt == "h5":
+        if spec.fmt == "tif":
+            if spec.path.is_dir():
+                raise InputError("is a folder, not a TIFF file", source=str(spec.path))
+        elif spec.fmt == "h5":
             if spec.path.is_dir():
                 raise InputError("is a folder, not an HDF5 file", source=str(spec.path))
             try:

@@ -1,0 +1,486 @@
+"""Lazy readers for the formats EM arrives in besides HDF5 and zarr: TIFF, slice folders, MRC, N5.
+
+Each reader is an array-like (``shape``, ``dtype``, ``chunks``, ``attrs``, ``__getitem__``,
+``close``) that :class:`emseg.io.Volume` wraps, so every command reads these formats the same way.
+Nothing is loaded whole: a multi-page TIFF is memory-mapped when its pages are stored contiguously
+and read page by page (tifffile's zarr view) otherwise; a folder of slices reads one file per
+section asked for; MRC is memory-mapped (``mrcfile``); N5 is read chunk by chunk (``tensorstore``,
+the ``n5`` extra). The voxel size found in a file's metadata is ``attrs["voxel_size_nm"]`` (z, y, x).
+"""
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from emseg.errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+MRC_SUFFIXES = (".mrc", ".rec", ".st", ".ali", ".map")
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+GLOB_CHARS = "*?["
+
+#: Length units of TIFF / N5 metadata -> nanometres.
+_UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "um": 1e3, "µm": 1e3, "\\u00B5m": 1e3,
+            "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3, "mm": 1e6, "millimeter": 1e6,
+            "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3}
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value (``s2`` before ``s10``).
+
+    Examples
+    --------
+    >>> sorted(["s10.tif", "s2.tif", "s1.tif"], key=natural_key)
+    ['s1.tif', 's2.tif', 's10.tif']
+    """
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part != ""]
+
+
+def _nm(values: Sequence[float], unit: str | None) -> tuple[float, ...] | None:
+    """``values`` in ``unit`` as nanometres, or None when a value or the unit is unusable."""
+    factor = _UNIT_NM.get(str(unit or "nm").strip().lower())
+    if factor is None:
+        return None
+    try:
+        out = tuple(float(v) * factor for v in values)
+    except (TypeError, ValueError):
+        return None
+    return out if out and all(v > 0 and math.isfinite(v) for v in out) else None
+
+
+class _ArrayReader:
+    """The array-like protocol :class:`emseg.io.Volume` reads: subclasses set the fields and ``_read``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None = None
+    attrs: dict
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self._read(index))
+
+    def _read(self, index):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------- TIFF
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file is opened (it reports damage as log warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _tiff_voxel_size(tif: Any, page: Any, ndim: int) -> tuple[float, ...] | None:
+    """(z, y, x) or (y, x) nm from OME-XML, else ImageJ's ``spacing``/``unit`` and the resolution tags."""
+    if tif.is_ome and tif.ome_metadata:
+        found = re.search(r"<Pixels\b[^>]*>", tif.ome_metadata)
+        if found:
+            tag = found.group(0)
+            attrs = dict(re.findall(r'(\w+)="([^"]*)"', tag))
+            names = ("Z", "Y", "X")[3 - ndim:]
+            sizes = [attrs.get(f"PhysicalSize{a}") for a in names]
+            units = {attrs.get(f"PhysicalSize{a}Unit", "µm") for a in names}
+            if all(s is not None for s in sizes) and len(units) == 1:
+                return _nm(sizes, units.pop())
+    meta = tif.imagej_metadata
+    if not meta:  # plain resolution tags are print resolutions (dpi), not voxel sizes
+        return None
+    res = []
+    for name in ("YResolution", "XResolution"):
+        tag = page.tags.get(name)
+        if tag is None:
+            return None
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        if not num:
+            return None
+        res.append(den / num)  # resolution is pixels per unit
+    unit = meta.get("unit")
+    if not unit:  # ImageJ writes no unit for an uncalibrated image
+        return None
+    if ndim == 2:
+        return _nm(res, unit)
+    spacing = meta.get("spacing")
+    return _nm([spacing] + res, unit) if spacing is not None else None
+
+
+class TiffStack(_ArrayReader):
+    """A multi-page (or single-page) TIFF file as one 2D/3D volume, read lazily.
+
+    Contiguous, uncompressed pages (what ImageJ, tifffile and most exporters write) are
+    memory-mapped; compressed or scattered pages are read page by page through tifffile's zarr view.
+    """
+
+    def __init__(self, path: Path):
+        import tifffile
+        import zarr
+
+        self.path = path
+        log = _TiffLog()
+        logger = logging.getLogger("tifffile")
+        logger.addHandler(log)
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            shape, axes, page = tuple(series.shape), series.axes, series.pages[0]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"not a readable TIFF file ({type(exc).__name__}: {exc})", source=str(path)) from None
+        finally:
+            logger.removeHandler(log)
+        damage = [m for m in log.messages if "invalid" in m.lower() or "corrupt" in m.lower()
+                  or "failed" in m.lower() or "truncat" in m.lower()]
+        if damage:
+            self.close()
+            raise InputError(f"truncated or damaged TIFF ({damage[0].split('>')[-1].strip()})", source=str(path))
+        if "S" in axes and shape[axes.index("S")] > 1:
+            self.close()
+            raise InputError(f"colour TIFF (axes {axes}, {shape[axes.index('S')]} samples per pixel): EM volumes "
+                             f"are grey; save one channel", source=str(path))
+        keep = [i for i, s in enumerate(shape) if s > 1 or axes[i] in "YX"]
+        if len(keep) > 3:
+            self.close()
+            raise InputError(f"TIFF of shape {shape} (axes {axes}): emseg reads 2D or 3D grey volumes",
+                             source=str(path))
+        self.shape = tuple(shape[i] for i in keep)
+        self.dtype = np.dtype(series.dtype)
+        end = self._data_end(series)
+        if end is not None and end > path.stat().st_size:
+            self.close()
+            raise InputError(f"truncated TIFF: the image data end at byte {end}, the file has "
+                             f"{path.stat().st_size}", source=str(path))
+        if series.dataoffset is not None:
+            self._array = np.memmap(path, dtype=np.dtype(self._tif.byteorder + series.dtype.char), mode="r",
+                                    offset=series.dataoffset, shape=self.shape)
+            self.chunks = None
+        else:
+            self._array = zarr.open_array(series.aszarr(), mode="r")
+            if self._array.shape != tuple(shape):
+                self.close()
+                raise InputError(f"TIFF pages do not form one array (shape {self._array.shape})", source=str(path))
+            self._array = _Squeezed(self._array, [i for i in range(len(shape)) if i not in keep])
+            self.chunks = tuple(c for i, c in enumerate(self._array.base.chunks) if i in keep)
+        voxel = _tiff_voxel_size(self._tif, page, len(self.shape))
+        self.attrs = {"voxel_size_nm": list(voxel)} if voxel else {}
+        self.attrs["format"] = "tiff"
+
+    @staticmethod
+    def _data_end(series: Any) -> int | None:
+        if series.dataoffset is not None:
+            return int(series.dataoffset) + int(series.nbytes)
+        last = series.pages[-1] if len(series.pages) else None
+        if last is None or not getattr(last, "dataoffsets", None):
+            return None
+        return max(int(o) + int(n) for o, n in zip(last.dataoffsets, last.databytecounts))
+
+    def _read(self, index):
+        return self._array[index]
+
+    def close(self) -> None:
+        tif, self._tif = getattr(self, "_tif", None), None
+        if tif is not None:
+            tif.close()
+
+
+class _Squeezed:
+    """``base`` with the axes ``drop`` (all of length 1) hidden from indexing."""
+
+    def __init__(self, base: Any, drop: list[int]):
+        self.base, self.drop = base, drop
+
+    def __getitem__(self, index):
+        if not self.drop:
+            return self.base[index]
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            n = len(self.base.shape) - len(self.drop)
+            index = index[:at] + (slice(None),) * (n - len(index) + 1) + index[at + 1:]
+        full, it = [], iter(index)
+        for axis in range(len(self.base.shape)):
+            full.append(0 if axis in self.drop else next(it, slice(None)))
+        return self.base[tuple(full)]
+
+
+# ------------------------------------------------------------------------------ slice folders
+
+
+def slice_files(spec_path: str) -> list[Path]:
+    """The 2D image files a folder (``DIR/``) or a glob (``"DIR/*.png"``) names, in natural order.
+
+    A folder contributes its ``.tif``/``.tiff``/``.png`` files (hidden files skipped); a glob
+    contributes what it matches.
+    """
+    text = str(spec_path)
+    if any(c in text for c in GLOB_CHARS):
+        files = [Path(p) for p in globlib.glob(text) if Path(p).is_file()]
+        if not files:
+            raise InputError("the pattern matches no file", source=text)
+    else:
+        folder = Path(text)
+        if not folder.is_dir():
+            raise InputError("no such folder", source=text)
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and p.suffix.lower() in SLICE_SUFFIXES]
+        if not files:
+            raise InputError("the folder holds no .tif, .tiff or .png slice", source=text)
+    return sorted(files, key=lambda p: natural_key(str(p)))
+
+
+def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one 2D slice, from its header only."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                page = tif.pages.first
+                return tuple(page.shape), np.dtype(page.dtype)
+        from PIL import Image
+
+        with Image.open(path) as img:
+            mode, size = img.mode, img.size
+        dtype = {"1": np.bool_, "L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.int32,
+                 "F": np.float32}.get(mode)
+        if dtype is None:
+            raise InputError(f"image mode {mode} is not grey: EM slices must be single-channel", source=str(path))
+        return (size[1], size[0]), np.dtype(dtype)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})", source=str(path)) from None
+
+
+def _read_slice(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            return tifffile.imread(str(path))
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img)
+    except Exception as exc:
+        raise InputError(f"cannot read the slice ({type(exc).__name__}: {exc})", source=str(path)) from None
+
+
+class SliceStack(_ArrayReader):
+    """2D slices (TIFF or PNG files) stacked along z in natural order; only the sections asked for are read.
+
+    Every slice must have the first one's shape and dtype (checked from the headers on opening).
+    Uncompressed TIFF slices are memory-mapped, so a patch reads only its rows.
+    """
+
+    def __init__(self, spec_path: str):
+        self.files = slice_files(spec_path)
+        shape, dtype = _slice_header(self.files[0])
+        if len(shape) != 2:
+            raise InputError(f"slice of shape {shape}: slices must be 2D grey images", source=str(self.files[0]))
+        for f in self.files[1:]:
+            s, d = _slice_header(f)
+            if s != shape or d != dtype:
+                raise InputError(f"slice of shape {s} and dtype {d} differs from the first slice "
+                                 f"({self.files[0].name}: {shape}, {dtype})", source=str(f))
+        self.shape = (len(self.files),) + shape
+        self.dtype = dtype
+        self.chunks = (1,) + shape
+        self.attrs = {"format": "slices", "files": len(self.files)}
+        self._maps: dict[int, Any] = {}
+        if self.files[0].suffix.lower() in TIFF_SUFFIXES:
+            voxel = self._plane_voxel_size(self.files[0])
+            if voxel:
+                self.attrs["voxel_size_nm"] = list(voxel)
+
+    @staticmethod
+    def _plane_voxel_size(path: Path) -> tuple[float, ...] | None:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            return _tiff_voxel_size(tif, tif.pages.first, 2)
+
+    def _plane(self, z: int):
+        """Section ``z`` as a memory map (uncompressed TIFF) or a decoded array."""
+        plane = self._maps.get(z)
+        if plane is not None:
+            return plane
+        path = self.files[z]
+        plane = None
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            try:
+                plane = tifffile.memmap(str(path), mode="r")
+            except Exception:
+                plane = None
+        if plane is None or plane.shape != self.shape[1:]:
+            plane = _read_slice(path)
+            if plane.shape != self.shape[1:] or plane.dtype != self.dtype:
+                raise InputError(f"slice of shape {plane.shape}, {plane.dtype} differs from the first slice",
+                                 source=str(path))
+            return plane  # decoded slices are not kept: memory stays bounded by the request
+        if len(self._maps) < 4096:
+            self._maps[z] = plane
+        return plane
+
+    def _read(self, index):
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1:]
+        index = index + (slice(None),) * (3 - len(index))
+        first, rest = index[0], index[1:]
+        if isinstance(first, (int, np.integer)):
+            z = int(first) + (self.shape[0] if first < 0 else 0)
+            if not 0 <= z < self.shape[0]:
+                raise IndexError(f"section {first} out of range for {self.shape[0]} sections")
+            return np.asarray(self._plane(z)[rest])
+        zs = range(self.shape[0])[first] if isinstance(first, slice) else [int(i) for i in np.asarray(first)]
+        planes = [np.asarray(self._plane(z)[rest]) for z in zs]
+        if not planes:
+            empty = np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
+            return empty
+        return np.stack(planes)
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+# ----------------------------------------------------------------------------------------- MRC
+
+
+class MrcVolume(_ArrayReader):
+    """An MRC / CCP4 file (``.mrc``, ``.rec``, ``.st``, ``.ali``, ``.map``), memory-mapped.
+
+    The voxel size comes from the header (Å, converted to nm; absent when the header says 0).
+    """
+
+    def __init__(self, path: Path):
+        import mrcfile
+
+        try:
+            self._mrc = mrcfile.mmap(str(path), mode="r", permissive=False)
+        except Exception as exc:
+            reason = str(exc).split("\n")[0]
+            raise InputError(f"not a readable MRC file ({reason})", source=str(path)) from None
+        data = self._mrc.data
+        if data is None or data.ndim not in (2, 3):
+            self.close()
+            raise InputError(f"MRC data of shape {getattr(data, 'shape', None)}: emseg reads 2D or 3D volumes",
+                             source=str(path))
+        self._data = data
+        self.shape = tuple(int(s) for s in data.shape)
+        self.dtype = np.dtype(data.dtype).newbyteorder("=")
+        self.chunks = None
+        self.attrs = {"format": "mrc"}
+        vs = self._mrc.voxel_size
+        sizes = [float(vs.z), float(vs.y), float(vs.x)][3 - data.ndim:]
+        voxel = _nm(sizes, "angstrom")
+        if voxel:
+            self.attrs["voxel_size_nm"] = list(voxel)
+
+    def _read(self, index):
+        return np.asarray(self._data[index]).astype(self.dtype, copy=False)
+
+    def close(self) -> None:
+        mrc, self._mrc = getattr(self, "_mrc", None), None
+        self._data = None
+        if mrc is not None:
+            mrc.close()
+
+
+# ------------------------------------------------------------------------------------------ N5
+
+
+def _n5_voxel_size(attrs: dict, ndim: int) -> tuple[float, ...] | None:
+    """Voxel size (z, y, x) nm from N5 attributes: ``pixelResolution`` (with unit) or ``resolution``.
+
+    N5 lists axes x first; emseg's order is the reverse.
+    """
+    pixel = attrs.get("pixelResolution")
+    if isinstance(pixel, dict) and isinstance(pixel.get("dimensions"), list):
+        values, unit = pixel["dimensions"], pixel.get("unit", "nm")
+    elif isinstance(attrs.get("resolution"), list):
+        values, unit = attrs["resolution"], attrs.get("unit", "nm")
+    else:
+        return None
+    if len(values) != ndim:
+        return None
+    return _nm(list(reversed(values)), unit)
+
+
+class N5Dataset(_ArrayReader):
+    """One dataset of an N5 container, read chunk by chunk through tensorstore.
+
+    N5 stores dimensions x first (Fortran order); emseg shows them reversed, (z, y, x), as the
+    N5 readers of the Python ecosystem do.
+    """
+
+    def __init__(self, root: Path, key: str):
+        where = f"{root}/{key}" if key else str(root)
+        attr_file = root / key / "attributes.json" if key else root / "attributes.json"
+        if not attr_file.is_file():
+            raise InputError("no attributes.json: not an N5 dataset", source=where)
+        try:
+            meta = json.loads(attr_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"unreadable attributes.json ({exc})", source=where) from None
+        if not isinstance(meta, dict) or "dimensions" not in meta or "dataType" not in meta:
+            raise InputError("attributes.json has no dimensions/dataType: an N5 group, not a dataset", source=where)
+        try:
+            import tensorstore as ts
+        except ImportError:
+            raise InputError("reading N5 needs tensorstore: pip install 'emseg[n5]'", source=where) from None
+        try:
+            store = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(root)}, "path": key},
+                            read=True).result()
+        except Exception as exc:
+            raise InputError(f"cannot open the N5 dataset ({str(exc).splitlines()[0]})", source=where) from None
+        self._store = store.T
+        self.shape = tuple(int(s) for s in self._store.shape)
+        self.dtype = np.dtype(self._store.dtype.numpy_dtype)
+        self.chunks = tuple(int(c) for c in reversed(meta.get("blockSize", []))) or None
+        self.attrs = {k: v for k, v in meta.items() if k not in ("dimensions", "blockSize", "dataType", "compression")}
+        self.attrs["format"] = "n5"
+        voxel = _n5_voxel_size(meta, len(self.shape))
+        if voxel:
+            self.attrs["voxel_size_nm"] = list(voxel)
+        self._where = where
+
+    def _read(self, index):
+        try:
+            return self._store[index].read().result()
+        except Exception as exc:
+            raise InputError(f"cannot read N5 blocks ({str(exc).splitlines()[0]})", source=self._where) from None
+
+
+def file_size_of(spec_path: str) -> int:
+    """Bytes on disk behind a spec path (a file, a folder's files, a glob's matches)."""
+    text = str(spec_path)
+    if any(c in text for c in GLOB_CHARS):
+        return sum(os.path.getsize(p) for p in globlib.glob(text) if os.path.isfile(p))
+    path = Path(text)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,347 @@
+"""TIFF, slice folders, MRC and N5 read like HDF5: same values, lazily, with one-line errors.
+
+Every file here is written by an independent writer (tifffile, Pillow, mrcfile, or the N5 spec
+written out by hand), and what emseg reads is compared with the array that was written.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+
+import h5py
+import mrcfile
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import synthetic
+from emseg.cli.main import cli
+from emseg.errors import InputError
+from emseg.io import describe_volume, open_volume, parse_spec, voxel_size_of
+from emseg.io._formats import natural_key
+
+
+def _stack(shape=(7, 33, 45), dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------- TIFF
+
+
+def test_imagej_tiff_reads_lazily_with_its_voxel_size(tmp_path):
+    data = _stack()
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 4.0, 1 / 4.0),
+                     metadata={"spacing": 40.0, "unit": "nm", "axes": "ZYX"})
+    with open_volume(str(path)) as vol:
+        assert vol.shape == data.shape and vol.dtype == data.dtype
+        np.testing.assert_array_equal(vol[2:5, 3:20, 7:9], data[2:5, 3:20, 7:9])
+        np.testing.assert_array_equal(vol[-1], data[-1])
+        np.testing.assert_array_equal(np.asarray(vol), data)
+        assert voxel_size_of(vol) == pytest.approx((40.0, 4.0, 4.0))
+
+
+def test_micron_calibration_is_converted_to_nm(tmp_path):
+    data = _stack((3, 10, 12), np.uint8)
+    path = tmp_path / "um.tif"
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.005, 1 / 0.005),
+                     metadata={"spacing": 0.05, "unit": "micron", "axes": "ZYX"})
+    with open_volume(str(path)) as vol:
+        assert voxel_size_of(vol) == pytest.approx((50.0, 5.0, 5.0))
+
+
+def test_ome_tiff_voxel_size(tmp_path):
+    data = _stack((4, 16, 16), np.uint8)
+    path = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(path, data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.008, "PhysicalSizeY": 0.008,
+                                                    "PhysicalSizeZ": 0.05})
+    with open_volume(str(path)) as vol:
+        np.testing.assert_array_equal(vol[...], data)
+        assert voxel_size_of(vol) == pytest.approx((50.0, 8.0, 8.0))
+
+
+@pytest.mark.parametrize("kwargs", [{"compression": "zlib"}, {"tile": (16, 16)}])
+def test_compressed_or_tiled_tiff_reads_page_by_page(tmp_path, kwargs):
+    data = _stack((5, 40, 48))
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, data, **kwargs)
+    with open_volume(str(path)) as vol:
+        assert vol.shape == data.shape
+        assert vol.chunks is not None  # read through the page/tile view, not a memory map
+        np.testing.assert_array_equal(vol[1:4, 5:30, 2:40], data[1:4, 5:30, 2:40])
+        np.testing.assert_array_equal(vol[3], data[3])
+
+
+def test_single_page_tiff_is_2d(tmp_path):
+    data = _stack((1, 20, 30))[0]
+    tifffile.imwrite(tmp_path / "one.tif", data)
+    with open_volume(str(tmp_path / "one.tif")) as vol:
+        assert vol.shape == (20, 30)
+        np.testing.assert_array_equal(vol[...], data)
+
+
+def _big_zero_tiff(path: Path, shape, compression=None):
+    """A TIFF of zeros several times larger than what a test lets a reader hold at once."""
+    plane = np.zeros(shape[1:], np.uint8)
+    tifffile.imwrite(path, data=(plane for _ in range(shape[0])), shape=shape, dtype=np.uint8,
+                     compression=compression)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_large_tiff_is_never_loaded_whole(tmp_path, compression):
+    """Reading a 192 MiB stack section by section allocates about one section, not the stack."""
+    shape = (48, 2048, 2048)
+    path = tmp_path / "big.tif"
+    _big_zero_tiff(path, shape, compression)
+    section = shape[1] * shape[2]
+    tracemalloc.start()
+    try:
+        with open_volume(str(path)) as vol:
+            assert vol.shape == shape
+            total = 0
+            for z in range(0, shape[0], 8):
+                total += int(vol[z].sum())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == 0
+    assert peak < 6 * section, f"peak {peak / 2**20:.1f} MiB for a {np.prod(shape) / 2**20:.0f} MiB stack"
+
+
+def test_truncated_tiff_is_one_line(tmp_path):
+    data = _stack((6, 40, 50), np.uint8)
+    for name, kwargs in (("ij.tif", {"imagej": True}), ("z.tif", {"compression": "zlib"})):
+        path = tmp_path / name
+        tifffile.imwrite(path, data, **kwargs)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) * 2 // 3])
+        with pytest.raises(InputError, match="truncated") as err:
+            open_volume(str(path))
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_colour_tiff_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 9, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InputError, match="colour"):
+        open_volume(str(tmp_path / "rgb.tif"))
+
+
+# ------------------------------------------------------------------------------ slice folders
+
+
+def test_natural_order():
+    names = ["z10.tif", "z2.tif", "z1.tif", "Z3.tif", "z100.tif"]
+    assert sorted(names, key=natural_key) == ["z1.tif", "z2.tif", "Z3.tif", "z10.tif", "z100.tif"]
+
+
+def test_folder_of_tiff_slices_in_natural_order(tmp_path):
+    data = _stack((12, 21, 17))
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(12):  # unpadded numbers: lexical order would put 10 and 11 after 1
+        tifffile.imwrite(folder / f"sec_{z}.tif", data[z], imagej=True, resolution=(1 / 5.0, 1 / 5.0),
+                         metadata={"unit": "nm"})
+    (folder / "notes.txt").write_text("not a slice")
+    for spec in (str(folder), str(folder) + "/", str(folder / "sec_*.tif")):
+        with open_volume(spec) as vol:
+            assert vol.shape == data.shape
+            np.testing.assert_array_equal(vol[...], data)
+            np.testing.assert_array_equal(vol[3:11:2, 4:9, -3:], data[3:11:2, 4:9, -3:])
+            np.testing.assert_array_equal(vol[10, 2], data[10, 2])
+    with open_volume(str(folder)) as vol:  # one slice gives only the in-plane calibration
+        assert vol.attrs["voxel_size_nm"] == pytest.approx([5.0, 5.0])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_slices(tmp_path, dtype):
+    data = _stack((5, 13, 19), dtype)
+    for z in range(5):
+        Image.fromarray(data[z]).save(tmp_path / f"{z}.png")
+    with open_volume(str(tmp_path / "*.png")) as vol:
+        assert vol.dtype == dtype
+        np.testing.assert_array_equal(vol[...], data)
+
+
+def test_slices_of_different_shape_or_dtype_are_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for z in range(3):
+        tifffile.imwrite(a / f"{z}.tif", np.zeros((10, 10 if z != 2 else 11), np.uint8))
+        tifffile.imwrite(b / f"{z}.tif", np.zeros((10, 10), np.uint8 if z != 1 else np.uint16))
+    with pytest.raises(InputError, match=r"2\.tif: slice of shape \(10, 11\)"):
+        open_volume(str(a))
+    with pytest.raises(InputError, match=r"1\.tif: .*dtype uint16"):
+        open_volume(str(b))
+
+
+def test_glob_matching_nothing_and_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        open_volume(str(tmp_path / "*.tif"))
+    with pytest.raises(InputError, match="no .tif, .tiff or .png slice"):
+        open_volume(str(tmp_path) + "/")
+
+
+# ----------------------------------------------------------------------------------------- MRC
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint8])
+def test_mrc_memory_mapped_with_header_voxel_size(tmp_path, dtype):
+    data = _stack((6, 24, 31)).astype(dtype)
+    path = tmp_path / "tomo.mrc"
+    with mrcfile.new(str(path)) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = (12.0, 11.0, 30.0)  # x, y, z in Å
+    with open_volume(str(path)) as vol:
+        assert vol.shape == data.shape
+        np.testing.assert_array_equal(vol[2:4, 1:20, 5:6], data[2:4, 1:20, 5:6])
+        assert voxel_size_of(vol) == pytest.approx((3.0, 1.1, 1.2))
+
+
+def test_truncated_mrc_is_one_line(tmp_path):
+    path = tmp_path / "cut.mrc"
+    with mrcfile.new(str(path)) as mrc:
+        mrc.set_data(np.zeros((4, 32, 32), np.float32))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1000])
+    with pytest.raises(InputError, match="not a readable MRC") as err:
+        open_volume(str(path))
+    assert str(path) in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ N5
+
+
+def _write_n5(root: Path, key: str, data: np.ndarray, block, compression: str, attrs: dict | None = None):
+    """An N5 dataset written from the specification: dimensions x first, big-endian blocks with
+    a header (mode 0, ndim, block size), edge blocks cut to the volume, gzip or raw."""
+    root.mkdir(exist_ok=True)
+    (root / "attributes.json").write_text(json.dumps({"n5": "4.0.0"}))
+    folder = root / key
+    folder.mkdir(parents=True)
+    meta = {"dimensions": list(reversed(data.shape)), "blockSize": list(reversed(block)),
+            "dataType": data.dtype.name, "compression": {"type": compression}}
+    meta.update(attrs or {})
+    (folder / "attributes.json").write_text(json.dumps(meta))
+    grid = [range(0, s, b) for s, b in zip(data.shape, block)]
+    for start in np.array(np.meshgrid(*grid, indexing="ij")).reshape(data.ndim, -1).T:
+        box = data[tuple(slice(a, a + b) for a, b in zip(start, block))]
+        header = struct.pack(">HH", 0, data.ndim) + b"".join(struct.pack(">I", s) for s in reversed(box.shape))
+        payload = box.astype(box.dtype.newbyteorder(">")).tobytes(order="C")
+        if compression == "gzip":
+            payload = gzip.compress(payload)
+        index = [str(a // b) for a, b in zip(start, block)]
+        where = folder.joinpath(*reversed(index))
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(header + payload)
+
+
+@pytest.mark.parametrize("compression", ["raw", "gzip"])
+def test_n5_written_from_the_spec_reads_in_zyx(tmp_path, compression):
+    pytest.importorskip("tensorstore")
+    data = _stack((9, 14, 23))
+    _write_n5(tmp_path / "vol.n5", "volumes/raw", data, (4, 8, 8), compression,
+              {"resolution": [4.0, 4.0, 40.0]})
+    with open_volume(str(tmp_path / "vol.n5/volumes/raw")) as vol:
+        assert vol.shape == data.shape and vol.chunks == (4, 8, 8)
+        np.testing.assert_array_equal(vol[...], data)
+        np.testing.assert_array_equal(vol[3:8, 5:14, 20:], data[3:8, 5:14, 20:])
+        assert voxel_size_of(vol) == pytest.approx((40.0, 4.0, 4.0))
+
+
+def test_n5_missing_attributes_is_one_line(tmp_path):
+    data = _stack((4, 8, 8))
+    _write_n5(tmp_path / "vol.n5", "raw", data, (4, 8, 8), "raw")
+    (tmp_path / "vol.n5/raw/attributes.json").unlink()
+    with pytest.raises(InputError, match="no attributes.json") as err:
+        open_volume(str(tmp_path / "vol.n5/raw"))
+    assert "vol.n5/raw" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- specs and info
+
+
+def test_spec_formats(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert parse_spec("a.tiff").fmt == "tif" and parse_spec("a.MRC").fmt == "mrc"
+    assert parse_spec("x.n5/a/b").key == "a/b" and parse_spec("x.n5").key == ""
+    assert parse_spec(str(tmp_path / "d")).fmt == "slices" and parse_spec("s/").fmt == "slices"
+    assert parse_spec("s/*.tif").fmt == "slices"
+    with pytest.raises(InputError, match="unknown volume format"):
+        parse_spec("volume.raw")
+
+
+def test_one_volume_formats_have_no_datasets(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((2, 8, 8), np.uint8))
+    spec = parse_spec(str(tmp_path / "s.tif"))
+    assert open_volume(spec.sibling("info"), allow_missing_key=True) is None
+
+
+def test_tiff_reads_like_the_same_volume_in_hdf5(tmp_path):
+    data = _stack((5, 30, 40))
+    tifffile.imwrite(tmp_path / "s.tif", data)
+    with h5py.File(tmp_path / "s.h5", "w") as fh:
+        fh["raw"] = data
+    a, b = describe_volume(str(tmp_path / "s.tif")), describe_volume(str(tmp_path / "s.h5") + ":raw")
+    assert (a.shape, a.dtype, a.min, a.max) == (b.shape, b.dtype, b.min, b.max)
+    assert (a.min, a.max) == (float(data.min()), float(data.max()))
+    assert a.format == "TIFF" and b.format == "HDF5"
+
+
+def test_info_command(tmp_path):
+    data = _stack((3, 10, 12)).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    with mrcfile.new(str(tmp_path / "m.mrc")) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = 20.0
+    tifffile.imwrite(tmp_path / "t.tif", data[0].astype(np.uint16))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--json", "info", str(tmp_path / "m.mrc"), str(tmp_path / "t.tif")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    mrc_info, tif_info = doc["volumes"]
+    assert mrc_info["format"] == "MRC" and mrc_info["shape"] == [3, 10, 12]
+    assert mrc_info["voxel_size_nm"] == pytest.approx([2.0, 2.0, 2.0]) and mrc_info["nonfinite"] == 1
+    assert mrc_info["min"] == pytest.approx(float(np.nanmin(data)))
+    assert tif_info["shape"] == [10, 12] and tif_info["dtype"] == "uint16"
+    bad = runner.invoke(cli, ["info", str(tmp_path / "missing.tif")])
+    assert bad.exit_code == 2 and "missing.tif: no such file" in bad.stderr
+
+
+@pytest.fixture
+def random_model(tmp_path) -> Path:
+    """A small random 2D U-Net checkpoint with 3 classes."""
+    import torch
+
+    from emseg.models import build_model
+    from emseg.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = dict(ndim=2, in_channels=1, out_channels=3, depth=2, base_width=4, norm="batch")
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"model": build_model(config).state_dict(), "model_config": config,
+                           "config": {"patch_shape": [1, 32, 32]}})
+    return path
+
+
+def test_predict_reads_a_tiff_folder(tmp_path, random_model):
+    """The same sections as a folder of TIFF slices and as HDF5 predict the same probabilities."""
+    raw = synthetic((3, 64, 64), 2).raw
+    folder = tmp_path / "sl"
+    folder.mkdir()
+    for z in range(raw.shape[0]):
+        tifffile.imwrite(folder / f"{z}.tif", raw[z])
+    with h5py.File(tmp_path / "same.h5", "w") as fh:
+        fh["raw"] = raw
+    runner = CliRunner()
+    for spec, out in ((str(folder), "a.zarr"), (f"{tmp_path / 'same.h5'}:raw", "b.zarr")):
+        res = runner.invoke(cli, ["--device", "cpu", "--precision", "fp32", "predict", str(random_model), spec,
+                                  str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+    with open_volume(str(tmp_path / "a.zarr")) as a, open_volume(str(tmp_path / "b.zarr")) as b:
+        np.testing.assert_array_equal(a[...], b[...])
