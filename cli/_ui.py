@@ -265,7 +265,7 @@ GLOBAL_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any], str]] = {
     "quiet": (("-q", "--quiet"), {"is_flag": True}, "No progress bars and no human-readable summary."),
     "json": (("--json",), {"is_flag": True}, "Print exactly one JSON document on stdout."),
     "device": (("--device",), {"type": click.Choice(DEVICES), "default": "auto"},
-               "Where to compute: auto picks CUDA when available."),
+               "Where to compute: auto = CUDA, else MPS, else CPU."),
     "seed": (("--seed",), {"type": BoundedInt(0), "default": 0}, "Seeds python, numpy and torch."),
     "precision": (("--precision",), {"type": click.Choice(PRECISIONS), "default": None},
                   "Network arithmetic: bf16 autocast + channels-last where the hardware computes bf16 natively "

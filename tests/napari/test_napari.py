@@ -229,6 +229,7 @@ VIEWER_SCRIPT = r"""
 import json, sys
 import numpy as np
 import napari
+import qtpy
 
 pred, queries, crops, out = sys.argv[1:5]
 viewer = napari.Viewer(show=False)
@@ -247,7 +248,7 @@ labels.save(crops, plugin="emseg")              # the npe2 writer
 _, widget = viewer.window.add_plugin_dock_widget("emseg", "Save crop labels")   # from napari.yaml
 message = widget(labels=labels, crop=2, not_present="2")   # crop 2 has no class 2
 viewer.close()
-json.dump({"layers": layers, "message": message}, open(out + "/viewer.json", "w"))
+json.dump({"layers": layers, "message": message, "qt": qtpy.API_NAME}, open(out + "/viewer.json", "w"))
 """
 
 
@@ -261,6 +262,8 @@ def test_annotation_loop_in_a_headless_viewer(loop, tmp_path, display):
                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "viewer.json").read_text())
+    # napari deprecates PyQt5; qtpy prefers it when it is installed beside PyQt6 (QT_API chooses)
+    assert report["qt"] != "PyQt5", "napari runs on PyQt5, which it deprecates: pip uninstall PyQt5 (or set QT_API)"
     kinds = [layer["kind"] for layer in report["layers"]]
     assert kinds.count("Image") == 3 + 1 and kinds.count("Labels") == 1  # 3 class channels + the crops raw
     assert kinds.count("Points") == 1 and kinds.count("Shapes") == 1

@@ -210,3 +210,40 @@ def test_predict_bf16_agrees_with_fp32_on_disk(tmp_path):
         with open_volume(f"{tmp_path}/{name}.zarr") as vol:
             outs[name] = vol[...]
     assert (outs["fp32"] == outs["bf16"]).mean() >= 0.99
+
+
+# --------------------------------------------------------------------------- Apple MPS
+@pytest.fixture
+def mps_bf16(monkeypatch):
+    """Pretend torch does (True) or does not (False) run bf16 autocast on MPS here."""
+
+    def set_(flag: bool):
+        monkeypatch.setattr(precision_mod, "mps_bf16_support",
+                            lambda: (flag, "Apple MPS (Mock GPU)" if flag else "Apple MPS before macOS 14"))
+
+    return set_
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_mps_is_fp32_and_contiguous(mps_bf16, supported):
+    mps_bf16(supported)
+    for ndim in (2, 3):
+        p = resolve_precision("auto", torch.device("mps"), ndim=ndim)
+        assert (p.name, p.device_type, p.channels_last) == ("fp32", "mps", False)
+        assert isinstance(p.autocast(), type(Precision("fp32", "cpu", False).autocast()))
+
+
+def test_explicit_bf16_on_mps_follows_torch_support(mps_bf16):
+    mps_bf16(True)
+    p = resolve_precision("bf16", "mps")
+    assert p.name == "bf16" and p.device_type == "mps" and not p.channels_last
+    mps_bf16(False)
+    with pytest.raises(InputError, match="Apple MPS before macOS 14"):
+        resolve_precision("bf16", "mps")
+
+
+def test_mps_probe_answers_without_a_mac():
+    ok, hardware = precision_mod.mps_bf16_support()
+    assert isinstance(ok, bool) and hardware.startswith("Apple MPS")
+    if not torch.backends.mps.is_available():
+        assert not ok

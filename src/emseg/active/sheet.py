@@ -18,7 +18,7 @@ import torch
 from emseg.active.scoring.criteria import BaldAccumulator, entropy, least_confidence
 from emseg.models.checkpoint import load_model
 from emseg.data.sampling import to_float
-from emseg.runtime.device import resolve_device
+from emseg.runtime.device import fork_rng, resolve_device
 from emseg.errors import InputError
 from emseg.io import check_output_location, check_overwrite, open_volume, save_figure
 from emseg.models.unet import set_mc_dropout
@@ -56,9 +56,8 @@ def pixel_maps(model: torch.nn.Module, patches: Sequence[np.ndarray], strategy: 
     """
     kind = MAP_OF_STRATEGY.get(strategy, "entropy")
     out = []
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with fork_rng(device):
+        torch.manual_seed(seed)
         for patch in patches:
             arr = np.asarray(patch, dtype=np.float32)
             squeeze = arr.ndim == model.ndim + 1
@@ -78,8 +77,6 @@ def pixel_maps(model: torch.nn.Module, patches: Sequence[np.ndarray], strategy: 
                 m = entropy(_probabilities(model(x)), reduction="none")
             m = m[0].cpu().numpy().astype(np.float32)
             out.append(m[None] if squeeze else m)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return out
 
 

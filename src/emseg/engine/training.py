@@ -27,7 +27,8 @@ from emseg.models.checkpoint import load_checkpoint, save_checkpoint
 from emseg.models.transfer import init_from_checkpoint
 from emseg.engine.config import TrainConfig, learning_rate
 from emseg.data.prefetch import Prefetcher, step_rng
-from emseg.runtime.device import configure_threads, resolve_device, seed_everything
+from emseg.runtime.device import (configure_threads, device_rng_state, resolve_device, restore_device_rng,
+                                  seed_everything)
 from emseg.runtime.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.runtime.locks import temp_name
@@ -131,8 +132,7 @@ class _StopFlag:
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     state = {"numpy": rng.bit_generator.state, "python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state.update(device_rng_state())
     return state
 
 
@@ -141,8 +141,7 @@ def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    restore_device_rng(state)
 
 
 @in_run_folder

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["IGNORE", "as_float", "check_mask_values", "check_target_range", "check_tensor", "is_integer_tensor"]
+__all__ = ["IGNORE", "as_float", "as_float64", "check_mask_values", "check_target_range", "check_tensor",
+           "is_integer_tensor"]
 
 #: The target value of ignored voxels.
 IGNORE = -1
@@ -16,6 +17,13 @@ def is_integer_tensor(t: torch.Tensor) -> bool:
 def as_float(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Return ``x`` as a floating tensor with the dtype and device of ``like``."""
     return x.to(device=like.device, dtype=like.dtype)
+
+
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float64 (gradients flow through), moved to the CPU from a device without float64 (MPS)."""
+    if x.device.type == "mps":
+        x = x.cpu()
+    return x.double()
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from emseg.losses._checks import IGNORE, as_float, check_mask_values, check_target_range, check_tensor, is_integer_tensor
+from emseg.losses._checks import (IGNORE, as_float, as_float64, check_mask_values, check_target_range, check_tensor,
+                                  is_integer_tensor)
 
 __all__ = ["dmi_loss", "iou_loss", "soft_dice_loss"]
 
@@ -254,9 +255,9 @@ def dmi_loss(
         det = torch.linalg.det(joint)
     else:
         p, t, m = _binary_inputs("dmi_loss", probs, target, mask)
-        p = p.reshape(-1).double()
-        t = t.reshape(-1).double()
-        m = m.reshape(-1).double()
+        p = as_float64(p.reshape(-1))
+        t = as_float64(t.reshape(-1))
+        m = as_float64(m.reshape(-1))
         n = m.sum()
         q = 1.0 - p
         u = 1.0 - t
@@ -269,7 +270,7 @@ def dmi_loss(
         k = 2
     n = torch.clamp(n, min=1.0)
     loss = -torch.log(det.abs() + eps) + k * torch.log(n)
-    return loss.to(out_dtype)
+    return loss.to(device=probs.device, dtype=out_dtype)
 
 
 def _dmi_joint_multiclass(
@@ -290,10 +291,10 @@ def _dmi_joint_multiclass(
             )
         check_mask_values("mask", mask)
     check_target_range(target, k, "dmi_loss: ")
-    x = probs.double().movedim(1, -1).reshape(-1, k)  # (N, K)
-    t = target.to(device=probs.device).reshape(-1).long()
+    x = as_float64(probs).movedim(1, -1).reshape(-1, k)  # (N, K)
+    t = target.to(device=x.device).reshape(-1).long()
     w = (t != IGNORE).double()
     if mask is not None:
-        w = w * mask.to(device=probs.device, dtype=torch.float64).reshape(-1)
+        w = w * mask.to(device=x.device, dtype=torch.float64).reshape(-1)
     onehot = F.one_hot(torch.where(t >= 0, t, torch.zeros_like(t)), k).double() * w[:, None]
     return x.T @ onehot, w.sum(), k

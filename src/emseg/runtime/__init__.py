@@ -19,7 +19,8 @@ class Runtime:
     Parameters
     ----------
     device : str
-        ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        ``auto`` (CUDA when available, else Apple's MPS when available, else CPU), ``cpu``, ``cuda``,
+        ``cuda:N`` or ``mps``.
     seed : int
         Seeds python, numpy and torch (and every random stream derived from them).
     precision : {"auto", "fp32", "bf16"} or None

@@ -6,11 +6,13 @@ from typing import Any
 from emseg.errors import InputError
 
 #: The device names the command line offers (a library caller may also name ``cuda:1`` and the like).
-DEVICES = ("auto", "cpu", "cuda")
+#: ``auto`` picks CUDA, then Apple's MPS, then the CPU; ``mps`` is the GPU of an Apple silicon Mac.
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 #: The network arithmetic a user can choose; the one place these names are spelled.
 PRECISIONS = ("auto", "fp32", "bf16")
-#: The default of every config and command: bf16 where the hardware computes it natively, else fp32.
+#: The default of every config and command: bf16 where the hardware computes it natively (CUDA, CPU),
+#: else fp32 (also on MPS, see :mod:`emseg.runtime.precision`).
 DEFAULT_PRECISION = "auto"
 
 

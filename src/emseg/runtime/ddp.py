@@ -73,6 +73,9 @@ class ProcessGroup:
         """Join the group; the device of this process (``cuda:LOCAL_RANK`` on GPUs)."""
         if not self.active:
             return device
+        if device.type == "mps":  # neither nccl nor gloo reduces MPS tensors
+            raise InputError(f"training on {self.world_size} processes needs CUDA GPUs or the CPU, not Apple's MPS "
+                             f"(train on MPS in one process, or set `device` to cpu)")
         if device.type == "cuda":
             if device.index is None:
                 device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))

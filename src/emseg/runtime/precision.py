@@ -9,9 +9,15 @@ computes bfloat16 natively and ``fp32`` everywhere else:
 * CPU: AVX512-BF16 or AMX tiles, as reported by torch's own CPU capability probe (the same
   one its oneDNN kernels dispatch on), with ``/proc/cpuinfo`` flags as a fallback.
 
+On Apple's MPS ``auto`` is always ``fp32``: whether bfloat16 runs there, and how fast, depends
+on the Mac's GPU, its macOS and the torch version, and none of it was measured for this project.
+An explicit ``bf16`` on MPS is accepted where torch autocasts on MPS and macOS is 14 or newer
+(torch's own condition for bfloat16 on MPS), else refused like ``bf16`` on other hardware.
+
 Channels-last (``channels_last`` for 2D, ``channels_last_3d`` for 3D networks) is used in both
-precisions: on this project's U-Nets it was measured faster for 2D and for anisotropic 3D
-networks, in fp32 and in bf16 (``benchmarks/speed.py``, docs/benchmarks.md).
+precisions on CPU and CUDA: on this project's U-Nets it was measured faster for 2D and for
+anisotropic 3D networks, in fp32 and in bf16 (``benchmarks/speed.py``, docs/benchmarks.md).
+On MPS, where it was not measured, tensors keep the default (contiguous) layout.
 
 Examples
 --------
@@ -70,13 +76,52 @@ def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
     return major >= 8, f"{name} (compute capability {major}.{minor})"
 
 
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(getattr(torch.amp, "autocast_mode", None), "is_autocast_available", None)
+    if check is None:  # an older torch: autocast on MPS came with the function that says so
+        return device_type in ("cuda", "cpu")
+    try:
+        return bool(check(device_type))
+    except RuntimeError:
+        return False
+
+
+def mps_bf16_support() -> tuple[bool, str]:
+    """Whether torch runs bfloat16 autocast on Apple's MPS here (macOS 14 or newer), and a description."""
+    mps = torch.backends.mps
+    try:
+        name = str(mps.get_name())
+    except (AttributeError, RuntimeError):
+        name = ""
+    hardware = f"Apple MPS ({name})" if name else "Apple MPS"
+    try:
+        macos14 = bool(mps.is_macos_or_newer(14, 0))
+    except (AttributeError, RuntimeError):
+        macos14 = False
+    if not _autocast_available("mps"):
+        return False, f"{hardware} with a torch without autocast on MPS"
+    if not macos14:
+        return False, f"{hardware} before macOS 14"
+    return True, hardware
+
+
 def bf16_support(device: torch.device) -> tuple[bool, str]:
-    """``(supported, hardware description)`` for native bfloat16 on ``device``."""
+    """``(supported, hardware description)`` for bfloat16 on ``device`` (native on CUDA and CPU;
+    on MPS what torch supports there, see the module notes)."""
     if device.type == "cuda":
         return cuda_bf16_support(device)
     if device.type == "cpu":
         return cpu_bf16_support()
+    if device.type == "mps":
+        return mps_bf16_support()
     return False, f"device type {device.type!r}"
+
+
+#: Device types where ``auto`` picks bf16 when :func:`bf16_support` says yes (MPS: never, unmeasured).
+AUTO_BF16_DEVICES = ("cuda", "cpu")
+#: Device types whose tensors are channels-last by default (measured faster on the CPU,
+#: ``benchmarks/speed.py``, and the layout cuDNN prefers; MPS stays contiguous, unmeasured).
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -156,9 +201,9 @@ class AutocastForward:
         return getattr(self.net, name)
 
 
-def _channels_last(name: str, ndim: int) -> bool:
-    # Measured in benchmarks/speed.py: faster for 2D and 3D networks, in fp32 and in bf16.
-    return ndim in (2, 3)
+def _channels_last(name: str, ndim: int, device_type: str = "cpu") -> bool:
+    # Measured in benchmarks/speed.py: faster for 2D and 3D networks, in fp32 and in bf16 (CPU).
+    return ndim in (2, 3) and device_type in CHANNELS_LAST_DEVICES
 
 
 def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim: int = 2,
@@ -166,7 +211,8 @@ def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim
     """Turn ``auto | fp32 | bf16`` into a :class:`Precision` for ``device`` and a ``ndim``-D network.
 
     ``bf16`` on hardware without native bfloat16 is an :class:`~emseg.errors.InputError` naming
-    the hardware (emulated bf16 is slower than fp32 and less accurate). ``channels_last``
+    the hardware (emulated bf16 is slower than fp32 and less accurate). ``auto`` on MPS is
+    ``fp32`` (see the module notes). ``channels_last``
     overrides the measured default (data-parallel training keeps replicas contiguous: with
     channels-last parameters, DistributedDataParallel on CPU was found to apply updates that
     differ from Adam on the averaged gradients).
@@ -178,6 +224,7 @@ def resolve_precision(name: str | Precision, device: str | torch.device, *, ndim
     ok, hardware = bf16_support(device) if name != "fp32" else (False, "")
     if name == "bf16" and not ok:
         raise InputError(f"precision bf16 needs native bfloat16 hardware; this is {hardware} (use fp32 or auto)")
-    chosen = "bf16" if name == "bf16" or (name == "auto" and ok) else "fp32"
-    layout = _channels_last(chosen, ndim) if channels_last is None else bool(channels_last)
+    auto_bf16 = ok and device.type in AUTO_BF16_DEVICES
+    chosen = "bf16" if name == "bf16" or (name == "auto" and auto_bf16) else "fp32"
+    layout = _channels_last(chosen, ndim, device.type) if channels_last is None else bool(channels_last)
     return Precision(chosen, device.type, layout, hardware)

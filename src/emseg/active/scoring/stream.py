@@ -26,6 +26,7 @@ from emseg.active.scoring.criteria import REDUCTIONS
 from emseg.data.sampling import to_float
 from emseg.errors import InputError
 from emseg.models import fold_batchnorm, set_mc_dropout
+from emseg.runtime.device import fork_rng
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 __all__ = ["PoolScores", "chunk_seed", "score_chunks", "score_pool"]
@@ -200,8 +201,7 @@ def score_boxes(
     if fold:  # a copy with batch norm folded into the convolutions: faster, equal up to rounding
         model = fold_batchnorm(model.eval())
     prec.prepare_model(model)
-    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
-        else contextlib.nullcontext()
+    fork = fork_rng(device) if seed is not None else contextlib.nullcontext()
     start = time.perf_counter()
     try:
         with torch.no_grad(), fork:
@@ -224,7 +224,7 @@ def score_boxes(
                             embeddings = np.zeros((m_total, pooled.shape[1]), dtype=np.float32)
                         embeddings[sel] = pooled
                     if strat.needs_scores and not strat.needs_mc_dropout:
-                        s = strat.score_fn(_probabilities(logits), reduction).double().cpu().numpy()
+                        s = strat.score_fn(_probabilities(logits), reduction).cpu().double().numpy()
                         scores = _widen(scores, s)
                         scores[sel] = s
                     del out, logits, emb
@@ -241,7 +241,7 @@ def score_boxes(
                                 logits = model.decode(*encoded)[0] if split else model(x)
                             yield _probabilities(logits)
 
-                    s = strat.score_fn(passes(), reduction).double().cpu().numpy()
+                    s = strat.score_fn(passes(), reduction).cpu().double().numpy()
                     scores = _widen(scores, s)
                     scores[sel] = s
                     encoded = None
