@@ -19,7 +19,10 @@ from emseg.semantic.predict import PredictConfig, predict_file
               help="How overlapping windows are weighted.")
 @click.option("--batch-size", type=int, default=PredictConfig.batch_size, help="Windows per forward pass.")
 @click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default=PredictConfig.output_type,
-              help="Write class probabilities (C,*S) float32 or argmax labels uint8.")
+              help="Write class probabilities (C,*S) or argmax labels uint8.")
+@click.option("--dtype", type=click.Choice(["float32", "uint8"]), default=PredictConfig.dtype,
+              help="Sample type of probabilities: float32, or uint8 scaled to 0-255 (p = value/255, 4x less to "
+                   "write).")
 @click.option("--compile", "compile_", is_flag=True,
               help="Run the network through torch.compile: a one-off compile (a minute or more on a CPU), then "
                    "faster windows; pays off on large volumes.")
@@ -30,7 +33,7 @@ from emseg.semantic.predict import PredictConfig, predict_file
 @overwrite_option("an existing OUTPUT dataset or array")
 @common_options
 @device_seed_options
-def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, compile_, block,
+def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, output_type, dtype, compile_, block,
             scheduler, workers, resume, retries, overwrite):
     """Predict INPUT with the checkpoint MODEL and write OUTPUT, block by block.
 
@@ -43,11 +46,12 @@ def command(model, input_spec, output_spec, patch, overlap, blend, batch_size, o
       emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --output-type probabilities
       emseg predict runs/mito/best.pt stack2.h5:raw pred.zarr/probs --scheduler local --workers 4
       emseg predict runs/mito/best.pt stack2.h5:raw pred.ome.zarr   (OME-Zarr 0.5 with a pyramid)
+      emseg predict runs/mito/best.pt "sections/*.tif" labels.tif --output-type labels   (for Fiji)
     """
     app = state()
     cfg = PredictConfig(model=model, input=input_spec, output=output_spec, patch_shape=parse_shape(patch),
                         overlap=overlap, blend=blend, batch_size=batch_size, output_type=output_type,
-                        block_shape=parse_shape(block, "--block"), device=app.device,
+                        dtype=dtype, block_shape=parse_shape(block, "--block"), device=app.device,
                         precision=app.precision_choice, compile=compile_, scheduler=scheduler,
                         workers=workers, resume=resume, retries=retries, overwrite=overwrite)
     with progress_bar("predict") as update:

@@ -27,7 +27,7 @@ from emseg.engine.inference import (
     window_starts,
 )
 from emseg.io import open_volume
-from emseg.models import UNet
+from emseg.models import UNet, build_model
 from emseg.semantic.predict import PredictConfig, predict_file
 
 
@@ -199,11 +199,33 @@ def test_labels_output_is_argmax_of_probabilities():
     np.testing.assert_array_equal(labels, np.argmax(probs, axis=0))
 
 
-def test_to_output_single_channel_thresholds():
-    probs = np.array([[[0.2, 0.7], [0.5, 0.51]]], np.float32)
-    np.testing.assert_array_equal(to_output(probs, "labels"), [[0, 1], [0, 1]])
+@pytest.mark.parametrize("channels, blend", [(5, "gaussian"), (3, "constant"), (1, "gaussian")])
+def test_labels_skip_the_normalisation_and_agree_with_the_probabilities(channels, blend):
+    """Labels come from the summed weighted probabilities without dividing by the weights: the
+    same class map as the argmax (one channel: > 0.5) of the normalised probabilities."""
+    torch.manual_seed(channels)
+    model = build_model(dict(ndim=2, in_channels=1, out_channels=channels, depth=2, base_width=4, norm="batch")).eval()
+    window = SlidingWindow(softmax_forward(model), (1, 48, 48), divisor=model.divisor, overlap=0.5, blend=blend)
+    region = np.random.default_rng(channels).random((2, 101, 77), dtype=np.float32)
+    probs, labels = window(region), window(region, labels=True)
+    assert labels.dtype == np.uint8 and labels.shape == region.shape
+    expected = np.argmax(probs, axis=0) if channels > 1 else (probs[0] > 0.5)
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_uint8_probabilities_round_to_the_nearest_step():
+    probs = np.random.default_rng(0).random((3, 4, 50), dtype=np.float32)
+    probs[0, 0, :2] = [0.0, 1.0]
+    out = to_output(probs.copy(), "probabilities", "uint8")
+    assert out.dtype == np.uint8 and out[0, 0, 0] == 0 and out[0, 0, 1] == 255
+    exact = probs.astype(np.float64) * 255
+    clear = np.abs(exact - np.floor(exact) - 0.5) > 1e-4  # not within float32 rounding of a half step
+    np.testing.assert_array_equal(out[clear], np.round(exact[clear]).astype(np.uint8))
+    assert np.abs(out / 255.0 - probs).max() <= 0.5 / 255 + 1e-7
     with pytest.raises(ValueError):
         to_output(probs, "logits")
+    with pytest.raises(ValueError):
+        to_output(probs, "probabilities", "float16")
 
 
 def test_skip_progress_and_block_callbacks():

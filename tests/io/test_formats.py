@@ -345,3 +345,91 @@ def test_predict_reads_a_tiff_folder(tmp_path, random_model):
         assert res.exit_code == 0, res.output
     with open_volume(str(tmp_path / "a.zarr")) as a, open_volume(str(tmp_path / "b.zarr")) as b:
         np.testing.assert_array_equal(a[...], b[...])
+
+
+# ------------------------------------------------------------------------------- TIFF outputs
+
+
+def _predict(runner, model, spec, out, *extra):
+    res = runner.invoke(cli, ["--device", "cpu", "--precision", "fp32", "predict", str(model), spec, str(out),
+                              *extra])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_predict_writes_tiffs_that_imagej_readers_open(tmp_path, random_model):
+    """Labels and probabilities as ImageJ hyperstacks with the source's voxel size: tifffile reads
+    them as ImageJ files with the same values as the zarr output, and emseg reads them back."""
+    raw = synthetic((3, 64, 64), 2).raw
+    with h5py.File(tmp_path / "in.h5", "w") as fh:
+        fh["raw"] = raw
+        fh.attrs["voxel_size_nm"] = [50.0, 5.0, 5.0]
+    runner, spec = CliRunner(), f"{tmp_path / 'in.h5'}:raw"
+    _predict(runner, random_model, spec, tmp_path / "ref.zarr")
+    _predict(runner, random_model, spec, tmp_path / "p.tif")
+    _predict(runner, random_model, spec, tmp_path / "l.tif", "--output-type", "labels")
+    with open_volume(str(tmp_path / "ref.zarr")) as ref:
+        probs = ref[...]
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        assert tif.is_imagej and not tif.is_bigtiff
+        assert tif.series[0].axes == "ZCYX" and tif.imagej_metadata["channels"] == 3
+        assert tif.imagej_metadata["spacing"] == pytest.approx(50.0) and tif.imagej_metadata["unit"] == "nm"
+        assert tif.pages[0].tags["XResolution"].value == (1, 5) or \
+            tif.pages[0].tags["XResolution"].value[1] / tif.pages[0].tags["XResolution"].value[0] == pytest.approx(5.0)
+        np.testing.assert_array_equal(tif.asarray(), np.moveaxis(probs, 0, 1))
+    with tifffile.TiffFile(tmp_path / "l.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tif.asarray(), np.argmax(probs, axis=0))
+    with open_volume(str(tmp_path / "p.tif")) as back:
+        assert back.shape == probs.shape and back.attrs["n_classes"] == 3
+        np.testing.assert_array_equal(back[...], probs)
+        assert voxel_size_of(back) == pytest.approx((50.0, 5.0, 5.0))
+    res = runner.invoke(cli, ["--json", "evaluate", str(tmp_path / "p.tif"), str(tmp_path / "l.tif")])
+    assert res.exit_code == 0 and json.loads(res.stdout)["mean_jaccard"] == pytest.approx(1.0)
+
+
+def test_uint8_probabilities_everywhere(tmp_path, random_model):
+    raw = synthetic((3, 64, 64), 2).raw
+    tifffile.imwrite(tmp_path / "in.tif", raw, photometric="minisblack")
+    runner = CliRunner()
+    _predict(runner, random_model, str(tmp_path / "in.tif"), tmp_path / "f.zarr")
+    _predict(runner, random_model, str(tmp_path / "in.tif"), tmp_path / "u.zarr", "--dtype", "uint8")
+    _predict(runner, random_model, str(tmp_path / "in.tif"), tmp_path / "u.tif", "--dtype", "uint8")
+    with open_volume(str(tmp_path / "f.zarr")) as f, open_volume(str(tmp_path / "u.zarr")) as u, \
+            open_volume(str(tmp_path / "u.tif")) as t:
+        assert u.dtype == np.uint8 and u.attrs["scale"] == pytest.approx(1 / 255)
+        assert np.abs(u[...] / 255.0 - f[...]).max() <= 0.5 / 255 + 1e-6
+        np.testing.assert_array_equal(t[...], u[...])
+
+
+def test_bigtiff_past_the_limit_keeps_the_imagej_description(tmp_path):
+    from emseg.io._tiff_write import TiffOutputVolume
+
+    data = _stack((4, 32, 48), np.uint16)
+    out = TiffOutputVolume(tmp_path / "big.tif", tmp_path / ".big.tif.tmp", data.shape, data.dtype,
+                           voxel_size=(30.0, 3.0, 3.0), bigtiff_bytes=data.nbytes - 1)
+    with out:
+        for z in (3, 0, 2, 1):  # any order: the file is a memory map
+            out[z] = data[z]
+    assert not (tmp_path / ".big.tif.tmp").exists()
+    with tifffile.TiffFile(tmp_path / "big.tif") as tif:
+        assert tif.is_bigtiff and tif.is_imagej
+        np.testing.assert_array_equal(tif.asarray(), data)
+    with open_volume(str(tmp_path / "big.tif")) as back:
+        assert voxel_size_of(back) == pytest.approx((30.0, 3.0, 3.0))
+
+
+def test_failed_tiff_output_leaves_the_previous_file(tmp_path):
+    from emseg.io import create_volume
+
+    path = tmp_path / "l.tif"
+    tifffile.imwrite(path, np.ones((2, 8, 8), np.uint8))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with create_volume(str(path), (2, 8, 8), np.uint8, overwrite=True) as out:
+            out[0] = 7
+            raise RuntimeError("interrupted")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["l.tif"]
+    with pytest.raises(InputError, match="already exists"):
+        create_volume(str(path), (2, 8, 8), np.uint8)

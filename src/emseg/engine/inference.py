@@ -127,8 +127,14 @@ class SlidingWindow:
         return tuple(window)
 
     @torch.no_grad()
-    def __call__(self, region: np.ndarray) -> np.ndarray:
-        """Probabilities (C, *R) for a float32 region (*R)."""
+    def __call__(self, region: np.ndarray, *, labels: bool = False) -> np.ndarray:
+        """Probabilities (C, *R) float32 for a float32 region (*R); with ``labels`` the uint8 class map (*R).
+
+        Labels are the argmax of the summed, weighted probabilities: the per-voxel normalisation
+        divides every channel by the same positive weight and cannot change the argmax, so it is
+        skipped (as is the float32 map's copy to the host). One channel: probability > 0.5.
+        Raises :class:`NonFiniteOutput` when the network's output is not finite.
+        """
         region = np.asarray(region, dtype=np.float32)
         window = self._window(region.shape)
         pad = [(0, max(0, w - s)) for w, s in zip(window, region.shape)]
@@ -138,8 +144,7 @@ class SlidingWindow:
         stride = [max(1, int(round(w * (1 - self.overlap)))) for w in window]
         starts = list(itertools.product(*[window_starts(s, w, st) for s, w, st in zip(shape, window, stride)]))
         weight = torch.from_numpy(blend_weights(window, self.blend)).to(self.device)
-        acc = None
-        norm = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        acc = norm = None
         source = torch.from_numpy(region).to(self.device)
         for i in range(0, len(starts), self.batch_size):
             chunk = starts[i: i + self.batch_size]
@@ -154,13 +159,26 @@ class SlidingWindow:
                 probs = probs[:, :, None]
             if acc is None:
                 acc = torch.zeros((probs.shape[1],) + tuple(shape), dtype=torch.float32, device=self.device)
+                if not labels or probs.shape[1] == 1:
+                    norm = torch.zeros(shape, dtype=torch.float32, device=self.device)
             for p, sl in zip(probs, slices):
-                acc[(slice(None),) + sl] += p * weight
-                norm[sl] += weight
-        out = acc.div_(norm).cpu().numpy()  # in place: no second (C, *R) buffer
-        del norm, source
+                acc[(slice(None),) + sl].addcmul_(p, weight)  # in place: no (C, *P) temporary
+                if norm is not None:
+                    norm[sl] += weight
+        del source
         crop = tuple(slice(0, s - p[1]) for s, p in zip(shape, pad))
-        return out[(slice(None),) + crop]
+        acc = acc[(slice(None),) + crop]
+        if not bool(torch.isfinite(acc).all()):
+            raise NonFiniteOutput
+        if labels:
+            if acc.shape[0] == 1:
+                return (acc[0] > 0.5 * norm[crop]).to(torch.uint8).cpu().numpy()
+            return torch.argmax(acc, dim=0).to(torch.uint8).cpu().numpy()
+        return acc.div_(norm[crop]).cpu().numpy()  # in place: no second (C, *R) buffer
+
+
+class NonFiniteOutput(ArithmeticError):
+    """The network produced NaN or infinity for a region (:func:`predict_block` names the block)."""
 
 
 def read_block(source: Any, block: Block, raw_dtype=None) -> np.ndarray:
@@ -169,35 +187,42 @@ def read_block(source: Any, block: Block, raw_dtype=None) -> np.ndarray:
 
 
 def predict_block(predictor: SlidingWindow, source: Any, block: Block, *, raw_dtype=None,
-                  raw: np.ndarray | None = None) -> np.ndarray:
+                  raw: np.ndarray | None = None, output_type: str = "probabilities") -> np.ndarray:
     """Read ``block.outer`` from ``source`` (unless ``raw`` holds it already), predict it, return
-    probabilities of ``block.inner``."""
+    the probabilities of ``block.inner`` (C, *inner) float32, or its labels (*inner) uint8 with
+    ``output_type = "labels"`` (the argmax computed without normalising, see :class:`SlidingWindow`)."""
     if raw is None:
         raw = read_block(source, block, raw_dtype)
-    probs = predictor(raw)[(slice(None),) + block.inner_in_outer]
-    check_finite_output(probs, block, source)
-    return probs
-
-
-def check_finite_output(probs: np.ndarray, block: Block, source: Any = None) -> None:
-    """Stop (:class:`~emseg.errors.InputError`) when the network's output has NaN or infinity."""
-    if np.isfinite(probs).all():
-        return
-    where = getattr(source, "spec", None)
-    raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
-                     f"input values are unusable (nothing was written for this block)",
-                     source=str(where) if where is not None else None)
-
-
-def to_output(probs: np.ndarray, output_type: str) -> np.ndarray:
-    """Convert block probabilities to what is written: float32 maps or argmax labels."""
-    if output_type == "probabilities":
-        return probs.astype(np.float32, copy=False)
+    try:
+        out = predictor(raw, labels=output_type == "labels")
+    except NonFiniteOutput:
+        where = getattr(source, "spec", None)
+        raise InputError(f"the network output became non-finite in {describe_block(block)}: the checkpoint or the "
+                         f"input values are unusable (nothing was written for this block)",
+                         source=str(where) if where is not None else None) from None
     if output_type == "labels":
-        if probs.shape[0] == 1:
-            return (probs[0] > 0.5).astype(np.uint8)
-        return np.argmax(probs, axis=0).astype(np.uint8)
-    raise InputError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
+        return out[block.inner_in_outer]
+    return out[(slice(None),) + block.inner_in_outer]
+
+
+#: Sample types of probability outputs: float32, or uint8 scaled to 0-255 (p ~ value / 255).
+PROBABILITY_DTYPES = ("float32", "uint8")
+
+
+def to_output(data: np.ndarray, output_type: str, dtype: str = "float32") -> np.ndarray:
+    """What is written for a block: probabilities as float32 or uint8 (``round(255 p)``, computed in
+    place); labels (already uint8 from :func:`predict_block`) as they are."""
+    if output_type == "labels":
+        return data.astype(np.uint8, copy=False)
+    if output_type != "probabilities":
+        raise InputError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
+    if dtype == "uint8":
+        data = np.multiply(data, 255.0, out=data if data.dtype == np.float32 and data.flags.writeable else None,
+                           dtype=np.float32)
+        return np.rint(data, out=data).astype(np.uint8)
+    if dtype != "float32":
+        raise InputError(f"probabilities are written as float32 or uint8, not {dtype!r}")
+    return data.astype(np.float32, copy=False)
 
 
 def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:
@@ -223,13 +248,15 @@ def predict_volume(
     *,
     blocks: Sequence[Block],
     output_type: str = "probabilities",
+    dtype: str = "float32",
     raw_dtype=None,
     skip: Callable[[Block], bool] | None = None,
     on_block_done: Callable[[Block], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     overlap_io: bool = True,
 ) -> PredictStats:
-    """Predict ``source`` block by block into ``dest`` (channel-first for probabilities).
+    """Predict ``source`` block by block into ``dest`` (channel-first for probabilities, stored as
+    ``dtype``, see :func:`to_output`).
 
     ``skip(block)`` lets a caller resume (blocks already done are not recomputed);
     ``on_block_done(block)`` is called after each block is written. With ``overlap_io`` the
@@ -271,8 +298,8 @@ def predict_volume(
                     pending_read = reader.submit(read, nxt) if nxt is not None else None
                 else:
                     raw = None
-                probs = predict_block(predictor, source, block, raw_dtype=raw_dtype, raw=raw)
-                data = to_output(probs, output_type)
+                probs = predict_block(predictor, source, block, raw_dtype=raw_dtype, raw=raw, output_type=output_type)
+                data = to_output(probs, output_type, dtype)
                 del probs, raw
                 if overlap_io:
                     if pending_write is not None:

@@ -157,11 +157,11 @@ class TiffStack(_ArrayReader):
             raise InputError(f"colour TIFF (axes {axes}, {shape[axes.index('S')]} samples per pixel): EM volumes "
                              f"are grey; save one channel", source=str(path))
         keep = [i for i, s in enumerate(shape) if s > 1 or axes[i] in "YX"]
-        if len(keep) > 3:
+        channel = next((i for i in keep if axes[i] == "C"), None)
+        if len(keep) > 3 + (channel is not None):
             self.close()
             raise InputError(f"TIFF of shape {shape} (axes {axes}): emseg reads 2D or 3D grey volumes",
                              source=str(path))
-        self.shape = tuple(shape[i] for i in keep)
         self.dtype = np.dtype(series.dtype)
         end = self._data_end(series)
         if end is not None and end > path.stat().st_size:
@@ -169,9 +169,15 @@ class TiffStack(_ArrayReader):
             raise InputError(f"truncated TIFF: the image data end at byte {end}, the file has "
                              f"{path.stat().st_size}", source=str(path))
         if series.dataoffset is not None:
-            self._array = np.memmap(path, dtype=np.dtype(self._tif.byteorder + series.dtype.char), mode="r",
-                                    offset=series.dataoffset, shape=self.shape)
-            self.chunks = None
+            mapped = np.memmap(path, dtype=np.dtype(self._tif.byteorder + series.dtype.char), mode="r",
+                               offset=series.dataoffset, shape=tuple(shape[i] for i in keep))
+            if channel is not None:  # ImageJ keeps channels after z: emseg puts them first
+                mapped = np.moveaxis(mapped, keep.index(channel), 0)
+            self._array, self.chunks = mapped, None
+        elif channel is not None:
+            self.close()
+            raise InputError("a TIFF with channels is read only when it is uncompressed and contiguous "
+                             "(as emseg writes it)", source=str(path))
         else:
             self._array = zarr.open_array(series.aszarr(), mode="r")
             if self._array.shape != tuple(shape):
@@ -179,9 +185,24 @@ class TiffStack(_ArrayReader):
                 raise InputError(f"TIFF pages do not form one array (shape {self._array.shape})", source=str(path))
             self._array = _Squeezed(self._array, [i for i in range(len(shape)) if i not in keep])
             self.chunks = tuple(c for i, c in enumerate(self._array.base.chunks) if i in keep)
-        voxel = _tiff_voxel_size(self._tif, page, len(self.shape))
-        self.attrs = {"voxel_size_nm": list(voxel)} if voxel else {}
+        self.shape = tuple(int(s) for s in self._array.shape) if channel is not None else tuple(shape[i] for i in keep)
+        voxel = _tiff_voxel_size(self._tif, page, len(self.shape) - (channel is not None))
+        self.attrs = self._emseg_attrs(self._tif)
+        if voxel:
+            self.attrs["voxel_size_nm"] = list(voxel)
         self.attrs["format"] = "tiff"
+
+    @staticmethod
+    def _emseg_attrs(tif: Any) -> dict:
+        """The attributes emseg stored in the ImageJ description of its own output (else none)."""
+        note = (tif.imagej_metadata or {}).get("emseg") or (tif.shaped_metadata or [{}])[0].get("emseg")
+        if not isinstance(note, str):
+            return {}
+        try:
+            attrs = json.loads(note)
+        except ValueError:
+            return {}
+        return attrs if isinstance(attrs, dict) else {}
 
     @staticmethod
     def _data_end(series: Any) -> int | None:

@@ -145,10 +145,14 @@ def write_labels_list(labels_group: Path, names: Iterable[str]) -> None:
     group.attrs.update(attrs)
 
 
-def _is_channel_first(shape: Sequence[int], dtype: np.dtype, attrs: dict) -> bool:
-    if dtype.kind in "biu":
+def is_channel_first(shape: Sequence[int], dtype: np.dtype, attrs: dict | None) -> bool:
+    """Whether an output's first axis is channels: probabilities (float, or uint8 scaled to 0-255)."""
+    attrs = attrs or {}
+    if attrs.get("output_type") == "probabilities":
+        return True
+    if np.dtype(dtype).kind in "biu":
         return False
-    return len(shape) == 4 or attrs.get("output_type") == "probabilities" or "n_classes" in attrs
+    return len(shape) == 4 or "n_classes" in attrs
 
 
 class OmeOutputVolume(StagedArray):
@@ -167,10 +171,11 @@ class OmeOutputVolume(StagedArray):
         parts = [p for p in spec.key.split("/") if p]
         if not parts:
             self._store = OmeStore(spec.path, voxel_size=voxel)
-            if dtype.kind in "biu":
+            channel = is_channel_first(shape, dtype, attrs)
+            if dtype.kind in "biu" and not channel:
                 self.array = self._store.label(spec.path.name, shape, dtype, root=True, chunks=chunks, attrs=attrs)
             else:
-                self.array = self._store.image(shape, dtype, channel=_is_channel_first(shape, dtype, attrs),
+                self.array = self._store.image(shape, dtype, channel=channel,
                                                chunks=chunks, attrs=attrs)
             return
         if len(parts) != 2 or parts[0] != "labels":

@@ -17,9 +17,11 @@ import zarr
 from emseg.errors import InputError
 from emseg.io._claim import claim_output
 from emseg.io._ome import is_ome_path, voxel_size_of
-from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume
+from emseg.io._ome_write import OmeOutputGroup, OmeOutputVolume, is_channel_first
+from emseg.io._tiff_write import TiffOutputVolume
 from emseg.io._store import StagedArray, StagedOutput, auto_chunks, replace_output, staging_tag, zarr_compressors
-from emseg.io._volume import VolumeSpec, check_output_volume, clean_output_temps, parse_group_spec, parse_spec
+from emseg.io._volume import (VolumeSpec, check_output_volume, clean_output_temps, parse_group_spec, parse_spec,
+                              voxel_size_from_source)
 
 __all__ = ["OutputGroup", "OutputVolume", "create_volume", "open_output_group", "parse_group_spec"]
 
@@ -81,7 +83,10 @@ def create_volume(
 
     The data become visible at ``spec`` only on :meth:`OutputVolume.commit` (or on leaving the
     ``with`` block without an exception). For HDF5 the other datasets of an existing file are kept.
-    A path ending in ``.ome.zarr`` is written as OME-Zarr 0.5 with a pyramid (:mod:`emseg.io.ome`).
+    A path ending in ``.ome.zarr`` is written as OME-Zarr 0.5 with a pyramid (:mod:`emseg.io.ome`),
+    one ending in ``.tif`` as an uncompressed ImageJ hyperstack (:mod:`emseg.io._tiff_write`; no
+    chunks, no compression). Channel-first data (probabilities) are recognised from ``attrs``
+    (``output_type = "probabilities"``) or a 4D float shape.
 
     The output's container is locked to this writer until commit or discard
     (:func:`emseg.io.claim_output`), and an existing dataset or array at ``spec`` is refused unless
@@ -128,6 +133,11 @@ def _create(spec: VolumeSpec, shape: tuple[int, ...], dtype: np.dtype, chunks: t
     clean_output_temps(spec)
     if spec.fmt == "zarr" and is_ome_path(spec.path):
         return OmeOutputVolume(spec, shape, dtype, chunks=chunks, attrs=attrs)
+    if spec.fmt == "tif":
+        attrs = dict(attrs or {})
+        voxel = attrs.get("voxel_size_nm") or voxel_size_from_source(attrs.get("source") or attrs.get("noise_source"))
+        return TiffOutputVolume(spec.path, spec.path.with_name(f".{spec.path.name}.{tag}"), shape, dtype,
+                                channels=is_channel_first(shape, dtype, attrs), voxel_size=voxel, attrs=attrs)
     if spec.fmt == "h5":
         final = spec.path
         tmp = final.with_name(f".{final.name}.{tag}")

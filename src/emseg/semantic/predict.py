@@ -36,6 +36,7 @@ from emseg.engine.cluster import (
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.engine.inference import (
+    PROBABILITY_DTYPES,
     PredictStats,
     WindowOptions,
     make_predictor,
@@ -70,6 +71,8 @@ class PredictConfig:
     blend: str = "gaussian"
     batch_size: int = 4
     output_type: str = "probabilities"
+    #: Sample type of probabilities: ``float32``, or ``uint8`` scaled to 0-255 (4x less to write).
+    dtype: str = "float32"
     block_shape: tuple[int, ...] | None = None
     device: str = "auto"
     #: ``auto | fp32 | bf16`` (see :mod:`emseg.runtime.precision`).
@@ -130,6 +133,13 @@ def check_options(config: PredictConfig) -> None:
         raise InputError(f"`blend` must be gaussian or constant, got {config.blend!r}")
     if config.output_type not in ("probabilities", "labels"):
         raise InputError(f"`output_type` must be probabilities or labels, got {config.output_type!r}")
+    if config.dtype not in PROBABILITY_DTYPES:
+        raise InputError(f"`dtype` must be {' or '.join(PROBABILITY_DTYPES)}, got {config.dtype!r}")
+
+
+def output_dtype(config: PredictConfig) -> np.dtype:
+    """What is stored: uint8 labels, or probabilities as ``config.dtype``."""
+    return np.dtype("uint8" if config.output_type == "labels" else config.dtype)
 
 
 def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] | None = None,
@@ -137,7 +147,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
     """Sliding-window prediction of ``config.input`` into ``config.output``, block by block.
 
     The output is written under a temporary name and renamed when complete. Probabilities are
-    stored channel-first (C, *S) as float32; labels as uint8 argmax. With ``config.scheduler``
+    stored channel-first (C, *S) as float32 (or uint8, ``config.dtype``); labels as uint8 argmax. With ``config.scheduler``
     (or ``client``, an open dask.distributed client) the blocks run on a dask cluster, and with
     ``config.resume`` (implied by a cluster) finished blocks survive a crash: see
     :func:`predict_resumable`.
@@ -168,8 +178,8 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         model = model_from_state(state, source=str(config.model), device=device, patch=window)
         n_classes = state["model_config"]["out_channels"]
         shape = output_shape(source.shape, n_classes, config.output_type)
-        dtype = "float32" if config.output_type == "probabilities" else "uint8"
-        chunks = auto_chunks(shape, 4 if dtype == "float32" else 1)
+        dtype = output_dtype(config)
+        chunks = auto_chunks(shape, dtype.itemsize)
         spatial_chunks = chunks[1:] if config.output_type == "probabilities" else chunks
         if config.block_shape and len(config.block_shape) != len(source.shape):
             raise InputError(f"`block_shape` {tuple(config.block_shape)} does not fit a {len(source.shape)}D volume",
@@ -181,9 +191,11 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
                  "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
                  "blend": config.blend, "precision": predictor.precision.name}
+        if dtype == np.uint8 and config.output_type == "probabilities":
+            attrs["scale"] = 1 / 255  # probability = value x scale
         with create_volume(out_spec, shape, dtype, chunks=chunks, attrs=attrs, overwrite=config.overwrite) as dest:
             stats = predict_volume(predictor, source, dest, blocks=blocks, output_type=config.output_type,
-                                   progress=progress)
+                                   dtype=config.dtype, progress=progress)
     return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats,
                          precision=predictor.precision.name)
 
@@ -205,6 +217,7 @@ class PredictJob:
     patch_shape: tuple[int, ...]
     window: WindowOptions
     output_type: str
+    dtype: str = "float32"
     device: str = "auto"
     fail_blocks: tuple[int, ...] = ()
 
@@ -216,8 +229,8 @@ def predict_block_task(block: Block, job: PredictJob) -> int:
     model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
     predictor = make_predictor(model, job.patch_shape, job.window, device, reuse=True)
     with open_volume(job.input) as source:
-        probs = predict_block(predictor, source, block)
-    data = to_output(probs, job.output_type)
+        probs = predict_block(predictor, source, block, output_type=job.output_type)
+    data = to_output(probs, job.output_type, job.dtype)
     dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
     index = block.inner if job.output_type == "labels" else (slice(None),) + tuple(block.inner)
     dest[index] = data
@@ -281,7 +294,7 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
                        patch=network_patch(tuple(min(p, s) for p, s in zip(patch, vol_shape)), state["model_config"]))
     n_classes = state["model_config"]["out_channels"]
     shape = output_shape(vol_shape, n_classes, config.output_type)
-    dtype = np.dtype("float32" if config.output_type == "probabilities" else "uint8")
+    dtype = output_dtype(config)
     chunks = auto_chunks(shape, dtype.itemsize)
     lead = chunks[:1] if config.output_type == "probabilities" else ()
     spatial = chunks[len(lead):]
@@ -295,18 +308,22 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
     attrs = {"n_classes": n_classes, "output_type": config.output_type, "source": str(config.input),
              "model": str(Path(config.model)), "patch_shape": list(patch), "overlap": config.overlap,
              "blend": config.blend}
+    if dtype == np.uint8 and config.output_type == "probabilities":
+        attrs["scale"] = 1 / 255
     params = {
         "model": str(model_path), "model_mtime_ns": st.st_mtime_ns, "model_size": st.st_size,
         "input": str(in_spec), "input_shape": list(vol_shape), "input_dtype": vol_dtype,
         "patch_shape": list(patch), "overlap": config.overlap, "blend": config.blend,
-        "batch_size": config.batch_size, "output_type": config.output_type, "block_shape": list(block_shape),
+        "batch_size": config.batch_size, "output_type": config.output_type, "dtype": str(dtype),
+        "block_shape": list(block_shape),
         "precision": config.precision,
         "shape": list(shape), "chunks": list(chunks)}
     with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params,
                         what=str(parse_spec(config.output)), overwrite=config.overwrite) as part:
         job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
                          input=str(in_spec), store=part.store, key=part.key, patch_shape=tuple(patch),
-                         window=config.window, output_type=config.output_type, device=config.device,
+                         window=config.window, output_type=config.output_type, dtype=config.dtype,
+                         device=config.device,
                          fail_blocks=injected_failures())
         total = sum(b.size for b in blocks)
         finished = part.markers.done()
