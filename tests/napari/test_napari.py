@@ -113,6 +113,27 @@ def test_prediction_layers_carry_the_voxel_size(loop, tmp_path):
     np.testing.assert_array_equal(np.asarray(seg2_0[...]), probs.argmax(0))
 
 
+def test_tiff_outputs_and_mrc_volumes_open_and_foreign_tiffs_are_left_to_napari(loop, tmp_path):
+    import mrcfile
+    import tifffile
+
+    result = CliRunner().invoke(cli, ["predict", str(loop["model"]), f"{loop['raw_h5']}:raw", f"{tmp_path}/p.tif",
+                                      "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert file_kind(tmp_path / "p.tif") == "output" and get_reader(str(tmp_path / "p.tif")) is not None
+    (probs, meta, kind), = output_layers(tmp_path / "p.tif")
+    assert kind == "image" and meta["channel_axis"] == 0 and tuple(probs.shape) == (3, 4, 64, 64)
+    assert meta["scale"] == pytest.approx(VOXEL)
+    tifffile.imwrite(tmp_path / "foreign.tif", loop["raw"])
+    assert file_kind(tmp_path / "foreign.tif") is None and get_reader(str(tmp_path / "foreign.tif")) is None
+    with mrcfile.new(str(tmp_path / "raw.mrc")) as mrc:
+        mrc.set_data(loop["raw"].astype(np.int16))
+        mrc.voxel_size = (VOXEL[2] * 10, VOXEL[1] * 10, VOXEL[0] * 10)
+    (data, meta, kind), = get_reader(str(tmp_path / "raw.mrc"))(str(tmp_path / "raw.mrc"))
+    assert kind == "image" and meta["scale"] == pytest.approx(VOXEL)
+    np.testing.assert_array_equal(np.asarray(data[1:3]), loop["raw"][1:3])
+
+
 def test_queries_become_points_and_boxes(loop):
     path = loop["tmp"] / "queries.json"
     doc = json.loads(path.read_text())

@@ -1,12 +1,14 @@
 """emseg files as napari layer data: ``(data, kwargs, layer_type)`` tuples, built without Qt.
 
-* prediction outputs (``.h5``, ``.zarr``, ``.ome.zarr``): float arrays ``(C, *S)`` become an image
+* prediction outputs (``.h5``, ``.zarr``, ``.ome.zarr``, emseg's ``.tif``): float arrays ``(C, *S)`` become an image
   layer per class (``channel_axis=0``), integer arrays a labels layer; the scale is the voxel size
   (nm) of the output or of the raw volume it was predicted from, as in the OME-Zarr outputs;
 * ``queries.json`` (``emseg query --out``): a points layer at the query centres coloured by score
   (by rank when the strategy has no score) and a shapes layer with one rectangle per query section;
 * ``crops.h5`` (``emseg query --export``): an image and a labels layer, stacked along a new first
-  axis when every crop has the same shape, otherwise one pair per crop.
+  axis when every crop has the same shape, otherwise one pair per crop;
+* raw volumes napari has no reader for, MRC files and N5 datasets: one image layer, read lazily,
+  scaled by the voxel size of the header or attributes.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io import open_volume, voxel_size_of
+from emseg.io._formats import MRC_SUFFIXES, TIFF_SUFFIXES, TiffStack
 from emseg.io.ome import multiscales_of, voxel_size_from_source
 from emseg.napari._crops import CROPS_FORMAT, read_crops, to_layer_labels
 
@@ -34,10 +37,20 @@ def _attr(obj: Any, key: str) -> Any:
 
 
 def file_kind(path: str | Path) -> str | None:
-    """``"queries"``, ``"crops"``, ``"output"`` or ``None`` (not a file emseg reads into napari)."""
+    """``"queries"``, ``"crops"``, ``"output"``, ``"volume"`` (MRC, N5) or ``None`` (not a file emseg
+    reads into napari; TIFFs that emseg did not write are left to napari's own reader)."""
     path = Path(path)
     name = path.name.lower()
     try:
+        if name.endswith(MRC_SUFFIXES) and path.is_file():
+            return "volume"
+        if path.is_dir() and (path / "attributes.json").is_file() and ".n5" in str(path).lower():
+            meta = json.loads((path / "attributes.json").read_text())
+            return "volume" if isinstance(meta, dict) and "dimensions" in meta else None
+        if name.endswith(TIFF_SUFFIXES) and path.is_file():
+            stack = TiffStack(path)
+            stack.close()
+            return "output" if _is_output(stack.attrs) else None
         if name.endswith(".json") and path.is_file():
             doc = json.loads(path.read_text())
             return "queries" if isinstance(doc, dict) and doc.get("format") == "emseg-queries" else None
@@ -141,7 +154,9 @@ def output_layers(path: str | Path) -> list[LayerData]:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", source=str(path))
-    if path.name.lower().endswith(".zarr"):
+    if path.name.lower().endswith(TIFF_SUFFIXES):
+        specs = [str(path)]
+    elif path.name.lower().endswith(".zarr"):
         node = zarr.open(store=str(path), mode="r")
         if isinstance(node, zarr.Group) and ("ome" in node.attrs or "multiscales" in node.attrs):
             return _ome_layers(path)
@@ -156,8 +171,26 @@ def output_layers(path: str | Path) -> list[LayerData]:
         vol = open_volume(spec)  # kept open: napari reads slices lazily from the dataset
         voxel = voxel_size_of(vol) or voxel_size_from_source(vol.attrs.get("source"))
         name = spec.split(":", 1)[1] if ":" in spec else Path(spec).name.removesuffix(".zarr")
+        name = name.removesuffix(".tiff").removesuffix(".tif")
         out.append(_layer(vol.array, vol.attrs, name, voxel))
     return out
+
+
+def volume_layers(path: str | Path) -> list[LayerData]:
+    """One image layer of a raw MRC file or N5 dataset, read lazily, scaled by its voxel size."""
+    path = Path(path)
+    spec = str(path) if path.suffix.lower() in MRC_SUFFIXES else _n5_spec(path)
+    vol = open_volume(spec)  # kept open: napari reads slices lazily
+    return [_layer(vol, vol.attrs, path.name, voxel_size_of(vol), labels=False)]
+
+
+def _n5_spec(path: Path) -> str:
+    """``ROOT.n5/KEY`` for a dataset folder inside an N5 container."""
+    parts = path.resolve().parts
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].lower().endswith(".n5"):
+            return str(Path(*parts[: i + 1])) + ("/" + "/".join(parts[i + 1:]) if i + 1 < len(parts) else "")
+    return str(path)
 
 
 def _query_voxel(doc: dict, folder: Path) -> tuple[float, ...] | None:
@@ -260,5 +293,7 @@ def read_layers(path: str | Path) -> list[LayerData]:
         return crops_layers(path)
     if kind == "output":
         return output_layers(path)
-    raise InputError("not a file emseg can open in napari (queries JSON, crops file or prediction output)",
+    if kind == "volume":
+        return volume_layers(path)
+    raise InputError("not a file emseg can open in napari (queries JSON, crops file, prediction output, MRC or N5)",
                      source=str(path))
