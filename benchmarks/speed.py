@@ -19,10 +19,19 @@ Printed in one run (and written as JSON with --json-out):
    times) + ``BALD`` heuristic, patches/s and peak RSS.
 7. ``emseg pretrain`` (the default masked pretext) against ``emseg train`` on the same VNC
    sections, patch (128^2), batch (16), network and precision: patches/s of each and their ratio.
+8. The pipeline around the network (``pipeline``): ``emseg predict`` end to end on the VNC stack for
+   labels, uint8 and float32 probabilities, each as a fraction of the network's own voxels/s at the
+   same overlap (the same prepared network timed alone on batches of windows, divided by the
+   window voxels computed per output voxel) and of the GEMM roofline of the precision that ran;
+   and ``emseg predict`` of the whole stack as a command (labels, process start to end).
+9. Reading the formats (``formats``): the VNC stack as uncompressed HDF5, a multi-page TIFF, a
+   compressed TIFF, a folder of TIFF slices, a folder of PNG slices and an MRC file, read whole
+   section by section and as 512 random 128^2 training patches; seconds and the ratio to HDF5.
 
 Usage::
 
-    python benchmarks/speed.py [--quick] [--json-out speed.json] [--only gemm,net,train,predict,bald,pretrain]
+    python benchmarks/speed.py [--quick] [--json-out speed.json]
+        [--only gemm,net,train,predict,bald,pretrain,pipeline,formats]
 """
 from __future__ import annotations
 
@@ -290,6 +299,168 @@ def bench_predict(vnc: Path | None, sections: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- 8. pipeline
+def window_voxels(shape, block_shape, patch, overlap: float, divisor) -> int:
+    """Voxels the network computes to predict ``shape`` block by block (halo = patch // 2)."""
+    import itertools
+    import math
+
+    from emseg.engine.blocks import plan_blocks
+    from emseg.engine.inference import window_starts
+
+    total = 0
+    for block in plan_blocks(shape, block_shape, [p // 2 for p in patch]):
+        region = [sl.stop - sl.start for sl in block.outer]
+        window = [int(math.ceil(min(p, r) / d) * d) for p, r, d in zip(patch, region, divisor)]
+        padded = [max(r, w) for r, w in zip(region, window)]
+        stride = [max(1, int(round(w * (1 - overlap)))) for w in window]
+        n = math.prod(len(window_starts(r, w, st)) for r, w, st in zip(padded, window, stride))
+        total += n * math.prod(window)
+    return total
+
+
+def _pipeline_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
+    """Runs in a fresh process: ``emseg predict`` of one output kind, and the network alone."""
+    import h5py
+
+    from emseg.engine.inference import _prepared, make_predictor
+    from emseg.models.checkpoint import load_model
+    from emseg.runtime.device import resolve_device
+    from emseg.semantic.predict import PredictConfig, predict_file
+
+    output_type, dtype = {"labels": ("labels", "float32"), "uint8": ("probabilities", "uint8"),
+                          "float32": ("probabilities", "float32")}[case]
+    with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
+        shape = (sections,) + fh["raw"].shape[1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{vnc}/vnc_stack1.h5:raw"
+        if sections < 20:
+            with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/in.h5", "w") as out:
+                out["raw"] = fh["raw"][:sections]
+            src = f"{tmp}/in.h5:raw"
+        t0 = time.perf_counter()
+        res = predict_file(PredictConfig(model=ckpt, input=src, output=f"{tmp}/p.zarr", device="cpu",
+                                         output_type=output_type, dtype=dtype, overlap=0.25, batch_size=4,
+                                         overwrite=True))
+        dt = time.perf_counter() - t0
+    model, _ = load_model(ckpt)
+    device = resolve_device("cpu")
+    predictor = make_predictor(model, res.patch_shape, PredictConfig(ckpt, "", "").window, device)
+    x = torch.rand((4, 1) + tuple(res.patch_shape[1:]))
+    net = _prepared(model, predictor.precision, False, False)  # folded, laid out: what predict runs
+    rate = _timed(lambda: _no_grad_call(predictor.precision, net, x), 8.0) * x.numel()
+    computed = window_voxels(shape, res.block_shape, res.patch_shape, 0.25, (1,) + tuple(model.divisor))
+    voxels = int(np.prod(shape))
+    at_overlap = rate * voxels / computed
+    return {"voxels_per_s": voxels / dt, "seconds": dt, "precision": res.precision,
+            "network_voxels_per_s": rate, "windows_per_voxel": computed / voxels,
+            "network_at_overlap_voxels_per_s": at_overlap, "fraction_of_network": voxels / dt / at_overlap,
+            "flops_per_voxel": flops_per_voxel(model.eval(), (1, 1) + tuple(res.patch_shape[1:])),
+            "block_shape": list(res.block_shape), "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench_pipeline(vnc: Path | None, sections: int, gemm: dict) -> dict:
+    if vnc is None:
+        return {"skipped": "no VNC data"}
+    from emseg.models import UNet
+    from emseg.models.checkpoint import save_checkpoint
+
+    out: dict = {"sections": sections}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        net = UNet(**NETS["2d"]["config"])
+        ckpt = f"{tmp}/m.pt"
+        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
+                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        for case in ("labels", "uint8", "float32"):
+            row = _in_fresh_process(["--pipeline-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
+                                     "--sections", str(sections)])
+            if "error" not in row:
+                roof = gemm["gemm_bf16_gflops" if row["precision"] == "bf16" else "gemm_fp32_gflops"] * 1e9
+                row["fraction_of_roofline"] = row["voxels_per_s"] * row["flops_per_voxel"] / roof
+                print(f"  predict {case:8s} {row['voxels_per_s'] / 1e6:5.2f} Mvoxel/s = "
+                      f"{100 * row['fraction_of_network']:4.1f}% of the network at this overlap "
+                      f"({row['network_at_overlap_voxels_per_s'] / 1e6:.2f}), "
+                      f"{100 * row['fraction_of_roofline']:4.1f}% of the {row['precision']} GEMM rate", flush=True)
+            out[case] = row
+        labels = f"{tmp}/labels.zarr"
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(Path(sys.executable).with_name("emseg")), "-q", "--device", "cpu", "predict", ckpt,
+                               f"{vnc}/vnc_stack1.h5:raw", labels, "--output-type", "labels"],
+                              capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if proc.returncode == 0 and "labels" in out and "flops_per_voxel" in out["labels"]:
+            voxels = 20 * 1024 * 1024
+            roof = gemm["gemm_bf16_gflops" if out["labels"]["precision"] == "bf16" else "gemm_fp32_gflops"] * 1e9
+            out["command_labels"] = {"seconds": dt, "voxels_per_s": voxels / dt,
+                                     "fraction_of_roofline": voxels / dt * out["labels"]["flops_per_voxel"] / roof}
+            print(f"  emseg predict (whole stack, labels, process start to end) {voxels / dt / 1e6:5.2f} Mvoxel/s = "
+                  f"{100 * out['command_labels']['fraction_of_roofline']:4.1f}% of the GEMM rate", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- 9. formats
+def bench_formats(vnc: Path | None, patches: int = 512) -> dict:
+    """The same volume in every input format: whole reads and random patch reads, against HDF5."""
+    import h5py
+    import mrcfile
+    import tifffile
+    from PIL import Image
+
+    from emseg.io import open_volume
+
+    if vnc is not None:
+        with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
+            raw = fh["raw"][...]
+    else:
+        raw = (np.random.default_rng(0).random((20, 1024, 1024)) * 255).astype(np.uint8)
+    out: dict = {"shape": list(raw.shape), "dtype": str(raw.dtype)}
+    rng = np.random.default_rng(0)
+    corners = [(int(rng.integers(raw.shape[0])), int(rng.integers(raw.shape[1] - 128)),
+                int(rng.integers(raw.shape[2] - 128))) for _ in range(patches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        with h5py.File(t / "v.h5", "w") as fh:
+            fh["raw"] = raw  # contiguous, uncompressed
+        tifffile.imwrite(t / "v.tif", raw)
+        tifffile.imwrite(t / "vz.tif", raw, compression="zlib")
+        (t / "tif").mkdir()
+        (t / "png").mkdir()
+        for z in range(raw.shape[0]):
+            tifffile.imwrite(t / "tif" / f"s{z}.tif", raw[z])
+            Image.fromarray(raw[z]).save(t / "png" / f"s{z}.png")
+        with mrcfile.new(str(t / "v.mrc")) as mrc:
+            mrc.set_data(raw)
+        specs = {"h5": f"{t}/v.h5:raw", "tiff": f"{t}/v.tif", "tiff-zlib": f"{t}/vz.tif", "tiff-folder": f"{t}/tif/",
+                 "png-folder": f"{t}/png/", "mrc": f"{t}/v.mrc"}
+        for name, spec in specs.items():
+            def whole():
+                with open_volume(spec) as vol:
+                    for z in range(vol.shape[0]):
+                        np.asarray(vol[z])
+
+            def patch_reads():
+                with open_volume(spec) as vol:
+                    for z, y, x in corners:
+                        np.asarray(vol[z, y:y + 128, x:x + 128])
+
+            whole()  # warm the page cache: every format is read from memory
+            t0 = time.perf_counter()
+            whole()
+            t_whole = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            patch_reads()
+            t_patch = time.perf_counter() - t0
+            out[name] = {"whole_s": t_whole, "patches_s": t_patch}
+        for name in specs:
+            out[name]["whole_over_h5"] = out[name]["whole_s"] / out["h5"]["whole_s"]
+            out[name]["patches_over_h5"] = out[name]["patches_s"] / out["h5"]["patches_s"]
+            print(f"  read {name:11s} whole {out[name]['whole_s']:6.3f} s ({out[name]['whole_over_h5']:4.2f}x h5)   "
+                  f"{patches} patches {out[name]['patches_s']:6.3f} s ({out[name]['patches_over_h5']:4.2f}x h5)",
+                  flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- 6. BALD
 def _bald_case(case: str, n: int, t: int) -> dict:
     from emseg.models import UNet
@@ -367,11 +538,12 @@ def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Short timings and 4 sections (a smoke run).")
-    ap.add_argument("--only", default="gemm,net,train,predict,bald,pretrain")
+    ap.add_argument("--only", default="gemm,net,train,predict,bald,pretrain,pipeline,formats")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--compile-too", action="store_true", help="Also time torch.compile on the 2D network.")
     ap.add_argument("--predict-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bald-case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--vnc", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sections", type=int, default=20, help=argparse.SUPPRESS)
@@ -386,6 +558,9 @@ def main() -> None:
         return
     if args.bald_case:
         print(json.dumps(_bald_case(args.bald_case, args.n, args.t)))
+        return
+    if args.pipeline_case:
+        print(json.dumps(_pipeline_case(args.pipeline_case, args.vnc, args.ckpt, args.sections)))
         return
     from emseg.runtime.precision import cpu_bf16_support
 
@@ -407,6 +582,10 @@ def main() -> None:
         results["bald"] = bench_bald(16 if args.quick else 64, 20)
     if "pretrain" in only:
         results["pretrain"] = bench_pretrain(10.0 if args.quick else 60.0, vnc)
+    if "pipeline" in only:
+        results["pipeline"] = bench_pipeline(vnc, 4 if args.quick else 20, gemm)
+    if "formats" in only:
+        results["formats"] = bench_formats(vnc, 64 if args.quick else 512)
     results["load_average_end"] = os.getloadavg()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
