@@ -44,7 +44,7 @@ from emseg.noise.params import (
     require_resolved,
 )
 from emseg.noise.report import TransitionCounter
-from emseg.noise.streams import Selection, linear_index, selection_from_chunks, stream_key
+from emseg.noise.streams import Box, Selection, selection_from_chunks, stream_key
 from emseg.noise.synthesis import flip_at, random_at, sample_at, shift_at
 
 __all__ = [
@@ -131,7 +131,7 @@ def selection_for(
         for block in blocks:
             data = np.asarray(source[block.inner])
             origin = tuple(sl.start for sl in block.inner)
-            yield data.reshape(-1), linear_index(data.shape, origin, shape).reshape(-1)
+            yield data.reshape(-1), Box(data.shape, origin, shape)
 
     return selection_from_chunks(stream_key(seed), chunks, _mode_fractions(mode, params))
 

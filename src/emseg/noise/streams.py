@@ -1,33 +1,38 @@
 """Counter-based random streams keyed by the global voxel coordinate.
 
 Every random number of the noise modes is a 64-bit hash of the run key (:func:`stream_key`),
-a stream id (``STREAM_*``) and the voxel's linear index in the *whole* volume
-(:func:`linear_index`), two splitmix64 rounds (:func:`voxel_hash`). A voxel's numbers
-therefore do not depend on the block it is processed in. :class:`Selection` holds the
-per-class hash thresholds that choose exactly ``round(p_k n_k)`` voxels of each class of a
-volume, found in memory (:func:`selection_in_memory`) or by scans of chunks
-(:func:`selection_from_chunks`).
+a stream id (``STREAM_*``) and the voxel's linear index ``i`` in the *whole* volume
+(:func:`linear_index`): the splitmix64 output ``mix(base + i * gamma)``, where ``base`` is a
+hash of key and stream (:func:`voxel_hash`). A voxel's numbers therefore do not depend on the
+block it is processed in. A :class:`Box` (a block of a volume) hashes its voxels in chunks of
+:data:`CHUNK` voxels without building their index, which bounds the memory and keeps the work
+in cache. :class:`Selection` holds the per-class hash thresholds that choose exactly
+``round(p_k n_k)`` voxels of each class of a volume, found together with the chosen voxels of an
+in-memory array (:func:`select`) or by scans of chunks (:func:`selection_from_chunks`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from emseg.noise.checks import check_int, round_count
 
 __all__ = [
+    "CHUNK",
     "STREAM_CLASS",
     "STREAM_RANDOM",
     "STREAM_SELECT",
     "STREAM_SHIFT",
+    "Box",
     "Selection",
     "block_rng",
     "linear_index",
+    "select",
     "selection_from_chunks",
     "selection_in_memory",
     "stream_key",
@@ -39,6 +44,10 @@ _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64 increment (odd)
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+_U64 = np.uint64
+
+#: Voxels hashed per step: the scratch arrays of a step stay in the CPU cache.
+CHUNK = 1 << 18
 
 # Stream ids: the numbers a voxel draws for different purposes are independent.
 STREAM_SELECT = 1  # flip / sample: which voxels are chosen
@@ -55,14 +64,22 @@ def _mix64_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array, in place (wrapping arithmetic)."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(_MIX1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(_MIX2)
-    z ^= z >> np.uint64(31)
+def _mix64(z: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array, in place (wrapping arithmetic); ``tmp`` is a
+    scratch array of the same shape."""
+    tmp = np.empty_like(z) if tmp is None else tmp
+    for shift, mult in ((30, _MIX1), (27, _MIX2)):
+        np.right_shift(z, _U64(shift), out=tmp)
+        z ^= tmp
+        z *= _U64(mult)
+    np.right_shift(z, _U64(31), out=tmp)
+    z ^= tmp
     return z
+
+
+def _stream_base(key: int, stream: int) -> int:
+    """Start of the Weyl sequence of ``(key, stream)``: a hash of both."""
+    return _mix64_int(key ^ ((stream * _GAMMA) & _MASK64))
 
 
 def stream_key(rng: Any = None) -> int:
@@ -100,13 +117,19 @@ def linear_index(shape: Sequence[int], origin: Sequence[int], volume_shape: Sequ
 
 
 def voxel_hash(key: int, stream: int, index: np.ndarray) -> np.ndarray:
-    """64-bit hash of voxel indices under ``(key, stream)``: for fixed key and stream it is a
-    bijection of the index (two splitmix64 rounds), so distinct voxels never tie."""
-    k1 = _mix64_int(key ^ ((stream * _GAMMA) & _MASK64))
-    k2 = _mix64_int(k1 + _GAMMA)
-    z = np.asarray(index, dtype=np.uint64) ^ np.uint64(k1)
-    z = _mix64(z)
-    z += np.uint64(k2)
+    """64-bit hash of voxel indices under ``(key, stream)``: ``mix(base + index * gamma)`` (the
+    splitmix64 output). For fixed key and stream it is a bijection of the index, so distinct
+    voxels never tie.
+
+    Examples
+    --------
+    >>> h = voxel_hash(1, STREAM_SELECT, np.arange(6))
+    >>> bool(np.array_equal(h, np.concatenate([h for _, h in Box.of((2, 3)).hashes(1, STREAM_SELECT)])))
+    True
+    """
+    z = np.array(index, dtype=np.uint64)
+    z *= _U64(_GAMMA)
+    z += _U64(_stream_base(key, stream))
     return _mix64(z)
 
 
@@ -115,6 +138,70 @@ def unit(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+class Box(NamedTuple):
+    """A box of a volume: its shape, the global coordinate of its first voxel and the volume's
+    shape (all tuples of int)."""
+
+    shape: tuple[int, ...]
+    origin: tuple[int, ...]
+    volume_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, shape: Sequence[int], origin: Sequence[int] | None = None,
+           volume_shape: Sequence[int] | None = None) -> Box:
+        """The box ``shape`` at ``origin`` (default: zeros) of ``volume_shape`` (default: ``shape``)."""
+        shape = tuple(int(n) for n in shape)
+        origin = (0,) * len(shape) if origin is None else tuple(int(o) for o in origin)
+        return cls(shape, origin, shape if volume_shape is None else tuple(int(n) for n in volume_shape))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def runs(self) -> tuple[np.ndarray, int]:
+        """Global index (uint64) of the first voxel of each run of the box that is contiguous in
+        the volume, in C order, and the length of a run.
+
+        Examples
+        --------
+        >>> starts, run = Box.of((2, 2, 3), (1, 0, 0), (4, 2, 3)).runs()
+        >>> starts.tolist(), run
+        ([6], 12)
+        """
+        j = len(self.shape) - 1
+        while j > 0 and self.shape[j] == self.volume_shape[j]:
+            j -= 1  # a whole axis: runs continue over it
+        outer = self.shape[:j] + (1,) * (len(self.shape) - j)
+        return linear_index(outer, self.origin, self.volume_shape).reshape(-1), int(np.prod(self.shape[j:]))
+
+    def hashes(self, key: int, stream: int, chunk: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, h)``: :func:`voxel_hash` of the box's voxels at flat (C-order) positions
+        ``start .. start + h.size``, in chunks of at most ``chunk`` (default :data:`CHUNK`)
+        voxels. ``h`` is overwritten by the next chunk: use it before asking for the next."""
+        chunk = CHUNK if chunk is None else int(chunk)
+        starts, run = self.runs()
+        if self.size == 0:
+            return
+        firsts = starts * _U64(_GAMMA) + _U64(_stream_base(key, stream))
+        steps = np.arange(min(chunk, run), dtype=np.uint64) * _U64(_GAMMA)
+        z, tmp = np.empty(min(chunk, self.size), np.uint64), np.empty(min(chunk, self.size), np.uint64)
+        if run >= chunk:  # chunks within a run
+            for r, first in enumerate(firsts.tolist()):
+                for c in range(0, run, chunk):
+                    m = min(chunk, run - c)
+                    np.add(steps[:m], _U64((first + c * _GAMMA) & _MASK64), out=z[:m])
+                    yield r * run + c, _mix64(z[:m], tmp[:m])
+            return
+        rows = chunk // run  # whole runs per chunk
+        for r in range(0, firsts.size, rows):
+            m = min(rows, firsts.size - r)
+            np.add(firsts[r:r + m, None], steps[None, :], out=z[:m * run].reshape(m, run))
+            yield r * run, _mix64(z[:m * run], tmp[:m * run])
+
+
+# --------------------------------------------------------------------------- #
+# exact-count selection
+# --------------------------------------------------------------------------- #
 def _fraction_table(fractions: float | Sequence[float], classes: np.ndarray) -> np.ndarray:
     """Fraction of each class: one number for all, or a sequence indexed by class (0 beyond)."""
     if isinstance(fractions, Real):
@@ -128,16 +215,218 @@ def _fraction_table(fractions: float | Sequence[float], classes: np.ndarray) -> 
 
 def _class_counts(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted classes >= 0 present in ``flat`` and their voxel counts."""
-    valid = flat[flat >= 0] if flat.dtype.kind == "i" else flat
-    if valid.size == 0:
+    if flat.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    top = int(valid.max())
+    top = int(flat.max())
+    if top < 16:  # few classes: one comparison each, no index copy
+        counts = np.array([np.count_nonzero(flat == k) for k in range(top + 1)], dtype=np.int64)
+        classes = np.flatnonzero(counts)
+        return classes.astype(np.int64), counts[classes]
+    valid = flat[flat >= 0] if flat.dtype.kind == "i" else flat
     if top < 1 << 20:
         counts = np.bincount(valid.astype(np.intp, copy=False), minlength=top + 1)
         classes = np.flatnonzero(counts)
         return classes.astype(np.int64), counts[classes].astype(np.int64)
     classes, counts = np.unique(valid, return_counts=True)
     return classes.astype(np.int64), counts.astype(np.int64)
+
+
+def _count_classes(flats: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_class_counts` summed over chunks of labels."""
+    classes = np.zeros(0, np.int64)
+    counts = np.zeros(0, np.int64)
+    for flat in flats:
+        c, n = _class_counts(flat)
+        merged = np.union1d(classes, c)
+        total = np.zeros(merged.size, np.int64)
+        total[np.searchsorted(merged, classes)] += counts
+        total[np.searchsorted(merged, c)] += n
+        classes, counts = merged, total
+    return classes, counts
+
+
+def _round_counts(fractions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.array([round_count(float(f), int(n)) for f, n in zip(fractions, counts)], dtype=np.int64)
+
+
+class _Lookup:
+    """Per-class values looked up by label: :meth:`index` maps labels to slots of the tables of
+    :meth:`table`. Labels of 1 or 2 bytes are their own slot (viewed unsigned: no copy), small
+    class ids index a table clipped at both ends, others are searched among ``classes``;
+    labels that are not a class (-1, ...) land on slots holding the table's ``fill``."""
+
+    def __init__(self, classes: np.ndarray, dtype: np.dtype) -> None:
+        self.classes = classes
+        dt = np.dtype(dtype)
+        top = int(classes[-1]) if classes.size else 0
+        if dt.itemsize <= 2:
+            self.mode, self.size, self.slots = "view", 1 << (8 * dt.itemsize), classes
+            self.view = np.dtype(f"u{dt.itemsize}")
+        elif top < 1 << 16:
+            self.mode, self.size, self.slots = "clip", top + 2, classes  # slot -1 is the last
+        else:
+            self.mode, self.size, self.slots = "search", classes.size + 1, np.arange(classes.size)
+
+    def index(self, flat: np.ndarray) -> np.ndarray:
+        """Slot of each label of ``flat``."""
+        if self.mode == "view":
+            return flat.view(self.view)
+        if self.mode == "clip":
+            return np.clip(flat.astype(np.intp), -1, self.size - 1)
+        if self.classes.size == 0:
+            return np.zeros(flat.shape, np.intp)
+        values = flat.astype(np.int64, copy=False)
+        pos = np.searchsorted(self.classes, values)
+        np.minimum(pos, self.classes.size - 1, out=pos)
+        pos[self.classes[pos] != values] = self.classes.size
+        return pos
+
+    def table(self, per_class: np.ndarray, fill: Any, dtype: Any) -> np.ndarray:
+        """Table of ``per_class`` values by slot, ``fill`` where no class is."""
+        out = np.full(self.size, fill, dtype=dtype)
+        out[self.slots] = per_class
+        return out
+
+
+def _split_few(todo: list[tuple[int, int, np.uint64, np.uint64]], k: int, slot: np.ndarray, h: np.ndarray,
+               sure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_splitter` for a few classes, ``todo`` = ``(position, slot, lo, hi)`` of each active
+    class: comparisons with scalars per class, no table lookups."""
+    sure[...] = False
+    le = np.zeros(h.shape, dtype=bool)
+    part, here = np.empty(h.shape, dtype=bool), np.empty(h.shape, dtype=bool)
+    below = np.zeros(k, dtype=np.int64)
+    for i, s, lo, hi in todo:
+        np.equal(slot, s, out=here)
+        np.less(h, lo, out=part)
+        part &= here
+        below[i] = np.count_nonzero(part)
+        sure |= part
+        np.less_equal(h, hi, out=part)
+        part &= here
+        le |= part
+    return below, le
+
+
+def _split_many(lo: np.ndarray, hi: np.ndarray, position: np.ndarray, k: int, slot: np.ndarray,
+                h: np.ndarray, sure: np.ndarray, count: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_splitter` for many (``k``) classes: bounds looked up per voxel, a count per class."""
+    np.less(h, lo[slot], out=sure)
+    le = np.less_equal(h, hi[slot])
+    below = np.bincount(position[slot[sure]], minlength=k + 1)[:k] if count else np.zeros(k, np.int64)
+    return below, le
+
+
+def _splitter(lookup: _Lookup, lo: np.ndarray, hi: np.ndarray, active: np.ndarray, count: bool):
+    """``split(slot, h, sure) -> (below, le)`` for per-class bounds ``lo <= hi`` of the
+    ``active`` classes: writes ``h < lo`` of each voxel's class into ``sure`` and returns
+    ``h <= hi`` and, when ``count``, the number of sure voxels per class. Other voxels (labels
+    that are not a class, inactive classes) are never sure, and ``le`` only where their hash is
+    0 (the caller drops those)."""
+    k = lookup.classes.size
+    if k <= 8:
+        todo = [(i, s, lo[i], hi[i]) for i, s in enumerate(lookup.slots.tolist()) if active[i]]
+        return lambda slot, h, sure: _split_few(todo, k, slot, h, sure)
+    lo_t = lookup.table(np.where(active, lo, 0), 0, np.uint64)
+    hi_t = lookup.table(np.where(active, hi, 0), 0, np.uint64)
+    position = lookup.table(np.arange(k), k, np.intp)
+    return lambda slot, h, sure: _split_many(lo_t, hi_t, position, k, slot, h, sure, count)
+
+
+@dataclass
+class _Scan:
+    """What a pass over the hashes found: chosen voxels below their class's lower bound, per
+    class (``below``), and the voxels between the bounds (class position, hash, flat position)."""
+
+    below: np.ndarray
+    edge_class: np.ndarray
+    edge_hash: np.ndarray
+    edge_pos: np.ndarray
+
+
+def _scan(parts: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, int]]], lookup: _Lookup,
+          lo: np.ndarray, hi: np.ndarray, active: np.ndarray, mask: np.ndarray | None = None, *,
+          count: bool = True) -> _Scan:
+    """Split the voxels of ``parts()`` = ``(labels, hashes, flat start)`` chunks by the bounds of
+    their class (if ``active``): ``hash < lo`` is chosen (written to ``mask`` when given),
+    ``lo <= hash <= hi`` is an edge, decided afterwards (:func:`_splitter`)."""
+    k = lookup.classes.size
+    split = _splitter(lookup, lo, hi, active, count)
+    position = lookup.table(np.arange(k), k, np.intp)
+    below = np.zeros(k, np.int64)
+    edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for flat, h, start in parts():
+        slot = lookup.index(flat)
+        sure = np.empty(h.size, dtype=bool) if mask is None else mask[start:start + h.size]
+        part_below, le = split(slot, h, sure)
+        below += part_below
+        if np.count_nonzero(le) > np.count_nonzero(sure):
+            pos = np.flatnonzero(le & ~sure)
+            edges.append((position[slot[pos]], h[pos], pos + start))
+    if not edges:
+        return _Scan(below, np.zeros(0, np.intp), np.zeros(0, np.uint64), np.zeros(0, np.intp))
+    cls, hs, pos = (np.concatenate(part) for part in zip(*edges))
+    return _Scan(below, cls, hs, pos)
+
+
+def _window(m: np.ndarray, n: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hash bounds around the expected ``m``-th smallest of ``n`` uniform hashes, ``width``
+    binomial standard deviations (plus 4 voxels) on each side."""
+    q = m / n
+    half = width * np.sqrt(q * (1 - q) / n) + 4.0 / n
+    lo = [min(int(max(v, 0.0) * 2.0**64), _MASK64) for v in q - half]
+    hi = [min(int(min(v, 1.0) * 2.0**64), _MASK64) for v in q + half]
+    return np.array(lo, dtype=np.uint64), np.array(hi, dtype=np.uint64)
+
+
+def _resolve(m: np.ndarray, full: np.ndarray, scan: _Scan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, chosen edges, missed classes) of a scan: class ``k`` needs ``r = m_k -
+    below_k`` of its edges, the ``r`` smallest; a class whose edges cannot supply them (its
+    bounds missed the ``m_k``-th smallest hash) is missed and must be scanned again."""
+    k = m.size
+    order = np.lexsort((scan.edge_hash, scan.edge_class))
+    cls, hs = scan.edge_class[order], scan.edge_hash[order]
+    first = np.searchsorted(cls, np.arange(k + 1))
+    n_edges = np.diff(np.append(first, cls.size))[:k]
+    need = np.where(full, n_edges, np.where(m == 0, 0, m - scan.below))
+    missed = (m > 0) & ~full & ((need < 1) | (need > n_edges))
+    thresholds = np.zeros(k, np.uint64)
+    found = (m > 0) & ~full & ~missed
+    thresholds[found] = hs[first[:k][found] + need[found] - 1]
+    thresholds[full] = np.uint64(_MASK64)
+    taken = np.zeros(cls.size, bool)
+    taken[order] = np.arange(cls.size) - first[cls] < np.append(need, 0)[cls]
+    return thresholds, taken, missed
+
+
+def _search(key: int, classes: np.ndarray, counts: np.ndarray, fractions: float | Sequence[float],
+            lookup: _Lookup, parts: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, int]]],
+            sigmas: float, mask: np.ndarray | None = None) -> Selection:
+    """:class:`Selection` with exact thresholds from scans of ``parts``; ``mask`` (optional)
+    receives the chosen voxels. Each class is bounded by a window around its expected quantile
+    (:func:`_window`), so a scan keeps only a few ``sqrt(n_k)`` edge hashes per class; a class
+    whose window misses (probability far below ``1e-9`` at 8 sigma) is widened and the scan
+    repeated, the others bounded then by their exact threshold."""
+    m = _round_counts(_fraction_table(fractions, classes), counts)
+    full = (m == counts) & (m > 0)
+    todo = (m > 0) & ~full
+    lo, hi = np.zeros(classes.size, np.uint64), np.zeros(classes.size, np.uint64)
+    lo[full] = hi[full] = np.uint64(_MASK64)
+    width = sigmas
+    lo[todo], hi[todo] = _window(m[todo], counts[todo], width)
+    while True:
+        scan = _scan(parts, lookup, lo, hi, m > 0, mask)
+        thresholds, taken, missed = _resolve(m, full, scan)
+        if not missed.any():
+            if mask is not None:
+                mask[scan.edge_pos[taken]] = True
+            return Selection(key, classes, thresholds, m > 0)
+        if width > 1e9:  # the window covers [0, 1]: cannot miss
+            raise RuntimeError("selection thresholds not found: the chunks changed between passes")
+        width = max(4 * width, 4.0)
+        exact = todo & ~missed
+        lo[exact] = hi[exact] = thresholds[exact]
+        lo[missed], hi[missed] = _window(m[missed], counts[missed], width)
 
 
 @dataclass(frozen=True)
@@ -160,124 +449,106 @@ class Selection:
     def apply(self, flat: np.ndarray, index: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
         """Boolean mask of the chosen voxels among ``flat`` (labels) at ``index`` (global);
         ``h`` may pass the selection hashes of ``index`` when already computed."""
+        return self._mask(flat, _index_parts(self.key, flat, index, h))
+
+    def mask(self, flat: np.ndarray, box: Box) -> np.ndarray:
+        """Boolean mask of the chosen voxels among ``flat``, the labels of ``box`` in C order."""
+        return self._mask(flat, _box_parts(self.key, flat, box))
+
+    def _mask(self, flat: np.ndarray, parts: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, int]]]
+              ) -> np.ndarray:
+        """The rule on ``parts`` (hashes of ``flat`` in chunks): below the threshold is chosen,
+        equal to it too where the class is chosen."""
         sel = np.zeros(flat.shape, dtype=bool)
-        if self.classes.size == 0 or flat.size == 0:
+        if flat.size == 0 or self.classes.size == 0:
             return sel
-        if h is None:
-            h = voxel_hash(self.key, STREAM_SELECT, index)
-        top = int(self.classes[-1])
-        if top < 1 << 16:  # few class ids: direct lookup tables
-            thr = np.zeros(top + 2, dtype=np.uint64)
-            use = np.zeros(top + 2, dtype=bool)
-            thr[self.classes] = self.thresholds
-            use[self.classes] = self.chosen
-            pos = flat.astype(np.intp, copy=False)
-            if flat.dtype.kind == "i":
-                pos = np.where((pos < 0) | (pos > top), top + 1, pos)
-            else:
-                pos = np.minimum(pos, top + 1)
-            return use[pos] & (h <= thr[pos])
-        vals = flat.astype(np.int64, copy=False)
-        pos = np.searchsorted(self.classes, vals)
-        pos = np.minimum(pos, self.classes.size - 1)
-        known = (self.classes[pos] == vals) & self.chosen[pos]
-        sel[known] = h[known] <= self.thresholds[pos[known]]
+        bound = np.where(self.chosen, self.thresholds, np.uint64(0))
+        scan = _scan(parts, _Lookup(self.classes, flat.dtype), bound, bound, self.chosen, sel, count=False)
+        sel[scan.edge_pos[np.append(self.chosen, False)[scan.edge_class]]] = True
         return sel
 
 
-def _round_counts(fractions: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    return np.array([round_count(float(f), int(n)) for f, n in zip(fractions, counts)], dtype=np.int64)
+def _box_parts(key: int, flat: np.ndarray, box: Box):
+    """``parts()`` of :func:`_scan` for the labels ``flat`` of ``box``: selection hashes in chunks."""
+    return lambda: ((flat[start:start + h.size], h, start) for start, h in box.hashes(key, STREAM_SELECT))
+
+
+def _index_parts(key: int, flat: np.ndarray, index: np.ndarray, h: np.ndarray | None = None):
+    """``parts()`` of :func:`_scan` for labels ``flat`` at global ``index`` (or with hashes ``h``)."""
+    def parts():
+        for start in range(0, flat.size, CHUNK):
+            stop = start + CHUNK
+            hs = voxel_hash(key, STREAM_SELECT, index[start:stop]) if h is None else h[start:stop]
+            yield flat[start:stop], hs, start
+    return parts
+
+
+def _label_chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    """``flat`` in chunks of ``16 * CHUNK`` labels (the class counts' copies stay small)."""
+    size = 16 * CHUNK
+    return (flat[start:start + size] for start in range(0, flat.size, size))
+
+
+def select(key: int, flat: np.ndarray, box: Box, fractions: float | Sequence[float], *,
+           sigmas: float = 8.0) -> tuple[Selection, np.ndarray]:
+    """The :class:`Selection` of the labels ``flat`` of ``box`` taken as the whole volume, and
+    its chosen voxels (boolean, like ``flat``), from one count of the classes and one pass of
+    hashes (:func:`_search`).
+
+    Examples
+    --------
+    >>> lab = np.zeros(100, np.uint8); lab[:30] = 1
+    >>> sel, chosen = select(stream_key(0), lab, Box.of((10, 10)), 0.5)
+    >>> int(chosen[:30].sum()), int(chosen[30:].sum())
+    (15, 35)
+    """
+    classes, counts = _count_classes(_label_chunks(flat))
+    mask = np.empty(flat.shape, dtype=bool)
+    sel = _search(key, classes, counts, fractions, _Lookup(classes, flat.dtype), _box_parts(key, flat, box),
+                  sigmas, mask)
+    return sel, mask
 
 
 def selection_in_memory(key: int, flat: np.ndarray, index: np.ndarray, fractions: Sequence[float], *,
-                         h: np.ndarray | None = None) -> Selection:
-    """:class:`Selection` of one in-memory array (exact ``m_k``-th smallest hash per class)."""
-    classes, counts = _class_counts(flat)
-    m = _round_counts(_fraction_table(fractions, classes), counts)
-    thresholds = np.zeros(classes.size, dtype=np.uint64)
-    h = voxel_hash(key, STREAM_SELECT, index) if h is None else h
-    todo = np.flatnonzero(m > 0)
-    if todo.size and todo.size <= 64:
-        for i in todo:
-            hk = h[flat == classes[i]]
-            thresholds[i] = np.partition(hk, m[i] - 1)[m[i] - 1]
-    elif todo.size:
-        valid = flat >= 0 if flat.dtype.kind == "i" else np.ones(flat.shape, bool)
-        lab, hv = flat[valid].astype(np.int64), h[valid]
-        order = np.lexsort((hv, lab))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        thresholds[todo] = hv[order[starts[todo] + m[todo] - 1]]
-    thresholds[(m == counts) & (m > 0)] = np.uint64(_MASK64)  # the whole class: same as from chunks
-    return Selection(key, classes, thresholds, m > 0)
+                         h: np.ndarray | None = None, sigmas: float = 8.0) -> Selection:
+    """:class:`Selection` of one in-memory array, labels ``flat`` at global ``index`` (exact
+    ``m_k``-th smallest hash per class; ``h`` may pass the selection hashes of ``index``)."""
+    classes, counts = _count_classes(_label_chunks(flat))
+    return _search(key, classes, counts, fractions, _Lookup(classes, flat.dtype),
+                   _index_parts(key, flat, index, h), sigmas)
 
 
 def selection_from_chunks(key: int, chunks: Any, fractions: Sequence[float], *, sigmas: float = 8.0) -> Selection:
     """:class:`Selection` of a volume read in chunks, equal to :func:`selection_in_memory` of the
     whole volume.
 
-    ``chunks()`` yields ``(flat labels, flat global index)`` pairs covering every voxel once.
-    Pass 1 counts each class; pass 2 counts, per class, the hashes below a window around the
-    expected quantile ``m_k / n_k`` (``sigmas`` binomial standard deviations wide) and keeps
-    those inside it, so the ``m_k``-th smallest is found by sorting a few ``sqrt(n_k)``
-    values. A window that misses (probability far below ``1e-9`` at 8 sigma) is widened and
-    the pass repeated for its classes.
+    ``chunks()`` yields ``(flat labels, where)`` pairs covering every voxel once, ``where`` the
+    flat global index of the labels or their :class:`Box`. Pass 1 counts each class; pass 2
+    counts, per class, the hashes below a window around the expected quantile ``m_k / n_k``
+    (``sigmas`` binomial standard deviations wide) and keeps those inside it, so the
+    ``m_k``-th smallest is found by sorting a few ``sqrt(n_k)`` values. A window that misses
+    (probability far below ``1e-9`` at 8 sigma) is widened and the pass repeated.
     """
-    classes = np.zeros(0, np.int64)
-    counts = np.zeros(0, np.int64)
-    for flat, _ in chunks():
-        c, n = _class_counts(flat)
-        merged = np.union1d(classes, c)
-        total = np.zeros(merged.size, np.int64)
-        total[np.searchsorted(merged, classes)] += counts
-        total[np.searchsorted(merged, c)] += n
-        classes, counts = merged, total
-    m = _round_counts(_fraction_table(fractions, classes), counts)
-    thresholds = np.zeros(classes.size, dtype=np.uint64)
-    full = (m == counts) & (m > 0)
-    thresholds[full] = np.uint64(_MASK64)
-    todo = np.flatnonzero((m > 0) & ~full)
-    width = sigmas
-    while todo.size:
-        q = m[todo] / counts[todo]
-        half = width * np.sqrt(q * (1 - q) / counts[todo]) + 4.0 / counts[todo]
-        lo_f, hi_f = q - half, q + half
-        lo64 = np.array([min(int(max(v, 0.0) * 2.0**64), _MASK64) for v in lo_f], dtype=np.uint64)
-        hi64 = np.array([min(int(min(v, 1.0) * 2.0**64), _MASK64) for v in hi_f], dtype=np.uint64)
-        hi_open = hi_f >= 1.0
-        below = np.zeros(todo.size, np.int64)
-        inside: list[list[np.ndarray]] = [[] for _ in todo]
-        cls = classes[todo]
-        for flat, index in chunks():
-            vals = flat.astype(np.int64, copy=False)
-            pos = np.minimum(np.searchsorted(cls, vals), cls.size - 1)
-            hit = cls[pos] == vals
-            if not hit.any():
-                continue
-            pos = pos[hit]
-            h = voxel_hash(key, STREAM_SELECT, index[hit])
-            is_below = h < lo64[pos]
-            below += np.bincount(pos[is_below], minlength=todo.size)
-            win = ~is_below & ((h < hi64[pos]) | hi_open[pos])
-            if win.any():
-                wp, wh = pos[win], h[win]
-                order = np.argsort(wp, kind="stable")
-                wp, wh = wp[order], wh[order]
-                cuts = np.flatnonzero(np.diff(wp)) + 1
-                for part_p, part_h in zip(np.split(wp, cuts), np.split(wh, cuts)):
-                    inside[int(part_p[0])].append(part_h)
-        missed = []
-        for j, i in enumerate(todo):
-            rank = int(m[i] - below[j])
-            values = np.sort(np.concatenate(inside[j])) if inside[j] else np.zeros(0, np.uint64)
-            if 1 <= rank <= values.size:
-                thresholds[i] = values[rank - 1]
-            else:
-                missed.append(i)
-        if missed and width > 1e9:  # the window covers [0, 1]: cannot miss
-            raise RuntimeError("selection thresholds not found: the chunks changed between passes")
-        todo = np.asarray(missed, dtype=np.int64)
-        width = max(4 * width, 4.0)
-    return Selection(key, classes, thresholds, m > 0)
+    dtypes: set[np.dtype] = set()
+
+    def labels():
+        for flat, _ in chunks():
+            dtypes.add(flat.dtype)
+            yield flat
+
+    classes, counts = _count_classes(labels())
+
+    def parts():
+        offset = 0
+        for flat, where in chunks():
+            inner = (_box_parts(key, flat, where) if isinstance(where, Box)
+                     else _index_parts(key, flat, np.asarray(where)))
+            for labels, h, start in inner():
+                yield labels, h, offset + start
+            offset += flat.size
+
+    lookup = _Lookup(classes, dtypes.pop() if len(dtypes) == 1 else np.dtype(np.int64))
+    return _search(key, classes, counts, fractions, lookup, parts, sigmas)
 
 
 def block_rng(seed: int, index: int | Sequence[int]) -> np.random.Generator:

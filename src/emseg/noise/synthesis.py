@@ -36,14 +36,15 @@ processed, and cropped back to its core.
 * The random modes (``flip``, ``sample``, ``random``, ``shift``) draw every
   voxel's random numbers from a counter-based stream: a 64-bit hash of the key
   (:func:`stream_key` of ``rng``), a stream id and the voxel's linear index in the
-  *whole* volume (two splitmix64 rounds, a bijection of the index). A voxel's
+  *whole* volume (the splitmix64 output at that index, a bijection of it). A voxel's
   numbers therefore do not depend on the block it is processed in, and a block
   processed with the same key (``shift``: with a halo of ``radius``) gives exactly
   the whole-volume result, for every block grid. The exact per-class counts of
   ``flip``/``sample`` are kept for the whole volume: the ``m_k = round(p * n_k)``
   voxels of class ``k`` with the smallest hashes are chosen, and the threshold
-  (the ``m_k``-th smallest hash, :class:`Selection`) is found by one counting scan
-  of the volume before the blocks are processed (:mod:`emseg.noise.process`). The streams
+  (the ``m_k``-th smallest hash, :class:`Selection`) is found by a counting scan
+  of the volume before the blocks are processed (:mod:`emseg.noise.process`); a
+  whole array finds it in the same pass that chooses the voxels. The streams
   live in :mod:`emseg.noise.streams`; the PCL functions in :mod:`emseg.noise.morphology` (re-exported
   here), the shared checks in :mod:`emseg.noise.checks`.
 """
@@ -70,12 +71,12 @@ from emseg.noise.morphology import dilate, erode, skeleton
 from emseg.noise.streams import (
     STREAM_CLASS,
     STREAM_RANDOM,
-    STREAM_SELECT,
     STREAM_SHIFT,
+    CHUNK,
+    Box,
     Selection,
     block_rng,
-    linear_index,
-    selection_in_memory,
+    select,
     stream_key,
     unit,
     voxel_hash,
@@ -157,12 +158,13 @@ def flip(
     Notes
     -----
     The number flipped is ``round(p * n_k)`` with Python's rounding (halves to
-    even). The chosen set is drawn as a Bernoulli draft (one uniform per voxel)
-    corrected to the exact count by uniformly dropping or adding voxels, which
-    keeps every subset of that size equally likely; the cost is close to that of
-    ``rng.random(labels.shape) < p``. A seed fully determines the result. For
-    the population transition matrix of this process see
-    :func:`emseg.noise.flip_matrix`.
+    even): the voxels of class ``k`` with the ``round(p * n_k)`` smallest hashes
+    of their global index (:mod:`emseg.noise.streams`), so every subset of that
+    size is equally likely and any block grid gives the same result. One pass of
+    hashes in cache-sized chunks finds the threshold and the voxels together; the
+    cost is close to that of ``rng.random(labels.shape) < p``. A seed fully
+    determines the result. For the population transition matrix of this process
+    see :func:`emseg.noise.flip_matrix`.
 
     Examples
     --------
@@ -179,19 +181,47 @@ def flip(
     return flip_at(arr, class_fractions(p, k_total, p_fg, p_bg), k_total, stream_key(rng))
 
 
-def _select(arr: np.ndarray, fractions: float | Sequence[float], key: int, origin: Sequence[int] | None,
-            volume_shape: Sequence[int] | None, selection: Selection | None):
-    """(flat labels, their linear indices in the volume, chosen mask) of the box ``arr`` at ``origin``
-    of a volume of ``volume_shape`` (default: the whole array), with the volume's ``selection``
-    (default: computed from ``arr``)."""
-    origin = (0,) * arr.ndim if origin is None else origin
-    volume_shape = arr.shape if volume_shape is None else volume_shape
+def _select(arr: np.ndarray, fractions: float | Sequence[float], key: int, box: Box,
+            selection: Selection | None) -> tuple[np.ndarray, np.ndarray]:
+    """(flat labels, chosen mask) of ``arr``, the labels of ``box``, with the volume's
+    ``selection`` (default: computed from ``arr`` in the same pass)."""
     flat_in = arr.reshape(-1)
-    index = linear_index(arr.shape, origin, volume_shape).reshape(-1)
-    h = voxel_hash(key, STREAM_SELECT, index)
     if selection is None:
-        selection = selection_in_memory(key, flat_in, index, fractions, h=h)
-    return flat_in, index, selection.apply(flat_in, index, h)
+        return flat_in, select(key, flat_in, box, fractions)[1]
+    return flat_in, selection.mask(flat_in, box)
+
+
+def _draws(h: np.ndarray, n: int) -> np.ndarray:
+    """Integers ``0 .. n-1``, uniform, from 64-bit hashes (overwritten): the top 32 bits scaled by
+    multiply-shift, or for ``n > 2**32`` the top 53 bits as a float."""
+    if n <= 1 << 32:
+        h >>= np.uint64(32)
+        h *= np.uint64(n)
+        h >>= np.uint64(32)
+        return h
+    return np.minimum(np.floor(unit(h) * n).astype(np.uint64), np.uint64(n - 1))
+
+
+def _flip_classes(flat_out: np.ndarray, chosen: np.ndarray, k_total: int, key: int, box: Box) -> None:
+    """Move every chosen voxel of ``flat_out`` (labels of ``box``) to another of ``k_total``
+    classes, uniformly, by an offset ``1..k_total-1`` from its class stream; in place.
+
+    The arithmetic runs in the unsigned view of the labels' dtype, modulo ``2**bits``, without
+    branches (a random mask makes masked numpy operations slow): with ``rest = k - offset``,
+    ``new = part - rest`` when ``part >= rest``, else ``part + offset``, which always fits."""
+    udt = np.dtype(f"u{flat_out.dtype.itemsize}")
+    k_mod = udt.type(k_total % (1 << (8 * udt.itemsize)))
+    for start, h in box.hashes(key, STREAM_CLASS):
+        where = chosen[start:start + h.size]
+        if not where.any():
+            continue
+        part = flat_out[start:start + h.size].view(udt)
+        rest = np.subtract(udt.type(k_total - 1), _draws(h, k_total - 1).astype(udt))  # in 1..k-1
+        new = np.subtract(part, rest)
+        new += k_mod * (part < rest).astype(udt)
+        new ^= part
+        new &= np.negative(where.view(np.uint8).astype(udt))  # all ones where chosen
+        part ^= new
 
 
 def flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int, *,
@@ -199,16 +229,14 @@ def flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int,
              selection: Selection | None = None) -> np.ndarray:
     """:func:`flip` of the box ``arr`` at ``origin`` of a volume of ``volume_shape`` (default: the
     whole array), with the volume's ``selection`` (default: computed from ``arr``)."""
+    box = Box.of(arr.shape, origin, volume_shape)
     out = arr.astype(fit_dtype(arr.dtype, 0, k_total - 1), copy=True)
     flat_out = out.reshape(-1)
-    flat_in, index, chosen = _select(arr, fractions, key, origin, volume_shape, selection)
+    _, chosen = _select(arr, fractions, key, box, selection)
     if k_total == 2:  # the only other class: 0 <-> 1
-        flat_out ^= chosen.view(np.uint8).astype(flat_out.dtype, copy=False)
-        return out
-    where = np.flatnonzero(chosen)
-    u = unit(voxel_hash(key, STREAM_CLASS, index[where]))
-    offsets = np.minimum(1 + np.floor(u * (k_total - 1)).astype(np.int64), k_total - 1)
-    flat_out[where] = (flat_out[where].astype(np.int64) + offsets) % k_total
+        np.bitwise_xor(flat_out, chosen.view(np.uint8), out=flat_out)
+    else:
+        _flip_classes(flat_out, chosen, k_total, key, box)
     return out
 
 
@@ -262,12 +290,27 @@ def sample_at(arr: np.ndarray, frac: float, unsampled: int, key: int, *,
                origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None,
                selection: Selection | None = None) -> np.ndarray:
     """:func:`sample` of the box ``arr`` at ``origin`` of a volume (as :func:`flip_at`)."""
-    flat_in, _, keep = _select(arr, frac, key, origin, volume_shape, selection)
-    if arr.dtype.kind == "i":
-        keep |= flat_in < 0
-    out_dtype = fit_dtype(arr.dtype, int(unsampled), 0)
-    out = np.where(keep, flat_in, np.array(unsampled, dtype=out_dtype))
-    return out.astype(out_dtype, copy=False).reshape(arr.shape)
+    flat_in, keep = _select(arr, frac, key, Box.of(arr.shape, origin, volume_shape), selection)
+    out = flat_in.astype(fit_dtype(arr.dtype, int(unsampled), 0))
+    _fill_unkept(out, flat_in, keep, unsampled)
+    return out.reshape(arr.shape)
+
+
+def _fill_unkept(out: np.ndarray, flat_in: np.ndarray, keep: np.ndarray, value: int) -> None:
+    """Set ``out`` to ``value`` where ``keep`` is False and ``flat_in`` is not an ignore voxel, in
+    place, in chunks and without branches (numpy's masked selection is slow on random masks):
+    ``out ^= (out ^ value) & drop`` with ``drop`` all ones where the voxel is dropped."""
+    udt = np.dtype(f"u{out.dtype.itemsize}")
+    fill = np.array(value, dtype=out.dtype).view(udt)
+    for start in range(0, out.size, CHUNK):
+        stop = start + CHUNK
+        drop = ~keep[start:stop]
+        if flat_in.dtype.kind == "i":
+            drop &= flat_in[start:stop] >= 0
+        part = out[start:stop].view(udt)
+        change = part ^ fill
+        change &= np.negative(drop.view(np.uint8).astype(udt))
+        part ^= change
 
 
 # --------------------------------------------------------------------------- #
@@ -331,18 +374,18 @@ def random_labels(
 def random_at(dims: Sequence[int], frac: float, k_total: int, key: int, out_dtype: np.dtype, *,
                origin: Sequence[int] | None = None, volume_shape: Sequence[int] | None = None) -> np.ndarray:
     """:func:`random_labels` of the box ``dims`` at ``origin`` of a volume of ``volume_shape``."""
-    dims = tuple(int(d) for d in dims)
-    origin = (0,) * len(dims) if origin is None else origin
-    volume_shape = dims if volume_shape is None else volume_shape
-    u = unit(voxel_hash(key, STREAM_RANDOM, linear_index(dims, origin, volume_shape)))
-    if k_total == 2 or frac == 0.0:
-        return (u < frac).astype(out_dtype)
-    # given u < p, u / p is uniform on [0, 1): reuse it to pick the class
-    out = np.zeros(dims, dtype=out_dtype)
-    fg = u < frac
-    cls = 1 + np.floor(u[fg] * ((k_total - 1) / frac)).astype(np.int64)
-    out[fg] = np.minimum(cls, k_total - 1)
-    return out
+    box = Box.of(dims, origin, volume_shape)
+    out = np.zeros(box.size, dtype=out_dtype)
+    for start, h in box.hashes(key, STREAM_RANDOM):
+        u = unit(h)
+        part = out[start:start + h.size]
+        if k_total == 2 or frac == 0.0:
+            part[...] = u < frac
+            continue
+        # given u < p, u / p is uniform on [0, 1): reuse it to pick the class
+        fg = u < frac
+        part[fg] = np.minimum(1 + np.floor(u[fg] * ((k_total - 1) / frac)).astype(np.int64), k_total - 1)
+    return out.reshape(box.shape)
 
 
 def shift(
@@ -413,11 +456,12 @@ def shift_at(arr: np.ndarray, r: int, section: bool, key: int, *,
     src = np.flatnonzero(flat_in > 0)
     if src.size == 0:
         return out.reshape(arr.shape)
-    index = linear_index(arr.shape, origin, volume_shape).reshape(-1)[src]
+    coords = np.stack(np.unravel_index(src, arr.shape), axis=1)
+    index = np.ravel_multi_index(tuple((coords + np.asarray(origin, dtype=np.int64)).T), tuple(volume_shape))
     table = _disc_offsets(r, arr.ndim, section)
     pick = np.minimum((unit(voxel_hash(key, STREAM_SHIFT, index)) * len(table)).astype(np.int64),
                       len(table) - 1)
-    coords = np.stack(np.unravel_index(src, arr.shape), axis=1) + table[pick]
+    coords += table[pick]
     inside = np.all((coords >= 0) & (coords < np.asarray(arr.shape)), axis=1)
     dst = np.ravel_multi_index(tuple(coords[inside].T), arr.shape)
     values = flat_in[src[inside]]
