@@ -6,7 +6,8 @@ keeps a central N x N crop, but the central 512 x 512 crop holds no synapse). Ev
 is written under ``--workdir`` (default a fresh folder in /tmp), nothing into the repository.
 
 1. LCS (classes 1-4; one model per ``--conditionings`` entry: ``prototype``, ``atlas``) and the
-   baseline (5 softmax outputs, lazy-label NLL) are trained with the same backbone, patch, batch,
+   baseline (5 softmax outputs, lazy-label NLL + soft Dice: the LCS loss's family and weights, `[lcs]
+   baseline_dice_weight = 1`) are trained with the same backbone, patch, batch,
    steps and learning rate (equal budget), through ``train_lcs`` (the core of ``emseg lcs train``);
    all are run through ``infer_file`` (``emseg lcs infer``) on the test sections. Reported:
    per-class Dice of the merged label map (LCS: under both merges, ``calibrated`` and ``max``,

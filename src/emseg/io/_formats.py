@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -268,15 +269,18 @@ def slice_files(spec_path: str) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(str(p)))
 
 
-def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one 2D slice, from its header only."""
+def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype, tuple[int, str] | None]:
+    """Shape, dtype and (for an uncompressed, contiguous TIFF) the data offset and byte order of one
+    2D slice, from its header only."""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
             with tifffile.TiffFile(str(path)) as tif:
                 page = tif.pages.first
-                return tuple(page.shape), np.dtype(page.dtype)
+                where = (int(page.dataoffsets[0]), tif.byteorder) if page.is_memmappable and len(tif.pages) == 1 \
+                    else None
+                return tuple(page.shape), np.dtype(page.dtype), where
         from PIL import Image
 
         with Image.open(path) as img:
@@ -285,7 +289,7 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                  "F": np.float32}.get(mode)
         if dtype is None:
             raise InputError(f"image mode {mode} is not grey: EM slices must be single-channel", source=str(path))
-        return (size[1], size[0]), np.dtype(dtype)
+        return (size[1], size[0]), np.dtype(dtype), None
     except InputError:
         raise
     except Exception as exc:
@@ -306,28 +310,37 @@ def _read_slice(path: Path) -> np.ndarray:
         raise InputError(f"cannot read the slice ({type(exc).__name__}: {exc})", source=str(path)) from None
 
 
+#: Decoded (PNG, compressed TIFF) slices kept for the next reads of the same sections.
+DECODED_CACHE_BYTES = 128 << 20
+
+
 class SliceStack(_ArrayReader):
     """2D slices (TIFF or PNG files) stacked along z in natural order; only the sections asked for are read.
 
     Every slice must have the first one's shape and dtype (checked from the headers on opening).
-    Uncompressed TIFF slices are memory-mapped, so a patch reads only its rows.
+    Uncompressed TIFF slices are memory-mapped, so a patch reads only its rows; slices that must be
+    decoded (PNG, compressed TIFF) are kept in a least-recently-used cache of
+    :data:`DECODED_CACHE_BYTES`, so that patches of the same sections decode them once.
     """
 
     def __init__(self, spec_path: str):
         self.files = slice_files(spec_path)
-        shape, dtype = _slice_header(self.files[0])
+        shape, dtype, where = _slice_header(self.files[0])
         if len(shape) != 2:
             raise InputError(f"slice of shape {shape}: slices must be 2D grey images", source=str(self.files[0]))
+        self._where = [where]  # where each uncompressed slice's pixels start: mapped without parsing again
         for f in self.files[1:]:
-            s, d = _slice_header(f)
+            s, d, where = _slice_header(f)
             if s != shape or d != dtype:
                 raise InputError(f"slice of shape {s} and dtype {d} differs from the first slice "
                                  f"({self.files[0].name}: {shape}, {dtype})", source=str(f))
+            self._where.append(where)
         self.shape = (len(self.files),) + shape
         self.dtype = dtype
         self.chunks = (1,) + shape
         self.attrs = {"format": "slices", "files": len(self.files)}
         self._maps: dict[int, Any] = {}
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.files[0].suffix.lower() in TIFF_SUFFIXES:
             voxel = self._plane_voxel_size(self.files[0])
             if voxel:
@@ -345,21 +358,26 @@ class SliceStack(_ArrayReader):
         plane = self._maps.get(z)
         if plane is not None:
             return plane
-        path = self.files[z]
+        path, where = self.files[z], self._where[z]
         plane = None
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
+        if where is not None:
+            offset, order = where
             try:
-                plane = tifffile.memmap(str(path), mode="r")
-            except Exception:
+                plane = np.memmap(path, dtype=self.dtype.newbyteorder(order), mode="r", offset=offset,
+                                  shape=self.shape[1:])
+            except (OSError, ValueError):  # the file changed or is shorter than its header says
                 plane = None
-        if plane is None or plane.shape != self.shape[1:]:
-            plane = _read_slice(path)
-            if plane.shape != self.shape[1:] or plane.dtype != self.dtype:
-                raise InputError(f"slice of shape {plane.shape}, {plane.dtype} differs from the first slice",
-                                 source=str(path))
-            return plane  # decoded slices are not kept: memory stays bounded by the request
+        if plane is None:
+            plane = self._decoded.pop(z, None)
+            if plane is None:
+                plane = _read_slice(path)
+                if plane.shape != self.shape[1:] or plane.dtype != self.dtype:
+                    raise InputError(f"slice of shape {plane.shape}, {plane.dtype} differs from the first slice",
+                                     source=str(path))
+            self._decoded[z] = plane  # most recently used last
+            while sum(p.nbytes for p in self._decoded.values()) > DECODED_CACHE_BYTES and len(self._decoded) > 1:
+                self._decoded.popitem(last=False)
+            return plane
         if len(self._maps) < 4096:
             self._maps[z] = plane
         return plane
@@ -386,6 +404,7 @@ class SliceStack(_ArrayReader):
 
     def close(self) -> None:
         self._maps.clear()
+        self._decoded.clear()
 
 
 # ----------------------------------------------------------------------------------------- MRC

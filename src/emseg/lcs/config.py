@@ -61,7 +61,9 @@ class LCSConfig:
     baseline : bool
         Train the multi-channel baseline instead (``emseg lcs train --baseline``).
     baseline_dice_weight : float
-        Baseline only: weight of the mean soft Dice of the foreground channels added to the NLL.
+        Baseline only: weight of the mean soft Dice of the foreground channels; the baseline's loss
+        is ``bce_weight`` x lazy NLL + ``baseline_dice_weight`` x Dice, so that at the defaults (1, 1)
+        it is the same family and weighting as the label-conditioned loss (BCE + soft Dice).
     merge : {"calibrated", "max"}
         How ``emseg lcs infer`` and validation merge the per-label maps (:mod:`emseg.lcs.merge`):
         ``calibrated`` (default), a softmax over per-label logits calibrated on the atlas;
@@ -79,7 +81,7 @@ class LCSConfig:
     dice: str = "class"
     conditioning: str = "prototype"
     baseline: bool = False
-    baseline_dice_weight: float = 0.0
+    baseline_dice_weight: float = 1.0
     merge: str = "calibrated"
 
     def to_dict(self) -> dict[str, Any]:

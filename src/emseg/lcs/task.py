@@ -223,7 +223,7 @@ class LCSTask:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.baseline:
             logits = model(batch["raw"]).float()
-            loss = lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"])
+            loss = self.lcs.bce_weight * lazy_nll(logits, batch["target"], batch["labeled"], batch["not_present"])
             if self.lcs.baseline_dice_weight:
                 probs = torch.softmax(logits, dim=1)
                 dice = [soft_dice_loss(probs[:, j], _channel_target(batch["target"], j),
