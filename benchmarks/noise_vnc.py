@@ -86,21 +86,22 @@ def valid_curve(run_dir: Path) -> list[list[float]]:
 
 
 def train_and_score(name, label_key, args, tmp: Path) -> dict:
-    train_h5, test_h5 = tmp / "train.h5", tmp / "test.h5"
-    every = getattr(args, "valid_every", 0)  # > 0: test Dice on the clean labels every N steps (the plateau curve)
+    train_h5, valid_h5, test_h5 = tmp / "train.h5", tmp / "valid.h5", tmp / "test.h5"
+    every = getattr(args, "valid_every", 0)  # > 0: validation Dice (sections 12-14) every N steps: the plateau curve
     cfg = config_from_dict({
         "n_classes": 2, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
         "steps": args.steps or 10**6, "max_seconds": args.seconds, "log_every": 50, "checkpoint_every": 10**6,
         "valid_every": every or 10**6, "example_ignore_threshold": 1.0,
         "train": [{"raw": f"{train_h5}:raw", "label": f"{train_h5}:{label_key}"}],
-        "valid": [{"raw": f"{test_h5}:raw", "label": f"{test_h5}:clean"}] if every else [],
+        "valid": [{"raw": f"{valid_h5}:raw", "label": f"{valid_h5}:clean"}] if every else [],
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch"},
         "optim": {"lr": args.lr},
     }, source=name)
     out = tmp / name
     result = train(cfg, out, runtime=Runtime(seed=args.seed, device=args.device))
     pred = tmp / f"{name}_pred.zarr"
-    predict_file(PredictConfig(model=str(out / "last.pt"), input=f"{test_h5}:raw", output=str(pred),
+    chosen = out / "best.pt" if every and (out / "best.pt").exists() else out / "last.pt"  # chosen on validation
+    predict_file(PredictConfig(model=str(chosen), input=f"{test_h5}:raw", output=str(pred),
                                output_type="labels", batch_size=8, overlap=args.overlap,
                                device=args.device))
     with open_volume(str(pred)) as pv, open_volume(f"{test_h5}:clean") as gv:
@@ -120,7 +121,7 @@ TARGETS = {"mito": (1,), "membrane": (2, 3, 4)}
 
 def prepare(root: Path, f: int, tmp: Path, target: str = "mito") -> None:
     """A binary target of VNC stack 1 (``TARGETS``), down-sampled ``f`` x in-plane: tmp/train.h5
-    (sections 0-14) and tmp/test.h5 (15-19), datasets ``raw`` and ``clean``."""
+    (sections 0-11), tmp/valid.h5 (12-14) and tmp/test.h5 (15-19), datasets ``raw`` and ``clean``."""
     with h5py.File(root / "vnc_stack1.h5", "r") as fh:
         raw, label = fh["raw"][:], fh["label"][:]
     mito = np.isin(label, TARGETS[target]).astype(np.uint8)
@@ -130,8 +131,8 @@ def prepare(root: Path, f: int, tmp: Path, target: str = "mito") -> None:
         raw = raw[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)).round().astype(np.uint8)
         mito = (mito[:, :y, :x].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)) >= 0.5).astype(np.uint8)
         print(f"downsampled {f}x in-plane to {raw.shape}")
-    print(f"{target}: {mito[:15].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
-    for name, sl in (("train.h5", slice(0, 15)), ("test.h5", slice(15, 20))):
+    print(f"{target}: {mito[:12].mean():.4f} of training voxels, {mito[15:].mean():.4f} of test voxels")
+    for name, sl in (("train.h5", slice(0, 12)), ("valid.h5", slice(12, 15)), ("test.h5", slice(15, 20))):
         with h5py.File(tmp / name, "w") as fh:
             fh.create_dataset("raw", data=raw[sl], chunks=(1, 256, 256))
             fh.create_dataset("clean", data=mito[sl], chunks=(1, 256, 256))

@@ -1,16 +1,22 @@
 """Which defaults should a new user get? The new-user run of VNC, arm by arm.
 
 A new user writes a config with four keys only: ``n_classes = 5``, ``patch_shape = [1, 256, 256]``,
-the training cube (VNC stack 1, sections 0-14) and ``max_seconds``; everything else is emseg's
-default. Each arm overrides a few keys on top of those four (the arm ``shipped`` overrides
-nothing: it is what the installed emseg gives). After training, ``best.pt`` predicts sections
-15-19 (as ``emseg predict`` does: default window, overlap and precision) and the test Jaccard per
-class is computed as ``emseg evaluate`` does.
+the training cube (VNC stack 1, sections 0-11: the protocol's training split) and ``max_seconds``;
+everything else is emseg's default. Each arm overrides a few keys on top of those four (the arm
+``shipped`` overrides nothing: it is what the installed emseg gives). After training, ``best.pt``
+predicts the scored sections (as ``emseg predict`` does: default window, overlap and precision) and
+the Jaccard per class is computed as ``emseg evaluate`` does.
 
-Runs are stored in ``--out`` as soon as each is done; a killed campaign continues where it stopped.
+``--stage screen`` (the default) scores the validation sections 12-14: the arms are compared, and
+the defaults chosen, there. ``--stage test`` scores the test sections 15-19, once per reported
+configuration (the shipped defaults, 5 seeds fixed in advance). Runs are stored in ``--out`` as soon
+as each is done; a killed campaign continues where it stopped.
 
-    python benchmarks/results/defaults_vnc.py --arms shipped,old --seeds 0 --seconds 600
-    python benchmarks/results/defaults_vnc.py --markdown      # the table of docs/results.md
+    python benchmarks/results/defaults_vnc.py --stage screen --arms shipped,old-w16 --seeds 0,1,2 --seconds 600 \
+        --out benchmarks/results/defaults/screen.json
+    python benchmarks/results/defaults_vnc.py --stage test --arms shipped --seeds 0,1,2,3,4 --seconds 600 \
+        --out benchmarks/results/defaults/test.json
+    python benchmarks/results/defaults_vnc.py --markdown --out benchmarks/results/defaults/test.json
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime
 
 CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
+#: Sections of VNC stack 1 per role (the protocol of docs/results.md).
+TRAIN, SCORED = (0, 12), {"screen": (12, 15), "test": (15, 20)}
 
 #: Overrides per arm, on top of the four new-user keys. ``old`` is the defaults before they were
 #: chosen by this campaign (width 32, constant lr 1e-3, NLL, no class weights).
@@ -53,7 +61,7 @@ ARMS: dict[str, dict] = {
 def new_user_config(vnc: Path, seconds: float, overrides: dict) -> dict:
     stack = f"{vnc}/vnc_stack1.h5"
     cfg = {"n_classes": 5, "patch_shape": [1, 256, 256], "max_seconds": seconds,
-           "train": [{"raw": f"{stack}:raw", "label": f"{stack}:label", "region": [[0, 15]]}]}
+           "train": [{"raw": f"{stack}:raw", "label": f"{stack}:label", "region": [list(TRAIN)]}]}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -61,7 +69,7 @@ def new_user_config(vnc: Path, seconds: float, overrides: dict) -> dict:
     return cfg
 
 
-def one_run(vnc: Path, arm: str, seconds: float, seed: int) -> dict:
+def one_run(vnc: Path, arm: str, seconds: float, seed: int, stage: str = "screen") -> dict:
     import h5py
 
     from emseg.engine.config import config_from_dict
@@ -74,9 +82,10 @@ def one_run(vnc: Path, arm: str, seconds: float, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(cfg, f"{tmp}/run", runtime=Runtime(device="cpu", seed=seed))
+        first, last = SCORED[stage]
         with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/test.h5", "w") as out:
-            out["raw"] = fh["raw"][15:20]
-            out["label"] = fh["label"][15:20]
+            out["raw"] = fh["raw"][first:last]
+            out["label"] = fh["label"][first:last]
         t1 = time.perf_counter()
         predict_file(PredictConfig(model=f"{tmp}/run/best.pt", input=f"{tmp}/test.h5:raw",
                                    output=f"{tmp}/pred.zarr", output_type="labels", device="cpu"))
@@ -84,7 +93,8 @@ def one_run(vnc: Path, arm: str, seconds: float, seed: int) -> dict:
         with open_volume(f"{tmp}/pred.zarr") as pred, open_volume(f"{tmp}/test.h5:label") as gt:
             scores = evaluate_volumes(pred, gt, n_classes=5)
         curve = (Path(tmp) / "run" / "metrics.csv").read_text()
-    return {"steps": result.final_step, "train_s": result.seconds, "patches_per_s": result.patches_per_s,
+    return {"stage": stage, "sections": list(SCORED[stage]),
+            "steps": result.final_step, "train_s": result.seconds, "patches_per_s": result.patches_per_s,
             "precision": result.precision, "predict_s": t2 - t1, "total_s": time.perf_counter() - t0,
             "jaccard": [float(j) for j in scores.jaccard], "dice": [float(d) for d in scores.dice],
             "overrides": ARMS[arm], "metrics_csv": curve}
@@ -125,7 +135,8 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.bar(x, np.mean(vals), width, color=f"C{c}", label=CLASSES[c] if i == 0 else None, alpha=0.8)
             ax.plot([x] * len(vals), vals, "k.", ms=4)
     ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
-    ax.set_ylabel("test Jaccard (sections 15-19)")
+    stages = {r.get("stage", "test") for r in runs}
+    ax.set_ylabel("validation Jaccard (sections 12-14)" if stages == {"screen"} else "test Jaccard (sections 15-19)")
     ax.axhline(0.85, color="C1", ls=":", lw=0.8)
     ax.legend(ncol=4, fontsize=8)
     ax.set_title("VNC new-user run: four keys + arm overrides (dots = seeds)")
@@ -135,7 +146,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/defaults_vnc.json")
+    ap.add_argument("--out", default="benchmarks/results/defaults/screen.json")
+    ap.add_argument("--stage", choices=tuple(SCORED), default="screen",
+                    help="screen: score validation sections 12-14; test: score test sections 15-19.")
     ap.add_argument("--arms", default="shipped")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--seconds", type=float, default=600.0)
@@ -151,13 +164,15 @@ def main() -> int:
         return no_data()
     import torch
 
-    campaign = Campaign(args.out, {"seconds": args.seconds, "threads": torch.get_num_threads()})
+    campaign = Campaign(args.out, {"seconds": args.seconds, "threads": torch.get_num_threads(),
+                                   "stage": args.stage})
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r} (known: {', '.join(ARMS)})")
-            run = campaign.run({"arm": arm, "seed": seed}, lambda: one_run(vnc, arm, args.seconds, seed))
-            print(f"{arm} seed {seed}: {run['steps']} steps, test Jaccard "
+            run = campaign.run({"arm": arm, "seed": seed, "stage": args.stage},
+                               lambda: one_run(vnc, arm, args.seconds, seed, args.stage))
+            print(f"{arm} seed {seed}: {run['steps']} steps, {args.stage} Jaccard "
                   f"{[round(j, 3) for j in run['jaccard']]}", flush=True)
     plot(campaign.runs, campaign.path.with_suffix(".png"))
     return 0

@@ -1,14 +1,16 @@
 """Do networks learn meta-structures from noisy labels? Luo et al.'s conditions on VNC mitochondria, 3 seeds.
 
 Each (condition, seed) runs ``benchmarks/noise_vnc.py``'s experiment on one binary target (``--target
-mito``: ``label == 1``; ``--target membrane``: ``label >= 2``): the labels of sections 0-14
+mito``: ``label == 1``; ``--target membrane``: ``label >= 2``): the labels of sections 0-11
 corrupted by one ``emseg noise`` mode (seeded), a U-Net trained on them for a fixed number of
-steps, test Dice on the clean labels of sections 15-19. Conditions: CL (clean), RCL flip 0.45 and
+steps (with ``--valid-every N`` the checkpoint is chosen on the clean labels of the validation
+sections 12-14, whose curve shows the plateau), test Dice on the clean labels of sections 15-19,
+scored once. PCL dilation and erosion use the paper's 3 x 3 template (``--dilate-radius 1``). Conditions: CL (clean), RCL flip 0.45 and
 0.49, sample 0.1, PCL dilate / erode / skeleton, RL p = 0.1 and 0.5. Every run is stored in
 ``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
 paired difference to CL with its 95% interval), the figure shows test Dice per condition and the
 training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
-``--valid-every N``, the test Dice every N steps (whether the budget reached the plateau).
+``--valid-every N``, the validation Dice every N steps (whether the budget reached the plateau).
 
     python benchmarks/results/meta_structures.py --seeds 0,1,2 --steps 1000 --downsample 2
     python benchmarks/results/meta_structures.py --target membrane --valid-every 100 \
@@ -96,7 +98,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
     ap.add_argument("--target", default="mito", choices=sorted(noise_vnc.TARGETS))
-    ap.add_argument("--valid-every", type=int, default=0, help="test Dice every N steps (0: only at the end)")
+    ap.add_argument("--valid-every", type=int, default=0,
+                    help="validation Dice (sections 12-14) every N steps, checkpoint chosen on it (0: the last)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--downsample", type=int, default=2)
     ap.add_argument("--patch", type=int, default=64)
@@ -104,7 +107,7 @@ def main() -> int:
     ap.add_argument("--base-width", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--dilate-radius", type=int, default=2)
+    ap.add_argument("--dilate-radius", type=int, default=1, help="PCL radius (1: the paper's 3 x 3 template)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)

@@ -1,0 +1,1 @@
+"""Objects, not only classes: instance labels from semantic predictions and instance metrics."""
