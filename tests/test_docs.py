@@ -47,7 +47,7 @@ def test_architecture_page_names_only_files_and_objects_that_exist():
     assert len(files) > 40
     missing = [f for f in files if not any(str(c).endswith(f) for p in places for c in p.rglob(f.split("/")[-1]))]
     assert missing == []
-    names = set(re.findall(r"`((?:engine|io|semantic|active|runtime|noise|igtt|lcs|models|data)\.[A-Za-z_.]+)`", text))
+    names = set(re.findall(r"`((?:engine|io|semantic|instances|active|runtime|noise|igtt|lcs|models|data)\.[A-Za-z_.]+)`", text))
     assert len(names) > 15
     unresolved = []
     for name in names:

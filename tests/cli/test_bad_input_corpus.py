@@ -186,6 +186,12 @@ CASES = [
     ("evaluate-shape", [E, "{d}/data.h5:small", "{d}/data.h5:label"], ["data.h5:small", "shape"]),
     ("evaluate-missing", [E, "{d}/absent.h5:p", "{d}/data.h5:label"], ["absent.h5"]),
     ("evaluate-float-gt", [E, "{d}/data.h5:label", "{d}/data.h5:flabel"], ["data.h5:flabel"]),
+    ("evaluate-instances-shape", [E, "--instances", "{d}/data.h5:small", "{d}/data.h5:label"],
+     ["data.h5:small", "shape"]),
+    ("evaluate-instances-float", [E, "--instances", "{d}/data.h5:flabel", "{d}/data.h5:label"],
+     ["data.h5:flabel", "float32"]),
+    ("evaluate-instances-empty", [E, "--instances", "{d}/data.h5:empty", "{d}/data.h5:empty"],
+     ["data.h5:empty", "empty"]),
     # query
     ("query-nan-model", [Q, "{d}/nan_weight.pt", "{d}/data.h5:raw", "--n", "1"], ["nan_weight.pt"]),
     ("query-depth-str", [Q, "{d}/depth_str.pt", "{d}/data.h5:raw", "--n", "1"], ["depth_str.pt", "depth"]),
