@@ -251,6 +251,7 @@ def test_n5_written_from_the_spec_reads_in_zyx(tmp_path, compression):
         assert vol.shape == data.shape and vol.chunks == (4, 8, 8)
         np.testing.assert_array_equal(vol[...], data)
         np.testing.assert_array_equal(vol[3:8, 5:14, 20:], data[3:8, 5:14, 20:])
+        np.testing.assert_array_equal(vol[-1, -3:, :-2], data[-1, -3:, :-2])
         assert voxel_size_of(vol) == pytest.approx((40.0, 4.0, 4.0))
 
 

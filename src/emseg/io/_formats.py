@@ -453,6 +453,26 @@ class MrcVolume(_ArrayReader):
 # ------------------------------------------------------------------------------------------ N5
 
 
+def _non_negative(index, shape: Sequence[int]) -> tuple:
+    """``index`` (ints, slices, an Ellipsis) with numpy's negative positions made explicit: tensorstore
+    reads -1 as a coordinate, not as the last element."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+    out = []
+    for i, size in zip(index, shape):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(size)
+            out.append(slice(start, max(start, stop), step) if step > 0 else i)
+        elif isinstance(i, (int, np.integer)):
+            out.append(int(i) + size if i < 0 else int(i))
+        else:
+            out.append(i)
+    return tuple(out)
+
+
 def _n5_voxel_size(attrs: dict, ndim: int) -> tuple[float, ...] | None:
     """Voxel size (z, y, x) nm from N5 attributes: ``pixelResolution`` (with unit) or ``resolution``.
 
@@ -510,7 +530,7 @@ class N5Dataset(_ArrayReader):
 
     def _read(self, index):
         try:
-            return self._store[index].read().result()
+            return self._store[_non_negative(index, self.shape)].read().result()
         except Exception as exc:
             raise InputError(f"cannot read N5 blocks ({str(exc).splitlines()[0]})", source=self._where) from None
 

@@ -97,7 +97,10 @@ class TiffOutputVolume(StagedArray):
             handle = getattr(mapped, "_mmap", None)
             del mapped
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except BufferError:  # a caller still holds a view: the map closes when that goes
+                    pass
 
     def commit(self) -> None:
         if self.committed:
