@@ -68,6 +68,10 @@ def build_config(args: argparse.Namespace):
         "model": {"depth": args.depth, "base_width": args.base_width, "norm": "batch", "dropout": args.dropout},
         "optim": {"lr": args.lr, "warmup_steps": getattr(args, "warmup", 50)},
     }
+    if getattr(args, "init", None):
+        data["init"] = str(args.init)
+    if getattr(args, "finetune", None):
+        data["finetune"] = args.finetune
     if getattr(args, "task", "mito") == "5class":  # background, mitochondria, membrane, synapse, glia
         data["n_classes"] = 5
         del data["label_map"]

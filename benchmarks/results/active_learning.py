@@ -39,9 +39,9 @@ def simulation_args(args) -> argparse.Namespace:
         seeds=args.seeds, strategies=args.strategies, iterations=args.iterations, initial=args.initial,
         per_iteration=args.per_iteration, steps_initial=args.steps_initial, steps_finetune=args.steps_finetune,
         batch_size=args.batch_size, lr=args.lr, lr_finetune=args.lr_finetune, class_weights=args.class_weights,
-        mc_samples=args.mc_samples, candidates=args.candidates, pool_sections="0:15", test_sections="15:20",
-        test_crop=0, depth=args.depth, base_width=args.base_width, dropout=args.dropout, task=args.task,
-        warmup=args.warmup)
+        mc_samples=args.mc_samples, candidates=args.candidates, pool_sections=getattr(args, "pool", "0:15"),
+        test_sections="15:20", test_crop=0, depth=args.depth, base_width=args.base_width, dropout=args.dropout,
+        task=args.task, warmup=args.warmup, init=getattr(args, "init", None), finetune=getattr(args, "finetune", None))
 
 
 def add_simulation_arguments(ap: argparse.ArgumentParser) -> None:
@@ -62,6 +62,25 @@ def add_simulation_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-width", type=int, default=8)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--no-full", action="store_true", help="Skip the fully supervised reference runs.")
+    ap.add_argument("--pool", default="0:15",
+                    help="Pool sections START:STOP of VNC stack 1 (0:12 under the protocol of docs/results.md; "
+                         "0:15 reproduces the campaigns run before it).")
+    ap.add_argument("--init", default=None,
+                    help="Start every seed's initial network from this checkpoint (an `emseg pretrain` run's "
+                         "last.pt; the network options must match it).")
+    ap.add_argument("--finetune", default=None, choices=("previous", "init", "scratch"),
+                    help="Where each round starts (default: emseg's).")
+
+
+def campaign_settings(args, leave_out: tuple[str, ...]) -> dict:
+    """The settings a campaign JSON records: every option but the output ones and ``leave_out``; the
+    options added later (``pool``, ``init``, ``finetune``) only when they differ from their defaults,
+    so that campaigns run before them still resume."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "no_full", "seeds") + leave_out}
+    for key, default in (("pool", "0:15"), ("init", None), ("finetune", None)):
+        if settings.get(key) == default:
+            settings.pop(key, None)
+    return settings
 
 
 def build(args):
@@ -209,8 +228,7 @@ def main() -> int:
                   f"n={r['n_labelled']} J={r['mean_fg_jaccard']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     result = run_simulation(config, out / "simulation", runtime=Runtime(device="cpu"), progress=progress)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "no_full", "seeds", "strategies")}
-    campaign = Campaign(out / "results.json", settings)
+    campaign = Campaign(out / "results.json", campaign_settings(args, ("strategies",)))
     if not args.no_full:
         total = args.steps_initial + args.iterations * args.steps_finetune
         for seed in (int(s) for s in args.seeds.split(",")):

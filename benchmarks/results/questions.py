@@ -350,9 +350,7 @@ def main() -> int:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     result = run_simulation(config, out / "simulation", runtime=Runtime(device="cpu"), progress=progress)
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("out", "markdown", "no_full", "seeds", "dense_arms", "question_arms")}
-    campaign = Campaign(out / "results.json", settings)
+    campaign = Campaign(out / "results.json", active_learning.campaign_settings(args, ("dense_arms", "question_arms")))
     if not args.no_full:
         total = args.steps_initial + args.iterations * args.steps_finetune
         for seed in config.seeds:
