@@ -114,11 +114,14 @@ def train_model(name: str, work: Path, train: Path, args, offset, *, classes, la
     return work / name / "last.pt", seconds
 
 
-def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None):
-    """(probabilities per label, merged label maps by merge, seconds, calibration or None)."""
+def infer(model: Path, test: Path, out: Path, labels, atlas_labels=None, device: str = "cpu"):
+    """(probabilities per label, merged label maps by merge, seconds, calibration or None).
+
+    A conditioned model's maps are merged both ways (``calibrated`` and ``max``), a baseline's by
+    its softmax (``max``)."""
     t0 = time.perf_counter()
     result = infer_file(InferConfig(str(model), f"{test}:raw", str(out), labels=tuple(labels),
-                                    atlas_labels=atlas_labels, device="cpu", batch_size=4))
+                                    atlas_labels=atlas_labels, device=device, batch_size=4))
     probs = {}
     for l in labels:
         with open_volume(result.arrays[f"prob_{l}"]) as vol:
