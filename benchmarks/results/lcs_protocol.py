@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -353,7 +354,11 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lcs_protocol_"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_campaign(args, campaign, root, work)
+    try:
+        run_campaign(args, campaign, root, work)
+    finally:
+        if args.workdir is None:  # the copies of the validation and test sections
+            shutil.rmtree(work, ignore_errors=True)
     campaign.doc["seconds"] = time.perf_counter() - t0
     campaign.save()
     print(table(campaign.doc))
