@@ -118,24 +118,43 @@ def test_meta_structures_table_pairs_with_clean_labels(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
 
 
-def test_lazy_labels_table_reports_the_false_positive_ratio():
+def test_lazy_labels_table_pairs_lazy_with_dense_and_equal_cost_dense(tmp_path):
     import lazy_labels
 
-    runs = [{"seed": s, "arms": {
-        "dense": {"steps": 100, "jaccard": [0.9, 0.50 + 0.01 * s], "bg_false_positive_voxels": 200,
-                  "bg_false_positive_rate": 0.001},
-        "lazy": {"steps": 98, "jaccard": [0.9, 0.49 + 0.01 * s], "bg_false_positive_voxels": 50,
-                 "bg_false_positive_rate": 0.00025}}} for s in (0, 1)]
-    text = lazy_labels.table(runs)
-    assert "random windows, lazy / dense: 0.25" in text and "50/200, 50/200" in text
-    assert "-0.010 [-0.010, -0.010]" in text and "monotonic" not in text
-    for r in runs:  # held-out monotonic windows too: a column pair and a ratio of their own
-        r["arms"]["dense"].update(monotonic_bg_false_positive_voxels=400, monotonic_bg_false_positive_rate=0.002)
-        r["arms"]["lazy"].update(monotonic_bg_false_positive_voxels=100 + 100 * r["seed"],
-                                 monotonic_bg_false_positive_rate=0.001)
-    text = lazy_labels.table(runs)
-    assert "monotonic windows, lazy / dense: 0.38" in text and "100/400, 200/400" in text  # 300 / 800
-    assert text.splitlines()[0].count("|") == 8
+    settings = {"dense_sizes": [4, 8], "lazy_counts": [40], "lazy_prio": 0.25, "lazy_cost": 0.1}
+    assert lazy_labels.trainings(settings) == [(4, 0), (4, 40), (8, 0), (8, 40), (12, 0)]  # (8, 0) once
+    jaccard = {(4, 0): 0.50, (4, 40): 0.55, (8, 0): 0.60, (8, 40): 0.62, (12, 0): 0.70}
+    runs = [{"seed": s, "windows": w, "lazy": m, "jaccard": j + 0.01 * s, "fp": 1000 - 100 * m // 40}
+            for s in (0, 1) for (w, m), j in jaccard.items()]
+    doc = {"settings": settings, "runs": runs}
+    text = lazy_labels.table(doc)
+    assert "**4 dense windows**" in text and "**8 dense windows**" in text
+    assert "+40 lazy - dense: Jaccard +0.050 [+0.050, +0.050], FP voxels -100 [-100, -100]" in text
+    assert "+40 lazy - equal-cost dense: Jaccard -0.050 [-0.050, -0.050]" in text  # 4 + 40 lazy vs 8 dense
+    assert "+40 lazy - equal-cost dense: Jaccard -0.080 [-0.080, -0.080]" in text  # 8 + 40 lazy vs 12 dense
+    assert "| dense at equal cost (40 lazy) | 12 | 0 | 12 |" in text
+    lazy_labels.plot(doc, tmp_path / "lazy.png")
+    assert (tmp_path / "lazy.png").stat().st_size > 0
+
+
+def test_lazy_labels_windows_follow_the_split_and_the_raw_criterion():
+    import lazy_labels
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 255, (20, 512, 512)).astype(np.uint8)
+    raw[3, :256, :256] = 128  # a flat, monotonic region
+    mito = np.zeros(raw.shape, bool)
+    mito[:, 300:310, 300:310] = True
+    dense = lazy_labels.dense_list(raw.shape, 32, seed=1)
+    assert dense[:4] == lazy_labels.dense_list(raw.shape, 4, seed=1)  # nested
+    assert all(0 <= z < 12 for z, _, _ in dense)
+    lazy = lazy_labels.lazy_list(raw, mito, dense, 5, seed=1, share=0.05)
+    assert lazy[:2] == lazy_labels.lazy_list(raw, mito, dense, 2, seed=1, share=0.05)
+    for z, y, x in lazy:
+        assert 0 <= z < 12 and not mito[z, y:y + 128, x:x + 128].any()
+        assert not any(lazy_labels.overlaps((z, y, x), d) for d in dense)
+    flat = [b for b in lazy if b[0] == 3 and b[1] + 128 <= 256 and b[2] + 128 <= 256]
+    assert flat or any(lazy_labels.overlaps(b, d) for d in dense for b in [(3, 0, 0)])
 
 
 def test_meta_structures_late_gain_reads_the_curve_halfway():
