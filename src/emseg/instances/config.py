@@ -82,6 +82,10 @@ class SegmentConfig:
     block_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("classes", "boundary_classes", "halo", "block_shape"):  # one int or a list: a tuple
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in np.atleast_1d(value)))
         if self.mode not in MODES:
             raise InputError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("classes", "boundary_classes"):
