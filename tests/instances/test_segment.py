@@ -195,6 +195,30 @@ def test_watershed_3d_blockwise_is_within_a_small_variation_of_information():
         assert sum(variation_of_information(whole, out)) <= 0.01, block
 
 
+def test_blocks_no_seed_reaches_are_flooded_from_their_neighbours():
+    """A 2D corridor with a seed at each end, cut into blocks whose halo reaches no seed from the
+    middle: the middle is flooded from the objects written beside it, a pocket no seed can reach
+    stays 0, as in the whole volume."""
+    boundary = np.full((12, 90), 0.9, np.float32)  # walls, outside the mask
+    boundary[2:10, 1:80] = 0.5  # the corridor: flooded, no seed
+    boundary[4:8, 2:8] = boundary[4:8, 72:78] = 0.0  # two seeds
+    boundary[3:9, 83:88] = 0.5  # a pocket without a seed
+    probs = np.stack([1 - boundary, boundary])
+    config = SegmentConfig(mode="watershed", boundary_classes=(1,), mask_threshold=0.7, seed_erosion=0,
+                           seed_min_size=1, min_size=0, halo=4)
+    whole = run(probs, config, (12, 90))
+    out = np.zeros(boundary.shape, np.uint64)
+    result = segment_probabilities(probs, config.replace(block_shape=(12, 10)), out)
+    assert result.stats.refilled > 0 and result.n_objects == 2
+    for labels in (whole, out):
+        assert np.array_equal(labels != 0, boundary < 0.7) is False  # the pocket
+        assert (labels[2:10, 1:80] != 0).all() and not labels[3:9, 83:88].any()
+        assert labels[5, 3] != labels[5, 76]
+        for i in (1, 2):
+            assert ndimage.label(labels == i)[1] == 1  # each object in one piece
+    assert sum(variation_of_information(whole, out)) < 0.1
+
+
 # ----------------------------------------------------------------------------- config and outputs
 
 
@@ -290,7 +314,8 @@ def test_segment_with_the_network_equals_predict_then_segment_probabilities(tmp_
 def test_cli_segment_json_and_from_probabilities(tmp_path, model_and_raw):
     ckpt, raw = model_and_raw
     out = tmp_path / "mito.h5"
-    result = _cli("segment", ckpt, f"{raw}:raw", f"{out}:objects", "--classes", "1", "--3d", "--min-size", "0", "--block", "2,32,32", "--device", "cpu", "--json")
+    result = _cli("segment", ckpt, f"{raw}:raw", f"{out}:objects", "--classes", "1", "--3d", "--min-size", "0",
+                  "--block", "2,32,32", "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     with h5py.File(out, "r") as fh:
@@ -312,7 +337,8 @@ def test_cli_segment_json_and_from_probabilities(tmp_path, model_and_raw):
 @pytest.mark.parametrize("args, words", [
     (["--classes", "3"], ["model.pt", "--classes 3 is out of range", "3 classes"]),
     (["--mode", "watershed", "--boundary-classes", "1,7"], ["--boundary-classes 7 is out of range"]),
-    (["--mode", "watershed", "--boundary-classes", "2", "--block", "2,8,8", "--halo", "16"], ["--block (2, 8, 8)", "halo (0, 16, 16)"]),
+    (["--mode", "watershed", "--boundary-classes", "2", "--block", "2,8,8", "--halo", "16"],
+     ["--block (2, 8, 8)", "halo (0, 16, 16)"]),
     (["--seed-threshold", "1.5"], ["--seed-threshold"]),
     (["--overlap", "1.5"], ["--overlap"]),
     (["--classes", "x"], ["--classes"]),

@@ -43,7 +43,7 @@ from emseg.instances.objects import (crop, grow, label_mask, map_dtype, neighbou
                                      watershed_block)
 from emseg.instances.stitch import IdTable, face_pairs, resolve_ids
 from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, create_volume,
-                      open_volume, parse_spec)
+                      open_volume)
 from emseg.runtime.precision import DEFAULT_PRECISION
 
 Progress = Callable[[int, int], None]
@@ -94,13 +94,16 @@ class SegmentFileConfig:
 
 @dataclass(frozen=True)
 class SegmentStats:
-    """What :func:`segment_maps` did: objects written, provisional ids and face merges."""
+    """What :func:`segment_maps` did: objects written, provisional ids, pairs merged across faces,
+    objects removed by the size filter; for the watershed, the seeds and the voxels flooded from
+    neighbouring blocks because no seed within their block's halo reached them."""
 
     n_objects: int
     provisional: int
     merged_pairs: int
     removed_small: int
     n_seeds: int | None = None
+    refilled: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ class SegmentResult:
                "provisional_ids": self.stats.provisional, "merged_pairs": self.stats.merged_pairs,
                "removed_small": self.stats.removed_small, "config": self.config.to_dict()}
         if self.stats.n_seeds is not None:
-            out["n_seeds"] = self.stats.n_seeds
+            out.update(n_seeds=self.stats.n_seeds, refilled_voxels=self.stats.refilled)
         if self.patch_shape is not None:
             out.update(patch_shape=list(self.patch_shape), precision=self.precision)
         return out
@@ -173,18 +176,73 @@ def segment_maps(read_map: Callable[[tuple[slice, ...]], np.ndarray], shape: Seq
     pairs = _pairs(blocks, seeds, shape, structure, tick)
     seed_ids, n_seeds, _ = resolve_ids(table.total, pairs, table.sizes, config.seed_min_size)
     sizes = np.zeros(n_seeds + 1, dtype=np.int64)
+    holes = []
     for block in blocks:
         region = grow(block.inner, halo, shape)
-        flooded = watershed_block(read_map(region), seed_ids[np.asarray(seeds[region])], config)
-        inner = crop(flooded, region, block.inner)
+        boundary = read_map(region)
+        inner = crop(watershed_block(boundary, seed_ids[np.asarray(seeds[region])], config), region, block.inner)
         dest[block.inner] = inner
         ids, counts = np.unique(inner, return_counts=True)
         np.add.at(sizes, ids.astype(np.int64), counts)
+        if _unflooded(inner, crop(boundary, region, block.inner), config).any():
+            holes.append(block)
         tick(block)
+    refilled = _flood_holes(holes, read_map, shape, config, dest, sizes, scratch, block_shape)
     sizes[0] = 0
     mapping, n_objects, found = resolve_ids(n_seeds, np.zeros((0, 2), np.int64), sizes, config.min_size)
     _relabel(blocks, dest, mapping, tick)
-    return SegmentStats(n_objects, table.total, len(pairs), found - n_objects, n_seeds=n_seeds)
+    return SegmentStats(n_objects, table.total, len(pairs), found - n_objects, n_seeds=n_seeds, refilled=refilled)
+
+
+def _unflooded(labels: np.ndarray, boundary: np.ndarray, config: SegmentConfig) -> np.ndarray:
+    """Voxels left 0 inside the region the watershed floods (``mask_threshold``, or everywhere)."""
+    zero = labels == 0
+    return zero & (boundary < config.mask_threshold) if config.mask_threshold is not None else zero
+
+
+def _flood_holes(holes: list[Block], read_map: Callable[[tuple[slice, ...]], np.ndarray], shape: tuple[int, ...],
+                 config: SegmentConfig, dest: Any, sizes: np.ndarray, scratch: "Scratch",
+                 block_shape: Sequence[int]) -> int:
+    """Flood what no seed within a block's halo reached from the objects already written around it.
+
+    A voxel left 0 inside the flooded region had its seed beyond the halo (the whole-volume
+    watershed would have flooded it): each such block is flooded again from the ids written in
+    it and around it (the halo, at least one voxel across each face that objects cross), and only
+    its 0 voxels take the result. Rounds repeat while they fill anything; a round floods only from
+    what was written before it (``scratch`` records the round of each filled voxel), so floods
+    from both sides of a seedless stretch advance alike, block by block. Voxels no object can
+    reach stay 0, as in the whole volume. Returns the voxels filled.
+    """
+    if not holes:
+        return 0
+    within = (0,) + (1,) * (len(shape) - 1) if config.per_section and len(shape) == 3 else (1,) * len(shape)
+    reach = tuple(max(h, w) for h, w in zip(config.halo_for(shape), within))
+    stamp = scratch.array("refilled", shape, np.uint32, block_shape)
+    filled, round_ = 0, 0
+    while holes:
+        round_ += 1
+        left, changed = [], False
+        for block in holes:
+            region = grow(block.inner, reach, shape)
+            boundary, labels = read_map(region), np.asarray(dest[region])
+            labels = np.where(np.asarray(stamp[region]) < round_, labels, 0)  # not what this round filled
+            after = crop(watershed_block(boundary, labels, config), region, block.inner)
+            before = crop(labels, region, block.inner).copy()  # only this block writes here: nothing masked
+            new = (before == 0) & (after != 0)
+            if new.any():
+                before[new] = after[new]
+                dest[block.inner] = before
+                stamp[block.inner] = np.where(new, round_, np.asarray(stamp[block.inner]))
+                ids, counts = np.unique(after[new], return_counts=True)
+                np.add.at(sizes, ids.astype(np.int64), counts)
+                filled += int(np.count_nonzero(new))
+                changed = True
+            if _unflooded(before, crop(boundary, region, block.inner), config).any():
+                left.append(block)
+        if not changed:
+            break
+        holes = left
+    return filled
 
 
 def _label_blocks(blocks: Sequence[Block], store: Any, structure: np.ndarray,
