@@ -332,6 +332,13 @@ def test_cli_segment_json_and_from_probabilities(tmp_path, model_and_raw):
     doc = json.loads(result.stdout)
     assert doc["mode"] == "watershed" and doc["config"]["boundary_classes"] == [2] and doc["config"]["min_size"] == 0
     assert doc["config"]["seed_threshold"] == 0.3 and doc["n_objects"] > 0
+    again = _cli("segment", "--from-probabilities", tmp_path / "p.zarr", tmp_path / "cells.zarr", "--config", toml)
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    again = _cli("segment", "--from-probabilities", tmp_path / "p.zarr", tmp_path / "cells.zarr", "--config", toml,
+                 "--overwrite", "--min-size", "0", "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["n_objects"] == doc["n_objects"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr", "mito.h5", "model.pt", "p.zarr", "raw.h5",
+                                                          "s.toml"]  # no scratch, no lock left
 
 
 @pytest.mark.parametrize("args, words", [

@@ -20,8 +20,9 @@ probabilities already on disk (``emseg predict``'s (C, *S) output) or in memory.
        across faces as above, so every seed has one global id; the erosion reads ``seed_erosion``
        voxels of context, which makes the seeds exact; 2. each block is flooded from the global
        seeds found in the block and its ``halo`` and keeps its inner part, so an object carries its
-       seed's id in every block it reaches and needs no matching across faces; 3. objects under
-       ``min_size`` are dropped and the rest numbered 1..N. A block differs from the whole-volume
+       seed's id in every block it reaches and needs no matching across faces; voxels no seed within
+       the halo reached are then flooded from the objects written around their block; 3. objects
+       under ``min_size`` are dropped and the rest numbered 1..N. A block differs from the whole-volume
        watershed only where a basin would be flooded from beyond the halo; with ``per_section``
        and blocks of whole sections the result equals the whole-volume one exactly.
 """
