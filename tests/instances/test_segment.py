@@ -266,6 +266,10 @@ def test_probability_inputs_that_are_not_probabilities_are_refused(tmp_path):
     labels.attrs.update(output_type="labels")
     with pytest.raises(InputError, match="not class probabilities"):
         segment_probabilities(str(tmp_path / "labels.zarr"), SegmentConfig(), str(tmp_path / "o.zarr"))
+    raw = tmp_path / "raw.h5"
+    write_h5(raw, raw=synthetic((4, 32, 32), 1).raw)
+    with pytest.raises(InputError, match="do not sum to 1"):
+        segment_probabilities(f"{raw}:raw", SegmentConfig(), str(tmp_path / "o.zarr"))
     with pytest.raises(InputError, match="`classes` 2 is out of range: the model has 2 classes"):
         segment_probabilities(np.ones((1, 4, 4, 4), np.float32) * 0.4, SegmentConfig(classes=(2,)),
                               np.zeros((4, 4, 4), np.uint64))

@@ -367,14 +367,30 @@ class ProbabilityReader:
         return max(2, self.n_channels)
 
     def __call__(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The probabilities of ``region``, checked: finite, and summing to 1 over the classes (or
+        in [0, 1] for one channel), so that a raw volume given by mistake is refused."""
         data = np.asarray(self.array[(slice(None),) + tuple(region)])
         if self.scale is not None:
-            return data.astype(np.float32) * np.float32(self.scale)
-        data = data.astype(np.float32, copy=False)
+            data = data.astype(np.float32) * np.float32(self.scale)
+        else:
+            data = data.astype(np.float32, copy=False)
+        where = ", ".join(f"{s.start}:{s.stop}" for s in region)
         if not np.all(np.isfinite(data)):
-            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
             raise InputError(f"probabilities are not finite in [{where}]", source=self.source)
+        if data.size:
+            if len(data) == 1:
+                off = max(0.0, -float(data.min()), float(data.max()) - 1)
+            else:
+                off = float(np.abs(data.sum(axis=0) - 1).max())
+            if off > PROBABILITY_TOLERANCE:
+                what = "lie outside [0, 1]" if len(data) == 1 else "do not sum to 1 over the channels"
+                raise InputError(f"values {what} (by up to {off:.3g}) in [{where}]: not class probabilities "
+                                 f"(C, *S) of `emseg predict`", source=self.source)
         return data
+
+
+#: How far probabilities may sum from 1 (uint8 storage rounds each channel by up to 0.5 / 255).
+PROBABILITY_TOLERANCE = 0.05
 
 
 def _attrs(array: Any) -> dict:
