@@ -27,11 +27,17 @@ Printed in one run (and written as JSON with --json-out):
 9. Reading the formats (``formats``): the VNC stack as uncompressed HDF5, a multi-page TIFF, a
    compressed TIFF, a folder of TIFF slices, a folder of PNG slices and an MRC file, read whole
    section by section and as 512 random 128^2 training patches; seconds and the ratio to HDF5.
+10. ``emseg segment`` against ``emseg predict`` on the same network (``segment``): voxels/s and peak
+   RSS of predict (float32 probabilities), segment with the network (components of class 1, and
+   the per-section watershed of classes 2-4) and the post-processing alone on the predicted
+   probabilities (``segment --from-probabilities``), each in its own process. The network has
+   random weights, so its maps hold few objects; the post-processing alone is timed on maps made
+   from the VNC labels (smoothed, with smooth noise), which hold the stack's real objects.
 
 Usage::
 
     python benchmarks/speed.py [--quick] [--json-out speed.json]
-        [--only gemm,net,train,predict,bald,pretrain,pipeline,formats]
+        [--only gemm,net,train,predict,bald,pretrain,pipeline,formats,segment]
 """
 from __future__ import annotations
 
@@ -399,6 +405,80 @@ def bench_pipeline(vnc: Path | None, sections: int, gemm: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- 10. segment
+def _segment_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
+    """Runs in a fresh process: predict, segment with the network, or segment the probabilities."""
+    import h5py
+
+    from emseg.instances.config import SegmentConfig
+    from emseg.instances.segment import SegmentFileConfig, segment_file, segment_probabilities
+    from emseg.semantic.predict import PredictConfig, predict_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/in.h5", "w") as out:
+            out["raw"] = fh["raw"][:sections]
+        src, probs = f"{tmp}/in.h5:raw", f"{tmp}/p.zarr"
+        voxels = sections * 1024 * 1024
+        mode = case.split("-")[-1]
+        seg = SegmentConfig(mode=mode if mode != "predict" else "components")
+
+        def predict():
+            return predict_file(PredictConfig(model=ckpt, input=src, output=probs, device="cpu", overwrite=True))
+
+        if case.startswith("post-"):  # maps with real geometry: the labels smoothed, with smooth noise
+            from scipy import ndimage
+            import zarr
+
+            with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
+                onehot = np.stack([fh["label"][:sections] == c for c in range(5)]).astype(np.float32)
+            p = ndimage.gaussian_filter(onehot, (0, 0, 2, 2))
+            p += 0.3 * ndimage.gaussian_filter(np.random.default_rng(0).random(p.shape, dtype=np.float32), (0, 0, 2, 2))
+            p /= p.sum(0, keepdims=True)
+            zarr.create_array(store=probs, shape=p.shape, dtype=np.float32, chunks=(1, 1, 1024, 1024))[...] = p
+            del onehot, p
+            seg = seg.replace(seed_threshold=0.35)  # above this map's noise floor (docs/instances.md)
+        base = _peak_rss_mb()
+        t0 = time.perf_counter()
+        if case == "predict":
+            res = predict()
+        elif case.startswith("segment-"):
+            res = segment_file(SegmentFileConfig(output=f"{tmp}/s.zarr", model=ckpt, input=src, segment=seg,
+                                                 device="cpu"))
+        else:
+            res = segment_probabilities(probs, seg, f"{tmp}/s.zarr")
+        dt = time.perf_counter() - t0
+        row = {"voxels_per_s": voxels / dt, "seconds": dt, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base,
+               "block_shape": list(res.block_shape)}
+        if case != "predict":
+            row["n_objects"] = res.n_objects
+        return row
+
+
+def bench_segment(vnc: Path | None, sections: int) -> dict:
+    if vnc is None:
+        return {"skipped": "no VNC data"}
+    from emseg.models import UNet
+    from emseg.models.checkpoint import save_checkpoint
+
+    out: dict = {"sections": sections}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        net = UNet(**NETS["2d"]["config"])
+        ckpt = f"{tmp}/m.pt"
+        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
+                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        for case in ("predict", "segment-components", "segment-watershed", "post-components", "post-watershed"):
+            out[case] = row = _in_fresh_process(["--segment-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
+                                                 "--sections", str(sections)])
+            if "error" not in row:
+                print(f"  {case:18s} {row['voxels_per_s'] / 1e6:6.2f} Mvoxel/s  peak RSS {row['peak_rss_mb']:6.0f} MB"
+                      + (f"  {row['n_objects']} objects" if "n_objects" in row else ""), flush=True)
+    for case in ("segment-components", "segment-watershed"):
+        if "voxels_per_s" in out.get(case, {}) and "voxels_per_s" in out.get("predict", {}):
+            out[f"speed_{case}_over_predict"] = out[case]["voxels_per_s"] / out["predict"]["voxels_per_s"]
+    return out
+
+
 # --------------------------------------------------------------------------- 9. formats
 def bench_formats(vnc: Path | None, patches: int = 512) -> dict:
     """The same volume in every input format: whole reads and random patch reads, against HDF5."""
@@ -538,12 +618,13 @@ def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Short timings and 4 sections (a smoke run).")
-    ap.add_argument("--only", default="gemm,net,train,predict,bald,pretrain,pipeline,formats")
+    ap.add_argument("--only", default="gemm,net,train,predict,bald,pretrain,pipeline,formats,segment")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--compile-too", action="store_true", help="Also time torch.compile on the 2D network.")
     ap.add_argument("--predict-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bald-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pipeline-case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--segment-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--vnc", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sections", type=int, default=20, help=argparse.SUPPRESS)
@@ -561,6 +642,9 @@ def main() -> None:
         return
     if args.pipeline_case:
         print(json.dumps(_pipeline_case(args.pipeline_case, args.vnc, args.ckpt, args.sections)))
+        return
+    if args.segment_case:
+        print(json.dumps(_segment_case(args.segment_case, args.vnc, args.ckpt, args.sections)))
         return
     from emseg.runtime.precision import cpu_bf16_support
 
@@ -586,6 +670,8 @@ def main() -> None:
         results["pipeline"] = bench_pipeline(vnc, 4 if args.quick else 20, gemm)
     if "formats" in only:
         results["formats"] = bench_formats(vnc, 64 if args.quick else 512)
+    if "segment" in only:
+        results["segment"] = bench_segment(vnc, 4 if args.quick else 20)
     results["load_average_end"] = os.getloadavg()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))

@@ -1,0 +1,570 @@
+"""Objects from a semantic network, block by block with consistent ids (the core of ``emseg segment``).
+
+:func:`segment_file` runs the network of an ``emseg train`` checkpoint over a raw volume block by
+block (:func:`~emseg.engine.inference.predict_volume`) and keeps, per voxel, only what the mode
+reads (:func:`~emseg.instances.objects.object_map`: a foreground mask or a boundary probability)
+in a scratch array beside the output; :func:`segment_probabilities` does the same from class
+probabilities already on disk (``emseg predict``'s (C, *S) output) or in memory. Both then run
+:func:`segment_maps`, which never holds more than a block and its halo:
+
+``components``
+    1. each block labels the connected components of its foreground alone; its ids are made
+       unique by the count of ids before it (:class:`~emseg.instances.stitch.IdTable`) and written;
+    2. ids that touch across block faces are merged (:func:`~emseg.instances.stitch.face_pairs`,
+       :func:`~emseg.instances.stitch.resolve_ids`), objects under ``min_size`` dropped and the
+       rest numbered 1..N; 3. each block is relabelled through that map. The partition equals the
+       connected components of the whole volume exactly, for every block grid.
+
+``watershed``
+    1. seeds (the connected components of the eroded low-boundary region) are labelled and merged
+       across faces as above, so every seed has one global id; the erosion reads ``seed_erosion``
+       voxels of context, which makes the seeds exact; 2. each block is flooded from the global
+       seeds found in the block and its ``halo`` and keeps its inner part, so an object carries its
+       seed's id in every block it reaches and needs no matching across faces; voxels no seed within
+       the halo reached are then flooded from the objects written around their block; 3. objects
+       under ``min_size`` are dropped and the rest numbered 1..N. A block differs from the whole-volume
+       watershed only where a basin would be flooded from beyond the halo; with ``per_section``
+       and blocks of whole sections the result equals the whole-volume one exactly.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from emseg.engine.blocks import Block, default_block_shape, plan_blocks
+from emseg.errors import InputError
+from emseg.instances.config import SegmentConfig, check_block, default_segment_block
+from emseg.instances.objects import (crop, grow, label_mask, map_dtype, neighbourhood, object_map, seed_region,
+                                     watershed_block)
+from emseg.instances.stitch import IdTable, face_pairs, resolve_ids
+from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, create_volume,
+                      open_volume)
+from emseg.runtime.precision import DEFAULT_PRECISION
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SegmentFileConfig:
+    """``emseg segment``: where from (a checkpoint and raw volume, or probabilities) and where to.
+
+    Either ``model`` and ``input`` (the network runs, windowed like ``emseg predict``) or
+    ``probabilities`` (a (C, *S) volume of class probabilities, float or uint8 scaled by its
+    ``scale`` attribute, as ``emseg predict`` writes it).
+    """
+
+    output: str
+    model: str | None = None
+    input: str | None = None
+    probabilities: str | None = None
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    patch_shape: tuple[int, ...] | None = None  # default: the training patch
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+    device: str = "auto"
+    precision: str = DEFAULT_PRECISION
+    compile: bool = False
+    #: Replace an existing OUTPUT (a dataset of an HDF5 file, a zarr array or store); refused otherwise.
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        network = self.model is not None or self.input is not None
+        if network and self.probabilities is not None:
+            raise InputError("give either a `model` and an `input`, or `probabilities`, not both")
+        if not network and self.probabilities is None:
+            raise InputError("give a `model` and an `input`, or `probabilities`")
+        if network and (self.model is None or self.input is None):
+            raise InputError("the network form needs both a `model` and an `input`")
+
+    def predict_config(self):
+        """The same run as an :class:`~emseg.semantic.predict.PredictConfig` (its checks are reused)."""
+        from emseg.semantic.predict import PredictConfig
+
+        return PredictConfig(model=str(self.model), input=str(self.input), output=self.output,
+                             patch_shape=self.patch_shape, overlap=self.overlap, blend=self.blend,
+                             batch_size=self.batch_size, block_shape=self.segment.block_shape, device=self.device,
+                             precision=self.precision, compile=self.compile, overwrite=self.overwrite)
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """What :func:`segment_maps` did: objects written, provisional ids, pairs merged across faces,
+    objects removed by the size filter; for the watershed, the seeds and the voxels flooded from
+    neighbouring blocks because no seed within their block's halo reached them."""
+
+    n_objects: int
+    provisional: int
+    merged_pairs: int
+    removed_small: int
+    n_seeds: int | None = None
+    refilled: int | None = None
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    output: str
+    shape: tuple[int, ...]
+    mode: str
+    n_objects: int
+    block_shape: tuple[int, ...]
+    halo: tuple[int, ...]
+    blocks: int
+    seconds: float
+    stats: SegmentStats
+    config: SegmentConfig
+    #: The network's window and precision (None from probabilities).
+    patch_shape: tuple[int, ...] | None = None
+    precision: str | None = None
+
+    @property
+    def voxels_per_s(self) -> float:
+        voxels = int(np.prod(self.shape))
+        return voxels / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"output": self.output, "shape": list(self.shape), "mode": self.mode, "n_objects": self.n_objects,
+               "block_shape": list(self.block_shape), "halo": list(self.halo), "blocks": self.blocks,
+               "seconds": round(self.seconds, 3), "voxels_per_s": round(self.voxels_per_s, 1),
+               "provisional_ids": self.stats.provisional, "merged_pairs": self.stats.merged_pairs,
+               "removed_small": self.stats.removed_small, "config": self.config.to_dict()}
+        if self.stats.n_seeds is not None:
+            out.update(n_seeds=self.stats.n_seeds, refilled_voxels=self.stats.refilled)
+        if self.patch_shape is not None:
+            out.update(patch_shape=list(self.patch_shape), precision=self.precision)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# the blockwise post-processing
+# --------------------------------------------------------------------------------------------
+
+def segment_maps(read_map: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence[int], config: SegmentConfig,
+                 dest: Any, *, block_shape: Sequence[int], scratch: "Scratch",
+                 progress: Progress | None = None) -> SegmentStats:
+    """Objects of the map ``read_map(region)`` (see :func:`~emseg.instances.objects.object_map`) of a
+    volume of ``shape``, written into ``dest`` (uint64, sliceable for writing and reading back)
+    block by block; ``scratch`` holds the watershed's seeds."""
+    shape = tuple(int(s) for s in shape)
+    halo = config.halo_for(shape)
+    check_block(block_shape, shape, halo)
+    blocks = plan_blocks(shape, block_shape, (0,) * len(shape))
+    structure = neighbourhood(len(shape), config.connectivity, config.per_section)
+    passes = 3 if config.mode == "components" else 4
+    tick = _Ticker(progress, sum(b.size for b in blocks), passes)
+
+    if config.mode == "components":
+        table = _label_blocks(blocks, dest, structure, lambda b: read_map(b.inner), tick)
+        pairs = _pairs(blocks, dest, shape, structure, tick)
+        mapping, n_objects, found = resolve_ids(table.total, pairs, table.sizes, config.min_size)
+        _relabel(blocks, dest, mapping, tick)
+        return SegmentStats(n_objects, table.total, len(pairs), found - n_objects)
+
+    seed_halo = config.seed_halo_for(shape)
+    seeds = scratch.array("seeds", shape, np.uint64, block_shape)
+
+    def seed_mask(block: Block) -> np.ndarray:
+        region = grow(block.inner, seed_halo, shape)
+        return crop(seed_region(read_map(region), config), region, block.inner)
+
+    table = _label_blocks(blocks, seeds, structure, seed_mask, tick)
+    pairs = _pairs(blocks, seeds, shape, structure, tick)
+    seed_ids, n_seeds, _ = resolve_ids(table.total, pairs, table.sizes, config.seed_min_size)
+    sizes = np.zeros(n_seeds + 1, dtype=np.int64)
+    holes = []
+    for block in blocks:
+        region = grow(block.inner, halo, shape)
+        boundary = read_map(region)
+        inner = crop(watershed_block(boundary, seed_ids[np.asarray(seeds[region])], config), region, block.inner)
+        dest[block.inner] = inner
+        ids, counts = np.unique(inner, return_counts=True)
+        np.add.at(sizes, ids.astype(np.int64), counts)
+        if _unflooded(inner, crop(boundary, region, block.inner), config).any():
+            holes.append(block)
+        tick(block)
+    refilled = _flood_holes(holes, read_map, shape, config, dest, sizes, scratch, block_shape)
+    sizes[0] = 0
+    mapping, n_objects, found = resolve_ids(n_seeds, np.zeros((0, 2), np.int64), sizes, config.min_size)
+    _relabel(blocks, dest, mapping, tick)
+    return SegmentStats(n_objects, table.total, len(pairs), found - n_objects, n_seeds=n_seeds, refilled=refilled)
+
+
+def _unflooded(labels: np.ndarray, boundary: np.ndarray, config: SegmentConfig) -> np.ndarray:
+    """Voxels left 0 inside the region the watershed floods (``mask_threshold``, or everywhere)."""
+    zero = labels == 0
+    return zero & (boundary < config.mask_threshold) if config.mask_threshold is not None else zero
+
+
+def _flood_holes(holes: list[Block], read_map: Callable[[tuple[slice, ...]], np.ndarray], shape: tuple[int, ...],
+                 config: SegmentConfig, dest: Any, sizes: np.ndarray, scratch: "Scratch",
+                 block_shape: Sequence[int]) -> int:
+    """Flood what no seed within a block's halo reached from the objects already written around it.
+
+    A voxel left 0 inside the flooded region had its seed beyond the halo (the whole-volume
+    watershed would have flooded it): each such block is flooded again from the ids written in
+    it and around it (the halo, at least one voxel across each face that objects cross), and only
+    its 0 voxels take the result. Rounds repeat while they fill anything; a round floods only from
+    what was written before it (``scratch`` records the round of each filled voxel), so floods
+    from both sides of a seedless stretch advance alike, block by block. Voxels no object can
+    reach stay 0, as in the whole volume. Returns the voxels filled.
+    """
+    if not holes:
+        return 0
+    within = (0,) + (1,) * (len(shape) - 1) if config.per_section and len(shape) == 3 else (1,) * len(shape)
+    reach = tuple(max(h, w) for h, w in zip(config.halo_for(shape), within))
+    stamp = scratch.array("refilled", shape, np.uint32, block_shape)
+    filled, round_ = 0, 0
+    while holes:
+        round_ += 1
+        left, changed = [], False
+        for block in holes:
+            region = grow(block.inner, reach, shape)
+            boundary, labels = read_map(region), np.asarray(dest[region])
+            labels = np.where(np.asarray(stamp[region]) < round_, labels, 0)  # not what this round filled
+            after = crop(watershed_block(boundary, labels, config), region, block.inner)
+            before = crop(labels, region, block.inner).copy()  # only this block writes here: nothing masked
+            new = (before == 0) & (after != 0)
+            if new.any():
+                before[new] = after[new]
+                dest[block.inner] = before
+                stamp[block.inner] = np.where(new, round_, np.asarray(stamp[block.inner]))
+                ids, counts = np.unique(after[new], return_counts=True)
+                np.add.at(sizes, ids.astype(np.int64), counts)
+                filled += int(np.count_nonzero(new))
+                changed = True
+            if _unflooded(before, crop(boundary, region, block.inner), config).any():
+                left.append(block)
+        if not changed:
+            break
+        holes = left
+    return filled
+
+
+def _label_blocks(blocks: Sequence[Block], store: Any, structure: np.ndarray,
+                  mask_of: Callable[[Block], np.ndarray], tick: "_Ticker") -> IdTable:
+    """Label each block's mask alone and write its ids, shifted to be unique, into ``store``."""
+    table = IdTable()
+    for block in blocks:
+        labels, n = label_mask(mask_of(block), structure)
+        offset = table.add(np.bincount(labels.ravel(), minlength=n + 1)[1:])
+        out = labels.astype(np.uint64)
+        out[labels > 0] += np.uint64(offset)
+        store[block.inner] = out
+        tick(block)
+    return table
+
+
+def _pairs(blocks: Sequence[Block], store: Any, shape: tuple[int, ...], structure: np.ndarray,
+           tick: "_Ticker") -> np.ndarray:
+    found = []
+    for block in blocks:
+        found.append(face_pairs(store, block.inner, shape, structure))
+        tick(block)
+    return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.uint64)
+
+
+def _relabel(blocks: Sequence[Block], dest: Any, mapping: np.ndarray, tick: "_Ticker") -> None:
+    for block in blocks:
+        dest[block.inner] = mapping[np.asarray(dest[block.inner])]
+        tick(block)
+
+
+class _Ticker:
+    """``progress(done, total)`` over every pass of the blocks (a pass = each block once)."""
+
+    def __init__(self, progress: Progress | None, voxels: int, passes: int, done_passes: int = 0):
+        self.progress, self.voxels = progress, voxels
+        self.total = voxels * passes
+        self.done = voxels * done_passes
+        if progress is not None:
+            progress(self.done, self.total)
+
+    def __call__(self, block: Block) -> None:
+        self.done += block.size
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+class Scratch:
+    """Intermediate arrays of one run: zarr arrays in a hidden folder beside the output
+    (``.NAME.segment.tmp-PID-RANDOM``, removed on close; a dead run's folder is removed by the next
+    run), or numpy arrays in memory when ``near`` is None."""
+
+    def __init__(self, near: Path | None = None):
+        self.folder: Path | None = None
+        if near is not None:
+            from emseg.io._store import staging_tag
+            from emseg.runtime.locks import clean_stale_temps
+
+            near = Path(near)
+            clean_stale_temps(near.parent, [f"{near.name}.segment"])
+            self.folder = near.parent / f".{near.name}.segment.{staging_tag()}"
+            self.folder.mkdir(parents=True)
+
+    def array(self, name: str, shape: Sequence[int], dtype: Any, block_shape: Sequence[int]) -> Any:
+        if self.folder is None:
+            return np.zeros(tuple(shape), dtype=dtype)
+        import zarr
+
+        from emseg.io import zarr_compressors
+
+        dtype = np.dtype(dtype)
+        chunks = tuple(min(c, b) for c, b in zip(auto_chunks(shape, dtype.itemsize), block_shape))
+        return zarr.create_array(store=str(self.folder / name), shape=tuple(shape), dtype=dtype, chunks=chunks,
+                                 compressors=zarr_compressors(dtype), fill_value=0)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> "Scratch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# from probabilities
+# --------------------------------------------------------------------------------------------
+
+class ProbabilityReader:
+    """Class probabilities (C, *S) as float32: a float array as it is, an integer one times its
+    ``scale`` attribute (``emseg predict --dtype uint8`` writes 1/255)."""
+
+    def __init__(self, array: Any, *, source: str = "probabilities"):
+        self.array, self.source = array, source
+        shape = tuple(int(s) for s in array.shape)
+        if len(shape) not in (3, 4):
+            raise InputError(f"probabilities must be (C, y, x) or (C, z, y, x), found {len(shape)}D {shape}",
+                             source=source)
+        attrs = _attrs(array)
+        if attrs.get("output_type") not in (None, "probabilities"):
+            raise InputError(f"holds {attrs['output_type']}, not class probabilities (write them with "
+                             f"`emseg predict --output-type probabilities`)", source=source)
+        dtype = np.dtype(array.dtype)
+        if dtype.kind not in "fiu" or dtype == np.bool_:
+            raise InputError(f"probabilities must be float or integer, found {dtype}", source=source)
+        self.n_channels = shape[0]
+        if "n_classes" in attrs and int(attrs["n_classes"]) != self.n_channels:
+            raise InputError(f"has {self.n_channels} channels but its n_classes attribute says {attrs['n_classes']}",
+                             source=source)
+        self.shape = shape[1:]
+        self.scale = None
+        if dtype.kind in "iu":
+            self.scale = float(attrs.get("scale", 1 / 255 if dtype == np.uint8 else 1.0))
+
+    @property
+    def n_classes(self) -> int:
+        """Classes the maps can name (one sigmoid channel stands for two: background and object)."""
+        return max(2, self.n_channels)
+
+    def __call__(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The probabilities of ``region``, checked: finite, and summing to 1 over the classes (or
+        in [0, 1] for one channel), so that a raw volume given by mistake is refused."""
+        data = np.asarray(self.array[(slice(None),) + tuple(region)])
+        if self.scale is not None:
+            data = data.astype(np.float32) * np.float32(self.scale)
+        else:
+            data = data.astype(np.float32, copy=False)
+        where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"probabilities are not finite in [{where}]", source=self.source)
+        if data.size:
+            if len(data) == 1:
+                off = max(0.0, -float(data.min()), float(data.max()) - 1)
+            else:
+                off = float(np.abs(data.sum(axis=0) - 1).max())
+            if off > PROBABILITY_TOLERANCE:
+                what = "lie outside [0, 1]" if len(data) == 1 else "do not sum to 1 over the channels"
+                raise InputError(f"values {what} (by up to {off:.3g}) in [{where}]: not class probabilities "
+                                 f"(C, *S) of `emseg predict`", source=self.source)
+        return data
+
+
+#: How far probabilities may sum from 1 (uint8 storage rounds each channel by up to 0.5 / 255).
+PROBABILITY_TOLERANCE = 0.05
+
+
+def _attrs(array: Any) -> dict:
+    try:
+        return dict(getattr(array, "attrs", {}) or {})
+    except Exception:
+        return {}
+
+
+def segment_probabilities(probs: Any, config: SegmentConfig, out: Any, *, overwrite: bool = False,
+                          progress: Progress | None = None) -> SegmentResult:
+    """Objects from class probabilities (C, *S), without a network.
+
+    Parameters
+    ----------
+    probs : str, VolumeSpec or array
+        A volume spec (``pred.zarr/probs``, ``pred.h5:probs``) opened lazily, or an array (numpy,
+        zarr, h5py) of float probabilities or integers scaled by their ``scale`` attribute.
+    config : SegmentConfig
+    out : str, VolumeSpec or numpy.ndarray
+        An output spec, written under a temporary name and renamed when complete (zarr,
+        ``.ome.zarr`` as a label image, HDF5 or ``.tif``); or a uint64 array of shape S, filled in place.
+    overwrite : bool
+        Replace an existing output (refused otherwise).
+    progress : callable, optional
+        ``progress(done, total)`` over the passes.
+
+    Examples
+    --------
+    >>> probs = np.stack([1 - fg, fg])  # doctest: +SKIP
+    >>> labels = np.zeros(fg.shape, np.uint64)  # doctest: +SKIP
+    >>> segment_probabilities(probs, SegmentConfig(classes=(1,), min_size=10), labels).n_objects  # doctest: +SKIP
+    12
+    """
+    start = time.perf_counter()
+    if isinstance(probs, (str, Path, VolumeSpec)):
+        if not isinstance(out, np.ndarray):
+            check_distinct(str(probs), str(out))
+        with open_volume(str(probs)) as volume:
+            return _segment_reader(ProbabilityReader(volume, source=str(volume.spec)), config, out, start,
+                                   overwrite=overwrite, progress=progress, source=str(probs),
+                                   chunks=volume.chunks)
+    return _segment_reader(ProbabilityReader(probs), config, out, start, overwrite=overwrite, progress=progress,
+                           source=None, chunks=getattr(probs, "chunks", None))
+
+
+def _segment_reader(reader: ProbabilityReader, config: SegmentConfig, out: Any, start: float, *, overwrite: bool,
+                    progress: Progress | None, source: str | None, chunks: Any) -> SegmentResult:
+    shape = reader.shape
+    config.check_for(shape, reader.n_classes, source=source)
+    halo = config.halo_for(shape)
+    spatial = tuple(chunks[1:]) if chunks and len(chunks) == len(shape) + 1 else (1,) * len(shape)
+    block_shape = tuple(config.block_shape) if config.block_shape else default_segment_block(
+        shape, default_block_shape(shape, (1,) * len(shape), spatial), halo)
+
+    def read_map(region: tuple[slice, ...]) -> np.ndarray:
+        return object_map(reader(region), config)
+
+    if isinstance(out, np.ndarray):
+        if out.shape != shape or out.dtype != np.uint64:
+            raise InputError(f"the output array must be uint64 of shape {shape}, got {out.dtype} {out.shape}")
+        stats = segment_maps(read_map, shape, config, out, block_shape=block_shape, scratch=Scratch(None),
+                             progress=progress)
+        return SegmentResult("<array>", shape, config.mode, stats.n_objects, block_shape, halo,
+                             len(plan_blocks(shape, block_shape, (0,) * len(shape))), time.perf_counter() - start,
+                             stats, config)
+    out_spec = check_output_volume(out)
+    check_overwrite(out_spec, overwrite=overwrite)
+    attrs = output_attrs(config, source=source)
+    with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
+                       overwrite=overwrite) as dest, Scratch(out_spec.path) as scratch:
+        stats = segment_maps(read_map, shape, config, dest, block_shape=block_shape, scratch=scratch,
+                             progress=progress)
+    return SegmentResult(str(out_spec), shape, config.mode, stats.n_objects, block_shape, halo,
+                         len(plan_blocks(shape, block_shape, (0,) * len(shape))), time.perf_counter() - start,
+                         stats, config)
+
+
+def output_attrs(config: SegmentConfig, *, source: str | None, model: str | None = None) -> dict[str, Any]:
+    """The attributes of an instance output: the mode and every parameter (as JSON text, which
+    HDF5, zarr and TIFF all keep), and what it came from."""
+    attrs: dict[str, Any] = {"output_type": "instances", "mode": config.mode,
+                             "segment": json.dumps(config.to_dict(), sort_keys=True)}
+    if source is not None:
+        attrs["source"] = str(source)
+    if model is not None:
+        attrs["model"] = str(model)
+    return attrs
+
+
+def _chunks(shape: Sequence[int], block_shape: Sequence[int]) -> tuple[int, ...]:
+    """uint64 chunks of about 1 MiB, none larger than a block."""
+    return tuple(min(c, b) for c, b in zip(auto_chunks(shape, 8), block_shape))
+
+
+# --------------------------------------------------------------------------------------------
+# with the network
+# --------------------------------------------------------------------------------------------
+
+class _MapWriter:
+    """Takes the probabilities :func:`~emseg.engine.inference.predict_volume` writes for a block and
+    stores only their :func:`~emseg.instances.objects.object_map`."""
+
+    def __init__(self, store: Any, config: SegmentConfig):
+        self.store, self.config = store, config
+
+    def __setitem__(self, index: tuple, probs: np.ndarray) -> None:
+        self.store[tuple(index[1:])] = object_map(probs, self.config)
+
+
+def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None, client: Any = None) -> SegmentResult:
+    """``emseg segment``: objects of ``config.input`` by the network ``config.model`` (or from
+    ``config.probabilities``) into ``config.output`` (uint64), block by block with consistent ids.
+
+    The output is written under a temporary name and renamed when complete; nothing is written
+    when the input is refused. ``client`` is not used (segmentation runs in this process).
+    """
+    if client is not None:
+        raise InputError("`segment` runs in this process; a dask client is not supported")
+    if config.probabilities is not None:
+        return segment_probabilities(config.probabilities, config.segment, config.output,
+                                     overwrite=config.overwrite, progress=progress)
+    from emseg.engine.inference import make_predictor, predict_volume, resolve_patch
+    from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state
+    from emseg.io import check_raw
+    from emseg.runtime.device import resolve_device
+    from emseg.semantic.predict import check_options
+
+    start = time.perf_counter()
+    seg = config.segment
+    check_distinct(config.input, config.output)
+    pconfig = config.predict_config()
+    check_options(pconfig)
+    out_spec = check_output_volume(config.output)
+    check_overwrite(out_spec, overwrite=config.overwrite)
+    device = resolve_device(config.device)
+    state = load_checkpoint(config.model)
+    model_config = check_model_config(state["model_config"], source=str(config.model))
+    if model_config.get("cond_channels"):
+        raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
+    n_classes = max(2, int(state["model_config"]["out_channels"]))
+    trained_patch = (state.get("config") or {}).get("patch_shape")
+    with open_volume(config.input) as source:
+        check_raw(source)
+        shape = source.shape
+        seg.check_for(shape, n_classes, source=str(config.model))
+        patch = resolve_patch(config.patch_shape, trained_patch, shape, int(model_config.get("ndim", 2)))
+        window = tuple(min(p, s) for p, s in zip(patch, shape))
+        model = model_from_state(state, source=str(config.model), device=device, patch=window)
+        halo = seg.halo_for(shape)
+        block_shape = tuple(seg.block_shape) if seg.block_shape else default_segment_block(
+            shape, default_block_shape(shape, patch, auto_chunks(shape, 4)), halo)
+        predictor = make_predictor(model, patch, pconfig.window, device)
+        attrs = output_attrs(seg, source=str(config.input), model=str(Path(config.model)))
+        attrs.update(patch_shape=list(patch), overlap=config.overlap, precision=predictor.precision.name)
+        blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
+        total = sum(b.size for b in blocks)
+        passes = 4 if seg.mode == "components" else 5
+
+        def network_progress(done: int, _total: int) -> None:
+            if progress is not None:
+                progress(done, total * passes)
+
+        def rest_progress(done: int, _total: int) -> None:
+            if progress is not None:
+                progress(total + done, total * passes)
+
+        with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
+                           overwrite=config.overwrite) as dest, Scratch(out_spec.path) as scratch:
+            maps = scratch.array("map", shape, map_dtype(seg), block_shape)
+            predict_volume(predictor, source, _MapWriter(maps, seg), blocks=blocks, output_type="probabilities",
+                           progress=network_progress)
+            stats = segment_maps(lambda region: np.asarray(maps[region]), shape, seg, dest, block_shape=block_shape,
+                                 scratch=scratch, progress=rest_progress)
+    return SegmentResult(str(out_spec), shape, seg.mode, stats.n_objects, block_shape, halo, len(blocks),
+                         time.perf_counter() - start, stats, seg, patch_shape=patch,
+                         precision=predictor.precision.name)
