@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import synthetic, tiny_train_config, to_toml, write_h5
 from emseg.cli.main import cli
 from emseg.errors import InputError
-from emseg.io import write_ome
+from emseg.io import open_volume, write_ome
 from emseg.napari import (
     crops_layers,
     file_kind,
@@ -132,6 +132,21 @@ def test_tiff_outputs_and_mrc_volumes_open_and_foreign_tiffs_are_left_to_napari(
     (data, meta, kind), = get_reader(str(tmp_path / "raw.mrc"))(str(tmp_path / "raw.mrc"))
     assert kind == "image" and meta["scale"] == pytest.approx(VOXEL)
     np.testing.assert_array_equal(np.asarray(data[1:3]), loop["raw"][1:3])
+
+
+def test_instance_outputs_open_as_labels_with_their_ids(loop, tmp_path):
+    probs = np.random.default_rng(1).random((5, 3, 48, 48)).astype(np.float32)
+    probs /= probs.sum(axis=0, keepdims=True)
+    write_h5(tmp_path / "probs.h5", probs=probs)
+    result = CliRunner().invoke(cli, ["segment", "--from-probabilities", f"{tmp_path}/probs.h5:probs",
+                                      f"{tmp_path}/objects.zarr", "--classes", "1", "--min-size", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    assert file_kind(tmp_path / "objects.zarr") == "output"
+    (data, meta, kind), = output_layers(tmp_path / "objects.zarr")
+    assert kind == "labels" and np.asarray(data[...]).dtype == np.uint64
+    with open_volume(str(tmp_path / "objects.zarr")) as vol:
+        np.testing.assert_array_equal(np.asarray(data[...]), vol[...])
+    assert np.asarray(data[...]).max() > 1  # the objects keep their own ids
 
 
 def test_queries_become_points_and_boxes(loop):
