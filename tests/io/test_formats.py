@@ -434,3 +434,88 @@ def test_failed_tiff_output_leaves_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["l.tif"]
     with pytest.raises(InputError, match="already exists"):
         create_volume(str(path), (2, 8, 8), np.uint8)
+
+
+# ------------------------------------------------------------------ handles, layouts, voxel axes
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_tiff_output_keeps_x_and_y_voxel_sizes_apart(tmp_path):
+    from emseg.io._tiff_write import TiffOutputVolume
+
+    data = _stack((2, 8, 12), np.uint16)
+    with TiffOutputVolume(tmp_path / "v.tif", tmp_path / ".v.tmp", data.shape, data.dtype,
+                          voxel_size=(30.0, 4.0, 5.0)) as out:
+        out[...] = data
+    with tifffile.TiffFile(tmp_path / "v.tif") as tif:
+        x, y = tif.pages[0].tags["XResolution"].value, tif.pages[0].tags["YResolution"].value
+        assert x[1] / x[0] == pytest.approx(5.0) and y[1] / y[0] == pytest.approx(4.0)
+    with open_volume(str(tmp_path / "v.tif")) as vol:
+        assert voxel_size_of(vol) == pytest.approx((30.0, 4.0, 5.0))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (2, 1, 16, 16), (1, 16, 16)])
+def test_emseg_tiffs_come_back_with_every_axis(tmp_path, shape):
+    from emseg.io import create_volume
+
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    with create_volume(str(tmp_path / "p.tif"), shape, np.float32,
+                       attrs={"output_type": "probabilities", "n_classes": shape[0]}) as out:
+        out[...] = data
+    with open_volume(str(tmp_path / "p.tif")) as vol:
+        assert vol.shape == shape and "_layout" not in vol.attrs
+        np.testing.assert_array_equal(vol[...], data)
+
+
+def test_closing_tiff_volumes_releases_their_files(tmp_path):
+    from emseg.io._formats import OPEN_MAPS
+
+    tifffile.imwrite(tmp_path / "one.tif", _stack((3, 8, 8), np.uint8), photometric="minisblack")
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for z in range(OPEN_MAPS + 40):
+        tifffile.imwrite(folder / f"{z}.tif", np.full((4, 5), z % 250, np.uint8))
+    before = _open_fds()
+    for _ in range(3):
+        with open_volume(str(tmp_path / "one.tif")) as vol:
+            vol[1]
+    assert _open_fds() == before
+    with open_volume(str(folder)) as vol:
+        assert [int(vol[z, 0, 0]) for z in range(vol.shape[0])] == [z % 250 for z in range(vol.shape[0])]
+        assert _open_fds() - before <= OPEN_MAPS + 1  # maps beyond the bound are closed
+    assert _open_fds() == before
+
+
+def test_slice_folders_take_numpy_indexing(tmp_path):
+    data = _stack((5, 7, 9), np.uint8)
+    for z in range(5):
+        tifffile.imwrite(tmp_path / f"{z}.tif", data[z])
+    mask = np.array([True, False, True, False, False])
+    with open_volume(str(tmp_path) + "/") as vol:
+        np.testing.assert_array_equal(vol[mask], data[mask])
+        np.testing.assert_array_equal(vol[[4, -1, 0]], data[[4, -1, 0]])
+        with pytest.raises(IndexError):
+            vol[[5]]
+
+
+def test_evaluate_scales_one_channel_uint8_probabilities(tmp_path):
+    from emseg.semantic.evaluation import evaluate_volumes
+
+    probs = np.full((1, 2, 8, 8), 0.1, np.float32)
+    probs[0, :, :4] = 0.9
+    gt = np.zeros((2, 8, 8), np.int64)
+    gt[:, :4] = 1
+    with h5py.File(tmp_path / "p.h5", "w") as fh:
+        fh["f"] = probs
+        fh["u"] = np.rint(probs * 255).astype(np.uint8)
+        fh["u"].attrs["scale"] = 1 / 255
+        fh["gt"] = gt
+    with open_volume(f"{tmp_path}/p.h5:f") as f, open_volume(f"{tmp_path}/p.h5:u") as u, \
+            open_volume(f"{tmp_path}/p.h5:gt") as g:
+        a, b = evaluate_volumes(f, g, n_classes=2), evaluate_volumes(u, g, n_classes=2)
+    assert list(a.jaccard) == list(b.jaccard) == [1.0, 1.0]

@@ -157,6 +157,8 @@ class TiffStack(_ArrayReader):
             self.close()
             raise InputError(f"colour TIFF (axes {axes}, {shape[axes.index('S')]} samples per pixel): EM volumes "
                              f"are grey; save one channel", source=str(path))
+        note = self._emseg_attrs(self._tif)
+        layout = note.pop("_layout", None) if isinstance(note.get("_layout"), dict) else None
         keep = [i for i, s in enumerate(shape) if s > 1 or axes[i] in "YX"]
         channel = next((i for i in keep if axes[i] == "C"), None)
         if len(keep) > 3 + (channel is not None):
@@ -170,10 +172,18 @@ class TiffStack(_ArrayReader):
             raise InputError(f"truncated TIFF: the image data end at byte {end}, the file has "
                              f"{path.stat().st_size}", source=str(path))
         if series.dataoffset is not None:
-            mapped = np.memmap(path, dtype=np.dtype(self._tif.byteorder + series.dtype.char), mode="r",
-                               offset=series.dataoffset, shape=tuple(shape[i] for i in keep))
-            if channel is not None:  # ImageJ keeps channels after z: emseg puts them first
-                mapped = np.moveaxis(mapped, keep.index(channel), 0)
+            order = np.dtype(self._tif.byteorder + series.dtype.char)
+            emseg_shape = self._emseg_shape(layout, int(np.prod(shape)))
+            if emseg_shape is not None:  # emseg's own output: every axis it wrote, channels first
+                stored = emseg_shape if len(emseg_shape) != 4 else (emseg_shape[1], emseg_shape[0]) + emseg_shape[2:]
+                mapped = np.memmap(path, dtype=order, mode="r", offset=series.dataoffset, shape=stored)
+                mapped = np.moveaxis(mapped, 1, 0) if len(emseg_shape) == 4 else mapped
+                channel = 0 if layout.get("channels") else None
+            else:
+                mapped = np.memmap(path, dtype=order, mode="r", offset=series.dataoffset,
+                                   shape=tuple(shape[i] for i in keep))
+                if channel is not None:  # ImageJ keeps channels after z: emseg puts them first
+                    mapped = np.moveaxis(mapped, keep.index(channel), 0)
             self._array, self.chunks = mapped, None
         elif channel is not None:
             self.close()
@@ -186,12 +196,25 @@ class TiffStack(_ArrayReader):
                 raise InputError(f"TIFF pages do not form one array (shape {self._array.shape})", source=str(path))
             self._array = _Squeezed(self._array, [i for i in range(len(shape)) if i not in keep])
             self.chunks = tuple(c for i, c in enumerate(self._array.base.chunks) if i in keep)
-        self.shape = tuple(int(s) for s in self._array.shape) if channel is not None else tuple(shape[i] for i in keep)
+        self.shape = tuple(int(s) for s in self._array.shape) if isinstance(self._array, np.ndarray) \
+            else tuple(shape[i] for i in keep)
         voxel = _tiff_voxel_size(self._tif, page, len(self.shape) - (channel is not None))
-        self.attrs = self._emseg_attrs(self._tif)
+        self.attrs = note
         if voxel:
             self.attrs["voxel_size_nm"] = list(voxel)
         self.attrs["format"] = "tiff"
+
+    @staticmethod
+    def _emseg_shape(layout: dict | None, size: int) -> tuple[int, ...] | None:
+        """The shape emseg recorded for its own output, when it fits the file's pixel count."""
+        if layout is None:
+            return None
+        try:
+            shape = tuple(int(s) for s in layout.get("shape", ()))
+        except (TypeError, ValueError):
+            return None
+        ok = 2 <= len(shape) <= 4 and all(s > 0 for s in shape) and int(np.prod(shape)) == size
+        return shape if ok else None
 
     @staticmethod
     def _emseg_attrs(tif: Any) -> dict:
@@ -221,6 +244,20 @@ class TiffStack(_ArrayReader):
         tif, self._tif = getattr(self, "_tif", None), None
         if tif is not None:
             tif.close()
+        array, self._array = getattr(self, "_array", None), None
+        _close_map(array)
+
+
+def _close_map(array: Any) -> None:
+    """Release the file mapping behind a numpy memory map (or a view of one), if nothing else uses it."""
+    while array is not None and not isinstance(array, np.memmap) and isinstance(array, np.ndarray):
+        array = array.base
+    handle = getattr(array, "_mmap", None)
+    if handle is not None:
+        try:
+            handle.close()
+        except (BufferError, ValueError):  # still viewed by a caller: released when that goes
+            pass
 
 
 class _Squeezed:
@@ -312,6 +349,8 @@ def _read_slice(path: Path) -> np.ndarray:
 
 #: Decoded (PNG, compressed TIFF) slices kept for the next reads of the same sections.
 DECODED_CACHE_BYTES = 128 << 20
+#: Memory maps of uncompressed slices kept open (each holds a file descriptor).
+OPEN_MAPS = 64
 
 
 class SliceStack(_ArrayReader):
@@ -339,7 +378,7 @@ class SliceStack(_ArrayReader):
         self.dtype = dtype
         self.chunks = (1,) + shape
         self.attrs = {"format": "slices", "files": len(self.files)}
-        self._maps: dict[int, Any] = {}
+        self._maps: OrderedDict[int, Any] = OrderedDict()
         self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.files[0].suffix.lower() in TIFF_SUFFIXES:
             voxel = self._plane_voxel_size(self.files[0])
@@ -357,6 +396,7 @@ class SliceStack(_ArrayReader):
         """Section ``z`` as a memory map (uncompressed TIFF) or a decoded array."""
         plane = self._maps.get(z)
         if plane is not None:
+            self._maps.move_to_end(z)
             return plane
         path, where = self.files[z], self._where[z]
         plane = None
@@ -378,8 +418,9 @@ class SliceStack(_ArrayReader):
             while sum(p.nbytes for p in self._decoded.values()) > DECODED_CACHE_BYTES and len(self._decoded) > 1:
                 self._decoded.popitem(last=False)
             return plane
-        if len(self._maps) < 4096:
-            self._maps[z] = plane
+        self._maps[z] = plane  # a bounded set of open maps: each holds a file descriptor
+        while len(self._maps) > OPEN_MAPS:
+            _close_map(self._maps.popitem(last=False)[1])
         return plane
 
     def _read(self, index):
@@ -395,7 +436,14 @@ class SliceStack(_ArrayReader):
             if not 0 <= z < self.shape[0]:
                 raise IndexError(f"section {first} out of range for {self.shape[0]} sections")
             return np.asarray(self._plane(z)[rest])
-        zs = range(self.shape[0])[first] if isinstance(first, slice) else [int(i) for i in np.asarray(first)]
+        if isinstance(first, slice):
+            zs = range(self.shape[0])[first]
+        else:
+            picks = np.asarray(first)
+            picks = np.flatnonzero(picks) if picks.dtype == bool else picks.astype(np.int64).ravel()
+            zs = [int(z) + (self.shape[0] if z < 0 else 0) for z in picks]
+            if any(not 0 <= z < self.shape[0] for z in zs):
+                raise IndexError(f"section index out of range for {self.shape[0]} sections")
         planes = [np.asarray(self._plane(z)[rest]) for z in zs]
         if not planes:
             empty = np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
@@ -403,6 +451,8 @@ class SliceStack(_ArrayReader):
         return np.stack(planes)
 
     def close(self) -> None:
+        for plane in self._maps.values():
+            _close_map(plane)
         self._maps.clear()
         self._decoded.clear()
 

@@ -67,12 +67,15 @@ class TiffOutputVolume(StagedArray):
         imagej = dtype in IMAGEJ_DTYPES
         bigtiff = math.prod(shape) * dtype.itemsize > bigtiff_bytes
         kwargs: dict[str, Any] = {"bigtiff": bigtiff, "photometric": "minisblack"}
-        note = json.dumps(attrs or {}, separators=(",", ":"), default=str)
+        # emseg's attributes plus the layout, so that emseg reads its own file back with every axis
+        # (ImageJ drops length-1 channels and sections)
+        note = json.dumps(dict(attrs or {}, _layout={"shape": list(shape), "channels": bool(channels)}),
+                          separators=(",", ":"), default=str)
         if imagej:
             meta: dict[str, Any] = {"axes": axes, "emseg": note}
             if voxel_size is not None:
                 voxel = [float(v) for v in voxel_size][-len(spatial):]
-                kwargs["resolution"] = (1.0 / voxel[-2], 1.0 / voxel[-1])
+                kwargs["resolution"] = (1.0 / voxel[-1], 1.0 / voxel[-2])  # tifffile takes (x, y)
                 meta["unit"] = "nm"
                 if len(spatial) == 3:
                     meta["spacing"] = voxel[0]

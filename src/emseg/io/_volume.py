@@ -267,7 +267,8 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
             return None
         raise InputError(f"a {FORMAT_NAMES[spec.fmt]} volume has no datasets (got '{spec.key}')", source=str(spec.path))
     if spec.fmt == "slices":
-        return Volume(spec, SliceStack(str(spec.path)))
+        reader = SliceStack(str(spec.path))
+        return Volume(spec, reader, reader)
     if not spec.path.exists():
         raise InputError("no such file", source=str(spec.path))
     if spec.fmt == "tif":
@@ -280,7 +281,8 @@ def open_volume(spec: str | VolumeSpec, *, allow_missing_key: bool = False) -> V
         attrs = spec.path / spec.key / "attributes.json"
         if allow_missing_key and spec.key and not attrs.is_file():
             return None
-        return Volume(spec, N5Dataset(spec.path, spec.key))
+        reader = N5Dataset(spec.path, spec.key)
+        return Volume(spec, reader, reader)
     if spec.fmt == "h5":
         try:
             handle = h5py.File(spec.path, "r")

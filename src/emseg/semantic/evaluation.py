@@ -20,7 +20,21 @@ def _labels_of(pred: Volume, gt_shape: tuple[int, ...], sl: tuple[slice, ...]) -
                              "or probabilities with a leading channel axis", source=str(pred.spec))
         return block.astype(np.int64)
     probs = pred[(slice(None),) + sl]
-    return (probs[0] > 0.5).astype(np.int64) if probs.shape[0] == 1 else np.argmax(probs, axis=0)
+    if probs.shape[0] > 1:
+        return np.argmax(probs, axis=0)
+    return (probs[0] > 0.5 / _scale_of(pred, probs.dtype)).astype(np.int64)
+
+
+def _scale_of(pred: Volume, dtype: np.dtype) -> float:
+    """Probability per stored unit: 1 for floats, the ``scale`` attribute of integer probabilities
+    (``emseg predict --dtype uint8`` writes 1/255), else 1 / the type's maximum."""
+    if np.issubdtype(dtype, np.floating):
+        return 1.0
+    scale = getattr(pred, "attrs", {}).get("scale")
+    try:
+        return float(scale) if scale else 1.0 / float(np.iinfo(dtype).max)
+    except (TypeError, ValueError):
+        return 1.0 / float(np.iinfo(dtype).max)
 
 
 def evaluate_volumes(
