@@ -238,7 +238,10 @@ class TiffStack(_ArrayReader):
         return max(int(o) + int(n) for o, n in zip(last.dataoffsets, last.databytecounts))
 
     def _read(self, index):
-        return self._array[index]
+        out = self._array[index]
+        # a memory map's slice is a view of the file: copy it (native byte order), so that what a
+        # caller holds stays valid after close(), as h5py's reads do
+        return np.array(out, dtype=self.dtype) if isinstance(self._array, np.ndarray) else out
 
     def close(self) -> None:
         tif, self._tif = getattr(self, "_tif", None), None
@@ -435,7 +438,7 @@ class SliceStack(_ArrayReader):
             z = int(first) + (self.shape[0] if first < 0 else 0)
             if not 0 <= z < self.shape[0]:
                 raise IndexError(f"section {first} out of range for {self.shape[0]} sections")
-            return np.asarray(self._plane(z)[rest])
+            return np.array(self._plane(z)[rest], dtype=self.dtype)  # a copy: maps are closed later
         if isinstance(first, slice):
             zs = range(self.shape[0])[first]
         else:
@@ -444,7 +447,7 @@ class SliceStack(_ArrayReader):
             zs = [int(z) + (self.shape[0] if z < 0 else 0) for z in picks]
             if any(not 0 <= z < self.shape[0] for z in zs):
                 raise IndexError(f"section index out of range for {self.shape[0]} sections")
-        planes = [np.asarray(self._plane(z)[rest]) for z in zs]
+        planes = [np.array(self._plane(z)[rest], dtype=self.dtype) for z in zs]
         if not planes:
             empty = np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
             return empty
@@ -491,7 +494,7 @@ class MrcVolume(_ArrayReader):
             self.attrs["voxel_size_nm"] = list(voxel)
 
     def _read(self, index):
-        return np.asarray(self._data[index]).astype(self.dtype, copy=False)
+        return np.array(self._data[index], dtype=self.dtype)  # a copy in native byte order
 
     def close(self) -> None:
         mrc, self._mrc = getattr(self, "_mrc", None), None

@@ -93,6 +93,9 @@ class TiffOutputVolume(StagedArray):
         self.bigtiff, self.imagej = bigtiff, imagej
         self.committed = False
 
+    def __getitem__(self, index) -> np.ndarray:
+        return np.array(self.array[index])  # a copy: the map is closed on commit
+
     def _close_map(self) -> None:
         mapped, self._map, self.array = getattr(self, "_map", None), None, None
         if mapped is not None:
