@@ -219,6 +219,19 @@ def bench_train(seconds: float, vnc: Path | None) -> dict:
     return out
 
 
+def _random_checkpoint(folder: str) -> str:
+    """A checkpoint of the 2D network of section 3 with random weights (seed 0), in ``folder``."""
+    from emseg.models import UNet
+    from emseg.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = UNet(**NETS["2d"]["config"])
+    ckpt = f"{folder}/m.pt"
+    save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
+                           "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+    return ckpt
+
+
 def _in_fresh_process(args: list[str]) -> dict:
     """Run one case of this script in a new process (its own peak RSS); its JSON, or the error."""
     proc = subprocess.run([sys.executable, str(HERE)] + args, capture_output=True, text=True)
@@ -283,16 +296,9 @@ def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
 def bench_predict(vnc: Path | None, sections: int) -> dict:
     if vnc is None:
         return {"skipped": "no VNC data"}
-    from emseg.models.checkpoint import save_checkpoint
-    from emseg.models import UNet
-
     out = {"sections": sections}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        net = UNet(**NETS["2d"]["config"])
-        ckpt = f"{tmp}/m.pt"
-        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
-                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        ckpt = _random_checkpoint(tmp)
         for case in ("emseg-fp32", "emseg-auto", "monai-default", "monai-bf16"):
             out[case] = _in_fresh_process(["--predict-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
                                            "--sections", str(sections)])
@@ -309,7 +315,6 @@ def bench_predict(vnc: Path | None, sections: int) -> dict:
 # --------------------------------------------------------------------------- 8. pipeline
 def window_voxels(shape, block_shape, patch, overlap: float, divisor) -> int:
     """Voxels the network computes to predict ``shape`` block by block (halo = patch // 2)."""
-    import itertools
     import math
 
     from emseg.engine.blocks import plan_blocks
@@ -369,16 +374,9 @@ def _pipeline_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
 def bench_pipeline(vnc: Path | None, sections: int, gemm: dict) -> dict:
     if vnc is None:
         return {"skipped": "no VNC data"}
-    from emseg.models import UNet
-    from emseg.models.checkpoint import save_checkpoint
-
     out: dict = {"sections": sections}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        net = UNet(**NETS["2d"]["config"])
-        ckpt = f"{tmp}/m.pt"
-        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
-                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        ckpt = _random_checkpoint(tmp)
         for case in ("labels", "uint8", "float32"):
             row = _in_fresh_process(["--pipeline-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
                                      "--sections", str(sections)])
@@ -458,16 +456,9 @@ def _segment_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
 def bench_segment(vnc: Path | None, sections: int) -> dict:
     if vnc is None:
         return {"skipped": "no VNC data"}
-    from emseg.models import UNet
-    from emseg.models.checkpoint import save_checkpoint
-
     out: dict = {"sections": sections}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        net = UNet(**NETS["2d"]["config"])
-        ckpt = f"{tmp}/m.pt"
-        save_checkpoint(ckpt, {"model": net.state_dict(), "model_config": net.config,
-                               "config": {"patch_shape": [1, 256, 256]}, "step": 0})
+        ckpt = _random_checkpoint(tmp)
         for case in ("predict", "segment-components", "segment-watershed", "post-components", "post-watershed"):
             out[case] = row = _in_fresh_process(["--segment-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
                                                  "--sections", str(sections)])
