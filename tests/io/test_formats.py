@@ -519,3 +519,25 @@ def test_evaluate_scales_one_channel_uint8_probabilities(tmp_path):
             open_volume(f"{tmp_path}/p.h5:gt") as g:
         a, b = evaluate_volumes(f, g, n_classes=2), evaluate_volumes(u, g, n_classes=2)
     assert list(a.jaccard) == list(b.jaccard) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name, kwargs, plain", [
+    ("u8", {}, True), ("u16 big-endian", {"byteorder": ">"}, True), ("strips", {"rowsperstrip": 7}, True),
+    ("imagej", {"imagej": True}, True), ("zlib", {"compression": "zlib"}, False), ("tiled", {"tile": (16, 16)}, False),
+    ("bigtiff", {"bigtiff": True}, False)])
+def test_the_light_header_reader_agrees_with_tifffile_or_declines(tmp_path, name, kwargs, plain):
+    from emseg.io._formats import plain_tiff_layout
+
+    dtype = np.uint16 if "u16" in name else np.uint8
+    data = _stack((1, 64, 48), dtype)[0]
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, data, **kwargs)
+    layout = plain_tiff_layout(path)
+    assert (layout is not None) == plain
+    if plain:
+        shape, found, (offset, order) = layout
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            assert shape == page.shape and found == page.dtype and offset == page.dataoffsets[0]
+        np.testing.assert_array_equal(np.memmap(path, dtype=found.newbyteorder(order), mode="r", offset=offset,
+                                                shape=shape), data)
