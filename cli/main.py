@@ -145,9 +145,10 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, as_json: bool, device: s
 
 
 def _register() -> None:
-    from emseg.cli import demo, evaluate, export, igtt, info, lcs, noise, predict, pretrain, query, segment, train
+    from emseg.cli import (demo, evaluate, export, igtt, info, lcs, noise, predict, pretrain, query, segment, targets,
+                           train)
 
-    for module in (train, pretrain, predict, segment, evaluate, query, noise, igtt, lcs, export, info, demo):
+    for module in (train, pretrain, predict, segment, targets, evaluate, query, noise, igtt, lcs, export, info, demo):
         cli.add_command(module.command)
         _run_in_emseg_context(module.command)
 

@@ -9,6 +9,7 @@ from emseg.instances.metrics import (
     instance_scores,
     matched_pairs,
 )
+from emseg.instances.targets import TargetsConfig, TargetsResult, boundary_targets, make_targets
 
 __all__ = [
     "IOU_THRESHOLDS",
@@ -16,7 +17,11 @@ __all__ = [
     "ContingencyTable",
     "InstanceEvaluation",
     "InstanceScores",
+    "TargetsConfig",
+    "TargetsResult",
+    "boundary_targets",
     "evaluate_instances",
     "instance_scores",
+    "make_targets",
     "matched_pairs",
 ]
