@@ -14,8 +14,8 @@ def test_cli_reference_is_current():
 
 def test_every_command_is_documented():
     text = (DOCS / "cli.md").read_text()
-    for name in ("train", "predict", "segment", "evaluate", "query", "query answers", "query simulate", "noise",
-                 "noise igtt", "igtt", "lcs train", "lcs infer", "demo", "pretrain"):
+    for name in ("train", "predict", "segment", "targets", "evaluate", "query", "query answers", "query simulate",
+                 "noise", "noise igtt", "igtt", "lcs train", "lcs infer", "demo", "pretrain"):
         assert f"## `emseg {name}`" in text
 
 

@@ -16,7 +16,7 @@ from emseg.cli.main import cli
 from emseg.io import open_volume
 from emseg.semantic.train import SegmentationTask
 
-COMMANDS = ("train", "predict", "segment", "evaluate", "query", "noise", "lcs")
+COMMANDS = ("train", "predict", "segment", "targets", "evaluate", "query", "noise", "lcs")
 
 
 def _command_paths(group: click.Group, prefix=()) -> list[tuple[str, ...]]:

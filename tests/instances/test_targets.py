@@ -243,3 +243,16 @@ def test_make_targets_per_section_equals_arrays(tmp_path):
     result = make_targets(TargetsConfig(labels=f"{src}:ids", output=str(tmp_path / "o.zarr"), width=2))
     out = zarr.open_array(store=str(tmp_path / "o.zarr"), mode="r")[...]
     assert np.array_equal(out, brute_force(ids, 2, True)) and result.dtype == "int8"
+
+
+@pytest.mark.parametrize("per_section", [True, False])
+def test_width_one_is_find_boundaries_inner(per_section):
+    from skimage.segmentation import find_boundaries
+
+    ids = np.kron(np.random.default_rng(11).integers(0, 5, (3, 7, 7)), np.ones((1, 2, 2), int))[:, :13, :12]
+    got = boundary_targets(ids, per_section=per_section)
+    if per_section:
+        inner = np.stack([find_boundaries(s, mode="inner", connectivity=2) for s in ids])
+    else:
+        inner = find_boundaries(ids, mode="inner", connectivity=3)
+    assert np.array_equal(got == 2, inner & (ids > 0))
