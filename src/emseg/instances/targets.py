@@ -176,10 +176,10 @@ def check_labels(block: np.ndarray, source: str, where: str | None = None) -> No
 
 
 def _targets_and_count(labels: np.ndarray, config: TargetsConfig) -> tuple[np.ndarray, int]:
-    """Targets of one array (a section per section, or the whole volume) and its object count."""
+    """Targets of one array (a section per section, or the whole volume) and its count of components
+    (``classes``) or regions (``enclosed_by``)."""
     if config.source == "instances":
-        ids = labels
-        n = int(np.unique(labels[labels > 0]).size)
+        ids, n = labels, 0  # objects are counted by id over the whole volume by the caller
     elif config.classes:
         objects = np.isin(labels, config.classes)
         ids, n = _components(objects, config.per_section)
