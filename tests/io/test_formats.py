@@ -473,7 +473,7 @@ def test_emseg_tiffs_come_back_with_every_axis(tmp_path, shape):
 
 
 def test_closing_tiff_volumes_releases_their_files(tmp_path):
-    from emseg.io._formats import OPEN_MAPS
+    from emseg.io._tiff_read import OPEN_MAPS
 
     tifffile.imwrite(tmp_path / "one.tif", _stack((3, 8, 8), np.uint8), photometric="minisblack")
     folder = tmp_path / "many"
@@ -526,7 +526,7 @@ def test_evaluate_scales_one_channel_uint8_probabilities(tmp_path):
     ("imagej", {"imagej": True}, True), ("zlib", {"compression": "zlib"}, False), ("tiled", {"tile": (16, 16)}, False),
     ("bigtiff", {"bigtiff": True}, False)])
 def test_the_light_header_reader_agrees_with_tifffile_or_declines(tmp_path, name, kwargs, plain):
-    from emseg.io._formats import plain_tiff_layout
+    from emseg.io._tiff_read import plain_tiff_layout
 
     dtype = np.uint16 if "u16" in name else np.uint8
     data = _stack((1, 64, 48), dtype)[0]

@@ -11,7 +11,8 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
-from emseg.io._formats import GLOB_CHARS, MRC_SUFFIXES, TIFF_SUFFIXES, MrcVolume, N5Dataset, SliceStack, TiffStack
+from emseg.io._formats import GLOB_CHARS, MRC_SUFFIXES, TIFF_SUFFIXES, MrcVolume, N5Dataset
+from emseg.io._tiff_read import SliceStack, TiffStack
 from emseg.io._ome import open_ome, voxel_size_of
 from emseg.runtime.locks import clean_stale_temps
 

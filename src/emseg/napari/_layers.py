@@ -22,7 +22,8 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io import open_volume, voxel_size_of
-from emseg.io._formats import MRC_SUFFIXES, TIFF_SUFFIXES, TiffStack
+from emseg.io._formats import MRC_SUFFIXES, TIFF_SUFFIXES
+from emseg.io._tiff_read import TiffStack
 from emseg.io.ome import multiscales_of, voxel_size_from_source
 from emseg.napari._crops import CROPS_FORMAT, read_crops, to_layer_labels
 
