@@ -204,7 +204,8 @@ def test_sample_many_classes_exact_counts_and_grid_independent():
 
 @pytest.mark.parametrize("sigmas", [0.0, 8.0])
 def test_selection_from_blocks_equals_in_memory_selection(sigmas):
-    from emseg.noise.streams import linear_index, selection_from_chunks, selection_in_memory, stream_key
+    from emseg.noise.counts import selection_from_chunks, selection_in_memory
+    from emseg.noise.streams import linear_index, stream_key
 
     lab = blobs((6, 30, 31), n_classes=5, sigma=1.5, seed=7, ignore_frac=0.05)
     key, shape = stream_key(3), lab.shape

@@ -11,12 +11,12 @@ from scipy import stats
 from emseg.noise import flip, random_labels, sample
 from emseg.noise import streams, synthesis
 from emseg.noise.blockwise import apply_noise, output_dtype, plan_noise_blocks, resolve_params, selection_for
+from emseg.noise.counts import select
 from emseg.noise.streams import (
     STREAM_CLASS,
     STREAM_SELECT,
     Box,
     linear_index,
-    select,
     stream_key,
     unit,
     voxel_hash,

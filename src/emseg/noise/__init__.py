@@ -10,7 +10,8 @@ report of a noisy volume against its clean labels, :mod:`emseg.noise.params`,
 from __future__ import annotations
 
 from emseg.noise.morphology import dilate, erode, skeleton
-from emseg.noise.streams import Selection, block_rng, stream_key
+from emseg.noise.counts import Selection
+from emseg.noise.streams import block_rng, stream_key
 from emseg.noise.synthesis import (
     HALO_MODES,
     SKELETON_HALO_MARGIN,

@@ -15,7 +15,7 @@ coordinate in the whole volume (see :mod:`emseg.noise.streams`), so the output
 is fixed by the seed alone: every block grid, and the whole-array functions of
 :mod:`emseg.noise.synthesis` called with ``rng=seed``, give the same labels. The
 exact per-class counts of ``flip``/``sample`` hold for the whole volume: their
-per-class thresholds (:class:`~emseg.noise.streams.Selection`) come from a
+per-class thresholds (:class:`~emseg.noise.counts.Selection`) come from a
 counting scan of the input (:func:`selection_for`) before the blocks run.
 """
 
@@ -44,7 +44,8 @@ from emseg.noise.params import (
     require_resolved,
 )
 from emseg.noise.report import TransitionCounter
-from emseg.noise.streams import Box, Selection, selection_from_chunks, stream_key
+from emseg.noise.counts import Selection, selection_from_chunks
+from emseg.noise.streams import Box, stream_key
 from emseg.noise.synthesis import flip_at, random_at, sample_at, shift_at
 
 __all__ = [
@@ -111,7 +112,7 @@ def selection_for(
     Voxel ``v`` of class ``k`` is flipped (``flip``) or kept (``sample``) iff its selection hash
     is among the ``m_k = round(p_k n_k)`` smallest of class ``k`` in the whole volume; this
     function finds those thresholds with two or three scans of ``source`` (class counts, then
-    the hashes near each expected quantile; see :class:`~emseg.noise.streams.Selection`).
+    the hashes near each expected quantile; see :class:`~emseg.noise.counts.Selection`).
     The result does not depend on ``block_shape``, which only bounds the memory.
 
     Examples
