@@ -541,3 +541,14 @@ def test_the_light_header_reader_agrees_with_tifffile_or_declines(tmp_path, name
             assert shape == page.shape and found == page.dtype and offset == page.dataoffsets[0]
         np.testing.assert_array_equal(np.memmap(path, dtype=found.newbyteorder(order), mode="r", offset=offset,
                                                 shape=shape), data)
+
+
+def test_whole_sections_of_big_endian_slices(tmp_path):
+    data = _stack((3, 12, 10), np.uint16)
+    for z in range(3):
+        tifffile.imwrite(tmp_path / f"{z}.tif", data[z], byteorder=">")
+    with open_volume(str(tmp_path) + "/") as vol:
+        whole = vol[...]
+        assert whole.dtype == np.dtype(np.uint16) and whole.dtype.isnative
+        np.testing.assert_array_equal(whole, data)
+        np.testing.assert_array_equal(vol[1, 3:5], data[1, 3:5])

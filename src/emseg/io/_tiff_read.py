@@ -442,7 +442,7 @@ class SliceStack(_ArrayReader):
             z = int(first) + (self.shape[0] if first < 0 else 0)
             if not 0 <= z < self.shape[0]:
                 raise IndexError(f"section {first} out of range for {self.shape[0]} sections")
-            return np.array(self._plane(z)[rest], dtype=self.dtype)  # a copy: maps are closed later
+            return self._section(z, rest)
         if isinstance(first, slice):
             zs = range(self.shape[0])[first]
         else:
@@ -451,11 +451,28 @@ class SliceStack(_ArrayReader):
             zs = [int(z) + (self.shape[0] if z < 0 else 0) for z in picks]
             if any(not 0 <= z < self.shape[0] for z in zs):
                 raise IndexError(f"section index out of range for {self.shape[0]} sections")
-        planes = [np.array(self._plane(z)[rest], dtype=self.dtype) for z in zs]
+        planes = [self._section(z, rest) for z in zs]
         if not planes:
             empty = np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
             return empty
         return np.stack(planes)
+
+    def _section(self, z: int, rest: tuple) -> np.ndarray:
+        """``rest`` of section ``z`` as a new array: a whole plain slice is read with one call (no
+        map), anything else is cut from the section's map or its decoded pixels (then copied, since
+        maps are closed later)."""
+        where = self._where[z]
+        whole = all(isinstance(r, slice) and r == slice(None) for r in rest)
+        if whole and where is not None and z not in self._maps:
+            offset, order = where
+            try:
+                data = np.fromfile(self.files[z], dtype=self.dtype.newbyteorder(order),
+                                   count=self.shape[1] * self.shape[2], offset=offset)
+            except (OSError, ValueError):
+                data = None
+            if data is not None and data.size == self.shape[1] * self.shape[2]:
+                return data.reshape(self.shape[1:]).astype(self.dtype, copy=False)
+        return np.array(self._plane(z)[rest], dtype=self.dtype)
 
     def close(self) -> None:
         for plane in self._maps.values():
