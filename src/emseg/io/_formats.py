@@ -55,6 +55,24 @@ def _nm(values: Sequence[float], unit: str | None) -> tuple[float, ...] | None:
     return out if out and all(v > 0 and math.isfinite(v) for v in out) else None
 
 
+def full_index(index, ndim: int) -> tuple:
+    """``index`` as a tuple of one entry per axis: an Ellipsis expanded, missing trailing axes whole.
+
+    Examples
+    --------
+    >>> full_index((..., 2), 3)
+    (slice(None, None, None), slice(None, None, None), 2)
+    >>> full_index(1, 3)
+    (1, slice(None, None, None), slice(None, None, None))
+    """
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1:]
+    return index + (slice(None),) * (ndim - len(index))
+
+
 class _ArrayReader:
     """The array-like protocol :class:`emseg.io.Volume` reads: subclasses set the fields and ``_read``."""
 
@@ -134,11 +152,7 @@ class MrcVolume(_ArrayReader):
 def _non_negative(index, shape: Sequence[int]) -> tuple:
     """``index`` (ints, slices, an Ellipsis) with numpy's negative positions made explicit: tensorstore
     reads -1 as a coordinate, not as the last element."""
-    if not isinstance(index, tuple):
-        index = (index,)
-    if any(i is Ellipsis for i in index):
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+    index = full_index(index, len(shape))
     out = []
     for i, size in zip(index, shape):
         if isinstance(i, slice):

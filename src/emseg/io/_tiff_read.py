@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io._formats import GLOB_CHARS, SLICE_SUFFIXES, TIFF_SUFFIXES, _ArrayReader, _close_map, _nm, natural_key
+from emseg.io._formats import (GLOB_CHARS, SLICE_SUFFIXES, TIFF_SUFFIXES, _ArrayReader, _close_map, _nm, full_index,
+                                natural_key)
 
 # --------------------------------------------------------------------------------------- TIFF
 
@@ -200,15 +201,8 @@ class _Squeezed:
     def __getitem__(self, index):
         if not self.drop:
             return self.base[index]
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            n = len(self.base.shape) - len(self.drop)
-            index = index[:at] + (slice(None),) * (n - len(index) + 1) + index[at + 1:]
-        full, it = [], iter(index)
-        for axis in range(len(self.base.shape)):
-            full.append(0 if axis in self.drop else next(it, slice(None)))
+        it = iter(full_index(index, len(self.base.shape) - len(self.drop)))
+        full = [0 if axis in self.drop else next(it) for axis in range(len(self.base.shape))]
         return self.base[tuple(full)]
 
 
@@ -431,13 +425,8 @@ class SliceStack(_ArrayReader):
         return plane
 
     def _read(self, index):
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1:]
-        index = index + (slice(None),) * (3 - len(index))
-        first, rest = index[0], index[1:]
+        first, *rest = full_index(index, 3)
+        rest = tuple(rest)
         if isinstance(first, (int, np.integer)):
             z = int(first) + (self.shape[0] if first < 0 else 0)
             if not 0 <= z < self.shape[0]:

@@ -11,7 +11,7 @@ import zarr
 
 from emseg.errors import InputError
 from emseg.io._files import check_output_location
-from emseg.io._formats import GLOB_CHARS, MRC_SUFFIXES, TIFF_SUFFIXES, MrcVolume, N5Dataset
+from emseg.io._formats import GLOB_CHARS, MRC_SUFFIXES, TIFF_SUFFIXES, MrcVolume, N5Dataset, full_index
 from emseg.io._tiff_read import SliceStack, TiffStack
 from emseg.io._ome import open_ome, voxel_size_of
 from emseg.runtime.locks import clean_stale_temps
@@ -224,14 +224,8 @@ class VolumeRegion:
         return len(self.box)
 
     def __getitem__(self, index) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (len(self.box) - len(index) + 1) + index[at + 1:]
-        index = index + (slice(None),) * (len(self.box) - len(index))
         mapped = []
-        for i, (a, b) in zip(index, self.box):
+        for i, (a, b) in zip(full_index(index, len(self.box)), self.box):
             if isinstance(i, slice):
                 start, stop, step = i.indices(b - a)
                 mapped.append(slice(a + start, a + stop, step))
