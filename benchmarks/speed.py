@@ -219,6 +219,17 @@ def bench_train(seconds: float, vnc: Path | None) -> dict:
     return out
 
 
+def _vnc_input(vnc: str, sections: int, folder: str) -> str:
+    """The spec of VNC stack 1's raw volume, or of its first ``sections`` copied into ``folder``."""
+    import h5py
+
+    if sections >= 20:
+        return f"{vnc}/vnc_stack1.h5:raw"
+    with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{folder}/in.h5", "w") as out:
+        out["raw"] = fh["raw"][:sections]
+    return f"{folder}/in.h5:raw"
+
+
 def _random_checkpoint(folder: str) -> str:
     """A checkpoint of the 2D network of section 3 with random weights (seed 0), in ``folder``."""
     from emseg.models import UNet
@@ -258,11 +269,7 @@ def _predict_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
 
         precision = case.split("-")[1]
         with tempfile.TemporaryDirectory() as tmp:
-            src = f"{vnc}/vnc_stack1.h5:raw"
-            if sections < 20:
-                with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/in.h5", "w") as out:
-                    out["raw"] = fh["raw"][:sections]
-                src = f"{tmp}/in.h5:raw"
+            src = _vnc_input(vnc, sections, tmp)
             base = _peak_rss_mb()
             t0 = time.perf_counter()
             res = predict_file(PredictConfig(model=ckpt, input=src, output=f"{tmp}/p.zarr", device="cpu",
@@ -345,11 +352,7 @@ def _pipeline_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
     with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh:
         shape = (sections,) + fh["raw"].shape[1:]
     with tempfile.TemporaryDirectory() as tmp:
-        src = f"{vnc}/vnc_stack1.h5:raw"
-        if sections < 20:
-            with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/in.h5", "w") as out:
-                out["raw"] = fh["raw"][:sections]
-            src = f"{tmp}/in.h5:raw"
+        src = _vnc_input(vnc, sections, tmp)
         t0 = time.perf_counter()
         res = predict_file(PredictConfig(model=ckpt, input=src, output=f"{tmp}/p.zarr", device="cpu",
                                          output_type=output_type, dtype=dtype, overlap=0.25, batch_size=4,
