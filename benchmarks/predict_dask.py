@@ -9,7 +9,7 @@
      (the reference of the ratios: workers use one thread each) and with its default thread count
      (run once, warm);
    * a LocalCluster of 1 and of 2 worker processes (one thread each), through
-     :func:`emseg.semantic.predict.predict_resumable` with an already started client.
+     :func:`emseg.semantic.predict.predict_file` with an already started client.
 
    Each configuration runs once cold, then ``--repeats`` times warm (model loaded, kernels
    initialised; the default-thread one only once): the median warm time is the throughput figure. Cluster start-up time is reported apart.

@@ -342,7 +342,8 @@ def _pipeline_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
     """Runs in a fresh process: ``emseg predict`` of one output kind, and the network alone."""
     import h5py
 
-    from emseg.engine.inference import _prepared, make_predictor
+    from emseg.engine.inference import make_predictor
+    from emseg.models.loading import prepare_network
     from emseg.models.checkpoint import load_model
     from emseg.runtime.device import resolve_device
     from emseg.semantic.predict import PredictConfig, predict_file
@@ -362,7 +363,7 @@ def _pipeline_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
     device = resolve_device("cpu")
     predictor = make_predictor(model, res.patch_shape, PredictConfig(ckpt, "", "").window, device)
     x = torch.rand((4, 1) + tuple(res.patch_shape[1:]))
-    net = _prepared(model, predictor.precision, False, False)  # folded, laid out: what predict runs
+    net = prepare_network(model, predictor.precision)  # folded, laid out: what predict runs
     rate = _timed(lambda: _no_grad_call(predictor.precision, net, x), 8.0) * x.numel()
     computed = window_voxels(shape, res.block_shape, res.patch_shape, 0.25, (1,) + tuple(model.divisor))
     voxels = int(np.prod(shape))

@@ -14,7 +14,7 @@ from conftest import synthetic, tiny_train_config, to_toml, write_h5
 from emseg.active.sheet import check_sheet_output, pixel_maps
 from emseg.models.checkpoint import load_model
 from emseg.cli.main import cli
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float
 from emseg.errors import InputError
 from emseg.noise.figure import example_section, report_figure_path
 

@@ -253,15 +253,15 @@ def test_kill_during_resumable_predict_then_resume_is_identical(tmp_path, model_
     out = tmp_path / "out.zarr"
     child = _spawn(f"""
         import time, torch
-        import emseg.semantic.predict
+        import emseg.engine.inference
         from emseg.semantic.predict import PredictConfig, predict_file
-        real, calls = emseg.semantic.predict.predict_block, []
+        real, calls = emseg.engine.inference.predict_block, []
         def slow(predictor, source, block, **kw):
             calls.append(block.index)
             if len(calls) == 6:  # 5 blocks done and marked; the 6th never finishes
                 time.sleep(600)
             return real(predictor, source, block, **kw)
-        emseg.semantic.predict.predict_block = slow  # what each resumable task calls
+        emseg.engine.inference.predict_block = slow  # what each resumable task calls
         torch.set_num_threads(1)
         predict_file(PredictConfig(output={str(out)!r}, **{common!r}))
     """, tmp_path)

@@ -8,7 +8,7 @@ from scipy import stats
 
 from conftest import write_h5
 from emseg.engine.config import CubeConfig
-from emseg.data import Augmenter, Cube, PatchSampler, open_cubes, to_float
+from emseg.data import Augmenter, Cube, PatchSampler, open_cubes
 from emseg.errors import InputError
 
 K = 3
@@ -221,18 +221,3 @@ def test_sampling_does_not_modify_sources():
     sampler.batch(8, np.random.default_rng(0), Augmenter(brightness=0.5, contrast=0.5, elastic=True))
     np.testing.assert_array_equal(raw, raw_copy)
     np.testing.assert_array_equal(label, label_copy)
-
-
-@pytest.mark.parametrize("dtype, scale", [(np.uint8, 255), (np.uint16, 65535), (np.int16, 32767)])
-def test_to_float_scales_integers_by_dtype_max(dtype, scale):
-    block = np.array([[0, 1], [scale // 2, scale]], dtype=dtype)
-    out = to_float(block)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, block.astype(np.float64) / scale, rtol=1e-6)
-
-
-def test_to_float_passes_floats_through():
-    block = np.array([-3.5, 0.25, 1e4], dtype=np.float64)
-    out = to_float(block)
-    assert out.dtype == np.float32
-    np.testing.assert_array_equal(out, block.astype(np.float32))

@@ -16,14 +16,13 @@ from conftest import synthetic, write_h5
 from emseg.models.checkpoint import save_checkpoint
 from emseg.errors import InputError
 from emseg.engine.blocks import plan_blocks
+from emseg.data.values import to_float
 from emseg.engine.inference import (
     SlidingWindow,
     blend_weights,
     output_shape,
     predict_volume,
-    resolve_patch,
     softmax_forward,
-    to_output,
     window_starts,
 )
 from emseg.io import open_volume
@@ -213,21 +212,6 @@ def test_labels_skip_the_normalisation_and_agree_with_the_probabilities(channels
     np.testing.assert_array_equal(labels, expected)
 
 
-def test_uint8_probabilities_round_to_the_nearest_step():
-    probs = np.random.default_rng(0).random((3, 4, 50), dtype=np.float32)
-    probs[0, 0, :2] = [0.0, 1.0]
-    out = to_output(probs.copy(), "probabilities", "uint8")
-    assert out.dtype == np.uint8 and out[0, 0, 0] == 0 and out[0, 0, 1] == 255
-    exact = probs.astype(np.float64) * 255
-    clear = np.abs(exact - np.floor(exact) - 0.5) > 1e-4  # not within float32 rounding of a half step
-    np.testing.assert_array_equal(out[clear], np.round(exact[clear]).astype(np.uint8))
-    assert np.abs(out / 255.0 - probs).max() <= 0.5 / 255 + 1e-7
-    with pytest.raises(ValueError):
-        to_output(probs, "logits")
-    with pytest.raises(ValueError):
-        to_output(probs, "probabilities", "float16")
-
-
 def test_skip_progress_and_block_callbacks():
     model = Pointwise(2).eval()
     raw = np.random.default_rng(4).integers(0, 256, (2, 16, 24)).astype(np.uint8)
@@ -350,23 +334,7 @@ def test_conditioned_checkpoint_is_refused(tmp_path):
                                    device="cpu"))
 
 
-@pytest.mark.parametrize("patch, trained, shape, ndim, expected", [
-    (None, (1, 32, 32), (40, 40), 2, (32, 32)),
-    (None, (32, 32), (5, 40, 40), 2, (1, 32, 32)),
-    ((1, 16, 16), (32, 32), (5, 40, 40), 2, (1, 16, 16)),
-    (None, (4, 32, 32), (5, 40, 40), 3, (4, 32, 32)),
-])
-def test_resolve_patch(patch, trained, shape, ndim, expected):
-    assert resolve_patch(patch, trained, shape, ndim) == expected
-
-
-def test_resolve_patch_3d_net_on_2d_volume():
-    with pytest.raises(InputError):
-        resolve_patch(None, (4, 32, 32), (40, 40), 3)
-
-
 def test_predict_array_covers_the_cube_once_with_each_blocks_float_halo():
-    from emseg.data.sampling import to_float
     from emseg.engine.inference import predict_array
 
     rng = np.random.default_rng(4)

@@ -135,7 +135,7 @@ class _Store:
 def test_overlapped_io_gives_the_same_output_and_stops_at_a_failed_write():
     net = UNet(ndim=2, out_channels=2, depth=1, base_width=4).eval()
     raw = synthetic((4, 64, 64), 0).raw[:, :40, :48]
-    predictor = SlidingWindow(softmax_forward(net), (1, 16, 16), divisor=net.divisor, precision="fp32")
+    predictor = SlidingWindow(softmax_forward(net), (1, 16, 16), divisor=net.divisor)
     blocks = plan_blocks(raw.shape, (1, 16, 16), (0, 8, 8))
     outs = []
     for overlap_io in (False, True):

@@ -134,7 +134,7 @@ def test_sliding_window_in_bf16_agrees_with_fp32():
     net, image = _trained_net()
     region = np.stack([image, image[::-1]])
     kw = dict(divisor=net.divisor, overlap=0.25, batch_size=2)
-    p32 = SlidingWindow(softmax_forward(net), (1, 32, 32), precision="fp32", **kw)(region)
+    p32 = SlidingWindow(softmax_forward(net), (1, 32, 32), **kw)(region)
     p16 = SlidingWindow(softmax_forward(net), (1, 32, 32), precision=Precision("bf16", "cpu", True), **kw)(region)
     assert p16.dtype == np.float32 and p16.shape == p32.shape
     np.testing.assert_allclose(p16.sum(0), 1, atol=1e-5)  # blended in float32

@@ -38,7 +38,7 @@ from emseg.active.selection.select import select
 from emseg.models.checkpoint import load_model
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
-from emseg.engine.inference import resolve_patch
+from emseg.models.loading import window_shape
 from emseg.io import check_output_location, check_raw, claim_outputs, open_volume, parse_spec
 from emseg.engine.training import check_divisible
 from emseg.runtime.precision import DEFAULT_PRECISION
@@ -238,7 +238,7 @@ def _query_files(config: QueryConfig, *, progress: Callable[[int, int], None] | 
         shapes = [v.shape for v in sources]
         if len({len(s) for s in shapes}) != 1:
             raise InputError("pool volumes must all be 2D or all 3D")
-        patch = resolve_patch(config.patch_shape, trained_patch, shapes[0], model.ndim)
+        patch = window_shape(config.patch_shape, trained_patch, shapes[0], model.ndim)
         check_divisible(patch, model.divisor, source="`patch_shape`")
         squeeze_leading_axis(patch, model.ndim)
         labels: dict[int, list[Any]] = {}

@@ -17,7 +17,7 @@ import torch
 
 from emseg.active.scoring.criteria import BaldAccumulator, entropy, least_confidence
 from emseg.models.checkpoint import load_model
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float
 from emseg.runtime.device import fork_rng, resolve_device
 from emseg.errors import InputError
 from emseg.io import check_output_location, check_overwrite, open_volume, save_figure

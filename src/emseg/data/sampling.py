@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from emseg.data.values import to_float
 from emseg.errors import InputError
 from emseg.io import (
     VolumeRegion,
@@ -16,18 +17,6 @@ from emseg.io import (
     read_info,
     validate_labels,
 )
-
-
-def to_float(block: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-    """Raw intensities as float32: integer types divided by their maximum (uint8 -> [0, 1]).
-
-    Floating-point raw data are passed through unchanged.
-    """
-    dtype = np.dtype(dtype if dtype is not None else block.dtype)
-    out = np.asarray(block, dtype=np.float32)
-    if np.issubdtype(dtype, np.integer):
-        out = out / np.float32(np.iinfo(dtype).max)
-    return out
 
 
 @dataclass

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from emseg.data.augment import Augmenter
 from emseg.errors import InputError
-from emseg.io import parse_spec
+from emseg.io import parse_spec, read_toml
 from emseg.models.checkpoint import divisor_of
 from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
 
@@ -326,46 +325,6 @@ def check_config(config: TrainConfig) -> None:
     if any(p % d for p, d in zip(spatial, divisor)):
         raise InputError(f"patch_shape {list(config.patch_shape)} must be a multiple of {list(divisor)} for "
                          f"model.depth {config.model.depth}")
-
-
-def read_toml(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Parse a TOML file; a missing file or a syntax error is an :class:`InputError` naming it.
-
-    ``overrides`` replace keys (``None`` values are ignored); dotted keys reach into tables, e.g.
-    ``{"optim.lr": 1e-4}``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such config file", source=str(path))
-    if not path.is_file():
-        raise InputError("is not a file", source=str(path))
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise InputError(f"too large for a config file ({path.stat().st_size:,} bytes; at most "
-                         f"{MAX_CONFIG_BYTES:,})", source=str(path))
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise InputError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); a config is TOML",
-                         source=str(path)) from None
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"invalid TOML ({exc})".splitlines()[0], source=str(path)) from None
-    except RecursionError:
-        raise InputError("invalid TOML (nested too deeply)", source=str(path)) from None
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        parent, _, name = key.rpartition(".")
-        target = table.setdefault(parent, {}) if parent else table
-        target[name] = value
-    return table
-
-
-#: The largest config file read (a config is a few kilobytes).
-MAX_CONFIG_BYTES = 1 << 20
 
 
 def load_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,

@@ -4,26 +4,32 @@ A volume is cut into *blocks* (:mod:`emseg.engine.blocks`, aligned with the outp
 read with a *halo* of context, predicted by a sliding window of *patches* blended with Gaussian or
 constant weights, and its inner part written out. Memory is bounded by the block, not the volume.
 The per-block function :func:`predict_block` is what in-process loops and cluster tasks both call;
-:func:`make_predictor` builds the sliding window of a checkpoint's network for given options and
-:func:`resolve_patch` adapts a window shape to a volume's axes.
+:func:`predictor_for` builds the sliding window of an opened checkpoint
+(:mod:`emseg.models.loading`), :func:`make_predictor` that of a network in memory.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import zarr
 
 from emseg.engine.blocks import Block, default_block_shape, describe_block, plan_blocks
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float, to_output
+from emseg.engine.cluster import FAIL_BLOCKS_ENV, injected_failures
 from emseg.errors import InputError
-from emseg.models import fold_batchnorm
+from emseg.io import open_volume, parse_spec
+from emseg.models.loading import OpenNetwork, cached_open, prepare_network
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -78,10 +84,10 @@ class SlidingWindow:
         Per-axis multiple the network needs (windows smaller than the patch are rounded up to it).
     overlap : float
         Fraction of the window shared by neighbours, in [0, 1).
-    precision : {"fp32", "bf16", "auto"} or Precision
-        How the network runs (:mod:`emseg.runtime.precision`); probabilities are always blended in float32.
-        The caller puts the model's weights in the matching memory format
-        (:meth:`Precision.prepare_model`). ``amp=True`` is the older spelling of ``"auto"`` on CUDA.
+    precision : Precision, optional
+        How the network runs, resolved for ``device`` (:func:`emseg.runtime.precision.resolve_precision`;
+        default: fp32); probabilities are always blended in float32. The caller puts the model's
+        weights in the matching memory format (:meth:`Precision.prepare_model`).
     """
 
     def __init__(
@@ -94,8 +100,7 @@ class SlidingWindow:
         blend: str = "gaussian",
         batch_size: int = 4,
         device: str | torch.device = "cpu",
-        precision: str | Precision = "fp32",
-        amp: bool = False,
+        precision: Precision | None = None,
     ):
         if not 0 <= overlap < 1:
             raise InputError(f"overlap must be in [0, 1), got {overlap}")
@@ -109,9 +114,9 @@ class SlidingWindow:
         self.batch_size = batch_size
         self.device = torch.device(device)
         div = tuple(divisor) if divisor is not None else (1,) * len(self.patch_shape)
-        if amp and precision == "fp32" and self.device.type == "cuda":
-            precision = "auto"
-        self.precision = resolve_precision(precision, self.device, ndim=len(div))
+        if precision is not None and not isinstance(precision, Precision):
+            raise TypeError(f"precision must be a resolved Precision (see resolve_precision), got {precision!r}")
+        self.precision = precision or Precision("fp32", self.device.type, False)
         self.squeeze = len(div) == len(self.patch_shape) - 1
         if self.squeeze:
             if self.patch_shape[0] != 1:
@@ -182,7 +187,7 @@ class NonFiniteOutput(ArithmeticError):
 
 
 def read_block(source: Any, block: Block, raw_dtype=None) -> np.ndarray:
-    """``block.outer`` of ``source`` as float32 in [0, 1] (see :func:`~emseg.data.sampling.to_float`)."""
+    """``block.outer`` of ``source`` as float32 in [0, 1] (see :func:`~emseg.data.values.to_float`)."""
     return to_float(np.asarray(source[block.outer]), raw_dtype if raw_dtype is not None else source.dtype)
 
 
@@ -203,26 +208,6 @@ def predict_block(predictor: SlidingWindow, source: Any, block: Block, *, raw_dt
     if output_type == "labels":
         return out[block.inner_in_outer]
     return out[(slice(None),) + block.inner_in_outer]
-
-
-#: Sample types of probability outputs: float32, or uint8 scaled to 0-255 (p ~ value / 255).
-PROBABILITY_DTYPES = ("float32", "uint8")
-
-
-def to_output(data: np.ndarray, output_type: str, dtype: str = "float32") -> np.ndarray:
-    """What is written for a block: probabilities as float32 or uint8 (``round(255 p)``, computed in
-    place); labels (already uint8 from :func:`predict_block`) as they are."""
-    if output_type == "labels":
-        return data.astype(np.uint8, copy=False)
-    if output_type != "probabilities":
-        raise InputError(f"output type must be 'probabilities' or 'labels', got {output_type!r}")
-    if dtype == "uint8":
-        data = np.multiply(data, 255.0, out=data if data.dtype == np.float32 and data.flags.writeable else None,
-                           dtype=np.float32)
-        return np.rint(data, out=data).astype(np.uint8)
-    if dtype != "float32":
-        raise InputError(f"probabilities are written as float32 or uint8, not {dtype!r}")
-    return data.astype(np.float32, copy=False)
 
 
 def output_shape(volume_shape: Sequence[int], n_channels: int, output_type: str) -> tuple[int, ...]:
@@ -316,55 +301,24 @@ def predict_volume(
     return PredictStats(computed, len(blocks), time.perf_counter() - start)
 
 
-def resolve_patch(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
-                  model_ndim: int) -> tuple[int, ...]:
-    """The window shape in volume axes: given, or the training patch adapted to the volume's axes."""
-    patch = tuple(patch) if patch else tuple(trained or (256,) * model_ndim)
-    if len(patch) == len(volume_shape) + 1 and patch[0] == 1:
-        patch = patch[1:]
-    if len(patch) == len(volume_shape) - 1 and model_ndim == 2:
-        patch = (1,) + patch
-    if len(patch) != len(volume_shape):
-        raise InputError(f"`patch_shape` {patch} does not fit a {len(volume_shape)}D volume")
-    if model_ndim == 3 and len(volume_shape) != 3:
-        raise InputError("a 3D network needs a 3D volume")
-    if any(p < 1 for p in patch):
-        raise InputError(f"`patch_shape` sides must be positive, got {patch}")
-    if model_ndim == 2 and len(patch) == 3 and patch[0] != 1:
-        raise InputError(f"`patch_shape` {patch}: a 2D network on a 3D volume needs z = 1")
-    return patch
-
-
 def make_predictor(model: torch.nn.Module, patch: Sequence[int], window: WindowOptions,
-                   device: torch.device, *, reuse: bool = False) -> SlidingWindow:
-    """The sliding window ``window`` describes: its precision resolved for ``device``, batch norm folded
-    into the convolutions (:func:`~emseg.models.fold_batchnorm`), weights in the matching memory format.
-
-    With ``reuse`` the folded (and compiled) network is kept per process for the next call with the
-    same ``model`` object, whose weights must then not change (a cluster worker's cached checkpoint).
-    """
+                   device: torch.device) -> SlidingWindow:
+    """The sliding window ``window`` describes for a network in memory (a validation or iGTT model):
+    its precision resolved for ``device``, the network prepared for inference
+    (:func:`~emseg.models.loading.prepare_network`: batch norm folded into a copy, the matching
+    memory format). A checkpoint opened for a volume takes :func:`predictor_for` directly."""
     precision = resolve_precision(window.precision, device, ndim=model.ndim)
-    net = _prepared(model, precision, window.compile, reuse)
-    return SlidingWindow(softmax_forward(net), patch, divisor=model.divisor, overlap=window.overlap,
-                         blend=window.blend, batch_size=window.batch_size, device=device, precision=precision)
+    opened = OpenNetwork(prepare_network(model, precision, window.compile), tuple(model.divisor),
+                         torch.device(device), precision)
+    return predictor_for(opened, patch, window)
 
 
-_PREPARED: dict[tuple, tuple] = {}
-
-
-def _prepared(model: torch.nn.Module, precision: Precision, compile_: bool, reuse: bool) -> torch.nn.Module:
-    """``model`` folded, laid out and (optionally) compiled; with ``reuse`` once per process and
-    model (cluster workers build a predictor per block, and a compiled network must not be
-    compiled again)."""
-    key = (id(model), precision, compile_)
-    if reuse and key in _PREPARED:
-        return _PREPARED[key][0]
-    net = precision.prepare_model(fold_batchnorm(model.eval()))
-    net = torch.compile(net, dynamic=False) if compile_ else net
-    if reuse:
-        _PREPARED.clear()
-        _PREPARED[key] = (net, model)  # the model is kept so that its id is not reused
-    return net
+def predictor_for(opened: OpenNetwork, patch: Sequence[int], window: WindowOptions) -> SlidingWindow:
+    """The sliding window of an opened network (:func:`~emseg.models.loading.open_for_volume`): its
+    probabilities (softmax, or sigmoid for one channel) over windows of ``patch``, as ``window`` says."""
+    return SlidingWindow(softmax_forward(opened.net), patch, divisor=opened.divisor, overlap=window.overlap,
+                         blend=window.blend, batch_size=window.batch_size, device=opened.device,
+                         precision=opened.precision)
 
 
 @dataclass(frozen=True)
@@ -378,6 +332,66 @@ class WindowOptions:
     batch_size: int = 4
     #: Run the network through ``torch.compile`` (a one-off compile cost per process).
     compile: bool = False
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Everything a worker needs to predict one block (absolute paths, no open handles); ``store``
+    and ``key`` name the array it writes, set by :meth:`task_for`."""
+
+    model: str
+    model_mtime_ns: int
+    model_size: int
+    input: str
+    volume_shape: tuple[int, ...]
+    patch_shape: tuple[int, ...]
+    window: WindowOptions
+    output_type: str
+    dtype: str = "float32"
+    device: str = "auto"
+    fail_blocks: tuple[int, ...] = ()
+    store: str = ""
+    key: str = ""
+
+    @classmethod
+    def for_run(cls, model: Any, input: Any, volume_shape: Sequence[int], patch_shape: Sequence[int],
+                window: WindowOptions, output_type: str, dtype: str, device: str) -> PredictJob:
+        """The job of one run: the checkpoint and input by absolute path, the checkpoint's time and size
+        (a replaced file is noticed), the blocks to fail on purpose (:func:`~emseg.engine.cluster.injected_failures`)."""
+        model = Path(model).resolve()
+        spec = parse_spec(input)
+        st = model.stat()
+        return cls(str(model), st.st_mtime_ns, st.st_size, str(type(spec)(spec.path.resolve(), spec.key, spec.fmt)),
+                   tuple(volume_shape), tuple(patch_shape), window, output_type, dtype, device, injected_failures())
+
+    def params(self) -> dict[str, Any]:
+        """What makes a block's prediction what it is, as a resumable output records it."""
+        return {"model": self.model, "model_mtime_ns": self.model_mtime_ns, "model_size": self.model_size,
+                "input": self.input, "input_shape": list(self.volume_shape), "patch_shape": list(self.patch_shape),
+                "overlap": self.window.overlap, "blend": self.window.blend, "batch_size": self.window.batch_size,
+                "output_type": self.output_type}
+
+    def task_for(self, partial: Any) -> Callable[[Block], int]:
+        """The picklable task that writes into ``partial`` (:func:`emseg.engine.resumable.run_resumable`)."""
+        return functools.partial(predict_block_task, job=dataclasses.replace(self, store=partial.store,
+                                                                             key=partial.key))
+
+
+def predict_block_task(block: Block, job: PredictJob) -> int:
+    """Worker side of a prediction: read ``block.outer``, predict, write ``block.inner``; return its index."""
+    if block.index in job.fail_blocks:
+        raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
+    opened = cached_open(job.model, job.volume_shape, patch_shape=job.patch_shape, device=job.device,
+                         precision=job.window.precision, compile_=job.window.compile,
+                         mtime_ns=job.model_mtime_ns, size=job.model_size)
+    predictor = predictor_for(opened, job.patch_shape, job.window)
+    with open_volume(job.input) as source:
+        probs = predict_block(predictor, source, block, output_type=job.output_type)
+    data = to_output(probs, job.output_type, job.dtype)
+    dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
+    index = block.inner if job.output_type == "labels" else (slice(None),) + tuple(block.inner)
+    dest[index] = data
+    return block.index
 
 
 def predict_array(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float
 from emseg.errors import InputError
 from emseg.io import save_figure
 

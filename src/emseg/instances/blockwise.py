@@ -32,12 +32,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import zarr
 
 from emseg.engine.blocks import Block, plan_blocks
 from emseg.instances.config import SegmentConfig, check_block
 from emseg.instances.objects import crop, grow, label_mask, neighbourhood, seed_region, watershed_block
 from emseg.instances.stitch import IdTable, face_pairs, resolve_ids
-from emseg.io import auto_chunks
+from emseg.io import auto_chunks, zarr_compressors
+from emseg.io._store import staging_tag
+from emseg.runtime.locks import clean_stale_temps
 
 Progress = Callable[[int, int], None]
 
@@ -210,9 +213,6 @@ class Scratch:
     def __init__(self, near: Path | None = None):
         self.folder: Path | None = None
         if near is not None:
-            from emseg.io._store import staging_tag
-            from emseg.runtime.locks import clean_stale_temps
-
             near = Path(near)
             clean_stale_temps(near.parent, [f"{near.name}.segment"])
             self.folder = near.parent / f".{near.name}.segment.{staging_tag()}"
@@ -221,10 +221,6 @@ class Scratch:
     def array(self, name: str, shape: Sequence[int], dtype: Any, block_shape: Sequence[int]) -> Any:
         if self.folder is None:
             return np.zeros(tuple(shape), dtype=dtype)
-        import zarr
-
-        from emseg.io import zarr_compressors
-
         dtype = np.dtype(dtype)
         chunks = tuple(min(c, b) for c, b in zip(auto_chunks(shape, dtype.itemsize), block_shape))
         return zarr.create_array(store=str(self.folder / name), shape=tuple(shape), dtype=dtype, chunks=chunks,

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from emseg.errors import InputError
+from emseg.io import read_toml
 
 #: How objects are formed: connected components of a class set, or a seeded watershed between boundaries.
 MODES = ("components", "watershed")
@@ -236,8 +237,6 @@ def load_segment_config(path: str | Path, *, overrides: Mapping[str, Any] | None
     --------
     >>> load_segment_config("segment.toml", overrides={"min_size": 100})  # doctest: +SKIP
     """
-    from emseg.engine.config import read_toml
-
     table = read_toml(path).get("segment")
     if table is None:
         raise InputError("has no [segment] table", source=str(path))

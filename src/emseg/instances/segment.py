@@ -18,13 +18,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from emseg.engine.blocks import default_block_shape, plan_blocks
+from emseg.engine.inference import predict_volume, predictor_for
 from emseg.errors import InputError
 from emseg.instances.blockwise import Progress, Scratch, SegmentStats, segment_maps
 from emseg.instances.config import SegmentConfig, default_segment_block
 from emseg.instances.objects import map_dtype, object_map
-from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, create_volume,
-                      open_volume)
+from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, check_raw,
+                      create_volume, open_volume)
+from emseg.models.loading import open_for_volume, read_for_volume
 from emseg.runtime.precision import DEFAULT_PRECISION
+from emseg.semantic.predict import PredictConfig, check_options
 
 
 
@@ -61,10 +64,8 @@ class SegmentFileConfig:
         if network and (self.model is None or self.input is None):
             raise InputError("the network form needs both a `model` and an `input`")
 
-    def predict_config(self):
+    def predict_config(self) -> PredictConfig:
         """The same run as an :class:`~emseg.semantic.predict.PredictConfig` (its checks are reused)."""
-        from emseg.semantic.predict import PredictConfig
-
         return PredictConfig(model=str(self.model), input=str(self.input), output=self.output,
                              patch_shape=self.patch_shape, overlap=self.overlap, blend=self.blend,
                              batch_size=self.batch_size, block_shape=self.segment.block_shape, device=self.device,
@@ -288,12 +289,6 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
     if config.probabilities is not None:
         return segment_probabilities(config.probabilities, config.segment, config.output,
                                      overwrite=config.overwrite, progress=progress)
-    from emseg.engine.inference import make_predictor, predict_volume, resolve_patch
-    from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state
-    from emseg.io import check_raw
-    from emseg.runtime.device import resolve_device
-    from emseg.semantic.predict import check_options
-
     start = time.perf_counter()
     seg = config.segment
     check_distinct(config.input, config.output)
@@ -301,26 +296,20 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
     check_options(pconfig)
     out_spec = check_output_volume(config.output)
     check_overwrite(out_spec, overwrite=config.overwrite)
-    device = resolve_device(config.device)
-    state = load_checkpoint(config.model)
-    model_config = check_model_config(state["model_config"], source=str(config.model))
-    if model_config.get("cond_channels"):
-        raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
-    n_classes = max(2, int(state["model_config"]["out_channels"]))
-    trained_patch = (state.get("config") or {}).get("patch_shape")
     with open_volume(config.input) as source:
         check_raw(source)
         shape = source.shape
-        seg.check_for(shape, n_classes, source=str(config.model))
-        patch = resolve_patch(config.patch_shape, trained_patch, shape, int(model_config.get("ndim", 2)))
-        window = tuple(min(p, s) for p, s in zip(patch, shape))
-        model = model_from_state(state, source=str(config.model), device=device, patch=window)
+        checkpoint = read_for_volume(config.model, shape, patch_shape=config.patch_shape)
+        seg.check_for(shape, max(2, checkpoint.n_classes), source=str(config.model))
+        opened = open_for_volume(checkpoint, device=config.device, precision=config.precision,
+                                 compile_=config.compile)
+        patch = checkpoint.patch
         halo = seg.halo_for(shape)
         block_shape = tuple(seg.block_shape) if seg.block_shape else default_segment_block(
             shape, default_block_shape(shape, patch, auto_chunks(shape, 4)), halo)
-        predictor = make_predictor(model, patch, pconfig.window, device)
+        predictor = predictor_for(opened, patch, pconfig.window)
         attrs = output_attrs(seg, source=str(config.input), model=str(Path(config.model)))
-        attrs.update(patch_shape=list(patch), overlap=config.overlap, precision=predictor.precision.name)
+        attrs.update(patch_shape=list(patch), overlap=config.overlap, precision=opened.precision.name)
         blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
         total = sum(b.size for b in blocks)
         passes = 4 if seg.mode == "components" else 5
@@ -342,4 +331,4 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
                                  scratch=scratch, progress=rest_progress)
     return SegmentResult(str(out_spec), shape, seg.mode, stats.n_objects, block_shape, halo, len(blocks),
                          time.perf_counter() - start, stats, seg, patch_shape=patch,
-                         precision=predictor.precision.name)
+                         precision=opened.precision.name)

@@ -24,7 +24,8 @@ from emseg.models.checkpoint import load_model
 from emseg.data import to_float
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
-from emseg.engine.inference import SlidingWindow, resolve_patch
+from emseg.engine.inference import SlidingWindow
+from emseg.models.loading import window_shape
 from emseg.io import (auto_chunks, check_raw, open_output_group, open_volume, parse_group_spec,
                       parse_spec)
 from emseg.lcs.atlas import Atlas
@@ -392,7 +393,7 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
     start = time.perf_counter()
     with open_volume(config.input) as source:
         check_raw(source)
-        patch = resolve_patch(None, lcs.patch_shape, source.shape, lcs.model.ndim)
+        patch = window_shape(None, lcs.patch_shape, source.shape, lcs.model.ndim)
         predictor = LabelPredictor(lcs.model, labels, patch, atlas=lcs.atlas, classes=lcs.classes,
                                    overlap=config.overlap, blend=config.blend, batch_size=config.batch_size,
                                    label_batch=config.label_batch, device=device, precision=config.precision,

@@ -15,6 +15,7 @@ own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from emseg import __version__
-from emseg.engine.cluster import (check_resumable_output, fit_chunks, injected_failures, require_distributed,
-                                  resumable_zarr, run_blocks)
+from emseg.engine.cluster import fit_chunks, injected_failures, require_distributed
+from emseg.engine.resumable import PartialZarr, check_resumable_output, run_resumable
 from emseg.errors import InputError
 from emseg.metrics import MAX_CLASSES
 from emseg.io import (
@@ -350,7 +351,7 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
                      overwrite: bool = False) -> tuple[tuple[int, ...], np.dtype, float]:
     """Write the blocks as cluster tasks into a resumable ``.partial`` zarr array, renamed when complete.
 
-    One writer at a time: the partial is locked while it is written (:func:`emseg.engine.cluster.resumable_zarr`).
+    One writer at a time: the partial is locked while it is written (:func:`emseg.engine.resumable.resumable_zarr`).
     """
     if client is None:
         require_distributed()
@@ -358,21 +359,14 @@ def _noise_resumable(job: NoiseJob, out_spec: Any, shape: tuple[int, ...], dtype
     block_shape = tuple(int(b) for b in attrs["noise_block_shape"])
     chunks = fit_chunks(block_shape, tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
     params = dict(attrs, emseg_version=None, shape=list(shape), dtype=str(dtype), chunks=list(chunks))
-    with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params, overwrite=overwrite) as part:
-        job = NoiseJob(job.input, job.mode, job.params, job.seed, job.n_classes, part.store, part.key,
-                       injected_failures(), job.selection)
-        state = {"done": len(part.markers.done() & {b.index for b in blocks})}
-        if progress is not None:
-            progress(state["done"], len(blocks))
+    job = dataclasses.replace(job, fail_blocks=injected_failures())
 
-        def on_done(_block: Any, _result: Any) -> None:
-            state["done"] += 1
-            if progress is not None:
-                progress(state["done"], len(blocks))
+    def task_for(part: PartialZarr) -> Callable[[Any], int]:
+        return functools.partial(noise_block_task, job=dataclasses.replace(job, store=part.store, key=part.key))
 
-        run = run_blocks(functools.partial(noise_block_task, job=job), blocks, scheduler=scheduler,
-                         workers=workers, client=client, retries=retries, done=part.markers, on_done=on_done,
-                         failure_source=str(out_spec), failure_hint=part.hint)
+    run = run_resumable(task_for, blocks, out_spec, shape, dtype, chunks, attrs=attrs, params=params,
+                        scheduler=scheduler, workers=workers, client=client, retries=retries, progress=progress,
+                        overwrite=overwrite)
     return tuple(shape), np.dtype(dtype), run.seconds
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from emseg import __version__
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float
 from emseg.engine.inference import SlidingWindow, softmax_forward
 from emseg.errors import InputError
 from emseg.io import check_output_location, check_overwrite, claim_output, open_volume, parse_spec

@@ -23,7 +23,7 @@ import torch
 from emseg.active.pool import Box, CandidatePool
 from emseg.active.registry import Strategy, get_strategy
 from emseg.active.scoring.criteria import REDUCTIONS
-from emseg.data.sampling import to_float
+from emseg.data.values import to_float
 from emseg.errors import InputError
 from emseg.models import fold_batchnorm, set_mc_dropout
 from emseg.runtime.device import fork_rng
