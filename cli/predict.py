@@ -17,7 +17,8 @@ from emseg.semantic.predict import PredictConfig, predict_file
               help="Fraction of a window shared with its neighbours.")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default=PredictConfig.blend,
               help="How overlapping windows are weighted.")
-@click.option("--batch-size", type=int, default=PredictConfig.batch_size, help="Windows per forward pass.")
+@click.option("--batch-size", type=int, default=PredictConfig.batch_size,
+              help="Windows per forward pass [default: 1 on a CPU, 4 on a GPU].")
 @click.option("--output-type", type=click.Choice(["probabilities", "labels"]), default=PredictConfig.output_type,
               help="Write class probabilities (C,*S) or argmax labels uint8.")
 @click.option("--dtype", type=click.Choice(["float32", "uint8"]), default=PredictConfig.dtype,

@@ -44,7 +44,7 @@ def _ints(values) -> str:
 @click.option("--overlap", type=float, default=None,
               help=f"Fraction of a window shared with its neighbours [default: {SegmentFileConfig.overlap}].")
 @click.option("--batch-size", type=int, default=None,
-              help=f"Windows per forward pass [default: {SegmentFileConfig.batch_size}].")
+              help="Windows per forward pass [default: 1 on a CPU, 4 on a GPU].")
 @overwrite_option("an existing OUT dataset or array")
 @common_options
 @device_seed_options

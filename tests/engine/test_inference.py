@@ -368,3 +368,17 @@ def test_predict_array_with_a_window_matches_predicting_each_region():
         out[(slice(None),) + block.inner] = probs
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_the_window_batch_changes_nothing_but_its_default_follows_the_device():
+    """One window per pass on a CPU (the default there) predicts what batches of 4 predict."""
+    from emseg.engine.inference import window_batch
+
+    torch.manual_seed(1)
+    model = build_model(dict(ndim=2, in_channels=1, out_channels=3, depth=2, base_width=4, norm="batch")).eval()
+    region = np.random.default_rng(1).random((2, 70, 90), dtype=np.float32)
+    probs = [SlidingWindow(softmax_forward(model), (1, 32, 32), divisor=model.divisor, overlap=0.5,
+                           batch_size=window_batch(b, "cpu"))(region) for b in (None, 4)]
+    np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=1e-6)
+    assert window_batch(None, "cpu") == 1 and window_batch(None, torch.device("cuda:1")) == 4
+    assert window_batch(2, "cuda") == 2

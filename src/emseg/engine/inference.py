@@ -317,7 +317,8 @@ def predictor_for(opened: OpenNetwork, patch: Sequence[int], window: WindowOptio
     """The sliding window of an opened network (:func:`~emseg.models.loading.open_for_volume`): its
     probabilities (softmax, or sigmoid for one channel) over windows of ``patch``, as ``window`` says."""
     return SlidingWindow(softmax_forward(opened.net), patch, divisor=opened.divisor, overlap=window.overlap,
-                         blend=window.blend, batch_size=window.batch_size, device=opened.device,
+                         blend=window.blend, batch_size=window_batch(window.batch_size, opened.device),
+                         device=opened.device,
                          precision=opened.precision)
 
 
@@ -329,9 +330,22 @@ class WindowOptions:
     precision: str | Precision = DEFAULT_PRECISION
     overlap: float = 0.25
     blend: str = "gaussian"
-    batch_size: int = 4
+    #: Windows per forward pass; ``None``: :func:`window_batch` for the device.
+    batch_size: int | None = None
     #: Run the network through ``torch.compile`` (a one-off compile cost per process).
     compile: bool = False
+
+
+#: Windows per forward pass when none is given: batching windows keeps a GPU busy; on a CPU one
+#: window of a U-Net is already a large enough computation, and a batch of 4 only adds memory
+#: (docs/benchmarks.md: the same speed, about 100 MB more peak memory for 256^2 windows).
+DEFAULT_BATCH = {"cpu": 1}
+GPU_BATCH = 4
+
+
+def window_batch(batch_size: int | None, device: torch.device) -> int:
+    """``batch_size``, or the default for ``device`` (1 on a CPU, 4 on a GPU)."""
+    return batch_size if batch_size is not None else DEFAULT_BATCH.get(torch.device(device).type, GPU_BATCH)
 
 
 @dataclass(frozen=True)

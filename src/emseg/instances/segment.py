@@ -48,7 +48,7 @@ class SegmentFileConfig:
     patch_shape: tuple[int, ...] | None = None  # default: the training patch
     overlap: float = 0.25
     blend: str = "gaussian"
-    batch_size: int = 4
+    batch_size: int | None = None  # default: 1 on a CPU, 4 on a GPU
     device: str = "auto"
     precision: str = DEFAULT_PRECISION
     compile: bool = False

@@ -51,7 +51,8 @@ class PredictConfig:
     patch_shape: tuple[int, ...] | None = None  # default: the training patch
     overlap: float = 0.25
     blend: str = "gaussian"
-    batch_size: int = 4
+    #: Windows per forward pass; ``None``: 1 on a CPU, 4 on a GPU (:func:`~emseg.engine.inference.window_batch`).
+    batch_size: int | None = None
     output_type: str = "probabilities"
     #: Sample type of probabilities: ``float32``, or ``uint8`` scaled to 0-255 (4x less to write).
     dtype: str = "float32"
@@ -124,7 +125,7 @@ def check_options(config: PredictConfig, *, resumable: bool = False, client: Any
             require_distributed()
     if not 0 <= config.overlap < 1:
         raise InputError(f"`overlap` must be in [0, 1), got {config.overlap}")
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise InputError(f"`batch_size` must be >= 1, got {config.batch_size}")
     if config.blend not in ("gaussian", "constant"):
         raise InputError(f"`blend` must be gaussian or constant, got {config.blend!r}")
