@@ -17,7 +17,7 @@ import zarr
 
 from emseg.engine.blocks import Block, default_block_shape, plan_blocks
 from emseg.models.checkpoint import (
-    cached_model,
+    CheckpointFile,
     check_model_config,
     forget_cached_models,
     load_checkpoint,
@@ -208,9 +208,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
 class PredictJob:
     """Everything a worker needs to predict one block (absolute paths, no open handles)."""
 
-    model: str
-    model_mtime_ns: int
-    model_size: int
+    model: CheckpointFile
     input: str
     store: str
     key: str
@@ -226,7 +224,7 @@ def predict_block_task(block: Block, job: PredictJob) -> int:
     """Worker side of a prediction: read ``block.outer``, predict, write ``block.inner``; return its index."""
     if block.index in job.fail_blocks:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
-    model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
+    model, device = job.model.cached_model(job.device)
     predictor = make_predictor(model, job.patch_shape, job.window, device, reuse=True)
     with open_volume(job.input) as source:
         probs = predict_block(predictor, source, block, output_type=job.output_type)
@@ -281,7 +279,7 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
     check_model_config(state["model_config"], source=str(config.model))
     if state["model_config"].get("cond_channels"):
         raise InputError("this checkpoint is label-conditioned: use `emseg lcs infer`", source=config.model)
-    st = model_path.stat()
+    checkpoint = CheckpointFile.of(model_path)
     in_spec = parse_spec(config.input)
     in_spec = type(in_spec)(in_spec.path.resolve(), in_spec.key, in_spec.fmt)
     out_spec = type(out_spec)(out_spec.path.resolve(), out_spec.key, out_spec.fmt)
@@ -311,7 +309,7 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
     if dtype == np.uint8 and config.output_type == "probabilities":
         attrs["scale"] = 1 / 255
     params = {
-        "model": str(model_path), "model_mtime_ns": st.st_mtime_ns, "model_size": st.st_size,
+        "model": checkpoint.path, "model_mtime_ns": checkpoint.mtime_ns, "model_size": checkpoint.size,
         "input": str(in_spec), "input_shape": list(vol_shape), "input_dtype": vol_dtype,
         "patch_shape": list(patch), "overlap": config.overlap, "blend": config.blend,
         "batch_size": config.batch_size, "output_type": config.output_type, "dtype": str(dtype),
@@ -320,11 +318,9 @@ def predict_resumable(config: PredictConfig, *, progress: Callable[[int, int], N
         "shape": list(shape), "chunks": list(chunks)}
     with resumable_zarr(out_spec, shape, dtype, chunks, attrs=attrs, params=params,
                         what=str(parse_spec(config.output)), overwrite=config.overwrite) as part:
-        job = PredictJob(model=str(model_path), model_mtime_ns=st.st_mtime_ns, model_size=st.st_size,
-                         input=str(in_spec), store=part.store, key=part.key, patch_shape=tuple(patch),
-                         window=config.window, output_type=config.output_type, dtype=config.dtype,
-                         device=config.device,
-                         fail_blocks=injected_failures())
+        job = PredictJob(model=checkpoint, input=str(in_spec), store=part.store, key=part.key,
+                         patch_shape=tuple(patch), window=config.window, output_type=config.output_type,
+                         dtype=config.dtype, device=config.device, fail_blocks=injected_failures())
         total = sum(b.size for b in blocks)
         finished = part.markers.done()
         counts = {"done": sum(b.size for b in blocks if b.index in finished), "computed": 0}
