@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from emseg.errors import InputError
-from emseg.io import atomic_write_text, json_safe, read_json_file, replace_output
+from emseg.io import atomic_write_text, json_objects, json_safe, read_json_file, replace_output
 
 __all__ = [
     "QUERY_FORMAT",
@@ -116,10 +116,7 @@ def read_query_boxes(path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("queries"), list):
         raise InputError("not an emseg query file (no 'queries' list)", source=src)
     boxes = []
-    for number, q in enumerate(doc["queries"], start=1):
-        where = f"query {number}"
-        if not isinstance(q, dict):
-            raise InputError(f"{where}: expected an object with offset and shape", source=src)
+    for _, where, q in json_objects(doc["queries"], "query", "offset and shape", src):
         volume, index = q.get("volume"), q.get("volume_index")
         if volume is not None and not isinstance(volume, str):
             raise InputError(f"{where}: 'volume' must be a string", source=src)

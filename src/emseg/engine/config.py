@@ -15,6 +15,7 @@ from emseg.data.augment import Augmenter
 from emseg.errors import InputError
 from emseg.io import parse_spec, read_toml
 from emseg.models.checkpoint import divisor_of
+from emseg.runtime.choices import check_table_keys
 from emseg.runtime.precision import DEFAULT_PRECISION, check_precision
 
 
@@ -163,10 +164,7 @@ def _check_types(cls, data: Mapping[str, Any], where: str) -> None:
 
 
 def _build(cls, data: Mapping[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in [{where}] (known: {', '.join(sorted(names))})")
+    check_table_keys(data, cls, where)
     _check_types(cls, data, where)
     try:
         return cls(**data)

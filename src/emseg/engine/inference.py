@@ -29,6 +29,7 @@ from emseg.data.values import to_float, to_output
 from emseg.engine.cluster import FAIL_BLOCKS_ENV, injected_failures
 from emseg.errors import InputError
 from emseg.io import open_volume, parse_spec
+from emseg.models.checkpoint import CheckpointFile
 from emseg.models.loading import OpenNetwork, cached_open, prepare_network
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
@@ -353,9 +354,7 @@ class PredictJob:
     """Everything a worker needs to predict one block (absolute paths, no open handles); ``store``
     and ``key`` name the array it writes, set by :meth:`task_for`."""
 
-    model: str
-    model_mtime_ns: int
-    model_size: int
+    checkpoint: CheckpointFile
     input: str
     volume_shape: tuple[int, ...]
     patch_shape: tuple[int, ...]
@@ -372,15 +371,14 @@ class PredictJob:
                 window: WindowOptions, output_type: str, dtype: str, device: str) -> PredictJob:
         """The job of one run: the checkpoint and input by absolute path, the checkpoint's time and size
         (a replaced file is noticed), the blocks to fail on purpose (:func:`~emseg.engine.cluster.injected_failures`)."""
-        model = Path(model).resolve()
         spec = parse_spec(input)
-        st = model.stat()
-        return cls(str(model), st.st_mtime_ns, st.st_size, str(type(spec)(spec.path.resolve(), spec.key, spec.fmt)),
+        return cls(CheckpointFile.of(Path(model).resolve()), str(type(spec)(spec.path.resolve(), spec.key, spec.fmt)),
                    tuple(volume_shape), tuple(patch_shape), window, output_type, dtype, device, injected_failures())
 
     def params(self) -> dict[str, Any]:
         """What makes a block's prediction what it is, as a resumable output records it."""
-        return {"model": self.model, "model_mtime_ns": self.model_mtime_ns, "model_size": self.model_size,
+        return {"model": self.checkpoint.path, "model_mtime_ns": self.checkpoint.mtime_ns,
+                "model_size": self.checkpoint.size,
                 "input": self.input, "input_shape": list(self.volume_shape), "patch_shape": list(self.patch_shape),
                 "overlap": self.window.overlap, "blend": self.window.blend, "batch_size": self.window.batch_size,
                 "output_type": self.output_type}
@@ -395,9 +393,9 @@ def predict_block_task(block: Block, job: PredictJob) -> int:
     """Worker side of a prediction: read ``block.outer``, predict, write ``block.inner``; return its index."""
     if block.index in job.fail_blocks:
         raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
-    opened = cached_open(job.model, job.volume_shape, patch_shape=job.patch_shape, device=job.device,
+    opened = cached_open(job.checkpoint.path, job.volume_shape, patch_shape=job.patch_shape, device=job.device,
                          precision=job.window.precision, compile_=job.window.compile,
-                         mtime_ns=job.model_mtime_ns, size=job.model_size)
+                         mtime_ns=job.checkpoint.mtime_ns, size=job.checkpoint.size)
     predictor = predictor_for(opened, job.patch_shape, job.window)
     with open_volume(job.input) as source:
         probs = predict_block(predictor, source, block, output_type=job.output_type)

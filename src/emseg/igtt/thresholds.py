@@ -175,10 +175,8 @@ def select_mask(prob: Any, n_thresholds: int, *, invert_large: bool = True,
 
     Parameters
     ----------
-    prob : array_like
-        Prediction ``P`` (foreground scores).
-    n_thresholds : int >= 2
-        ``K``.
+    prob, n_thresholds
+        As for :func:`candidate_thresholds` (``P``: foreground scores).
     invert_large : bool
         Apply the inversion rule.
     eps : float

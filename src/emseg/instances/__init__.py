@@ -9,19 +9,7 @@ from emseg.instances.metrics import (
     instance_scores,
     matched_pairs,
 )
+from emseg.instances.metrics import __all__ as _metrics_all
 from emseg.instances.targets import TargetsConfig, TargetsResult, boundary_targets, make_targets
 
-__all__ = [
-    "IOU_THRESHOLDS",
-    "ContingencyAccumulator",
-    "ContingencyTable",
-    "InstanceEvaluation",
-    "InstanceScores",
-    "TargetsConfig",
-    "TargetsResult",
-    "boundary_targets",
-    "evaluate_instances",
-    "instance_scores",
-    "make_targets",
-    "matched_pairs",
-]
+__all__ = [*_metrics_all, "TargetsConfig", "TargetsResult", "boundary_targets", "make_targets"]

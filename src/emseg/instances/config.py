@@ -14,6 +14,7 @@ import numpy as np
 
 from emseg.errors import InputError
 from emseg.io import read_toml
+from emseg.runtime.choices import check_integer, check_number, check_table_keys
 
 #: How objects are formed: connected components of a class set, or a seeded watershed between boundaries.
 MODES = ("components", "watershed")
@@ -202,22 +203,19 @@ def segment_config_from_dict(data: Mapping[str, Any], *, source: str = "[segment
     (16,)
     """
     data = dict(data)
-    names = {f.name for f in dataclasses.fields(SegmentConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in [segment] (known: {', '.join(sorted(names))})",
-                         source=source)
+    check_table_keys(data, SegmentConfig, "segment", source=source)
     try:
         for key in ("classes", "boundary_classes", "halo", "block_shape"):
             if data.get(key) is not None:
                 value = data[key]
-                data[key] = tuple(_as_int(v, key) for v in (value if isinstance(value, (list, tuple)) else [value]))
+                values = value if isinstance(value, (list, tuple)) else [value]
+                data[key] = tuple(check_integer(v, f"`{key}`") for v in values)
         for key in ("threshold", "seed_threshold", "mask_threshold"):
             if data.get(key) is not None:
-                data[key] = _as_float(data[key], key)
+                data[key] = check_number(data[key], f"`{key}`")
         for key in ("seed_erosion", "seed_min_size", "min_size", "connectivity"):
             if key in data:
-                data[key] = _as_int(data[key], key)
+                data[key] = check_integer(data[key], f"`{key}`")
         if "per_section" in data and not isinstance(data["per_section"], bool):
             raise InputError(f"`per_section` must be true or false, got {data['per_section']!r}")
         if "mode" in data and not isinstance(data["mode"], str):
@@ -245,15 +243,3 @@ def load_segment_config(path: str | Path, *, overrides: Mapping[str, Any] | None
     table = dict(table)
     table.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return segment_config_from_dict(table, source=str(path))
-
-
-def _as_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"`{key}` must be a number, got {value!r}")
-    return float(value)
-
-
-def _as_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"`{key}` must hold integers, got {value!r}")
-    return int(value)

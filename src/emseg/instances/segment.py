@@ -75,10 +75,11 @@ class SegmentFileConfig:
 
 @dataclass(frozen=True)
 class SegmentResult:
+    """What :func:`segment_probabilities` or :func:`segment_file` wrote (the mode is the config's,
+    the object count the stats')."""
+
     output: str
     shape: tuple[int, ...]
-    mode: str
-    n_objects: int
     block_shape: tuple[int, ...]
     halo: tuple[int, ...]
     blocks: int
@@ -88,6 +89,14 @@ class SegmentResult:
     #: The network's window and precision (None from probabilities).
     patch_shape: tuple[int, ...] | None = None
     precision: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def n_objects(self) -> int:
+        return self.stats.n_objects
 
     @property
     def voxels_per_s(self) -> float:
@@ -230,19 +239,18 @@ def _segment_reader(reader: ProbabilityReader, config: SegmentConfig, out: Any, 
             raise InputError(f"the output array must be uint64 of shape {shape}, got {out.dtype} {out.shape}")
         stats = segment_maps(read_map, shape, config, out, block_shape=block_shape, scratch=Scratch(None),
                              progress=progress)
-        return SegmentResult("<array>", shape, config.mode, stats.n_objects, block_shape, halo,
-                             len(plan_blocks(shape, block_shape, (0,) * len(shape))), time.perf_counter() - start,
-                             stats, config)
-    out_spec = check_output_volume(out)
-    check_overwrite(out_spec, overwrite=overwrite)
-    attrs = output_attrs(config, source=source)
-    with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
-                       overwrite=overwrite) as dest, Scratch(out_spec.path) as scratch:
-        stats = segment_maps(read_map, shape, config, dest, block_shape=block_shape, scratch=scratch,
-                             progress=progress)
-    return SegmentResult(str(out_spec), shape, config.mode, stats.n_objects, block_shape, halo,
-                         len(plan_blocks(shape, block_shape, (0,) * len(shape))), time.perf_counter() - start,
-                         stats, config)
+        output = "<array>"
+    else:
+        out_spec = check_output_volume(out)
+        check_overwrite(out_spec, overwrite=overwrite)
+        attrs = output_attrs(config, source=source)
+        with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
+                           overwrite=overwrite) as dest, Scratch(out_spec.path) as scratch:
+            stats = segment_maps(read_map, shape, config, dest, block_shape=block_shape, scratch=scratch,
+                                 progress=progress)
+        output = str(out_spec)
+    return SegmentResult(output, shape, block_shape, halo, len(plan_blocks(shape, block_shape, (0,) * len(shape))),
+                         time.perf_counter() - start, stats, config)
 
 
 def output_attrs(config: SegmentConfig, *, source: str | None, model: str | None = None) -> dict[str, Any]:
@@ -329,6 +337,6 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
                            progress=network_progress)
             stats = segment_maps(lambda region: np.asarray(maps[region]), shape, seg, dest, block_shape=block_shape,
                                  scratch=scratch, progress=rest_progress)
-    return SegmentResult(str(out_spec), shape, seg.mode, stats.n_objects, block_shape, halo, len(blocks),
+    return SegmentResult(str(out_spec), shape, block_shape, halo, len(blocks),
                          time.perf_counter() - start, stats, seg, patch_shape=patch,
                          precision=opened.precision.name)

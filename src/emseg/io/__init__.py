@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from emseg.io._describe import VolumeInfo, describe_volume
 from emseg.io._claim import check_overwrite, claim_output, claim_outputs
-from emseg.io._files import (atomic_write_json, atomic_write_text, check_output_location, json_safe,
+from emseg.io._files import (atomic_write_json, atomic_write_text, check_output_location, json_objects, json_safe,
                              read_json_file, read_toml, save_figure)
 from emseg.io._output import OutputGroup, OutputVolume, create_volume, open_output_group, parse_group_spec
 from emseg.io._store import StagedOutput, auto_chunks, replace_output, zarr_compressors
@@ -63,6 +63,7 @@ __all__ = [
     "open_output_group",
     "open_volume",
     "is_ome_path",
+    "json_objects",
     "json_safe",
     "parse_group_spec",
     "read_json_file",

@@ -6,6 +6,7 @@ import math
 import os
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -86,6 +87,17 @@ def read_json_file(path: str | Path, *, what: str, max_bytes: int) -> Any:
         raise InputError(f"not JSON ({exc.msg} at line {exc.lineno})", source=src) from None
     except RecursionError:
         raise InputError(f"not {what} (nested too deeply)", source=src) from None
+
+
+def json_objects(items: list, noun: str, expected: str, src: str) -> Iterator[tuple[int, str, dict]]:
+    """``(number, where, entry)`` for each entry of a list read with :func:`read_json_file`: its
+    1-based ``number`` and ``where`` = ``"NOUN NUMBER"`` for the messages; an entry that is not a
+    JSON object is an :class:`InputError` ("WHERE: expected an object with EXPECTED")."""
+    for number, entry in enumerate(items, start=1):
+        where = f"{noun} {number}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object with {expected}", source=src)
+        yield number, where, entry
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -155,7 +155,27 @@ def is_channel_first(shape: Sequence[int], dtype: np.dtype, attrs: dict | None) 
     return len(shape) == 4 or "n_classes" in attrs
 
 
-class OmeOutputVolume(StagedArray):
+class _OmeStagedOutput(StagedOutput):
+    """An output written through one :class:`OmeStore` (``self.store``): commit publishes it
+    (:meth:`_publish`), discard removes its temporary tree; both release the writer lock."""
+
+    store: OmeStore
+
+    def _publish(self) -> None:
+        self.store.commit()
+
+    def commit(self) -> None:
+        self._publish()
+        self.release_claim()
+
+    def discard(self) -> None:
+        try:
+            self.store.discard()
+        finally:
+            self.release_claim()
+
+
+class OmeOutputVolume(_OmeStagedOutput, StagedArray):
     """What :func:`emseg.io.create_volume` returns for an ``.ome.zarr`` output: one image or label
     image (root), or one label image added to an existing image (``OUT.ome.zarr/labels/NAME``)."""
 
@@ -170,12 +190,12 @@ class OmeOutputVolume(StagedArray):
         self._label_target: tuple[Path, str, list] | None = None
         parts = [p for p in spec.key.split("/") if p]
         if not parts:
-            self._store = OmeStore(spec.path, voxel_size=voxel)
+            self.store = OmeStore(spec.path, voxel_size=voxel)
             channel = is_channel_first(shape, dtype, attrs)
             if dtype.kind in "biu" and not channel:
-                self.array = self._store.label(spec.path.name, shape, dtype, root=True, chunks=chunks, attrs=attrs)
+                self.array = self.store.label(spec.path.name, shape, dtype, root=True, chunks=chunks, attrs=attrs)
             else:
-                self.array = self._store.image(shape, dtype, channel=channel,
+                self.array = self.store.image(shape, dtype, channel=channel,
                                                chunks=chunks, attrs=attrs)
             return
         if len(parts) != 2 or parts[0] != "labels":
@@ -198,14 +218,14 @@ class OmeOutputVolume(StagedArray):
             spec.path, str(ms["datasets"][0]["path"]), "zarr")})())
         labels_dir = spec.path / "labels"
         zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
-        self._store = OmeStore(labels_dir / parts[1], voxel_size=image_voxel or voxel)
-        self.array = self._store.label(parts[1], shape, dtype, root=True, chunks=chunks, attrs=attrs)
+        self.store = OmeStore(labels_dir / parts[1], voxel_size=image_voxel or voxel)
+        self.array = self.store.label(parts[1], shape, dtype, root=True, chunks=chunks, attrs=attrs)
         self._label_target = (labels_dir, parts[1], factors_of(image, source=str(spec.path)))
 
-    def commit(self) -> None:
+    def _publish(self) -> None:
         if self.committed:
             return
-        store = self._store
+        store = self.store
         if self._label_target is None:
             store.commit()
         else:
@@ -216,16 +236,9 @@ class OmeOutputVolume(StagedArray):
             replace_output(store.tmp, store.final)
             write_labels_list(labels_dir, [name])
         self.committed = True
-        self.release_claim()
-
-    def discard(self) -> None:
-        try:
-            self._store.discard()
-        finally:
-            self.release_claim()
 
 
-class OmeOutputGroup(StagedOutput):
+class OmeOutputGroup(_OmeStagedOutput):
     """The ``emseg lcs infer`` output container as OME-Zarr: float arrays become the channels of
     the root image (in creation order), integer arrays label images under ``labels/``."""
 
@@ -251,16 +264,6 @@ class OmeOutputGroup(StagedOutput):
         if name in self._channel:
             return f"{self.path}/0 (channel {self._channel[name]})"
         return f"{self.path}/labels/{name}"
-
-    def commit(self) -> None:
-        self.store.commit()
-        self.release_claim()
-
-    def discard(self) -> None:
-        try:
-            self.store.discard()
-        finally:
-            self.release_claim()
 
 
 def write_ome(path: str | Path, *, image: Any = None, channel: bool = False, labels: dict[str, Any] | None = None,

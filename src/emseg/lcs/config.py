@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from emseg.engine.config import TrainConfig, load_config
 from emseg.errors import InputError
 from emseg.io import parse_spec
 from emseg.lcs.merge import MERGES
+from emseg.runtime.choices import check_integer, check_number, check_table_keys
 
 DICE_MODES = ("class", "batch", "sample")
 LCS_CONDITIONINGS = ("prototype", "atlas")
@@ -102,11 +101,7 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
     (1, 2)
     """
     data = dict(data)
-    names = {f.name for f in dataclasses.fields(LCSConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in [lcs] (known: {', '.join(sorted(names))})",
-                         source=source)
+    check_table_keys(data, LCSConfig, "lcs", source=source)
     if baseline is not None:
         data["baseline"] = bool(baseline)
     base = Path(base_dir)
@@ -118,29 +113,17 @@ def lcs_config_from_dict(data: Mapping[str, Any], *, n_classes: int, base_dir: s
     try:
         classes = data.get("classes")
         data["classes"] = (tuple(range(1, n_classes)) if classes is None
-                           else tuple(_as_int(c, "classes") for c in classes))
+                           else tuple(check_integer(c, "classes") for c in classes))
         if data.get("atlas_offset") is not None:
-            data["atlas_offset"] = tuple(_as_int(o, "atlas_offset") for o in data["atlas_offset"])
+            data["atlas_offset"] = tuple(check_integer(o, "atlas_offset") for o in data["atlas_offset"])
         for key in ("merge_prob", "split_prob", "negative_prob", "bce_weight", "baseline_dice_weight"):
             if key in data:
-                data[key] = _as_float(data[key], key)
+                data[key] = check_number(data[key], key)
         config = LCSConfig(**data)
     except (TypeError, ValueError) as exc:
         raise InputError(f"[lcs]: {exc}".splitlines()[0], source=source) from None
     check_lcs_config(config, n_classes, source=source)
     return config
-
-
-def _as_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def _as_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{key} must hold integers, got {value!r}")
-    return int(value)
 
 
 def check_lcs_config(config: LCSConfig, n_classes: int, *, source: str = "[lcs]") -> None:

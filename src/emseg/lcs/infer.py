@@ -336,16 +336,21 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class InferResult:
+    """What :func:`infer_file` wrote: the arrays of the output container by name, and the run."""
+
     output: str
     arrays: dict[str, str]
     shape: tuple[int, ...]
     labels: tuple[int, ...]
     baseline: bool
-    voxels: int
     blocks: int
     seconds: float
     merge: str = "max"
     calibration: Calibration | None = None
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape))
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "arrays": dict(self.arrays), "shape": list(self.shape),
@@ -426,5 +431,5 @@ def infer_file(config: InferConfig, *, progress: Callable[[int, int], None] | No
                 if progress is not None:
                     progress(done, total)
             arrays = {name: out.spec(name) for name in out.arrays}
-    return InferResult(str(config.output), arrays, tuple(shape), tuple(labels), lcs.baseline, total, len(blocks),
+    return InferResult(str(config.output), arrays, tuple(shape), tuple(labels), lcs.baseline, len(blocks),
                        time.perf_counter() - start, merge, calibration)

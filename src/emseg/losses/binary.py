@@ -69,14 +69,17 @@ def _batch_sums(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
     return x.sum().reshape(1)
 
 
-def soft_dice_loss(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    per_sample: bool = True,
-) -> torch.Tensor:
+def _overlap_sums(fname: str, probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                  per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum p t m, sum p m + sum t m)`` per sample (or pooled) of the checked inputs of the overlap
+    loss ``fname``."""
+    p, t, m = _binary_inputs(fname, probs, target, mask)
+    inter = _batch_sums(p * t * m, per_sample)
+    return inter, _batch_sums(p * m, per_sample) + _batch_sums(t * m, per_sample)
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6,
+                   *, per_sample: bool = True) -> torch.Tensor:
     r"""Binary soft Dice loss.
 
     For each sample ``b`` (sums over all non-batch axes, restricted to voxels with
@@ -116,21 +119,13 @@ def soft_dice_loss(
     >>> float(soft_dice_loss(t.float(), t)) < 1e-6
     True
     """
-    p, t, m = _binary_inputs("soft_dice_loss", probs, target, mask)
-    inter = _batch_sums(p * t * m, per_sample)
-    denom = _batch_sums(p * m, per_sample) + _batch_sums(t * m, per_sample)
+    inter, denom = _overlap_sums("soft_dice_loss", probs, target, mask, per_sample)
     dice = (2.0 * inter + eps) / (denom + eps)
     return (1.0 - dice).mean()
 
 
-def iou_loss(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    per_sample: bool = True,
-) -> torch.Tensor:
+def iou_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6,
+             *, per_sample: bool = True) -> torch.Tensor:
     r"""Binary soft Jaccard (IoU) loss.
 
     For each sample ``b`` (sums over masked voxels of all non-batch axes):
@@ -145,21 +140,13 @@ def iou_loss(
 
     Parameters
     ----------
-    probs : torch.Tensor
-        Foreground probabilities ``(B, 1, *S)`` or ``(B, *S)``.
-    target : torch.Tensor
-        ``(B, *S)`` 0/1 target; ``-1`` voxels are masked out.
-    mask : torch.Tensor, optional
-        0 excludes a voxel.
-    eps : float
-        Smoothing constant.
-    per_sample : bool
-        Per-sample mean (default) or pooled over the batch.
+    probs, target, mask, eps, per_sample
+        As for :func:`soft_dice_loss`.
 
     Returns
     -------
     torch.Tensor
-        Scalar loss in [0, 1].
+        Scalar loss ``1 - IoU`` in [0, 1].
 
     Examples
     --------
@@ -168,9 +155,8 @@ def iou_loss(
     >>> round(float(iou_loss(p, t)), 4)  # 1 - 0.5 / 1.5
     0.6667
     """
-    p, t, m = _binary_inputs("iou_loss", probs, target, mask)
-    inter = _batch_sums(p * t * m, per_sample)
-    union = _batch_sums(p * m, per_sample) + _batch_sums(t * m, per_sample) - inter
+    inter, total = _overlap_sums("iou_loss", probs, target, mask, per_sample)
+    union = total - inter
     return (1.0 - (inter + eps) / (union + eps)).mean()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -367,6 +368,26 @@ def cached_model(path: str, device: str = "auto", *, mtime_ns: int | None = None
             _MODELS.clear()  # one model per process: a worker serves one run at a time
             _MODELS[key] = (model, dev)
         return _MODELS[key]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint as a task names it: path, modification time and size, so that a worker loads the
+    run's network once (:meth:`cached_model`) and refuses a file replaced since the run started."""
+
+    path: str
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> CheckpointFile:
+        """The checkpoint at ``path`` as it is now."""
+        st = os.stat(path)
+        return cls(str(path), st.st_mtime_ns, st.st_size)
+
+    def cached_model(self, device: str = "auto") -> tuple[torch.nn.Module, torch.device]:
+        """:func:`cached_model` of this file on ``device``."""
+        return cached_model(self.path, device, mtime_ns=self.mtime_ns, size=self.size)
 
 
 def forget_cached_models() -> None:

@@ -52,13 +52,20 @@ class VolumeCheckpoint:
     """A checked checkpoint and the window it predicts a volume with (:func:`read_for_volume`)."""
 
     path: str
-    state: dict[str, Any]
     #: The window in volume axes (a leading 1 on a 3D volume feeds a 2D network).
     patch: tuple[int, ...]
     #: What the network sees at most: the window clipped to the volume.
     window: tuple[int, ...]
-    n_classes: int
-    ndim: int
+    #: The loaded checkpoint (:func:`~emseg.models.checkpoint.load_checkpoint`).
+    state: dict[str, Any]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.state["model_config"]["out_channels"])
+
+    @property
+    def ndim(self) -> int:
+        return int(self.state["model_config"].get("ndim", 2))
 
 
 def read_for_volume(path: Any, volume_shape: Sequence[int], *, patch_shape: Sequence[int] | None = None
@@ -78,7 +85,7 @@ def read_for_volume(path: Any, volume_shape: Sequence[int], *, patch_shape: Sequ
     patch = window_shape(patch_shape, (state.get("config") or {}).get("patch_shape"), volume_shape, ndim)
     window = tuple(min(p, s) for p, s in zip(patch, volume_shape))
     check_model_config(model_config, source=source, patch=network_patch(window, model_config))
-    return VolumeCheckpoint(source, state, patch, window, int(model_config["out_channels"]), ndim)
+    return VolumeCheckpoint(source, patch, window, state)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ __all__ = [
     "check_int",
     "check_per_section",
     "check_radius",
+    "checked_labels_radius",
     "class_fractions",
     "fit_dtype",
     "max_label",
@@ -123,6 +124,14 @@ def check_per_section(per_section: Any) -> bool:
     if not isinstance(per_section, (bool, np.bool_)):
         raise ValueError(f"per_section must be True or False, got {per_section!r}")
     return bool(per_section)
+
+
+def checked_labels_radius(labels: ArrayLike, radius: Any, per_section: Any) -> tuple[np.ndarray, int, bool]:
+    """The labels, radius and per-section flag of a mode that works within a radius (dilate,
+    erode, shift), checked in that order; the flag is False for 2D labels."""
+    arr = as_labels(labels)
+    r = check_radius(radius)
+    return arr, r, check_per_section(per_section) and arr.ndim == 3
 
 
 def class_fractions(p: Any, k: int, p_fg: Any = None, p_bg: Any = None) -> list[float]:

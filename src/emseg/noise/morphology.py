@@ -12,14 +12,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from emseg.noise.checks import as_labels, check_per_section, check_radius
+from emseg.noise.checks import as_labels, check_per_section, checked_labels_radius
 
 __all__ = ["class_boxes", "dilate", "erode", "skeleton"]
-
-
-def _checked(labels: ArrayLike, radius: Any, per_section: Any) -> tuple[np.ndarray, int, bool]:
-    """The labels, radius and per-section flag of :func:`dilate` / :func:`erode`, checked."""
-    return as_labels(labels), check_radius(radius), check_per_section(per_section)
 
 
 def _footprint(ndim: int, radius: int, per_section: bool) -> np.ndarray:
@@ -42,6 +37,11 @@ def _footprint(ndim: int, radius: int, per_section: bool) -> np.ndarray:
         fp = disk(radius) if dims == 2 else ball(radius)
     return fp[np.newaxis] if in_plane else fp
 
+
+def _checked(labels: ArrayLike, radius: Any, per_section: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The checked labels of :func:`dilate` / :func:`erode` and their footprint (None at radius 0)."""
+    arr, r, section = checked_labels_radius(labels, radius, per_section)
+    return arr, (_footprint(arr.ndim, r, section) if r else None)
 
 
 def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.ndarray:
@@ -85,10 +85,10 @@ def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.n
     """
     from scipy import ndimage as ndi
 
-    arr, r, section = _checked(labels, radius, per_section)
-    if r == 0:
+    arr, fp = _checked(labels, radius, per_section)
+    if fp is None:
         return arr.copy()
-    grown = ndi.grey_dilation(arr, footprint=_footprint(arr.ndim, r, section), mode="nearest")
+    grown = ndi.grey_dilation(arr, footprint=fp, mode="nearest")
     return np.where(arr == 0, grown, arr)
 
 
@@ -100,17 +100,13 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
 
     Parameters
     ----------
-    labels : array_like of int, 2D or 3D
-        Clean labels (0 background, -1 ignore).
-    radius : int >= 0
-        Footprint radius; 0 returns a copy.
-    per_section : bool
-        For 3D input, erode each z-section in-plane only. No effect on 2D input.
+    labels, radius, per_section
+        As for :func:`dilate` (``per_section``: erode each z-section in-plane only).
 
     Returns
     -------
     numpy.ndarray
-        Same shape and dtype.
+        The eroded labels, same shape and dtype.
 
     Notes
     -----
@@ -128,10 +124,9 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     """
     from scipy import ndimage as ndi
 
-    arr, r, section = _checked(labels, radius, per_section)
-    if r == 0:
+    arr, fp = _checked(labels, radius, per_section)
+    if fp is None:
         return arr.copy()
-    fp = _footprint(arr.ndim, r, section)
     lo = ndi.grey_erosion(arr, footprint=fp, mode="nearest")
     hi = ndi.grey_dilation(arr, footprint=fp, mode="nearest")
     removed = (arr > 0) & ((lo != arr) | (hi != arr))
@@ -165,7 +160,7 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     Parameters
     ----------
     labels : array_like of int, 2D or 3D
-        Clean labels (0 background, -1 ignore).
+        As for :func:`dilate`.
     per_section : bool
         For 3D input, skeletonise each z-section in 2D (default, suited to
         anisotropic ssTEM stacks); ``False`` uses 3D thinning. No effect on 2D.
@@ -173,7 +168,7 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        Same shape and dtype.
+        The skeletons, same shape and dtype.
 
     Notes
     -----

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from emseg.noise.checks import as_labels, check_fraction, check_int, check_per_section, check_radius
+from emseg.noise.checks import check_fraction, check_int, checked_labels_radius
 from emseg.noise.streams import STREAM_RANDOM, STREAM_SHIFT, Box, stream_key, unit, voxel_hash
 
 
@@ -116,19 +116,17 @@ def shift(
 
     Parameters
     ----------
-    labels : array_like of int, 2D or 3D
-        Labels, typically a skeleton (0 background, -1 ignore).
-    radius : int >= 0
-        Shift radius (Euclidean, voxels); 0 returns a copy.
-    per_section : bool
-        For 3D input, shift in-plane only (z offset 0). No effect on 2D.
+    labels, radius, per_section
+        As for :func:`emseg.noise.morphology.dilate`; ``labels`` are typically a skeleton,
+        ``radius`` is the largest (Euclidean) shift in voxels and ``per_section`` keeps the
+        z offset at 0.
     rng : numpy.random.Generator or int, optional
         Random source (see :func:`stream_key`).
 
     Returns
     -------
     numpy.ndarray
-        Same shape and dtype.
+        The shifted labels, same shape and dtype.
 
     Notes
     -----
@@ -145,13 +143,8 @@ def shift(
     >>> bool((ys[0] - 4) ** 2 + (xs[0] - 4) ** 2 <= 4)
     True
     """
-    arr = as_labels(labels)
-    r = check_radius(radius)
-    section = check_per_section(per_section) and arr.ndim == 3
-    key = stream_key(rng)
-    if r == 0:
-        return arr.copy()
-    return shift_at(arr, r, section, key)
+    arr, r, section = checked_labels_radius(labels, radius, per_section)
+    return shift_at(arr, r, section, stream_key(rng))
 
 
 def shift_at(arr: np.ndarray, r: int, section: bool, key: int, *,

@@ -304,6 +304,7 @@ def flip_matrix(
     Returns
     -------
     numpy.ndarray, shape (K, K)
+        Row ``i``: the label distribution of clean class ``i`` after flipping.
 
     Examples
     --------
@@ -335,6 +336,7 @@ def random_label_matrix(p: float, n_classes: int = 2) -> np.ndarray:
     Returns
     -------
     numpy.ndarray, shape (K, K)
+        ``K`` equal rows.
 
     Examples
     --------

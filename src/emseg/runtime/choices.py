@@ -1,7 +1,12 @@
-"""The run-time choices a user can name, spelled once (no torch needed to read them)."""
+"""The run-time choices a user can name, spelled once, and the checks of a config table's keys and
+numbers (no torch needed to read them)."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from emseg.errors import InputError
 
@@ -22,3 +27,29 @@ def check_precision(name: Any, key: str = "precision") -> str:
         words = ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"
         raise InputError(f"{key} must be {words}, got {name!r}")
     return name
+
+
+def check_number(value: Any, name: str) -> float:
+    """A number of a config table (an int or float, numpy's too, not a boolean) as a float; else an
+    :class:`InputError` "NAME must be a number"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_integer(value: Any, name: str) -> int:
+    """An integer of a config table (or one entry of a list of them; numpy's too, not a boolean);
+    else an :class:`InputError` "NAME must hold integers"."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must hold integers, got {value!r}")
+    return int(value)
+
+
+def check_table_keys(data: Mapping[str, Any], cls: type, table: str, *, source: str | None = None) -> None:
+    """An :class:`InputError` "unknown key(s) ... in [TABLE] (known: ...)" where the config table
+    ``data`` has a key that is not a field of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in [{table}] (known: {', '.join(sorted(names))})",
+                         source=source)

@@ -32,8 +32,8 @@ import numpy as np
 from emseg.active.questions.annotation import lazy_info
 from emseg.errors import InputError
 from emseg.metrics import MAX_CLASSES
-from emseg.io import (atomic_write_text, check_output_location, claim_output, open_volume, read_json_file,
-                      parse_spec, replace_output)
+from emseg.io import (atomic_write_text, check_output_location, claim_output, json_objects, open_volume,
+                      read_json_file, parse_spec, replace_output)
 
 __all__ = [
     "ANSWERS_FORMAT",
@@ -183,10 +183,7 @@ def read_answers(path: str | Path) -> tuple[int, list[Answer]]:
     if not isinstance(doc["answers"], list):
         raise InputError("'answers' must be a list", source=src)
     out = []
-    for number, entry in enumerate(doc["answers"], start=1):
-        where = f"answer {number}"
-        if not isinstance(entry, dict):
-            raise InputError(f"{where}: expected an object with {', '.join(_KEYS)}", source=src)
+    for number, where, entry in json_objects(doc["answers"], "answer", ", ".join(_KEYS), src):
         missing = [k for k in _KEYS if k not in entry]
         if missing:
             raise InputError(f"{where}: missing key{'s' if len(missing) > 1 else ''} "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from emseg.active.scoring.stream import (
     squeeze_leading_axis,
     strategy_candidates,
 )
-from emseg.models.checkpoint import cached_model, load_checkpoint
+from emseg.models.checkpoint import CheckpointFile, load_checkpoint
 from emseg.engine.cluster import run_blocks
 from emseg.io import open_volume, parse_spec
 from emseg.runtime.precision import DEFAULT_PRECISION
@@ -44,9 +43,7 @@ __all__ = ["ScoreJob", "ScoreTask", "score_pool_on_cluster", "score_task"]
 class ScoreJob:
     """What a worker needs to score chunks of candidates (paths, no open handles)."""
 
-    model: str
-    model_mtime_ns: int
-    model_size: int
+    model: CheckpointFile
     sources: tuple[str, ...]
     dtypes: tuple[str, ...]
     strategy: str
@@ -81,7 +78,7 @@ def score_task(task: ScoreTask, job: ScoreJob) -> PoolScores:
     --------
     >>> part = score_task(tasks[0], job)  # doctest: +SKIP
     """
-    model, device = cached_model(job.model, job.device, mtime_ns=job.model_mtime_ns, size=job.model_size)
+    model, device = job.model.cached_model(job.device)
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_volume(spec)) for spec in job.sources]
         with _SCORE_LOCK:
@@ -166,11 +163,10 @@ def score_pool_on_cluster(
     if not (strat.needs_scores or strat.needs_embeddings) or n == 0:
         return result
     path = Path(model_path).resolve()
-    st = os.stat(path)
+    checkpoint = CheckpointFile.of(path)
     model_ndim = int(load_checkpoint(path)["model_config"].get("ndim", len(pool.patch_shape)))
-    job = ScoreJob(str(path), st.st_mtime_ns, st.st_size, tuple(specs), tuple(dtypes), strat.name, int(mc_samples),
-                   reduction, int(batch_size), squeeze_leading_axis(pool.patch_shape, model_ndim), int(seed), device,
-                   str(precision), bool(fold))
+    job = ScoreJob(checkpoint, tuple(specs), tuple(dtypes), strat.name, int(mc_samples), reduction, int(batch_size),
+                   squeeze_leading_axis(pool.patch_shape, model_ndim), int(seed), device, str(precision), bool(fold))
     todo = strategy_candidates(pool, strat)
     tasks = [ScoreTask(k, idx, tuple(pool.box(int(i)) for i in idx))
              for k, idx in enumerate(score_chunks(todo, chunk_size))]

@@ -125,10 +125,8 @@ def least_confidence(probs: torch.Tensor, reduction: str = "mean") -> torch.Tens
 
     Parameters
     ----------
-    probs : torch.Tensor
-        Class probabilities, shape ``(B, C, *S)``; ``C == 1`` as in :func:`entropy`.
-    reduction : {"mean", "sum", "none"}
-        Reduction over the spatial axes.
+    probs, reduction
+        As for :func:`entropy`; ``"none"`` returns the ``(B, *S)`` map.
 
     Returns
     -------
@@ -315,10 +313,8 @@ def uncertain_class_mass(probs: torch.Tensor, reduction: str = "sum") -> torch.T
 
     Parameters
     ----------
-    probs : torch.Tensor
-        Class probabilities, shape ``(B, C, *S)``; ``C == 1`` as in :func:`entropy`.
-    reduction : {"sum", "mean", "none"}
-        Reduction over the spatial axes.
+    probs, reduction
+        As for :func:`class_mass`.
 
     Returns
     -------

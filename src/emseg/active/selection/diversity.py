@@ -133,7 +133,9 @@ def _kcenter_start(
 
 def _kcenter_prepare(
     embeddings: object, n: int, labeled_idx: object
-) -> tuple[torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked embeddings and labelled indices of a k-center selection, and its ``(n,)``
+    int64 result, not yet filled."""
     x = as_embeddings(embeddings)
     n = check_count(n)
     lab = as_index(labeled_idx, x.shape[0], x.device, name="labeled_idx")
@@ -141,7 +143,7 @@ def _kcenter_prepare(
         raise ValueError(
             f"cannot select n={n} from {x.shape[0]} embeddings with {lab.numel()} already labelled"
         )
-    return x, n, lab
+    return x, lab, torch.empty(n, dtype=torch.int64, device=x.device)
 
 
 def kcenter_greedy(
@@ -199,9 +201,8 @@ def kcenter_greedy(
     >>> kcenter_greedy(x, 2, labeled_idx=[0])
     tensor([2, 3])
     """
-    x, n, lab = _kcenter_prepare(embeddings, n, labeled_idx)
-    picks = torch.empty(n, dtype=torch.int64, device=x.device)
-    if n == 0:
+    x, lab, picks = _kcenter_prepare(embeddings, n, labeled_idx)
+    if len(picks) == 0:
         return picks
     x = centred(x)
     x_sq = (x * x).sum(dim=1)
@@ -222,7 +223,7 @@ def kcenter_greedy(
         ruled = conflict_index(conflicts, i, x.device)
         if ruled is not None and ruled.numel():
             min_d[ruled] = -1.0
-    for k in range(start, n):
+    for k in range(start, len(picks)):
         i = torch.argmax(min_d)  # first maximum: ties go to the lowest index
         if conflicts is not None and float(min_d[i]) < 0:  # everything left is ruled out
             return picks[:k]
@@ -236,14 +237,9 @@ def kcenter_greedy(
     return picks
 
 
-def kcenter_greedy_naive(
-    embeddings: torch.Tensor,
-    n: int,
-    *,
-    labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
-    first: int | None = None,
-    rng: np.random.Generator | int | None = None,
-) -> torch.Tensor:
+def kcenter_greedy_naive(embeddings: torch.Tensor, n: int, *,
+                         labeled_idx: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+                         first: int | None = None, rng: np.random.Generator | int | None = None) -> torch.Tensor:
     """Reference greedy k-center that materialises ``x - c`` for every centre.
 
     Same rule, arguments and result as :func:`kcenter_greedy`, but distances are computed as
@@ -253,12 +249,11 @@ def kcenter_greedy_naive(
     Examples
     --------
     >>> x = torch.tensor([[0.0], [1.0], [10.0], [4.0]])
-    >>> kcenter_greedy_naive(x, 2, labeled_idx=[0])
-    tensor([2, 3])
+    >>> torch.equal(kcenter_greedy_naive(x, 2, labeled_idx=[0]), kcenter_greedy(x, 2, labeled_idx=[0]))
+    True
     """
-    x, n, lab = _kcenter_prepare(embeddings, n, labeled_idx)
-    picks = torch.empty(n, dtype=torch.int64, device=x.device)
-    if n == 0:
+    x, lab, picks = _kcenter_prepare(embeddings, n, labeled_idx)
+    if len(picks) == 0:
         return picks
     chosen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     min_d = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
@@ -266,7 +261,7 @@ def kcenter_greedy_naive(
         diff = x - x[j]
         min_d = torch.minimum(min_d, (diff * diff).sum(dim=1))
         chosen[j] = True
-    for k in range(n):
+    for k in range(len(picks)):
         if k == 0 and (first is not None or lab.numel() == 0):
             i = _kcenter_start(x, first, rng)
             if bool(chosen[i]):
