@@ -32,7 +32,7 @@ from emseg.napari import (
     to_layer_labels,
     write_crop_labels,
 )
-from emseg.napari._plugin import get_reader, write_labels
+from emseg.napari._plugin import get_reader, write_instances, write_labels
 
 VOXEL = (50.0, 4.6, 4.6)
 
@@ -147,6 +147,43 @@ def test_instance_outputs_open_as_labels_with_their_ids(loop, tmp_path):
     with open_volume(str(tmp_path / "objects.zarr")) as vol:
         np.testing.assert_array_equal(np.asarray(data[...]), vol[...])
     assert np.asarray(data[...]).max() > 1  # the objects keep their own ids
+
+
+def test_corrected_objects_save_as_instance_labels_that_targets_reads(loop, tmp_path):
+    """Open an `emseg segment` output, paint a correction into it, save it through the plugin's
+    writer (chosen by npe2 from the extension) and make training targets of it."""
+    probs = np.random.default_rng(3).random((5, 3, 40, 40)).astype(np.float32)
+    probs /= probs.sum(axis=0, keepdims=True)
+    write_h5(tmp_path / "probs.h5", probs=probs)
+    result = CliRunner().invoke(cli, ["segment", "--from-probabilities", f"{tmp_path}/probs.h5:probs",
+                                      f"{tmp_path}/objects.zarr", "--classes", "1", "--min-size", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    (data, meta, kind), = output_layers(tmp_path / "objects.zarr")
+    assert kind == "labels" and isinstance(data, np.ndarray) and data.flags.writeable  # paintable
+    ids = np.unique(data[data > 0])
+    assert ids.size >= 3
+    data[data == ids[1]] = ids[0]  # merge two objects
+    data[2, :4, :4] = ids.max() + 7  # paint a new one
+    data[data == ids[2]] = 0  # erase one
+    expected = data.copy()
+    npe2 = pytest.importorskip("npe2", reason="npe2 comes with napari (pip install 'emseg[napari]')")
+    npe2.PluginManager.instance().discover()  # what napari does on start
+    written = npe2.write(str(tmp_path / "fixed.zarr"), [(data, meta, "labels")], plugin_name="emseg")
+    assert written == [str(tmp_path / "fixed.zarr")]
+    with open_volume(str(tmp_path / "fixed.zarr")) as vol:
+        assert vol.dtype == np.uint64 and vol.attrs["output_type"] == "instance_labels"
+        assert "corrected_from" in vol.attrs and vol.attrs["source"] == f"{tmp_path}/probs.h5:probs"
+        np.testing.assert_array_equal(vol[...], expected)
+    result = CliRunner().invoke(cli, ["targets", f"{tmp_path}/fixed.zarr", f"{tmp_path}/targets.zarr",
+                                      "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["n_objects"] == np.unique(expected[expected > 0]).size
+    # ids below -1 are refused with one line, and nothing is written
+    bad = expected.astype(np.int64)
+    bad[0, 0, 0] = -2
+    with pytest.raises(InputError, match="ids must be >= 0, or -1"):
+        write_instances(str(tmp_path / "bad.zarr"), bad, meta)
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_queries_become_points_and_boxes(loop):
@@ -336,7 +373,7 @@ def test_manifest_is_installed_and_names_real_functions():
     assert manifest.name == "emseg"
     commands = {c.id: c for c in manifest.contributions.commands}
     assert {r.command for r in manifest.contributions.readers} <= set(commands)
-    assert [w.layer_types for w in manifest.contributions.writers] == [["labels"]]
+    assert [w.layer_types for w in manifest.contributions.writers] == [["labels"], ["labels"]]
     for command in commands.values():  # every python_name resolves to a callable of the plugin
         module, _, name = command.python_name.partition(":")
         assert callable(getattr(__import__(module, fromlist=[name]), name))

@@ -10,6 +10,8 @@ from emseg.instances.metrics import (
     matched_pairs,
 )
 from emseg.instances.metrics import __all__ as _metrics_all
-from emseg.instances.targets import TargetsConfig, TargetsResult, boundary_targets, make_targets
+from emseg.instances.targets import (TargetsConfig, TargetsResult, boundary_targets, make_targets,
+                                     save_instance_labels)
 
-__all__ = [*_metrics_all, "TargetsConfig", "TargetsResult", "boundary_targets", "make_targets"]
+__all__ = [*_metrics_all, "TargetsConfig", "TargetsResult", "boundary_targets", "make_targets",
+           "save_instance_labels"]

@@ -175,6 +175,30 @@ def check_labels(block: np.ndarray, source: str, where: str | None = None) -> No
         raise InputError(f"label value {int(block.min())}: {kind} must be >= 0, or -1 to ignore", source=where)
 
 
+def save_instance_labels(ids: np.ndarray, output: str, *, attrs: dict[str, Any] | None = None,
+                         overwrite: bool = False) -> str:
+    """Write instance ids held in memory (a corrected ``emseg segment`` output, say) as an instance-label
+    volume that ``emseg targets`` reads: uint64, or int64 when -1 marks voxels to ignore.
+
+    ``attrs`` are recorded beside ``output_type = "instance_labels"`` (a ``voxel_size_nm`` among them
+    is kept as the volume's voxel size). Written under a temporary name and renamed; ids below -1 or
+    not integers are an :class:`InputError` and nothing is written.
+    """
+    ids = np.asarray(ids)
+    check_labels(ids, "instances", output)
+    if ids.ndim not in (2, 3) or not ids.size:
+        raise InputError(f"instance labels must be a non-empty 2D (y,x) or 3D (z,y,x) array, found {ids.shape}",
+                         source=output)
+    signed = np.issubdtype(ids.dtype, np.signedinteger) and int(ids.min()) < 0
+    dtype = np.int64 if signed else np.uint64
+    out_spec = check_output_volume(output)
+    check_overwrite(out_spec, overwrite=overwrite)
+    with create_volume(out_spec, ids.shape, dtype, chunks=auto_chunks(ids.shape, 8),
+                       attrs={**(attrs or {}), "output_type": "instance_labels"}, overwrite=overwrite) as dest:
+        dest[tuple(slice(None) for _ in ids.shape)] = ids.astype(dtype)
+    return str(out_spec)
+
+
 def _targets_and_count(labels: np.ndarray, config: TargetsConfig) -> tuple[np.ndarray, int]:
     """Targets of one array (a section per section, or the whole volume) and its count of components
     (``classes``) or regions (``enclosed_by``)."""

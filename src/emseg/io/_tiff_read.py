@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+import os
 import re
 import struct
 from collections import OrderedDict
@@ -224,8 +225,9 @@ def slice_files(spec_path: str) -> list[Path]:
         folder = Path(text)
         if not folder.is_dir():
             raise InputError("no such folder", source=text)
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                 and p.suffix.lower() in SLICE_SUFFIXES]
+        with os.scandir(folder) as entries:  # the entries' types come with the listing: no stat per file
+            files = [Path(e.path) for e in entries if not e.name.startswith(".")
+                     and os.path.splitext(e.name)[1].lower() in SLICE_SUFFIXES and e.is_file()]
         if not files:
             raise InputError("the folder holds no .tif, .tiff or .png slice", source=text)
     return sorted(files, key=lambda p: natural_key(str(p)))
@@ -241,29 +243,34 @@ _SAMPLE = {(1, 8): "u1", (1, 16): "u2", (1, 32): "u4", (2, 8): "i1", (2, 16): "i
            (3, 32): "f4", (3, 64): "f8"}
 
 
+#: Bytes read at once from a slice's start: the header and, for most writers, the first directory.
+HEAD_BYTES = 4096
+
+
 def plain_tiff_layout(path: Path) -> tuple[tuple[int, int], np.dtype, tuple[int, str]] | None:
     """Shape, dtype and data offset of a one-page, uncompressed, grey, contiguous classic TIFF, read
-    from its first image file directory alone (a few hundred bytes); None for anything else (tiles,
-    compression, several pages, BigTIFF, strips with gaps), which tifffile then reads in full.
-
-    A folder of thousands of slices is opened this way about ten times faster than by parsing each
-    file with tifffile.
+    from its first image file directory alone (one read of :data:`HEAD_BYTES` for most files); None
+    for anything else (tiles, compression, several pages, BigTIFF, strips with gaps), which
+    tifffile then reads in full. A folder of slices opens this way ten times faster than through tifffile.
     """
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, HEAD_BYTES, 0)
+
+        def read(offset: int, size: int) -> bytes | None:
+            data = head[offset:offset + size] if offset + size <= len(head) else os.pread(fd, size, offset)
+            return data if len(data) == size else None
+
         if len(head) < 8 or head[:2] not in (b"II", b"MM"):
             return None
         order = "<" if head[:2] == b"II" else ">"
         magic, ifd = struct.unpack(order + "HI", head[2:8])
-        if magic != 42:
-            return None
-        fh.seek(ifd)
-        raw = fh.read(2)
-        if len(raw) < 2:
+        raw = read(ifd, 2) if magic == 42 else None
+        if raw is None:
             return None
         (count,) = struct.unpack(order + "H", raw)
-        entries = fh.read(12 * count + 4)
-        if len(entries) < 12 * count + 4:
+        entries = read(ifd + 2, 12 * count + 4)
+        if entries is None:
             return None
         tags: dict[str, Any] = {}
         for i in range(count):
@@ -271,18 +278,14 @@ def plain_tiff_layout(path: Path) -> tuple[tuple[int, int], np.dtype, tuple[int,
             if tag not in _TAGS or kind not in _FIELD:
                 continue
             size = struct.calcsize(_FIELD[kind]) * n
-            data = value[:size] if size <= 4 else _read_at(fh, struct.unpack(order + "I", value)[0], size)
+            data = value[:size] if size <= 4 else read(struct.unpack(order + "I", value)[0], size)
             if data is None:
                 return None
             tags[_TAGS[tag]] = struct.unpack(order + _FIELD[kind] * n, data)
         (next_ifd,) = struct.unpack(order + "I", entries[12 * count:])
         return _plain_layout(tags, next_ifd, order)
-
-
-def _read_at(fh, offset: int, size: int) -> bytes | None:
-    fh.seek(offset)
-    data = fh.read(size)
-    return data if len(data) == size else None
+    finally:
+        os.close(fd)
 
 
 def _plain_layout(tags: dict, next_ifd: int, order: str):
@@ -352,6 +355,11 @@ def _read_slice(path: Path) -> np.ndarray:
 DECODED_CACHE_BYTES = 128 << 20
 #: Memory maps of uncompressed slices kept open (each holds a file descriptor).
 OPEN_MAPS = 64
+
+
+def _whole(rest: tuple) -> bool:
+    """Whether the in-plane index ``rest`` selects the whole section."""
+    return all(isinstance(r, slice) and r == slice(None) for r in rest)
 
 
 class SliceStack(_ArrayReader):
@@ -440,28 +448,48 @@ class SliceStack(_ArrayReader):
             zs = [int(z) + (self.shape[0] if z < 0 else 0) for z in picks]
             if any(not 0 <= z < self.shape[0] for z in zs):
                 raise IndexError(f"section index out of range for {self.shape[0]} sections")
-        planes = [self._section(z, rest) for z in zs]
-        if not planes:
-            empty = np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
-            return empty
-        return np.stack(planes)
+        if not zs:
+            return np.zeros((1,) + self.shape[1:], self.dtype)[(slice(0, 0),) + rest]
+        if _whole(rest):  # whole sections: each read straight into its place in the result
+            out = np.empty((len(zs),) + self.shape[1:], self.dtype)
+            for i, z in enumerate(zs):
+                if not self._read_plain(z, out[i]):
+                    out[i] = self._plane(z)
+            return out
+        return np.stack([self._section(z, rest) for z in zs])
 
     def _section(self, z: int, rest: tuple) -> np.ndarray:
         """``rest`` of section ``z`` as a new array: a whole plain slice is read with one call (no
         map), anything else is cut from the section's map or its decoded pixels (then copied, since
         maps are closed later)."""
-        where = self._where[z]
-        whole = all(isinstance(r, slice) and r == slice(None) for r in rest)
-        if whole and where is not None and z not in self._maps:
-            offset, order = where
-            try:
-                data = np.fromfile(self.files[z], dtype=self.dtype.newbyteorder(order),
-                                   count=self.shape[1] * self.shape[2], offset=offset)
-            except (OSError, ValueError):
-                data = None
-            if data is not None and data.size == self.shape[1] * self.shape[2]:
-                return data.reshape(self.shape[1:]).astype(self.dtype, copy=False)
+        if _whole(rest):
+            out = np.empty(self.shape[1:], self.dtype)
+            if self._read_plain(z, out):
+                return out
         return np.array(self._plane(z)[rest], dtype=self.dtype)
+
+    def _read_plain(self, z: int, dest: np.ndarray) -> bool:
+        """Read the pixels of plain slice ``z`` into ``dest`` (C-contiguous, the slice's shape) with
+        one read call; False where the slice is not plain or is shorter than its header says."""
+        where = self._where[z]
+        if where is None or z in self._maps:
+            return False
+        offset, order = where
+        view = memoryview(dest).cast("B")
+        try:
+            with open(self.files[z], "rb", buffering=0) as fh:
+                fh.seek(offset)
+                got = 0
+                while got < view.nbytes:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        return False
+                    got += n
+        except OSError:
+            return False
+        if dest.dtype.itemsize > 1 and np.dtype(dest.dtype).newbyteorder(order) != dest.dtype:
+            dest.byteswap(inplace=True)
+        return True
 
     def close(self) -> None:
         for plane in self._maps.values():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ from emseg.io._formats import MRC_SUFFIXES, TIFF_SUFFIXES
 from emseg.io._tiff_read import TiffStack
 from emseg.io.ome import multiscales_of, voxel_size_from_source
 from emseg.napari._crops import CROPS_FORMAT, read_crops, to_layer_labels
+
+#: Object ids up to this size open in memory, so that corrections can be painted into them (larger
+#: ones stay lazy and read-only: cut a crop to correct).
+PAINTABLE_BYTES = 1 << 30
 
 __all__ = ["crops_layers", "file_kind", "output_layers", "queries_layers", "read_layers"]
 
@@ -173,7 +178,12 @@ def output_layers(path: str | Path) -> list[LayerData]:
         voxel = voxel_size_of(vol) or voxel_size_from_source(vol.attrs.get("source"))
         name = spec.split(":", 1)[1] if ":" in spec else Path(spec).name.removesuffix(".zarr")
         name = name.removesuffix(".tiff").removesuffix(".tif")
-        out.append(_layer(vol.array, vol.attrs, name, voxel))
+        data = vol.array
+        if vol.attrs.get("output_type") in ("instances", "instance_labels") and \
+                math.prod(vol.shape) * np.dtype(vol.dtype).itemsize <= PAINTABLE_BYTES:
+            data = np.asarray(vol[...])  # in memory: napari paints corrections into it
+            vol.close()
+        out.append(_layer(data, vol.attrs, name, voxel))
     return out
 
 

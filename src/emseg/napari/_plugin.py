@@ -1,4 +1,5 @@
-"""npe2 glue named by ``napari.yaml``: reader, labels writer and the *Save crop labels* widget.
+"""npe2 glue named by ``napari.yaml``: reader, the two labels writers (crops, instance labels) and the
+*Save crop labels* widget.
 
 Everything of substance lives in :mod:`emseg.napari._layers` and :mod:`emseg.napari._crops`;
 napari and magicgui are imported only inside the widget factory.
@@ -12,10 +13,12 @@ from typing import Any
 import numpy as np
 
 from emseg.errors import InputError
+from emseg.instances.targets import save_instance_labels
 from emseg.napari._crops import crop_names, from_layer_labels, write_crop_labels
 from emseg.napari._layers import file_kind, read_layers
 
-__all__ = ["get_reader", "labels_from_layer", "parse_classes", "save_crops_widget", "write_labels"]
+__all__ = ["get_reader", "labels_from_layer", "parse_classes", "save_crops_widget", "write_instances",
+           "write_labels"]
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list] | None:
@@ -65,6 +68,22 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     unlabelled = {n: [k for k, v in enumerate(info[n][0]) if not v] for n in labels if n in info}
     write_crop_labels(path, labels, not_present=not_present, unlabelled=unlabelled)
     return [str(path)]
+
+
+def write_instances(path: str, data: Any, meta: dict) -> list[str]:
+    """The npe2 writer of object ids: a labels layer (an ``emseg segment`` output corrected by
+    painting, or objects painted from scratch) saved as instance labels (``.zarr`` or ``.tif``) that
+    ``emseg targets`` turns into training classes. The layer's scale in nm becomes the voxel size;
+    what the layer was read from (its source and model) is recorded. napari has asked before
+    replacing a file."""
+    read_from = ((meta.get("metadata") or {}).get("emseg") or {}).get("attrs") or {}
+    attrs = {k: read_from[k] for k in ("source", "model") if k in read_from}
+    if read_from.get("output_type") == "instances":
+        attrs["corrected_from"] = str(read_from.get("segment", "an emseg segment output"))
+    scale, units = meta.get("scale"), meta.get("units")
+    if scale is not None and units and all(str(u) in ("nm", "nanometer") for u in units):
+        attrs["voxel_size_nm"] = [float(v) for v in scale]
+    return [save_instance_labels(np.asarray(data), str(path), attrs=attrs, overwrite=True)]
 
 
 def parse_classes(text: str) -> list[int]:
