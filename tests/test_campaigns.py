@@ -309,6 +309,10 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
     assert keys == [("pretrain", "None", ""), ("train", "2", "pretrained"), ("train", "2", "scratch"),
                     ("train", "all", "pretrained"), ("train", "all", "scratch")]
     assert (tmp_path / "le.png").stat().st_size > 1000
+    for run in (r for r in doc["runs"] if r["kind"] == "train"):  # the plateau can be read from each run
+        steps = [step for step, _ in run["valid_curve"]]
+        assert steps == sorted(steps) and steps[-1] == run["steps"]
+        assert max(score for _, score in run["valid_curve"]) == pytest.approx(run["valid_best"], rel=1e-5)
     pre = next(r for r in doc["runs"] if r["kind"] == "pretrain")
     import torch
     state = torch.load(pre["checkpoint"], weights_only=True)

@@ -28,6 +28,7 @@ looking at the test sections.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -172,7 +173,8 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(SegmentationTask(config, cubes=cubes, valid_cubes=[valid]), config, tmp,
                               runtime=Runtime(device="auto", seed=seed))
-        out = {"valid_best": result.best_metric, "steps": result.final_step}
+        out = {"valid_best": result.best_metric, "steps": result.final_step,
+               "valid_curve": valid_curve(Path(tmp) / "metrics.csv")}
         if test is not None:
             best = Path(tmp) / "best.pt"  # absent when no validation score was finite: the last weights
             model, _ = load_model(best if best.exists() else Path(tmp) / "last.pt", "cpu")
@@ -180,6 +182,13 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
             out["jaccard"] = [scores[f"valid_jaccard_{c}"] for c in range(n_classes)]
             out["test_score"] = scores["valid_score"]
     return dict(out, seconds=time.perf_counter() - t0)
+
+
+def valid_curve(metrics_csv: Path) -> list[list[float]]:
+    """``[step, validation score]`` of every validation of a run (its ``metrics.csv``): whether the
+    run reached its plateau on validation is read from it."""
+    with open(metrics_csv, newline="") as fh:
+        return [[int(r["step"]), float(r["valid_score"])] for r in csv.DictReader(fh) if r.get("valid_score")]
 
 
 def budgets(args) -> list[int | None]:
