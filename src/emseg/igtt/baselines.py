@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from skimage.filters import threshold_local, threshold_otsu
 
 from emseg.igtt.thresholds import invert_if_large
 from emseg.metrics import binary_scores, roc_auc
@@ -68,8 +69,6 @@ def threshold_baselines(raw: Any, *, block_size: int = 51, offset: float = 0.0,
     >>> int(b["otsu"].mask.sum()), b["otsu"].inverted
     (128, True)
     """
-    from skimage.filters import threshold_local, threshold_otsu
-
     img = np.asarray(raw)
     if img.ndim not in (2, 3):
         raise ValueError(f"raw must be 2D (y, x) or 3D (z, y, x), got shape {img.shape}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from skimage.segmentation import watershed
 from scipy import ndimage
 
 from emseg.instances.config import SegmentConfig
@@ -79,8 +80,6 @@ def watershed_block(boundary: np.ndarray, seeds: np.ndarray, config: SegmentConf
     With ``per_section`` a 3D block is flooded section by section. Seeds are renumbered to
     1..n for the flood and the ids given back, so that ids of any size pass.
     """
-    from skimage.segmentation import watershed
-
     seeds = np.asarray(seeds)
     ids, local = np.unique(seeds, return_inverse=True)
     local = local.reshape(seeds.shape).astype(np.int32)

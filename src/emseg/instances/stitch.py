@@ -19,6 +19,8 @@ import itertools
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 
 class IdTable:
@@ -106,9 +108,6 @@ def resolve_ids(total: int, pairs: np.ndarray, sizes: np.ndarray,
     object whose summed ``sizes`` is below ``min_size`` maps to 0; the others are numbered
     1..N in the order of their smallest provisional id. The map is uint64 of size ``total + 1``.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = int(total) + 1
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     if len(pairs):

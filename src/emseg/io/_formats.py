@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import mrcfile
 
 from emseg.errors import InputError
 
@@ -113,8 +114,6 @@ class MrcVolume(_ArrayReader):
     """
 
     def __init__(self, path: Path):
-        import mrcfile
-
         try:
             self._mrc = mrcfile.mmap(str(path), mode="r", permissive=False)
         except Exception as exc:

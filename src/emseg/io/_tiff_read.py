@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+import zarr
+from PIL import Image
 
 from emseg.errors import InputError
 from emseg.io._formats import (GLOB_CHARS, SLICE_SUFFIXES, TIFF_SUFFIXES, _ArrayReader, _close_map, _nm, full_index,
@@ -73,9 +76,6 @@ class TiffStack(_ArrayReader):
     """
 
     def __init__(self, path: Path):
-        import tifffile
-        import zarr
-
         self.path = path
         log = _TiffLog()
         logger = logging.getLogger("tifffile")
@@ -315,14 +315,12 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype, tuple[int, str
             plain = plain_tiff_layout(path)
             if plain is not None:
                 return plain
-            import tifffile
 
             with tifffile.TiffFile(str(path)) as tif:
                 page = tif.pages.first
                 where = (int(page.dataoffsets[0]), tif.byteorder) if page.is_memmappable and len(tif.pages) == 1 \
                     else None
                 return tuple(page.shape), np.dtype(page.dtype), where
-        from PIL import Image
 
         with Image.open(path) as img:
             mode, size = img.mode, img.size
@@ -340,10 +338,7 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype, tuple[int, str
 def _read_slice(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
             return tifffile.imread(str(path))
-        from PIL import Image
 
         with Image.open(path) as img:
             return np.asarray(img)
@@ -396,8 +391,6 @@ class SliceStack(_ArrayReader):
 
     @staticmethod
     def _plane_voxel_size(path: Path) -> tuple[float, ...] | None:
-        import tifffile
-
         with tifffile.TiffFile(str(path)) as tif:
             return _tiff_voxel_size(tif, tif.pages.first, 2)
 

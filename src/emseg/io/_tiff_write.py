@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import tifffile
 
 from emseg.errors import InputError
 from emseg.io._store import StagedArray
@@ -50,8 +51,6 @@ class TiffOutputVolume(StagedArray):
     def __init__(self, final: Path, tmp: Path, shape: Sequence[int], dtype, *, channels: bool = False,
                  voxel_size: Sequence[float] | None = None, attrs: dict | None = None,
                  bigtiff_bytes: int = BIGTIFF_BYTES):
-        import tifffile
-
         self.final, self._tmp = Path(final), Path(tmp)
         self.spec = str(final)
         shape = tuple(int(s) for s in shape)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from emseg.models.conditioning import CONDITIONINGS, ConditionCode, make_conditioner
 
@@ -264,8 +265,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     >>> bool(torch.allclose(fold_batchnorm(net)(x), net(x), atol=1e-5))
     True
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     folded = copy.deepcopy(model)

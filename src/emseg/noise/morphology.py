@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import ndimage as ndi
+from skimage.morphology import ball, disk, skeletonize
 
 from emseg.noise.checks import as_labels, check_per_section, checked_labels_radius
 
@@ -27,8 +29,6 @@ def _footprint(ndim: int, radius: int, per_section: bool) -> np.ndarray:
     ``mode="ignore"`` of scikit-image 0.26 morphology pads with the dtype's
     extreme value, which comes out wrong for int64 with non-box footprints.)
     """
-    from skimage.morphology import ball, disk
-
     in_plane = per_section and ndim == 3
     dims = 2 if in_plane else ndim
     if radius == 1:
@@ -83,8 +83,6 @@ def dilate(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.n
     >>> int(dilate(lab, 1).sum())
     9
     """
-    from scipy import ndimage as ndi
-
     arr, fp = _checked(labels, radius, per_section)
     if fp is None:
         return arr.copy()
@@ -122,8 +120,6 @@ def erode(labels: ArrayLike, radius: int, *, per_section: bool = False) -> np.nd
     >>> int(erode(lab, 1).sum())
     1
     """
-    from scipy import ndimage as ndi
-
     arr, fp = _checked(labels, radius, per_section)
     if fp is None:
         return arr.copy()
@@ -137,8 +133,6 @@ def class_boxes(arr: np.ndarray):
     """Yield ``(k, box)`` for every class k >= 1 present in ``arr``: its bounding box grown by
     one voxel on each side (clipped to the array). The class ids are read in the array's own
     integer type, so no int64 copy of the volume is made."""
-    from scipy import ndimage as ndi
-
     if arr.dtype.kind == "b":
         fg = arr.view(np.uint8)
     else:
@@ -184,8 +178,6 @@ def skeleton(labels: ArrayLike, *, per_section: bool = True) -> np.ndarray:
     >>> bool(np.all(lab[sk == 1] == 1)), int(sk.sum()) < int(lab.sum())
     (True, True)
     """
-    from skimage.morphology import skeletonize
-
     arr = as_labels(labels)
     section = check_per_section(per_section) and arr.ndim == 3
     out = np.zeros_like(arr)

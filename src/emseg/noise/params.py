@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from emseg.engine.blocks import plan_blocks
 from emseg.noise.checks import (
@@ -357,8 +358,6 @@ def _widest_radius(region: np.ndarray, inner: tuple[slice, ...] | None, per_sect
     """Largest distance from a voxel of class k >= 1 (inside ``inner``) to the nearest
     voxel of ``region`` that is not class k; ``inf`` if some class fills a whole
     region (section) so no such voxel exists."""
-    from scipy import ndimage as ndi
-
     if inner is None:
         inner = tuple(slice(0, s) for s in region.shape)
     best = 0.0

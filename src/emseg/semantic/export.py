@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import h5py
 import numpy as np
 import torch
 
@@ -99,8 +100,6 @@ def _cover(raw: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 def _training_sources(config: dict) -> list[dict[str, Any]]:
     """The training cubes of a checkpoint's config with what their files say about themselves."""
-    import h5py
-
 
     out = []
     for cube in config.get("train", []) or []:
