@@ -44,6 +44,7 @@ from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime
 
 POOL, VALID, TEST = (0, 12), (12, 15), (15, 20)
+VNC_SECTION = 1024  # side of a VNC section: the pool holds 12 x 1024^2 / patch^2 patches
 PRETRAIN_SECTIONS = (0, 15)
 ARMS = ("scratch", "pretrained")
 N_CLASSES = {"mito": 2, "5class": 5}
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "depend on what else runs on the machine; seconds are recorded per run).")
     ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
     ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
+    ap.add_argument("--figure", default=None,
+                    help="--markdown: where the merged figure goes [default: beside the first JSON].")
     ap.add_argument("--markdown", action="store_true",
                     help="Print the table of a finished --out (several, comma-separated: merged) and stop; the "
                          "pretext stage also draws its figure beside the first.")
@@ -322,8 +325,11 @@ def main(argv=None) -> int:
     if args.markdown:
         runs = [r for name in args.out.split(",") for r in json.loads(Path(name).read_text())["runs"]]
         print(table(runs))
+        figure = Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png")
         if any(r.get("kind") == "pretext" for r in runs):
-            plot_pretext(runs, Path(args.out.split(",")[0]).with_suffix(".png"))
+            plot_pretext(runs, figure)
+        elif any(r.get("test_score") is not None for r in runs):
+            plot(runs, figure, (POOL[1] - POOL[0]) * VNC_SECTION ** 2 / args.patch ** 2)
         return 0
     if data_dir() is None:
         return no_data()

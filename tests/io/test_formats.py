@@ -203,6 +203,19 @@ def test_mrc_memory_mapped_with_header_voxel_size(tmp_path, dtype):
         assert voxel_size_of(vol) == pytest.approx((3.0, 1.1, 1.2))
 
 
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_whole_mrc_sections_read_in_one_call_agree_with_the_map(tmp_path, order):
+    data = _stack((5, 12, 9), np.int16)
+    with mrcfile.new(str(tmp_path / "v.mrc")) as mrc:
+        mrc.set_data(data.astype(np.dtype(np.int16).newbyteorder(order)))
+    with open_volume(str(tmp_path / "v.mrc")) as vol:
+        for index in [2, -1, slice(1, 4), slice(None), Ellipsis, (slice(0, 2), slice(None), slice(None)),
+                      (3, slice(2, 5)), slice(None, None, 2)]:
+            got = vol[index]
+            assert got.dtype == np.dtype(np.int16) and got.dtype.isnative
+            np.testing.assert_array_equal(got, data[index])
+
+
 def test_truncated_mrc_is_one_line(tmp_path):
     path = tmp_path / "cut.mrc"
     with mrcfile.new(str(path)) as mrc:
@@ -527,7 +540,7 @@ def test_evaluate_scales_one_channel_uint8_probabilities(tmp_path):
     ("imagej", {"imagej": True}, True), ("zlib", {"compression": "zlib"}, False), ("tiled", {"tile": (16, 16)}, False),
     ("bigtiff", {"bigtiff": True}, False)])
 def test_the_light_header_reader_agrees_with_tifffile_or_declines(tmp_path, name, kwargs, plain):
-    from emseg.io._tiff_read import plain_tiff_layout
+    from emseg.io._tiff_layout import plain_tiff_layout
 
     dtype = np.uint16 if "u16" in name else np.uint8
     data = _stack((1, 1500 if "past" in name else 64, 48), dtype)[0]  # 1500 strips: 12 kB of offsets and counts
@@ -544,6 +557,20 @@ def test_the_light_header_reader_agrees_with_tifffile_or_declines(tmp_path, name
                                                 shape=shape), data)
         with open_volume(str(tmp_path) + "/") as vol:  # the whole section read in one call
             np.testing.assert_array_equal(vol[0], data)
+
+
+@pytest.mark.parametrize("rows", [40, 1500])  # 1500 one-row strips: the first directory lies past the first read
+def test_slices_sharing_the_first_slices_header_share_its_layout(tmp_path, rows):
+    data = _stack((4, rows, 24), np.uint8)
+    for z in range(4):
+        kwargs = {"rowsperstrip": 7} if z == 2 else ({"rowsperstrip": 1} if rows == 1500 else {})
+        tifffile.imwrite(tmp_path / f"{z}.tif", data[z], **kwargs)  # slice 2: another header, another layout
+    with open_volume(str(tmp_path) + "/") as vol:
+        np.testing.assert_array_equal(vol[...], data)
+        np.testing.assert_array_equal(vol[:, 5:9, 3:20], data[:, 5:9, 3:20])
+        for index in [(2, 7), (1, slice(-3, None)), (0, slice(5, 9), slice(None, None, 2)), (3, -1, 4),
+                      (2, slice(9, 5))]:  # rows read in one call, or cut from the map
+            np.testing.assert_array_equal(vol[index], data[index])
 
 
 def test_whole_sections_of_big_endian_slices(tmp_path):
