@@ -134,13 +134,18 @@ def test_tiff_outputs_and_mrc_volumes_open_and_foreign_tiffs_are_left_to_napari(
     np.testing.assert_array_equal(np.asarray(data[1:3]), loop["raw"][1:3])
 
 
-def test_instance_outputs_open_as_labels_with_their_ids(loop, tmp_path):
-    probs = np.random.default_rng(1).random((5, 3, 48, 48)).astype(np.float32)
+def _segment_output(folder, seed: int, side: int) -> None:
+    """``folder/objects.zarr``: ``emseg segment`` of random class probabilities (class 1 objects)."""
+    probs = np.random.default_rng(seed).random((5, 3, side, side)).astype(np.float32)
     probs /= probs.sum(axis=0, keepdims=True)
-    write_h5(tmp_path / "probs.h5", probs=probs)
-    result = CliRunner().invoke(cli, ["segment", "--from-probabilities", f"{tmp_path}/probs.h5:probs",
-                                      f"{tmp_path}/objects.zarr", "--classes", "1", "--min-size", "1", "-q"])
+    write_h5(folder / "probs.h5", probs=probs)
+    result = CliRunner().invoke(cli, ["segment", "--from-probabilities", f"{folder}/probs.h5:probs",
+                                      f"{folder}/objects.zarr", "--classes", "1", "--min-size", "1", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_instance_outputs_open_as_labels_with_their_ids(loop, tmp_path):
+    _segment_output(tmp_path, 1, 48)
     assert file_kind(tmp_path / "objects.zarr") == "output"
     (data, meta, kind), = output_layers(tmp_path / "objects.zarr")
     assert kind == "labels" and np.asarray(data[...]).dtype == np.uint64
@@ -152,12 +157,7 @@ def test_instance_outputs_open_as_labels_with_their_ids(loop, tmp_path):
 def test_corrected_objects_save_as_instance_labels_that_targets_reads(loop, tmp_path):
     """Open an `emseg segment` output, paint a correction into it, save it through the plugin's
     writer (chosen by npe2 from the extension) and make training targets of it."""
-    probs = np.random.default_rng(3).random((5, 3, 40, 40)).astype(np.float32)
-    probs /= probs.sum(axis=0, keepdims=True)
-    write_h5(tmp_path / "probs.h5", probs=probs)
-    result = CliRunner().invoke(cli, ["segment", "--from-probabilities", f"{tmp_path}/probs.h5:probs",
-                                      f"{tmp_path}/objects.zarr", "--classes", "1", "--min-size", "1", "-q"])
-    assert result.exit_code == 0, result.output
+    _segment_output(tmp_path, 3, 40)
     (data, meta, kind), = output_layers(tmp_path / "objects.zarr")
     assert kind == "labels" and isinstance(data, np.ndarray) and data.flags.writeable  # paintable
     ids = np.unique(data[data > 0])
