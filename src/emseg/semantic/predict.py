@@ -179,9 +179,11 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
         check_raw(source)
         volume_shape = source.shape
         checkpoint = read_for_volume(config.model, volume_shape, patch_shape=config.patch_shape)
-        # the network is built here for a resumable run too: its weights are checked before any task starts
+        # the network is built here for a run on this machine's workers too, so that its weights are
+        # checked before any task starts; not for a remote scheduler, whose devices may differ
         opened = open_for_volume(checkpoint, device=config.device, precision=config.precision,
-                                 compile_=config.compile and not resumable)
+                                 compile_=config.compile and not resumable) \
+            if config.scheduler in (None, "local") else None
         patch, n_classes = checkpoint.patch, checkpoint.n_classes
         attrs.update(n_classes=n_classes, patch_shape=list(patch))
         shape = output_shape(volume_shape, n_classes, config.output_type)
@@ -209,7 +211,7 @@ def predict_file(config: PredictConfig, *, progress: Callable[[int, int], None] 
             computed = set(run.computed)
             stats = PredictStats(sum(b.size for b in blocks if b.index in computed), len(blocks), run.seconds)
             # Workers here resolve the precision as this process does; a remote scheduler's may differ.
-            ran = opened.precision.name if config.scheduler in (None, "local") else config.precision
+            ran = opened.precision.name if opened is not None else config.precision
             return PredictResult(str(out_spec), shape, n_classes, patch, block_shape, stats, ran,
                                  blocks_computed=len(run.computed), blocks_skipped=len(run.skipped))
         attrs["precision"] = opened.precision.name
