@@ -1,1 +1,2 @@
-"""The shared engine: the training loop and its config, sliding-window inference, blocks and the dask executor, run folders."""
+"""The shared engine: the training loop and its config, sliding-window inference, blocks, the dask
+executor and the resumable outputs, run folders."""

@@ -369,8 +369,9 @@ class PredictJob:
     @classmethod
     def for_run(cls, model: Any, input: Any, volume_shape: Sequence[int], patch_shape: Sequence[int],
                 window: WindowOptions, output_type: str, dtype: str, device: str) -> PredictJob:
-        """The job of one run: the checkpoint and input by absolute path, the checkpoint's time and size
-        (a replaced file is noticed), the blocks to fail on purpose (:func:`~emseg.engine.cluster.injected_failures`)."""
+        """The job of one run: the checkpoint and input by absolute path, the checkpoint's time and
+        size (a replaced file is noticed), the blocks to fail on purpose
+        (:func:`~emseg.engine.cluster.injected_failures`)."""
         spec = parse_spec(input)
         return cls(CheckpointFile.of(Path(model).resolve()), str(type(spec)(spec.path.resolve(), spec.key, spec.fmt)),
                    tuple(volume_shape), tuple(patch_shape), window, output_type, dtype, device, injected_failures())

@@ -25,7 +25,7 @@ from emseg.errors import InputError
 from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state, network_patch
 from emseg.models.unet import fold_batchnorm
 from emseg.runtime.device import resolve_device
-from emseg.runtime.precision import Precision, resolve_precision
+from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
 
 
 def window_shape(patch: Sequence[int] | None, trained: Sequence[int] | None, volume_shape: Sequence[int],
@@ -105,15 +105,15 @@ def prepare_network(model: torch.nn.Module, precision: Precision, compile_: bool
     return torch.compile(net, dynamic=False) if compile_ else net
 
 
-def precision_for(checkpoint: VolumeCheckpoint, *, device: str = "auto", precision: str | Precision = "auto"
-                  ) -> tuple[torch.device, Precision]:
+def precision_for(checkpoint: VolumeCheckpoint, *, device: str = "auto",
+                  precision: str | Precision = DEFAULT_PRECISION) -> tuple[torch.device, Precision]:
     """The device and the precision ``checkpoint``'s network runs in, each resolved once."""
     dev = resolve_device(device)
     return dev, resolve_precision(precision, dev, ndim=checkpoint.ndim)
 
 
-def open_for_volume(checkpoint: VolumeCheckpoint, *, device: str = "auto", precision: str | Precision = "auto",
-                    compile_: bool = False) -> OpenNetwork:
+def open_for_volume(checkpoint: VolumeCheckpoint, *, device: str = "auto",
+                    precision: str | Precision = DEFAULT_PRECISION, compile_: bool = False) -> OpenNetwork:
     """Build ``checkpoint``'s network on ``device`` and prepare it to run in ``precision`` (:func:`precision_for`)."""
     model = model_from_state(checkpoint.state, source=checkpoint.path)  # on the CPU, as stored
     folded = fold_batchnorm(model)
@@ -127,7 +127,7 @@ _OPEN_LOCK = threading.Lock()
 
 
 def cached_open(path: str, volume_shape: Sequence[int], *, patch_shape: Sequence[int], device: str = "auto",
-                precision: str = "auto", compile_: bool = False, mtime_ns: int | None = None,
+                precision: str = DEFAULT_PRECISION, compile_: bool = False, mtime_ns: int | None = None,
                 size: int | None = None) -> OpenNetwork:
     """:func:`open_for_volume` once per process and run (a cluster worker predicts many blocks).
 
