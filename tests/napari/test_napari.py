@@ -304,6 +304,21 @@ import numpy as np
 import napari
 import qtpy
 
+try:  # headless: Xvfb with Qt's offscreen platform gives no OpenGL context at times, and napari's query
+    # of the GL extensions (for float textures) then fails; say "no float textures" instead
+    import napari._vispy.layers.image as _image
+    _extensions = _image.get_gl_extensions
+
+    def _safe_extensions():
+        try:
+            return _extensions() or ""
+        except AttributeError:
+            return ""
+
+    _image.get_gl_extensions = _safe_extensions
+except ImportError:
+    pass
+
 pred, queries, crops, out = sys.argv[1:5]
 viewer = napari.Viewer(show=False)
 viewer.open(pred, plugin="emseg")
