@@ -100,6 +100,26 @@ def test_process_cluster_failure_then_resume_computes_only_the_rest(tmp_path, mo
     assert not partial.exists()
 
 
+@needs_dask
+def test_a_remote_scheduler_builds_the_network_on_its_workers_only(tmp_path, model_and_raw, monkeypatch):
+    """Its workers may have devices this machine lacks: the submitting process checks the
+    checkpoint but builds no network, and reports the precision as asked, unresolved."""
+    distributed = require_distributed()
+    ckpt, raw = model_and_raw
+    expected = _reference(ckpt, raw, tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was built in the submitting process")
+
+    monkeypatch.setattr("emseg.semantic.predict.open_for_volume", refuse)
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        result = predict_file(_config(ckpt, raw, tmp_path / "r.zarr", scheduler="tcp://127.0.0.1:9"), client=client)
+    np.testing.assert_array_equal(_read(tmp_path / "r.zarr"), expected)
+    assert result.precision == PredictConfig.precision and result.blocks_computed == N_BLOCKS
+    with pytest.raises(AssertionError, match="submitting process"):  # a run on this machine's workers builds it
+        predict_file(_config(ckpt, raw, tmp_path / "l.zarr", resume=True))
+
+
 def test_in_process_resume_and_parameter_check(tmp_path, model_and_raw, monkeypatch):
     ckpt, raw = model_and_raw
     expected = _reference(ckpt, raw, tmp_path)
