@@ -340,13 +340,14 @@ class WindowOptions:
 #: Windows per forward pass when none is given: batching windows keeps a GPU busy; on a CPU one
 #: window of a U-Net is already a large enough computation, and a batch of 4 only adds memory
 #: (docs/benchmarks.md: the same speed, about 100 MB more peak memory for 256^2 windows).
-DEFAULT_BATCH = {"cpu": 1}
-GPU_BATCH = 4
+CPU_BATCH, GPU_BATCH = 1, 4
 
 
 def window_batch(batch_size: int | None, device: torch.device) -> int:
     """``batch_size``, or the default for ``device`` (1 on a CPU, 4 on a GPU)."""
-    return batch_size if batch_size is not None else DEFAULT_BATCH.get(torch.device(device).type, GPU_BATCH)
+    if batch_size is not None:
+        return batch_size
+    return CPU_BATCH if torch.device(device).type == "cpu" else GPU_BATCH
 
 
 @dataclass(frozen=True)

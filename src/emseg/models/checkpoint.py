@@ -346,6 +346,15 @@ _MODELS: dict[tuple, tuple[torch.nn.Module, torch.device]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+def unchanged_stat(path: str, mtime_ns: int | None = None, size: int | None = None) -> os.stat_result:
+    """``os.stat(path)``; an :class:`InputError` where ``mtime_ns``/``size`` are given and the file
+    differs (the run's checkpoint was replaced since it started)."""
+    st = os.stat(path)
+    if (mtime_ns is not None and st.st_mtime_ns != mtime_ns) or (size is not None and st.st_size != size):
+        raise InputError("the checkpoint changed since this prediction started", source=path)
+    return st
+
+
 def cached_model(path: str, device: str = "auto", *, mtime_ns: int | None = None,
                  size: int | None = None) -> tuple[torch.nn.Module, torch.device]:
     """The network of checkpoint ``path`` on ``device``, loaded once per process and reused.
@@ -357,9 +366,7 @@ def cached_model(path: str, device: str = "auto", *, mtime_ns: int | None = None
     --------
     >>> model, device = cached_model("runs/mito/best.pt", "cpu")  # doctest: +SKIP
     """
-    st = os.stat(path)
-    if (mtime_ns is not None and st.st_mtime_ns != mtime_ns) or (size is not None and st.st_size != size):
-        raise InputError("the checkpoint changed since this prediction started", source=path)
+    st = unchanged_stat(path, mtime_ns, size)
     key = (path, st.st_mtime_ns, st.st_size, device)
     with _MODELS_LOCK:
         if key not in _MODELS:

@@ -14,7 +14,6 @@ blocks of one run.
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,7 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from emseg.errors import InputError
-from emseg.models.checkpoint import check_model_config, load_checkpoint, model_from_state, network_patch
+from emseg.models.checkpoint import (check_model_config, load_checkpoint, model_from_state, network_patch,
+                                     unchanged_stat)
 from emseg.models.unet import fold_batchnorm
 from emseg.runtime.device import resolve_device
 from emseg.runtime.precision import DEFAULT_PRECISION, Precision, resolve_precision
@@ -135,9 +135,7 @@ def cached_open(path: str, volume_shape: Sequence[int], *, patch_shape: Sequence
     choices; when ``mtime_ns``/``size`` are given and the file differs, the run's checkpoint was
     replaced: an error. One network is kept per process.
     """
-    st = os.stat(path)
-    if (mtime_ns is not None and st.st_mtime_ns != mtime_ns) or (size is not None and st.st_size != size):
-        raise InputError("the checkpoint changed since this prediction started", source=path)
+    st = unchanged_stat(path, mtime_ns, size)
     key = (path, st.st_mtime_ns, st.st_size, tuple(volume_shape), tuple(patch_shape), device, str(precision),
            compile_)
     with _OPEN_LOCK:
