@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from emseg.cli._ui import (common_options, device_seed_options, emit, overwrite_option, parse_ints, parse_shape,
-                           progress_bar, state)
+                           progress_bar, scheduler_options, state)
 from emseg.instances.config import MODES, SegmentConfig, load_segment_config
 from emseg.instances.segment import SegmentFileConfig, segment_file
 
@@ -45,23 +45,30 @@ def _ints(values) -> str:
               help=f"Fraction of a window shared with its neighbours [default: {SegmentFileConfig.overlap}].")
 @click.option("--batch-size", type=int, default=None,
               help="Windows per forward pass [default: 1 on a CPU, 4 on a GPU].")
+@scheduler_options("One task per block and pass; needs a zarr OUT; implies --resume.",
+                   retries=SegmentFileConfig.retries)
+@click.option("--resume", is_flag=True,
+              help="Write OUT.partial (zarr) with every pass's finished blocks and, on a rerun, compute only what "
+                   "is missing.")
 @overwrite_option("an existing OUT dataset or array")
 @common_options
 @device_seed_options
 def command(paths, probabilities, config_path, mode, classes, boundary_classes, threshold, seed_threshold, min_size,
-            per_section, halo, block, patch, overlap, batch_size, overwrite):
+            per_section, halo, block, patch, overlap, batch_size, scheduler, workers, resume, retries, overwrite):
     """Objects of RAW by the network of MODEL, written to OUT as uint64 ids, block by block.
 
     Memory is bounded by a block and its halo. Ids are consistent across blocks: components are
     exactly those of the whole volume; watershed seeds are merged across blocks, so every object
     keeps one id (docs/instances.md). OUT (zarr, .ome.zarr label image, HDF5 or .tif) is written
-    under a temporary name and renamed when complete.
+    under a temporary name and renamed when complete. With --scheduler or --resume (zarr OUT), a
+    crashed run rerun with the same command computes only the blocks not yet done.
 
     \b
     Example:
       emseg segment runs/vnc/best.pt stack.h5:raw mito.zarr/objects --classes 1 --3d
       emseg segment runs/vnc/best.pt stack.h5:raw cells.ome.zarr --mode watershed --boundary-classes 2,3,4
       emseg segment --from-probabilities pred.zarr/probs cells.h5:cells --mode watershed
+      emseg segment runs/vnc/best.pt big.zarr/raw cells.zarr/ids --mode watershed --scheduler local --workers 4
     """
     if probabilities is not None:
         if len(paths) != 1:
@@ -86,7 +93,8 @@ def command(paths, probabilities, config_path, mode, classes, boundary_classes, 
     network = {k: v for k, v in dict(overlap=overlap, batch_size=batch_size).items() if v is not None}
     cfg = SegmentFileConfig(output=out, model=model, input=raw, probabilities=probabilities, segment=seg,
                             patch_shape=parse_shape(patch), device=app.device, precision=app.precision_choice,
-                            overwrite=overwrite, **network)
+                            overwrite=overwrite, scheduler=scheduler, workers=workers, resume=resume, retries=retries,
+                            **network)
     with progress_bar("segment") as update:
         result = segment_file(cfg, progress=lambda done, total: update(done, total, "voxels"))
     emit(result.to_dict(), lambda c: c.print(

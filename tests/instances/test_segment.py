@@ -23,7 +23,9 @@ from emseg.cli.main import cli
 from emseg.errors import InputError
 from emseg.instances.config import SegmentConfig, load_segment_config, segment_config_from_dict
 from emseg.instances.objects import neighbourhood
-from emseg.instances.segment import SegmentFileConfig, segment_file, segment_probabilities
+from emseg.engine.cluster import BlockFailed
+import emseg.instances.blockwise as blockwise
+from emseg.instances.segment import BlockwiseOptions, SegmentFileConfig, segment_file, segment_probabilities
 from emseg.instances.stitch import resolve_ids
 from emseg.models import build_model
 from emseg.models.checkpoint import save_checkpoint
@@ -378,3 +380,155 @@ def test_cli_refuses_a_label_conditioned_checkpoint_and_wrong_arguments(tmp_path
         result = _cli(*argv)
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- resumable and on a cluster
+
+
+def corridor():
+    """Probabilities whose watershed needs flooding rounds (see the corridor test above)."""
+    boundary = np.full((2, 12, 90), 0.9, np.float32)
+    boundary[:, 2:10, 1:80] = 0.5
+    boundary[:, 4:8, 2:8] = boundary[:, 4:8, 72:78] = 0.0
+    boundary[1, 4:8, 40:44] = 0.0  # a third seed in the second section
+    config = SegmentConfig(mode="watershed", boundary_classes=(1,), mask_threshold=0.7, seed_erosion=0,
+                           seed_min_size=1, min_size=0, halo=(0, 4, 4), block_shape=(1, 12, 10))
+    return np.stack([1 - boundary, boundary]), config
+
+
+CASES = {
+    "components-3d": lambda: (two_class(blobs()), SegmentConfig(classes=(1,), per_section=False, connectivity=2,
+                                                                 min_size=5, block_shape=(4, 20, 24))),
+    "watershed-3d": lambda: (two_class(blobs((8, 40, 44), 3, 0.5)),  # class 0 (between blobs) as the boundary
+                             SegmentConfig(mode="watershed", boundary_classes=(0,), per_section=False, seed_erosion=1,
+                                           min_size=3, halo=(2, 6, 6), block_shape=(4, 16, 20))),
+    "watershed-refill": corridor,
+}
+
+
+def _zarr_probs(tmp_path: Path, probs: np.ndarray) -> str:
+    zarr.create_array(store=str(tmp_path / "p.zarr"), shape=probs.shape, dtype=probs.dtype,
+                      chunks=(probs.shape[0], 1) + probs.shape[2:])[...] = probs
+    return str(tmp_path / "p.zarr")
+
+
+def _read(path: Path) -> np.ndarray:
+    return zarr.open_array(store=str(path), mode="r")[...]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resumable_runs_write_the_ids_of_the_run_in_memory(tmp_path, case):
+    """A resumable run (every pass's blocks as tasks, results kept on disk) writes exactly the ids
+    of the in-memory run; the partial and its work folder are gone afterwards."""
+    probs, config = CASES[case]()
+    expected = np.zeros(probs.shape[1:], np.uint64)
+    reference = segment_probabilities(probs, config, expected)
+    assert reference.n_objects > 1
+    if case == "watershed-refill":
+        assert reference.stats.refilled > 0
+    result = segment_probabilities(_zarr_probs(tmp_path, probs), config, str(tmp_path / "o.zarr/ids"),
+                                   blockwise=BlockwiseOptions(resume=True))
+    assert np.array_equal(_read(tmp_path / "o.zarr/ids"), expected)
+    assert result.stats == reference.stats
+    assert sorted(p.name for p in (tmp_path / "o.zarr").iterdir()) == ["ids", "zarr.json"]
+    assert sorted(p.name for p in (tmp_path / "o.zarr/ids").iterdir()) == ["c", "zarr.json"]
+    attrs = dict(zarr.open_array(store=str(tmp_path / "o.zarr/ids"), mode="r").attrs)
+    assert attrs["output_type"] == "instances" and "emseg_resume" not in attrs
+
+
+def test_a_failed_pass_resumes_with_only_the_missing_blocks(tmp_path, monkeypatch):
+    """A block failing in the flood pass leaves the partial; the rerun repeats no finished block
+    of any pass, computes the failed one and writes the ids of an uninterrupted run."""
+    probs, config = corridor()
+    expected = np.zeros(probs.shape[1:], np.uint64)
+    reference = segment_probabilities(probs, config, expected)
+    spec, out = _zarr_probs(tmp_path, probs), str(tmp_path / "o.zarr")
+    calls: dict[str, list[int]] = {}
+
+    def counting(name, fail=None):
+        original = getattr(blockwise, name)
+
+        def task(block, **kw):
+            calls.setdefault(name, []).append(block.index)
+            if block.index == fail:
+                raise RuntimeError("disk full")
+            return original(block, **kw)
+        monkeypatch.setattr(blockwise, name, task)
+
+    counting("_label_task")
+    counting("_flood_task", fail=3)
+    options = BlockwiseOptions(resume=True, retries=0)
+    with pytest.raises(BlockFailed, match=r"block 3 \[0:1, 0:12, 30:40\] failed after 1 attempt\(s\) "
+                                          r"\(RuntimeError: disk full\); finished blocks are kept in .*o.zarr.partial"):
+        segment_probabilities(spec, config, out, blockwise=options)
+    assert not Path(out).exists() and (tmp_path / "o.zarr.partial").is_dir()
+    n_blocks = 2 * 9
+    assert sorted(calls["_label_task"]) == list(range(n_blocks)) and len(calls["_flood_task"]) == n_blocks
+    monkeypatch.undo()
+    calls.clear()
+    counting("_label_task")
+    counting("_flood_task")
+    counting("_relabel_task")
+    result = segment_probabilities(spec, config, out, blockwise=options)
+    assert "_label_task" not in calls and calls["_flood_task"] == [3]
+    assert sorted(calls["_relabel_task"]) == list(range(n_blocks))
+    assert np.array_equal(_read(tmp_path / "o.zarr"), expected) and result.stats == reference.stats
+    assert result.n_objects == 5  # two cells in the first section, three in the second
+    assert not (tmp_path / "o.zarr.partial").exists()
+
+
+def test_a_partial_with_other_parameters_is_not_resumed(tmp_path, monkeypatch):
+    probs, config = corridor()
+    spec, out = _zarr_probs(tmp_path, probs), str(tmp_path / "o.zarr")
+
+    def fail(block, **kw):
+        raise RuntimeError("stop")
+    monkeypatch.setattr(blockwise, "_relabel_task", fail)
+    with pytest.raises(BlockFailed):
+        segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True, retries=0))
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="other parameters is here .*min_size"):
+        segment_probabilities(spec, config.replace(min_size=5), out, blockwise=BlockwiseOptions(resume=True))
+    segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True))
+    assert _read(Path(out)).max() == 5
+
+
+def test_two_dask_worker_processes_write_the_ids_of_the_run_in_memory(tmp_path):
+    """``scheduler = "local"``: every pass's tasks pickled to two worker processes; the ids equal
+    the in-memory run's (components, and a watershed with flooding rounds)."""
+    pytest.importorskip("distributed")
+    for case in ("components-3d", "watershed-refill"):
+        probs, config = CASES[case]()
+        expected = np.zeros(probs.shape[1:], np.uint64)
+        segment_probabilities(probs, config, expected)
+        folder = tmp_path / case
+        folder.mkdir()
+        cfg = SegmentFileConfig(output=str(folder / "o.zarr"), probabilities=_zarr_probs(folder, probs),
+                                segment=config, scheduler="local", workers=2)
+        segment_file(cfg)
+        assert np.array_equal(_read(folder / "o.zarr"), expected), case
+
+
+def test_resumable_segment_with_the_network_equals_the_in_process_run(tmp_path, model_and_raw):
+    ckpt, raw = model_and_raw
+    config = SegmentConfig(mode="watershed", boundary_classes=(2,), seed_erosion=1, min_size=0, per_section=False,
+                           halo=(1, 8, 8), block_shape=(2, 32, 32))
+    common = dict(model=str(ckpt), input=f"{raw}:raw", segment=config, device="cpu", precision="fp32")
+    segment_file(SegmentFileConfig(output=str(tmp_path / "a.zarr"), **common))
+    result = segment_file(SegmentFileConfig(output=str(tmp_path / "b.zarr"), resume=True, **common))
+    assert result.n_objects > 0 and result.blocks == 8
+    assert np.array_equal(_read(tmp_path / "a.zarr"), _read(tmp_path / "b.zarr"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--resume"], ["out.h5", "--resume needs a zarr output"]),
+    (["--scheduler", "tcp://127.0.0.1:1"], ["out.h5", "--scheduler needs a zarr output"]),
+    (["--workers", "2"], ["--workers applies only when --scheduler is 'local'"]),
+])
+def test_cli_resumable_options_need_a_zarr_output(tmp_path, model_and_raw, args, words):
+    ckpt, raw = model_and_raw
+    result = _cli("segment", ckpt, f"{raw}:raw", f"{tmp_path / 'out.h5'}:ids", "--device", "cpu", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+    assert not (tmp_path / "out.h5").exists()

@@ -391,17 +391,22 @@ class PredictJob:
                                                                              key=partial.key))
 
 
+    def predict(self, block: Block) -> np.ndarray:
+        """Worker side: read ``block.outer`` and predict ``block.inner`` (the network opened once per
+        process, :func:`~emseg.models.loading.cached_open`)."""
+        if block.index in self.fail_blocks:
+            raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
+        opened = cached_open(self.checkpoint.path, self.volume_shape, patch_shape=self.patch_shape, device=self.device,
+                             precision=self.window.precision, compile_=self.window.compile,
+                             mtime_ns=self.checkpoint.mtime_ns, size=self.checkpoint.size)
+        predictor = predictor_for(opened, self.patch_shape, self.window)
+        with open_volume(self.input) as source:
+            return predict_block(predictor, source, block, output_type=self.output_type)
+
+
 def predict_block_task(block: Block, job: PredictJob) -> int:
     """Worker side of a prediction: read ``block.outer``, predict, write ``block.inner``; return its index."""
-    if block.index in job.fail_blocks:
-        raise RuntimeError(f"failure injected by {FAIL_BLOCKS_ENV}")
-    opened = cached_open(job.checkpoint.path, job.volume_shape, patch_shape=job.patch_shape, device=job.device,
-                         precision=job.window.precision, compile_=job.window.compile,
-                         mtime_ns=job.checkpoint.mtime_ns, size=job.checkpoint.size)
-    predictor = predictor_for(opened, job.patch_shape, job.window)
-    with open_volume(job.input) as source:
-        probs = predict_block(predictor, source, block, output_type=job.output_type)
-    data = to_output(probs, job.output_type, job.dtype)
+    data = to_output(job.predict(block), job.output_type, job.dtype)
     dest = zarr.open_array(store=job.store, path=job.key or None, mode="r+")
     index = block.inner if job.output_type == "labels" else (slice(None),) + tuple(block.inner)
     dest[index] = data

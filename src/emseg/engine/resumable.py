@@ -20,9 +20,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import zarr
 
-from emseg.engine.cluster import BlockRun, DoneMarkers, run_blocks
+from emseg.engine.cluster import BlockRun, DoneMarkers, require_distributed, run_blocks
 from emseg.errors import InputError
-from emseg.io import (VolumeSpec, check_overwrite, claim_output, clean_output_temps, parse_spec, replace_output,
+from emseg.io import (VolumeSpec, check_output_location, check_overwrite, claim_output, clean_output_temps,
+                      is_ome_path, parse_spec, replace_output,
                       zarr_compressors)
 from emseg.runtime.locks import lock_output
 
@@ -51,6 +52,31 @@ def check_resumable_output(spec: VolumeSpec, *, overwrite: bool) -> None:
     unless ``overwrite`` (:func:`emseg.io.check_overwrite`)."""
     if not partial_location(spec)[2].exists():
         check_overwrite(spec, overwrite=overwrite)
+
+
+def check_resumable_options(output: str, *, scheduler: str | None, workers: int | None, resume: bool,
+                            client: Any = None, command: str = "predict",
+                            example: str = "pred.zarr/probs") -> VolumeSpec:
+    """The options of a blockwise writer that can run on a cluster or resume: ``workers`` only with
+    a local scheduler; a resumable run (``scheduler``, ``client`` or ``resume``) writes plain zarr
+    (``example``) in a folder that exists, and a scheduler needs dask.distributed. Returns the
+    parsed output spec."""
+    if workers is not None and scheduler != "local" and client is None:
+        raise InputError("`workers` applies only when `scheduler` is 'local'")
+    out_spec = parse_spec(output)
+    if scheduler is None and client is None and not resume:
+        return out_spec
+    if is_ome_path(out_spec.path):
+        raise InputError(f"`scheduler` and `resume` write plain zarr; {command} in-process for an OME-Zarr output",
+                         source=str(output))
+    check_output_location(out_spec.path)
+    if out_spec.fmt != "zarr":
+        what = "`scheduler`" if scheduler or client is not None else "`resume`"
+        raise InputError(f"{what} needs a zarr output (e.g. {example}): blocks are written in place by "
+                         f"independent tasks, which HDF5 files do not allow", source=str(out_spec))
+    if client is None and scheduler is not None:
+        require_distributed()
+    return out_spec
 
 
 def check_resume_params(stored: Any, params: dict[str, Any], partial: Path) -> None:

@@ -9,26 +9,59 @@ probabilities already on disk (``emseg predict``'s (C, *S) output) or in memory.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from emseg.engine.blocks import default_block_shape, plan_blocks
-from emseg.engine.inference import predict_volume, predictor_for
+from emseg.engine.blocks import Block, default_block_shape, plan_blocks
+from emseg.engine.inference import PredictJob, predict_volume, predictor_for
+from emseg.engine.resumable import check_resumable_options, resumable_zarr
 from emseg.errors import InputError
-from emseg.instances.blockwise import Progress, Scratch, SegmentStats, segment_maps
+from emseg.instances.blockwise import Progress, Runner, Scratch, SegmentStats, Ticker, Work, segment_maps
 from emseg.instances.config import SegmentConfig, default_segment_block
 from emseg.instances.objects import map_dtype, object_map
 from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, check_raw,
-                      create_volume, open_volume)
+                      create_volume, open_volume, parse_spec)
 from emseg.models.loading import open_for_volume, read_for_volume
 from emseg.runtime.precision import DEFAULT_PRECISION
 from emseg.semantic.predict import PredictConfig, check_options
 
+
+
+@dataclass(frozen=True)
+class BlockwiseOptions:
+    """How the blocks of every pass run: in this process (the default), keeping finished blocks
+    for a rerun (``resume``; zarr OUT only), or on dask.distributed (``scheduler`` "local" with
+    ``workers`` processes, or "tcp://HOST:PORT"; an open ``client`` instead), which implies
+    ``resume``; ``retries`` extra attempts of a failing block."""
+
+    resume: bool = False
+    scheduler: str | None = None
+    workers: int | None = None
+    retries: int = 2
+    client: Any = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.resume or self.scheduler is not None or self.client is not None
+
+    def check(self, output: Any) -> None:
+        if isinstance(output, np.ndarray):
+            if self.resumable or self.workers is not None:
+                raise InputError("`resume` and `scheduler` write a zarr output, not an array in memory")
+            return
+        check_resumable_options(str(output), scheduler=self.scheduler, workers=self.workers, resume=self.resumable,
+                                client=self.client, command="segment", example="cells.zarr/ids")
+
+    def runner(self, source: str | None) -> Runner:
+        return Runner(self.resumable, self.scheduler, self.workers, self.client, self.retries, source)
 
 
 @dataclass(frozen=True)
@@ -54,6 +87,12 @@ class SegmentFileConfig:
     compile: bool = False
     #: Replace an existing OUTPUT (a dataset of an HDF5 file, a zarr array or store); refused otherwise.
     overwrite: bool = False
+    #: Run the blocks on dask.distributed ("local" or "tcp://HOST:PORT"); implies ``resume``.
+    scheduler: str | None = None
+    workers: int | None = None
+    #: Keep finished blocks of every pass, so that a rerun computes only what is missing (zarr OUT).
+    resume: bool = False
+    retries: int = 2
 
     def __post_init__(self) -> None:
         network = self.model is not None or self.input is not None
@@ -63,13 +102,19 @@ class SegmentFileConfig:
             raise InputError("give a `model` and an `input`, or `probabilities`")
         if network and (self.model is None or self.input is None):
             raise InputError("the network form needs both a `model` and an `input`")
+        if self.retries < 0:
+            raise InputError(f"`retries` must be >= 0, got {self.retries}")
+
+    def blockwise(self, client: Any = None) -> BlockwiseOptions:
+        return BlockwiseOptions(self.resume, self.scheduler, self.workers, self.retries, client)
 
     def predict_config(self) -> PredictConfig:
         """The same run as an :class:`~emseg.semantic.predict.PredictConfig` (its checks are reused)."""
         return PredictConfig(model=str(self.model), input=str(self.input), output=self.output,
                              patch_shape=self.patch_shape, overlap=self.overlap, blend=self.blend,
                              batch_size=self.batch_size, block_shape=self.segment.block_shape, device=self.device,
-                             precision=self.precision, compile=self.compile, overwrite=self.overwrite)
+                             precision=self.precision, compile=self.compile, overwrite=self.overwrite,
+                             scheduler=self.scheduler, workers=self.workers, resume=self.resume, retries=self.retries)
 
 
 
@@ -186,7 +231,8 @@ def _attrs(array: Any) -> dict:
 
 
 def segment_probabilities(probs: Any, config: SegmentConfig, out: Any, *, overwrite: bool = False,
-                          progress: Progress | None = None) -> SegmentResult:
+                          progress: Progress | None = None,
+                          blockwise: BlockwiseOptions = BlockwiseOptions()) -> SegmentResult:
     """Objects from class probabilities (C, *S), without a network.
 
     Parameters
@@ -202,6 +248,8 @@ def segment_probabilities(probs: Any, config: SegmentConfig, out: Any, *, overwr
         Replace an existing output (refused otherwise).
     progress : callable, optional
         ``progress(done, total)`` over the passes.
+    blockwise : BlockwiseOptions
+        Resume, or run on dask.distributed (then ``probs`` must be a spec that workers can open).
 
     Examples
     --------
@@ -211,46 +259,102 @@ def segment_probabilities(probs: Any, config: SegmentConfig, out: Any, *, overwr
     12
     """
     start = time.perf_counter()
+    blockwise.check(out)
     if isinstance(probs, (str, Path, VolumeSpec)):
         if not isinstance(out, np.ndarray):
             check_distinct(str(probs), str(out))
         with open_volume(str(probs)) as volume:
-            return _segment_reader(ProbabilityReader(volume, source=str(volume.spec)), config, out, start,
-                                   overwrite=overwrite, progress=progress, source=str(probs),
-                                   chunks=volume.chunks)
-    return _segment_reader(ProbabilityReader(probs), config, out, start, overwrite=overwrite, progress=progress,
-                           source=None, chunks=getattr(probs, "chunks", None))
+            reader = ProbabilityReader(volume, source=str(volume.spec))
+            spec = volume.spec
+            source = str(type(spec)(Path(spec.path).resolve(), spec.key, spec.fmt))
+            return _segment_reader(reader, config, out, start, overwrite=overwrite, progress=progress,
+                                   source=str(probs), chunks=volume.chunks, blockwise=blockwise,
+                                   task_source=source if blockwise.resumable else reader)
+    if blockwise.resumable:
+        raise InputError("`resume` and `scheduler` read probabilities from a file (a volume spec), not an array")
+    reader = ProbabilityReader(probs)
+    return _segment_reader(reader, config, out, start, overwrite=overwrite, progress=progress, source=None,
+                           chunks=getattr(probs, "chunks", None), blockwise=blockwise, task_source=reader)
 
 
 def _segment_reader(reader: ProbabilityReader, config: SegmentConfig, out: Any, start: float, *, overwrite: bool,
-                    progress: Progress | None, source: str | None, chunks: Any) -> SegmentResult:
+                    progress: Progress | None, source: str | None, chunks: Any, blockwise: BlockwiseOptions,
+                    task_source: Any) -> SegmentResult:
     shape = reader.shape
     config.check_for(shape, reader.n_classes, source=source)
     halo = config.halo_for(shape)
     spatial = tuple(chunks[1:]) if chunks and len(chunks) == len(shape) + 1 else (1,) * len(shape)
     block_shape = tuple(config.block_shape) if config.block_shape else default_segment_block(
         shape, default_block_shape(shape, (1,) * len(shape), spatial), halo)
+    params = {"probabilities": task_source if isinstance(task_source, str) else None, "shape": list(shape)}
 
-    def read_map(region: tuple[slice, ...]) -> np.ndarray:
-        return object_map(reader(region), config)
+    def make_map(work: Work, run: Runner, tick: Ticker) -> None:
+        run("map", functools.partial(_probability_map_task, source=task_source, work=work, config=config),
+            work.blocks, work, tick)
+
+    stats, output = _write(out, shape, block_shape, config, make_map, overwrite=overwrite, progress=progress,
+                           attrs=output_attrs(config, source=source), params=params, blockwise=blockwise)
+    return SegmentResult(output, shape, block_shape, halo, len(plan_blocks(shape, block_shape, (0,) * len(shape))),
+                         time.perf_counter() - start, stats, config)
+
+
+def _probability_map_task(block: Block, *, source: ProbabilityReader | str, work: Work, config: SegmentConfig) -> None:
+    """The object map of a block of probabilities (read here, or opened by spec in a worker)."""
+    if isinstance(source, str):
+        with open_volume(source) as volume:
+            probs = ProbabilityReader(volume, source=source)(block.inner)
+    else:
+        probs = source(block.inner)
+    work["map"][block.inner] = object_map(probs, config)
+
+
+def _write(out: Any, shape: tuple[int, ...], block_shape: tuple[int, ...], config: SegmentConfig,
+           make_map: Callable[[Work, Runner, Ticker], None], *, overwrite: bool, progress: Progress | None,
+           attrs: dict[str, Any], params: dict[str, Any], blockwise: BlockwiseOptions) -> tuple[SegmentStats, str]:
+    """The passes of a run into ``out``: ``make_map`` fills the work array ``"map"`` (one pass),
+    then :func:`~emseg.instances.blockwise.segment_maps`.
+
+    Into an array in memory; into a new output written under a temporary name (work arrays in a
+    hidden folder beside it); or, resumable, into the fixed ``.partial`` zarr array of
+    :func:`~emseg.engine.resumable.resumable_zarr`, whose ``.work`` folder keeps every pass's
+    finished blocks until the output is complete.
+    """
+    passes = 4 if config.mode == "components" else 5
+    tick = Ticker(progress, int(np.prod(shape)), passes)
+
+    def passes_into(work: Work, run: Runner) -> SegmentStats:
+        work.create("map", map_dtype(config))
+        make_map(work, run, tick)
+        return segment_maps(work, config, run=run, tick=tick)
 
     if isinstance(out, np.ndarray):
         if out.shape != shape or out.dtype != np.uint64:
             raise InputError(f"the output array must be uint64 of shape {shape}, got {out.dtype} {out.shape}")
-        stats = segment_maps(read_map, shape, config, out, block_shape=block_shape, scratch=Scratch(None),
-                             progress=progress)
-        output = "<array>"
-    else:
+        return passes_into(Work(shape, block_shape, dest=out), Runner()), "<array>"
+    if not blockwise.resumable:
         out_spec = check_output_volume(out)
         check_overwrite(out_spec, overwrite=overwrite)
-        attrs = output_attrs(config, source=source)
         with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
                            overwrite=overwrite) as dest, Scratch(out_spec.path) as scratch:
-            stats = segment_maps(read_map, shape, config, dest, block_shape=block_shape, scratch=scratch,
-                                 progress=progress)
-        output = str(out_spec)
-    return SegmentResult(output, shape, block_shape, halo, len(plan_blocks(shape, block_shape, (0,) * len(shape))),
-                         time.perf_counter() - start, stats, config)
+            stats = passes_into(Work(shape, block_shape, scratch.folder, dest=dest), Runner())
+        return stats, str(out_spec)
+    out_spec = parse_spec(out)
+    chunks = Work(shape, block_shape, tiled=True).chunks(np.uint64)
+    params = dict(params, segment=config.to_dict(), block_shape=list(block_shape))
+    with resumable_zarr(out_spec, shape, np.uint64, chunks, attrs=attrs, params=params, what=str(out_spec),
+                        overwrite=overwrite) as part:
+        folder = part.path / WORK_DIR
+        folder.mkdir(exist_ok=True)
+        work = Work(shape, block_shape, folder, dest_location=(part.store, part.key), tiled=True)
+        runner = dataclasses.replace(blockwise.runner(str(out_spec)), hint=part.hint)
+        with runner.connected() as run:
+            stats = passes_into(work, run)
+        shutil.rmtree(folder)
+    return stats, str(out_spec)
+
+
+#: The folder of a resumable run's work arrays and per-block results, inside its ``.partial`` output.
+WORK_DIR = ".work"
 
 
 def output_attrs(config: SegmentConfig, *, source: str | None, model: str | None = None) -> dict[str, Any]:
@@ -285,58 +389,67 @@ class _MapWriter:
         self.store[tuple(index[1:])] = object_map(probs, self.config)
 
 
+def _network_map_task(block: Block, *, job: PredictJob, work: Work, config: SegmentConfig) -> None:
+    """Worker side of the network pass: a block's probabilities, kept as its object map."""
+    work["map"][block.inner] = object_map(job.predict(block), config)
+
+
 def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None, client: Any = None) -> SegmentResult:
     """``emseg segment``: objects of ``config.input`` by the network ``config.model`` (or from
     ``config.probabilities``) into ``config.output`` (uint64), block by block with consistent ids.
 
-    The output is written under a temporary name and renamed when complete; nothing is written
-    when the input is refused. ``client`` is not used (segmentation runs in this process).
+    In this process the output is written under a temporary name and renamed when complete;
+    nothing is written when the input is refused. With ``config.resume`` (zarr OUT) every pass
+    keeps its finished blocks, so a rerun of a killed or failed run computes only what is
+    missing; with ``config.scheduler`` (or ``client``, an open dask.distributed client) the blocks
+    of every pass run on the cluster, resumable as well.
     """
-    if client is not None:
-        raise InputError("`segment` runs in this process; a dask client is not supported")
+    blockwise = config.blockwise(client)
+    blockwise.check(config.output)
     if config.probabilities is not None:
         return segment_probabilities(config.probabilities, config.segment, config.output,
-                                     overwrite=config.overwrite, progress=progress)
+                                     overwrite=config.overwrite, progress=progress, blockwise=blockwise)
     start = time.perf_counter()
     seg = config.segment
     check_distinct(config.input, config.output)
     pconfig = config.predict_config()
-    check_options(pconfig)
-    out_spec = check_output_volume(config.output)
-    check_overwrite(out_spec, overwrite=config.overwrite)
+    check_options(pconfig, resumable=blockwise.resumable, client=client)
+    if not blockwise.resumable:
+        check_overwrite(check_output_volume(config.output), overwrite=config.overwrite)
     with open_volume(config.input) as source:
         check_raw(source)
         shape = source.shape
         checkpoint = read_for_volume(config.model, shape, patch_shape=config.patch_shape)
         seg.check_for(shape, max(2, checkpoint.n_classes), source=str(config.model))
+        # built here unless the blocks run on a remote scheduler (whose devices may differ)
         opened = open_for_volume(checkpoint, device=config.device, precision=config.precision,
-                                 compile_=config.compile)
+                                 compile_=config.compile and not blockwise.resumable) \
+            if config.scheduler in (None, "local") else None
         patch = checkpoint.patch
         halo = seg.halo_for(shape)
         block_shape = tuple(seg.block_shape) if seg.block_shape else default_segment_block(
             shape, default_block_shape(shape, patch, auto_chunks(shape, 4)), halo)
-        predictor = predictor_for(opened, patch, pconfig.window)
+        precision = opened.precision.name if opened is not None else config.precision
         attrs = output_attrs(seg, source=str(config.input), model=str(Path(config.model)))
-        attrs.update(patch_shape=list(patch), overlap=config.overlap, precision=opened.precision.name)
+        attrs.update(patch_shape=list(patch), overlap=config.overlap, precision=precision)
         blocks = plan_blocks(shape, block_shape, [p // 2 for p in patch])
-        total = sum(b.size for b in blocks)
-        passes = 4 if seg.mode == "components" else 5
+        if blockwise.resumable:
+            job = PredictJob.for_run(config.model, config.input, shape, patch, pconfig.window, "probabilities",
+                                     "float32", config.device)
+            params = job.params()
 
-        def network_progress(done: int, _total: int) -> None:
-            if progress is not None:
-                progress(done, total * passes)
+            def make_map(work: Work, run: Runner, tick: Ticker) -> None:
+                run("map", functools.partial(_network_map_task, job=job, work=work, config=seg), blocks, work, tick)
+        else:
+            predictor = predictor_for(opened, patch, pconfig.window)
+            params = {}
 
-        def rest_progress(done: int, _total: int) -> None:
-            if progress is not None:
-                progress(total + done, total * passes)
+            def make_map(work: Work, run: Runner, tick: Ticker) -> None:
+                predict_volume(predictor, source, _MapWriter(work["map"], seg), blocks=blocks,
+                               output_type="probabilities", progress=lambda done, _total: tick.reached(done))
+                tick.passed()
 
-        with create_volume(out_spec, shape, np.uint64, chunks=_chunks(shape, block_shape), attrs=attrs,
-                           overwrite=config.overwrite) as dest, Scratch(out_spec.path) as scratch:
-            maps = scratch.array("map", shape, map_dtype(seg), block_shape)
-            predict_volume(predictor, source, _MapWriter(maps, seg), blocks=blocks, output_type="probabilities",
-                           progress=network_progress)
-            stats = segment_maps(lambda region: np.asarray(maps[region]), shape, seg, dest, block_shape=block_shape,
-                                 scratch=scratch, progress=rest_progress)
-    return SegmentResult(str(out_spec), shape, block_shape, halo, len(blocks),
-                         time.perf_counter() - start, stats, seg, patch_shape=patch,
-                         precision=opened.precision.name)
+        stats, output = _write(config.output, shape, block_shape, seg, make_map, overwrite=config.overwrite,
+                               progress=progress, attrs=attrs, params=params, blockwise=blockwise)
+    return SegmentResult(output, shape, block_shape, halo, len(blocks), time.perf_counter() - start, stats, seg,
+                         patch_shape=patch, precision=precision)

@@ -1,10 +1,9 @@
 """Consistent ids across blocks (numpy and scipy): provisional ids, face merges, the final id map.
 
-Each block labels its inner part alone with ids 1..n; :class:`IdTable` makes them unique by
-adding the count of the blocks before it (a prefix sum), and keeps each provisional object's
-voxel count. Once every block is written, :func:`face_pairs` reads, for each block, the planes on
-both sides of its lower faces and lists the pairs of provisional ids that touch across them
-under the neighbourhood (with the diagonal neighbours of ``connectivity`` 2 and 3, the lower
+Each block labels its inner part alone with ids 1..n, made unique by adding the count of ids in
+the blocks before it (a prefix sum, :class:`~emseg.instances.blockwise.GlobalIds`). Once every
+block is written, :func:`face_pairs` reads, for each block, the planes on both sides of its lower
+faces and lists the pairs of provisional ids that touch across them under the neighbourhood (with the diagonal neighbours of ``connectivity`` 2 and 3, the lower
 plane is read one voxel wider). :func:`resolve_ids` merges touching ids (connected components of
 the pair graph, which is union-find), drops objects below a size and numbers the rest 1..N in the
 order of their first provisional id: one map of size (provisional ids + 1), applied block by block.
@@ -21,28 +20,6 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-
-class IdTable:
-    """Provisional ids of blockwise labelling: block after block, local ids 1..n_b shifted by the
-    number of ids before (``offset``), with the voxel count of each id (``sizes``, index 0 unused)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._sizes: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-
-    def add(self, counts: np.ndarray) -> int:
-        """Register a block's objects by their voxel counts (local ids 1..len(counts)); return its offset."""
-        offset = self.total
-        counts = np.asarray(counts, dtype=np.int64)
-        self._sizes.append(counts)
-        self.total += len(counts)
-        return offset
-
-    @property
-    def sizes(self) -> np.ndarray:
-        """Voxel count of every provisional id 0..total (0: background, count 0)."""
-        return np.concatenate(self._sizes)
 
 
 def neighbour_offsets(structure: np.ndarray) -> list[tuple[int, ...]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from emseg.data.values import PROBABILITY_DTYPES
 from emseg.engine.blocks import default_block_shape, plan_blocks
-from emseg.engine.cluster import fit_chunks, require_distributed
+from emseg.engine.cluster import fit_chunks
 from emseg.engine.inference import (
     PredictJob,
     PredictStats,
@@ -25,17 +25,15 @@ from emseg.engine.inference import (
     predict_volume,
     predictor_for,
 )
-from emseg.engine.resumable import run_resumable
+from emseg.engine.resumable import check_resumable_options, run_resumable
 from emseg.errors import InputError
 from emseg.io import (
     auto_chunks,
     check_distinct,
-    check_output_location,
     check_output_volume,
     check_raw,
     check_overwrite,
     create_volume,
-    is_ome_path,
     open_volume,
     parse_spec,
 )
@@ -109,20 +107,9 @@ class PredictResult:
 def check_options(config: PredictConfig, *, resumable: bool = False, client: Any = None) -> None:
     """Prediction options that are user input: ranges checked with the parameter named; with
     ``resumable`` also the output a resumable run can write (plain zarr) and the cluster options."""
-    if config.workers is not None and config.scheduler != "local" and client is None:
-        raise InputError("`workers` applies only when `scheduler` is 'local'")
-    if resumable:
-        out_spec = parse_spec(config.output)
-        if is_ome_path(out_spec.path):
-            raise InputError("`scheduler` and `resume` write plain zarr; predict in-process for an OME-Zarr output",
-                             source=str(config.output))
-        check_output_location(out_spec.path)
-        if out_spec.fmt != "zarr":
-            what = "`scheduler`" if config.scheduler else "`resume`"
-            raise InputError(f"{what} needs a zarr output (e.g. pred.zarr/probs): blocks are written in place by "
-                             f"independent tasks, which HDF5 files do not allow", source=str(out_spec))
-        if client is None and config.scheduler is not None:
-            require_distributed()
+    if resumable or config.workers is not None:
+        check_resumable_options(config.output, scheduler=config.scheduler, workers=config.workers,
+                                resume=resumable, client=client)
     if not 0 <= config.overlap < 1:
         raise InputError(f"`overlap` must be in [0, 1), got {config.overlap}")
     if config.batch_size is not None and config.batch_size < 1:
