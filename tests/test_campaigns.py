@@ -357,3 +357,54 @@ def test_a_resumed_campaign_appends_its_provenance_and_keeps_each_runs(tmp_path,
     assert [s["command"] for s in doc["starts"]] == ["python first.py --seeds 0", "python first.py --seeds 0,1"]
     assert [(r["seed"], r["start"]) for r in doc["runs"]] == [(0, 0), (1, 1)]
     assert doc["command"] == "python first.py --seeds 0" and doc["split"] == SPLIT
+
+
+# ----------------------------------------------------------------------------- instances.py
+def test_instances_quick_runs_resumes_and_chooses_on_validation(tmp_path, monkeypatch, capsys):
+    """--quick end to end on a synthetic stand-in for VNC stack 1: three networks, six arms, each
+    arm's configuration the best of its validation grid (recomputed here), test scored once; a
+    rerun recomputes nothing."""
+    from conftest import synthetic, write_h5
+    import instances as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    out = tmp_path / "inst.json"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    nets = sorted(r["network"] for r in doc["runs"] if r["kind"] == "train")
+    assert nets == ["cells-targets", "mito-targets", "semantic"]
+    arms = sorted((r["task"], r["arm"]) for r in doc["runs"] if r["kind"] == "objects")
+    assert arms == sorted((t, a) for t in ("cells", "mito") for a in ("cc", "ws-semantic", "ws-targets"))
+    assert (tmp_path / "inst.png").stat().st_size > 1000
+    args = mod.parse_args(["--quick", "--out", str(out)])
+    _, labels = mod.load(mod.VALID, args.crop)
+    for row in (r for r in doc["runs"] if r["kind"] == "objects" and r["arm"] != "cc"):
+        folder = tmp_path / "inst" / f"{mod.arm_network(row['task'], row['arm'])}_seed0"
+        probs = np.load(folder / "probs_valid.npy")
+        gt = mod.objects(labels, row["task"])
+        values = [mod.criterion(row["task"], mod.scores(mod.segment(probs, p), gt))
+                  for p in mod.candidates(row["task"], row["arm"])]
+        assert row["tried"] == len(values) and max(values) == pytest.approx(row["valid_value"])
+        assert row["params"] in mod.candidates(row["task"], row["arm"])
+    capsys.readouterr()
+    assert mod.main(["--quick", "--out", str(out)]) == 0  # resumed: the stored runs are kept as they are
+    assert json.loads(out.read_text())["runs"] == doc["runs"]
+    assert "| ws-semantic |" in capsys.readouterr().out
+
+
+def test_instances_ground_truth_objects_are_scikit_image_components_per_section():
+    from skimage.measure import label
+    import instances as mod
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (3, 40, 50))
+    labels[:, 10:20, 10:30] = 1
+    for task, mask in (("mito", labels == 1), ("cells", ~np.isin(labels, (2, 3, 4)))):
+        ids = mod.objects(labels, task)
+        for z in range(3):
+            expected = label(mask[z], connectivity=1)
+            pairs = np.unique(np.stack([ids[z].ravel(), expected.ravel()]), axis=1)
+            assert np.array_equal(ids[z] == 0, expected == 0)
+            assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
