@@ -349,6 +349,8 @@ def _write(out: Any, shape: tuple[int, ...], block_shape: tuple[int, ...], confi
         runner = dataclasses.replace(blockwise.runner(str(out_spec)), hint=part.hint)
         with runner.connected() as run:
             stats = passes_into(work, run)
+        # the markers first: a run killed while the work folder goes recomputes, never reads what is gone
+        shutil.rmtree(folder / ".done", ignore_errors=True)
         shutil.rmtree(folder)
     return stats, str(out_spec)
 
