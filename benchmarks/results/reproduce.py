@@ -88,6 +88,9 @@ EXPERIMENTS = [
     ("pretraining, label efficiency", "label_efficiency.py",
      ["--out", "{out}/label_efficiency.json"],
      ["--out", "{out}/label_efficiency.json", "--quick"]),
+    ("objects: emseg segment against connected components", "instances.py",
+     ["--out", "{out}/instances.json"],
+     ["--out", "{out}/instances.json", "--quick"]),
 ]
 
 #: Threads per experiment in full runs (the defaults target is measured on the whole machine).
