@@ -4,6 +4,8 @@ in 3D), the size filter, uint64 ids, the output formats and the command line."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -532,3 +534,47 @@ def test_cli_resumable_options_need_a_zarr_output(tmp_path, model_and_raw, args,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_resumable_bad_input_is_one_input_error_and_chunking_is_checked_before_any_work(tmp_path):
+    """Probabilities that are not probabilities: the InputError as it is (not retried, not a failed
+    block). A block that cannot be chunked to tile the volume: refused before any pass, nothing
+    left; a block longer than the volume along an axis is one block there, and fine."""
+    probs, config = CASES["components-3d"]()
+    bad = probs.copy()
+    bad[:, 6:] *= 2
+    spec = _zarr_probs(tmp_path, bad)
+    with pytest.raises(InputError, match="do not sum to 1") as caught:
+        segment_probabilities(spec, config, str(tmp_path / "o.zarr"), blockwise=BlockwiseOptions(resume=True))
+    assert not isinstance(caught.value, BlockFailed)
+    shutil.rmtree(tmp_path / "p.zarr")
+    # 77 sections a block: the uint64 output tiles (chunks of 11), the uint32 local ids do not
+    tall = tmp_path / "tall"
+    tall.mkdir()
+    with pytest.raises(InputError, match="does not tile"):
+        segment_probabilities(_zarr_probs(tall, two_class(blobs((120, 100, 100)))), config.replace(
+            block_shape=(77, 100, 100)), str(tall / "b.zarr"), blockwise=BlockwiseOptions(resume=True))
+    assert not any(p.name.startswith("b.zarr") for p in tall.iterdir())
+    spec = _zarr_probs(tmp_path, probs)
+    expected = np.zeros(probs.shape[1:], np.uint64)
+    segment_probabilities(probs, config.replace(block_shape=(13, 20, 24)), expected)
+    segment_probabilities(spec, config.replace(block_shape=(13, 20, 24)), str(tmp_path / "c.zarr"),
+                          blockwise=BlockwiseOptions(resume=True))
+    assert np.array_equal(_read(tmp_path / "c.zarr"), expected)
+
+
+def test_a_replaced_input_is_not_resumed(tmp_path, monkeypatch):
+    probs, config = corridor()
+    spec, out = _zarr_probs(tmp_path, probs), str(tmp_path / "o.zarr")
+
+    def fail(block, **kw):
+        raise RuntimeError("stop")
+    monkeypatch.setattr(blockwise, "_relabel_task", fail)
+    with pytest.raises(BlockFailed):
+        segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True, retries=0))
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "p.zarr")
+    time.sleep(0.01)
+    spec = _zarr_probs(tmp_path, probs[::-1].copy())
+    with pytest.raises(InputError, match="other parameters is here .*input_mtime_ns"):
+        segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True))

@@ -219,6 +219,9 @@ def run_blocks(
 
     Raises
     ------
+    InputError
+        The first :class:`~emseg.errors.InputError` a task raised (bad input is not retried in
+        this process; on a cluster, after the other blocks), as it is.
     BlockFailed
         Naming the lowest-numbered failed block (with its slices) and the number of failures,
         after every other block was finished (unless ``fail_fast``) and marked.
@@ -256,6 +259,8 @@ def run_blocks(
             for _ in range(retries + 1):
                 try:
                     result = fn(block)
+                except InputError:  # bad input: the same on every attempt, reported as it is
+                    raise
                 except Exception as exc:  # retried, then reported with the block
                     error = exc
                     continue
@@ -274,6 +279,9 @@ def run_blocks(
     report.seconds = time.perf_counter() - start
     if failures:
         failures.sort(key=lambda f: _index(f[1], f[0]))
+        bad_input = [cause for _, _, cause in failures if isinstance(cause, InputError)]
+        if bad_input:  # a task refused its input (the same on a rerun): say what, not which block
+            raise bad_input[0]
         _, block, cause = failures[0]
         extra = {"hint": failure_hint} if failure_hint else {}
         raise BlockFailed(block, retries + 1, cause, failed=len(failures), source=failure_source, **extra)

@@ -87,7 +87,7 @@ def check_resume_params(stored: Any, params: dict[str, Any], partial: Path) -> N
     else:
         diff = [f"{k} {stored.get(k)!r} -> {params.get(k)!r}" for k in sorted(set(stored) | set(params))
                 if stored.get(k) != params.get(k)]
-    raise InputError(f"an unfinished prediction with other parameters is here ({'; '.join(diff)}): rerun with "
+    raise InputError(f"an unfinished run with other parameters is here ({'; '.join(diff)}): rerun with "
                      f"the original parameters to resume it, or delete it to start over", source=str(partial))
 
 

@@ -45,7 +45,7 @@ import zarr
 from emseg.engine.blocks import Block, plan_blocks
 from emseg.engine.cluster import DoneMarkers, fit_chunks, open_client, run_blocks
 from emseg.instances.config import SegmentConfig, check_block
-from emseg.instances.objects import crop, grow, label_mask, neighbourhood, seed_region, watershed_block
+from emseg.instances.objects import crop, grow, label_mask, map_dtype, neighbourhood, seed_region, watershed_block
 from emseg.instances.stitch import face_pairs, resolve_ids
 from emseg.io import auto_chunks, zarr_compressors
 from emseg.io._store import staging_tag
@@ -106,7 +106,18 @@ class Work:
         """Chunks of about 1 MiB of ``dtype``, none larger than a block (tiling it when ``tiled``)."""
         chunks = tuple(min(c, b, s) for c, b, s in
                        zip(auto_chunks(self.shape, np.dtype(dtype).itemsize), self.block_shape, self.shape))
-        return fit_chunks(self.block_shape, chunks) if self.tiled else chunks
+        if not self.tiled:
+            return chunks
+        return fit_chunks(tuple(min(b, s) for b, s in zip(self.block_shape, self.shape)), chunks)
+
+    def check_chunks(self, config: SegmentConfig) -> None:
+        """Fail now, before any work, if an array of the run cannot be chunked to tile the blocks."""
+        for dtype in (map_dtype(config), local_dtype(self.block_shape), np.uint32, np.uint64):
+            self.chunks(dtype)
+
+    def release(self) -> None:
+        """Forget the open arrays and memory-mapped tables (before the folder is removed)."""
+        self._arrays.clear()
 
     def create(self, name: str, dtype: Any) -> Any:
         """The work array ``name`` (zeros), or the one a killed run left."""

@@ -29,7 +29,7 @@ from emseg.instances.config import SegmentConfig, default_segment_block
 from emseg.instances.objects import map_dtype, object_map
 from emseg.io import (VolumeSpec, auto_chunks, check_distinct, check_output_volume, check_overwrite, check_raw,
                       create_volume, open_volume, parse_spec)
-from emseg.models.loading import open_for_volume, read_for_volume
+from emseg.models.loading import forget_opened, open_for_volume, read_for_volume
 from emseg.runtime.precision import DEFAULT_PRECISION
 from emseg.semantic.predict import PredictConfig, check_options
 
@@ -50,7 +50,11 @@ class BlockwiseOptions:
 
     @property
     def resumable(self) -> bool:
-        return self.resume or self.scheduler is not None or self.client is not None
+        return self.resume or self.distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.scheduler is not None or self.client is not None
 
     def check(self, output: Any) -> None:
         if isinstance(output, np.ndarray):
@@ -286,7 +290,9 @@ def _segment_reader(reader: ProbabilityReader, config: SegmentConfig, out: Any, 
     spatial = tuple(chunks[1:]) if chunks and len(chunks) == len(shape) + 1 else (1,) * len(shape)
     block_shape = tuple(config.block_shape) if config.block_shape else default_segment_block(
         shape, default_block_shape(shape, (1,) * len(shape), spatial), halo)
-    params = {"probabilities": task_source if isinstance(task_source, str) else None, "shape": list(shape)}
+    params = {"probabilities": task_source if isinstance(task_source, str) else None, "shape": list(shape),
+              "channels": reader.n_channels, "dtype": str(np.dtype(reader.array.dtype)), "scale": reader.scale,
+              **(file_stamp(task_source) if isinstance(task_source, str) else {})}
 
     def make_map(work: Work, run: Runner, tick: Ticker) -> None:
         run("map", functools.partial(_probability_map_task, source=task_source, work=work, config=config),
@@ -339,7 +345,9 @@ def _write(out: Any, shape: tuple[int, ...], block_shape: tuple[int, ...], confi
             stats = passes_into(Work(shape, block_shape, scratch.folder, dest=dest), Runner())
         return stats, str(out_spec)
     out_spec = parse_spec(out)
-    chunks = Work(shape, block_shape, tiled=True).chunks(np.uint64)
+    plan = Work(shape, block_shape, tiled=True)
+    plan.check_chunks(config)
+    chunks = plan.chunks(np.uint64)
     params = dict(params, segment=config.to_dict(), block_shape=list(block_shape))
     with resumable_zarr(out_spec, shape, np.uint64, chunks, attrs=attrs, params=params, what=str(out_spec),
                         overwrite=overwrite) as part:
@@ -350,9 +358,22 @@ def _write(out: Any, shape: tuple[int, ...], block_shape: tuple[int, ...], confi
         with runner.connected() as run:
             stats = passes_into(work, run)
         # the markers first: a run killed while the work folder goes recomputes, never reads what is gone
+        work.release()
         shutil.rmtree(folder / ".done", ignore_errors=True)
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     return stats, str(out_spec)
+
+
+def file_stamp(spec: str) -> dict[str, Any]:
+    """Size and modification time of the file behind a volume spec (for a zarr or N5 array, its
+    metadata file): an input replaced between a run and its resumption is noticed."""
+    parsed = parse_spec(spec)
+    base = parsed.path / parsed.key if parsed.key and parsed.path.is_dir() else parsed.path
+    files = [base] if base.is_file() else [base / name for name in ("zarr.json", ".zarray", "attributes.json")
+                                           if (base / name).is_file()]
+    stats = [f.stat() for f in files]
+    return {"input_size": sum(st.st_size for st in stats),
+            "input_mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
 
 
 #: The folder of a resumable run's work arrays and per-block results, inside its ``.partial`` output.
@@ -438,7 +459,7 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
         if blockwise.resumable:
             job = PredictJob.for_run(config.model, config.input, shape, patch, pconfig.window, "probabilities",
                                      "float32", config.device)
-            params = job.params()
+            params = dict(job.params(), precision=config.precision, input_dtype=str(source.dtype))
 
             def make_map(work: Work, run: Runner, tick: Ticker) -> None:
                 run("map", functools.partial(_network_map_task, job=job, work=work, config=seg), blocks, work, tick)
@@ -451,7 +472,11 @@ def segment_file(config: SegmentFileConfig, *, progress: Progress | None = None,
                                output_type="probabilities", progress=lambda done, _total: tick.reached(done))
                 tick.passed()
 
-        stats, output = _write(config.output, shape, block_shape, seg, make_map, overwrite=config.overwrite,
-                               progress=progress, attrs=attrs, params=params, blockwise=blockwise)
+        try:
+            stats, output = _write(config.output, shape, block_shape, seg, make_map, overwrite=config.overwrite,
+                                   progress=progress, attrs=attrs, params=params, blockwise=blockwise)
+        finally:
+            if blockwise.resumable and not blockwise.distributed:
+                forget_opened()  # the tasks' network (opened once per process): not kept after the run
     return SegmentResult(output, shape, block_shape, halo, len(blocks), time.perf_counter() - start, stats, seg,
                          patch_shape=patch, precision=precision)
