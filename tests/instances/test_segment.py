@@ -479,7 +479,8 @@ def test_a_failed_pass_resumes_with_only_the_missing_blocks(tmp_path, monkeypatc
     assert not (tmp_path / "o.zarr.partial").exists()
 
 
-def test_a_partial_with_other_parameters_is_not_resumed(tmp_path, monkeypatch):
+def _left_partial(tmp_path: Path, monkeypatch) -> tuple[np.ndarray, SegmentConfig, str, str]:
+    """A resumable run of the corridor that failed in its last pass: (probs, config, input, output)."""
     probs, config = corridor()
     spec, out = _zarr_probs(tmp_path, probs), str(tmp_path / "o.zarr")
 
@@ -489,6 +490,12 @@ def test_a_partial_with_other_parameters_is_not_resumed(tmp_path, monkeypatch):
     with pytest.raises(BlockFailed):
         segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True, retries=0))
     monkeypatch.undo()
+    assert (tmp_path / "o.zarr.partial").is_dir()
+    return probs, config, spec, out
+
+
+def test_a_partial_with_other_parameters_is_not_resumed(tmp_path, monkeypatch):
+    probs, config, spec, out = _left_partial(tmp_path, monkeypatch)
     with pytest.raises(InputError, match="other parameters is here .*min_size"):
         segment_probabilities(spec, config.replace(min_size=5), out, blockwise=BlockwiseOptions(resume=True))
     segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True))
@@ -564,15 +571,7 @@ def test_resumable_bad_input_is_one_input_error_and_chunking_is_checked_before_a
 
 
 def test_a_replaced_input_is_not_resumed(tmp_path, monkeypatch):
-    probs, config = corridor()
-    spec, out = _zarr_probs(tmp_path, probs), str(tmp_path / "o.zarr")
-
-    def fail(block, **kw):
-        raise RuntimeError("stop")
-    monkeypatch.setattr(blockwise, "_relabel_task", fail)
-    with pytest.raises(BlockFailed):
-        segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True, retries=0))
-    monkeypatch.undo()
+    probs, config, spec, out = _left_partial(tmp_path, monkeypatch)
     shutil.rmtree(tmp_path / "p.zarr")
     time.sleep(0.01)
     spec = _zarr_probs(tmp_path, probs[::-1].copy())
