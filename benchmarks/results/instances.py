@@ -22,7 +22,7 @@ from those probabilities):
 ==================  ===========================================================================
 mito cc             components of argmax = 1 (the baseline)
 mito ws-semantic    watershed of 1 - p(mito), flooding where it is under ``mask_threshold``
-mito ws-targets     watershed of 1 - p(interior) of mito-targets, likewise
+mito ws-targets     watershed of 1 - p(interior) of mito-targets, inside p(background) < ``mask_threshold``
 cells cc            components of argmax not in 2, 3, 4 (the baseline)
 cells ws-semantic   watershed of p(membrane) + p(synapse) + p(glia)
 cells ws-targets    watershed of 1 - p(interior) of cells-targets
@@ -198,8 +198,10 @@ def candidates(task: str, arm: str) -> list[dict]:
     else:
         boundary = [0, 2, 3, 4] if arm == "ws-semantic" else [0, 2]  # 1 - p(mito), 1 - p(interior)
         masks = list(MASK_THRESHOLDS)
+    # the targets network floods inside p(background) < mask (its objects keep their boundary voxels)
+    mask_classes = [0] if task == "mito" and arm == "ws-targets" else None
     return [dict(mode="watershed", boundary_classes=boundary, seed_threshold=t, seed_erosion=e, min_size=m,
-                 mask_threshold=mask)
+                 mask_threshold=mask, mask_classes=mask_classes)
             for t, e, m, mask in itertools.product(SEED_THRESHOLDS, SEED_EROSIONS, MIN_SIZES, masks)]
 
 

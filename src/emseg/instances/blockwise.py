@@ -350,9 +350,10 @@ def _relabel_task(block: Block, *, work: Work, offsets: np.ndarray | None) -> No
 
 
 def _unflooded(labels: np.ndarray, boundary: np.ndarray, config: SegmentConfig) -> np.ndarray:
-    """Voxels left 0 inside the region the watershed floods (``mask_threshold``, or everywhere)."""
+    """Voxels left 0 inside the region the watershed floods (its mask, or everywhere)."""
     zero = labels == 0
-    return zero & (boundary < config.mask_threshold) if config.mask_threshold is not None else zero
+    mask = config.flood_mask(boundary)
+    return zero & mask if mask is not None else zero
 
 
 def _flood_holes(holes: list[Block], work: Work, config: SegmentConfig, run: Runner, sizes: np.ndarray) -> int:

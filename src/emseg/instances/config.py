@@ -18,6 +18,8 @@ from emseg.runtime.choices import check_integer, check_number, check_table_keys
 
 #: How objects are formed: connected components of a class set, or a seeded watershed between boundaries.
 MODES = ("components", "watershed")
+#: The watershed map's value where ``mask_classes`` exclude a voxel (above every probability).
+OUTSIDE = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class SegmentConfig:
     mask_threshold : float or None
         ``watershed``: flood only where boundary < mask_threshold (the rest stays 0); None:
         the whole volume (boundaries are split between the cells they separate).
+    mask_classes : tuple of int or None
+        ``watershed`` with ``mask_threshold``: compare the summed probability of these classes
+        (the background) with ``mask_threshold`` instead of the boundary map, so that objects
+        keep their boundary voxels: for a background / interior / boundary network, seeds and
+        flooding from 1 - p(interior) (``boundary_classes`` 0, 2) inside p(background) <
+        ``mask_threshold`` (``mask_classes`` 0). None: the boundary map.
     min_size : int
         Objects with fewer voxels (over the whole volume) are removed (set to 0).
     per_section : bool
@@ -77,6 +85,7 @@ class SegmentConfig:
     seed_erosion: int = 2
     seed_min_size: int = 8
     mask_threshold: float | None = None
+    mask_classes: tuple[int, ...] | None = None
     min_size: int = 32
     per_section: bool = True
     connectivity: int = 1
@@ -84,14 +93,16 @@ class SegmentConfig:
     block_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("classes", "boundary_classes", "halo", "block_shape"):  # one int or a list: a tuple
+        for name in ("classes", "boundary_classes", "mask_classes", "halo", "block_shape"):  # int or list: tuple
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(int(v) for v in np.atleast_1d(value)))
         if self.mode not in MODES:
             raise InputError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("classes", "boundary_classes"):
+        for name in ("classes", "boundary_classes", "mask_classes"):
             values = getattr(self, name)
+            if values is None:
+                continue
             if not values:
                 raise InputError(f"`{name}` is empty (need at least one class)")
             if any(v < 0 for v in values):
@@ -105,9 +116,11 @@ class SegmentConfig:
         if self.mask_threshold is not None:
             if not 0 < self.mask_threshold <= 1:
                 raise InputError(f"`mask_threshold` must be in (0, 1], got {self.mask_threshold}")
-            if self.mask_threshold < self.seed_threshold:
+            if self.mask_classes is None and self.mask_threshold < self.seed_threshold:
                 raise InputError(f"`mask_threshold` {self.mask_threshold} must be >= `seed_threshold` "
                                  f"{self.seed_threshold} (seeds lie inside the mask)")
+        if self.mask_classes is not None and self.mask_threshold is None:
+            raise InputError("`mask_classes` needs a `mask_threshold` (flood where their probability is below it)")
         for name in ("seed_erosion", "min_size", "seed_min_size"):
             if getattr(self, name) < 0:
                 raise InputError(f"`{name}` must be >= 0, got {getattr(self, name)}")
@@ -128,6 +141,13 @@ class SegmentConfig:
     @property
     def class_key(self) -> str:
         return "classes" if self.mode == "components" else "boundary_classes"
+
+    def flood_mask(self, boundary: np.ndarray) -> np.ndarray | None:
+        """Where the watershed floods, from the map of :func:`~emseg.instances.objects.object_map`
+        (None: everywhere). With ``mask_classes`` the map is :data:`OUTSIDE` beyond the mask."""
+        if self.mask_classes is not None:
+            return boundary < OUTSIDE
+        return boundary < self.mask_threshold if self.mask_threshold is not None else None
 
     def halo_for(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The watershed's context per axis of a volume of ``shape`` (0 everywhere for components)."""
@@ -151,10 +171,11 @@ class SegmentConfig:
         """What depends on the volume and the model: class indices (``source`` names where the
         classes come from), connectivity, block against halo."""
         nd = len(shape)
-        bad = [c for c in self.object_classes if c >= n_classes]
-        if bad:
-            raise InputError(f"`{self.class_key}` {bad[0]} is out of range: the model has {n_classes} classes "
-                             f"(0..{n_classes - 1})", source=source)
+        for key, classes in ((self.class_key, self.object_classes), ("mask_classes", self.mask_classes or ())):
+            bad = [c for c in classes if c >= n_classes]
+            if bad:
+                raise InputError(f"`{key}` {bad[0]} is out of range: the model has {n_classes} classes "
+                                 f"(0..{n_classes - 1})", source=source)
         if self.mode == "components" and len(self.classes) == n_classes and self.threshold is None:
             raise InputError(f"`classes` {list(self.classes)} are all {n_classes} classes: every voxel would be "
                              f"foreground", source=source)
@@ -205,7 +226,7 @@ def segment_config_from_dict(data: Mapping[str, Any], *, source: str = "[segment
     data = dict(data)
     check_table_keys(data, SegmentConfig, "segment", source=source)
     try:
-        for key in ("classes", "boundary_classes", "halo", "block_shape"):
+        for key in ("classes", "boundary_classes", "mask_classes", "halo", "block_shape"):
             if data.get(key) is not None:
                 value = data[key]
                 values = value if isinstance(value, (list, tuple)) else [value]

@@ -14,7 +14,7 @@ import numpy as np
 from skimage.segmentation import watershed
 from scipy import ndimage
 
-from emseg.instances.config import SegmentConfig
+from emseg.instances.config import OUTSIDE, SegmentConfig
 
 
 def neighbourhood(ndim: int, connectivity: int, per_section: bool) -> np.ndarray:
@@ -40,10 +40,15 @@ def class_probabilities(probs: np.ndarray) -> np.ndarray:
 def object_map(probs: np.ndarray, config: SegmentConfig) -> np.ndarray:
     """What a mode reads from probabilities (C, *R): the uint8 foreground mask of ``components``
     (argmax in ``classes``, or their summed probability > ``threshold``), or the float32 boundary
-    probability of ``watershed`` (summed over ``boundary_classes``)."""
+    probability of ``watershed`` (summed over ``boundary_classes``; :data:`~emseg.instances.config.OUTSIDE`
+    where ``mask_classes`` exclude the voxel)."""
     probs = class_probabilities(probs)
     if config.mode == "watershed":
-        return np.sum(probs[list(config.boundary_classes)], axis=0, dtype=np.float32)
+        boundary = np.sum(probs[list(config.boundary_classes)], axis=0, dtype=np.float32)
+        if config.mask_classes is not None:  # outside the mask: above every probability (config.flood_mask)
+            outside = np.sum(probs[list(config.mask_classes)], axis=0, dtype=np.float32) >= config.mask_threshold
+            boundary[outside] = OUTSIDE
+        return boundary
     if config.threshold is not None:
         return (np.sum(probs[list(config.classes)], axis=0, dtype=np.float32) > config.threshold).astype(np.uint8)
     return np.isin(np.argmax(probs, axis=0), config.classes).astype(np.uint8)
@@ -75,7 +80,8 @@ def label_mask(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int
 
 def watershed_block(boundary: np.ndarray, seeds: np.ndarray, config: SegmentConfig) -> np.ndarray:
     """Seeded watershed of ``boundary`` from ``seeds`` (any integer ids, 0 = none): each voxel gets
-    the id of the seed that floods it, 0 outside ``mask_threshold`` or where no seed reaches.
+    the id of the seed that floods it, 0 outside the flooding mask (``mask_threshold``,
+    :meth:`~emseg.instances.config.SegmentConfig.flood_mask`) or where no seed reaches.
 
     With ``per_section`` a 3D block is flooded section by section. Seeds are renumbered to
     1..n for the flood and the ids given back, so that ids of any size pass.
@@ -88,7 +94,7 @@ def watershed_block(boundary: np.ndarray, seeds: np.ndarray, config: SegmentConf
     if len(ids) == 1:
         return np.zeros(seeds.shape, dtype=seeds.dtype)
     boundary = np.asarray(boundary, dtype=np.float32)
-    mask = boundary < config.mask_threshold if config.mask_threshold is not None else None
+    mask = config.flood_mask(boundary)
     connectivity = config.connectivity
     if config.per_section and boundary.ndim == 3:
         out = np.zeros(local.shape, dtype=np.int32)

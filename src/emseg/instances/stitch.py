@@ -3,8 +3,9 @@
 Each block labels its inner part alone with ids 1..n, made unique by adding the count of ids in
 the blocks before it (a prefix sum, :class:`~emseg.instances.blockwise.GlobalIds`). Once every
 block is written, :func:`face_pairs` reads, for each block, the planes on both sides of its lower
-faces and lists the pairs of provisional ids that touch across them under the neighbourhood (with the diagonal neighbours of ``connectivity`` 2 and 3, the lower
-plane is read one voxel wider). :func:`resolve_ids` merges touching ids (connected components of
+faces and lists the pairs of provisional ids that touch across them under the neighbourhood (with
+the diagonal neighbours of ``connectivity`` 2 and 3, the lower plane is read one voxel wider).
+:func:`resolve_ids` merges touching ids (connected components of
 the pair graph, which is union-find), drops objects below a size and numbers the rest 1..N in the
 order of their first provisional id: one map of size (provisional ids + 1), applied block by block.
 
