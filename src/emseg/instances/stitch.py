@@ -5,9 +5,9 @@ the blocks before it (a prefix sum, :class:`~emseg.instances.blockwise.GlobalIds
 block is written, :func:`face_pairs` reads, for each block, the planes on both sides of its lower
 faces and lists the pairs of provisional ids that touch across them under the neighbourhood (with
 the diagonal neighbours of ``connectivity`` 2 and 3, the lower plane is read one voxel wider).
-:func:`resolve_ids` merges touching ids (connected components of
-the pair graph, which is union-find), drops objects below a size and numbers the rest 1..N in the
-order of their first provisional id: one map of size (provisional ids + 1), applied block by block.
+:func:`resolve_ids` merges touching ids (connected components of the pair graph, which is
+union-find), drops objects below a size and numbers the rest 1..N in the order of their first
+provisional id: one map of size (provisional ids + 1), applied block by block.
 
 Connected components of the whole volume follow exactly: two foreground voxels in different
 blocks are connected iff a chain of neighbouring foreground voxels joins them, and each link of
