@@ -13,7 +13,7 @@ from emseg.noise import streams, synthesis
 from emseg.noise.blockwise import apply_noise, output_dtype, plan_noise_blocks, resolve_params, selection_for
 from emseg.noise.counts import select
 from emseg.noise.streams import (
-    STREAM_CLASS,
+    STREAM_RANDOM,
     STREAM_SELECT,
     Box,
     linear_index,
@@ -62,7 +62,7 @@ def test_voxel_hash_is_a_bijection_and_streams_differ():
     index = np.arange(1 << 16, dtype=np.uint64)
     h = voxel_hash(stream_key(1), STREAM_SELECT, index)
     assert np.unique(h).size == index.size
-    assert not np.array_equal(h, voxel_hash(stream_key(1), STREAM_CLASS, index))
+    assert not np.array_equal(h, voxel_hash(stream_key(1), STREAM_RANDOM, index))
     assert not np.array_equal(h, voxel_hash(stream_key(2), STREAM_SELECT, index))
 
 
@@ -77,7 +77,7 @@ def test_hash_values_are_uniform_and_neighbours_independent(stride):
     pairs = (u[:-1:2] * 16).astype(np.intp) * 16 + (u[1::2] * 16).astype(np.intp)
     assert stats.chisquare(np.bincount(pairs, minlength=256)).pvalue > 1e-4
     # the class stream of the same voxels is uncorrelated with the selection stream
-    v = unit(voxel_hash(stream_key(3), STREAM_CLASS, np.arange(n, dtype=np.uint64) * np.uint64(stride)))
+    v = unit(voxel_hash(stream_key(3), STREAM_RANDOM, np.arange(n, dtype=np.uint64) * np.uint64(stride)))
     assert abs(np.corrcoef(u, v)[0, 1]) < 5 / np.sqrt(n)
 
 
@@ -158,16 +158,16 @@ def test_exact_counts_at_the_ends_over_many_chunks(monkeypatch, p):
 
 @pytest.mark.parametrize("dtype,k", [(np.uint8, 5), (np.uint8, 256), (np.int8, 128), (np.int16, 300),
                                      (np.uint64, 3), (np.int64, 7)])
-def test_flip_moves_a_chosen_voxel_by_its_class_stream_offset(dtype, k):
-    # new = (old + 1 + draw) mod k, draw from the top 32 bits of the class stream: no overflow at
-    # the ends of the dtype (k = 256 in uint8, k = 128 in int8)
+def test_flip_moves_a_chosen_voxel_by_the_low_bits_of_its_selection_hash(dtype, k):
+    # new = (old + 1 + draw) mod k, draw from the low 32 bits of the selection stream: no overflow
+    # at the ends of the dtype (k = 256 in uint8, k = 128 in int8)
     rng = np.random.default_rng(0)
     lab = rng.integers(0, k, size=(4, 30, 33)).astype(dtype)
     if np.dtype(dtype).kind == "i":
         lab[0, 0, :5] = -1
     noisy = flip(lab, 0.6, n_classes=k, rng=2)
-    h = voxel_hash(stream_key(2), STREAM_CLASS, np.arange(lab.size)).reshape(lab.shape)
-    offset = 1 + (((h >> np.uint64(32)) * np.uint64(k - 1)) >> np.uint64(32)).astype(np.int64)
+    h = voxel_hash(stream_key(2), STREAM_SELECT, np.arange(lab.size)).reshape(lab.shape)
+    offset = 1 + (((h & np.uint64(0xFFFFFFFF)) * np.uint64(k - 1)) >> np.uint64(32)).astype(np.int64)
     expected = (lab.astype(np.int64) + offset) % k
     chosen = noisy != lab
     np.testing.assert_array_equal(noisy[chosen].astype(np.int64), expected[chosen])

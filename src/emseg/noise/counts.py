@@ -22,6 +22,9 @@ from emseg.noise.streams import STREAM_SELECT, Box, stream_key, voxel_hash  # no
 
 _MASK64 = (1 << 64) - 1
 
+#: ``on_hash(start, h)``: sees the selection hashes ``h`` of voxels ``start ..`` of a pass.
+HashHook = Callable[[int, np.ndarray], None]
+
 __all__ = ["Selection", "select", "selection_from_chunks", "selection_in_memory"]
 
 # --------------------------------------------------------------------------- #
@@ -276,9 +279,10 @@ class Selection:
         ``h`` may pass the selection hashes of ``index`` when already computed."""
         return self._mask(flat, _index_parts(self.key, flat, index, h))
 
-    def mask(self, flat: np.ndarray, box: Box) -> np.ndarray:
-        """Boolean mask of the chosen voxels among ``flat``, the labels of ``box`` in C order."""
-        return self._mask(flat, _box_parts(self.key, flat, box))
+    def mask(self, flat: np.ndarray, box: Box, on_hash: HashHook | None = None) -> np.ndarray:
+        """Boolean mask of the chosen voxels among ``flat``, the labels of ``box`` in C order
+        (``on_hash``: as in :func:`select`)."""
+        return self._mask(flat, _box_parts(self.key, flat, box, on_hash))
 
     def _mask(self, flat: np.ndarray, parts: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, int]]]
               ) -> np.ndarray:
@@ -293,9 +297,15 @@ class Selection:
         return sel
 
 
-def _box_parts(key: int, flat: np.ndarray, box: Box):
-    """``parts()`` of :func:`_scan` for the labels ``flat`` of ``box``: selection hashes in chunks."""
-    return lambda: ((flat[start:start + h.size], h, start) for start, h in box.hashes(key, STREAM_SELECT))
+def _box_parts(key: int, flat: np.ndarray, box: Box, on_hash: HashHook | None = None):
+    """``parts()`` of :func:`_scan` for the labels ``flat`` of ``box``: selection hashes in chunks,
+    each shown first to ``on_hash(start, h)`` when given (which must not change ``h``)."""
+    def parts():
+        for start, h in box.hashes(key, STREAM_SELECT):
+            if on_hash is not None:
+                on_hash(start, h)
+            yield flat[start:start + h.size], h, start
+    return parts
 
 
 def _index_parts(key: int, flat: np.ndarray, index: np.ndarray, h: np.ndarray | None = None):
@@ -315,10 +325,11 @@ def _label_chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def select(key: int, flat: np.ndarray, box: Box, fractions: float | Sequence[float], *,
-           sigmas: float = 8.0) -> tuple[Selection, np.ndarray]:
+           sigmas: float = 8.0, on_hash: HashHook | None = None) -> tuple[Selection, np.ndarray]:
     """The :class:`Selection` of the labels ``flat`` of ``box`` taken as the whole volume, and
     its chosen voxels (boolean, like ``flat``), from one count of the classes and one pass of
-    hashes (:func:`_search`).
+    hashes (:func:`_search`). ``on_hash(start, h)`` sees each chunk of selection hashes (voxels
+    ``start ..``) as it is computed, so that a caller can draw more from the same pass.
 
     Examples
     --------
@@ -329,8 +340,8 @@ def select(key: int, flat: np.ndarray, box: Box, fractions: float | Sequence[flo
     """
     classes, counts = _count_classes(_label_chunks(flat))
     mask = np.empty(flat.shape, dtype=bool)
-    sel = _search(key, classes, counts, fractions, _Lookup(classes, flat.dtype), _box_parts(key, flat, box),
-                  sigmas, mask)
+    sel = _search(key, classes, counts, fractions, _Lookup(classes, flat.dtype),
+                  _box_parts(key, flat, box, on_hash), sigmas, mask)
     return sel, mask
 
 

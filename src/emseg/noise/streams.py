@@ -20,7 +20,6 @@ from emseg.noise.checks import check_int
 
 __all__ = [
     "CHUNK",
-    "STREAM_CLASS",
     "STREAM_RANDOM",
     "STREAM_SELECT",
     "STREAM_SHIFT",
@@ -43,7 +42,7 @@ CHUNK = 1 << 18
 
 # Stream ids: the numbers a voxel draws for different purposes are independent.
 STREAM_SELECT = 1  # flip / sample: which voxels are chosen
-STREAM_CLASS = 2  # flip with K > 2: the new class
+# 2 is retired: the new class of a flip with K > 2 comes from the low bits of STREAM_SELECT
 STREAM_RANDOM = 3  # random labels
 STREAM_SHIFT = 4  # shift: the offset of a foreground voxel
 

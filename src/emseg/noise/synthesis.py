@@ -66,10 +66,11 @@ from emseg.noise.checks import (
     fit_dtype,
     resolve_n_classes,
 )
-from emseg.noise.counts import Selection, select
+from emseg.noise.counts import HashHook, Selection, select
 from emseg.noise.morphology import dilate, erode, skeleton
 from emseg.noise.relabel import random_at, random_labels, shift, shift_at
-from emseg.noise.streams import STREAM_CLASS, CHUNK, Box, block_rng, stream_key, unit
+from emseg.noise.streams import _GAMMA as _GOLDEN, CHUNK, Box, block_rng, stream_key, unit
+from emseg.noise.streams import _mix64 as mix64
 
 __all__ = [
     "HALO_MODES",
@@ -160,41 +161,57 @@ def flip(
 
 
 def _select(arr: np.ndarray, fractions: float | Sequence[float], key: int, box: Box,
-            selection: Selection | None) -> tuple[np.ndarray, np.ndarray]:
+            selection: Selection | None, on_hash: HashHook | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(flat labels, chosen mask) of ``arr``, the labels of ``box``, with the volume's
-    ``selection`` (default: computed from ``arr`` in the same pass)."""
+    ``selection`` (default: computed from ``arr`` in the same pass); ``on_hash`` sees the
+    selection hashes of that pass (:func:`~emseg.noise.counts.select`)."""
     flat_in = arr.reshape(-1)
     if selection is None:
-        return flat_in, select(key, flat_in, box, fractions)[1]
-    return flat_in, selection.mask(flat_in, box)
+        return flat_in, select(key, flat_in, box, fractions, on_hash=on_hash)[1]
+    return flat_in, selection.mask(flat_in, box, on_hash)
 
 
-def _draws(h: np.ndarray, n: int) -> np.ndarray:
-    """Integers ``0 .. n-1``, uniform, from 64-bit hashes (overwritten): the top 32 bits scaled by
-    multiply-shift, or for ``n > 2**32`` the top 53 bits as a float."""
-    if n <= 1 << 32:
-        h >>= np.uint64(32)
-        h *= np.uint64(n)
-        h >>= np.uint64(32)
-        return h
-    return np.minimum(np.floor(unit(h) * n).astype(np.uint64), np.uint64(n - 1))
+def _offset_draws(size: int, k_total: int) -> tuple[np.ndarray, HashHook]:
+    """(draws, hook): ``hook(start, h)`` fills ``draws[start:start + len(h)]`` with integers
+    ``0 .. k_total - 2``, uniform, from the *low* 32 bits of the selection hashes ``h``
+    (multiply-shift). Whether a voxel is chosen depends on its whole hash through the
+    threshold, in effect on the high bits, so the low bits stay uniform among the chosen
+    voxels: the new class of a flip costs no second stream."""
+    n = k_total - 1
+    draws = np.empty(size, dtype=np.uint64 if n > 1 << 32 else np.min_scalar_type(n))
+    low = np.uint64(0xFFFFFFFF)
+    scratch = np.empty(0, np.uint64)
+
+    def hook(start: int, h: np.ndarray) -> None:
+        nonlocal scratch
+        if scratch.size < h.size:
+            scratch = np.empty(h.size, np.uint64)
+        t = scratch[:h.size]
+        if n > 1 << 32:  # more than 32 bits needed: the whole hash mixed once more
+            t[...] = np.minimum(np.floor(unit(mix64(h ^ np.uint64(_GOLDEN))) * n).astype(np.uint64), np.uint64(n - 1))
+        else:
+            np.bitwise_and(h, low, out=t)
+            t *= np.uint64(n)
+            t >>= np.uint64(32)
+        draws[start:start + h.size] = t
+    return draws, hook
 
 
-def _flip_classes(flat_out: np.ndarray, chosen: np.ndarray, k_total: int, key: int, box: Box) -> None:
-    """Move every chosen voxel of ``flat_out`` (labels of ``box``) to another of ``k_total``
-    classes, uniformly, by an offset ``1..k_total-1`` from its class stream; in place.
+def _flip_classes(flat_out: np.ndarray, chosen: np.ndarray, k_total: int, draws: np.ndarray) -> None:
+    """Move every chosen voxel of ``flat_out`` to another of ``k_total`` classes, uniformly, by an
+    offset ``1 + draws`` (``draws`` in ``0 .. k_total - 2``, :func:`_offset_draws`); in place.
 
     The arithmetic runs in the unsigned view of the labels' dtype, modulo ``2**bits``, without
     branches (a random mask makes masked numpy operations slow): with ``rest = k - offset``,
     ``new = part - rest`` when ``part >= rest``, else ``part + offset``, which always fits."""
     udt = np.dtype(f"u{flat_out.dtype.itemsize}")
     k_mod = udt.type(k_total % (1 << (8 * udt.itemsize)))
-    for start, h in box.hashes(key, STREAM_CLASS):
-        where = chosen[start:start + h.size]
+    for start in range(0, flat_out.size, CHUNK):
+        where = chosen[start:start + CHUNK]
         if not where.any():
             continue
-        part = flat_out[start:start + h.size].view(udt)
-        rest = np.subtract(udt.type(k_total - 1), _draws(h, k_total - 1).astype(udt))  # in 1..k-1
+        part = flat_out[start:start + CHUNK].view(udt)
+        rest = np.subtract(udt.type(k_total - 1), draws[start:start + CHUNK].astype(udt))  # in 1..k-1
         new = np.subtract(part, rest)
         new += k_mod * (part < rest).astype(udt)
         new ^= part
@@ -210,11 +227,13 @@ def flip_at(arr: np.ndarray, fractions: Sequence[float], k_total: int, key: int,
     box = Box.of(arr.shape, origin, volume_shape)
     out = arr.astype(fit_dtype(arr.dtype, 0, k_total - 1), copy=True)
     flat_out = out.reshape(-1)
-    _, chosen = _select(arr, fractions, key, box, selection)
     if k_total == 2:  # the only other class: 0 <-> 1
+        _, chosen = _select(arr, fractions, key, box, selection)
         np.bitwise_xor(flat_out, chosen.view(np.uint8), out=flat_out)
     else:
-        _flip_classes(flat_out, chosen, k_total, key, box)
+        draws, hook = _offset_draws(flat_out.size, k_total)
+        _, chosen = _select(arr, fractions, key, box, selection, hook)
+        _flip_classes(flat_out, chosen, k_total, draws)
     return out
 
 
