@@ -610,3 +610,16 @@ def test_a_replaced_input_is_not_resumed(tmp_path, monkeypatch):
     spec = _zarr_probs(tmp_path, probs[::-1].copy())
     with pytest.raises(InputError, match="other parameters is here .*input_mtime_ns"):
         segment_probabilities(spec, config, out, blockwise=BlockwiseOptions(resume=True))
+
+
+def test_cli_resume_writes_what_the_in_process_command_writes(tmp_path):
+    probs, config = CASES["components-3d"]()
+    spec = _zarr_probs(tmp_path, probs)
+    common = ["segment", "--from-probabilities", spec, "--classes", "1", "--3d", "--min-size", "5", "--block",
+              "4,20,24", "--json"]
+    plain = _cli(*common[:3], tmp_path / "a.zarr", *common[3:])
+    resumed = _cli(*common[:3], tmp_path / "b.zarr", *common[3:], "--resume")
+    assert plain.exit_code == 0 and resumed.exit_code == 0, resumed.output
+    a, b = json.loads(plain.stdout), json.loads(resumed.stdout)
+    assert a["n_objects"] == b["n_objects"] > 1 and a["merged_pairs"] == b["merged_pairs"]
+    assert np.array_equal(_read(tmp_path / "a.zarr"), _read(tmp_path / "b.zarr"))
