@@ -41,7 +41,7 @@ CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
 class FP32Validation(SegmentationTask):
     """Validation on the test sections with fp32 inference, whatever the training precision."""
 
-    def validate(self, model, device):
+    def validate(self, model, device, precision=None):  # fp32 whatever the loop passes
         return evaluate_cubes(model, self.valid_cubes, self.config.patch_shape, self.config.n_classes, device,
                               precision="fp32")
 
@@ -72,7 +72,9 @@ def one_run(vnc: Path, precision: str, steps: int, every: int, patch: int, seed:
         curve = [{"step": int(r["step"]), "elapsed_s": float(r["elapsed_s"]), "loss": float(r["loss"]),
                   "jaccard": [float(r[f"valid_jaccard_{c}"]) if r[f"valid_jaccard_{c}"] else None
                               for c in range(5)]} for r in rows]
-        agreement = inference_agreement(Path(tmp) / "last.pt", vnc) if precision == "auto" else None
+        # bf16 against fp32 inference only where auto resolved to bf16 (a CPU with native bf16)
+        agreement = (inference_agreement(Path(tmp) / "last.pt", vnc)
+                     if precision == "auto" and result.precision == "bf16" else None)
     return {"precision": precision, "resolved": result.precision, "seed": seed, "steps": result.final_step,
             "seconds": result.seconds, "patches_per_s": result.patches_per_s, "curve": curve,
             "bf16_vs_fp32_inference_agreement": agreement}
@@ -185,7 +187,7 @@ def markdown(doc: dict) -> str:
                      f"{ci_cell(t['diff'])} | {ms(q['auto']) if q else '-'} | {ci_cell(q['diff']) if q else '-'} |")
     lines += ["", f"auto steps reached in fp32's training time: {s['auto_steps_at_fp32_time']}; "
               f"bf16 vs fp32 inference, voxels with the same label: "
-              f"{', '.join(f'{100 * a:.2f}%' for a in s['agreement'])}"]
+              f"{', '.join('-' if a is None else f'{100 * a:.2f}%' for a in s['agreement'])}"]
     return "\n".join(lines)
 
 
