@@ -321,6 +321,24 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
     assert mod.main(["--quick", "--out", str(out)]) == 0  # resumed: the stored runs are kept as they are
     assert json.loads(out.read_text())["runs"] == doc["runs"]
     assert "| mito | 2 |" in capsys.readouterr().out
+    # continued on a machine without its checkpoints: the pretraining is made again, to the same weights,
+    # and a pretrained run computed now equals the one computed from the original weights
+    import shutil
+    shutil.rmtree(Path(pre["checkpoint"]).parent)
+    kept = [r for r in doc["runs"] if not (r["kind"] == "train" and r["budget"] == 2 and r["arm"] == "pretrained")]
+    out.write_text(json.dumps(dict(doc, runs=kept)))
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    again = next(r for r in json.loads(out.read_text())["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
+    first = next(r for r in doc["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
+    assert again["valid_curve"] == first["valid_curve"] and again["test_score"] == first["test_score"]
+    assert "made again" in capsys.readouterr().out
+    # weights that end elsewhere are refused rather than mixed with the stored runs
+    shutil.rmtree(Path(pre["checkpoint"]).parent)
+    moved = json.loads(out.read_text())
+    next(r for r in moved["runs"] if r["kind"] == "pretrain")["pretrain_loss"] += 1.0
+    out.write_text(json.dumps(moved))
+    with pytest.raises(SystemExit, match="would mix two networks"):
+        mod.main(["--quick", "--out", str(out)])
     assert mod.main(["--quick", "--stage", "pretext", "--out", str(tmp_path / "pt.json")]) == 0
     runs = json.loads((tmp_path / "pt.json").read_text())["runs"]
     assert sorted(r["pretext"] for r in runs) == ["denoise", "masked", "none"]

@@ -160,6 +160,28 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
             "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0}
 
 
+def pretrained_weights(args, root: Path, pre: dict) -> dict:
+    """The stored pretraining run ``pre``, its checkpoint made again where it is gone (a campaign
+    continued on another machine keeps its JSON, not its checkpoints).
+
+    Pretraining is deterministic for a seed (each batch depends on the seed and step only), so the
+    remade run must end at the recorded loss; where it does not, the pretrained runs already stored
+    came from other weights and the campaign stops rather than mix them.
+    """
+    if Path(pre["checkpoint"]).exists() or pre.get("pretrain_steps") is None:
+        return pre
+    if not args.pretrain_steps:
+        raise SystemExit(f"{pre['checkpoint']} is gone and a pretraining by minutes cannot be made again; "
+                         "use another --out")
+    print(f"  pretraining of seed {pre['seed']} made again ({pre['checkpoint']} is gone)", flush=True)
+    again = pretrain_run(args, root, pre["seed"], pre["pretext"], None, int(pre["pretrain_steps"]))
+    if again["checkpoint"] != pre["checkpoint"] or again["pretrain_loss"] != pre["pretrain_loss"]:
+        raise SystemExit(f"the pretraining of seed {pre['seed']} made again ends at loss {again['pretrain_loss']!r}, "
+                         f"not the recorded {pre['pretrain_loss']!r}: its pretrained runs would mix two networks; "
+                         "use another --out")
+    return pre
+
+
 def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None) -> dict:
     """Train (or fine-tune from ``init``), keep the best validation checkpoint, score it on ``test``."""
     from emseg.engine.config import config_from_dict
@@ -208,6 +230,7 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
                                lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
+            pre = pretrained_weights(args, root, pre)
             for n in budgets(args):
                 cubes = patch_cubes(*pool, n, args.patch, seed, k)
                 for arm in ARMS:
