@@ -30,7 +30,8 @@ Printed in one run (and written as JSON with --json-out):
    opening the volume each time; seconds and the ratio to HDF5.
 10. ``emseg segment`` against ``emseg predict`` on the same network (``segment``): voxels/s and peak
    RSS of predict (float32 probabilities), segment with the network (components of class 1, and
-   the per-section watershed of classes 2-4) and the post-processing alone on the predicted
+   the per-section watershed of classes 2-4; the watershed also as ``--resume`` runs it, its passes
+   through the files of ``OUT.partial``) and the post-processing alone on the predicted
    probabilities (``segment --from-probabilities``), each in its own process. The network has
    random weights, so its maps hold few objects; the post-processing alone is timed on maps made
    from the VNC labels (smoothed, with smooth noise), which hold the stack's real objects.
@@ -425,7 +426,7 @@ def _segment_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
             out["raw"] = fh["raw"][:sections]
         src, probs = f"{tmp}/in.h5:raw", f"{tmp}/p.zarr"
         voxels = sections * 1024 * 1024
-        mode = case.split("-")[-1]
+        mode = case.removesuffix("-resumable").split("-")[-1]
         seg = SegmentConfig(mode=mode if mode != "predict" else "components")
 
         def predict():
@@ -447,9 +448,9 @@ def _segment_case(case: str, vnc: str, ckpt: str, sections: int) -> dict:
         t0 = time.perf_counter()
         if case == "predict":
             res = predict()
-        elif case.startswith("segment-"):
+        elif case.startswith("segment-"):  # "-resumable": the passes through files in OUT.partial (--resume)
             res = segment_file(SegmentFileConfig(output=f"{tmp}/s.zarr", model=ckpt, input=src, segment=seg,
-                                                 device="cpu"))
+                                                 device="cpu", resume=case.endswith("-resumable")))
         else:
             res = segment_probabilities(probs, seg, f"{tmp}/s.zarr")
         dt = time.perf_counter() - t0
@@ -466,13 +467,14 @@ def bench_segment(vnc: Path | None, sections: int) -> dict:
     out: dict = {"sections": sections}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _random_checkpoint(tmp)
-        for case in ("predict", "segment-components", "segment-watershed", "post-components", "post-watershed"):
+        for case in ("predict", "segment-components", "segment-watershed", "segment-watershed-resumable",
+                     "post-components", "post-watershed"):
             out[case] = row = _in_fresh_process(["--segment-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
                                                  "--sections", str(sections)])
             if "error" not in row:
                 print(f"  {case:18s} {row['voxels_per_s'] / 1e6:6.2f} Mvoxel/s  peak RSS {row['peak_rss_mb']:6.0f} MB"
                       + (f"  {row['n_objects']} objects" if "n_objects" in row else ""), flush=True)
-    for case in ("segment-components", "segment-watershed"):
+    for case in ("segment-components", "segment-watershed", "segment-watershed-resumable"):
         if "voxels_per_s" in out.get(case, {}) and "voxels_per_s" in out.get("predict", {}):
             out[f"speed_{case}_over_predict"] = out[case]["voxels_per_s"] / out["predict"]["voxels_per_s"]
     return out
