@@ -426,3 +426,61 @@ def test_instances_ground_truth_objects_are_scikit_image_components_per_section(
             pairs = np.unique(np.stack([ids[z].ravel(), expected.ravel()]), axis=1)
             assert np.array_equal(ids[z] == 0, expected == 0)
             assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+
+
+def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):
+    """--stage active --quick end to end: the seed's pretraining, the whole-pool reference and the three
+    arms' loops, each round scored on the test sections."""
+    from conftest import synthetic, write_h5
+    import label_efficiency as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    out = tmp_path / "al.json"
+    assert mod.main(["--quick", "--stage", "active", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(r["kind"] for r in doc["runs"]) == ["active"] * 3 + ["pretrain", "reference"]
+    assert doc["settings"]["al_per_iteration"] == 2 and doc["settings"]["stage"] == "active"
+    ref = next(r for r in doc["runs"] if r["kind"] == "reference")
+    assert ref["steps"] == 3 and [s for s, _ in ref["valid_curve"]] == [1, 2, 3]
+    arms = {(r["network"], r["strategy"]): r for r in doc["runs"] if r["kind"] == "active"}
+    assert set(arms) == set(mod.AL_ARMS)
+    for r in arms.values():
+        assert r["n_labelled"] == [2, 4] and all(0 <= j <= 1 for j in r["test_scores"])
+    # the loops start from the same two random patches; the pretrained ones from the pretrained weights
+    folder = out.with_suffix("")
+    cfg = json.loads((folder / "active_mito_pretrained_entropy_seed0" / "config.json").read_text())
+    assert cfg["init"].endswith("last.pt") and cfg["pool"]["region"] == [[0, 12]]
+    assert json.loads((folder / "active_mito_scratch_entropy_seed0" / "config.json").read_text()).get("init") is None
+    assert "whole-pool reference" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_label_efficiency_active_table_counts_patches_to_the_bar():
+    """Patches to 95% of each seed's reference and the geometric mean of scratch-entropy's over the arm's,
+    against values worked out by hand."""
+    import label_efficiency as mod
+
+    n = [8, 18, 28, 38, 48]
+    runs = [{"kind": "reference", "task": "mito", "seed": 0, "test_score": 0.8},   # bar 0.76
+            {"kind": "reference", "task": "mito", "seed": 1, "test_score": 0.6}]   # bar 0.57
+    def arm(start, strategy, seed, scores):
+        return {"kind": "active", "task": "mito", "seed": seed, "network": start, "strategy": strategy,
+                "n_labelled": n, "test_scores": scores}
+    runs += [arm("pretrained", "entropy", 0, [0.5, 0.77, 0.8, 0.8, 0.8]),   # 18
+             arm("pretrained", "entropy", 1, [0.58, 0.6, 0.6, 0.6, 0.6]),   # 8
+             arm("scratch", "entropy", 0, [0.1, 0.3, 0.5, 0.7, 0.76]),      # 48
+             arm("scratch", "entropy", 1, [0.1, 0.3, 0.56, 0.57, 0.6]),     # 38
+             arm("pretrained", "random", 0, [0.5, 0.6, 0.7, 0.7, 0.7]),     # never
+             arm("pretrained", "random", 1, [0.5, 0.6, 0.7, 0.7, 0.7])]     # 18
+    text = mod.active_table(runs, 768)
+    assert mod.reach(n, [0.5, 0.77, 0.8, 0.8, 0.8], 0.8) == 18
+    assert mod.reach(n, [0.1] * 5, 0.8) is None
+    entropy = [line for line in text.splitlines() if line.startswith("| pretrained, entropy | 18 / 8")][0]
+    geo = np.exp(np.mean(np.log([48 / 18, 38 / 8])))
+    assert f"{geo:.2f}x" in entropy
+    assert f"{np.mean([18, 8]) / 768:.3f} (2 of 2)" in entropy
+    random_row = [line for line in text.splitlines() if line.startswith("| pretrained, random | - / 18")][0]
+    assert f"{38 / 18:.2f}x (1 seed)" in random_row and "(1 of 2)" in random_row
+    assert "| n=8 | n=18 |" in text and "| scratch, entropy | 48 / 38 |" in text

@@ -16,6 +16,14 @@ Results (resumable per run) in ``--out`` (a JSON file), the figure beside it (``
 Jaccard against labelled patches, log x, one line per arm, 95% t-intervals over seeds) and
 ``--markdown`` prints the table with the paired difference pretrained - scratch.
 
+``--stage active`` is the active-learning stage: per seed, the loop of ``emseg query simulate``
+(pool: sections 0-11, test: 15-19) from ``--al-initial`` random patches, ``--al-per-iteration``
+more per round for ``--al-iterations`` rounds, each round fine-tuned ``--al-steps-finetune`` steps
+from the previous round's weights, in three arms: entropy and random from the seed's pretrained
+network, entropy from scratch. Its reference is the whole pool trained from scratch for
+``--reference-steps`` (validation every ``--reference-valid-every``, the best validation checkpoint
+scored on test): the labelled patches each arm needs to reach 95% of it are counted per seed.
+
 ``--stage pretext`` compares pretext kinds (``--kinds``) and pretraining minutes
 (``--minutes-grid``) on the validation sections only (best validation score after fine-tuning
 on ``--pretext-budget`` patches, mitochondria), to choose the default kind and duration without
@@ -47,15 +55,26 @@ POOL, VALID, TEST = (0, 12), (12, 15), (15, 20)
 VNC_SECTION = 1024  # side of a VNC section: the pool holds 12 x 1024^2 / patch^2 patches
 PRETRAIN_SECTIONS = (0, 15)
 ARMS = ("scratch", "pretrained")
+#: The active-learning stage's arms: (start of the initial network, query strategy).
+AL_ARMS = (("pretrained", "entropy"), ("pretrained", "random"), ("scratch", "entropy"))
+#: The share of the reference score an arm must reach (its labelled patches are counted).
+AL_REACH = 0.95
 N_CLASSES = {"mito": 2, "5class": 5}
 QUICK = dict(seeds="0", tasks="mito", budgets="2,all", patch=32, depth=1, base_width=4, batch_size=2, steps=2,
-             valid_every=1, pretrain_steps=2, crop=64, kinds="masked,denoise", minutes_grid="0.01")
+             valid_every=1, pretrain_steps=2, crop=64, kinds="masked,denoise", minutes_grid="0.01",
+             al_initial=2, al_per_iteration=2, al_iterations=1, al_steps_finetune=1, al_batch_size=2,
+             reference_steps=3, reference_valid_every=1)
+
+
+def vnc_pool_patches(args) -> float:
+    """Patches of ``--patch``^2 in the VNC pool (sections 0-11 of 1024^2)."""
+    return (POOL[1] - POOL[0]) * VNC_SECTION ** 2 / args.patch ** 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="Results JSON; checkpoints go into a folder beside it.")
-    ap.add_argument("--stage", choices=("main", "pretext"), default="main")
+    ap.add_argument("--stage", choices=("main", "pretext", "active"), default="main")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--tasks", default="mito,5class")
     ap.add_argument("--budgets", default="2,8,32,all", help="Labelled patches per run; 'all' = the whole pool.")
@@ -75,6 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="--stage pretext: pretraining steps compared instead of minutes (a grid that does not "
                          "depend on what else runs on the machine; seconds are recorded per run).")
     ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
+    ap.add_argument("--al-initial", type=int, default=8, help="--stage active: random patches of round 0.")
+    ap.add_argument("--al-per-iteration", type=int, default=10, help="--stage active: patches added per round.")
+    ap.add_argument("--al-iterations", type=int, default=11, help="--stage active: rounds after the first.")
+    ap.add_argument("--al-steps-finetune", type=int, default=200,
+                    help="--stage active: fine-tuning steps per round (round 0 trains --steps).")
+    ap.add_argument("--al-batch-size", type=int, default=4, help="--stage active: batch of the loop's training.")
+    ap.add_argument("--reference-steps", type=int, default=3000,
+                    help="--stage active: training steps of the whole-pool reference.")
+    ap.add_argument("--reference-valid-every", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
     ap.add_argument("--figure", default=None,
                     help="--markdown: where the merged figure goes [default: beside the first JSON].")
@@ -91,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings(args) -> dict:
     keys = ("stage", "tasks", "budgets", "patch", "depth", "base_width", "batch_size", "steps", "valid_every", "kind",
             "pretrain_minutes", "pretrain_steps", "crop", "kinds", "minutes_grid", "steps_grid", "pretext_budget")
+    if args.stage == "active":  # only this stage's JSON records its keys (the others resume as they were)
+        keys += ("al_initial", "al_per_iteration", "al_iterations", "al_steps_finetune", "al_batch_size",
+                 "reference_steps", "reference_valid_every")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -182,8 +213,10 @@ def pretrained_weights(args, root: Path, pre: dict) -> dict:
     return pre
 
 
-def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None) -> dict:
-    """Train (or fine-tune from ``init``), keep the best validation checkpoint, score it on ``test``."""
+def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None, steps: int | None = None,
+              valid_every: int | None = None) -> dict:
+    """Train (or fine-tune from ``init``) ``steps`` (default ``--steps``), keep the best validation
+    checkpoint, score it on ``test``."""
     from emseg.engine.config import config_from_dict
     from emseg.engine.training import run_training
     from emseg.semantic.train import SegmentationTask, evaluate_cubes
@@ -191,7 +224,7 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
 
     config = config_from_dict({
         "n_classes": n_classes, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
-        "steps": args.steps, "valid_every": args.valid_every, "checkpoint_every": 10**9,
+        "steps": steps or args.steps, "valid_every": valid_every or args.valid_every, "checkpoint_every": 10**9,
         "train": [{"raw": "in-memory.h5:raw"}], "model": {"depth": args.depth, "base_width": args.base_width},
         **({"init": init} if init else {})})
     t0 = time.perf_counter()
@@ -238,6 +271,62 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
                     row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
                                        lambda: train_run(args, cubes, valid, test, k, seed, init))
                     print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
+
+
+def active_config(args, task: str, seed: int, strategy: str, init: str | None):
+    """The simulated loop of one arm and seed (``emseg query simulate``'s configuration)."""
+    from emseg.active.simulation.config import simulate_config_from_dict
+
+    stack1 = data_dir() / "vnc_stack1.h5"
+    crop = [] if not args.crop else [[0, args.crop], [0, args.crop]]
+    data = {"n_classes": N_CLASSES[task], "patch": [1, args.patch, args.patch], "seeds": [seed],
+            "strategies": [strategy], "initial": args.al_initial, "per_iteration": args.al_per_iteration,
+            "iterations": args.al_iterations, "steps_initial": args.steps, "steps_finetune": args.al_steps_finetune,
+            "batch_size": args.al_batch_size, "score_batch_size": 16, "finetune": "previous",
+            "pool": {"raw": f"{stack1}:raw", "label": f"{stack1}:label", "region": [list(POOL)]},
+            "test": {"raw": f"{stack1}:raw", "label": f"{stack1}:label", "region": [list(TEST)] + crop},
+            "model": {"depth": args.depth, "base_width": args.base_width}}
+    if task == "mito":
+        data["label_map"] = [0, 1, 0, 0, 0]
+    if init:
+        data["init"] = init
+    return simulate_config_from_dict(data, source="label_efficiency")
+
+
+def active_run(args, root: Path, task: str, seed: int, network: str, strategy: str, init: str | None) -> dict:
+    """One arm's loop for one seed (resumable in its folder); the test score of every round."""
+    from emseg.active.simulation.loop import run_simulation
+
+    t0 = time.perf_counter()
+    result = run_simulation(active_config(args, task, seed, strategy, init),
+                            root / f"active_{task}_{network}_{strategy}_seed{seed}", runtime=Runtime(device="auto"),
+                            plot=False)
+    rounds = sorted(result.rows, key=lambda r: int(r["iteration"]))
+    return {"n_labelled": [int(r["n_labelled"]) for r in rounds],
+            "test_scores": [float(r["mean_fg_jaccard"]) for r in rounds], "seconds": time.perf_counter() - t0}
+
+
+def run_active(args, campaign: Campaign, root: Path) -> None:
+    stack1 = data_dir() / "vnc_stack1.h5"
+    for task in args.tasks.split(","):
+        k = N_CLASSES[task]
+        pool = load_sections(stack1, POOL, None, task)
+        valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
+        test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
+                               lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
+            pre = pretrained_weights(args, root, pre)
+            ref = campaign.run({"kind": "reference", "task": task, "seed": seed},
+                               lambda: train_run(args, patch_cubes(*pool, None, args.patch, seed, k), valid, test, k,
+                                                 seed, None, args.reference_steps, args.reference_valid_every))
+            print(f"  {task} seed {seed} whole-pool reference: test {ref['test_score']:.3f}", flush=True)
+            for network, strategy in AL_ARMS:
+                init = pre["checkpoint"] if network == "pretrained" else None
+                key = {"kind": "active", "task": task, "seed": seed, "network": network, "strategy": strategy}
+                row = campaign.run(key, lambda: active_run(args, root, task, seed, network, strategy, init))
+                print(f"  {task} seed {seed} {network} {strategy}: test "
+                      + " ".join(f"{n}:{j:.3f}" for n, j in zip(row["n_labelled"], row["test_scores"])), flush=True)
 
 
 def run_pretext(args, campaign: Campaign, root: Path) -> None:
@@ -296,6 +385,89 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reach(n_labelled: list[int], scores: list[float], reference: float) -> int | None:
+    """The fewest labelled patches whose round scores ``AL_REACH`` of ``reference`` (None: never)."""
+    return next((n for n, j in zip(n_labelled, scores) if j >= AL_REACH * reference), None)
+
+
+def active_table(runs: list[dict], pool_patches: float) -> str:
+    """The active-learning stage: test score per round and arm, then per seed the labelled patches each
+    arm needs to reach 95% of the whole-pool reference and the ratio of scratch-entropy's to them."""
+    lines: list[str] = []
+    for task in dict.fromkeys(r["task"] for r in runs if r.get("kind") == "active"):
+        refs = {r["seed"]: r["test_score"] for r in runs if r.get("kind") == "reference" and r["task"] == task}
+        by_arm: dict = {}
+        for r in (r for r in runs if r.get("kind") == "active" and r["task"] == task):
+            by_arm.setdefault((r["network"], r["strategy"]), {})[r["seed"]] = r
+        ns = sorted({n for per_seed in by_arm.values() for r in per_seed.values() for n in r["n_labelled"]})
+        lines += [f"| {task}: arm | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for (network, strategy), seeds in by_arm.items():
+            cells = [mean_std([dict(zip(r["n_labelled"], r["test_scores"])).get(n) for r in seeds.values()])
+                     for n in ns]
+            lines.append(f"| {network}, {strategy} | " + " | ".join(cells) + " |")
+        seeds = sorted(refs)
+        lines += ["", f"Whole-pool reference ({pool_patches:g} patches, scratch): "
+                      + ", ".join(f"seed {s} {refs[s]:.3f}" for s in seeds)
+                      + f"; {AL_REACH:.0%} of it is the bar.", "",
+                  f"| {task}: arm | labelled patches to {AL_REACH:.0%} of the reference, per seed "
+                  f"({', '.join(map(str, seeds))}) | share of the pool (seeds that reach it) "
+                  "| scratch-entropy's patches / the arm's (geometric mean, 95% CI, seeds where both reach) |",
+                  "|---|---|---|---|"]
+        base = by_arm.get(("scratch", "entropy"), {})
+        for (network, strategy), per_seed in by_arm.items():
+            needed = {s: reach(r["n_labelled"], r["test_scores"], refs[s]) for s, r in per_seed.items() if s in refs}
+            shown = " / ".join(str(needed.get(s)) if needed.get(s) else "-" for s in seeds)
+            got = [n for n in needed.values() if n]
+            share = f"{np.mean(got) / pool_patches:.3f} ({len(got)} of {len(needed)})" if got else "none reach it"
+            ratios = []
+            for s, n in needed.items():
+                other = base.get(s)
+                m = reach(other["n_labelled"], other["test_scores"], refs[s]) if other else None
+                if n and m:
+                    ratios.append(np.log(m / n))
+            if (network, strategy) == ("scratch", "entropy"):
+                ratio = "1 (the baseline)"
+            elif ratios:
+                mean, lo, hi = paired_interval(ratios)
+                ratio = (f"{np.exp(mean):.2f}x [{np.exp(lo):.2f}, {np.exp(hi):.2f}] ({len(ratios)} seeds)"
+                         if len(ratios) > 1 else f"{np.exp(mean):.2f}x (1 seed)")
+            else:
+                ratio = "-"
+            lines.append(f"| {network}, {strategy} | {shown} | {share} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_active(runs: list[dict], path: Path) -> None:
+    """Test score against labelled patches, one line per arm (mean, 95% t-band over seeds), with the
+    whole-pool reference and its 95%."""
+    from scipy import stats
+
+    plt = pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in runs if r.get("kind") == "active"))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in runs if r.get("kind") == "active" and r["task"] == task]
+        for arm in dict.fromkeys((r["network"], r["strategy"]) for r in rows):
+            mine = [dict(zip(r["n_labelled"], r["test_scores"])) for r in rows if (r["network"], r["strategy"]) == arm]
+            ns = sorted({n for m in mine for n in m})
+            vals = [np.asarray([m[n] for m in mine if n in m], float) for n in ns]
+            mean = np.array([v.mean() for v in vals])
+            half = np.array([stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
+                             for v in vals])
+            line, = ax.plot(ns, mean, marker="o", ms=3, label=f"{arm[0]}, {arm[1]}")
+            ax.fill_between(ns, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+        refs = [r["test_score"] for r in runs if r.get("kind") == "reference" and r["task"] == task]
+        if refs:
+            ax.axhline(np.mean(refs), color="k", ls="--", lw=1, label="whole pool (scratch)")
+            ax.axhline(AL_REACH * np.mean(refs), color="k", ls=":", lw=1, label=f"{AL_REACH:.0%} of it")
+        ax.set(title=task, xlabel="labelled patches", ylabel="test Jaccard (mean foreground)", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     from scipy import stats
 
@@ -349,10 +521,13 @@ def main(argv=None) -> int:
         runs = [r for name in args.out.split(",") for r in json.loads(Path(name).read_text())["runs"]]
         print(table(runs))
         figure = Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png")
-        if any(r.get("kind") == "pretext" for r in runs):
+        if any(r.get("kind") == "active" for r in runs):
+            print(active_table(runs, vnc_pool_patches(args)))
+            plot_active(runs, figure)
+        elif any(r.get("kind") == "pretext" for r in runs):
             plot_pretext(runs, figure)
         elif any(r.get("test_score") is not None for r in runs):
-            plot(runs, figure, (POOL[1] - POOL[0]) * VNC_SECTION ** 2 / args.patch ** 2)
+            plot(runs, figure, vnc_pool_patches(args))
         return 0
     if data_dir() is None:
         return no_data()
@@ -361,12 +536,16 @@ def main(argv=None) -> int:
     root = out.with_suffix("")
     root.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    (run_main if args.stage == "main" else run_pretext)(args, campaign, root)
+    {"main": run_main, "pretext": run_pretext, "active": run_active}[args.stage](args, campaign, root)
     campaign.doc["seconds"] = time.perf_counter() - t0
     campaign.save()
     print(table(campaign.runs))
     if args.stage == "pretext":
         plot_pretext(campaign.runs, out.with_suffix(".png"))
+    if args.stage == "active":
+        with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
+        print(active_table(campaign.runs, with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2))
+        plot_active(campaign.runs, out.with_suffix(".png"))
     if args.stage == "main":
         with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
         plot(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
