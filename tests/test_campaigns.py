@@ -332,12 +332,21 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
     first = next(r for r in doc["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
     assert again["valid_curve"] == first["valid_curve"] and again["test_score"] == first["test_score"]
     assert "made again" in capsys.readouterr().out
+    moved = json.loads(out.read_text())
+    stored = next(r for r in moved["runs"] if r["kind"] == "pretrain")
+    assert stored["weights_sha256"] == mod.weights_digest(Path(pre["checkpoint"]))  # made again: the same weights
     # weights that end elsewhere are refused rather than mixed with the stored runs
     shutil.rmtree(Path(pre["checkpoint"]).parent)
-    moved = json.loads(out.read_text())
-    next(r for r in moved["runs"] if r["kind"] == "pretrain")["pretrain_loss"] += 1.0
+    stored["weights_sha256"] = "0" * 64
     out.write_text(json.dumps(moved))
     with pytest.raises(SystemExit, match="would mix two networks"):
+        mod.main(["--quick", "--out", str(out)])
+    # a run that recorded only its final loss (older JSONs) is checked by it
+    shutil.rmtree(Path(pre["checkpoint"]).parent)
+    del stored["weights_sha256"]
+    stored["pretrain_loss"] += 1.0
+    out.write_text(json.dumps(moved))
+    with pytest.raises(SystemExit, match="pretrain_loss"):
         mod.main(["--quick", "--out", str(out)])
     assert mod.main(["--quick", "--stage", "pretext", "--out", str(tmp_path / "pt.json")]) == 0
     runs = json.loads((tmp_path / "pt.json").read_text())["runs"]

@@ -188,7 +188,22 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     t0 = time.perf_counter()
     result = pretrain(config, folder, runtime=Runtime(device="auto", seed=seed), resume=last.exists())
     return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
-            "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0}
+            "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0,
+            "weights_sha256": weights_digest(folder / "last.pt")}
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """sha256 of a checkpoint's network weights and buffers, in name order (equal weights, equal digest,
+    whatever else the file holds)."""
+    import hashlib
+
+    from emseg.models.checkpoint import load_checkpoint
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_checkpoint(checkpoint)["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def pretrained_weights(args, root: Path, pre: dict) -> dict:
@@ -196,20 +211,22 @@ def pretrained_weights(args, root: Path, pre: dict) -> dict:
     continued on another machine keeps its JSON, not its checkpoints).
 
     Pretraining is deterministic for a seed (each batch depends on the seed and step only), so the
-    remade run must end at the recorded loss; where it does not, the pretrained runs already stored
-    came from other weights and the campaign stops rather than mix them.
+    remade weights must have the recorded digest (runs that recorded none: end at the recorded
+    loss); where they do not, the pretrained runs already stored came from other weights and the
+    campaign stops rather than mix them.
     """
-    if Path(pre["checkpoint"]).exists() or pre.get("pretrain_steps") is None:
+    if Path(pre["checkpoint"]).exists():
         return pre
-    if not args.pretrain_steps:
-        raise SystemExit(f"{pre['checkpoint']} is gone and a pretraining by minutes cannot be made again; "
+    if not args.pretrain_steps or (pre.get("weights_sha256") is None and pre.get("pretrain_loss") is None):
+        raise SystemExit(f"{pre['checkpoint']} is gone and cannot be made again and checked (a pretraining by "
+                         "minutes, or one that recorded neither its weights' digest nor its final loss); "
                          "use another --out")
     print(f"  pretraining of seed {pre['seed']} made again ({pre['checkpoint']} is gone)", flush=True)
     again = pretrain_run(args, root, pre["seed"], pre["pretext"], None, int(pre["pretrain_steps"]))
-    if again["checkpoint"] != pre["checkpoint"] or again["pretrain_loss"] != pre["pretrain_loss"]:
-        raise SystemExit(f"the pretraining of seed {pre['seed']} made again ends at loss {again['pretrain_loss']!r}, "
-                         f"not the recorded {pre['pretrain_loss']!r}: its pretrained runs would mix two networks; "
-                         "use another --out")
+    key = "weights_sha256" if pre.get("weights_sha256") else "pretrain_loss"
+    if again["checkpoint"] != pre["checkpoint"] or again[key] != pre[key]:
+        raise SystemExit(f"the pretraining of seed {pre['seed']} made again has {key} {again[key]!r}, not the "
+                         f"recorded {pre[key]!r}: its pretrained runs would mix two networks; use another --out")
     return pre
 
 
