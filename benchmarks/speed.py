@@ -17,7 +17,7 @@ Printed in one run (and written as JSON with --json-out):
 6. BALD scoring at T = 20 on 128^2 patches with a dropout U-Net: emseg's ``score_pool`` (encoder once,
    decoder T times, streamed) against baal's ``ModelWrapper.predict_on_batch`` (the batch replicated T
    times) + ``BALD`` heuristic, patches/s and peak RSS.
-7. ``emseg pretrain`` (the default masked pretext) against ``emseg train`` on the same VNC
+7. ``emseg pretrain`` (the default masked pretext, and contrastive) against ``emseg train`` on the same VNC
    sections, patch (128^2), batch (16), network and precision: patches/s of each and their ratio.
 8. The pipeline around the network (``pipeline``): ``emseg predict`` end to end on the VNC stack for
    labels, uint8 and float32 probabilities, each as a fraction of the network's own voxels/s at the
@@ -615,17 +615,20 @@ def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
     out = {}
     for precision in ("fp32", "auto"):
         with tempfile.TemporaryDirectory() as tmp:
-            pre = pretrain(pretrain_config_from_dict(dict(common, precision=precision,
-                                                          data=[{"raw": f"{stack}:raw", "region": [[0, 15]]}])),
-                           Path(tmp) / "pre", runtime=Runtime(device="cpu", seed=0))
             sup = train(config_from_dict(dict(common, precision=precision, n_classes=5, valid_every=10**6,
                                               train=[{"raw": f"{stack}:raw", "label": f"{stack}:label",
                                                       "region": [[0, 12]]}])),
                         Path(tmp) / "sup", runtime=Runtime(device="cpu", seed=0))
-        out[precision] = {"pretrain_patches_per_s": pre.patches_per_s, "train_patches_per_s": sup.patches_per_s,
-                          "ratio": pre.patches_per_s / sup.patches_per_s, "precision": pre.precision}
-        print(f"  emseg pretrain {pre.patches_per_s:6.1f} patches/s, emseg train {sup.patches_per_s:6.1f} "
-              f"({precision} -> {pre.precision}): ratio {out[precision]['ratio']:.2f}", flush=True)
+            for kind in ("masked", "contrastive"):  # contrastive: two views per patch, so two passes
+                pre = pretrain(pretrain_config_from_dict(dict(common, precision=precision, pretext={"kind": kind},
+                                                              data=[{"raw": f"{stack}:raw", "region": [[0, 15]]}])),
+                               Path(tmp) / kind, runtime=Runtime(device="cpu", seed=0))
+                key = precision if kind == "masked" else f"{precision}_{kind}"
+                out[key] = {"pretrain_patches_per_s": pre.patches_per_s, "train_patches_per_s": sup.patches_per_s,
+                            "ratio": pre.patches_per_s / sup.patches_per_s, "precision": pre.precision, "kind": kind}
+                print(f"  emseg pretrain ({kind}) {pre.patches_per_s:6.1f} patches/s, emseg train "
+                      f"{sup.patches_per_s:6.1f} ({precision} -> {pre.precision}): ratio {out[key]['ratio']:.2f}",
+                      flush=True)
     return out
 
 

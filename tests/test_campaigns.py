@@ -350,7 +350,7 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
         mod.main(["--quick", "--out", str(out)])
     assert mod.main(["--quick", "--stage", "pretext", "--out", str(tmp_path / "pt.json")]) == 0
     runs = json.loads((tmp_path / "pt.json").read_text())["runs"]
-    assert sorted(r["pretext"] for r in runs) == ["denoise", "masked", "none"]
+    assert sorted(r["pretext"] for r in runs) == ["contrastive", "denoise", "masked", "none"]
     assert all("test_score" not in r for r in runs)  # the pretext stage never scores the test sections
 
 

@@ -61,7 +61,7 @@ AL_ARMS = (("pretrained", "entropy"), ("pretrained", "random"), ("scratch", "ent
 AL_REACH = 0.95
 N_CLASSES = {"mito": 2, "5class": 5}
 QUICK = dict(seeds="0", tasks="mito", budgets="2,all", patch=32, depth=1, base_width=4, batch_size=2, steps=2,
-             valid_every=1, pretrain_steps=2, crop=64, kinds="masked,denoise", minutes_grid="0.01",
+             valid_every=1, pretrain_steps=2, crop=64, kinds="masked,denoise,contrastive", minutes_grid="0.01",
              al_initial=2, al_per_iteration=2, al_iterations=1, al_steps_finetune=1, al_batch_size=2,
              reference_steps=3, reference_valid_every=1)
 
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pretrain-minutes", type=float, default=30.0)
     ap.add_argument("--pretrain-steps", type=int, default=None, help="Pretrain this many steps instead of minutes.")
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
-    ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
+    ap.add_argument("--kinds", default="masked,denoise,contrastive", help="--stage pretext: pretext kinds compared.")
     ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
     ap.add_argument("--steps-grid", default=None,
                     help="--stage pretext: pretraining steps compared instead of minutes (a grid that does not "

@@ -106,6 +106,8 @@ def test_config_defaults_are_the_recipe(synthetic_h5):
     ({"pretext": {"kind": "jigsaw"}}, "pretext.kind must be one of masked, denoise"),
     ({"pretext": {"ratio": 0.5}}, "unknown key(s) ratio in [pretext]"),
     ({"pretext": {"mask_ratio": 1.0}}, "pretext.mask_ratio must be in (0, 1)"),
+    ({"pretext": {"kind": "contrastive", "embed_dim": 1}}, "pretext.embed_dim must be from 2 to 256"),
+    ({"pretext": {"embed_dim": 10**9}}, "pretext.embed_dim must be from 2 to 256"),
     ({"data": [{"raw": "x.h5:raw", "prio": 1, "lable": 2}]}, "unknown key(s) lable in [[data]]"),
     ({"data": []}, "no [[data]] volumes"),
 ])
@@ -164,6 +166,12 @@ def test_pretrain_on_3d_patches_with_section_blocks(tmp_path):
     assert torch.all(hidden == round(0.6 * 4) * 64)
     task.close()
     assert pretrain(config, tmp_path / "run", runtime=Runtime(device="cpu")).final_step == 2
+    contrastive = pretrain_config_from_dict(_config_dict(h5, patch_shape=[4, 16, 16], steps=2, pretext={
+        "kind": "contrastive", "embed_dim": 4}, model={"depth": 1, "base_width": 4}))
+    batch = PretrainTask(contrastive).batch(np.random.default_rng(0))
+    assert batch["view"].shape == (2, 1, 4, 16, 16) and len(batch["voxels"]) == 2 * 4 * 16 * 16
+    result = pretrain(contrastive, tmp_path / "run3", runtime=Runtime(device="cpu"))
+    assert result.final_step == 2 and np.isfinite(result.losses).all()
 
 
 # --------------------------------------------------------------------------- command line
@@ -196,3 +204,89 @@ def test_cli_pretrain_json_curves_and_bad_input(tmp_path, synthetic_h5):
     result = runner.invoke(cli, ["pretrain", str(path), "--out", str(tmp_path / "other")])
     assert result.exit_code == 2 and "larger than the volume" in _error_line(result)
     assert str(synthetic_h5) in _error_line(result)
+
+
+# --------------------------------------------------------------------------- contrastive
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 4, 8, 8), (2, 3, 6, 10)])
+def test_turn_back_undoes_every_turn(shape):
+    from emseg.pretrain.pretext import turn, turn_back
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    ks = (0, 1, 2, 3) if shape[-1] == shape[-2] else (0, 2)
+    for k in ks:
+        for flip in (0, 1):
+            turned = np.stack([turn(s, k, flip) for s in x])
+            expected = np.rot90(x, k, axes=(-2, -1))  # numpy's own rotation and mirror, the reference
+            expected = expected[..., ::-1] if flip else expected
+            assert np.array_equal(turned, expected)
+            back = turn_back(torch.from_numpy(turned), torch.tensor([[k, flip]] * len(x)))
+            assert np.array_equal(back.numpy(), x)
+
+
+def _vicreg_reference(a, b, w=(25.0, 25.0, 1.0)):
+    """VICReg's loss written out with numpy, term by term (Bardes et al. 2022, eqs. 1-5)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    def v(z):
+        return np.mean(np.maximum(0.0, 1.0 - np.sqrt(z.var(axis=0, ddof=1) + 1e-4)))
+    def c(z):
+        cov = np.cov(z, rowvar=False)
+        return (np.sum(cov ** 2) - np.sum(np.diag(cov) ** 2)) / z.shape[1]
+    return w[0] * np.mean((a - b) ** 2) + w[1] * (v(a) + v(b)) + w[2] * (c(a) + c(b))
+
+
+def test_vicreg_loss_equals_the_formula_at_the_chosen_voxels():
+    from emseg.pretrain.pretext import vicreg_loss
+
+    rng = np.random.default_rng(1)
+    z1 = rng.normal(size=(2, 6, 5, 7)).astype(np.float32) * 0.3
+    z2 = z1 + rng.normal(size=z1.shape).astype(np.float32) * 0.1
+    voxels = rng.choice(2 * 5 * 7, 40, replace=False)
+    rows = lambda z: np.moveaxis(z, 1, -1).reshape(-1, 6)  # noqa: E731
+    got = float(vicreg_loss(torch.from_numpy(z1), torch.from_numpy(z2), torch.from_numpy(voxels)))
+    assert got == pytest.approx(_vicreg_reference(rows(z1)[voxels], rows(z2)[voxels]), rel=1e-4)
+    assert float(vicreg_loss(torch.from_numpy(z1), torch.from_numpy(z2))) == \
+        pytest.approx(_vicreg_reference(rows(z1), rows(z2)), rel=1e-4)
+
+
+def test_two_views_are_the_same_patch_jittered_and_turned():
+    from emseg.pretrain.pretext import turn_back
+
+    vol = synthetic((1, 64, 64), 2).raw[0].astype(np.float32) / 255.0
+    raw = np.stack([vol[None, :32, :32], vol[None, 32:, 32:], vol[None, :32, 32:]])
+    rng = np.random.default_rng(5)
+    batch = make_pretext_batch(raw, PretextConfig(kind="contrastive"), 2, rng)
+    assert batch["raw"].shape == batch["view"].shape == raw.shape and batch["transforms"].shape == (3, 2)
+    assert len(set(batch["voxels"].tolist())) == len(batch["voxels"]) == 3 * 32 * 32  # fewer than 4,096: all
+    back = turn_back(torch.from_numpy(batch["view"]), torch.from_numpy(batch["transforms"])).numpy()
+    for i, (k, flip) in enumerate(batch["transforms"]):
+        aligned = np.corrcoef(back[i].ravel(), batch["raw"][i].ravel())[0, 1]
+        assert aligned > 0.6  # the same structures, under two jitters
+        if k or flip:  # before turning back they do not line up
+            assert np.corrcoef(batch["view"][i].ravel(), batch["raw"][i].ravel())[0, 1] < aligned - 0.2
+    big = make_pretext_batch(np.repeat(raw, 2, axis=0), PretextConfig(kind="contrastive"), 2, rng)  # 6,144 voxels
+    assert len(big["voxels"]) == 4096 and len(set(big["voxels"].tolist())) == 4096
+    assert big["voxels"].min() >= 0 and big["voxels"].max() < 6 * 32 * 32
+
+
+def test_contrastive_pretraining_learns_and_initialises_train(tmp_path, synthetic_h5):
+    config = pretrain_config_from_dict(_config_dict(synthetic_h5, steps=30, batch_size=4,
+                                                    pretext={"kind": "contrastive", "embed_dim": 8}))
+    result = pretrain(config, tmp_path / "pre", runtime=Runtime(device="cpu", seed=0))
+    losses = np.asarray(result.losses)
+    assert np.isfinite(losses).all() and losses[-5:].mean() < losses[:5].mean()
+    state = _load(tmp_path / "pre" / "last.pt")
+    assert state["model_config"]["out_channels"] == 8 and state["pretext"]["embed_dim"] == 8
+    seg_config = config_from_dict(tiny_train_config(synthetic_h5, steps=1))
+    out = train(seg_config.replace(init=str(tmp_path / "pre" / "last.pt")), tmp_path / "ft", runtime=Runtime(device="cpu"))
+    assert out.init["loaded"] == len(state["model"]) - 2 and len(out.init["reinitialised"]) == 2
+
+
+def test_a_run_written_before_a_pretext_key_existed_resumes(tmp_path, synthetic_h5):
+    config = pretrain_config_from_dict(_config_dict(synthetic_h5, steps=4))
+    pretrain(config, tmp_path / "pre", runtime=Runtime(device="cpu", seed=0), stop_after=2)
+    state = _load(tmp_path / "pre" / "last.pt")
+    del state["pretext"]["embed_dim"]  # as an older emseg wrote it
+    torch.save(state, tmp_path / "pre" / "last.pt")
+    assert pretrain(config, tmp_path / "pre", runtime=Runtime(device="cpu", seed=0), resume=True).final_step == 4

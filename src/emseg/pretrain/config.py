@@ -36,7 +36,7 @@ class PretextConfig:
 
     Attributes
     ----------
-    kind : {"masked", "denoise"}
+    kind : {"masked", "denoise", "contrastive"}
         The pretext task. ``masked`` is the default for now; the choice is measured in
         ``docs/results.md``.
     mask_ratio : float
@@ -49,7 +49,11 @@ class PretextConfig:
         ``masked``: reconstruct the patch standardised to zero mean and unit variance instead
         of the raw intensities.
     noise_std : float
-        ``denoise``: standard deviation of the added Gaussian noise (intensities in [0, 1]).
+        ``denoise``: standard deviation of the added Gaussian noise (intensities in [0, 1]);
+        ``contrastive``: the largest standard deviation of each view's noise.
+    embed_dim : int
+        ``contrastive``: channels per voxel of the compared maps (the pretraining network's
+        output head, which ``--init`` leaves out), 2 to 256.
     """
 
     kind: str = "masked"
@@ -58,6 +62,7 @@ class PretextConfig:
     block_z: int = 1
     norm_target: bool = False
     noise_std: float = 0.1
+    embed_dim: int = 32
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -69,6 +74,8 @@ class PretextConfig:
                 raise InputError(f"pretext.{key} must be >= 1, got {getattr(self, key)!r}")
         if not (math.isfinite(self.noise_std) and self.noise_std > 0):
             raise InputError(f"pretext.noise_std must be a positive number, got {self.noise_std!r}")
+        if not 2 <= self.embed_dim <= 256:
+            raise InputError(f"pretext.embed_dim must be from 2 to 256, got {self.embed_dim!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,17 @@ standardised to zero mean and unit variance (statistics of the whole clean patch
 deviation ``noise_std`` (in the [0, 1] intensity units of the network input), the target is the
 clean patch, and the loss is the mean squared error over all voxels.
 
+``contrastive`` (dense self-distillation without negatives, VICReg's loss per voxel): two views of
+each patch, each with its own intensity jitter (gain 0.7-1.3 about the patch mean, offset
++-0.15, a Gaussian blur of sigma 0.5-1.5 in-plane on half of the views, white noise of standard
+deviation up to ``noise_std``), the second also turned by one of the in-plane rotations and
+flips (the eight of the square; two of them on a non-square patch); the network maps both to
+``embed_dim`` channels per voxel, the second map is turned back, and the loss compares the two
+maps at up to 4,096 voxels of the batch drawn at random: ``25 * invariance (MSE) + 25 * (variance
++ variance') + (covariance + covariance')`` (Bardes et al. 2022; variance: the mean over channels of
+``max(0, 1 - std)``, covariance: the squared off-diagonal covariances divided by ``embed_dim``).
+The network learns what stays the same under the jitter and the turn, without a reconstruction.
+
 Intensities are those the segmentation network sees: raw values scaled to [0, 1]
 (:func:`emseg.data.to_float`), after augmentation.
 """
@@ -21,9 +32,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 #: The pretext families ``[pretext] kind`` selects.
-KINDS = ("masked", "denoise")
+KINDS = ("masked", "denoise", "contrastive")
+#: ``contrastive``: weights of VICReg's invariance, variance and covariance terms.
+VICREG_WEIGHTS = (25.0, 25.0, 1.0)
+#: ``contrastive``: voxels of a batch the loss compares (drawn without replacement each step).
+CONTRASTIVE_VOXELS = 4096
 
 
 def block_mask(shape: Sequence[int], block: Sequence[int], ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -67,14 +84,91 @@ def _patch_mask(spatial: Sequence[int], pretext, ndim: int, rng: np.random.Gener
     return block_mask(spatial, (pretext.block_z,) + plane, pretext.mask_ratio, rng)
 
 
+def turn(x: np.ndarray, k: int, flip: int) -> np.ndarray:
+    """``x`` rotated ``k`` quarter turns in its last two axes, then mirrored along the last if ``flip``."""
+    out = np.rot90(x, k, axes=(-2, -1))
+    return np.ascontiguousarray(out[..., ::-1] if flip else out)
+
+
+def turn_back(x: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`turn` on each sample of ``x`` (B, C, *S); ``transforms`` (B, 2) holds ``(k, flip)``."""
+    out = []
+    for sample, (k, flip) in zip(x, transforms.tolist()):
+        sample = sample.flip(-1) if flip else sample
+        out.append(torch.rot90(sample, -k, dims=(-2, -1)))
+    return torch.stack(out)
+
+
+def jitter(patch: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """One view of a (1, *S) patch: gain and offset, an in-plane blur on half of the views, white noise."""
+    mean = float(patch.mean())
+    out = (patch - mean) * np.float32(rng.uniform(0.7, 1.3)) + np.float32(mean + rng.uniform(-0.15, 0.15))
+    if rng.random() < 0.5:
+        sigma = rng.uniform(0.5, 1.5)
+        out = ndimage.gaussian_filter(out, sigma=(0,) * (out.ndim - 2) + (sigma, sigma))
+    out = out + np.float32(rng.uniform(0.0, noise_std)) * rng.standard_normal(out.shape, dtype=np.float32)
+    return out.astype(np.float32)
+
+
+def two_views(raw: np.ndarray, pretext, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``contrastive``: ``raw`` (first views), ``view`` (second views, turned), ``transforms`` (B, 2)
+    and ``voxels``, the flat indices of the (B, *S) voxels the loss compares."""
+    spatial = raw.shape[2:]
+    square = spatial[-1] == spatial[-2]
+    first, second, transforms = [], [], []
+    for patch in raw:
+        k, flip = (int(rng.integers(4)) if square else 2 * int(rng.integers(2))), int(rng.integers(2))
+        first.append(jitter(patch, pretext.noise_std, rng))
+        second.append(turn(jitter(patch, pretext.noise_std, rng), k, flip))
+        transforms.append((k, flip))
+    n = raw.shape[0] * math.prod(spatial)
+    voxels = rng.choice(n, size=min(CONTRASTIVE_VOXELS, n), replace=False) if n > CONTRASTIVE_VOXELS \
+        else np.arange(n)
+    return {"raw": np.stack(first), "view": np.stack(second), "transforms": np.asarray(transforms, dtype=np.int64),
+            "voxels": np.asarray(voxels, dtype=np.int64)}
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, voxels: torch.Tensor | None = None,
+                weights: Sequence[float] = VICREG_WEIGHTS) -> torch.Tensor:
+    """VICReg's loss between two aligned (B, C, *S) maps at the flat (B, *S) indices ``voxels`` (all
+    without), in float32.
+
+    Examples
+    --------
+    >>> z = torch.randn(2, 8, 16, 16)
+    >>> bool(vicreg_loss(z, z) < vicreg_loss(z, torch.randn(2, 8, 16, 16)))
+    True
+    """
+    def rows(z):
+        flat = z.float().movedim(1, -1).reshape(-1, z.shape[1])
+        return flat if voxels is None else flat[voxels]
+
+    a, b = rows(z1), rows(z2)
+
+    def variance(z):
+        return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+    def covariance(z):
+        z = z - z.mean(dim=0)
+        cov = z.T @ z / max(z.shape[0] - 1, 1)
+        return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / z.shape[1]
+
+    w_inv, w_var, w_cov = weights
+    return (w_inv * F.mse_loss(a, b) + w_var * (variance(a) + variance(b))
+            + w_cov * (covariance(a) + covariance(b)))
+
+
 def make_pretext_batch(raw: np.ndarray, pretext, ndim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Network input ``raw``, ``target`` and, for ``masked``, ``mask`` (1 = hidden) for a batch.
+    """Network input ``raw``, ``target`` and, for ``masked``, ``mask`` (1 = hidden) for a batch; for
+    ``contrastive``, the two views (:func:`two_views`).
 
     ``raw`` is (B, 1, *S) float32 with ``len(S) == ndim``; ``pretext`` a
     :class:`~emseg.pretrain.config.PretextConfig`.
     """
     raw = np.asarray(raw, dtype=np.float32)
     spatial = raw.shape[2:]
+    if pretext.kind == "contrastive":
+        return two_views(raw, pretext, rng)
     if pretext.kind == "denoise":
         noisy = raw + np.float32(pretext.noise_std) * rng.standard_normal(raw.shape, dtype=np.float32)
         return {"raw": noisy.astype(np.float32), "target": raw.copy()}

@@ -20,7 +20,7 @@ from emseg.data import Cube, PatchSampler, close_cubes, open_cubes
 from emseg.engine.training import TrainResult, fit
 from emseg.errors import InputError
 from emseg.pretrain.config import PretrainConfig
-from emseg.pretrain.pretext import make_pretext_batch, pretext_loss
+from emseg.pretrain.pretext import make_pretext_batch, pretext_loss, turn_back, vicreg_loss
 
 
 class PretrainTask:
@@ -49,7 +49,8 @@ class PretrainTask:
 
     def model_config(self) -> dict[str, Any]:
         m = self.training.model
-        return dict(ndim=self.ndim, in_channels=1, out_channels=1, depth=m.depth, base_width=m.base_width,
+        out = self.pretext.embed_dim if self.pretext.kind == "contrastive" else 1
+        return dict(ndim=self.ndim, in_channels=1, out_channels=out, depth=m.depth, base_width=m.base_width,
                     norm=m.norm, dropout=m.dropout, anisotropic_levels=m.anisotropic_levels)
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -57,6 +58,10 @@ class PretrainTask:
         return {k: torch.from_numpy(v) for k, v in make_pretext_batch(raw, self.pretext, self.ndim, rng).items()}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pretext.kind == "contrastive":  # both views in one pass: batch norm sees them together
+            n = batch["raw"].shape[0]
+            maps = model(torch.cat([batch["raw"], batch["view"]]))
+            return vicreg_loss(maps[:n], turn_back(maps[n:], batch["transforms"]), batch["voxels"])
         return pretext_loss(model(batch["raw"]), batch["target"], batch.get("mask"))
 
     def validate(self, model: torch.nn.Module, device: torch.device, precision: Any) -> dict[str, float] | None:
@@ -71,7 +76,10 @@ class PretrainTask:
         if state.get("task") != self.name:
             raise InputError(f"last.pt was written by `{state.get('task')}` training, not by pretraining",
                              source=source)
-        if state.get("pretext") != self.pretext.to_dict():
+        stored = state.get("pretext")
+        if isinstance(stored, Mapping):  # keys added since a run was written take their defaults
+            stored = dict(type(self.pretext)().to_dict(), **stored)
+        if stored != self.pretext.to_dict():
             raise InputError(f"last.pt was pretrained with other [pretext] settings ({state.get('pretext')})",
                              source=source)
 
