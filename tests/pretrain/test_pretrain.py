@@ -279,7 +279,8 @@ def test_contrastive_pretraining_learns_and_initialises_train(tmp_path, syntheti
     state = _load(tmp_path / "pre" / "last.pt")
     assert state["model_config"]["out_channels"] == 8 and state["pretext"]["embed_dim"] == 8
     seg_config = config_from_dict(tiny_train_config(synthetic_h5, steps=1))
-    out = train(seg_config.replace(init=str(tmp_path / "pre" / "last.pt")), tmp_path / "ft", runtime=Runtime(device="cpu"))
+    out = train(seg_config.replace(init=str(tmp_path / "pre" / "last.pt")), tmp_path / "ft",
+                runtime=Runtime(device="cpu"))
     assert out.init["loaded"] == len(state["model"]) - 2 and len(out.init["reinitialised"]) == 2
 
 
