@@ -493,3 +493,13 @@ def test_label_efficiency_active_table_counts_patches_to_the_bar():
     random_row = [line for line in text.splitlines() if line.startswith("| pretrained, random | - / 18")][0]
     assert f"{38 / 18:.2f}x (1 seed)" in random_row and "(1 of 2)" in random_row
     assert "| n=8 | n=18 |" in text and "| scratch, entropy | 48 / 38 |" in text
+
+
+def test_reproduce_names_real_scripts_and_its_thread_table_real_experiments():
+    import reproduce
+
+    names = [name for name, *_ in reproduce.EXPERIMENTS]
+    assert len(set(names)) == len(names)
+    assert set(reproduce.THREADS) <= set(names)  # a key that names no experiment would never apply
+    for _, script, full, quick in reproduce.EXPERIMENTS:
+        assert (reproduce.HERE / script).is_file() and "--out" in full and "--out" in quick

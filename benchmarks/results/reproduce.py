@@ -82,19 +82,25 @@ EXPERIMENTS = [
     ("label-conditioned segmentation under the protocol (5 seeds, merge chosen on validation)", "lcs_protocol.py",
      ["--out", "{out}/lcs_protocol.json"],
      ["--out", "{out}/lcs_protocol.json", "--quick"]),
-    ("pretraining, pretext kinds and minutes (validation only)", "label_efficiency.py",
-     ["--out", "{out}/pretext.json", "--stage", "pretext", "--seeds", "0,1,2"],
+    ("pretraining, pretext kinds and steps (validation only)", "label_efficiency.py",
+     ["--out", "{out}/pretext.json", "--stage", "pretext", "--seeds", "0,1,2", "--kinds", "masked,denoise",
+      "--steps-grid", "225,675", "--pretext-budget", "8", "--steps", "600", "--valid-every", "60"],
      ["--out", "{out}/pretext.json", "--stage", "pretext", "--quick"]),
     ("pretraining, label efficiency", "label_efficiency.py",
-     ["--out", "{out}/label_efficiency.json"],
+     ["--out", "{out}/label_efficiency.json", "--stage", "main", "--kind", "masked", "--pretrain-steps", "675",
+      "--steps", "600", "--valid-every", "60"],
      ["--out", "{out}/label_efficiency.json", "--quick"]),
+    ("pretraining, active learning from the pretrained network", "label_efficiency.py",
+     ["--out", "{out}/label_efficiency_active.json", "--stage", "active", "--tasks", "mito", "--kind", "masked",
+      "--pretrain-steps", "675", "--steps", "600", "--valid-every", "60"],
+     ["--out", "{out}/label_efficiency_active.json", "--stage", "active", "--quick"]),
     ("objects: emseg segment against connected components", "instances.py",
      ["--out", "{out}/instances.json"],
      ["--out", "{out}/instances.json", "--quick"]),
 ]
 
 #: Threads per experiment in full runs (the defaults target is measured on the whole machine).
-THREADS = {"new-user defaults, the target run (2 threads)": "2"}
+THREADS = {"new-user defaults, the target run on test (2 threads)": "2"}
 
 
 def main() -> int:
