@@ -461,6 +461,7 @@ def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):
     folder = out.with_suffix("")
     cfg = json.loads((folder / "active_mito_pretrained_entropy_seed0" / "config.json").read_text())
     assert cfg["init"].endswith("last.pt") and cfg["pool"]["region"] == [[0, 12]]
+    assert cfg["test"]["region"] == [[15, 20], [32, 96], [32, 96]]  # the central 64^2, as the reference's test
     assert json.loads((folder / "active_mito_scratch_entropy_seed0" / "config.json").read_text()).get("init") is None
     assert "whole-pool reference" in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 1000

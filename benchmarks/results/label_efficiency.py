@@ -294,8 +294,13 @@ def active_config(args, task: str, seed: int, strategy: str, init: str | None):
     """The simulated loop of one arm and seed (``emseg query simulate``'s configuration)."""
     from emseg.active.simulation.config import simulate_config_from_dict
 
+    from emseg.io import open_volume
+
     stack1 = data_dir() / "vnc_stack1.h5"
-    crop = [] if not args.crop else [[0, args.crop], [0, args.crop]]
+    with open_volume(f"{stack1}:raw") as vol:
+        h, w = vol.shape[1:]
+    c = min(args.crop or h, h, w)  # the central crop of load_sections
+    crop = [] if not args.crop else [[(h - c) // 2, (h - c) // 2 + c], [(w - c) // 2, (w - c) // 2 + c]]
     data = {"n_classes": N_CLASSES[task], "patch": [1, args.patch, args.patch], "seeds": [seed],
             "strategies": [strategy], "initial": args.al_initial, "per_iteration": args.al_per_iteration,
             "iterations": args.al_iterations, "steps_initial": args.steps, "steps_finetune": args.al_steps_finetune,
