@@ -472,7 +472,7 @@ def bench_segment(vnc: Path | None, sections: int) -> dict:
             out[case] = row = _in_fresh_process(["--segment-case", case, "--vnc", str(vnc), "--ckpt", ckpt,
                                                  "--sections", str(sections)])
             if "error" not in row:
-                print(f"  {case:18s} {row['voxels_per_s'] / 1e6:6.2f} Mvoxel/s  peak RSS {row['peak_rss_mb']:6.0f} MB"
+                print(f"  {case:28s} {row['voxels_per_s'] / 1e6:6.2f} Mvoxel/s  peak RSS {row['peak_rss_mb']:6.0f} MB"
                       + (f"  {row['n_objects']} objects" if "n_objects" in row else ""), flush=True)
     for case in ("segment-components", "segment-watershed", "segment-watershed-resumable"):
         if "voxels_per_s" in out.get(case, {}) and "voxels_per_s" in out.get("predict", {}):
@@ -613,16 +613,21 @@ def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
     common = {"patch_shape": [1, 128, 128], "batch_size": 16, "max_seconds": seconds,
               "model": {"depth": 4, "base_width": 16}}
     out = {}
+
+    def pretrain_run(tmp: str, precision: str, kind: str):
+        return pretrain(pretrain_config_from_dict(dict(common, precision=precision, pretext={"kind": kind},
+                                                       data=[{"raw": f"{stack}:raw", "region": [[0, 15]]}])),
+                        Path(tmp) / kind, runtime=Runtime(device="cpu", seed=0))
+
     for precision in ("fp32", "auto"):
         with tempfile.TemporaryDirectory() as tmp:
+            runs = {"masked": pretrain_run(tmp, precision, "masked")}  # the order of the figures before
             sup = train(config_from_dict(dict(common, precision=precision, n_classes=5, valid_every=10**6,
                                               train=[{"raw": f"{stack}:raw", "label": f"{stack}:label",
                                                       "region": [[0, 12]]}])),
                         Path(tmp) / "sup", runtime=Runtime(device="cpu", seed=0))
-            for kind in ("masked", "contrastive"):  # contrastive: two views per patch, so two passes
-                pre = pretrain(pretrain_config_from_dict(dict(common, precision=precision, pretext={"kind": kind},
-                                                              data=[{"raw": f"{stack}:raw", "region": [[0, 15]]}])),
-                               Path(tmp) / kind, runtime=Runtime(device="cpu", seed=0))
+            runs["contrastive"] = pretrain_run(tmp, precision, "contrastive")  # two views per patch: two passes
+            for kind, pre in runs.items():
                 key = precision if kind == "masked" else f"{precision}_{kind}"
                 out[key] = {"pretrain_patches_per_s": pre.patches_per_s, "train_patches_per_s": sup.patches_per_s,
                             "ratio": pre.patches_per_s / sup.patches_per_s, "precision": pre.precision, "kind": kind}

@@ -324,30 +324,35 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
     # continued on a machine without its checkpoints: the pretraining is made again, to the same weights,
     # and a pretrained run computed now equals the one computed from the original weights
     import shutil
-    shutil.rmtree(Path(pre["checkpoint"]).parent)
-    kept = [r for r in doc["runs"] if not (r["kind"] == "train" and r["budget"] == 2 and r["arm"] == "pretrained")]
-    out.write_text(json.dumps(dict(doc, runs=kept)))
-    assert mod.main(["--quick", "--out", str(out)]) == 0
-    again = next(r for r in json.loads(out.read_text())["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
+    folder = Path(pre["checkpoint"]).parent
     first = next(r for r in doc["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
+
+    def rerun_without_the_pretrained_run(pretrain_row):
+        runs = [dict(pretrain_row) if r["kind"] == "pretrain" else r for r in doc["runs"] if r is not first]
+        out.write_text(json.dumps(dict(doc, runs=runs)))
+        return mod.main(["--quick", "--out", str(out)])
+
+    shutil.rmtree(folder)
+    assert mod.main(["--quick", "--out", str(out)]) == 0  # every pretrained run stored: no weights needed
+    assert not folder.exists()
+    assert rerun_without_the_pretrained_run(pre) == 0
+    again = next(r for r in json.loads(out.read_text())["runs"] if r.get("arm") == "pretrained" and r["budget"] == 2)
     assert again["valid_curve"] == first["valid_curve"] and again["test_score"] == first["test_score"]
     assert "made again" in capsys.readouterr().out
-    moved = json.loads(out.read_text())
-    stored = next(r for r in moved["runs"] if r["kind"] == "pretrain")
-    assert stored["weights_sha256"] == mod.weights_digest(Path(pre["checkpoint"]))  # made again: the same weights
-    # weights that end elsewhere are refused rather than mixed with the stored runs
-    shutil.rmtree(Path(pre["checkpoint"]).parent)
-    stored["weights_sha256"] = "0" * 64
-    out.write_text(json.dumps(moved))
+    assert pre["weights_sha256"] == mod.weights_digest(folder / "last.pt")  # made again: the same weights
+    # weights that differ from the recorded ones are refused rather than mixed with the stored runs,
+    # whether they are there or made again (and then not left in place)
+    with pytest.raises(SystemExit, match="does not hold the weights"):
+        rerun_without_the_pretrained_run(dict(pre, weights_sha256="0" * 64))
+    shutil.rmtree(folder)
     with pytest.raises(SystemExit, match="would mix two networks"):
-        mod.main(["--quick", "--out", str(out)])
-    # a run that recorded only its final loss (older JSONs) is checked by it
-    shutil.rmtree(Path(pre["checkpoint"]).parent)
-    del stored["weights_sha256"]
-    stored["pretrain_loss"] += 1.0
-    out.write_text(json.dumps(moved))
+        rerun_without_the_pretrained_run(dict(pre, weights_sha256="0" * 64))
+    assert not folder.exists() and not folder.with_name(folder.name + ".remake").exists()
+    # a row that recorded only its final loss (older campaigns) is checked by it
+    older = {k: v for k, v in pre.items() if k != "weights_sha256"}
     with pytest.raises(SystemExit, match="pretrain_loss"):
-        mod.main(["--quick", "--out", str(out)])
+        rerun_without_the_pretrained_run(dict(older, pretrain_loss=older["pretrain_loss"] + 1.0))
+    assert rerun_without_the_pretrained_run(older) == 0 and (folder / "last.pt").exists()
     assert mod.main(["--quick", "--stage", "pretext", "--out", str(tmp_path / "pt.json")]) == 0
     runs = json.loads((tmp_path / "pt.json").read_text())["runs"]
     assert sorted(r["pretext"] for r in runs) == ["contrastive", "denoise", "masked", "none"]
@@ -438,8 +443,9 @@ def test_instances_ground_truth_objects_are_scikit_image_components_per_section(
 
 
 def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):
-    """--stage active --quick end to end: the seed's pretraining, the whole-pool reference and the three
-    arms' loops, each round scored on the test sections."""
+    """--stage active --quick end to end: the seed's pretraining, the whole-pool reference and the
+    loops (entropy and random from the pretrained network in one, entropy from scratch), every round
+    scored on the test sections."""
     from conftest import synthetic, write_h5
     import label_efficiency as mod
 
@@ -449,20 +455,22 @@ def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):
     out = tmp_path / "al.json"
     assert mod.main(["--quick", "--stage", "active", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert sorted(r["kind"] for r in doc["runs"]) == ["active"] * 3 + ["pretrain", "reference"]
+    assert sorted(r["kind"] for r in doc["runs"]) == ["active", "active", "pretrain", "reference"]
     assert doc["settings"]["al_per_iteration"] == 2 and doc["settings"]["stage"] == "active"
     ref = next(r for r in doc["runs"] if r["kind"] == "reference")
     assert ref["steps"] == 3 and [s for s, _ in ref["valid_curve"]] == [1, 2, 3]
-    arms = {(r["network"], r["strategy"]): r for r in doc["runs"] if r["kind"] == "active"}
-    assert set(arms) == set(mod.AL_ARMS)
-    for r in arms.values():
-        assert r["n_labelled"] == [2, 4] and all(0 <= j <= 1 for j in r["test_scores"])
-    # the loops start from the same two random patches; the pretrained ones from the pretrained weights
+    curves = mod.active_curves(doc["runs"], "mito")
+    assert set(curves) == set(mod.AL_ARMS) == {("pretrained", "entropy"), ("pretrained", "random"),
+                                               ("scratch", "entropy")}
+    for per_seed in curves.values():
+        assert per_seed[0]["n_labelled"] == [2, 4] and all(0 <= j <= 1 for j in per_seed[0]["test_scores"])
+    # entropy and random share the pretrained loop's first network: the same round-0 score
+    assert curves["pretrained", "entropy"][0]["test_scores"][0] == curves["pretrained", "random"][0]["test_scores"][0]
     folder = out.with_suffix("")
-    cfg = json.loads((folder / "active_mito_pretrained_entropy_seed0" / "config.json").read_text())
+    cfg = json.loads((folder / "active_mito_pretrained_seed0" / "config.json").read_text())
     assert cfg["init"].endswith("last.pt") and cfg["pool"]["region"] == [[0, 12]]
     assert cfg["test"]["region"] == [[15, 20], [32, 96], [32, 96]]  # the central 64^2, as the reference's test
-    assert json.loads((folder / "active_mito_scratch_entropy_seed0" / "config.json").read_text()).get("init") is None
+    assert json.loads((folder / "active_mito_scratch_seed0" / "config.json").read_text()).get("init") is None
     assert "whole-pool reference" in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 1000
 
@@ -474,26 +482,45 @@ def test_label_efficiency_active_table_counts_patches_to_the_bar():
 
     n = [8, 18, 28, 38, 48]
     runs = [{"kind": "reference", "task": "mito", "seed": 0, "test_score": 0.8},   # bar 0.76
-            {"kind": "reference", "task": "mito", "seed": 1, "test_score": 0.6}]   # bar 0.57
-    def arm(start, strategy, seed, scores):
-        return {"kind": "active", "task": "mito", "seed": seed, "network": start, "strategy": strategy,
-                "n_labelled": n, "test_scores": scores}
-    runs += [arm("pretrained", "entropy", 0, [0.5, 0.77, 0.8, 0.8, 0.8]),   # 18
-             arm("pretrained", "entropy", 1, [0.58, 0.6, 0.6, 0.6, 0.6]),   # 8
-             arm("scratch", "entropy", 0, [0.1, 0.3, 0.5, 0.7, 0.76]),      # 48
-             arm("scratch", "entropy", 1, [0.1, 0.3, 0.56, 0.57, 0.6]),     # 38
-             arm("pretrained", "random", 0, [0.5, 0.6, 0.7, 0.7, 0.7]),     # never
-             arm("pretrained", "random", 1, [0.5, 0.6, 0.7, 0.7, 0.7])]     # 18
-    text = mod.active_table(runs, 768)
-    assert mod.reach(n, [0.5, 0.77, 0.8, 0.8, 0.8], 0.8) == 18
+            {"kind": "reference", "task": "mito", "seed": 1, "test_score": 0.6},   # bar 0.57
+            {"kind": "reference", "task": "mito", "seed": 2, "test_score": 0.6}]
+
+    def loop(network, seed, **scores):
+        return {"kind": "active", "task": "mito", "seed": seed, "network": network,
+                "strategies": {k: {"n_labelled": n, "test_scores": v} for k, v in scores.items()}}
+
+    runs += [loop("pretrained", 0, entropy=[0.5, 0.78, 0.8, 0.8, 0.8], random=[0.5, 0.6, 0.7, 0.7, 0.7]),
+             loop("pretrained", 1, entropy=[0.59, 0.6, 0.6, 0.6, 0.6], random=[0.5, 0.58, 0.7, 0.7, 0.7]),
+             loop("pretrained", 2, entropy=[0.1, 0.2, 0.3, 0.58, 0.6], random=[0.1, 0.1, 0.1, 0.1, 0.1]),
+             loop("scratch", 0, entropy=[0.1, 0.3, 0.5, 0.7, 0.77]),     # 48
+             loop("scratch", 1, entropy=[0.1, 0.3, 0.56, 0.58, 0.6]),    # 38
+             loop("scratch", 2, entropy=[0.1, 0.1, 0.1, 0.1, 0.1])]      # never
+    assert mod.reach(n, [0.5, 0.78, 0.8, 0.8, 0.8], 0.8) == 18
     assert mod.reach(n, [0.1] * 5, 0.8) is None
-    entropy = [line for line in text.splitlines() if line.startswith("| pretrained, entropy | 18 / 8")][0]
-    geo = np.exp(np.mean(np.log([48 / 18, 38 / 8])))
-    assert f"{geo:.2f}x" in entropy
-    assert f"{np.mean([18, 8]) / 768:.3f} (2 of 2)" in entropy
-    random_row = [line for line in text.splitlines() if line.startswith("| pretrained, random | - / 18")][0]
-    assert f"{38 / 18:.2f}x (1 seed)" in random_row and "(1 of 2)" in random_row
-    assert "| n=8 | n=18 |" in text and "| scratch, entropy | 48 / 38 |" in text
+    text = mod.active_table(runs, 768)
+    entropy = next(line for line in text.splitlines() if line.startswith("| pretrained, entropy | 18 / 8 / 38 |"))
+    both = np.log([48 / 18, 38 / 8])  # seeds 0 and 1; seed 2: only the arm reaches it, ratio > 48 / 38
+    assert f"{np.exp(both.mean()):.2f}x" in entropy and "(2 seeds)" in entropy
+    assert f"only the arm reaches it on seed 2 (ratio > {48 / 38:.2f})" in entropy
+    assert f"{np.mean([18, 8, 38]) / 768:.3f} (3 of 3)" in entropy
+    random_row = next(line for line in text.splitlines() if line.startswith("| pretrained, random | > 48 / 18 / > 48 |"))
+    assert f"{38 / 18:.2f}x (1 seed)" in random_row and "(1 of 3)" in random_row
+    assert "only the baseline reaches it on seed 0" in random_row
+    assert "| n=8 | n=18 |" in text and "| scratch, entropy | 48 / 38 / > 48 |" in text
+
+
+def test_stored_label_efficiency_campaigns_resume_with_the_current_script():
+    """Each stored campaign's recorded command, parsed by the script as it is now, gives the settings
+    it recorded: rerunning it continues the campaign instead of being refused."""
+    import label_efficiency as mod
+
+    stored = sorted((RESULTS / "label_efficiency").glob("*.json"))
+    stored += sorted((RESULTS / "pretext").glob("*.json"))
+    assert stored
+    for path in stored:
+        doc = json.loads(path.read_text())
+        argv = (doc.get("starts") or [doc])[-1]["command"].split()[2:]  # older campaigns: "command" only
+        assert mod.settings(mod.parse_args(argv)) == doc["settings"], path
 
 
 def test_reproduce_names_real_scripts_and_its_thread_table_real_experiments():

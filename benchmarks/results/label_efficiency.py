@@ -55,8 +55,12 @@ POOL, VALID, TEST = (0, 12), (12, 15), (15, 20)
 VNC_SECTION = 1024  # side of a VNC section: the pool holds 12 x 1024^2 / patch^2 patches
 PRETRAIN_SECTIONS = (0, 15)
 ARMS = ("scratch", "pretrained")
-#: The active-learning stage's arms: (start of the initial network, query strategy).
-AL_ARMS = (("pretrained", "entropy"), ("pretrained", "random"), ("scratch", "entropy"))
+#: The active-learning stage's loops: the start of the initial network and the query strategies that
+#: share it (one simulation, so that they share the initial patches and the first network).
+AL_LOOPS = (("pretrained", ("entropy", "random")), ("scratch", ("entropy",)))
+#: The arms compared, (network, strategy); the last is the baseline of the label ratio.
+AL_ARMS = tuple((network, strategy) for network, strategies in AL_LOOPS for strategy in strategies)
+AL_BASELINE = ("scratch", "entropy")
 #: The share of the reference score an arm must reach (its labelled patches are counted).
 AL_REACH = 0.95
 N_CLASSES = {"mito": 2, "5class": 5}
@@ -88,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pretrain-minutes", type=float, default=30.0)
     ap.add_argument("--pretrain-steps", type=int, default=None, help="Pretrain this many steps instead of minutes.")
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
-    ap.add_argument("--kinds", default="masked,denoise,contrastive", help="--stage pretext: pretext kinds compared.")
+    ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
     ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
     ap.add_argument("--steps-grid", default=None,
                     help="--stage pretext: pretraining steps compared instead of minutes (a grid that does not "
@@ -159,7 +163,12 @@ def patch_cubes(raw, label, n: int | None, patch: int, seed: int, n_classes: int
 
 
 # ----------------------------------------------------------------------------- runs
-def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, steps: int | None = None) -> dict:
+def pretrain_folder(root: Path, seed: int, kind: str, minutes: float | None, steps: int | None) -> Path:
+    return root / (f"pretrain_{kind}_{steps}steps_seed{seed}" if steps else f"pretrain_{kind}_{minutes}min_seed{seed}")
+
+
+def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, steps: int | None = None,
+                 folder: Path | None = None) -> dict:
     """Pretrain on stack 2 and stack-1 sections 0-14 (raw only) for ``steps`` (else ``args.pretrain_steps``,
     else ``minutes``); resumes a killed run."""
     steps = steps or args.pretrain_steps
@@ -170,7 +179,7 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     stack2 = data_dir() / "vnc_stack2_unlabeled.h5"
     if stack2.exists():
         data.append({"raw": f"{stack2}:raw"})
-    folder = root / (f"pretrain_{kind}_{steps}steps_seed{seed}" if steps else f"pretrain_{kind}_{minutes}min_seed{seed}")
+    folder = folder or pretrain_folder(root, seed, kind, minutes, steps)
     last = folder / "last.pt"
     budget = {"steps": steps} if steps else {"max_seconds": 60.0 * minutes}
     if last.exists() and not steps:  # a killed run: only what is left of its time budget
@@ -206,28 +215,41 @@ def weights_digest(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def pretrained_weights(args, root: Path, pre: dict) -> dict:
-    """The stored pretraining run ``pre``, its checkpoint made again where it is gone (a campaign
-    continued on another machine keeps its JSON, not its checkpoints).
+def pretrained_weights(args, root: Path, pre: dict) -> str:
+    """The checkpoint of the stored pretraining run ``pre``, checked, and made again where it is gone
+    (a campaign continued on another machine keeps its JSON, not its checkpoints).
 
-    Pretraining is deterministic for a seed (each batch depends on the seed and step only), so the
-    remade weights must have the recorded digest (runs that recorded none: end at the recorded
-    loss); where they do not, the pretrained runs already stored came from other weights and the
-    campaign stops rather than mix them.
+    Pretraining is deterministic for a seed (each batch depends on the seed and step only), so
+    weights made again must have the recorded digest (rows that recorded none: end at the recorded
+    loss). They are made in a folder of their own and moved into place only when they do; otherwise
+    the pretrained runs already stored came from other weights and the campaign stops rather than
+    mix them. A checkpoint that is there is checked against the recorded digest too.
     """
-    if Path(pre["checkpoint"]).exists():
-        return pre
+    import shutil
+
+    stored = Path(pre["checkpoint"])
+    here = stored if stored.exists() else pretrain_folder(root, pre["seed"], pre["pretext"], None,
+                                                           pre.get("pretrain_steps")) / "last.pt"
+    if here.exists():
+        if pre.get("weights_sha256") and weights_digest(here) != pre["weights_sha256"]:
+            raise SystemExit(f"{here} does not hold the weights the stored runs of seed {pre['seed']} started from "
+                             "(another sha256); use another --out")
+        return str(here)
     if not args.pretrain_steps or (pre.get("weights_sha256") is None and pre.get("pretrain_loss") is None):
-        raise SystemExit(f"{pre['checkpoint']} is gone and cannot be made again and checked (a pretraining by "
-                         "minutes, or one that recorded neither its weights' digest nor its final loss); "
-                         "use another --out")
-    print(f"  pretraining of seed {pre['seed']} made again ({pre['checkpoint']} is gone)", flush=True)
-    again = pretrain_run(args, root, pre["seed"], pre["pretext"], None, int(pre["pretrain_steps"]))
+        raise SystemExit(f"{stored} is gone and cannot be made again and checked (a pretraining by minutes, or "
+                         "one that recorded neither its weights' digest nor its final loss); use another --out")
+    print(f"  pretraining of seed {pre['seed']} made again ({stored} is gone)", flush=True)
+    remake = here.parent.with_name(here.parent.name + ".remake")
+    shutil.rmtree(remake, ignore_errors=True)  # a remake killed earlier starts over
+    again = pretrain_run(args, root, pre["seed"], pre["pretext"], None, int(pre["pretrain_steps"]), folder=remake)
     key = "weights_sha256" if pre.get("weights_sha256") else "pretrain_loss"
-    if again["checkpoint"] != pre["checkpoint"] or again[key] != pre[key]:
+    if again[key] != pre[key]:
+        shutil.rmtree(remake)
         raise SystemExit(f"the pretraining of seed {pre['seed']} made again has {key} {again[key]!r}, not the "
                          f"recorded {pre[key]!r}: its pretrained runs would mix two networks; use another --out")
-    return pre
+    shutil.rmtree(here.parent, ignore_errors=True)
+    remake.rename(here.parent)
+    return str(here)
 
 
 def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None, steps: int | None = None,
@@ -270,6 +292,20 @@ def budgets(args) -> list[int | None]:
     return [None if b == "all" else int(b) for b in args.budgets.split(",")]
 
 
+def seed_weights(args, campaign: Campaign, root: Path, seed: int):
+    """A function giving the checkpoint of ``seed``'s pretraining (run, or its stored row checked and
+    remade, at the first call only: a seed whose pretrained runs are all stored needs no weights)."""
+    path: list[str] = []
+
+    def weights() -> str:
+        if not path:
+            pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
+                               lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
+            path.append(pretrained_weights(args, root, pre))
+        return path[0]
+    return weights
+
+
 def run_main(args, campaign: Campaign, root: Path) -> None:
     stack1 = data_dir() / "vnc_stack1.h5"
     for task in args.tasks.split(","):
@@ -278,22 +314,19 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
         valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
         test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
         for seed in (int(s) for s in args.seeds.split(",")):
-            pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
-                               lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
-            pre = pretrained_weights(args, root, pre)
+            weights = seed_weights(args, campaign, root, seed)
             for n in budgets(args):
                 cubes = patch_cubes(*pool, n, args.patch, seed, k)
                 for arm in ARMS:
-                    init = pre["checkpoint"] if arm == "pretrained" else None
                     row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
-                                       lambda: train_run(args, cubes, valid, test, k, seed, init))
+                                       lambda: train_run(args, cubes, valid, test, k, seed,
+                                                         weights() if arm == "pretrained" else None))
                     print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
 
 
-def active_config(args, task: str, seed: int, strategy: str, init: str | None):
-    """The simulated loop of one arm and seed (``emseg query simulate``'s configuration)."""
+def active_config(args, task: str, seed: int, strategies: tuple[str, ...], init: str | None):
+    """The simulated loop of one seed and initial network (``emseg query simulate``'s configuration)."""
     from emseg.active.simulation.config import simulate_config_from_dict
-
     from emseg.io import open_volume
 
     stack1 = data_dir() / "vnc_stack1.h5"
@@ -302,7 +335,7 @@ def active_config(args, task: str, seed: int, strategy: str, init: str | None):
     c = min(args.crop or h, h, w)  # the central crop of load_sections
     crop = [] if not args.crop else [[(h - c) // 2, (h - c) // 2 + c], [(w - c) // 2, (w - c) // 2 + c]]
     data = {"n_classes": N_CLASSES[task], "patch": [1, args.patch, args.patch], "seeds": [seed],
-            "strategies": [strategy], "initial": args.al_initial, "per_iteration": args.al_per_iteration,
+            "strategies": list(strategies), "initial": args.al_initial, "per_iteration": args.al_per_iteration,
             "iterations": args.al_iterations, "steps_initial": args.steps, "steps_finetune": args.al_steps_finetune,
             "batch_size": args.al_batch_size, "score_batch_size": 16, "finetune": "previous",
             "pool": {"raw": f"{stack1}:raw", "label": f"{stack1}:label", "region": [list(POOL)]},
@@ -315,17 +348,21 @@ def active_config(args, task: str, seed: int, strategy: str, init: str | None):
     return simulate_config_from_dict(data, source="label_efficiency")
 
 
-def active_run(args, root: Path, task: str, seed: int, network: str, strategy: str, init: str | None) -> dict:
-    """One arm's loop for one seed (resumable in its folder); the test score of every round."""
+def active_run(args, root: Path, task: str, seed: int, network: str, strategies: tuple[str, ...],
+               init: str | None) -> dict:
+    """One loop for one seed (resumable in its folder): per strategy, the labelled patches and test
+    score of every round."""
     from emseg.active.simulation.loop import run_simulation
 
     t0 = time.perf_counter()
-    result = run_simulation(active_config(args, task, seed, strategy, init),
-                            root / f"active_{task}_{network}_{strategy}_seed{seed}", runtime=Runtime(device="auto"),
-                            plot=False)
-    rounds = sorted(result.rows, key=lambda r: int(r["iteration"]))
-    return {"n_labelled": [int(r["n_labelled"]) for r in rounds],
-            "test_scores": [float(r["mean_fg_jaccard"]) for r in rounds], "seconds": time.perf_counter() - t0}
+    result = run_simulation(active_config(args, task, seed, strategies, init),
+                            root / f"active_{task}_{network}_seed{seed}", runtime=Runtime(device="auto"), plot=False)
+    out: dict = {"strategies": {}, "seconds": time.perf_counter() - t0}
+    for strategy in strategies:
+        rounds = sorted((r for r in result.rows if r["strategy"] == strategy), key=lambda r: int(r["iteration"]))
+        out["strategies"][strategy] = {"n_labelled": [int(r["n_labelled"]) for r in rounds],
+                                       "test_scores": [float(r["mean_fg_jaccard"]) for r in rounds]}
+    return out
 
 
 def run_active(args, campaign: Campaign, root: Path) -> None:
@@ -336,19 +373,18 @@ def run_active(args, campaign: Campaign, root: Path) -> None:
         valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
         test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
         for seed in (int(s) for s in args.seeds.split(",")):
-            pre = campaign.run({"kind": "pretrain", "pretext": args.kind, "seed": seed},
-                               lambda: pretrain_run(args, root, seed, args.kind, args.pretrain_minutes))
-            pre = pretrained_weights(args, root, pre)
+            weights = seed_weights(args, campaign, root, seed)
             ref = campaign.run({"kind": "reference", "task": task, "seed": seed},
                                lambda: train_run(args, patch_cubes(*pool, None, args.patch, seed, k), valid, test, k,
                                                  seed, None, args.reference_steps, args.reference_valid_every))
             print(f"  {task} seed {seed} whole-pool reference: test {ref['test_score']:.3f}", flush=True)
-            for network, strategy in AL_ARMS:
-                init = pre["checkpoint"] if network == "pretrained" else None
-                key = {"kind": "active", "task": task, "seed": seed, "network": network, "strategy": strategy}
-                row = campaign.run(key, lambda: active_run(args, root, task, seed, network, strategy, init))
-                print(f"  {task} seed {seed} {network} {strategy}: test "
-                      + " ".join(f"{n}:{j:.3f}" for n, j in zip(row["n_labelled"], row["test_scores"])), flush=True)
+            for network, strategies in AL_LOOPS:
+                key = {"kind": "active", "task": task, "seed": seed, "network": network}
+                row = campaign.run(key, lambda: active_run(args, root, task, seed, network, strategies,
+                                                           weights() if network == "pretrained" else None))
+                for strategy, curve in row["strategies"].items():
+                    print(f"  {task} seed {seed} {network} {strategy}: test " + " ".join(
+                        f"{n}:{j:.3f}" for n, j in zip(curve["n_labelled"], curve["test_scores"])), flush=True)
 
 
 def run_pretext(args, campaign: Campaign, root: Path) -> None:
@@ -412,19 +448,49 @@ def reach(n_labelled: list[int], scores: list[float], reference: float) -> int |
     return next((n for n, j in zip(n_labelled, scores) if j >= AL_REACH * reference), None)
 
 
+def active_curves(runs: list[dict], task: str) -> dict:
+    """``{(network, strategy): {seed: {"n_labelled", "test_scores"}}}`` of the stage's loops."""
+    out: dict = {}
+    for r in runs:
+        if r.get("kind") == "active" and r["task"] == task:
+            for strategy, curve in r["strategies"].items():
+                out.setdefault((r["network"], strategy), {})[r["seed"]] = curve
+    return out
+
+
+def label_ratio(needed: dict, base: dict, last: dict) -> str:
+    """The baseline's labelled patches over the arm's, per seed where both reach the bar (geometric
+    mean and 95% t-interval of the log ratio), and the seeds where only one of them reaches it
+    (``last``: the most patches each loop had, the bound of a ratio it cannot show)."""
+    both = [np.log(base[s] / n) for s, n in needed.items() if n and base.get(s)]
+    only_arm = [s for s, n in needed.items() if n and s in base and not base[s]]
+    only_base = [s for s, n in needed.items() if not n and base.get(s)]
+    if len(both) > 1:
+        mean, lo, hi = paired_interval(both)
+        cell = f"{np.exp(mean):.2f}x [{np.exp(lo):.2f}, {np.exp(hi):.2f}] ({len(both)} seeds)"
+    elif both:
+        cell = f"{np.exp(both[0]):.2f}x (1 seed)"
+    else:
+        cell = "-"
+    if only_arm:
+        cell += "; only the arm reaches it on seed " + ", ".join(
+            f"{s} (ratio > {last[s] / needed[s]:.2f})" for s in only_arm)
+    if only_base:
+        cell += "; only the baseline reaches it on seed " + ", ".join(map(str, only_base))
+    return cell
+
+
 def active_table(runs: list[dict], pool_patches: float) -> str:
     """The active-learning stage: test score per round and arm, then per seed the labelled patches each
     arm needs to reach 95% of the whole-pool reference and the ratio of scratch-entropy's to them."""
     lines: list[str] = []
     for task in dict.fromkeys(r["task"] for r in runs if r.get("kind") == "active"):
         refs = {r["seed"]: r["test_score"] for r in runs if r.get("kind") == "reference" and r["task"] == task}
-        by_arm: dict = {}
-        for r in (r for r in runs if r.get("kind") == "active" and r["task"] == task):
-            by_arm.setdefault((r["network"], r["strategy"]), {})[r["seed"]] = r
-        ns = sorted({n for per_seed in by_arm.values() for r in per_seed.values() for n in r["n_labelled"]})
+        arms = active_curves(runs, task)
+        ns = sorted({n for per_seed in arms.values() for c in per_seed.values() for n in c["n_labelled"]})
         lines += [f"| {task}: arm | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
-        for (network, strategy), seeds in by_arm.items():
-            cells = [mean_std([dict(zip(r["n_labelled"], r["test_scores"])).get(n) for r in seeds.values()])
+        for (network, strategy), per_seed in arms.items():
+            cells = [mean_std([dict(zip(c["n_labelled"], c["test_scores"])).get(n) for c in per_seed.values()])
                      for n in ns]
             lines.append(f"| {network}, {strategy} | " + " | ".join(cells) + " |")
         seeds = sorted(refs)
@@ -433,28 +499,21 @@ def active_table(runs: list[dict], pool_patches: float) -> str:
                       + f"; {AL_REACH:.0%} of it is the bar.", "",
                   f"| {task}: arm | labelled patches to {AL_REACH:.0%} of the reference, per seed "
                   f"({', '.join(map(str, seeds))}) | share of the pool (seeds that reach it) "
-                  "| scratch-entropy's patches / the arm's (geometric mean, 95% CI, seeds where both reach) |",
+                  "| scratch-entropy's patches / the arm's (geometric mean, 95% CI) |",
                   "|---|---|---|---|"]
-        base = by_arm.get(("scratch", "entropy"), {})
-        for (network, strategy), per_seed in by_arm.items():
-            needed = {s: reach(r["n_labelled"], r["test_scores"], refs[s]) for s, r in per_seed.items() if s in refs}
-            shown = " / ".join(str(needed.get(s)) if needed.get(s) else "-" for s in seeds)
-            got = [n for n in needed.values() if n]
-            share = f"{np.mean(got) / pool_patches:.3f} ({len(got)} of {len(needed)})" if got else "none reach it"
-            ratios = []
-            for s, n in needed.items():
-                other = base.get(s)
-                m = reach(other["n_labelled"], other["test_scores"], refs[s]) if other else None
-                if n and m:
-                    ratios.append(np.log(m / n))
-            if (network, strategy) == ("scratch", "entropy"):
-                ratio = "1 (the baseline)"
-            elif ratios:
-                mean, lo, hi = paired_interval(ratios)
-                ratio = (f"{np.exp(mean):.2f}x [{np.exp(lo):.2f}, {np.exp(hi):.2f}] ({len(ratios)} seeds)"
-                         if len(ratios) > 1 else f"{np.exp(mean):.2f}x (1 seed)")
-            else:
-                ratio = "-"
+
+        def needed(per_seed):
+            return {s: reach(c["n_labelled"], c["test_scores"], refs[s]) for s, c in per_seed.items() if s in refs}
+
+        base = needed(arms.get(AL_BASELINE, {}))
+        last = {s: max(c["n_labelled"]) for s, c in arms.get(AL_BASELINE, {}).items()}
+        for (network, strategy), per_seed in arms.items():
+            mine = needed(per_seed)
+            shown = " / ".join(str(mine[s]) if mine.get(s) else f"> {max(per_seed[s]['n_labelled'])}"
+                               if s in per_seed else "not run" for s in seeds)
+            got = [n for n in mine.values() if n]
+            share = f"{np.mean(got) / pool_patches:.3f} ({len(got)} of {len(mine)})" if got else "none reach it"
+            ratio = "1 (the baseline)" if (network, strategy) == AL_BASELINE else label_ratio(mine, base, last)
             lines.append(f"| {network}, {strategy} | {shown} | {share} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
@@ -469,15 +528,14 @@ def plot_active(runs: list[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in runs if r.get("kind") == "active"))
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        rows = [r for r in runs if r.get("kind") == "active" and r["task"] == task]
-        for arm in dict.fromkeys((r["network"], r["strategy"]) for r in rows):
-            mine = [dict(zip(r["n_labelled"], r["test_scores"])) for r in rows if (r["network"], r["strategy"]) == arm]
+        for (network, strategy), per_seed in active_curves(runs, task).items():
+            mine = [dict(zip(c["n_labelled"], c["test_scores"])) for c in per_seed.values()]
             ns = sorted({n for m in mine for n in m})
             vals = [np.asarray([m[n] for m in mine if n in m], float) for n in ns]
             mean = np.array([v.mean() for v in vals])
             half = np.array([stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
                              for v in vals])
-            line, = ax.plot(ns, mean, marker="o", ms=3, label=f"{arm[0]}, {arm[1]}")
+            line, = ax.plot(ns, mean, marker="o", ms=3, label=f"{network}, {strategy}")
             ax.fill_between(ns, mean - half, mean + half, color=line.get_color(), alpha=0.15)
         refs = [r["test_score"] for r in runs if r.get("kind") == "reference" and r["task"] == task]
         if refs:

@@ -83,8 +83,8 @@ class PretextConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """A pretraining run: the shared training settings (raw volumes as ``train`` cubes, one
-    output channel) and the pretext."""
+    """A pretraining run: the shared training settings (raw volumes as ``train`` cubes) and the
+    pretext (which sets the network's output channels: one, or ``embed_dim`` for ``contrastive``)."""
 
     training: TrainConfig
     pretext: PretextConfig = dataclasses.field(default_factory=PretextConfig)

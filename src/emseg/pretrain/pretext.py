@@ -15,11 +15,14 @@ clean patch, and the loss is the mean squared error over all voxels.
 each patch, each with its own intensity jitter (gain 0.7-1.3 about the patch mean, offset
 +-0.15, a Gaussian blur of sigma 0.5-1.5 in-plane on half of the views, white noise of standard
 deviation up to ``noise_std``), the second also turned by one of the in-plane rotations and
-flips (the eight of the square; two of them on a non-square patch); the network maps both to
-``embed_dim`` channels per voxel, the second map is turned back, and the loss compares the two
-maps at up to 4,096 voxels of the batch drawn at random: ``25 * invariance (MSE) + 25 * (variance
-+ variance') + (covariance + covariance')`` (Bardes et al. 2022; variance: the mean over channels of
-``max(0, 1 - std)``, covariance: the squared off-diagonal covariances divided by ``embed_dim``).
+flips (the eight of the square; the four that keep a non-square patch's shape); the network maps
+both to ``embed_dim`` channels per voxel, the second map is turned back, and the loss compares the
+two maps at up to 4,096 voxels of the batch drawn at random: ``25 * invariance + 25 * (variance +
+variance') / 2 + (covariance + covariance')`` (VICReg, Bardes et al. 2022, with the weights and the
+halved variance term of the authors' implementation, for which the weights were chosen;
+invariance: the mean squared difference over voxels and channels; variance: the mean over
+channels of ``max(0, 1 - sqrt(var + 1e-4))``; covariance: the squared off-diagonal covariances
+divided by ``embed_dim``).
 The network learns what stays the same under the jitter and the turn, without a reconstruction.
 
 Intensities are those the segmentation network sees: raw values scaled to [0, 1]
@@ -154,7 +157,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, voxels: torch.Tensor | None 
         return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / z.shape[1]
 
     w_inv, w_var, w_cov = weights
-    return (w_inv * F.mse_loss(a, b) + w_var * (variance(a) + variance(b))
+    return (w_inv * F.mse_loss(a, b) + w_var * (variance(a) + variance(b)) / 2
             + w_cov * (covariance(a) + covariance(b)))
 
 

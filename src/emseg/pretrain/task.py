@@ -4,9 +4,9 @@
 has every property of ``emseg train``: bf16 on hardware that computes it, prefetched batches,
 atomic checkpoints, exact resume, the stop on non-finite losses, one writer per run folder,
 ``metrics.csv`` and torchrun. The network is the segmentation U-Net of the ``[model]`` table
-with one output channel (the reconstruction), so ``emseg train --init DIR/last.pt`` takes every
-tensor but the output head. Checkpoints have ``task = "pretrain"`` and hold the ``pretext``
-settings.
+with one output channel (the reconstruction; ``embed_dim`` for ``contrastive``), so ``emseg train
+--init DIR/last.pt`` takes every tensor but the output head. Checkpoints have ``task =
+"pretrain"`` and hold the ``pretext`` settings.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from emseg.pretrain.pretext import make_pretext_batch, pretext_loss, turn_back, 
 
 
 class PretrainTask:
-    """A U-Net with one output channel trained on a pretext task for :func:`run_training`.
+    """A U-Net trained on a pretext task for :func:`run_training` (one output channel, ``embed_dim``
+    for ``contrastive``).
 
     Parameters
     ----------
