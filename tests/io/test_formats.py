@@ -216,6 +216,20 @@ def test_whole_mrc_sections_read_in_one_call_agree_with_the_map(tmp_path, order)
             np.testing.assert_array_equal(got, data[index])
 
 
+def test_mrc_data_after_an_extended_header_and_a_2d_mrc(tmp_path):
+    data = _stack((3, 10, 7)).astype(np.float32)
+    with mrcfile.new(str(tmp_path / "ext.mrc")) as mrc:
+        mrc.set_extended_header(np.arange(100, dtype=np.int32))  # 400 bytes between header and data
+        mrc.set_data(data)
+    with open_volume(str(tmp_path / "ext.mrc")) as vol:
+        np.testing.assert_array_equal(vol[...], data)
+    with mrcfile.new(str(tmp_path / "one.mrc")) as mrc:
+        mrc.set_data(data[1])
+    with open_volume(str(tmp_path / "one.mrc")) as vol:
+        assert vol.shape == (10, 7)
+        np.testing.assert_array_equal(vol[...], data[1])
+
+
 def test_truncated_mrc_is_one_line(tmp_path):
     path = tmp_path / "cut.mrc"
     with mrcfile.new(str(path)) as mrc:
