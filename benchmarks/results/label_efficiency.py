@@ -306,7 +306,9 @@ def seed_weights(args, campaign: Campaign, root: Path, seed: int):
     return weights
 
 
-def run_main(args, campaign: Campaign, root: Path) -> None:
+def tasks_and_seeds(args, campaign: Campaign, root: Path):
+    """Per task and seed: the task's class count, pool (raw, labels), validation and test cubes, the
+    seed and its pretrained weights (:func:`seed_weights`)."""
     stack1 = data_dir() / "vnc_stack1.h5"
     for task in args.tasks.split(","):
         k = N_CLASSES[task]
@@ -314,14 +316,18 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
         valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
         test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
         for seed in (int(s) for s in args.seeds.split(",")):
-            weights = seed_weights(args, campaign, root, seed)
-            for n in budgets(args):
-                cubes = patch_cubes(*pool, n, args.patch, seed, k)
-                for arm in ARMS:
-                    row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
-                                       lambda: train_run(args, cubes, valid, test, k, seed,
-                                                         weights() if arm == "pretrained" else None))
-                    print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
+            yield task, k, pool, valid, test, seed, seed_weights(args, campaign, root, seed)
+
+
+def run_main(args, campaign: Campaign, root: Path) -> None:
+    for task, k, pool, valid, test, seed, weights in tasks_and_seeds(args, campaign, root):
+        for n in budgets(args):
+            cubes = patch_cubes(*pool, n, args.patch, seed, k)
+            for arm in ARMS:
+                row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
+                                   lambda: train_run(args, cubes, valid, test, k, seed,
+                                                     weights() if arm == "pretrained" else None))
+                print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
 
 
 def active_config(args, task: str, seed: int, strategies: tuple[str, ...], init: str | None):
@@ -366,25 +372,18 @@ def active_run(args, root: Path, task: str, seed: int, network: str, strategies:
 
 
 def run_active(args, campaign: Campaign, root: Path) -> None:
-    stack1 = data_dir() / "vnc_stack1.h5"
-    for task in args.tasks.split(","):
-        k = N_CLASSES[task]
-        pool = load_sections(stack1, POOL, None, task)
-        valid = cube(*load_sections(stack1, VALID, args.crop, task), k, "valid")
-        test = cube(*load_sections(stack1, TEST, args.crop, task), k, "test")
-        for seed in (int(s) for s in args.seeds.split(",")):
-            weights = seed_weights(args, campaign, root, seed)
-            ref = campaign.run({"kind": "reference", "task": task, "seed": seed},
-                               lambda: train_run(args, patch_cubes(*pool, None, args.patch, seed, k), valid, test, k,
-                                                 seed, None, args.reference_steps, args.reference_valid_every))
-            print(f"  {task} seed {seed} whole-pool reference: test {ref['test_score']:.3f}", flush=True)
-            for network, strategies in AL_LOOPS:
-                key = {"kind": "active", "task": task, "seed": seed, "network": network}
-                row = campaign.run(key, lambda: active_run(args, root, task, seed, network, strategies,
-                                                           weights() if network == "pretrained" else None))
-                for strategy, curve in row["strategies"].items():
-                    print(f"  {task} seed {seed} {network} {strategy}: test " + " ".join(
-                        f"{n}:{j:.3f}" for n, j in zip(curve["n_labelled"], curve["test_scores"])), flush=True)
+    for task, k, pool, valid, test, seed, weights in tasks_and_seeds(args, campaign, root):
+        ref = campaign.run({"kind": "reference", "task": task, "seed": seed},
+                           lambda: train_run(args, patch_cubes(*pool, None, args.patch, seed, k), valid, test, k,
+                                             seed, None, args.reference_steps, args.reference_valid_every))
+        print(f"  {task} seed {seed} whole-pool reference: test {ref['test_score']:.3f}", flush=True)
+        for network, strategies in AL_LOOPS:
+            key = {"kind": "active", "task": task, "seed": seed, "network": network}
+            row = campaign.run(key, lambda: active_run(args, root, task, seed, network, strategies,
+                                                       weights() if network == "pretrained" else None))
+            for strategy, curve in row["strategies"].items():
+                print(f"  {task} seed {seed} {network} {strategy}: test " + " ".join(
+                    f"{n}:{j:.3f}" for n, j in zip(curve["n_labelled"], curve["test_scores"])), flush=True)
 
 
 def run_pretext(args, campaign: Campaign, root: Path) -> None:
