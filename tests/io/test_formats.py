@@ -500,12 +500,15 @@ def test_emseg_tiffs_come_back_with_every_axis(tmp_path, shape):
 
 
 def test_closing_tiff_volumes_releases_their_files(tmp_path):
-    from emseg.io._tiff_read import OPEN_MAPS
+    from emseg.io._tiff_read import OPEN_FDS, OPEN_MAPS
 
+    import resource
+    assert 64 <= OPEN_FDS <= max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
     tifffile.imwrite(tmp_path / "one.tif", _stack((3, 8, 8), np.uint8), photometric="minisblack")
     folder = tmp_path / "many"
     folder.mkdir()
-    for z in range(OPEN_MAPS + 40):
+    n = max(OPEN_MAPS, OPEN_FDS) + 40
+    for z in range(n):
         tifffile.imwrite(folder / f"{z}.tif", np.full((4, 5), z % 250, np.uint8))
     before = _open_fds()
     for _ in range(3):
@@ -513,8 +516,10 @@ def test_closing_tiff_volumes_releases_their_files(tmp_path):
             vol[1]
     assert _open_fds() == before
     with open_volume(str(folder)) as vol:
-        assert [int(vol[z, 0, 0]) for z in range(vol.shape[0])] == [z % 250 for z in range(vol.shape[0])]
-        assert _open_fds() - before <= OPEN_MAPS + 1  # maps beyond the bound are closed
+        assert [int(vol[z, 0, 0]) for z in range(n)] == [z % 250 for z in range(n)]  # rows read: descriptors
+        assert _open_fds() - before <= OPEN_FDS + 1  # descriptors beyond the bound are closed
+        assert [int(vol[z, ::2, 0][0]) for z in range(n)] == [z % 250 for z in range(n)]  # strided: maps
+        assert _open_fds() - before <= OPEN_FDS + OPEN_MAPS + 1  # maps beyond theirs too
     assert _open_fds() == before
 
 

@@ -44,7 +44,7 @@ def plain_tiff_layout(path: Path) -> tuple[tuple[int, int], np.dtype, tuple[int,
 def head_layout(path: Path) -> tuple[tuple[tuple[int, int], np.dtype, tuple[int, str]], int] | None:
     """:func:`plain_tiff_layout` read from the first :data:`HEAD_BYTES` alone (else None), and the
     number of leading bytes it was read from: a file of the same size that begins with the same
-    bytes has the same layout (:func:`file_head`)."""
+    bytes has the same layout."""
     with open(path, "rb", buffering=0) as fh:
         head = fh.read(HEAD_BYTES)
     extent = [8]
@@ -103,9 +103,3 @@ def _plain_layout(tags: dict, next_ifd: int, order: str):
     if sum(counts) != shape[0] * shape[1] * dtype.itemsize:
         return None
     return shape, dtype, (int(offsets[0]), order)
-
-
-def file_head(path: Path, size: int) -> tuple[int, bytes]:
-    """The size of a file and its first ``size`` bytes (see :func:`head_layout`)."""
-    with open(path, "rb", buffering=0) as fh:
-        return os.fstat(fh.fileno()).st_size, fh.read(size)

@@ -17,7 +17,7 @@ import zarr
 from PIL import Image
 
 from emseg.errors import InputError
-from emseg.io._tiff_layout import file_head, head_layout, plain_tiff_layout
+from emseg.io._tiff_layout import head_layout, plain_tiff_layout
 from emseg.io._formats import (GLOB_CHARS, SLICE_SUFFIXES, TIFF_SUFFIXES, _ArrayReader, _close_map, _nm, full_index,
                                 natural_key)
 
@@ -274,8 +274,24 @@ def _read_slice(path: Path) -> np.ndarray:
 
 #: Decoded (PNG, compressed TIFF) slices kept for the next reads of the same sections.
 DECODED_CACHE_BYTES = 128 << 20
-#: Memory maps, and descriptors, of uncompressed slices kept open (each holds a file descriptor).
+#: Memory maps of uncompressed slices kept open (each holds a file descriptor).
 OPEN_MAPS = 64
+
+
+def _descriptor_budget() -> int:
+    """Descriptors of plain slices kept open for reads: an eighth of the process's soft limit, 64 to
+    512 (a 100-section folder read patch by patch no longer reopens files at the usual limit of 1024)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows): the old bound
+        return 64
+    return 512 if soft == resource.RLIM_INFINITY else min(512, max(64, soft // 8))
+
+
+#: Descriptors of plain slices kept open (least recently used closed first).
+OPEN_FDS = _descriptor_budget()
 
 
 def _whole(rest: tuple) -> bool:
@@ -298,27 +314,32 @@ class SliceStack(_ArrayReader):
         if len(shape) != 2:
             raise InputError(f"slice of shape {shape}: slices must be 2D grey images", source=str(self.files[0]))
         self._where = [where]  # where each uncompressed slice's pixels start: mapped without parsing again
+        self._maps: OrderedDict[int, Any] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
         # slices of the first one's size that begin with the bytes its directory was read from (one
-        # writer, one shape) share its layout: one short read per slice instead of a parse
+        # writer, one shape) share its layout: one short read per slice instead of a parse, through a
+        # descriptor that is kept for the reads that follow
         first_where = where
-        known = head_layout(self.files[0]) if where is not None else None
-        first = file_head(self.files[0], known[1]) if known is not None else None
-        for f in self.files[1:]:
-            if first is not None and file_head(f, len(first[1])) == first:
-                self._where.append(first_where)
-                continue
-            s, d, where = _slice_header(f)
-            if s != shape or d != dtype:
-                raise InputError(f"slice of shape {s} and dtype {d} differs from the first slice "
-                                 f"({self.files[0].name}: {shape}, {dtype})", source=str(f))
-            self._where.append(where)
+        try:
+            known = head_layout(self.files[0]) if where is not None else None
+            first = self._head(0, known[1]) if known is not None else None
+            for z, f in enumerate(self.files[1:], start=1):
+                if first is not None and self._head(z, len(first[1])) == first:
+                    self._where.append(first_where)
+                    continue
+                s, d, where = _slice_header(f)
+                if s != shape or d != dtype:
+                    raise InputError(f"slice of shape {s} and dtype {d} differs from the first slice "
+                                     f"({self.files[0].name}: {shape}, {dtype})", source=str(f))
+                self._where.append(where)
+        except BaseException:
+            self.close()
+            raise
         self.shape = (len(self.files),) + shape
         self.dtype = dtype
         self.chunks = (1,) + shape
         self.attrs = {"format": "slices", "files": len(self.files)}
-        self._maps: OrderedDict[int, Any] = OrderedDict()
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.files[0].suffix.lower() in TIFF_SUFFIXES:
             voxel = self._plane_voxel_size(self.files[0])
             if voxel:
@@ -400,12 +421,21 @@ class SliceStack(_ArrayReader):
                 return picked if _whole((rx,)) else np.array(picked)
         return np.array(self._plane(z)[rest], dtype=self.dtype)
 
+    def _head(self, z: int, size: int) -> tuple[int, bytes]:
+        """The size of slice ``z``'s file and its first ``size`` bytes, read through the slice's kept
+        descriptor (see :func:`~emseg.io._tiff_layout.head_layout`)."""
+        try:
+            fd = self._fd(z)
+            return os.fstat(fd).st_size, os.pread(fd, size, 0)
+        except OSError as exc:
+            raise InputError(f"cannot read the slice ({exc.strerror})", source=str(self.files[z])) from None
+
     def _fd(self, z: int) -> int:
-        """An open descriptor of slice ``z``: at most :data:`OPEN_MAPS` are kept, least recently used out."""
+        """An open descriptor of slice ``z``: at most :data:`OPEN_FDS` are kept, least recently used out."""
         fd = self._fds.pop(z, None)
         if fd is None:
             fd = os.open(self.files[z], os.O_RDONLY)
-            while len(self._fds) >= OPEN_MAPS:
+            while len(self._fds) >= OPEN_FDS:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds[z] = fd  # most recently used last
         return fd
