@@ -628,7 +628,7 @@ def bench_pretrain(seconds: float, vnc: Path | None) -> dict:
 
     for precision in ("fp32", "auto"):
         with tempfile.TemporaryDirectory() as tmp:
-            runs = {"masked": pretrain_run(tmp, precision, "masked")}  # the order of the figures before
+            runs = {"masked": pretrain_run(tmp, precision, "masked")}  # masked before train, as measured before
             sup = train(config_from_dict(dict(common, precision=precision, n_classes=5, valid_every=10**6,
                                               train=[{"raw": f"{stack}:raw", "label": f"{stack}:label",
                                                       "region": [[0, 12]]}])),

@@ -5,8 +5,8 @@ Each reader is an array-like (``shape``, ``dtype``, ``chunks``, ``attrs``, ``__g
 ``close``) that :class:`emseg.io.Volume` wraps, so every command reads these formats the same way.
 Nothing is loaded whole: a multi-page TIFF is memory-mapped when its pages are stored contiguously
 and read page by page (tifffile's zarr view) otherwise; a folder of slices reads one file per
-section asked for; MRC is memory-mapped (the header read by ``mrcfile``); N5 is read chunk by chunk (``tensorstore``,
-the ``n5`` extra). The voxel size found in a file's metadata is ``attrs["voxel_size_nm"]`` (z, y, x).
+section asked for; MRC is memory-mapped (the header read by ``mrcfile``); N5 is read chunk by
+chunk (``tensorstore``, the ``n5`` extra). The voxel size found in a file's metadata is ``attrs["voxel_size_nm"]`` (z, y, x).
 """
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ class MrcVolume(_ArrayReader):
         except Exception as exc:
             reason = str(exc).split("\n")[0]
             raise InputError(f"not a readable MRC file ({reason})", source=str(path)) from None
-        # A mapping of our own: slicing mrcfile's numpy memmap and copying out of it measured 2.4x
-        # slower than copying out of a plain read-only mapping (benchmarks/speed.py --only formats).
+        # A mapping of our own: copying whole sections out of mrcfile's numpy memmap measured 2.4x
+        # slower than out of a plain read-only mapping in a probe (docs/benchmarks.md, formats).
         with open(path, "rb") as fh:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._data = np.frombuffer(self._map, dtype=stored, count=math.prod(shape), offset=offset).reshape(shape)
