@@ -166,6 +166,41 @@ def test_meta_structures_late_gain_reads_the_curve_halfway():
     assert meta_structures.late_gain([[100, 0.5], [500, 0.7], [1000, 0.7]]) == pytest.approx(0.0)
 
 
+def test_meta_structures_quarter_gain_averages_the_last_two_quarters():
+    import meta_structures
+
+    steps = list(range(100, 2001, 100))
+    dice = [0.01 * i for i in range(len(steps))]
+    # quarters of 2,000 steps: (1000, 1500] holds 1100..1500, (1500, 2000] holds 1600..2000
+    before = [d for s, d in zip(steps, dice) if 1000 < s <= 1500]
+    last = [d for s, d in zip(steps, dice) if s > 1500]
+    gain = meta_structures.quarter_gain([list(c) for c in zip(steps, dice)])
+    assert gain == pytest.approx(np.mean(last) - np.mean(before)) and gain == pytest.approx(0.05)
+    flat = [[s, 0.7 if s > 800 else 0.1] for s in steps]
+    assert meta_structures.quarter_gain(flat) == pytest.approx(0.0)
+
+
+def test_meta_structures_markdown_merges_campaigns_run_side_by_side(tmp_path, capsys, monkeypatch):
+    import meta_structures
+
+    names = []
+    for part, seeds in (("a", (0, 1)), ("b", (2,))):
+        runs = [{"run": run, "seed": s, "dice_mito": 0.8 - 0.1 * (run == "RL") - 0.01 * s * (run == "RL"),
+                 "label_agreement": 1.0, "final_loss": 0.3, "loss_curve": [1.0, 0.5], "loss_every": 10,
+                 "valid_curve": [[100, 0.5], [200, 0.6], [300, 0.7], [400, 0.7]]}
+                for s in seeds for run in ("CL", "RL")]
+        path = tmp_path / f"{part}.json"
+        path.write_text(json.dumps({"split": _campaign.SPLIT, "runs": runs}))
+        names.append(str(path))
+    monkeypatch.setattr(sys, "argv", ["meta_structures.py", "--markdown", "--out", ",".join(names),
+                                      "--figure", str(tmp_path / "both.png")])
+    assert meta_structures.main() == 0
+    text = capsys.readouterr().out
+    m, lo, hi = _campaign.paired_interval([-0.10, -0.11, -0.12])  # RL - CL over the three seeds
+    assert f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
+    assert "validation Dice, last quarter" in text and (tmp_path / "both.png").stat().st_size > 1000
+
+
 def test_igtt_table_pairs_with_otsu_and_ems(tmp_path):
     import igtt
 

@@ -10,11 +10,15 @@ scored once. PCL dilation and erosion use the paper's 3 x 3 template (``--dilate
 ``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
 paired difference to CL with its 95% interval), the figure shows test Dice per condition and the
 training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
-``--valid-every N``, the validation Dice every N steps (whether the budget reached the plateau).
+``--valid-every N``, the validation Dice every N steps (whether the budget reached the plateau:
+the table's last column, the mean validation Dice over the last quarter of training minus the
+mean over the quarter before it). ``--markdown --out a.json,b.json`` merges campaigns run side by
+side (seeds split over cores) into one table and figure (``--figure``).
 
-    python benchmarks/results/meta_structures.py --seeds 0,1,2 --steps 1000 --downsample 2
-    python benchmarks/results/meta_structures.py --target membrane --valid-every 100 \
-        --out benchmarks/results/meta_structures_membrane.json
+    python benchmarks/results/meta_structures.py --seeds 0,1,2,3,4 --steps 2000 --valid-every 100 \
+        --out benchmarks/results/meta_structures/mito.json
+    python benchmarks/results/meta_structures.py --target membrane --seeds 0,1,2,3,4 --steps 2000 \
+        --valid-every 100 --out benchmarks/results/meta_structures/membrane.json
 """
 from __future__ import annotations
 
@@ -43,12 +47,26 @@ def late_gain(curve: list[list[float]]) -> float:
     return float(dice[-1] - np.interp(steps[-1] / 2, steps, dice))
 
 
-def table(runs: list[dict]) -> str:
+def quarter_gain(curve: list[list[float]]) -> float:
+    """Mean validation Dice over the last quarter of training minus the mean over the quarter before
+    it (near 0: the plateau; averaging several points keeps one noisy validation from deciding)."""
+    steps = np.array([c[0] for c in curve], float)
+    dice = np.array([c[1] for c in curve], float)
+    end = steps[-1]
+    last = dice[steps > 0.75 * end]
+    before = dice[(steps > 0.5 * end) & (steps <= 0.75 * end)]
+    return float(last.mean() - before.mean())
+
+
+def table(runs: list[dict], protocol: bool = False) -> str:
+    """Mean +- std per condition; ``protocol``: campaigns under the split (curves on validation)."""
     names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
     cl = {r["seed"]: r["dice_mito"] for r in runs if r["run"] == "CL"}
     curves = any(r.get("valid_curve") for r in runs)
+    last = (" validation Dice, last quarter - the quarter before |" if protocol
+            else " test Dice gain over the last half of training |")
     lines = ["| condition | label error | test Dice | condition - CL (95% CI) | final loss |"
-             + (" test Dice gain over the last half of training |" if curves else ""),
+             + (last if curves else ""),
              "|---|---|---|---|---|" + ("---|" if curves else "")]
     for c in names:
         rs = [r for r in runs if r["run"] == c]
@@ -58,12 +76,13 @@ def table(runs: list[dict]) -> str:
         cells = (f"| {c} | {err} | {mean_std([r['dice_mito'] for r in rs])} | {diff} | "
                  f"{mean_std([r['final_loss'] for r in rs])} |")
         if curves:
-            cells += f" {mean_std([late_gain(r['valid_curve']) for r in rs if r.get('valid_curve')])} |"
+            gain = quarter_gain if protocol else late_gain
+            cells += f" {mean_std([gain(r['valid_curve']) for r in rs if r.get('valid_curve')])} |"
         lines.append(cells)
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, protocol: bool = False) -> None:
     plt = pyplot()
     names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
     curves = any(r.get("valid_curve") for r in runs)
@@ -86,7 +105,7 @@ def plot(runs: list[dict], path: Path) -> None:
     axes[1].legend(fontsize=7, ncol=2)
     if curves:
         axes[2].set_xlabel("training step")
-        axes[2].set_ylabel("test Dice, clean labels")
+        axes[2].set_ylabel(f"{'validation' if protocol else 'test'} Dice, clean labels")
         axes[2].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -108,12 +127,18 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dilate-radius", type=int, default=1, help="PCL radius (1: the paper's 3 x 3 template)")
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the table of --out (several JSONs: comma-separated) and draw --figure")
+    ap.add_argument("--figure", default=None, help="with --markdown: the figure's path (default: beside the first JSON)")
     args = ap.parse_args()
-    out = Path(args.out)
     if args.markdown:
-        print(table(json.loads(out.read_text())["runs"]))
+        docs = [json.loads(Path(name).read_text()) for name in args.out.split(",")]
+        runs = [r for doc in docs for r in doc["runs"]]
+        protocol = all("split" in doc for doc in docs)
+        print(table(runs, protocol))
+        plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"), protocol)
         return 0
+    out = Path(args.out)
     root = data_dir()
     if root is None:
         return no_data()
@@ -130,8 +155,8 @@ def main() -> int:
                 run_args = argparse.Namespace(**vars(args), seed=seed, seconds=10**9, device="cpu", overlap=0.125)
                 row = campaign.run({"run": c, "seed": seed}, lambda: dict(noise_vnc.one_run(c, run_args, tmp), target=args.target))
                 print(f"{c} seed {seed}: Dice {row['dice_mito']:.3f} ({row['steps']} steps)", flush=True)
-    plot(campaign.runs, out.with_suffix(".png"))
-    print(table(campaign.runs))
+    plot(campaign.runs, out.with_suffix(".png"), protocol=True)
+    print(table(campaign.runs, protocol=True))
     return 0
 
 
