@@ -510,6 +510,47 @@ def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_label_efficiency_finetune_stage_quick(tmp_path, monkeypatch, capsys):
+    """--stage finetune --quick end to end: one pretraining, a fine-tuning per encoder scale and a
+    scratch run (at the full rate), all on the validation sections; a rerun recomputes nothing."""
+    from conftest import synthetic, write_h5
+    import label_efficiency as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    out = tmp_path / "ft.json"
+    seen = []
+    real = mod.train_run
+    monkeypatch.setattr(mod, "train_run", lambda *a, **k: seen.append((a[4], k.get("encoder_lr_scale", 1.0)))
+                        or real(*a, **k))
+    assert mod.main(["--quick", "--stage", "finetune", "--encoder-lr-scales", "0.5,0,1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["encoder_lr_scales"] == "0.5,0,1"
+    rows = [r for r in doc["runs"] if r["kind"] == "finetune"]
+    assert [r["encoder_lr_scale"] for r in rows] == [0.5, 0.0, 1.0, None]
+    assert all("test_score" not in r and 0 <= r["valid_best"] <= 1 for r in rows)
+    assert seen == [(2, 0.5), (2, 0.0), (2, 1.0), (2, 1.0)]  # validation only; scratch at the full rate
+    assert sum(r["kind"] == "pretrain" for r in doc["runs"]) == 1
+    text = capsys.readouterr().out
+    assert "| scratch |" in text and "| pretrained, encoder x 0.5 |" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert mod.main(["--quick", "--stage", "finetune", "--encoder-lr-scales", "0.5,0,1", "--out", str(out)]) == 0
+    assert len(seen) == 4  # resumed: nothing recomputed
+
+
+def test_label_efficiency_finetune_table_pairs_with_the_full_rate():
+    import label_efficiency as mod
+
+    runs = [{"kind": "finetune", "seed": s, "encoder_lr_scale": scale, "valid_best": v + 0.01 * s}
+            for s in (0, 1, 2) for scale, v in ((1.0, 0.5), (0.1, 0.6), (None, 0.3))]
+    runs[4]["valid_best"] += 0.03  # seed 1, scale 0.1: the differences 0.10, 0.13, 0.10
+    text = mod.table(runs)
+    m, lo, hi = _campaign.paired_interval([0.10, 0.13, 0.10])
+    assert f"| pretrained, encoder x 0.1 | " in text and f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
+    assert "| scratch | 0.310 +- 0.010 | 0.300 / 0.310 / 0.320 |" in text
+
+
 def test_label_efficiency_active_table_counts_patches_to_the_bar():
     """Patches to 95% of each seed's reference and the geometric mean of scratch-entropy's over the arm's,
     against values worked out by hand."""

@@ -29,8 +29,16 @@ scored on test): the labelled patches each arm needs to reach 95% of it are coun
 on ``--pretext-budget`` patches, mitochondria), to choose the default kind and duration without
 looking at the test sections.
 
+``--stage finetune`` asks, on the validation sections only, whether the pretrained network should
+be fine-tuned with a lower encoder learning rate (``optim.encoder_lr_scale``, ``--encoder-lr-scales``;
+0 freezes the encoder): per seed, the main stage's pretraining (``--kind``, ``--pretrain-steps``)
+fine-tuned on ``--pretext-budget`` patches (mitochondria) at each scale, and the same patches
+from scratch; the best validation score of each run is recorded, the test sections are not read.
+
     python benchmarks/results/label_efficiency.py --out benchmarks/results/label_efficiency.json
     python benchmarks/results/label_efficiency.py --stage pretext --out benchmarks/results/pretext.json
+    python benchmarks/results/label_efficiency.py --stage finetune --kind masked --pretrain-steps 675 \
+        --steps 600 --valid-every 60 --seeds 0,1,2 --out benchmarks/results/finetune/seeds012.json
     python benchmarks/results/label_efficiency.py --quick --out /tmp/le.json   # tiny, under a minute
 """
 from __future__ import annotations
@@ -78,7 +86,7 @@ def vnc_pool_patches(args) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="Results JSON; checkpoints go into a folder beside it.")
-    ap.add_argument("--stage", choices=("main", "pretext", "active"), default="main")
+    ap.add_argument("--stage", choices=("main", "pretext", "active", "finetune"), default="main")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--tasks", default="mito,5class")
     ap.add_argument("--budgets", default="2,8,32,all", help="Labelled patches per run; 'all' = the whole pool.")
@@ -97,7 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps-grid", default=None,
                     help="--stage pretext: pretraining steps compared instead of minutes (a grid that does not "
                          "depend on what else runs on the machine; seconds are recorded per run).")
-    ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext: labelled patches.")
+    ap.add_argument("--pretext-budget", type=int, default=8, help="--stage pretext and finetune: labelled patches.")
+    ap.add_argument("--encoder-lr-scales", default="0.1,0,1",
+                    help="--stage finetune: encoder learning-rate scales compared (run in this order).")
     ap.add_argument("--al-initial", type=int, default=8, help="--stage active: random patches of round 0.")
     ap.add_argument("--al-per-iteration", type=int, default=10, help="--stage active: patches added per round.")
     ap.add_argument("--al-iterations", type=int, default=11, help="--stage active: rounds after the first.")
@@ -126,6 +136,8 @@ def settings(args) -> dict:
     if args.stage == "active":  # only this stage's JSON records its keys (the others resume as they were)
         keys += ("al_initial", "al_per_iteration", "al_iterations", "al_steps_finetune", "al_batch_size",
                  "reference_steps", "reference_valid_every")
+    if args.stage == "finetune":
+        keys += ("encoder_lr_scales",)
     return {k: getattr(args, k) for k in keys}
 
 
@@ -253,9 +265,9 @@ def pretrained_weights(args, root: Path, pre: dict) -> str:
 
 
 def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None, steps: int | None = None,
-              valid_every: int | None = None) -> dict:
+              valid_every: int | None = None, encoder_lr_scale: float = 1.0) -> dict:
     """Train (or fine-tune from ``init``) ``steps`` (default ``--steps``), keep the best validation
-    checkpoint, score it on ``test``."""
+    checkpoint, score it on ``test`` (None: validation only)."""
     from emseg.engine.config import config_from_dict
     from emseg.engine.training import run_training
     from emseg.semantic.train import SegmentationTask, evaluate_cubes
@@ -265,7 +277,8 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
         "n_classes": n_classes, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
         "steps": steps or args.steps, "valid_every": valid_every or args.valid_every, "checkpoint_every": 10**9,
         "train": [{"raw": "in-memory.h5:raw"}], "model": {"depth": args.depth, "base_width": args.base_width},
-        **({"init": init} if init else {})})
+        **({"init": init} if init else {}),
+        **({"optim": {"encoder_lr_scale": encoder_lr_scale}} if encoder_lr_scale != 1 else {})})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(SegmentationTask(config, cubes=cubes, valid_cubes=[valid]), config, tmp,
@@ -409,6 +422,23 @@ def run_pretext(args, campaign: Campaign, root: Path) -> None:
                 print(f"  {kind} {key} seed {seed}: valid {row['valid_best']}", flush=True)
 
 
+def run_finetune(args, campaign: Campaign, root: Path) -> None:
+    """Encoder learning-rate scales of the fine-tuning, and scratch, on the validation sections only."""
+    stack1 = data_dir() / "vnc_stack1.h5"
+    pool = load_sections(stack1, POOL, None, "mito")
+    valid = cube(*load_sections(stack1, VALID, args.crop, "mito"), 2, "valid")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        cubes = patch_cubes(*pool, args.pretext_budget, args.patch, seed, 2)
+        weights = seed_weights(args, campaign, root, seed)
+        for scale in (float(s) for s in args.encoder_lr_scales.split(",")):
+            row = campaign.run({"kind": "finetune", "encoder_lr_scale": scale, "seed": seed},
+                               lambda: train_run(args, cubes, valid, None, 2, seed, weights(), encoder_lr_scale=scale))
+            print(f"  seed {seed} encoder_lr_scale {scale:g}: valid {row['valid_best']:.3f}", flush=True)
+        row = campaign.run({"kind": "finetune", "encoder_lr_scale": None, "seed": seed},
+                           lambda: train_run(args, cubes, valid, None, 2, seed, None))
+        print(f"  seed {seed} scratch: valid {row['valid_best']:.3f}", flush=True)
+
+
 # ----------------------------------------------------------------------------- report
 def _curve(runs, task, arm):
     out = {}
@@ -439,6 +469,18 @@ def table(runs: list[dict]) -> str:
         for key in dict.fromkeys((r["pretext"], r["minutes"]) for r in pretext):
             lines.append(f"| {key[0]} | {key[1]:g} | "
                          f"{mean_std([r['valid_best'] for r in pretext if (r['pretext'], r['minutes']) == key])} |")
+    finetune = [r for r in runs if r.get("kind") == "finetune" and r["valid_best"] is not None]
+    if finetune:
+        base = {r["seed"]: r["valid_best"] for r in finetune if r["encoder_lr_scale"] == 1}
+        seeds = sorted({r["seed"] for r in finetune})
+        lines += ["", "| fine-tuning | best validation score (mito), mean | seeds " + " / ".join(map(str, seeds))
+                  + " | - encoder x 1 (paired, 95% CI) |", "|---|---|---|---|"]
+        for arm in sorted({finetune_arm(r) for r in finetune}, key=lambda a: (a != "scratch", a)):
+            mine = {r["seed"]: r["valid_best"] for r in finetune if finetune_arm(r) == arm}
+            diff = [mine[s] - base[s] for s in seeds if s in mine and s in base]
+            cell = "-" if arm.endswith("x 1") or not diff else ci_cell(paired_interval(diff))
+            lines.append(f"| {arm} | {mean_std(mine.values())} | "
+                         + " / ".join(f"{mine[s]:.3f}" if s in mine else "-" for s in seeds) + f" | {cell} |")
     return "\n".join(lines)
 
 
@@ -593,6 +635,30 @@ def plot_pretext(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def finetune_arm(r: dict) -> str:
+    return "scratch" if r["encoder_lr_scale"] is None else f"pretrained, encoder x {r['encoder_lr_scale']:g}"
+
+
+def plot_finetune(runs: list[dict], path: Path) -> None:
+    """Best validation score per fine-tuning arm, a line per seed (the seeds are paired)."""
+    plt = pyplot()
+    rows = [r for r in runs if r.get("kind") == "finetune" and r["valid_best"] is not None]
+    arms = sorted({finetune_arm(r) for r in rows}, key=lambda a: (a != "scratch", a))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for seed in sorted({r["seed"] for r in rows}):
+        by_arm = {finetune_arm(r): r["valid_best"] for r in rows if r["seed"] == seed}
+        xs = [i for i, a in enumerate(arms) if a in by_arm]
+        ax.plot(xs, [by_arm[arms[i]] for i in xs], marker="o", alpha=0.6, label=f"seed {seed}")
+    ax.bar(range(len(arms)), [np.mean([r["valid_best"] for r in rows if finetune_arm(r) == a]) for a in arms],
+           color="0.85", zorder=0, label="mean")
+    ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="best validation Jaccard (mito)", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -605,6 +671,8 @@ def main(argv=None) -> int:
             plot_active(runs, figure)
         elif any(r.get("kind") == "pretext" for r in runs):
             plot_pretext(runs, figure)
+        elif any(r.get("kind") == "finetune" for r in runs):
+            plot_finetune(runs, figure)
         elif any(r.get("test_score") is not None for r in runs):
             plot(runs, figure, vnc_pool_patches(args))
         return 0
@@ -615,12 +683,15 @@ def main(argv=None) -> int:
     root = out.with_suffix("")
     root.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    {"main": run_main, "pretext": run_pretext, "active": run_active}[args.stage](args, campaign, root)
+    {"main": run_main, "pretext": run_pretext, "active": run_active, "finetune": run_finetune}[args.stage](
+        args, campaign, root)
     campaign.doc["seconds"] = time.perf_counter() - t0
     campaign.save()
     print(table(campaign.runs))
     if args.stage == "pretext":
         plot_pretext(campaign.runs, out.with_suffix(".png"))
+    if args.stage == "finetune":
+        plot_finetune(campaign.runs, out.with_suffix(".png"))
     if args.stage == "active":
         with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
         print(active_table(campaign.runs, with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2))

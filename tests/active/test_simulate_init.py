@@ -73,3 +73,24 @@ def test_finetune_init_without_a_checkpoint_and_a_missing_checkpoint_are_refused
     res = CliRunner().invoke(cli, ["query", "simulate", str(_config(root, data, "cli")), "--out", str(root / "x"),
                                    "--init", str(root / "absent.pt")])
     assert res.exit_code == 2 and "absent.pt" in res.stderr and not (root / "x").exists()
+
+
+def test_a_frozen_encoder_stays_the_pretrained_one_through_every_round(setup):
+    # encoder_lr_scale = 0 at a rate that moves every other weight: each round's seeded checkpoint
+    # must carry the optimiser groups that run_training resumes, and the encoder never moves
+    root, data, source = setup
+    path = _config(root, data, "frozen", finetune="previous")
+    path.write_text(path.read_text().replace(f"lr = {TINY_LR}", "lr = 0.01\nencoder_lr_scale = 0.0"))
+    config = load_simulate_config(path, overrides={"init": str(source)})
+    assert config.train.optim.encoder_lr_scale == 0.0
+    out = root / "run_frozen"
+    run_simulation(config, out, runtime=Runtime(device="cpu"), plot=False)
+    rounds = [w for w in sorted(out.rglob("last.pt")) if "iter_001" in str(w)]
+    assert len(rounds) == 1
+    got, want = load_checkpoint(rounds[0])["model"], load_checkpoint(source)["model"]
+    encoder = [k for k in want if k.split(".")[0] in ("encoders", "bottleneck") and "running" not in k
+               and want[k].is_floating_point()]
+    decoder = [k for k in want if k.split(".")[0] == "decoders" and "running" not in k and want[k].is_floating_point()]
+    assert encoder and decoder
+    assert all(torch.equal(got[k], want[k]) for k in encoder)
+    assert not all(torch.allclose(got[k], want[k], atol=1e-4) for k in decoder)

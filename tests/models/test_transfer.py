@@ -167,3 +167,60 @@ def test_cli_bad_init_file_exits_2_with_one_line(tmp_path, synthetic_h5, make, w
     assert result.exit_code == 2
     line = _error_line(result)
     assert line.startswith("error: ") and str(tmp_path / "bad.pt") in line and words in line
+
+
+def test_encoder_parameters_are_the_contracting_path_and_the_bottleneck():
+    from emseg.models.unet import encoder_parameters
+
+    model = build_model(dict(ARCH, out_channels=3))
+    by_name = {id(p) for name, p in model.named_parameters() if name.split(".")[0] in ("encoders", "bottleneck")}
+    assert {id(p) for p in encoder_parameters(model)} == by_name and by_name
+    assert len(encoder_parameters(model)) < len(list(model.parameters()))
+
+
+def _one_step(tmp_path, synthetic_h5, name, scale):
+    """Weights before and after one Adam step at a constant rate from the same pretrained start."""
+    config = config_from_dict(tiny_train_config(
+        synthetic_h5, steps=1, init=str(tmp_path / "pre.pt"), optim={"encoder_lr_scale": scale}))
+    before = build_model(dict(ARCH, out_channels=3))
+    init_from_checkpoint(before, dict(ARCH, out_channels=3), tmp_path / "pre.pt")
+    train(config, tmp_path / name, runtime=Runtime(device="cpu", seed=1))
+    after = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+    moved = {k: float((after[k] - v).abs().max()) for k, v in before.state_dict().items()
+             if v.is_floating_point() and "running" not in k and k != "head.weight" and k != "head.bias"}
+    return moved, config.optim.lr
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_encoder_lr_scale_scales_the_first_adam_step_of_the_encoder(tmp_path, synthetic_h5, scale):
+    # Adam's first step moves every parameter with a non-zero gradient by lr * g / (|g| + eps),
+    # i.e. by almost exactly its learning rate: the encoder by scale * lr, the decoder by lr.
+    _source(tmp_path / "pre.pt")
+    moved, lr = _one_step(tmp_path, synthetic_h5, f"s{scale}", scale)
+    encoder = [v for k, v in moved.items() if k.split(".")[0] in ("encoders", "bottleneck")]
+    decoder = [v for k, v in moved.items() if k.split(".")[0] in ("decoders", "upconvs")]
+    assert encoder and decoder
+    assert max(decoder) == pytest.approx(lr, rel=1e-3)
+    if scale == 0:
+        assert max(encoder) == 0.0  # frozen
+    else:
+        assert max(encoder) == pytest.approx(scale * lr, rel=1e-3)
+
+
+def test_a_run_resumes_only_with_the_encoder_lr_scale_it_started_with(tmp_path, synthetic_h5):
+    _source(tmp_path / "pre.pt")
+    half = dict(init=str(tmp_path / "pre.pt"), optim={"encoder_lr_scale": 0.5})
+    config = config_from_dict(tiny_train_config(synthetic_h5, **half))
+    full = train(config, tmp_path / "full", runtime=Runtime(device="cpu", seed=1))
+    train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), stop_after=3)
+    other = config_from_dict(tiny_train_config(synthetic_h5, **dict(half, optim={"encoder_lr_scale": 1.0})))
+    with pytest.raises(InputError, match="encoder_lr_scale = 0.5"):
+        train(other, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), resume=True)
+    rest = train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), resume=True)
+    np.testing.assert_allclose(rest.losses, full.losses[3:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [-0.1, 1.5, float("nan")])
+def test_encoder_lr_scale_out_of_range_is_refused(synthetic_h5, scale):
+    with pytest.raises(InputError, match="encoder_lr_scale"):
+        config_from_dict(tiny_train_config(synthetic_h5, optim={"encoder_lr_scale": scale}))

@@ -57,6 +57,9 @@ class OptimConfig:
     step_size: int = 1000
     gamma: float = 0.5
     min_lr_ratio: float = 0.01
+    #: Multiplier of the learning rate of the encoder (the contracting path and the bottleneck):
+    #: below 1 a run started with ``init`` keeps more of the encoder it was given, 0 freezes it.
+    encoder_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ _RANGES = (
     ("augment.elastic_alpha", 0, None, True, True), ("augment.elastic_sigma", 0, None, False, True),
     ("optim.warmup_steps", 0, None, True, True), ("optim.step_size", 1, None, True, True),
     ("optim.gamma", 0, None, False, True), ("optim.min_lr_ratio", 0, 1, True, True),
+    ("optim.encoder_lr_scale", 0, 1, True, True),
 )
 
 

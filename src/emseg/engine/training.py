@@ -25,7 +25,7 @@ import torch
 
 from emseg.models.checkpoint import load_checkpoint, save_checkpoint
 from emseg.models.transfer import init_from_checkpoint
-from emseg.engine.config import TrainConfig, learning_rate
+from emseg.engine.config import OptimConfig, TrainConfig, learning_rate
 from emseg.data.prefetch import Prefetcher, step_rng
 from emseg.runtime.device import (configure_threads, device_rng_state, resolve_device, restore_device_rng,
                                   seed_everything)
@@ -33,6 +33,7 @@ from emseg.runtime.ddp import ProcessGroup
 from emseg.errors import InputError, TrainingDiverged
 from emseg.runtime.locks import temp_name
 from emseg.models import build_model
+from emseg.models.unet import encoder_parameters
 from emseg.runtime.precision import Precision, resolve_precision
 from emseg.engine.runfolder import MetricsLog, in_run_folder, non_finite_state, restore_buffers, snapshot_buffers
 from emseg.runtime import Runtime
@@ -144,6 +145,26 @@ def _restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
     restore_device_rng(state)
 
 
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Adam:
+    """Adam over ``model``'s parameters. With ``optim.encoder_lr_scale`` other than 1 the encoder
+    (:func:`~emseg.models.unet.encoder_parameters`) is a group of its own whose learning rate is
+    the schedule's times the scale (the group's ``lr_scale``); at 0 its weights are frozen
+    (``requires_grad`` off, so no gradient is computed for them)."""
+    scale = optim.encoder_lr_scale
+    if scale == 1:
+        return torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    encoder = encoder_parameters(model)
+    if not encoder:
+        raise InputError("optim.encoder_lr_scale is set but this network has no encoder")
+    ids = {id(p) for p in encoder}
+    if scale == 0:
+        for p in encoder:
+            p.requires_grad_(False)
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0},
+              {"params": encoder, "lr_scale": scale}]
+    return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
 @in_run_folder
 def run_training(
     task: Task,
@@ -189,8 +210,8 @@ def run_training(
     precision = resolve_precision(runtime.precision_or(config.effective_precision), dev, ndim=model.ndim,
                                   channels_last=False if pg.active else None)
     precision.prepare_model(model)
+    optimizer = build_optimizer(model, config.optim)  # before the wrap: a frozen encoder takes no gradient
     net = pg.wrap(model, find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     last_path, best_path = out / "last.pt", out / "best.pt"
     step, best, elapsed0 = 0, None, 0.0
     window0: dict[str, Any] = {}
@@ -201,6 +222,11 @@ def run_training(
         task.check_resume(state, str(last_path))
         if state["model_config"] != model_config:
             raise InputError("checkpoint was trained with a different network configuration", source=str(last_path))
+        stored_scale = (state.get("config") or {}).get("optim", {}).get("encoder_lr_scale", 1.0)
+        if stored_scale != config.optim.encoder_lr_scale:
+            raise InputError(f"checkpoint was trained with optim.encoder_lr_scale = {stored_scale}, not "
+                             f"{config.optim.encoder_lr_scale}: a run resumes with the scale it started with",
+                             source=str(last_path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed0 = int(state["step"]), state.get("best_metric"), float(state.get("elapsed_s", 0.0))
@@ -282,7 +308,7 @@ def run_training(
             used = None if config.max_seconds is None else (time.perf_counter() - t0) / config.max_seconds
             lr = learning_rate(config.optim, step, total, used)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             batch = {k: v.to(dev, non_blocking=True) for k, v in prefetch.get(step).items()}
             model.train()
             buffers = snapshot_buffers(model)  # the forward pass updates normalisation statistics

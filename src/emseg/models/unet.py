@@ -280,6 +280,18 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the encoder of every :class:`UNet` in ``model``: its contracting path
+    (the levels before each pooling) and the bottleneck; the decoder, the head and any
+    conditioning are not part of it."""
+    out: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, UNet):
+            for part in (module.encoders, module.bottleneck):
+                out.update((id(p), p) for p in part.parameters())
+    return list(out.values())
+
+
 def build_model(config: dict[str, Any]) -> UNet:
     """Rebuild a :class:`UNet` from its ``config`` dict (as stored in checkpoints)."""
     return UNet(**config)

@@ -66,7 +66,7 @@ from emseg.data import Cube
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
 from emseg.io import open_volume
-from emseg.engine.training import run_training
+from emseg.engine.training import build_optimizer, run_training
 from emseg.semantic.train import SegmentationTask, evaluate_cubes
 from emseg.runtime import Runtime
 
@@ -154,7 +154,7 @@ def _seed_checkpoint(run_dir: Path, init_from: Path, cfg: TrainConfig, seed: int
     """A ``last.pt`` at step 0 holding the weights of ``init_from`` and a fresh optimiser."""
     prev = load_checkpoint(init_from)
     model = model_from_state(prev, source=str(init_from))  # checked like any loaded checkpoint
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model, cfg.optim)  # the groups run_training builds, so that it resumes this state
     state = {
         "model": prev["model"], "model_config": prev["model_config"], "optimizer": opt.state_dict(),
         "step": 0, "best_metric": None, "config": cfg.to_dict(), "task": task_name, "elapsed_s": 0.0,
