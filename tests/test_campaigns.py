@@ -547,7 +547,7 @@ def test_label_efficiency_finetune_table_pairs_with_the_full_rate():
     runs[4]["valid_best"] += 0.03  # seed 1, scale 0.1: the differences 0.10, 0.13, 0.10
     text = mod.table(runs)
     m, lo, hi = _campaign.paired_interval([0.10, 0.13, 0.10])
-    assert f"| pretrained, encoder x 0.1 | " in text and f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
+    assert "| pretrained, encoder x 0.1 | " in text and f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
     assert "| scratch | 0.310 +- 0.010 | 0.300 / 0.310 / 0.320 |" in text
 
 
