@@ -399,13 +399,19 @@ def run_active(args, campaign: Campaign, root: Path) -> None:
                     f"{n}:{j:.3f}" for n, j in zip(curve["n_labelled"], curve["test_scores"])), flush=True)
 
 
-def run_pretext(args, campaign: Campaign, root: Path) -> None:
-    """Kinds x minutes, scored on the validation sections only (mitochondria, ``--pretext-budget`` patches)."""
+def screen_seeds(args):
+    """Per seed of the validation-only stages: the seed, its ``--pretext-budget`` random patches of
+    the pool and the validation cube (mitochondria)."""
     stack1 = data_dir() / "vnc_stack1.h5"
     pool = load_sections(stack1, POOL, None, "mito")
     valid = cube(*load_sections(stack1, VALID, args.crop, "mito"), 2, "valid")
     for seed in (int(s) for s in args.seeds.split(",")):
-        cubes = patch_cubes(*pool, args.pretext_budget, args.patch, seed, 2)
+        yield seed, patch_cubes(*pool, args.pretext_budget, args.patch, seed, 2), valid
+
+
+def run_pretext(args, campaign: Campaign, root: Path) -> None:
+    """Kinds x minutes, scored on the validation sections only (mitochondria, ``--pretext-budget`` patches)."""
+    for seed, cubes, valid in screen_seeds(args):
         campaign.run({"kind": "pretext", "pretext": "none", "minutes": 0, "seed": seed},
                      lambda: train_run(args, cubes, valid, None, 2, seed, None))
         for kind in args.kinds.split(","):
@@ -424,11 +430,7 @@ def run_pretext(args, campaign: Campaign, root: Path) -> None:
 
 def run_finetune(args, campaign: Campaign, root: Path) -> None:
     """Encoder learning-rate scales of the fine-tuning, and scratch, on the validation sections only."""
-    stack1 = data_dir() / "vnc_stack1.h5"
-    pool = load_sections(stack1, POOL, None, "mito")
-    valid = cube(*load_sections(stack1, VALID, args.crop, "mito"), 2, "valid")
-    for seed in (int(s) for s in args.seeds.split(",")):
-        cubes = patch_cubes(*pool, args.pretext_budget, args.patch, seed, 2)
+    for seed, cubes, valid in screen_seeds(args):
         weights = seed_weights(args, campaign, root, seed)
         for scale in (float(s) for s in args.encoder_lr_scales.split(",")):
             row = campaign.run({"kind": "finetune", "encoder_lr_scale": scale, "seed": seed},
