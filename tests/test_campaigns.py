@@ -178,6 +178,7 @@ def test_meta_structures_quarter_gain_averages_the_last_two_quarters():
     assert gain == pytest.approx(np.mean(last) - np.mean(before)) and gain == pytest.approx(0.05)
     flat = [[s, 0.7 if s > 800 else 0.1] for s in steps]
     assert meta_structures.quarter_gain(flat) == pytest.approx(0.0)
+    assert np.isnan(meta_structures.quarter_gain([[2, 0.1], [4, 0.2]]))  # no validation in the third quarter
 
 
 def test_meta_structures_markdown_merges_campaigns_run_side_by_side(tmp_path, capsys, monkeypatch):

@@ -55,6 +55,8 @@ def quarter_gain(curve: list[list[float]]) -> float:
     end = steps[-1]
     last = dice[steps > 0.75 * end]
     before = dice[(steps > 0.5 * end) & (steps <= 0.75 * end)]
+    if not len(last) or not len(before):  # too few validations to tell
+        return float("nan")
     return float(last.mean() - before.mean())
 
 

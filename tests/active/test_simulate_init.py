@@ -94,3 +94,26 @@ def test_a_frozen_encoder_stays_the_pretrained_one_through_every_round(setup):
     assert encoder and decoder
     assert all(torch.equal(got[k], want[k]) for k in encoder)
     assert not all(torch.allclose(got[k], want[k], atol=1e-4) for k in decoder)
+
+
+@pytest.mark.parametrize("init, finetune", [(False, "previous"), (True, "scratch")])
+def test_an_encoder_scale_without_a_pretrained_start_is_refused(setup, init, finetune):
+    root, data, source = setup
+    path = _config(root, data, f"scale_{init}_{finetune}", finetune=finetune)
+    path.write_text(path.read_text().replace(f"lr = {TINY_LR}", f"lr = {TINY_LR}\nencoder_lr_scale = 0.5"))
+    with pytest.raises(InputError, match="encoder_lr_scale"):
+        load_simulate_config(path, overrides={"init": str(source)} if init else None)
+
+
+def test_a_folder_written_before_the_encoder_scale_existed_continues(setup):
+    import json
+
+    root, data, source = setup
+    config = load_simulate_config(_config(root, data, "older", finetune="previous"), overrides={"init": str(source)})
+    out = root / "run_older"
+    run_simulation(config, out, runtime=Runtime(device="cpu"), plot=False)
+    stored = json.loads((out / "config.json").read_text())
+    del stored["train"]["optim"]["encoder_lr_scale"]  # as an older emseg wrote it
+    (out / "config.json").write_text(json.dumps(stored))
+    again = run_simulation(config, out, runtime=Runtime(device="cpu"), plot=False)
+    assert again.computed == 0

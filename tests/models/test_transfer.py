@@ -224,3 +224,10 @@ def test_a_run_resumes_only_with_the_encoder_lr_scale_it_started_with(tmp_path, 
 def test_encoder_lr_scale_out_of_range_is_refused(synthetic_h5, scale):
     with pytest.raises(InputError, match="encoder_lr_scale"):
         config_from_dict(tiny_train_config(synthetic_h5, optim={"encoder_lr_scale": scale}))
+
+
+def test_an_encoder_scale_without_init_is_refused_and_writes_nothing(tmp_path, synthetic_h5):
+    config = config_from_dict(tiny_train_config(synthetic_h5, optim={"encoder_lr_scale": 0.5}))
+    with pytest.raises(InputError, match="needs init"):
+        train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=1))
+    assert not (tmp_path / "run").exists()

@@ -193,6 +193,9 @@ def run_training(
     weights and buffers, and the logging window, so ``metrics.csv`` rows after a resume equal
     those of an uninterrupted run.
     """
+    if config.optim.encoder_lr_scale != 1 and config.init is None and not resume:
+        raise InputError("optim.encoder_lr_scale slows or freezes a pretrained encoder: a new run needs "
+                         "init (--init) to start from")
     pg = ProcessGroup.from_env()
     out = Path(out_dir)
     if runtime.threads is not None:
@@ -222,7 +225,8 @@ def run_training(
         task.check_resume(state, str(last_path))
         if state["model_config"] != model_config:
             raise InputError("checkpoint was trained with a different network configuration", source=str(last_path))
-        stored_scale = (state.get("config") or {}).get("optim", {}).get("encoder_lr_scale", 1.0)
+        stored_optim = state.get("config", {}).get("optim") if isinstance(state.get("config"), dict) else None
+        stored_scale = stored_optim.get("encoder_lr_scale", 1.0) if isinstance(stored_optim, dict) else 1.0
         if stored_scale != config.optim.encoder_lr_scale:
             raise InputError(f"checkpoint was trained with optim.encoder_lr_scale = {stored_scale}, not "
                              f"{config.optim.encoder_lr_scale}: a run resumes with the scale it started with",

@@ -279,6 +279,9 @@ def check_simulate_config(config: SimulateConfig) -> None:
         raise InputError("'finetune' = \"init\" needs an 'init' checkpoint")
     if config.init is not None and not Path(config.init).is_file():
         raise InputError("no such checkpoint (the 'init' key)", source=config.init)
+    if config.train.optim.encoder_lr_scale != 1 and (config.init is None or config.finetune == "scratch"):
+        raise InputError("optim.encoder_lr_scale slows or freezes a pretrained encoder: it needs an 'init' "
+                         "checkpoint and a 'finetune' other than \"scratch\"")
     check_question_arms(config)
     needed = config.initial + config.per_iteration * config.iterations
     if config.candidates is not None and config.candidates < needed:

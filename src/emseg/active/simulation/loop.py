@@ -61,7 +61,7 @@ from emseg.active.simulation.config import (
     simulate_config_from_dict,
 )
 from emseg.models.checkpoint import load_checkpoint, load_model, model_from_state, save_checkpoint
-from emseg.engine.config import TrainConfig
+from emseg.engine.config import OptimConfig, TrainConfig
 from emseg.data import Cube
 from emseg.runtime.device import resolve_device
 from emseg.errors import InputError
@@ -232,6 +232,9 @@ def _check_folder(out: Path, config: SimulateConfig) -> None:
     current = config.to_dict()
     if path.exists():
         stored = read_state(path)
+        optim = stored.get("train", {}).get("optim") if isinstance(stored.get("train"), dict) else None
+        if isinstance(optim, dict):  # a folder of an older emseg: the optimiser keys added since at their defaults
+            stored["train"]["optim"] = {**dataclasses.asdict(OptimConfig()), **optim}
         a = {k: v for k, v in stored.items() if k not in GROWABLE + PER_ARM}
         b = {k: v for k, v in current.items() if k not in GROWABLE + PER_ARM}
         if a != b:
