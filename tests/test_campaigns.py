@@ -395,6 +395,40 @@ def test_label_efficiency_quick_runs_resumes_and_draws(tmp_path, monkeypatch, ca
     assert all("test_score" not in r for r in runs)  # the pretext stage never scores the test sections
 
 
+def test_label_efficiency_validation_only_runs_pair_with_the_stage_by_steps(tmp_path, monkeypatch, capsys):
+    """--validation-only never reads the test sections; --markdown over it and a run of the stage
+    with fewer steps pairs the best validation scores by task, seed, budget and arm."""
+    from conftest import synthetic, write_h5
+    import label_efficiency as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    tests_read = []
+    real = mod.train_run
+    monkeypatch.setattr(mod, "train_run", lambda *a, **k: tests_read.append(a[3] is not None) or real(*a, **k))
+    short, long = tmp_path / "short.json", tmp_path / "long.json"
+    quick = [a for k, v in dict(mod.QUICK, budgets="2").items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    assert mod.main(quick + ["--out", str(short)]) == 0
+    assert mod.main(quick + ["--steps", "4", "--validation-only", "--out", str(long)]) == 0
+    assert tests_read == [True, True, False, False]
+    doc = json.loads(long.read_text())
+    assert doc["settings"]["validation_only"] is True and "validation_only" not in json.loads(short.read_text())["settings"]
+    rows = [r for r in doc["runs"] if r["kind"] == "train"]
+    assert len(rows) == 2 and all(r["steps"] == 4 and "test_score" not in r for r in rows)
+    assert (tmp_path / "long.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert mod.main(["--markdown", "--out", f"{short},{long}", "--figure", str(tmp_path / "both.png")]) == 0
+    text = capsys.readouterr().out
+    by = {(r["arm"], r["steps"]): r["valid_best"] for f in (short, long)
+          for r in json.loads(f.read_text())["runs"] if r["kind"] == "train"}
+    for arm in ("scratch", "pretrained"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| mito | 2 | {arm} |"))
+        assert f"{by[arm, 2]:.3f} | {by[arm, 4]:.3f} | {by[arm, 4] - by[arm, 2]:+.3f}" in row
+    assert "| 4 - 2 steps (paired, 95% CI) |" in text
+    assert (tmp_path / "both.png").stat().st_size > 1000 and (tmp_path / "both_length.png").stat().st_size > 1000
+
+
 def test_label_efficiency_patches_are_nested_and_inside_the_pool():
     import label_efficiency as mod
 

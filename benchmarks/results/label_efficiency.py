@@ -29,6 +29,11 @@ scored on test): the labelled patches each arm needs to reach 95% of it are coun
 on ``--pretext-budget`` patches, mitochondria), to choose the default kind and duration without
 looking at the test sections.
 
+``--validation-only`` runs the main stage without reading the test sections (each run's best
+validation score is kept): how long to fine-tune is chosen this way, by running the stage with
+another ``--steps`` and comparing with the validation scores of the stage's runs
+(``--markdown`` over both JSONs pairs them by task, seed, budget and arm).
+
 ``--stage finetune`` asks, on the validation sections only, whether the pretrained network should
 be fine-tuned with a lower encoder learning rate (``optim.encoder_lr_scale``, ``--encoder-lr-scales``;
 0 freezes the encoder): per seed, the main stage's pretraining (``--kind``, ``--pretrain-steps``)
@@ -97,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=1000, help="Fine-tuning (and scratch) steps.")
     ap.add_argument("--valid-every", type=int, default=100)
     ap.add_argument("--kind", default="masked", help="Pretext of the main stage.")
+    ap.add_argument("--validation-only", action="store_true",
+                    help="--stage main: score the validation sections only (the test sections are not read).")
     ap.add_argument("--pretrain-minutes", type=float, default=30.0)
     ap.add_argument("--pretrain-steps", type=int, default=None, help="Pretrain this many steps instead of minutes.")
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
@@ -138,6 +145,8 @@ def settings(args) -> dict:
                  "reference_steps", "reference_valid_every")
     if args.stage == "finetune":
         keys += ("encoder_lr_scales",)
+    if args.validation_only:
+        keys += ("validation_only",)
     return {k: getattr(args, k) for k in keys}
 
 
@@ -338,9 +347,11 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
             cubes = patch_cubes(*pool, n, args.patch, seed, k)
             for arm in ARMS:
                 row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
-                                   lambda: train_run(args, cubes, valid, test, k, seed,
-                                                     weights() if arm == "pretrained" else None))
-                print(f"  {task} seed {seed} n={n or 'all'} {arm}: test {row['test_score']:.3f}", flush=True)
+                                   lambda: train_run(args, cubes, valid, None if args.validation_only else test, k,
+                                                     seed, weights() if arm == "pretrained" else None))
+                score = (f"valid {row['valid_best']:.3f}" if args.validation_only
+                         else f"test {row['test_score']:.3f}")
+                print(f"  {task} seed {seed} n={n or 'all'} {arm}: {score} ({row['steps']} steps)", flush=True)
 
 
 def active_config(args, task: str, seed: int, strategies: tuple[str, ...], init: str | None):
@@ -442,17 +453,38 @@ def run_finetune(args, campaign: Campaign, root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def length_table(runs: list[dict]) -> list[str]:
+    """Best validation score of the main stage's runs by fine-tuning steps (the runs of several
+    ``--steps``), and per task, budget and arm the paired difference longest - shortest."""
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("valid_best") is not None]
+    lengths = sorted({r["steps"] for r in trains})
+    if len(lengths) < 2:
+        return []
+    short, long = lengths[0], lengths[-1]
+    lines = ["", "| task | labelled patches | arm | " + " | ".join(f"{n} steps" for n in lengths)
+             + f" | {long} - {short} steps (paired, 95% CI) |", "|---|---|---|" + "---|" * (len(lengths) + 1)]
+    groups = dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in trains)
+    for task, budget, arm in sorted(groups, key=lambda g: (g[0], g[1] == "all", g[1] if g[1] != "all" else 0, g[2])):
+        by = {n: {r["seed"]: r["valid_best"] for r in trains
+                  if (r["task"], r["budget"], r["arm"], r["steps"]) == (task, budget, arm, n)} for n in lengths}
+        seeds = sorted(set(by[short]) & set(by[long]))
+        diff = ci_cell(paired_interval([by[long][s] - by[short][s] for s in seeds])) if seeds else "-"
+        lines.append(f"| {task} | {budget} | {arm} | " + " | ".join(mean_std(by[n].values()) for n in lengths)
+                     + f" | {diff} |")
+    return lines
+
+
 def _curve(runs, task, arm):
     out = {}
     for r in runs:
-        if r.get("kind") == "train" and r["task"] == task and r["arm"] == arm:
+        if r.get("kind") == "train" and r["task"] == task and r["arm"] == arm and r.get("test_score") is not None:
             out.setdefault(r["budget"], {})[r["seed"]] = r["test_score"]
     return out
 
 
 def table(runs: list[dict]) -> str:
     lines = []
-    trains = [r for r in runs if r.get("kind") == "train"]
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
     if trains:
         lines += ["| task | labelled patches | scratch | pretrained | pretrained - scratch (paired, 95% CI) |",
                   "|---|---|---|---|---|"]
@@ -463,6 +495,7 @@ def table(runs: list[dict]) -> str:
                 diff = paired_interval([pre[budget][s] - scratch[budget][s] for s in seeds])
                 lines.append(f"| {task} | {budget} | {mean_std(scratch[budget].values())} | "
                              f"{mean_std(pre.get(budget, {}).values())} | {ci_cell(diff)} |")
+    lines += length_table(runs)
     pretext = [r for r in runs if r.get("kind") == "pretext"]
     if pretext:
         lines += ["", "| pretext | minutes or steps | best validation score (mito) |", "|---|---|---|"]
@@ -616,6 +649,28 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     plt.close(fig)
 
 
+def plot_length(runs: list[dict], path: Path, pool_patches: float) -> None:
+    """Best validation score against labelled patches, a line per arm and fine-tuning length."""
+    plt = pyplot()
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("valid_best") is not None]
+    tasks = list(dict.fromkeys(r["task"] for r in trains))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (arm, steps) in enumerate(sorted({(r["arm"], r["steps"]) for r in trains if r["task"] == task})):
+            mine = [r for r in trains if (r["task"], r["arm"], r["steps"]) == (task, arm, steps)]
+            xs = sorted({r["budget"] for r in mine}, key=lambda b: pool_patches if b == "all" else b)
+            ax.plot([pool_patches if b == "all" else b for b in xs],
+                    [np.mean([r["valid_best"] for r in mine if r["budget"] == b]) for b in xs], marker="o", ms=4,
+                    color=f"C{ARMS.index(arm)}", ls=("-", "--", ":", "-.")[i % 4], label=f"{arm}, {steps} steps")
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel=f"labelled patches (whole pool = {pool_patches:g})",
+               ylabel="best validation Jaccard (mean over seeds)", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_pretext(runs: list[dict], path: Path) -> None:
     """Best validation score against pretraining steps, one line per pretext kind, a dot per seed."""
     plt = pyplot()
@@ -677,6 +732,8 @@ def main(argv=None) -> int:
             plot_finetune(runs, figure)
         elif any(r.get("test_score") is not None for r in runs):
             plot(runs, figure, vnc_pool_patches(args))
+        if any(r.get("kind") == "train" and r.get("test_score") is None for r in runs):  # validation-only runs
+            plot_length(runs, figure.with_name(figure.stem + "_length.png"), vnc_pool_patches(args))
         return 0
     if data_dir() is None:
         return no_data()
@@ -700,7 +757,8 @@ def main(argv=None) -> int:
         plot_active(campaign.runs, out.with_suffix(".png"))
     if args.stage == "main":
         with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
-        plot(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
+        draw = plot_length if args.validation_only else plot
+        draw(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
     return 0
 
 
