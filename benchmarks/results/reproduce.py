@@ -25,7 +25,7 @@ EXPERIMENTS = [
       "--auto-factor", "1", "--patch", "64", "--plot"]),
     ("new-user defaults, the screen on validation (1 thread)", "defaults_vnc.py",
      ["--stage", "screen", "--out", "{out}/defaults_screen.json", "--seconds", "600", "--seeds", "0,1,2",
-      "--arms", "shipped,old-w16,w16-cosine-weights-dice,w16-cosine,w16-cosine-weights"],
+      "--arms", "shipped,old-w16,w16-cosine,w16-cosine-weights,w16-cosine-dice"],
      ["--stage", "screen", "--out", "{out}/defaults_screen.json", "--seconds", "5", "--seeds", "0",
       "--arms", "shipped,old"]),
     ("new-user defaults, the target run on test (2 threads)", "defaults_vnc.py",
