@@ -273,6 +273,11 @@ def pretrained_weights(args, root: Path, pre: dict) -> str:
     return str(here)
 
 
+def score_text(value: float | None) -> str:
+    """A best validation score for the log (None: no validation gave a finite score)."""
+    return "none" if value is None else f"{value:.3f}"
+
+
 def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | None, steps: int | None = None,
               valid_every: int | None = None, encoder_lr_scale: float = 1.0) -> dict:
     """Train (or fine-tune from ``init``) ``steps`` (default ``--steps``), keep the best validation
@@ -349,7 +354,7 @@ def run_main(args, campaign: Campaign, root: Path) -> None:
                 row = campaign.run({"kind": "train", "task": task, "seed": seed, "budget": n or "all", "arm": arm},
                                    lambda: train_run(args, cubes, valid, None if args.validation_only else test, k,
                                                      seed, weights() if arm == "pretrained" else None))
-                score = (f"valid {row['valid_best']:.3f}" if args.validation_only
+                score = (f"valid {score_text(row['valid_best'])}" if args.validation_only
                          else f"test {row['test_score']:.3f}")
                 print(f"  {task} seed {seed} n={n or 'all'} {arm}: {score} ({row['steps']} steps)", flush=True)
 
@@ -446,10 +451,10 @@ def run_finetune(args, campaign: Campaign, root: Path) -> None:
         for scale in (float(s) for s in args.encoder_lr_scales.split(",")):
             row = campaign.run({"kind": "finetune", "encoder_lr_scale": scale, "seed": seed},
                                lambda: train_run(args, cubes, valid, None, 2, seed, weights(), encoder_lr_scale=scale))
-            print(f"  seed {seed} encoder_lr_scale {scale:g}: valid {row['valid_best']:.3f}", flush=True)
+            print(f"  seed {seed} encoder_lr_scale {scale:g}: valid {score_text(row['valid_best'])}", flush=True)
         row = campaign.run({"kind": "finetune", "encoder_lr_scale": None, "seed": seed},
                            lambda: train_run(args, cubes, valid, None, 2, seed, None))
-        print(f"  seed {seed} scratch: valid {row['valid_best']:.3f}", flush=True)
+        print(f"  seed {seed} scratch: valid {score_text(row['valid_best'])}", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
