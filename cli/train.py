@@ -29,6 +29,9 @@ from emseg.semantic.train import train
               help="Start from the weights of this checkpoint (of `emseg pretrain` or `emseg train`; same "
                    "architecture; the output head is re-initialised when the class count differs). "
                    "Overrides the config's `init`.")
+@click.option("--encoder-lr-scale", type=click.FloatRange(0, 1), default=None,
+              help="With --init: the encoder's learning rate as a fraction of the rest's, 0 freezes it "
+                   "(overrides `optim.encoder_lr_scale`).")
 @click.option("--compile", "compile_", is_flag=True, default=None,
               help="Run the network through torch.compile (overrides `compile`): a one-off compile of a minute or "
                    "more on a CPU, then faster steps.")
@@ -36,7 +39,8 @@ from emseg.semantic.train import train
               help="Also log loss, lr, validation scores and a validation image to OUT/tensorboard.")
 @common_options
 @device_seed_options
-def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, init, compile_, tensorboard):
+def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, init, encoder_lr_scale, compile_,
+            tensorboard):
     """Train a U-Net on the cubes listed in CONFIG (TOML), with lazy labels.
 
     Labels -1 are ignored; an `info` dataset beside a label dataset sets the lazy-label masks
@@ -53,7 +57,7 @@ def command(config, out_dir, steps, batch_size, lr, patch, valid_every, resume, 
         raise click.UsageError("--init starts a new run; --resume continues one from its last.pt: pass one of them")
     cfg = load_config(config, overrides={"steps": steps, "batch_size": batch_size, "optim.lr": lr,
                                          "patch_shape": parse_shape(patch), "valid_every": valid_every,
-                                         "compile": compile_,
+                                         "compile": compile_, "optim.encoder_lr_scale": encoder_lr_scale,
                                          "init": None if init is None else str(Path(init).absolute()),
                                          **precision_overrides(app)})
     with progress_bar("train") as update, ExitStack() as stack:

@@ -231,3 +231,22 @@ def test_an_encoder_scale_without_init_is_refused_and_writes_nothing(tmp_path, s
     with pytest.raises(InputError, match="needs init"):
         train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_encoder_lr_scale_reaches_the_run_and_needs_init(tmp_path, synthetic_h5):
+    _source(tmp_path / "pre.pt")
+    (tmp_path / "train.toml").write_text(to_toml(tiny_train_config(synthetic_h5, steps=1)))
+    runner = CliRunner()
+    base = ["train", str(tmp_path / "train.toml")]
+    result = runner.invoke(cli, base + ["--out", str(tmp_path / "run"), "--init", str(tmp_path / "pre.pt"),
+                                        "--encoder-lr-scale", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["config"]["optim"]["encoder_lr_scale"] == 0.0
+    pre = torch.load(tmp_path / "pre.pt", weights_only=True)["model"]
+    assert torch.equal(last["model"]["encoders.0.body.0.weight"], pre["encoders.0.body.0.weight"])  # frozen
+    alone = runner.invoke(cli, base + ["--out", str(tmp_path / "alone"), "--encoder-lr-scale", "0.5"])
+    assert alone.exit_code == 2 and "init" in _error_line(alone) and not (tmp_path / "alone").exists()
+    wrong = runner.invoke(cli, base + ["--out", str(tmp_path / "w"), "--init", str(tmp_path / "pre.pt"),
+                                       "--encoder-lr-scale", "2"])
+    assert wrong.exit_code == 2 and not (tmp_path / "w").exists()
