@@ -626,7 +626,7 @@ def test_stored_label_efficiency_campaigns_resume_with_the_current_script():
     import label_efficiency as mod
 
     stored = sorted((RESULTS / "label_efficiency").glob("*.json"))
-    stored += sorted((RESULTS / "pretext").glob("*.json"))
+    stored += sorted((RESULTS / "pretext").glob("*.json")) + sorted((RESULTS / "finetune").glob("*.json"))
     assert stored
     for path in stored:
         doc = json.loads(path.read_text())
