@@ -408,9 +408,9 @@ def test_label_efficiency_validation_only_runs_pair_with_the_stage_by_steps(tmp_
     real = mod.train_run
     monkeypatch.setattr(mod, "train_run", lambda *a, **k: tests_read.append(a[3] is not None) or real(*a, **k))
     short, long = tmp_path / "short.json", tmp_path / "long.json"
-    quick = [a for k, v in dict(mod.QUICK, budgets="2").items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    assert mod.main(quick + ["--out", str(short)]) == 0
-    assert mod.main(quick + ["--steps", "4", "--validation-only", "--out", str(long)]) == 0
+    assert mod.parse_args(["--quick", "--steps", "4", "--out", "x.json"]).steps == 4  # options given with --quick win
+    assert mod.main(["--quick", "--budgets", "2", "--out", str(short)]) == 0
+    assert mod.main(["--quick", "--budgets", "2", "--steps", "4", "--validation-only", "--out", str(long)]) == 0
     assert tests_read == [True, True, False, False]
     doc = json.loads(long.read_text())
     assert doc["settings"]["validation_only"] is True and "validation_only" not in json.loads(short.read_text())["settings"]

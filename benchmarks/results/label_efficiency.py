@@ -124,17 +124,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reference-steps", type=int, default=3000,
                     help="--stage active: training steps of the whole-pool reference.")
     ap.add_argument("--reference-valid-every", type=int, default=150)
-    ap.add_argument("--quick", action="store_true", help="Tiny settings (a smoke test of the whole script).")
+    ap.add_argument("--quick", action="store_true",
+                    help="Tiny settings (a smoke test of the whole script); options given with it override them.")
     ap.add_argument("--figure", default=None,
                     help="--markdown: where the merged figure goes [default: beside the first JSON].")
     ap.add_argument("--markdown", action="store_true",
                     help="Print the table of a finished --out (several, comma-separated: merged) and stop; the "
                          "pretext stage also draws its figure beside the first.")
-    args = ap.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    if ap.parse_known_args(argv)[0].quick:  # the tiny settings become the defaults: options given still win
+        ap.set_defaults(**QUICK)
+    return ap.parse_args(argv)
 
 
 def settings(args) -> dict:
