@@ -200,6 +200,15 @@ def test_meta_structures_markdown_merges_campaigns_run_side_by_side(tmp_path, ca
     m, lo, hi = _campaign.paired_interval([-0.10, -0.11, -0.12])  # RL - CL over the three seeds
     assert f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
     assert "validation Dice, last quarter" in text and (tmp_path / "both.png").stat().st_size > 1000
+    # campaigns of other settings, or of the same seeds, do not share a table
+    other = json.loads(Path(names[1]).read_text())
+    Path(names[1]).write_text(json.dumps(dict(other, settings={"steps": 5})))
+    monkeypatch.setattr(sys, "argv", ["meta_structures.py", "--markdown", "--out", ",".join(names)])
+    with pytest.raises(SystemExit):
+        meta_structures.main()
+    monkeypatch.setattr(sys, "argv", ["meta_structures.py", "--markdown", "--out", f"{names[0]},{names[0]}"])
+    with pytest.raises(SystemExit):
+        meta_structures.main()
 
 
 def test_igtt_table_pairs_with_otsu_and_ems(tmp_path):
@@ -426,7 +435,9 @@ def test_label_efficiency_validation_only_runs_pair_with_the_stage_by_steps(tmp_
         row = next(line for line in text.splitlines() if line.startswith(f"| mito | 2 | {arm} |"))
         assert f"{by[arm, 2]:.3f} | {by[arm, 4]:.3f} | {by[arm, 4] - by[arm, 2]:+.3f}" in row
     assert "| 4 - 2 steps (paired, 95% CI) |" in text
-    assert (tmp_path / "both.png").stat().st_size > 1000 and (tmp_path / "both_length.png").stat().st_size > 1000
+    assert (tmp_path / "both.png").stat().st_size > 1000  # the runs by length (the test plot has its own command)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--stage", "active", "--validation-only", "--out", "x.json"])
 
 
 def test_label_efficiency_patches_are_nested_and_inside_the_pool():

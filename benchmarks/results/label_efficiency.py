@@ -133,7 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "pretext stage also draws its figure beside the first.")
     if ap.parse_known_args(argv)[0].quick:  # the tiny settings become the defaults: options given still win
         ap.set_defaults(**QUICK)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.validation_only and args.stage != "main":
+        ap.error(f"--validation-only applies to --stage main (--stage {args.stage} chooses what it scores itself)")
+    return args
 
 
 def settings(args) -> dict:
@@ -734,10 +737,10 @@ def main(argv=None) -> int:
             plot_pretext(runs, figure)
         elif any(r.get("kind") == "finetune" for r in runs):
             plot_finetune(runs, figure)
+        elif any(r.get("kind") == "train" and r.get("test_score") is None for r in runs):  # validation-only
+            plot_length(runs, figure, vnc_pool_patches(args))
         elif any(r.get("test_score") is not None for r in runs):
             plot(runs, figure, vnc_pool_patches(args))
-        if any(r.get("kind") == "train" and r.get("test_score") is None for r in runs):  # validation-only runs
-            plot_length(runs, figure.with_name(figure.stem + "_length.png"), vnc_pool_patches(args))
         return 0
     if data_dir() is None:
         return no_data()

@@ -79,7 +79,8 @@ def table(runs: list[dict], protocol: bool = False) -> str:
                  f"{mean_std([r['final_loss'] for r in rs])} |")
         if curves:
             gain = quarter_gain if protocol else late_gain
-            cells += f" {mean_std([gain(r['valid_curve']) for r in rs if r.get('valid_curve')])} |"
+            gains = [gain(r["valid_curve"]) for r in rs if r.get("valid_curve")]
+            cells += f" {mean_std([g for g in gains if not np.isnan(g)])} |"
         lines.append(cells)
     return "\n".join(lines)
 
@@ -134,8 +135,15 @@ def main() -> int:
     ap.add_argument("--figure", default=None, help="with --markdown: the figure's path (default: beside the first JSON)")
     args = ap.parse_args()
     if args.markdown:
-        docs = [json.loads(Path(name).read_text()) for name in args.out.split(",")]
+        names = args.out.split(",")
+        docs = [json.loads(Path(name).read_text()) for name in names]
+        for name, doc in zip(names[1:], docs[1:]):
+            if doc.get("settings") != docs[0].get("settings"):
+                ap.error(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
         runs = [r for doc in docs for r in doc["runs"]]
+        pairs = [(r["run"], r["seed"]) for r in runs]
+        if len(set(pairs)) != len(pairs):
+            ap.error("a condition and seed appear in more than one of the campaigns: merge campaigns of other seeds")
         protocol = all("split" in doc for doc in docs)
         print(table(runs, protocol))
         plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"), protocol)
