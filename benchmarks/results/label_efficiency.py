@@ -460,6 +460,16 @@ def run_finetune(args, campaign: Campaign, root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def budget_key(budget) -> tuple:
+    """Budgets in table order: numbers ascending, the whole pool ("all") last."""
+    return budget == "all", budget if budget != "all" else 0
+
+
+def budget_x(budget, pool_patches: float) -> float:
+    """Where a budget sits on a figure's labelled-patches axis (the whole pool at its patch count)."""
+    return pool_patches if budget == "all" else budget
+
+
 def length_table(runs: list[dict]) -> list[str]:
     """Best validation score of the main stage's runs by fine-tuning steps (the runs of several
     ``--steps``), and per task, budget and arm the paired difference longest - shortest."""
@@ -471,7 +481,7 @@ def length_table(runs: list[dict]) -> list[str]:
     lines = ["", "| task | labelled patches | arm | " + " | ".join(f"{n} steps" for n in lengths)
              + f" | {long} - {short} steps (paired, 95% CI) |", "|---|---|---|" + "---|" * (len(lengths) + 1)]
     groups = dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in trains)
-    for task, budget, arm in sorted(groups, key=lambda g: (g[0], g[1] == "all", g[1] if g[1] != "all" else 0, g[2])):
+    for task, budget, arm in sorted(groups, key=lambda g: (g[0], *budget_key(g[1]), g[2])):
         by = {n: {r["seed"]: r["valid_best"] for r in trains
                   if (r["task"], r["budget"], r["arm"], r["steps"]) == (task, budget, arm, n)} for n in lengths}
         seeds = sorted(set(by[short]) & set(by[long]))
@@ -497,7 +507,7 @@ def table(runs: list[dict]) -> str:
                   "|---|---|---|---|---|"]
         for task in dict.fromkeys(r["task"] for r in trains):
             scratch, pre = _curve(runs, task, "scratch"), _curve(runs, task, "pretrained")
-            for budget in sorted(scratch, key=lambda b: (b == "all", b if b != "all" else 0)):
+            for budget in sorted(scratch, key=budget_key):
                 seeds = sorted(set(scratch[budget]) & set(pre.get(budget, {})))
                 diff = paired_interval([pre[budget][s] - scratch[budget][s] for s in seeds])
                 lines.append(f"| {task} | {budget} | {mean_std(scratch[budget].values())} | "
@@ -517,7 +527,7 @@ def table(runs: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in finetune})
         lines += ["", "| fine-tuning | best validation score (mito), mean | seeds " + " / ".join(map(str, seeds))
                   + " | - encoder x 1 (paired, 95% CI) |", "|---|---|---|---|"]
-        for arm in sorted({finetune_arm(r) for r in finetune}, key=lambda a: (a != "scratch", a)):
+        for arm in finetune_arms(finetune):
             mine = {r["seed"]: r["valid_best"] for r in finetune if finetune_arm(r) == arm}
             diff = [mine[s] - base[s] for s in seeds if s in mine and s in base]
             cell = "-" if arm.endswith("x 1") or not diff else ci_cell(paired_interval(diff))
@@ -640,8 +650,8 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     for ax, task in zip(axes[0], tasks):
         for arm in ARMS:
             curve = _curve(runs, task, arm)
-            xs = sorted(curve, key=lambda b: pool_patches if b == "all" else b)
-            x = [pool_patches if b == "all" else b for b in xs]
+            xs = sorted(curve, key=budget_key)
+            x = [budget_x(b, pool_patches) for b in xs]
             vals = [np.asarray(list(curve[b].values()), float) for b in xs]
             mean = [v.mean() for v in vals]
             half = [stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
@@ -665,8 +675,8 @@ def plot_length(runs: list[dict], path: Path, pool_patches: float) -> None:
     for ax, task in zip(axes[0], tasks):
         for i, (arm, steps) in enumerate(sorted({(r["arm"], r["steps"]) for r in trains if r["task"] == task})):
             mine = [r for r in trains if (r["task"], r["arm"], r["steps"]) == (task, arm, steps)]
-            xs = sorted({r["budget"] for r in mine}, key=lambda b: pool_patches if b == "all" else b)
-            ax.plot([pool_patches if b == "all" else b for b in xs],
+            xs = sorted({r["budget"] for r in mine}, key=budget_key)
+            ax.plot([budget_x(b, pool_patches) for b in xs],
                     [np.mean([r["valid_best"] for r in mine if r["budget"] == b]) for b in xs], marker="o", ms=4,
                     color=f"C{ARMS.index(arm)}", ls=("-", "--", ":", "-.")[i % 4], label=f"{arm}, {steps} steps")
         ax.set_xscale("log")
@@ -703,11 +713,16 @@ def finetune_arm(r: dict) -> str:
     return "scratch" if r["encoder_lr_scale"] is None else f"pretrained, encoder x {r['encoder_lr_scale']:g}"
 
 
+def finetune_arms(rows: list[dict]) -> list[str]:
+    """The fine-tuning arms of ``rows`` in table and figure order: scratch first."""
+    return sorted({finetune_arm(r) for r in rows}, key=lambda a: (a != "scratch", a))
+
+
 def plot_finetune(runs: list[dict], path: Path) -> None:
     """Best validation score per fine-tuning arm, a line per seed (the seeds are paired)."""
     plt = pyplot()
     rows = [r for r in runs if r.get("kind") == "finetune" and r["valid_best"] is not None]
-    arms = sorted({finetune_arm(r) for r in rows}, key=lambda a: (a != "scratch", a))
+    arms = finetune_arms(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for seed in sorted({r["seed"] for r in rows}):
         by_arm = {finetune_arm(r): r["valid_best"] for r in rows if r["seed"] == seed}

@@ -146,7 +146,7 @@ def main() -> int:
             ap.error("a condition and seed appear in more than one of the campaigns: merge campaigns of other seeds")
         protocol = all("split" in doc for doc in docs)
         print(table(runs, protocol))
-        plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"), protocol)
+        plot(runs, Path(args.figure) if args.figure else Path(names[0]).with_suffix(".png"), protocol)
         return 0
     out = Path(args.out)
     root = data_dir()
