@@ -83,9 +83,16 @@ QUICK = dict(seeds="0", tasks="mito", budgets="2,all", patch=32, depth=1, base_w
              reference_steps=3, reference_valid_every=1)
 
 
-def vnc_pool_patches(args) -> float:
-    """Patches of ``--patch``^2 in the VNC pool (sections 0-11 of 1024^2)."""
-    return (POOL[1] - POOL[0]) * VNC_SECTION ** 2 / args.patch ** 2
+def pool_patches(args) -> float:
+    """Patches of ``--patch``^2 in the labelled pool: sections 0-11 at the shape the data file's
+    header gives, or of 1024^2 (VNC's) where the data is absent (``--markdown`` needs no data)."""
+    h = w = VNC_SECTION
+    if data_dir() is not None:
+        from emseg.io import open_volume
+
+        with open_volume(f"{data_dir() / 'vnc_stack1.h5'}:raw") as r:
+            h, w = r.shape[1:]
+    return (POOL[1] - POOL[0]) * h * w / args.patch ** 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -746,16 +753,16 @@ def main(argv=None) -> int:
         print(table(runs))
         figure = Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png")
         if any(r.get("kind") == "active" for r in runs):
-            print(active_table(runs, vnc_pool_patches(args)))
+            print(active_table(runs, pool_patches(args)))
             plot_active(runs, figure)
         elif any(r.get("kind") == "pretext" for r in runs):
             plot_pretext(runs, figure)
         elif any(r.get("kind") == "finetune" for r in runs):
             plot_finetune(runs, figure)
         elif any(r.get("kind") == "train" and r.get("test_score") is None for r in runs):  # validation-only
-            plot_length(runs, figure, vnc_pool_patches(args))
+            plot_length(runs, figure, pool_patches(args))
         elif any(r.get("test_score") is not None for r in runs):
-            plot(runs, figure, vnc_pool_patches(args))
+            plot(runs, figure, pool_patches(args))
         return 0
     if data_dir() is None:
         return no_data()
@@ -774,13 +781,10 @@ def main(argv=None) -> int:
     if args.stage == "finetune":
         plot_finetune(campaign.runs, out.with_suffix(".png"))
     if args.stage == "active":
-        with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
-        print(active_table(campaign.runs, with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2))
+        print(active_table(campaign.runs, pool_patches(args)))
         plot_active(campaign.runs, out.with_suffix(".png"))
     if args.stage == "main":
-        with_pool = load_sections(data_dir() / "vnc_stack1.h5", POOL, None, "mito")[0].shape
-        draw = plot_length if args.validation_only else plot
-        draw(campaign.runs, out.with_suffix(".png"), with_pool[0] * with_pool[1] * with_pool[2] / args.patch ** 2)
+        (plot_length if args.validation_only else plot)(campaign.runs, out.with_suffix(".png"), pool_patches(args))
     return 0
 
 
