@@ -30,8 +30,9 @@ from emseg.semantic.train import train
                    "architecture; the output head is re-initialised when the class count differs). "
                    "Overrides the config's `init`.")
 @click.option("--encoder-lr-scale", type=click.FloatRange(0, 1), default=None,
-              help="With --init: the encoder's learning rate as a fraction of the rest's, 0 freezes it "
-                   "(overrides `optim.encoder_lr_scale`).")
+              help="With --init (and again with --resume): the encoder's learning rate as a fraction of the "
+                   "rest's; 0 freezes its weights, batch-norm statistics still adapt (overrides "
+                   "`optim.encoder_lr_scale`).")
 @click.option("--compile", "compile_", is_flag=True, default=None,
               help="Run the network through torch.compile (overrides `compile`): a one-off compile of a minute or "
                    "more on a CPU, then faster steps.")

@@ -220,6 +220,35 @@ def test_a_run_resumes_only_with_the_encoder_lr_scale_it_started_with(tmp_path, 
     np.testing.assert_allclose(rest.losses, full.losses[3:], rtol=0, atol=1e-6)
 
 
+def test_the_encoder_rate_is_the_scheduled_rate_times_the_scale_at_every_step_and_after_resume(tmp_path,
+                                                                                            synthetic_h5):
+    # Warmup then cosine: the rate changes every step; each Adam step must see the encoder group
+    # at scale x the other group's rate, from its first step (set when the optimizer is built) on.
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from emseg.engine.training import build_optimizer
+
+    _source(tmp_path / "pre.pt")
+    optim = {"encoder_lr_scale": 0.25, "schedule": "cosine", "warmup_steps": 2}
+    config = config_from_dict(tiny_train_config(synthetic_h5, steps=6, init=str(tmp_path / "pre.pt"), optim=optim))
+    built = build_optimizer(build_model(dict(ARCH, out_channels=3)), config.optim)
+    assert [g["lr"] for g in built.param_groups] == [config.optim.lr, 0.25 * config.optim.lr]
+    seen: list[list[float]] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]))
+    try:
+        train(config, tmp_path / "full", runtime=Runtime(device="cpu", seed=1))
+        full, seen[:] = list(seen), []
+        train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), stop_after=3)
+        train(config, tmp_path / "split", runtime=Runtime(device="cpu", seed=1), resume=True)
+    finally:
+        hook.remove()
+    assert len(full) == 6 and len({round(rest, 12) for rest, _ in full}) >= 4  # the schedule moves
+    for rest, encoder in full:
+        assert encoder == pytest.approx(0.25 * rest, rel=1e-12)
+    assert seen == full
+
+
 @pytest.mark.parametrize("scale", [-0.1, 1.5, float("nan")])
 def test_encoder_lr_scale_out_of_range_is_refused(synthetic_h5, scale):
     with pytest.raises(InputError, match="encoder_lr_scale"):
@@ -228,7 +257,7 @@ def test_encoder_lr_scale_out_of_range_is_refused(synthetic_h5, scale):
 
 def test_an_encoder_scale_without_init_is_refused_and_writes_nothing(tmp_path, synthetic_h5):
     config = config_from_dict(tiny_train_config(synthetic_h5, optim={"encoder_lr_scale": 0.5}))
-    with pytest.raises(InputError, match="needs init"):
+    with pytest.raises(InputError, match="needs a checkpoint to start from"):
         train(config, tmp_path / "run", runtime=Runtime(device="cpu", seed=1))
     assert not (tmp_path / "run").exists()
 

@@ -58,7 +58,8 @@ class OptimConfig:
     gamma: float = 0.5
     min_lr_ratio: float = 0.01
     #: Multiplier of the learning rate of the encoder (the contracting path and the bottleneck):
-    #: below 1 a run started with ``init`` keeps more of the encoder it was given, 0 freezes it.
+    #: below 1 a run started with ``init`` keeps more of the encoder it was given, 0 freezes its
+    #: weights (batch-norm running statistics still adapt in training mode).
     encoder_lr_scale: float = 1.0
 
 

@@ -161,7 +161,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         for p in encoder:
             p.requires_grad_(False)
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0},
-              {"params": encoder, "lr_scale": scale}]
+              {"params": encoder, "lr": optim.lr * scale, "lr_scale": scale}]
     return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
@@ -195,7 +195,7 @@ def run_training(
     """
     if config.optim.encoder_lr_scale != 1 and config.init is None and not resume:
         raise InputError("optim.encoder_lr_scale slows or freezes a pretrained encoder: a new run needs "
-                         "init (--init) to start from")
+                         "a checkpoint to start from (the `init` key or --init)")
     pg = ProcessGroup.from_env()
     out = Path(out_dir)
     if runtime.threads is not None:
@@ -229,7 +229,8 @@ def run_training(
         stored_scale = stored_optim.get("encoder_lr_scale", 1.0) if isinstance(stored_optim, dict) else 1.0
         if stored_scale != config.optim.encoder_lr_scale:
             raise InputError(f"checkpoint was trained with optim.encoder_lr_scale = {stored_scale}, not "
-                             f"{config.optim.encoder_lr_scale}: a run resumes with the scale it started with",
+                             f"{config.optim.encoder_lr_scale}: resume with the scale it started with "
+                             f"(--encoder-lr-scale {stored_scale:g} or optim.encoder_lr_scale = {stored_scale:g})",
                              source=str(last_path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
