@@ -157,6 +157,22 @@ def test_lazy_labels_windows_follow_the_split_and_the_raw_criterion():
     assert flat or any(lazy_labels.overlaps(b, d) for d in dense for b in [(3, 0, 0)])
 
 
+def test_meta_structures_pcl_table_pairs_each_pcl_condition_with_each_rcl_arm_by_seed():
+    import meta_structures
+
+    dice = {("PCL-dil", 0): 0.70, ("PCL-dil", 1): 0.74, ("PCL-dil", 2): 0.69,
+            ("RCL-flip", 0): 0.60, ("RCL-flip", 1): 0.66, ("RCL-flip", 2): 0.62,
+            ("RCL-samp", 0): 0.80, ("RCL-samp", 1): 0.81,  # seed 2 missing: pairs only seeds 0 and 1
+            ("CL", 0): 0.9}
+    runs = [{"run": run, "seed": seed, "dice_mito": v} for (run, seed), v in dice.items()]
+    rows = {line.split(" | ")[0].strip("| "): line for line in meta_structures.pcl_table(runs).splitlines()}
+    flip = _campaign.paired_interval([0.10, 0.08, 0.07])
+    samp = _campaign.paired_interval([-0.10, -0.07])
+    assert rows["PCL-dil"] == f"| PCL-dil | {_campaign.ci_cell(flip)} | {_campaign.ci_cell(samp)} |"
+    assert "- RCL-flip (95% CI)" in rows["PCL condition"] and "CL |" not in rows["PCL-dil"]
+    assert meta_structures.pcl_table([r for r in runs if not r["run"].startswith("RCL")]) == ""
+
+
 def test_meta_structures_late_gain_reads_the_curve_halfway():
     import meta_structures
 

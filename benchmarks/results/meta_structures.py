@@ -8,7 +8,8 @@ sections 12-14, whose curve shows the plateau), test Dice on the clean labels of
 scored once. PCL dilation and erosion use the paper's 3 x 3 template (``--dilate-radius 1``). Conditions: CL (clean), RCL flip 0.45 and
 0.49, sample 0.1, PCL dilate / erode / skeleton, RL p = 0.1 and 0.5. Every run is stored in
 ``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
-paired difference to CL with its 95% interval), the figure shows test Dice per condition and the
+paired difference to CL with its 95% interval) and every PCL condition against every RCL arm
+(paired), the figure shows test Dice per condition and the
 training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
 ``--valid-every N``, the validation Dice every N steps (whether the budget reached the plateau:
 the table's last column, the mean validation Dice over the last quarter of training minus the
@@ -85,6 +86,24 @@ def table(runs: list[dict], protocol: bool = False) -> str:
     return "\n".join(lines)
 
 
+def pcl_table(runs: list[dict]) -> str:
+    """The seed's "PCL below RCL" claim: each PCL condition minus each RCL arm, paired by seed."""
+    dice = {(r["run"], r["seed"]): r["dice_mito"] for r in runs}
+    pcl = [c for c in CONDITIONS if c.startswith("PCL") and any(r["run"] == c for r in runs)]
+    rcl = [c for c in CONDITIONS if c.startswith("RCL") and any(r["run"] == c for r in runs)]
+    if not pcl or not rcl:
+        return ""
+    lines = ["| PCL condition | " + " | ".join(f"- {c} (95% CI)" for c in rcl) + " |",
+             "|---|" + "---|" * len(rcl)]
+    for p in pcl:
+        cells = []
+        for c in rcl:
+            d = [dice[p, s] - dice[c, s] for run, s in dice if run == p and (c, s) in dice]
+            cells.append(ci_cell(paired_interval(d)) if d else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], path: Path, protocol: bool = False) -> None:
     plt = pyplot()
     names = [c for c in CONDITIONS if any(r["run"] == c for r in runs)]
@@ -146,6 +165,8 @@ def main() -> int:
             ap.error("a condition and seed appear in more than one of the campaigns: merge campaigns of other seeds")
         protocol = all("split" in doc for doc in docs)
         print(table(runs, protocol))
+        if pcl_table(runs):
+            print("\n" + pcl_table(runs))
         plot(runs, Path(args.figure) if args.figure else Path(names[0]).with_suffix(".png"), protocol)
         return 0
     out = Path(args.out)
