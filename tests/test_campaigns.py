@@ -521,6 +521,22 @@ def test_instances_quick_runs_resumes_and_chooses_on_validation(tmp_path, monkey
     assert mod.main(["--quick", "--out", str(out)]) == 0  # resumed: the stored runs are kept as they are
     assert json.loads(out.read_text())["runs"] == doc["runs"]
     assert "| ws-semantic |" in capsys.readouterr().out
+    # killed after training, before the rows were stored: the trained networks are taken up again
+    # from their last.pt (not refused as a folder that already holds a run) and score the same
+    out.unlink()
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())["runs"]
+    assert [r["valid_best"] for r in again if r["kind"] == "train"] == \
+        [r["valid_best"] for r in doc["runs"] if r["kind"] == "train"]
+    assert [r["test"] for r in again if r["kind"] == "objects"] == [r["test"] for r in doc["runs"] if r["kind"] == "objects"]
+    # campaigns of other settings, or the same seed twice, do not share a table
+    with pytest.raises(SystemExit, match="more than one"):
+        mod.main(["--markdown", "--out", f"{out},{out}"])
+    other = json.loads(out.read_text())
+    other["settings"]["steps"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.main(["--markdown", "--out", f"{out},{tmp_path / 'other.json'}"])
 
 
 def test_instances_ground_truth_objects_are_scikit_image_components_per_section():
@@ -537,6 +553,28 @@ def test_instances_ground_truth_objects_are_scikit_image_components_per_section(
             pairs = np.unique(np.stack([ids[z].ravel(), expected.ravel()]), axis=1)
             assert np.array_equal(ids[z] == 0, expected == 0)
             assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+
+
+def test_instances_cells_baseline_fills_its_boundary_voxels_so_thick_boundaries_do_not_merge_cells():
+    # Cells separated by 1-px membrane lines; the "prediction" draws the same membranes 3 px thick.
+    # Components alone leave the thick lines at 0, one label across every cell (a merge); filled
+    # with the nearest component, every true cell is one object again.
+    from scipy import ndimage
+    import instances as mod
+
+    labels = np.zeros((2, 60, 60), np.int64)
+    labels[:, ::15, :] = 2
+    labels[:, :, ::15] = 2
+    thick = ndimage.binary_dilation(labels == 2, structure=np.ones((1, 3, 3)))
+    probs = np.stack([(~thick).astype(np.float32)] + [np.zeros(thick.shape, np.float32)]
+                     + [thick.astype(np.float32)] + [np.zeros(thick.shape, np.float32)] * 2)
+    gt = mod.objects(labels, "cells")
+    plain, filled = (dict(mode="components", classes=[0, 1], min_size=0, **extra) for extra in ({}, {"fill": True}))
+    assert mod.scores(mod.segment(probs, plain), gt)["adapted_rand_error"] > 0.05
+    ids = mod.segment(probs, filled)
+    assert (ids > 0).all()
+    assert mod.scores(ids, gt)["adapted_rand_error"] == pytest.approx(0.0, abs=1e-9)
+    assert filled in mod.candidates("cells", "cc") and all("fill" not in c for c in mod.candidates("mito", "cc"))
 
 
 def test_label_efficiency_active_stage_quick(tmp_path, monkeypatch, capsys):

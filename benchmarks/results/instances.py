@@ -23,10 +23,15 @@ from those probabilities):
 mito cc             components of argmax = 1 (the baseline)
 mito ws-semantic    watershed of 1 - p(mito), flooding where it is under ``mask_threshold``
 mito ws-targets     watershed of 1 - p(interior) of mito-targets, inside p(background) < ``mask_threshold``
-cells cc            components of argmax not in 2, 3, 4 (the baseline)
+cells cc            components of argmax not in 2, 3, 4, boundary voxels given to the nearest (the baseline)
 cells ws-semantic   watershed of p(membrane) + p(synapse) + p(glia)
 cells ws-targets    watershed of 1 - p(interior) of cells-targets
 ==================  ===========================================================================
+
+The cells baseline gives every voxel it leaves at 0 (predicted membrane, synapse, glia) to the
+nearest component, as the watershed arms flood the whole section: a predicted 0 inside a true
+cell would otherwise count as one object spanning every cell, and the comparison would measure
+how thick the predicted boundaries are rather than whether they separate the cells.
 
 Every parameter of an arm (``min_size``; for the watershed also ``seed_threshold``,
 ``seed_erosion`` and, for mitochondria, ``mask_threshold``) is chosen on the validation sections
@@ -153,13 +158,17 @@ def train_network(args, root: Path, network: str, seed: int, data: dict) -> dict
     folder = root / f"{network}_seed{seed}"
     config = config_from_dict({
         "n_classes": k, "patch_shape": [1, args.patch, args.patch], "batch_size": args.batch_size,
-        "steps": args.steps, "valid_every": args.valid_every, "checkpoint_every": 10**9,
+        "steps": args.steps, "valid_every": args.valid_every, "checkpoint_every": args.valid_every,
         "train": [{"raw": "in-memory.h5:raw"}], "model": {"depth": args.depth, "base_width": args.base_width}})
     t0 = time.perf_counter()
     train = cube(data["train"][0], network_labels(data["train"][1], network), k, "train")
     valid = cube(data["valid"][0], network_labels(data["valid"][1], network), k, "valid")
+    # a run killed before its row was stored continues from its last.pt (or returns at once, finished)
     result = run_training(SegmentationTask(config, cubes=[train], valid_cubes=[valid]), config, folder,
-                          runtime=Runtime(device="auto", seed=seed))
+                          runtime=Runtime(device="auto", seed=seed), resume=(folder / "last.pt").exists())
+    if result.interrupted or result.final_step != args.steps:
+        raise SystemExit(f"{folder}: training stopped at step {result.final_step} of {args.steps}; "
+                         "run the same command again to continue it")
     best = folder / "best.pt"
     model, _ = load_model(best if best.exists() else folder / "last.pt", "cpu")
     for split in ("valid", "test"):
@@ -191,7 +200,8 @@ def candidates(task: str, arm: str) -> list[dict]:
     """The configurations an arm chooses among on validation (``emseg segment`` parameters)."""
     if arm == "cc":
         classes = [1] if task == "mito" else [0, 1]  # argmax outside the boundary classes: cytoplasm or mito
-        return [dict(mode="components", classes=classes, min_size=m) for m in MIN_SIZES]
+        return [dict(mode="components", classes=classes, min_size=m, **({"fill": True} if task == "cells" else {}))
+                for m in MIN_SIZES]
     if task == "cells":
         boundary = list(BOUNDARY) if arm == "ws-semantic" else [0, 2]  # targets: 1 - p(interior)
         masks = [None]
@@ -206,11 +216,20 @@ def candidates(task: str, arm: str) -> list[dict]:
 
 
 def segment(probs: np.ndarray, params: dict) -> np.ndarray:
+    """``emseg segment``'s objects of ``params``; with ``fill`` every voxel left at 0 then goes to
+    the nearest object of its section (the cells baseline, see the docstring)."""
+    from skimage.segmentation import expand_labels
+
     from emseg.instances.config import SegmentConfig
     from emseg.instances.segment import segment_probabilities
 
+    params = dict(params)
+    fill = params.pop("fill", False)
     out = np.zeros(probs.shape[1:], np.uint64)
     segment_probabilities(probs, SegmentConfig(per_section=True, **params), out)
+    if fill:
+        for z in range(len(out)):
+            out[z] = expand_labels(out[z].astype(np.int64), distance=sum(out.shape[1:])).astype(np.uint64)
     return out
 
 
@@ -235,7 +254,7 @@ def choose_and_test(task: str, arm: str, folder: Path, gt: dict) -> dict:
     tried = []
     for params in candidates(task, arm):
         tried.append((criterion(task, scores(segment(probs, params), gt["valid"])), params))
-    best_value, best = max(tried, key=lambda t: t[0])
+    best_value, best = max(tried, key=lambda t: -np.inf if np.isnan(t[0]) else t[0])
     test = scores(segment(np.load(folder / "probs_test.npy"), best), gt["test"])
     return {"params": best, "valid_value": best_value, "tried": len(tried), "test": test,
             "seconds": time.perf_counter() - t0}
@@ -255,7 +274,7 @@ def run(args, campaign: Campaign, root: Path) -> None:
                 folder = Path(nets[arm_network(task, arm)]["folder"])
                 row = campaign.run({"kind": "objects", "task": task, "arm": arm, "seed": seed},
                                    lambda: choose_and_test(task, arm, folder, gt[task]))
-                print(f"  seed {seed} {task} {arm}: test {key_metric(task)} {row['test'][key_metric(task)]:.3f}",
+                print(f"  seed {seed} {task} {arm}: test {key_metric(task)} {row['test'][key_metric(task)]}",
                       flush=True)
 
 
@@ -277,7 +296,8 @@ def table(runs: list[dict]) -> str:
             continue
         lines += [f"\n{task} (test sections, mean +- sd over seeds {','.join(map(str, seeds))}; paired difference "
                   f"against cc with 95% CI)\n",
-                  "| arm | " + " | ".join(METRICS[task]) + " | - cc: " + key_metric(task) + " | chosen (validation) |",
+                  "| arm | " + " | ".join(METRICS[task]) + " | - cc: " + key_metric(task)
+                  + (" (lower is better)" if task == "cells" else " (higher is better)") + " | chosen (validation) |",
                   "|---" * (len(METRICS[task]) + 3) + "|"]
         by = {(r["arm"], r["seed"]): r for r in rows if r["task"] == task}
         for arm in arms:
@@ -326,7 +346,15 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.markdown:
-        runs = [r for name in args.out.split(",") for r in json.loads(Path(name).read_text())["runs"]]
+        names = args.out.split(",")
+        docs = [json.loads(Path(name).read_text()) for name in names]
+        for name, doc in zip(names[1:], docs[1:]):
+            if doc.get("settings") != docs[0].get("settings"):
+                raise SystemExit(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
+        runs = [r for doc in docs for r in doc["runs"]]
+        keys = [(r["kind"], r.get("network"), r.get("task"), r.get("arm"), r["seed"]) for r in runs]
+        if len(set(keys)) != len(keys):
+            raise SystemExit("a run and seed appear in more than one of the campaigns: merge campaigns of other seeds")
         print(table(runs))
         plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"))
         return 0
