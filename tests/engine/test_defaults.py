@@ -173,3 +173,34 @@ def test_an_empty_class_weights_list_turns_the_auto_default_off(tmp_path):
     assert config_from_dict(base).class_weights == "auto"
     assert config_from_dict(dict(base, class_weights=[])).class_weights is None
     assert config_from_dict(dict(base, class_weights=[1, 2])).class_weights == (1.0, 2.0)
+
+
+def test_a_resumed_time_budgeted_run_continues_the_budget_it_had_spent(tmp_path):
+    # An interrupted run whose checkpoint says it has spent 60 % of a generous budget: resumed, its
+    # schedule carries on from 60 % (not from the warm-up peak), and a checkpoint that has spent the
+    # whole budget ends at once instead of training for another full budget.
+    import h5py
+
+    from emseg.semantic.train import train
+
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as fh:
+        fh["raw"] = rng.integers(0, 255, (1, 32, 32), dtype=np.uint8)
+        fh["label"] = (rng.random((1, 32, 32)) > 0.5).astype(np.uint8)
+    config = config_from_dict({"n_classes": 2, "patch_shape": [1, 16, 16], "batch_size": 2, "max_seconds": 1000.0,
+                               "model": {"depth": 1, "base_width": 2}, "train": [{"raw": f"{path}:raw", "label": f"{path}:label"}],
+                               "optim": {"schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}})
+    for name, spent in (("part", 600.0), ("done", 1000.0)):
+        train(config, tmp_path / name, runtime=Runtime(device="cpu", seed=0), stop_after=2)
+        state = torch.load(tmp_path / name / "last.pt", weights_only=False)
+        state["elapsed_s"] = spent
+        torch.save(state, tmp_path / name / "last.pt")
+        seen = []
+        result = train(config, tmp_path / name, runtime=Runtime(device="cpu", seed=0), resume=True,
+                       progress=seen.append, stop_after=3)  # bounded even if the budget were ignored
+        if name == "part":
+            assert result.final_step == 5 and seen[0]["budget_used"] >= 0.6
+            assert seen[0]["lr"] <= learning_rate(config.optim, 2, config.total_steps, budget_used=0.6) + 1e-12
+        else:
+            assert result.budget_exhausted and result.final_step == 2 and not seen

@@ -301,16 +301,19 @@ def run_training(
             window_losses, window_patches, window_t = [], 0, now
         return valid
 
+    # the rate of the step to come; set here too for a resumed run whose budget is already spent
+    lr = learning_rate(config.optim, step, total, None if config.max_seconds is None else elapsed0 / config.max_seconds)
     prefetch = Prefetcher(make_batch, start=step, enabled=config.prefetch and step < total)
     with _StopFlag() as flag, prefetch:
         while step < total:
             if pg.any(flag.stop or (stop_after is not None and step - result.start_step >= stop_after)):
                 result.interrupted = True
                 break
-            if pg.any(config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds):
+            spent = elapsed0 + time.perf_counter() - t0  # a resumed run continues the budget it had spent
+            if pg.any(config.max_seconds is not None and spent >= config.max_seconds):
                 result.budget_exhausted = True
                 break
-            used = None if config.max_seconds is None else (time.perf_counter() - t0) / config.max_seconds
+            used = None if config.max_seconds is None else spent / config.max_seconds
             lr = learning_rate(config.optim, step, total, used)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -346,7 +349,7 @@ def run_training(
     if result.budget_exhausted and window_losses:  # a budget stop ends the run as its last step would
         valid = validate_and_log(final=True)
         if progress is not None and valid is not None:
-            progress({"step": step, "total": total, "budget_used": 1.0, "loss": result.losses[-1], "lr": lr,
+            progress({"step": step, "total": total, "budget_used": 1.0, "loss": window_losses[-1], "lr": lr,
                       "patches_per_s": result.patches / max(time.perf_counter() - t0, 1e-9), "valid": valid,
                       "model": model})
     if pg.broadcast(result.interrupted or result.budget_exhausted or (step == total and not last_path.exists())):
