@@ -99,6 +99,8 @@ def train_and_score(name, label_key, args, tmp: Path) -> dict:
     }, source=name)
     out = tmp / name
     result = train(cfg, out, runtime=Runtime(seed=args.seed, device=args.device))
+    if result.interrupted:  # a Ctrl-C returns a half-trained network: score nothing from it
+        raise SystemExit(f"{name}: training stopped at step {result.final_step}; nothing stored for it")
     pred = tmp / f"{name}_pred.zarr"
     chosen = out / "best.pt" if every and (out / "best.pt").exists() else out / "last.pt"  # chosen on validation
     predict_file(PredictConfig(model=str(chosen), input=f"{test_h5}:raw", output=str(pred),

@@ -36,6 +36,41 @@ def test_campaign_resumes_and_refuses_other_settings(tmp_path):
     assert [(r["seed"], r["value"]) for r in doc["runs"]] == [(0, 10), (1, 11), (2, 12)]
     with pytest.raises(SystemExit, match="other settings"):
         _campaign.Campaign(path, {"a": 2})
+    # the settings are on disk from the first start: a campaign killed inside its first run is
+    # not continued under other settings either
+    fresh = tmp_path / "sub" / "d.json"
+    _campaign.Campaign(fresh, {"a": 1})
+    assert json.loads(fresh.read_text())["settings"] == {"a": 1} and json.loads(fresh.read_text())["runs"] == []
+    with pytest.raises(SystemExit, match="other settings"):
+        _campaign.Campaign(fresh, {"a": 2})
+
+
+def test_a_training_that_returned_early_is_never_stored(tmp_path, synthetic_h5):
+    # A Ctrl-C makes run_training save and return (result.interrupted); so does a step budget cut
+    # short. The campaign helper stops there, before anything is scored or stored.
+    from conftest import tiny_train_config
+    from emseg.engine.config import config_from_dict
+    from emseg.runtime import Runtime
+    from emseg.semantic.train import train
+
+    config = config_from_dict(tiny_train_config(synthetic_h5, steps=4))
+    cut = train(config, tmp_path / "cut", runtime=Runtime(device="cpu", seed=0), stop_after=2)
+    assert cut.interrupted and cut.final_step == 2
+    c = _campaign.Campaign(tmp_path / "c.json", {"steps": 4})
+
+    def run():
+        _campaign.finished(cut, 4, "cut")
+        return {"score": 1.0}
+
+    with pytest.raises(SystemExit, match="stopped at step 2 of 4"):
+        c.run({"seed": 0}, run)
+    assert json.loads((tmp_path / "c.json").read_text())["runs"] == []
+    whole = train(config, tmp_path / "cut", runtime=Runtime(device="cpu", seed=0), resume=True)
+    _campaign.finished(whole, 4, "whole")  # completed: passes
+    cut.final_step, cut.interrupted = 4, False
+    with pytest.raises(SystemExit):
+        _campaign.finished(cut, 5, "short of its step budget")
+    _campaign.finished(whole, None, "a time budget: only the interruption counts")
 
 
 def test_paired_interval_is_the_t_interval():
@@ -96,9 +131,49 @@ def test_defaults_table_and_figure(tmp_path):
     # every arm is a valid config on top of the four new-user keys
     from emseg.engine.config import config_from_dict
 
+    seen = {}
     for arm, overrides in defaults_vnc.ARMS.items():
         cfg = config_from_dict(defaults_vnc.new_user_config(tmp_path, 600, overrides))
         assert cfg.max_seconds == 600 and cfg.n_classes == 5
+        seen[arm] = defaults_vnc.resolved(cfg)
+    # every arm trains differently once emseg's defaults are filled in (the shipped defaults are the
+    # weights x Dice corner of the factorial, written out), and each name says how
+    assert seen["shipped"] == seen["w16-cosine-weights-dice"]
+    names = [a for a in seen if a != "w16-cosine-weights-dice"]
+    assert all(seen[a] != seen[b] for i, a in enumerate(names) for b in names[i + 1:])
+    for arm, r in seen.items():
+        if arm != "shipped":
+            assert (r["class_weights"] == "auto") == ("weights" in arm)
+            assert (r["dice_weight"] > 0) == ("dice" in arm)
+            assert (r["optim"]["schedule"] == "cosine") == ("cosine" in arm)
+    # the screen's rule and the targets are applied in the report, not left to the reader
+    assert "`shipped`: +0.250 [+0.250, +0.250] (2 pairs): replaces `old`" in text
+    test_runs = [dict(r, stage="test") for r in runs]
+    report = defaults_vnc.table(test_runs, None)
+    assert ("`shipped`: mitochondria 0.805 missed (>= 0.85), membrane 0.705 missed (>= 0.8), synapse 0.205 missed "
+            "(>= 0.3), glia 0.605 met (>= 0.6)") in report
+
+
+def test_defaults_markdown_merges_seeds_run_side_by_side(tmp_path, capsys, monkeypatch):
+    import defaults_vnc
+
+    names = []
+    for seed in (0, 1):
+        runs = [{"arm": arm, "seed": seed, "stage": "screen", "steps": 10, "jaccard": [0.9, j, 0.5, 0.1, 0.4]}
+                for arm, j in (("shipped", 0.6 + 0.1 * seed), ("old-w16", 0.5))]
+        names.append(tmp_path / f"s{seed}.json")
+        names[-1].write_text(json.dumps({"runs": runs, "settings": {"seconds": 600.0, "threads": 1, "stage": "screen"}}))
+    out = ",".join(map(str, names))
+    monkeypatch.setattr(sys, "argv", ["defaults_vnc.py", "--markdown", "--baseline", "shipped", "--out", out,
+                                      "--figure", str(tmp_path / "f.png")])
+    assert defaults_vnc.main() == 0
+    text = capsys.readouterr().out
+    # old-w16 - shipped per seed, mean foreground: (0.5 - 0.6) / 4 and (0.5 - 0.7) / 4
+    assert "| shipped | 0,1 |" in text and f"`old-w16`: {_campaign.ci_cell(_campaign.paired_interval([-0.025, -0.05]))} (2 pairs)" in text
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", ["defaults_vnc.py", "--markdown", "--out", f"{names[0]},{names[0]}"])
+    with pytest.raises(SystemExit, match="more than one"):
+        defaults_vnc.main()
 
 
 def test_meta_structures_table_pairs_with_clean_labels(tmp_path):

@@ -49,7 +49,9 @@ class Campaign:
         self.path = Path(path)
         self.doc = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
         old = self.doc.get("settings")
-        if old is not None and old != settings and self.doc["runs"]:
+        # settings are stored at the first start, so a campaign killed inside its first run (whose
+        # folder may hold a partial checkpoint) cannot be continued under other settings either
+        if old is not None and old != settings:
             raise SystemExit(f"{self.path} was run with other settings {old}; use another --out")
         command = " ".join(["python"] + sys.argv)
         self.doc.setdefault("command", command)
@@ -59,6 +61,8 @@ class Campaign:
             "command": command, "machine": machine(), "commit": commit(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         self.start = len(self.doc["starts"]) - 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.save()
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -82,6 +86,16 @@ class Campaign:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.doc)
+
+
+def finished(result, steps: int | None, where: str) -> None:
+    """Stop the campaign when a training returned before its end (a Ctrl-C makes ``run_training``
+    save and return): such a network must not be scored and stored as if it had finished. A run
+    without a step budget (``steps`` None: a time budget) is checked for the interruption only."""
+    if result.interrupted or (steps is not None and result.final_step != steps):
+        raise SystemExit(f"{where}: training stopped at step {result.final_step}"
+                         + (f" of {steps}" if steps is not None else "")
+                         + "; nothing stored for it: run the same command again to continue")
 
 
 def paired_interval(diffs) -> tuple[float, float, float]:

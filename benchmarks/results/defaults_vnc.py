@@ -17,6 +17,7 @@ as each is done; a killed campaign continues where it stopped.
     python benchmarks/results/defaults_vnc.py --stage test --arms shipped --seeds 0,1,2,3,4 --seconds 600 \
         --out benchmarks/results/defaults/test.json
     python benchmarks/results/defaults_vnc.py --markdown --out benchmarks/results/defaults/test.json
+    # seeds split over the two cores into a.json and b.json: --markdown --out a.json,b.json
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime
 
@@ -40,9 +41,15 @@ CLASSES = ("background", "mitochondria", "membrane", "synapse", "glia")
 TRAIN, SCORED = (0, 12), {"screen": (12, 15), "test": (15, 20)}
 
 #: Overrides per arm, on top of the four new-user keys. ``old`` is the defaults before they were
-#: chosen by this campaign (width 32, constant lr 1e-3, NLL, no class weights).
+#: chosen by this campaign (width 32, constant lr 1e-3, NLL, no class weights: ``[]``, as the
+#: shipped default is ``"auto"``).
 OLD = {"model": {"base_width": 32}, "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
-       "class_weights": None, "dice_weight": 0.0}
+       "class_weights": [], "dice_weight": 0.0}
+#: The screen's rule (fixed before its runs): an arm replaces the shipped defaults only if its mean
+#: foreground Jaccard over the seeds beats theirs by more than this.
+MARGIN = 0.03
+#: The new-user targets, test Jaccard per class (mitochondria, membrane, synapse, glia).
+TARGETS = {"mitochondria": 0.85, "membrane": 0.80, "synapse": 0.30, "glia": 0.60}
 ARMS: dict[str, dict] = {
     "shipped": {},
     "old": OLD,
@@ -63,13 +70,18 @@ def new_user_config(vnc: Path, seconds: float, overrides: dict) -> dict:
     cfg = {"n_classes": 5, "patch_shape": [1, 256, 256], "max_seconds": seconds,
            "train": [{"raw": f"{stack}:raw", "label": f"{stack}:label", "region": [list(TRAIN)]}]}
     for key, value in overrides.items():
-        if value is None:
-            continue
         cfg[key] = dict(value) if isinstance(value, dict) else value
     return cfg
 
 
-def one_run(vnc: Path, arm: str, seconds: float, seed: int, stage: str = "screen") -> dict:
+def resolved(config) -> dict:
+    """What an arm changes, as the training sees it (after emseg's defaults are filled in)."""
+    d = config.to_dict()
+    return {"class_weights": d["class_weights"], "dice_weight": d["dice_weight"], "optim": d["optim"],
+            "base_width": d["model"]["base_width"]}
+
+
+def one_run(vnc: Path, arm: str, seconds: float, seed: int, stage: str = "screen", threads: int | None = None) -> dict:
     import h5py
 
     from emseg.engine.config import config_from_dict
@@ -81,7 +93,8 @@ def one_run(vnc: Path, arm: str, seconds: float, seed: int, stage: str = "screen
     cfg = config_from_dict(new_user_config(vnc, seconds, ARMS[arm]))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = train(cfg, f"{tmp}/run", runtime=Runtime(device="cpu", seed=seed))
+        result = train(cfg, f"{tmp}/run", runtime=Runtime(device="cpu", seed=seed, threads=threads))
+        finished(result, None, f"{arm} seed {seed}")
         first, last = SCORED[stage]
         with h5py.File(f"{vnc}/vnc_stack1.h5", "r") as fh, h5py.File(f"{tmp}/test.h5", "w") as out:
             out["raw"] = fh["raw"][first:last]
@@ -97,7 +110,7 @@ def one_run(vnc: Path, arm: str, seconds: float, seed: int, stage: str = "screen
             "steps": result.final_step, "train_s": result.seconds, "patches_per_s": result.patches_per_s,
             "precision": result.precision, "predict_s": t2 - t1, "total_s": time.perf_counter() - t0,
             "jaccard": [float(j) for j in scores.jaccard], "dice": [float(d) for d in scores.dice],
-            "overrides": ARMS[arm], "metrics_csv": curve}
+            "overrides": ARMS[arm], "resolved": resolved(cfg), "metrics_csv": curve}
 
 
 def table(runs: list[dict], baseline: str | None) -> str:
@@ -119,7 +132,15 @@ def table(runs: list[dict], baseline: str | None) -> str:
             d = [np.mean(r["jaccard"][1:]) - np.mean(base[r["seed"]]["jaccard"][1:])
                  for r in runs if r["arm"] == arm and r["seed"] in base]
             if d:
-                lines.append(f"- `{arm}`: {ci_cell(paired_interval(d))} ({len(d)} pairs)")
+                verdict = (f"replaces `{baseline}` (mean > +{MARGIN})" if np.mean(d) > MARGIN
+                           else f"does not replace `{baseline}` (mean <= +{MARGIN})")
+                lines.append(f"- `{arm}`: {ci_cell(paired_interval(d))} ({len(d)} pairs): {verdict}")
+    if runs and all(r.get("stage") == "test" for r in runs):
+        lines += ["", "Targets (mean test Jaccard over the seeds):", ""]
+        for arm in arms:
+            means = {c: np.mean([r["jaccard"][CLASSES.index(c)] for r in runs if r["arm"] == arm]) for c in TARGETS}
+            lines.append(f"- `{arm}`: " + ", ".join(f"{c} {means[c]:.3f} {'met' if means[c] >= t else 'missed'} "
+                                                    f"(>= {t})" for c, t in TARGETS.items()))
     return "\n".join(lines)
 
 
@@ -152,26 +173,43 @@ def main() -> int:
     ap.add_argument("--arms", default="shipped")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (the screen: 1, one run per core; the test stage: 2, the whole machine)")
     ap.add_argument("--baseline", default=None, help="Arm for the paired differences of --markdown.")
-    ap.add_argument("--markdown", action="store_true", help="Print the table of --out and stop.")
+    ap.add_argument("--markdown", action="store_true",
+                    help="Print the table of --out (several JSONs: comma-separated), draw the figure and stop.")
+    ap.add_argument("--figure", default=None, help="With --markdown: the figure's path (default: beside the first JSON).")
     args = ap.parse_args()
-    if args.markdown:
-        doc = json.loads(Path(args.out).read_text())
-        print(table(doc["runs"], args.baseline))
+    if args.markdown:  # several JSONs (seeds run side by side, one per core): comma-separated
+        names = args.out.split(",")
+        docs = [json.loads(Path(name).read_text()) for name in names]
+        for name, doc in zip(names[1:], docs[1:]):
+            if doc.get("settings") != docs[0].get("settings"):
+                raise SystemExit(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
+        runs = [r for doc in docs for r in doc["runs"]]
+        keys = [(r["arm"], r["seed"], r.get("stage")) for r in runs]
+        if len(set(keys)) != len(keys):
+            raise SystemExit("an arm and seed appear in more than one of the campaigns: merge campaigns of other seeds")
+        print(table(runs, args.baseline))
+        plot(runs, Path(args.figure) if args.figure else Path(names[0]).with_suffix(".png"))
         return 0
     vnc = data_dir()
     if vnc is None:
         return no_data()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for arm in args.arms.split(","):
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r} (known: {', '.join(ARMS)})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(args.out, {"seconds": args.seconds, "threads": torch.get_num_threads(),
                                    "stage": args.stage})
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in args.arms.split(","):
-            if arm not in ARMS:
-                raise SystemExit(f"unknown arm {arm!r} (known: {', '.join(ARMS)})")
             run = campaign.run({"arm": arm, "seed": seed, "stage": args.stage},
-                               lambda: one_run(vnc, arm, args.seconds, seed, args.stage))
+                               lambda: one_run(vnc, arm, args.seconds, seed, args.stage, args.threads))
             print(f"{arm} seed {seed}: {run['steps']} steps, {args.stage} Jaccard "
                   f"{[round(j, 3) for j in run['jaccard']]}", flush=True)
     plot(campaign.runs, campaign.path.with_suffix(".png"))

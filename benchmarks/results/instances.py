@@ -58,7 +58,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime  # noqa: E402
 
@@ -166,9 +166,7 @@ def train_network(args, root: Path, network: str, seed: int, data: dict) -> dict
     # a run killed before its row was stored continues from its last.pt (or returns at once, finished)
     result = run_training(SegmentationTask(config, cubes=[train], valid_cubes=[valid]), config, folder,
                           runtime=Runtime(device="auto", seed=seed), resume=(folder / "last.pt").exists())
-    if result.interrupted or result.final_step != args.steps:
-        raise SystemExit(f"{folder}: training stopped at step {result.final_step} of {args.steps}; "
-                         "run the same command again to continue it")
+    finished(result, args.steps, str(folder))
     best = folder / "best.pt"
     model, _ = load_model(best if best.exists() else folder / "last.pt", "cpu")
     for split in ("valid", "test"):

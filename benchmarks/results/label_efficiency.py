@@ -60,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime
 
@@ -211,21 +211,14 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
         data.append({"raw": f"{stack2}:raw"})
     folder = folder or pretrain_folder(root, seed, kind, minutes, steps)
     last = folder / "last.pt"
+    # a killed run resumes; with a time budget it continues the budget it had spent (the engine counts it)
     budget = {"steps": steps} if steps else {"max_seconds": 60.0 * minutes}
-    if last.exists() and not steps:  # a killed run: only what is left of its time budget
-        from emseg.models.checkpoint import load_checkpoint
-
-        state = load_checkpoint(last)
-        left = 60.0 * minutes - float(state.get("elapsed_s", 0.0))
-        if left <= 0:
-            return {"checkpoint": str(last), "pretrain_steps": int(state["step"]), "pretrain_loss": None,
-                    "seconds": 0.0}
-        budget = {"max_seconds": left}
     config = pretrain_config_from_dict({
         "patch_shape": [1, args.patch, args.patch], "data": data, "pretext": {"kind": kind},
         "model": {"depth": args.depth, "base_width": args.base_width}, "checkpoint_every": 200, **budget})
     t0 = time.perf_counter()
     result = pretrain(config, folder, runtime=Runtime(device="auto", seed=seed), resume=last.exists())
+    finished(result, steps, str(folder))
     return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
             "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0,
             "weights_sha256": weights_digest(folder / "last.pt")}
@@ -306,6 +299,7 @@ def train_run(args, cubes, valid, test, n_classes: int, seed: int, init: str | N
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(SegmentationTask(config, cubes=cubes, valid_cubes=[valid]), config, tmp,
                               runtime=Runtime(device="auto", seed=seed))
+        finished(result, config.steps, f"{len(cubes)} patches, seed {seed}")
         out = {"valid_best": result.best_metric, "steps": result.final_step,
                "valid_curve": valid_curve(Path(tmp) / "metrics.csv")}
         if test is not None:

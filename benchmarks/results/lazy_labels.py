@@ -55,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import SPLIT, Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import SPLIT, Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 
 WINDOW = 128
@@ -177,11 +177,15 @@ def one_run(args, paths: dict, tmp: Path, raw: np.ndarray, dense: list, lazy: li
         "model": {"depth": 4, "base_width": args.base_width, "norm": "batch"}, "optim": {"lr": 1e-3},
     }, source=name)
     result = train(cfg, tmp / name, runtime=Runtime(seed=seed, device="cpu"))
+    finished(result, args.steps, name)
     pred = tmp / f"{name}_pred.zarr"
     predict_file(PredictConfig(model=str(tmp / name / "best.pt"), input=f"{paths['test']}:raw",
                                output=str(pred), output_type="labels", batch_size=8, device="cpu"))
+    d = cfg.to_dict()  # emseg's training defaults as this run used them, for the record
     row = {"steps": result.final_step, "train_s": round(result.seconds, 1),
-           "valid_best": result.best_metric, "dense_boxes": dense, "lazy_boxes": lazy}
+           "valid_best": result.best_metric, "dense_boxes": dense, "lazy_boxes": lazy,
+           "training": {"class_weights": d["class_weights"], "dice_weight": d["dice_weight"], "optim": d["optim"],
+                        "augment": d["augment"], "precision": result.precision}}
     return dict(row, **score(str(pred), paths["test"]))
 
 

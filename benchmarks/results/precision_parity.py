@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import ci_cell, no_data, paired_interval  # noqa: E402
+from _campaign import ci_cell, finished, no_data, paired_interval  # noqa: E402
 from _common import data_dir, machine  # noqa: E402
 
 from emseg.engine.config import config_from_dict  # noqa: E402
@@ -67,6 +67,7 @@ def one_run(vnc: Path, precision: str, steps: int, every: int, patch: int, seed:
             result = run_training(task, cfg, tmp, runtime=Runtime(device="cpu", seed=seed))
         finally:
             task.close()
+        finished(result, steps, f"{precision} seed {seed}")
         with open(Path(tmp) / "metrics.csv", newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r.get("valid_score")]
         curve = [{"step": int(r["step"]), "elapsed_s": float(r["elapsed_s"]), "loss": float(r["loss"]),
