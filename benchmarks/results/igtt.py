@@ -1,4 +1,4 @@
-"""Unsupervised iGTT on VNC against Otsu, adaptive thresholding and a supervised U-Net (seed 003, Table 3).
+"""Unsupervised iGTT on VNC against Otsu, adaptive thresholding and a supervised U-Net (the iGTT paper, Table 3).
 
 For each target (``membrane``: ``label >= 2``; ``mito``: ``label == 1``) and seed, runs
 ``benchmarks/igtt_vnc.py``'s protocol on the same held-out crops (sections 16-17, central crop):

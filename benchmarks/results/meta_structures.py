@@ -10,7 +10,7 @@ scored once. PCL dilation and erosion use the paper's 3 x 3 template (``--dilate
 ``--out`` as soon as it is done (resumable); ``--markdown`` prints the table (mean +- std over seeds,
 paired difference to CL with its 95% interval) and every PCL condition against every RCL arm
 (paired), the figure shows test Dice per condition and the
-training-loss curves (seed Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
+training-loss curves (the paper's Fig. 1C: RCL and RL losses flatten, CL and PCL keep falling) and, with
 ``--valid-every N``, the validation Dice every N steps (whether the budget reached the plateau:
 the table's last column, the mean validation Dice over the last quarter of training minus the
 mean over the quarter before it). ``--markdown --out a.json,b.json`` merges campaigns run side by
