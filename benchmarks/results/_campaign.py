@@ -88,6 +88,22 @@ class Campaign:
         atomic_write_json(self.path, self.doc)
 
 
+def merged_runs(out: str, key: Callable[[dict[str, Any]], tuple]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs of the campaign JSONs in ``out`` (comma-separated: seeds run side by side, one per
+    core) and their documents. Campaigns of other settings, or a run (``key``) stored in more than
+    one of them, cannot share a table: that stops with a message."""
+    names = out.split(",")
+    docs = [json.loads(Path(name).read_text()) for name in names]
+    for name, doc in zip(names[1:], docs[1:]):
+        if doc.get("settings") != docs[0].get("settings"):
+            raise SystemExit(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
+    runs = [r for doc in docs for r in doc["runs"]]
+    keys = [key(r) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("a run and seed appear in more than one of the campaigns: merge campaigns of other seeds")
+    return runs, docs
+
+
 def finished(result, steps: int | None, where: str) -> None:
     """Stop the campaign when a training returned before its end (a Ctrl-C makes ``run_training``
     save and return): such a network must not be scored and stored as if it had finished. A run

@@ -22,7 +22,6 @@ as each is done; a killed campaign continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, finished, mean_std, merged_runs, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime
 
@@ -181,17 +180,9 @@ def main() -> int:
     ap.add_argument("--figure", default=None, help="With --markdown: the figure's path (default: beside the first JSON).")
     args = ap.parse_args()
     if args.markdown:  # several JSONs (seeds run side by side, one per core): comma-separated
-        names = args.out.split(",")
-        docs = [json.loads(Path(name).read_text()) for name in names]
-        for name, doc in zip(names[1:], docs[1:]):
-            if doc.get("settings") != docs[0].get("settings"):
-                raise SystemExit(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
-        runs = [r for doc in docs for r in doc["runs"]]
-        keys = [(r["arm"], r["seed"], r.get("stage")) for r in runs]
-        if len(set(keys)) != len(keys):
-            raise SystemExit("an arm and seed appear in more than one of the campaigns: merge campaigns of other seeds")
+        runs, _ = merged_runs(args.out, lambda r: (r["arm"], r["seed"], r.get("stage")))
         print(table(runs, args.baseline))
-        plot(runs, Path(args.figure) if args.figure else Path(names[0]).with_suffix(".png"))
+        plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"))
         return 0
     vnc = data_dir()
     if vnc is None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, finished, mean_std, merged_runs, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 from emseg.runtime import Runtime  # noqa: E402
 
@@ -344,15 +343,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.markdown:
-        names = args.out.split(",")
-        docs = [json.loads(Path(name).read_text()) for name in names]
-        for name, doc in zip(names[1:], docs[1:]):
-            if doc.get("settings") != docs[0].get("settings"):
-                raise SystemExit(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
-        runs = [r for doc in docs for r in doc["runs"]]
-        keys = [(r["kind"], r.get("network"), r.get("task"), r.get("arm"), r["seed"]) for r in runs]
-        if len(set(keys)) != len(keys):
-            raise SystemExit("a run and seed appear in more than one of the campaigns: merge campaigns of other seeds")
+        runs, _ = merged_runs(args.out, lambda r: (r["kind"], r.get("network"), r.get("task"), r.get("arm"), r["seed"]))
         print(table(runs))
         plot(runs, Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png"))
         return 0

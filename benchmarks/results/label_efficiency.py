@@ -743,6 +743,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.markdown:
+        # not _campaign.merged_runs: campaigns of other settings (stages, --steps) are merged on purpose,
+        # each run carrying what it needs to be paired (task, seed, budget, arm, steps)
         runs = [r for name in args.out.split(",") for r in json.loads(Path(name).read_text())["runs"]]
         print(table(runs))
         figure = Path(args.figure) if args.figure else Path(args.out.split(",")[0]).with_suffix(".png")

@@ -24,7 +24,6 @@ side (seeds split over cores) into one table and figure (``--figure``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import Campaign, ci_cell, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import Campaign, ci_cell, mean_std, merged_runs, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 
 import noise_vnc  # noqa: E402
@@ -155,14 +154,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.markdown:
         names = args.out.split(",")
-        docs = [json.loads(Path(name).read_text()) for name in names]
-        for name, doc in zip(names[1:], docs[1:]):
-            if doc.get("settings") != docs[0].get("settings"):
-                ap.error(f"{name} ran with other settings than {names[0]}: its runs cannot share a table")
-        runs = [r for doc in docs for r in doc["runs"]]
-        pairs = [(r["run"], r["seed"]) for r in runs]
-        if len(set(pairs)) != len(pairs):
-            ap.error("a condition and seed appear in more than one of the campaigns: merge campaigns of other seeds")
+        runs, docs = merged_runs(args.out, lambda r: (r["run"], r["seed"]))
         protocol = all("split" in doc for doc in docs)
         print(table(runs, protocol))
         if pcl_table(runs):

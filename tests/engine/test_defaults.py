@@ -141,17 +141,23 @@ def test_cosine_follows_whichever_budget_runs_out_first():
     assert learning_rate(o, 10, 100, budget_used=2.0) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
+def _tiny_volume(tmp_path):
+    """A 32 x 32 section with random binary labels, as h5."""
     import h5py
-
-    from emseg.engine.config import UNBOUNDED_STEPS
-    from emseg.semantic.train import train
 
     path = tmp_path / "c.h5"
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as fh:
         fh["raw"] = rng.integers(0, 255, (1, 32, 32), dtype=np.uint8)
         fh["label"] = (rng.random((1, 32, 32)) > 0.5).astype(np.uint8)
+    return path
+
+
+def test_steps_default_to_the_time_budget_when_one_is_set(tmp_path):
+    from emseg.engine.config import UNBOUNDED_STEPS
+    from emseg.semantic.train import train
+
+    path = _tiny_volume(tmp_path)
     base = {"n_classes": 2, "patch_shape": [1, 16, 16], "batch_size": 2, "model": {"depth": 1, "base_width": 2},
             "train": [{"raw": f"{path}:raw", "label": f"{path}:label"}]}
     assert config_from_dict(base).total_steps == 1000
@@ -179,15 +185,9 @@ def test_a_resumed_time_budgeted_run_continues_the_budget_it_had_spent(tmp_path)
     # An interrupted run whose checkpoint says it has spent 60 % of a generous budget: resumed, its
     # schedule carries on from 60 % (not from the warm-up peak), and a checkpoint that has spent the
     # whole budget ends at once instead of training for another full budget.
-    import h5py
-
     from emseg.semantic.train import train
 
-    path = tmp_path / "c.h5"
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as fh:
-        fh["raw"] = rng.integers(0, 255, (1, 32, 32), dtype=np.uint8)
-        fh["label"] = (rng.random((1, 32, 32)) > 0.5).astype(np.uint8)
+    path = _tiny_volume(tmp_path)
     config = config_from_dict({"n_classes": 2, "patch_shape": [1, 16, 16], "batch_size": 2, "max_seconds": 1000.0,
                                "model": {"depth": 1, "base_width": 2}, "train": [{"raw": f"{path}:raw", "label": f"{path}:label"}],
                                "optim": {"schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}})
