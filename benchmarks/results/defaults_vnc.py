@@ -194,7 +194,6 @@ def main() -> int:
     for arm in args.arms.split(","):
         if arm not in ARMS:
             raise SystemExit(f"unknown arm {arm!r} (known: {', '.join(ARMS)})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(args.out, {"seconds": args.seconds, "threads": torch.get_num_threads(),
                                    "stage": args.stage})
     for seed in (int(s) for s in args.seeds.split(",")):

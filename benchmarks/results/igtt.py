@@ -153,7 +153,6 @@ def main() -> int:
     if root is None:
         return no_data()
     keys = ("seeds", "targets", "methods", "out", "markdown")
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, {k: v for k, v in vars(args).items() if k not in keys})
     methods = args.methods.split(",")
     for target in args.targets.split(","):

@@ -350,7 +350,6 @@ def main(argv=None) -> int:
     if data_dir() is None:
         return no_data()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, settings(args))
     root = out.with_suffix("")
     root.mkdir(exist_ok=True)

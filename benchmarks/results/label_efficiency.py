@@ -87,10 +87,11 @@ def pool_patches(args) -> float:
     """Patches of ``--patch``^2 in the labelled pool: sections 0-11 at the shape the data file's
     header gives, or of 1024^2 (VNC's) where the data is absent (``--markdown`` needs no data)."""
     h = w = VNC_SECTION
-    if data_dir() is not None:
+    root = data_dir()
+    if root is not None:
         from emseg.io import open_volume
 
-        with open_volume(f"{data_dir() / 'vnc_stack1.h5'}:raw") as r:
+        with open_volume(f"{root / 'vnc_stack1.h5'}:raw") as r:
             h, w = r.shape[1:]
     return (POOL[1] - POOL[0]) * h * w / args.patch ** 2
 
@@ -762,7 +763,6 @@ def main(argv=None) -> int:
         return 0
     if data_dir() is None:
         return no_data()
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, settings(args))
     root = out.with_suffix("")
     root.mkdir(exist_ok=True)

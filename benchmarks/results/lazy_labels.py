@@ -328,7 +328,6 @@ def main() -> int:
 
     torch.set_num_threads(1)
     s = settings(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, s)
     with h5py.File(vnc / "vnc_stack1.h5", "r") as fh:
         raw, mito = fh["raw"][:], fh["label"][:] == 1

@@ -356,7 +356,6 @@ def main(argv=None) -> int:
         return 0
     if data_dir() is None:
         return no_data()
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, settings(args))
     root = out.with_suffix("")
     root.mkdir(exist_ok=True)

@@ -86,7 +86,7 @@ def table(runs: list[dict], protocol: bool = False) -> str:
 
 
 def pcl_table(runs: list[dict]) -> str:
-    """The seed's "PCL below RCL" claim: each PCL condition minus each RCL arm, paired by seed."""
+    """The paper's "PCL below RCL" claim: each PCL condition minus each RCL arm, paired by seed."""
     dice = {(r["run"], r["seed"]): r["dice_mito"] for r in runs}
     pcl = [c for c in CONDITIONS if c.startswith("PCL") and any(r["run"] == c for r in runs)]
     rcl = [c for c in CONDITIONS if c.startswith("RCL") and any(r["run"] == c for r in runs)]
@@ -157,8 +157,9 @@ def main() -> int:
         runs, docs = merged_runs(args.out, lambda r: (r["run"], r["seed"]))
         protocol = all("split" in doc for doc in docs)
         print(table(runs, protocol))
-        if pcl_table(runs):
-            print("\n" + pcl_table(runs))
+        pcl = pcl_table(runs)
+        if pcl:
+            print("\n" + pcl)
         plot(runs, Path(args.figure) if args.figure else Path(names[0]).with_suffix(".png"), protocol)
         return 0
     out = Path(args.out)
@@ -168,7 +169,6 @@ def main() -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "conditions", "markdown")}
     if args.target == "mito" and not args.valid_every:  # the settings of the campaigns run before both keys
         settings = {k: v for k, v in settings.items() if k not in ("target", "valid_every")}
-    out.parent.mkdir(parents=True, exist_ok=True)
     campaign = Campaign(out, settings)
     with tempfile.TemporaryDirectory(prefix="emseg_meta_") as d:
         tmp = Path(d)
