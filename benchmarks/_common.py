@@ -33,7 +33,13 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    """The machine a figure comes from: CPU model and its bf16 support (what ``precision = "auto"``
+    resolves to on it), cores, torch, threads and the time."""
+    from emseg.runtime.precision import cpu_bf16_support
+
+    native, feature = cpu_bf16_support()
+    bf16 = f"bf16 native ({feature})" if native else "no native bf16 (auto = fp32)"
+    return (f"{cpu_model()}, {platform.machine()}, {bf16}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
