@@ -782,3 +782,45 @@ def test_reproduce_names_real_scripts_and_its_thread_table_real_experiments():
     assert set(reproduce.THREADS) <= set(names)  # a key that names no experiment would never apply
     for _, script, full, quick in reproduce.EXPERIMENTS:
         assert (reproduce.HERE / script).is_file() and "--out" in full and "--out" in quick
+
+
+def test_label_efficiency_two_lengths_keep_per_seed_the_run_better_on_validation(tmp_path, capsys):
+    """Main-stage JSONs of two fine-tuning lengths: the table lists each length alone and, per task,
+    budget, arm and seed, the run with the higher best validation score (ties: the shorter); its
+    test score is what the arm scores, paired with the other arm's choice of the same seed."""
+    import label_efficiency as mod
+
+    rng = np.random.default_rng(3)
+    files = []
+    for steps in (600, 1500):
+        runs = [{"kind": "train", "task": "mito", "seed": seed, "budget": 8, "arm": arm, "steps": steps,
+                 "valid_best": float(rng.uniform()), "test_score": float(rng.uniform())}
+                for seed in range(5) for arm in mod.ARMS]
+        files.append(tmp_path / f"len{steps}.json")
+        files[-1].write_text(json.dumps({"runs": runs}))
+    every = [r for f in files for r in json.loads(f.read_text())["runs"]]
+    tie = next(r for r in every if r["steps"] == 1500 and r["seed"] == 4 and r["arm"] == "scratch")
+    tie["valid_best"] = next(r for r in every if r["steps"] == 600 and r["seed"] == 4
+                             and r["arm"] == "scratch")["valid_best"]
+    files[1].write_text(json.dumps({"runs": [r for r in every if r["steps"] == 1500]}))
+    # the choice computed another way: sort each seed's two runs by validation, then by fewer steps
+    expect = {}
+    for arm in mod.ARMS:
+        for seed in range(5):
+            two = [r for r in every if r["arm"] == arm and r["seed"] == seed]
+            expect[arm, seed] = sorted(two, key=lambda r: (-r["valid_best"], r["steps"]))[0]
+    assert expect["scratch", 4]["steps"] == 600
+    assert mod.main(["--markdown", "--out", ",".join(map(str, files)), "--figure", str(tmp_path / "f.png")]) == 0
+    text = capsys.readouterr().out
+    diff = [expect["pretrained", s]["test_score"] - expect["scratch", s]["test_score"] for s in range(5)]
+    row = next(line for line in text.splitlines() if line.startswith("| mito | 8 | chosen on validation |"))
+    assert f"{np.mean(diff):+.3f}" in row
+    scratch = [expect["scratch", s]["test_score"] for s in range(5)]
+    assert f"{np.mean(scratch):.3f}" in row.split("|")[4]
+    for n in (600, 1500):  # each length alone
+        mine = {(r["arm"], r["seed"]): r["test_score"] for r in every if r["steps"] == n}
+        line = next(line for line in text.splitlines() if line.startswith(f"| mito | 8 | {n} |"))
+        assert f"{np.mean([mine['pretrained', s] - mine['scratch', s] for s in range(5)]):+.3f}" in line
+    chosen = next(line for line in text.splitlines() if line.startswith("| mito | 8 | scratch | seed 0"))
+    assert chosen.endswith(", ".join(f"seed {s}: {expect['scratch', s]['steps']}" for s in range(5)) + " |")
+    assert (tmp_path / "f.png").stat().st_size > 1000

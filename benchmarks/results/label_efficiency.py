@@ -34,6 +34,10 @@ validation score is kept): how long to fine-tune is chosen this way, by running 
 another ``--steps`` and comparing with the validation scores of the stage's runs
 (``--markdown`` over both JSONs pairs them by task, seed, budget and arm).
 
+Main-stage JSONs of several ``--steps`` (each scoring test) merged by ``--markdown`` give a table
+per length and one of the length chosen on validation: per task, budget, arm and seed the run
+with the higher best validation score (ties: the shorter), paired by seed as before.
+
 ``--stage finetune`` asks, on the validation sections only, whether the pretrained network should
 be fine-tuned with a lower encoder learning rate (``optim.encoder_lr_scale``, ``--encoder-lr-scales``;
 0 freezes the encoder): per seed, the main stage's pretraining (``--kind``, ``--pretrain-steps``)
@@ -501,19 +505,59 @@ def _curve(runs, task, arm):
     return out
 
 
+def selected_runs(runs: list[dict]) -> list[dict]:
+    """Per task, budget, arm and seed, the one run of several fine-tuning lengths (``--steps``) with the
+    highest best validation score; a tie goes to the shorter run. What a user with both lengths
+    would keep, chosen without the test sections; its test score is the arm's score."""
+    best: dict[tuple, dict] = {}
+    for r in runs:
+        if r.get("kind") != "train" or r.get("test_score") is None or r.get("valid_best") is None:
+            continue
+        key = (r["task"], r["budget"], r["arm"], r["seed"])
+        if key not in best or (r["valid_best"], -r["steps"]) > (best[key]["valid_best"], -best[key]["steps"]):
+            best[key] = r
+    return list(best.values())
+
+
+def _test_rows(trains: list[dict], what: str) -> list[str]:
+    """Rows of the test table: per task and budget, both arms' mean +- sd and pretrained - scratch
+    paired by seed; ``what`` is the fine-tuning column (the length, or the lengths chosen)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in trains):
+        scratch, pre = _curve(trains, task, "scratch"), _curve(trains, task, "pretrained")
+        for budget in sorted(scratch, key=budget_key):
+            seeds = sorted(set(scratch[budget]) & set(pre.get(budget, {})))
+            diff = paired_interval([pre[budget][s] - scratch[budget][s] for s in seeds])
+            cells = [task, budget] + ([what] if what else [])
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {mean_std(scratch[budget].values())} | "
+                         f"{mean_std(pre.get(budget, {}).values())} | {ci_cell(diff)} |")
+    return lines
+
+
+def chosen_lengths(chosen: list[dict]) -> list[str]:
+    """Per task, budget and arm, the fine-tuning length the validation chose for each seed."""
+    lines = ["", "| task | labelled patches | arm | steps chosen on validation, by seed |", "|---|---|---|---|"]
+    for task, budget, arm in sorted(dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in chosen),
+                                    key=lambda g: (g[0], *budget_key(g[1]), g[2])):
+        mine = sorted((r["seed"], r["steps"]) for r in chosen if (r["task"], r["budget"], r["arm"]) == (task, budget, arm))
+        lines.append(f"| {task} | {budget} | {arm} | " + ", ".join(f"seed {s}: {n}" for s, n in mine) + " |")
+    return lines
+
+
 def table(runs: list[dict]) -> str:
     lines = []
     trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
-    if trains:
+    lengths = sorted({r["steps"] for r in trains})
+    if len(lengths) == 1:
         lines += ["| task | labelled patches | scratch | pretrained | pretrained - scratch (paired, 95% CI) |",
-                  "|---|---|---|---|---|"]
-        for task in dict.fromkeys(r["task"] for r in trains):
-            scratch, pre = _curve(runs, task, "scratch"), _curve(runs, task, "pretrained")
-            for budget in sorted(scratch, key=budget_key):
-                seeds = sorted(set(scratch[budget]) & set(pre.get(budget, {})))
-                diff = paired_interval([pre[budget][s] - scratch[budget][s] for s in seeds])
-                lines.append(f"| {task} | {budget} | {mean_std(scratch[budget].values())} | "
-                             f"{mean_std(pre.get(budget, {}).values())} | {ci_cell(diff)} |")
+                  "|---|---|---|---|---|"] + _test_rows(trains, "")
+    elif lengths:  # runs of several lengths: each length alone, then the length chosen on validation
+        lines += ["| task | labelled patches | fine-tuning steps | scratch | pretrained "
+                  "| pretrained - scratch (paired, 95% CI) |", "|---|---|---|---|---|---|"]
+        for n in lengths:
+            lines += _test_rows([r for r in trains if r["steps"] == n], str(n))
+        chosen = selected_runs(trains)
+        lines += _test_rows(chosen, "chosen on validation") + chosen_lengths(chosen)
     lines += length_table(runs)
     pretext = [r for r in runs if r.get("kind") == "pretext"]
     if pretext:
@@ -649,16 +693,25 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in runs if r.get("kind") == "train"))
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
+    lengths = sorted({r["steps"] for r in trains})
+    # one length: a line per arm; several: the length chosen on validation (solid) and each length alone
+    sets = ([("", trains)] if len(lengths) < 2 else
+            [(", chosen on validation", selected_runs(trains))]
+            + [(f", {n} steps", [r for r in trains if r["steps"] == n]) for n in lengths])
     for ax, task in zip(axes[0], tasks):
-        for arm in ARMS:
-            curve = _curve(runs, task, arm)
-            xs = sorted(curve, key=budget_key)
-            x = [budget_x(b, pool_patches) for b in xs]
-            vals = [np.asarray(list(curve[b].values()), float) for b in xs]
-            mean = [v.mean() for v in vals]
-            half = [stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
-                    for v in vals]
-            ax.errorbar(x, mean, yerr=half, marker="o", ms=4, capsize=3, label=arm)
+        for i, (label, rows) in enumerate(sets):
+            for arm in ARMS:
+                curve = _curve(rows, task, arm)
+                xs = sorted(curve, key=budget_key)
+                x = [budget_x(b, pool_patches) for b in xs]
+                vals = [np.asarray(list(curve[b].values()), float) for b in xs]
+                mean = [v.mean() for v in vals]
+                half = [stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0
+                        for v in vals]
+                ax.errorbar(x, mean, yerr=half if i == 0 else None, marker="o", ms=4, capsize=3,
+                            color=f"C{ARMS.index(arm)}", ls=("-", "--", ":", "-.")[i % 4], alpha=1 if i == 0 else 0.5,
+                            label=arm + label)
         ax.set_xscale("log")
         ax.set(title=task, xlabel=f"labelled patches (whole pool = {pool_patches:g})",
                ylabel="test Jaccard (mean foreground)", ylim=(0, 1))
