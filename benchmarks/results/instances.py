@@ -291,8 +291,8 @@ def table(runs: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in rows if r["task"] == task})
         if not seeds:
             continue
-        lines += [f"\n{task} (test sections, mean +- sd over seeds {','.join(map(str, seeds))}; paired difference "
-                  f"against cc with 95% CI)\n",
+        lines += [f"\n{task} (test sections {TEST[0]}-{TEST[1] - 1}, mean +- sd over seeds "
+                  f"{','.join(map(str, seeds))}; paired difference against cc with 95% CI)\n",
                   "| arm | " + " | ".join(METRICS[task]) + " | - cc: " + key_metric(task)
                   + (" (lower is better)" if task == "cells" else " (higher is better)") + " | chosen (validation) |",
                   "|---" * (len(METRICS[task]) + 3) + "|"]
