@@ -556,8 +556,9 @@ def table(runs: list[dict]) -> str:
                   "| pretrained - scratch (paired, 95% CI) |", "|---|---|---|---|---|---|"]
         for n in lengths:
             lines += _test_rows([r for r in trains if r["steps"] == n], str(n))
-        chosen = selected_runs(trains)
-        lines += _test_rows(chosen, "chosen on validation") + chosen_lengths(chosen)
+        chosen = selected_runs(trains)  # runs without a finite validation score cannot be chosen
+        if chosen:
+            lines += _test_rows(chosen, "chosen on validation") + chosen_lengths(chosen)
     lines += length_table(runs)
     pretext = [r for r in runs if r.get("kind") == "pretext"]
     if pretext:
