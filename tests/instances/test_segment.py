@@ -135,7 +135,9 @@ def test_resolve_ids_merges_pairs_numbers_by_first_id_and_drops_small_objects():
 
 def membrane_probabilities(shape, seed, noise=0.5) -> np.ndarray:
     """Three classes (background, membrane, mitochondria) of the synthetic volume, smoothed, with
-    smooth noise: a stand-in for a network's output."""
+    smooth noise: a stand-in for a network's output. Its noise keeps the boundary map above the
+    default seed threshold (0.1, chosen on VNC) almost everywhere, so the watershed tests on it
+    seed at 0.25."""
     vol = make_volume(shape, n_cells=25, n_mito=8, rng=seed)
     rng = np.random.default_rng(seed)
     onehot = np.stack([vol.label == c for c in range(3)]).astype(np.float32)
@@ -162,7 +164,8 @@ def watershed_per_section(probs: np.ndarray, config: SegmentConfig) -> np.ndarra
 @pytest.mark.parametrize("mask_threshold", [None, 0.6])
 def test_watershed_per_section_with_whole_sections_equals_the_whole_volume_exactly(mask_threshold):
     probs = membrane_probabilities((5, 80, 80), seed=2)
-    config = SegmentConfig(mode="watershed", boundary_classes=(1,), min_size=20, mask_threshold=mask_threshold)
+    config = SegmentConfig(mode="watershed", seed_threshold=0.25,
+                           boundary_classes=(1,), min_size=20, mask_threshold=mask_threshold)
     ref = watershed_per_section(probs, config)
     assert len(np.unique(ref)) > 50
     for block in [(1, 80, 80), (2, 80, 80), (5, 80, 80)]:
@@ -171,7 +174,7 @@ def test_watershed_per_section_with_whole_sections_equals_the_whole_volume_exact
 
 def test_watershed_per_section_with_split_sections_stays_close():
     probs = membrane_probabilities((4, 80, 80), seed=4)
-    config = SegmentConfig(mode="watershed", boundary_classes=(1,), min_size=20, halo=24)
+    config = SegmentConfig(mode="watershed", seed_threshold=0.25, boundary_classes=(1,), min_size=20, halo=24)
     ref = run(probs, config, (4, 80, 80))
     for block in [(1, 40, 40), (2, 24, 80), (4, 27, 33)]:
         assert sum(variation_of_information(ref, run(probs, config, block))) <= 0.01, block
@@ -189,7 +192,8 @@ def watershed_3d(probs: np.ndarray, config: SegmentConfig) -> np.ndarray:
 
 def test_watershed_3d_blockwise_is_within_a_small_variation_of_information():
     probs = membrane_probabilities((16, 96, 96), seed=3)
-    config = SegmentConfig(mode="watershed", boundary_classes=(1,), min_size=10, per_section=False, halo=(4, 16, 16))
+    config = SegmentConfig(mode="watershed", seed_threshold=0.25,
+                           boundary_classes=(1,), min_size=10, per_section=False, halo=(4, 16, 16))
     whole = run(probs, config, (16, 96, 96))
     assert same_partition(watershed_3d(probs, config), whole)
     assert len(np.unique(whole)) > 20
@@ -338,7 +342,8 @@ def _cli(*args: str):
 
 def test_segment_with_the_network_equals_predict_then_segment_probabilities(tmp_path, model_and_raw):
     ckpt, raw = model_and_raw
-    config = SegmentConfig(mode="watershed", boundary_classes=(2,), seed_erosion=1, min_size=0, per_section=False,
+    config = SegmentConfig(mode="watershed", seed_threshold=0.25,
+                           boundary_classes=(2,), seed_erosion=1, min_size=0, per_section=False,
                            halo=(1, 8, 8), block_shape=(2, 32, 32))
     result = segment_file(SegmentFileConfig(output=str(tmp_path / "a.zarr"), model=str(ckpt), input=f"{raw}:raw",
                                             segment=config, device="cpu", precision="fp32"))
@@ -553,7 +558,8 @@ def test_two_dask_worker_processes_write_the_ids_of_the_run_in_memory(tmp_path):
 
 def test_resumable_segment_with_the_network_equals_the_in_process_run(tmp_path, model_and_raw):
     ckpt, raw = model_and_raw
-    config = SegmentConfig(mode="watershed", boundary_classes=(2,), seed_erosion=1, min_size=0, per_section=False,
+    config = SegmentConfig(mode="watershed", seed_threshold=0.25,
+                           boundary_classes=(2,), seed_erosion=1, min_size=0, per_section=False,
                            halo=(1, 8, 8), block_shape=(2, 32, 32))
     common = dict(model=str(ckpt), input=f"{raw}:raw", segment=config, device="cpu", precision="fp32")
     segment_file(SegmentFileConfig(output=str(tmp_path / "a.zarr"), **common))

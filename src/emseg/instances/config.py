@@ -81,7 +81,7 @@ class SegmentConfig:
     classes: tuple[int, ...] = (1,)
     boundary_classes: tuple[int, ...] = (2, 3, 4)
     threshold: float | None = None
-    seed_threshold: float = 0.25
+    seed_threshold: float = 0.1
     seed_erosion: int = 2
     seed_min_size: int = 8
     mask_threshold: float | None = None
