@@ -539,7 +539,8 @@ def chosen_lengths(chosen: list[dict]) -> list[str]:
     lines = ["", "| task | labelled patches | arm | steps chosen on validation, by seed |", "|---|---|---|---|"]
     for task, budget, arm in sorted(dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in chosen),
                                     key=lambda g: (g[0], *budget_key(g[1]), g[2])):
-        mine = sorted((r["seed"], r["steps"]) for r in chosen if (r["task"], r["budget"], r["arm"]) == (task, budget, arm))
+        mine = sorted((r["seed"], r["steps"]) for r in chosen
+                      if (r["task"], r["budget"], r["arm"]) == (task, budget, arm))
         lines.append(f"| {task} | {budget} | {arm} | " + ", ".join(f"seed {s}: {n}" for s, n in mine) + " |")
     return lines
 
