@@ -304,7 +304,9 @@ def test_k_labels_at_once_equal_k_single_label_passes():
         cond = np.stack([atlas.image, (atlas.label == label).astype(np.float32)])[None]
         with torch.no_grad():
             direct = torch.sigmoid(model(torch.from_numpy(image[0, :16, :16])[None, None], torch.from_numpy(cond)))
-        single = LabelPredictor(model, [label], (1, 16, 16), atlas=atlas, overlap=0.0).window(image[:1, :16, :16])
+        # fp32 as the direct call (``precision = "auto"`` is bf16 on a CPU with native bf16)
+        single = LabelPredictor(model, [label], (1, 16, 16), atlas=atlas, overlap=0.0,
+                                precision="fp32").window(image[:1, :16, :16])
         np.testing.assert_allclose(single[0, 0], direct[0, 0].numpy(), atol=1e-5)
 
 
@@ -507,7 +509,8 @@ def test_old_maxpool_checkpoints_load_with_their_old_behaviour(tmp_path, data_h5
     torch.save(state, tmp_path / "old.pt")
     loaded = load_lcs_model(tmp_path / "old.pt")
     image = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
-    got = LabelPredictor(loaded.model, [2], (1, 16, 16), atlas=loaded.atlas, overlap=0.0).window(image)[0, 0]
+    got = LabelPredictor(loaded.model, [2], (1, 16, 16), atlas=loaded.atlas, overlap=0.0,
+                         precision="fp32").window(image)[0, 0]  # fp32, as the reference below
     net = loaded.model
     x = torch.from_numpy(image)[None]
     cond = np.stack([loaded.atlas.image, (loaded.atlas.label == 2).astype(np.float32)])

@@ -121,7 +121,8 @@ def test_fit_subsample_is_stratified_bounded_and_reweighted():
 def test_predictor_fits_the_calibration_on_its_atlas_and_streams_it():
     model, atlas = _random_model_and_atlas(3)
     labels = [3, 1, 2]
-    predictor = LabelPredictor(model, labels, (1, 16, 16), atlas=atlas, overlap=0.0)
+    # fp32, as the direct calls below (``precision = "auto"`` is bf16 on a CPU with native bf16)
+    predictor = LabelPredictor(model, labels, (1, 16, 16), atlas=atlas, overlap=0.0, precision="fp32")
     cal = predictor.calibration
     assert cal.labels == (3, 1, 2) and predictor.rule == "calibrated"
     # independently: one direct network call on the atlas per label, conditioned on its own mask
