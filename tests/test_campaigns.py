@@ -824,3 +824,50 @@ def test_label_efficiency_two_lengths_keep_per_seed_the_run_better_on_validation
     chosen = next(line for line in text.splitlines() if line.startswith("| mito | 8 | scratch | seed 0"))
     assert chosen.endswith(", ".join(f"seed {s}: {expect['scratch', s]['steps']}" for s in range(5)) + " |")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_label_efficiency_pretext_grid_split_over_campaigns_counts_each_seed_once(tmp_path, capsys):
+    """A seed's pretraining-length grid run as two campaigns (one per core), each with the seed's
+    scratch run: the table counts that scratch once, pairs every arm with scratch and with the
+    shortest pretraining of its kind by seed (a t-interval computed with scipy), and refuses two
+    copies of one run that disagree."""
+    from scipy import stats
+
+    import label_efficiency as mod
+
+    rng = np.random.default_rng(5)
+    score = {(arm, seed): float(rng.uniform()) for arm in (0, 675, 2900, 6400) for seed in range(5)}
+
+    def row(arm, seed):
+        if arm == 0:
+            return {"kind": "pretext", "pretext": "none", "minutes": 0, "steps": 600, "seed": seed,
+                    "valid_best": score[arm, seed]}
+        return {"kind": "pretext", "pretext": "masked", "steps": arm, "seed": seed, "valid_best": score[arm, seed]}
+
+    whole = [row(a, s) for s in range(4) for a in (0, 675, 2900, 6400)]
+    halves = ([row(a, 4) for a in (0, 675, 2900)], [row(a, 4) for a in (0, 6400)])
+    files = []
+    for name, runs in (("a", whole), ("b", halves[0]), ("c", halves[1])):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"runs": runs}))
+    out = ",".join(map(str, files))
+    assert mod.main(["--markdown", "--out", out, "--figure", str(tmp_path / "f.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def interval(d):
+        d = np.asarray(d)
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        return f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+    scratch = next(line for line in lines if line.startswith("| none | 0 |"))
+    assert f"{np.mean([score[0, s] for s in range(5)]):.3f} +- {np.std([score[0, s] for s in range(5)], ddof=1):.3f}" \
+        in scratch
+    for arm in (675, 2900, 6400):
+        cells = next(line for line in lines if line.startswith(f"| masked | {arm} |")).split("|")
+        assert cells[4].strip() == " / ".join(f"{score[arm, s]:.3f}" for s in range(5))
+        assert cells[5].strip() == interval([score[arm, s] - score[0, s] for s in range(5)])
+        assert cells[6].strip() == ("-" if arm == 675 else interval([score[arm, s] - score[675, s] for s in range(5)]))
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    files[2].write_text(json.dumps({"runs": [dict(halves[1][0], valid_best=score[0, 4] + 0.1), halves[1][1]]}))
+    with pytest.raises(SystemExit, match="seed 4: stored twice with other scores"):
+        mod.main(["--markdown", "--out", out, "--figure", str(tmp_path / "f.png")])

@@ -545,6 +545,48 @@ def chosen_lengths(chosen: list[dict]) -> list[str]:
     return lines
 
 
+def pretext_scores(runs: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
+    """Best validation score of the pretext stage's runs per arm (pretext kind, pretraining minutes or
+    steps; scratch is ``("none", 0)``) and seed. A seed's grid may be split over several campaigns
+    (one per core), each with its own scratch run: a run stored twice counts once, and the copies
+    must agree (the same seed on the same data trains to the same network)."""
+    scores: dict[tuple[str, float], dict[int, float]] = {}
+    for r in runs:
+        if r.get("kind") != "pretext" or r.get("valid_best") is None:
+            continue
+        arm = ("none", 0) if r["pretext"] == "none" else (r["pretext"], r.get("minutes", r.get("steps")))
+        seen = scores.setdefault(arm, {})
+        if r["seed"] in seen and not np.isclose(seen[r["seed"]], r["valid_best"], rtol=0, atol=1e-9):
+            raise SystemExit(f"pretext arm {arm[0]} {arm[1]:g}, seed {r['seed']}: stored twice with other scores "
+                             f"({seen[r['seed']]:.4f}, {r['valid_best']:.4f}); merge campaigns of one machine")
+        seen[r["seed"]] = r["valid_best"]
+    return scores
+
+
+def pretext_table(runs: list[dict]) -> list[str]:
+    """The pretext stage: per arm the best validation score (mean, per seed) and the paired differences
+    against scratch and against the shortest pretraining of the same kind."""
+    scores = pretext_scores(runs)
+    if not scores:
+        return []
+    seeds = sorted({s for per in scores.values() for s in per})
+    scratch = scores.get(("none", 0), {})
+    lines = ["", "| pretext | minutes or steps | best validation score (mito) | seeds " + " / ".join(map(str, seeds))
+             + " | - scratch (paired, 95% CI) | - shortest of the kind (paired, 95% CI) |", "|---|---|---|---|---|---|"]
+
+    def diff(mine: dict, base: dict) -> str:
+        pairs = [mine[s] - base[s] for s in seeds if s in mine and s in base]
+        return ci_cell(paired_interval(pairs)) if mine is not base and pairs else "-"
+
+    for kind, at in sorted(scores, key=lambda a: (a[0] != "none", a[0], a[1])):
+        mine = scores[(kind, at)]
+        shortest = scores[(kind, min(a for k, a in scores if k == kind))]
+        lines.append(f"| {kind} | {at:g} | {mean_std(mine.values())} | "
+                     + " / ".join(f"{mine[s]:.3f}" if s in mine else "-" for s in seeds)
+                     + f" | {diff(mine, scratch)} | {diff(mine, shortest)} |")
+    return lines
+
+
 def table(runs: list[dict]) -> str:
     lines = []
     trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
@@ -561,14 +603,7 @@ def table(runs: list[dict]) -> str:
         if chosen:
             lines += _test_rows(chosen, "chosen on validation") + chosen_lengths(chosen)
     lines += length_table(runs)
-    pretext = [r for r in runs if r.get("kind") == "pretext"]
-    if pretext:
-        lines += ["", "| pretext | minutes or steps | best validation score (mito) |", "|---|---|---|"]
-        for r in pretext:
-            r.setdefault("minutes", r.get("steps"))
-        for key in dict.fromkeys((r["pretext"], r["minutes"]) for r in pretext):
-            lines.append(f"| {key[0]} | {key[1]:g} | "
-                         f"{mean_std([r['valid_best'] for r in pretext if (r['pretext'], r['minutes']) == key])} |")
+    lines += pretext_table(runs)
     finetune = [r for r in runs if r.get("kind") == "finetune" and r["valid_best"] is not None]
     if finetune:
         base = {r["seed"]: r["valid_best"] for r in finetune if r["encoder_lr_scale"] == 1}
@@ -746,20 +781,19 @@ def plot_length(runs: list[dict], path: Path, pool_patches: float) -> None:
 
 
 def plot_pretext(runs: list[dict], path: Path) -> None:
-    """Best validation score against pretraining steps, one line per pretext kind, a dot per seed."""
+    """Best validation score against pretraining steps (or minutes), one line per pretext kind through
+    the means, a dot per seed; scratch at 0."""
     plt = pyplot()
-    rows = [r for r in runs if r.get("kind") == "pretext"]
+    scores = pretext_scores(runs)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    def at(r: dict) -> float:
-        return 0 if r["pretext"] == "none" else r.get("steps", r.get("minutes"))
-
-    for kind in dict.fromkeys(r["pretext"] for r in rows if r["pretext"] != "none"):
-        mine = [r for r in rows if r["pretext"] in (kind, "none") and r["valid_best"] is not None]
-        xs = sorted({at(r) for r in mine})
-        line, = ax.plot(xs, [np.mean([r["valid_best"] for r in mine if at(r) == x]) for x in xs], marker="o",
-                        label=f"{kind} (mean)")
-        ax.scatter([at(r) for r in mine], [r["valid_best"] for r in mine], s=14, alpha=0.5, color=line.get_color())
-    ax.set(xlabel="pretraining steps (0 = from scratch)", ylabel="best validation Jaccard (mito)", ylim=(0, 1))
+    for kind in sorted({k for k, _ in scores if k != "none"}):
+        arms = sorted((a for a in scores if a[0] == kind or a == ("none", 0)), key=lambda a: a[1])
+        xs = [at for _, at in arms]
+        line, = ax.plot(xs, [np.mean(list(scores[a].values())) for a in arms], marker="o", label=f"{kind} (mean)")
+        ax.scatter([a[1] for a in arms for _ in scores[a]], [v for a in arms for v in scores[a].values()], s=14,
+                   alpha=0.5, color=line.get_color())
+    ax.set(xlabel="pretraining steps or minutes (0 = from scratch)", ylabel="best validation Jaccard (mito)",
+           ylim=(0, 1))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
