@@ -871,3 +871,33 @@ def test_label_efficiency_pretext_grid_split_over_campaigns_counts_each_seed_onc
     files[2].write_text(json.dumps({"runs": [dict(halves[1][0], valid_best=score[0, 4] + 0.1), halves[1][1]]}))
     with pytest.raises(SystemExit, match="seed 4: stored twice with other scores"):
         mod.main(["--markdown", "--out", out, "--figure", str(tmp_path / "f.png")])
+
+
+def test_label_efficiency_campaigns_share_a_pretraining_root(tmp_path, monkeypatch):
+    """Two main-stage campaigns of one seed (other fine-tuning lengths) with one --pretrain-root: the
+    second uses the first's finished pretraining as it is (no step run, marked reused) and both
+    record the same weights; the pretext stage pretraining as long finds it too."""
+    from conftest import synthetic, write_h5
+    import label_efficiency as mod
+
+    vol = synthetic((20, 128, 128), 3)
+    write_h5(tmp_path / "vnc_stack1.h5", raw=vol.raw, label=vol.label)
+    monkeypatch.setenv("EMSEG_DATA", str(tmp_path))
+    shared = tmp_path / "pretraining"
+    common = ["--quick", "--budgets", "2", "--pretrain-root", str(shared)]
+    rows = []
+    for steps in (2, 3):
+        out = tmp_path / f"steps{steps}.json"
+        assert mod.main(common + ["--steps", str(steps), "--out", str(out)]) == 0
+        rows.append(next(r for r in json.loads(out.read_text())["runs"] if r["kind"] == "pretrain"))
+    assert "pretrain_reused" not in rows[0] and rows[1]["pretrain_reused"] is True
+    assert rows[0]["weights_sha256"] == rows[1]["weights_sha256"] == mod.weights_digest(
+        shared / Path(rows[0]["checkpoint"]).parent.name / "last.pt")
+    assert [p.name for p in shared.iterdir()] == [Path(rows[0]["checkpoint"]).parent.name]
+    assert not list((tmp_path / "steps2").glob("pretrain_*")) and not list((tmp_path / "steps3").glob("pretrain_*"))
+    # the pretext stage's run of the same length and seed is the same pretraining
+    last = shared / Path(rows[0]["checkpoint"]).parent.name / "last.pt"
+    written = last.stat().st_mtime_ns
+    assert mod.main(["--quick", "--stage", "pretext", "--kinds", "masked", "--steps-grid", "2", "--pretrain-root",
+                     str(shared), "--out", str(tmp_path / "pt.json")]) == 0
+    assert [p.name for p in shared.iterdir()] == [last.parent.name] and last.stat().st_mtime_ns == written

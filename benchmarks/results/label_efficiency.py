@@ -118,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="--stage main: score the validation sections only (the test sections are not read).")
     ap.add_argument("--pretrain-minutes", type=float, default=30.0)
     ap.add_argument("--pretrain-steps", type=int, default=None, help="Pretrain this many steps instead of minutes.")
+    ap.add_argument("--pretrain-root", default=None,
+                    help="Folder of the pretraining runs [default: the folder beside --out]. Pretraining by steps "
+                         "is deterministic per seed, so campaigns may share one (both fine-tuning lengths of a seed; "
+                         "the pretraining-length curve and a main stage pretraining as long): a finished run found "
+                         "there is used as it is, its weights checked as always. Never two campaigns of a seed at once.")
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
     ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
     ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
@@ -199,6 +204,7 @@ def patch_cubes(raw, label, n: int | None, patch: int, seed: int, n_classes: int
 
 # ----------------------------------------------------------------------------- runs
 def pretrain_folder(root: Path, seed: int, kind: str, minutes: float | None, steps: int | None) -> Path:
+    """Where the pretraining of ``seed`` lives under ``root`` (``--pretrain-root`` where given)."""
     return root / (f"pretrain_{kind}_{steps}steps_seed{seed}" if steps else f"pretrain_{kind}_{minutes}min_seed{seed}")
 
 
@@ -214,7 +220,7 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     stack2 = data_dir() / "vnc_stack2_unlabeled.h5"
     if stack2.exists():
         data.append({"raw": f"{stack2}:raw"})
-    folder = folder or pretrain_folder(root, seed, kind, minutes, steps)
+    folder = folder or pretrain_folder(pretrain_root(args, root), seed, kind, minutes, steps)
     last = folder / "last.pt"
     # a killed run resumes; with a time budget it continues the budget it had spent (the engine counts it)
     budget = {"steps": steps} if steps else {"max_seconds": 60.0 * minutes}
@@ -224,9 +230,16 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     t0 = time.perf_counter()
     result = pretrain(config, folder, runtime=Runtime(device="auto", seed=seed), resume=last.exists())
     finished(result, steps, str(folder))
+    # a run found finished (another campaign's, under a shared --pretrain-root) ran no step here
+    reused = {"pretrain_reused": True} if steps and result.start_step == steps else {}
     return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
             "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0,
-            "weights_sha256": weights_digest(folder / "last.pt")}
+            "weights_sha256": weights_digest(folder / "last.pt"), **reused}
+
+
+def pretrain_root(args, root: Path) -> Path:
+    """The folder of the pretraining runs: ``--pretrain-root``, else the campaign's own folder."""
+    return Path(args.pretrain_root) if args.pretrain_root else root
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -256,7 +269,7 @@ def pretrained_weights(args, root: Path, pre: dict) -> str:
     import shutil
 
     stored = Path(pre["checkpoint"])
-    here = stored if stored.exists() else pretrain_folder(root, pre["seed"], pre["pretext"], None,
+    here = stored if stored.exists() else pretrain_folder(pretrain_root(args, root), pre["seed"], pre["pretext"], None,
                                                            pre.get("pretrain_steps")) / "last.pt"
     if here.exists():
         if pre.get("weights_sha256") and weights_digest(here) != pre["weights_sha256"]:
