@@ -532,6 +532,15 @@ def selected_runs(runs: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def length_sets(runs: list[dict]) -> tuple[list[tuple[int, list[dict]]], list[dict]]:
+    """The main stage's test-scored runs by fine-tuning length (``(steps, runs)``, shortest first) and,
+    with several lengths, the runs chosen on validation (:func:`selected_runs`; else empty)."""
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
+    lengths = sorted({r["steps"] for r in trains})
+    per_length = [(n, [r for r in trains if r["steps"] == n]) for n in lengths]
+    return per_length, (selected_runs(trains) if len(lengths) > 1 else [])
+
+
 def _test_rows(trains: list[dict], what: str) -> list[str]:
     """Rows of the test table: per task and budget, both arms' mean +- sd and pretrained - scratch
     paired by seed; ``what`` is the fine-tuning column (the length, or the lengths chosen)."""
@@ -602,17 +611,15 @@ def pretext_table(runs: list[dict]) -> list[str]:
 
 def table(runs: list[dict]) -> str:
     lines = []
-    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
-    lengths = sorted({r["steps"] for r in trains})
-    if len(lengths) == 1:
+    per_length, chosen = length_sets(runs)
+    if len(per_length) == 1:
         lines += ["| task | labelled patches | scratch | pretrained | pretrained - scratch (paired, 95% CI) |",
-                  "|---|---|---|---|---|"] + _test_rows(trains, "")
-    elif lengths:  # runs of several lengths: each length alone, then the length chosen on validation
+                  "|---|---|---|---|---|"] + _test_rows(per_length[0][1], "")
+    elif per_length:  # runs of several lengths: each length alone, then the length chosen on validation
         lines += ["| task | labelled patches | fine-tuning steps | scratch | pretrained "
                   "| pretrained - scratch (paired, 95% CI) |", "|---|---|---|---|---|---|"]
-        for n in lengths:
-            lines += _test_rows([r for r in trains if r["steps"] == n], str(n))
-        chosen = selected_runs(trains)  # runs without a finite validation score cannot be chosen
+        for n, rows in per_length:
+            lines += _test_rows(rows, str(n))
         if chosen:
             lines += _test_rows(chosen, "chosen on validation") + chosen_lengths(chosen)
     lines += length_table(runs)
@@ -743,12 +750,10 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in runs if r.get("kind") == "train"))
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
-    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
-    lengths = sorted({r["steps"] for r in trains})
+    per_length, chosen = length_sets(runs)
     # one length: a line per arm; several: the length chosen on validation (solid) and each length alone
-    sets = ([("", trains)] if len(lengths) < 2 else
-            [(", chosen on validation", selected_runs(trains))]
-            + [(f", {n} steps", [r for r in trains if r["steps"] == n]) for n in lengths])
+    sets = ([("", rows) for _, rows in per_length] if len(per_length) < 2 else
+            [(", chosen on validation", chosen)] + [(f", {n} steps", rows) for n, rows in per_length])
     for ax, task in zip(axes[0], tasks):
         for i, (label, rows) in enumerate(sets):
             for arm in ARMS:
