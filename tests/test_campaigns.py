@@ -823,6 +823,13 @@ def test_label_efficiency_two_lengths_keep_per_seed_the_run_better_on_validation
         assert f"{np.mean([mine['pretrained', s] - mine['scratch', s] for s in range(5)]):+.3f}" in line
     chosen = next(line for line in text.splitlines() if line.startswith("| mito | 8 | scratch | seed 0"))
     assert chosen.endswith(", ".join(f"seed {s}: {expect['scratch', s]['steps']}" for s in range(5)) + " |")
+    # a seed that ran one length only had no choice: it is left out of the chosen runs, not counted
+    partial = [r for r in every if not (r["seed"] == 2 and r["arm"] == "scratch" and r["steps"] == 1500)]
+    kept = mod.selected_runs(partial)
+    assert {(r["arm"], r["seed"]) for r in kept} == {(a, s) for a in mod.ARMS for s in range(5)} - {("scratch", 2)}
+    assert all(r is expect[r["arm"], r["seed"]] or r == expect[r["arm"], r["seed"]] for r in kept)
+    with pytest.raises(SystemExit, match="a fine-tuning length stored twice"):
+        mod.selected_runs(every + [dict(every[0])])
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
@@ -859,14 +866,14 @@ def test_label_efficiency_pretext_grid_split_over_campaigns_counts_each_seed_onc
         lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
         return f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
-    scratch = next(line for line in lines if line.startswith("| none | 0 |"))
+    scratch = next(line for line in lines if line.startswith("| scratch |"))
     assert f"{np.mean([score[0, s] for s in range(5)]):.3f} +- {np.std([score[0, s] for s in range(5)], ddof=1):.3f}" \
         in scratch
     for arm in (675, 2900, 6400):
-        cells = next(line for line in lines if line.startswith(f"| masked | {arm} |")).split("|")
-        assert cells[4].strip() == " / ".join(f"{score[arm, s]:.3f}" for s in range(5))
-        assert cells[5].strip() == interval([score[arm, s] - score[0, s] for s in range(5)])
-        assert cells[6].strip() == ("-" if arm == 675 else interval([score[arm, s] - score[675, s] for s in range(5)]))
+        cells = next(line for line in lines if line.startswith(f"| masked, {arm} steps |")).split("|")
+        assert cells[3].strip() == " / ".join(f"{score[arm, s]:.3f}" for s in range(5))
+        assert cells[4].strip() == interval([score[arm, s] - score[0, s] for s in range(5)])
+        assert cells[5].strip() == ("-" if arm == 675 else interval([score[arm, s] - score[675, s] for s in range(5)]))
     assert (tmp_path / "f.png").stat().st_size > 1000
     files[2].write_text(json.dumps({"runs": [dict(halves[1][0], valid_best=score[0, 4] + 0.1), halves[1][1]]}))
     with pytest.raises(SystemExit, match="seed 4: stored twice with other scores"):
@@ -901,3 +908,9 @@ def test_label_efficiency_campaigns_share_a_pretraining_root(tmp_path, monkeypat
     assert mod.main(["--quick", "--stage", "pretext", "--kinds", "masked", "--steps-grid", "2", "--pretrain-root",
                      str(shared), "--out", str(tmp_path / "pt.json")]) == 0
     assert [p.name for p in shared.iterdir()] == [last.parent.name] and last.stat().st_mtime_ns == written
+    pre = next(r for r in json.loads((tmp_path / "pt.json").read_text())["runs"] if r["pretext"] == "masked")
+    assert pre["pretrain_reused"] is True and pre["weights_sha256"] == rows[0]["weights_sha256"]
+    # a pretraining of other settings in the shared folder is refused, not used (here: another patch size)
+    with pytest.raises(SystemExit, match="pretrained with other settings or precision"):
+        mod.main(common + ["--patch", "64", "--out", str(tmp_path / "patch64.json")])
+    assert last.stat().st_mtime_ns == written

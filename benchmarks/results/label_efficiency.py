@@ -213,7 +213,10 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     """Pretrain on stack 2 and stack-1 sections 0-14 (raw only) for ``steps`` (else ``args.pretrain_steps``,
     else ``minutes``); resumes a killed run."""
     steps = steps or args.pretrain_steps
+    from emseg.models.checkpoint import load_checkpoint
     from emseg.pretrain import pretrain, pretrain_config_from_dict
+    from emseg.runtime.device import resolve_device
+    from emseg.runtime.precision import resolve_precision
 
     stack1 = data_dir() / "vnc_stack1.h5"
     data = [{"raw": f"{stack1}:raw", "region": [list(PRETRAIN_SECTIONS)]}]
@@ -227,11 +230,18 @@ def pretrain_run(args, root: Path, seed: int, kind: str, minutes: float | None, 
     config = pretrain_config_from_dict({
         "patch_shape": [1, args.patch, args.patch], "data": data, "pretext": {"kind": kind},
         "model": {"depth": args.depth, "base_width": args.base_width}, "checkpoint_every": 200, **budget})
+    if last.exists():  # killed earlier, or another campaign's under a shared --pretrain-root
+        state = load_checkpoint(last)
+        precision = resolve_precision(config.training.effective_precision, resolve_device("auto")).name
+        if state.get("config") != config.training.to_dict() or state.get("precision") != precision:
+            raise SystemExit(f"{last} was pretrained with other settings or precision ({state.get('precision')}, "
+                             f"here {precision}) than this campaign's: use another --pretrain-root or --out")
     t0 = time.perf_counter()
     result = pretrain(config, folder, runtime=Runtime(device="auto", seed=seed), resume=last.exists())
     finished(result, steps, str(folder))
-    # a run found finished (another campaign's, under a shared --pretrain-root) ran no step here
-    reused = {"pretrain_reused": True} if steps and result.start_step == steps else {}
+    # a run found finished (another campaign's, under a shared --pretrain-root) ran no step here:
+    # its final loss and seconds are that campaign's
+    reused = {"pretrain_reused": True} if result.final_step == result.start_step > 0 else {}
     return {"checkpoint": str(folder / "last.pt"), "pretrain_steps": result.final_step,
             "pretrain_loss": result.losses[-1] if result.losses else None, "seconds": time.perf_counter() - t0,
             "weights_sha256": weights_digest(folder / "last.pt"), **reused}
@@ -459,7 +469,8 @@ def run_pretext(args, campaign: Campaign, root: Path) -> None:
                     pre = pretrain_run(args, root, seed, kind, minutes, steps)
                     return dict(train_run(args, cubes, valid, None, 2, seed, pre["checkpoint"]),
                                 pretrain_steps=pre["pretrain_steps"], pretrain_loss=pre["pretrain_loss"],
-                                pretrain_seconds=pre["seconds"])
+                                pretrain_seconds=pre["seconds"], weights_sha256=pre["weights_sha256"],
+                                **{k: v for k, v in pre.items() if k == "pretrain_reused"})
                 key = {"minutes": minutes} if steps is None else {"steps": steps}
                 row = campaign.run({"kind": "pretext", "pretext": kind, **key, "seed": seed}, one)
                 print(f"  {kind} {key} seed {seed}: valid {row['valid_best']}", flush=True)
@@ -484,6 +495,11 @@ def budget_key(budget) -> tuple:
     return budget == "all", budget if budget != "all" else 0
 
 
+def group_key(group: tuple) -> tuple:
+    """(task, budget, arm) groups in table order: by task, budget (:func:`budget_key`), arm."""
+    return group[0], *budget_key(group[1]), group[2]
+
+
 def budget_x(budget, pool_patches: float) -> float:
     """Where a budget sits on a figure's labelled-patches axis (the whole pool at its patch count)."""
     return pool_patches if budget == "all" else budget
@@ -500,7 +516,7 @@ def length_table(runs: list[dict]) -> list[str]:
     lines = ["", "| task | labelled patches | arm | " + " | ".join(f"{n} steps" for n in lengths)
              + f" | {long} - {short} steps (paired, 95% CI) |", "|---|---|---|" + "---|" * (len(lengths) + 1)]
     groups = dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in trains)
-    for task, budget, arm in sorted(groups, key=lambda g: (g[0], *budget_key(g[1]), g[2])):
+    for task, budget, arm in sorted(groups, key=group_key):
         by = {n: {r["seed"]: r["valid_best"] for r in trains
                   if (r["task"], r["budget"], r["arm"], r["steps"]) == (task, budget, arm, n)} for n in lengths}
         seeds = sorted(set(by[short]) & set(by[long]))
@@ -521,15 +537,23 @@ def _curve(runs, task, arm):
 def selected_runs(runs: list[dict]) -> list[dict]:
     """Per task, budget, arm and seed, the one run of several fine-tuning lengths (``--steps``) with the
     highest best validation score; a tie goes to the shorter run. What a user with both lengths
-    would keep, chosen without the test sections; its test score is the arm's score."""
-    best: dict[tuple, dict] = {}
-    for r in runs:
-        if r.get("kind") != "train" or r.get("test_score") is None or r.get("valid_best") is None:
-            continue
-        key = (r["task"], r["budget"], r["arm"], r["seed"])
-        if key not in best or (r["valid_best"], -r["steps"]) > (best[key]["valid_best"], -best[key]["steps"]):
-            best[key] = r
-    return list(best.values())
+    would keep, chosen without the test sections; its test score is the arm's score. A group that
+    did not run every length had no choice and is left out; a length stored twice is refused."""
+    trains = [r for r in runs if r.get("kind") == "train" and r.get("test_score") is not None]
+    lengths = {r["steps"] for r in trains}
+    groups: dict[tuple, list[dict]] = {}
+    for r in trains:
+        groups.setdefault((r["task"], r["budget"], r["arm"], r["seed"]), []).append(r)
+    best = []
+    for (task, budget, arm, seed), mine in groups.items():
+        steps = [r["steps"] for r in mine]
+        if len(set(steps)) != len(steps):
+            raise SystemExit(f"{task}, {budget} patches, {arm}, seed {seed}: a fine-tuning length stored twice; "
+                             "merge campaigns of other seeds or lengths")
+        scored = [r for r in mine if r.get("valid_best") is not None]  # no finite validation: not choosable
+        if set(steps) == lengths and scored:
+            best.append(max(scored, key=lambda r: (r["valid_best"], -r["steps"])))
+    return best
 
 
 def length_sets(runs: list[dict]) -> tuple[list[tuple[int, list[dict]]], list[dict]]:
@@ -560,50 +584,60 @@ def chosen_lengths(chosen: list[dict]) -> list[str]:
     """Per task, budget and arm, the fine-tuning length the validation chose for each seed."""
     lines = ["", "| task | labelled patches | arm | steps chosen on validation, by seed |", "|---|---|---|---|"]
     for task, budget, arm in sorted(dict.fromkeys((r["task"], r["budget"], r["arm"]) for r in chosen),
-                                    key=lambda g: (g[0], *budget_key(g[1]), g[2])):
+                                    key=group_key):
         mine = sorted((r["seed"], r["steps"]) for r in chosen
                       if (r["task"], r["budget"], r["arm"]) == (task, budget, arm))
         lines.append(f"| {task} | {budget} | {arm} | " + ", ".join(f"seed {s}: {n}" for s, n in mine) + " |")
     return lines
 
 
-def pretext_scores(runs: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
-    """Best validation score of the pretext stage's runs per arm (pretext kind, pretraining minutes or
-    steps; scratch is ``("none", 0)``) and seed. A seed's grid may be split over several campaigns
-    (one per core), each with its own scratch run: a run stored twice counts once, and the copies
-    must agree (the same seed on the same data trains to the same network)."""
-    scores: dict[tuple[str, float], dict[int, float]] = {}
+#: The scratch arm of the pretext stage in :func:`pretext_scores`.
+SCRATCH = ("none", "", 0)
+
+
+def pretext_scores(runs: list[dict]) -> dict[tuple[str, str, float], dict[int, float]]:
+    """Best validation score of the pretext stage's runs per arm (pretext kind, unit ``"steps"`` or
+    ``"min"``, pretraining length; scratch is :data:`SCRATCH`) and seed. A seed's grid may be split
+    over several campaigns (one per core), each with its own scratch run: a run stored twice counts
+    once, and the copies must agree (the same seed on the same data trains to the same network)."""
+    scores: dict[tuple[str, str, float], dict[int, float]] = {}
     for r in runs:
         if r.get("kind") != "pretext" or r.get("valid_best") is None:
             continue
-        arm = ("none", 0) if r["pretext"] == "none" else (r["pretext"], r.get("minutes", r.get("steps")))
+        # a run by minutes records them (its "steps" are the fine-tuning's); a run by steps only those
+        arm = SCRATCH if r["pretext"] == "none" else (
+            (r["pretext"], "min", r["minutes"]) if "minutes" in r else (r["pretext"], "steps", r["steps"]))
         seen = scores.setdefault(arm, {})
         if r["seed"] in seen and not np.isclose(seen[r["seed"]], r["valid_best"], rtol=0, atol=1e-9):
-            raise SystemExit(f"pretext arm {arm[0]} {arm[1]:g}, seed {r['seed']}: stored twice with other scores "
+            raise SystemExit(f"pretext arm {arm_text(arm)}, seed {r['seed']}: stored twice with other scores "
                              f"({seen[r['seed']]:.4f}, {r['valid_best']:.4f}); merge campaigns of one machine")
         seen[r["seed"]] = r["valid_best"]
     return scores
 
 
+def arm_text(arm: tuple[str, str, float]) -> str:
+    return "scratch" if arm == SCRATCH else f"{arm[0]}, {arm[2]:g} {arm[1]}"
+
+
 def pretext_table(runs: list[dict]) -> list[str]:
     """The pretext stage: per arm the best validation score (mean, per seed) and the paired differences
-    against scratch and against the shortest pretraining of the same kind."""
+    against scratch and against the shortest pretraining of the same kind and unit."""
     scores = pretext_scores(runs)
     if not scores:
         return []
     seeds = sorted({s for per in scores.values() for s in per})
-    scratch = scores.get(("none", 0), {})
-    lines = ["", "| pretext | minutes or steps | best validation score (mito) | seeds " + " / ".join(map(str, seeds))
-             + " | - scratch (paired, 95% CI) | - shortest of the kind (paired, 95% CI) |", "|---|---|---|---|---|---|"]
+    scratch = scores.get(SCRATCH, {})
+    lines = ["", "| arm (pretraining) | best validation score (mito) | seeds " + " / ".join(map(str, seeds))
+             + " | - scratch (paired, 95% CI) | - shortest of the kind (paired, 95% CI) |", "|---|---|---|---|---|"]
 
     def diff(mine: dict, base: dict) -> str:
         pairs = [mine[s] - base[s] for s in seeds if s in mine and s in base]
         return ci_cell(paired_interval(pairs)) if mine is not base and pairs else "-"
 
-    for kind, at in sorted(scores, key=lambda a: (a[0] != "none", a[0], a[1])):
-        mine = scores[(kind, at)]
-        shortest = scores[(kind, min(a for k, a in scores if k == kind))]
-        lines.append(f"| {kind} | {at:g} | {mean_std(mine.values())} | "
+    for arm in sorted(scores, key=lambda a: (a != SCRATCH, a)):
+        mine = scores[arm]
+        shortest = scores[min(a for a in scores if a[:2] == arm[:2])]
+        lines.append(f"| {arm_text(arm)} | {mean_std(mine.values())} | "
                      + " / ".join(f"{mine[s]:.3f}" if s in mine else "-" for s in seeds)
                      + f" | {diff(mine, scratch)} | {diff(mine, shortest)} |")
     return lines
@@ -753,7 +787,7 @@ def plot(runs: list[dict], path: Path, pool_patches: float) -> None:
     per_length, chosen = length_sets(runs)
     # one length: a line per arm; several: the length chosen on validation (solid) and each length alone
     sets = ([("", rows) for _, rows in per_length] if len(per_length) < 2 else
-            [(", chosen on validation", chosen)] + [(f", {n} steps", rows) for n, rows in per_length])
+            [(", chosen on validation", chosen)] * bool(chosen) + [(f", {n} steps", rows) for n, rows in per_length])
     for ax, task in zip(axes[0], tasks):
         for i, (label, rows) in enumerate(sets):
             for arm in ARMS:
@@ -799,17 +833,21 @@ def plot_length(runs: list[dict], path: Path, pool_patches: float) -> None:
 
 
 def plot_pretext(runs: list[dict], path: Path) -> None:
-    """Best validation score against pretraining steps (or minutes), one line per pretext kind through
-    the means, a dot per seed; scratch at 0."""
+    """Best validation score against pretraining steps (or minutes), one line per pretext kind (and
+    unit) through the means from scratch at 0, a dot per seed."""
     plt = pyplot()
     scores = pretext_scores(runs)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for kind in sorted({k for k, _ in scores if k != "none"}):
-        arms = sorted((a for a in scores if a[0] == kind or a == ("none", 0)), key=lambda a: a[1])
-        xs = [at for _, at in arms]
-        line, = ax.plot(xs, [np.mean(list(scores[a].values())) for a in arms], marker="o", label=f"{kind} (mean)")
-        ax.scatter([a[1] for a in arms for _ in scores[a]], [v for a in arms for v in scores[a].values()], s=14,
-                   alpha=0.5, color=line.get_color())
+    for kind_unit in sorted({a[:2] for a in scores if a != SCRATCH}):
+        arms = sorted((a for a in scores if a[:2] == kind_unit), key=lambda a: a[2])
+        arms = [SCRATCH] * (SCRATCH in scores) + arms
+        line, = ax.plot([a[2] for a in arms], [np.mean(list(scores[a].values())) for a in arms], marker="o",
+                        label=f"{kind_unit[0]} ({kind_unit[1]}, mean)")
+        ax.scatter([a[2] for a in arms[1:] for _ in scores[a]], [v for a in arms[1:] for v in scores[a].values()],
+                   s=14, alpha=0.5, color=line.get_color())
+    if SCRATCH in scores:
+        ax.scatter([0] * len(scores[SCRATCH]), list(scores[SCRATCH].values()), s=14, alpha=0.5, color="k",
+                   label="scratch (seeds)")
     ax.set(xlabel="pretraining steps or minutes (0 = from scratch)", ylabel="best validation Jaccard (mito)",
            ylim=(0, 1))
     ax.legend()
