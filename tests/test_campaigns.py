@@ -210,6 +210,18 @@ def test_lazy_labels_table_pairs_lazy_with_dense_and_equal_cost_dense(tmp_path):
     assert "| dense at equal cost (40 lazy) | 12 | 0 | 12 |" in text
     lazy_labels.plot(doc, tmp_path / "lazy.png")
     assert (tmp_path / "lazy.png").stat().st_size > 0
+    # the seeds run as two campaigns (one per core) give the same tables, merged
+    halves = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, seed in zip(halves, (0, 1)):
+        path.write_text(json.dumps({"settings": settings, "runs": [r for r in runs if r["seed"] == seed]}))
+    import subprocess
+    merged = subprocess.run([sys.executable, str(RESULTS / "lazy_labels.py"), "--markdown", "--out",
+                             ",".join(map(str, halves))], capture_output=True, text=True, check=True).stdout
+    assert merged.strip() == text.strip() and (tmp_path / "a.png").stat().st_size > 0
+    halves[1].write_text(json.dumps({"settings": settings, "runs": runs}))  # seed 0 in both: refused
+    again = subprocess.run([sys.executable, str(RESULTS / "lazy_labels.py"), "--markdown", "--out",
+                            ",".join(map(str, halves))], capture_output=True, text=True)
+    assert again.returncode != 0 and "more than one of the campaigns" in again.stderr
 
 
 def test_lazy_labels_windows_follow_the_split_and_the_raw_criterion():

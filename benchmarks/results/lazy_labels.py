@@ -46,7 +46,6 @@ larger dense arm is trained once. Stored in ``--out`` as each run ends (resumabl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _campaign import SPLIT, Campaign, ci_cell, finished, mean_std, no_data, paired_interval, pyplot  # noqa: E402
+from _campaign import SPLIT, Campaign, ci_cell, finished, mean_std, merged_runs, no_data, paired_interval, pyplot  # noqa: E402
 from _common import data_dir  # noqa: E402
 
 WINDOW = 128
@@ -317,8 +316,11 @@ def settings(args) -> dict:
 def main() -> int:
     args = parse()
     out = Path(args.out)
-    if args.markdown:
-        print(table(json.loads(out.read_text())))
+    if args.markdown:  # several JSONs (comma-separated: seeds run side by side, one per core) merge
+        runs, docs = merged_runs(args.out, lambda r: (r["seed"], r["windows"], r["lazy"]))
+        doc = dict(docs[0], runs=runs)
+        plot(doc, Path(args.out.split(",")[0]).with_suffix(".png"))
+        print(table(doc))
         return 0
     vnc = data_dir()
     if vnc is None:
