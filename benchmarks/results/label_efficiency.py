@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="Folder of the pretraining runs [default: the folder beside --out]. Pretraining by steps "
                          "is deterministic per seed, so campaigns may share one (both fine-tuning lengths of a seed; "
                          "the pretraining-length curve and a main stage pretraining as long): a finished run found "
-                         "there is used as it is, its weights checked as always. Never two campaigns of a seed at once.")
+                         "there is used as it is, and refused if it ran other settings or another precision. Never two "
+                         "campaigns of a seed at once.")
     ap.add_argument("--crop", type=int, default=None, help="Score only the central CROP x CROP of each section.")
     ap.add_argument("--kinds", default="masked,denoise", help="--stage pretext: pretext kinds compared.")
     ap.add_argument("--minutes-grid", default="5,15,30", help="--stage pretext: pretraining minutes compared.")
